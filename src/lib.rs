@@ -1,0 +1,1 @@
+//! imagegate: an OpenAI-compatible gateway for the image endpoints.

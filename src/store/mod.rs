@@ -1,0 +1,107 @@
+//! The only code that speaks SQL: one small trait, a Postgres and a SQLite implementation.
+
+mod postgres;
+mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::usage::UsageRow;
+
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+/// A client key as stored: never the key itself, only its SHA-256 and a short prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub id: i64,
+    pub name: String,
+    /// The first characters of the key, shown in listings so people can recognise it.
+    pub prefix: String,
+    /// Hex SHA-256 of the whole key.
+    pub hash: String,
+    pub created_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// What `keys create` hands the store.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    pub name: String,
+    pub prefix: String,
+    pub hash: String,
+}
+
+/// How usage totals are grouped in a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GroupBy {
+    Key,
+    Model,
+    Provider,
+    Day,
+}
+
+/// Which rows a usage report covers.
+#[derive(Debug, Clone)]
+pub struct UsageFilter {
+    pub key_name: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub group_by: GroupBy,
+}
+
+/// One line of a usage report: totals for one group.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UsageTotals {
+    pub group: String,
+    pub requests: i64,
+    pub images: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub total_tokens: i64,
+    pub cost_nanousd: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("a key named {0:?} already exists")]
+    DuplicateKeyName(String),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Everything imagegate keeps in a database.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Applies the embedded migrations that have not run yet.
+    async fn migrate(&self) -> StoreResult<()>;
+    /// One cheap round trip, for `/readyz`.
+    async fn ping(&self) -> StoreResult<()>;
+    async fn create_key(&self, key: NewKey) -> StoreResult<KeyRecord>;
+    async fn list_keys(&self) -> StoreResult<Vec<KeyRecord>>;
+    /// Marks the key revoked; false when no active key has that name.
+    async fn revoke_key(&self, name: &str) -> StoreResult<bool>;
+    async fn find_key_by_hash(&self, hash: &str) -> StoreResult<Option<KeyRecord>>;
+    /// Writes rows in one transaction; a row whose request id is already stored is skipped,
+    /// so replaying a batch never counts twice. Returns how many rows were new.
+    async fn insert_usage(&self, rows: &[UsageRow]) -> StoreResult<u64>;
+    /// Every stored row of one request id, oldest first (tests and audits).
+    async fn usage_for_request(&self, request_id: &str) -> StoreResult<Vec<UsageRow>>;
+    async fn usage_report(&self, filter: &UsageFilter) -> StoreResult<Vec<UsageTotals>>;
+}
+
+/// Opens the store a database URL names: `postgres://` or `sqlite:`.
+pub async fn connect(url: &str) -> anyhow::Result<Arc<dyn Store>> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PostgresStore::connect(url).await?))
+    } else if url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteStore::connect(url).await?))
+    } else {
+        anyhow::bail!("database.url must start with postgres:// or sqlite: (got a URL with another scheme)")
+    }
+}

@@ -1,0 +1,1 @@
+//! One integration-test binary: real imagegate on port 0, stand-in providers, real databases.
