@@ -1,0 +1,297 @@
+//! The SQLite `Store`: one file, for a single instance, a demo or a laptop.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, NaiveDateTime, Utc};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+};
+use sqlx::{QueryBuilder, Row, Sqlite};
+
+use super::{GroupBy, KeyRecord, NewKey, Store, StoreError, StoreResult, UsageFilter, UsageTotals};
+use crate::usage::{Outcome, UsageRow};
+
+/// SQLite takes one writer at a time; a few connections let reads (key lookups, reports)
+/// go on beside the usage writer, and the busy timeout makes writers queue instead of
+/// failing at once with "database is locked".
+const MAX_CONNECTIONS: u32 = 5;
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Timestamps are stored as UTC text in this fixed-width form rather than sqlx's own
+/// encoding (RFC 3339 with a variable number of fractional digits): with a fixed width,
+/// comparing text is comparing instants, so `since` can use the index, and the first ten
+/// characters are the UTC day. Six digits is what Postgres keeps too.
+const TIME_FORMAT: &str = "%Y-%m-%d %H:%M:%S%.6f";
+
+const KEY_COLUMNS: &str = "id, name, prefix, hash, created_at, revoked_at";
+
+const USAGE_COLUMNS: &str = "request_id, key_id, key_name, model, provider, upstream_model, \
+     endpoint, status, outcome, streamed, n, size, quality, images, text_input_tokens, \
+     image_input_tokens, cached_text_input_tokens, cached_image_input_tokens, input_tokens, \
+     output_tokens, total_tokens, cost_nanousd, latency_ms, created_at, raw_usage";
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if need be) the database file and the directory it lives in.
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(BUSY_TIMEOUT);
+        // In-memory databases have a bare name, so no parent, and nothing is created.
+        if let Some(dir) = options.get_filename().parent() {
+            if !dir.as_os_str().is_empty() {
+                tokio::fs::create_dir_all(dir).await?;
+            }
+        }
+        let pool = SqlitePoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await?;
+        Ok(Self { pool })
+    }
+}
+
+fn encode_time(time: DateTime<Utc>) -> String {
+    time.format(TIME_FORMAT).to_string()
+}
+
+fn decode_time(text: &str, column: &str) -> Result<DateTime<Utc>, sqlx::Error> {
+    NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f")
+        .map(|naive| naive.and_utc())
+        .map_err(|err| sqlx::Error::ColumnDecode {
+            index: column.into(),
+            source: format!("bad timestamp {text:?}: {err}").into(),
+        })
+}
+
+fn time_column(row: &SqliteRow, column: &str) -> Result<DateTime<Utc>, sqlx::Error> {
+    decode_time(&row.try_get::<String, _>(column)?, column)
+}
+
+fn key_from_row(row: &SqliteRow) -> Result<KeyRecord, sqlx::Error> {
+    let revoked_at: Option<String> = row.try_get("revoked_at")?;
+    Ok(KeyRecord {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        prefix: row.try_get("prefix")?,
+        hash: row.try_get("hash")?,
+        created_at: time_column(row, "created_at")?,
+        revoked_at: revoked_at
+            .map(|text| decode_time(&text, "revoked_at"))
+            .transpose()?,
+    })
+}
+
+fn usage_from_row(row: &SqliteRow) -> Result<UsageRow, sqlx::Error> {
+    let outcome: String = row.try_get("outcome")?;
+    let outcome = Outcome::parse(&outcome).ok_or_else(|| sqlx::Error::ColumnDecode {
+        index: "outcome".into(),
+        source: format!("unknown outcome {outcome:?}").into(),
+    })?;
+    Ok(UsageRow {
+        request_id: row.try_get("request_id")?,
+        key_id: row.try_get("key_id")?,
+        key_name: row.try_get("key_name")?,
+        model: row.try_get("model")?,
+        provider: row.try_get("provider")?,
+        upstream_model: row.try_get("upstream_model")?,
+        endpoint: row.try_get("endpoint")?,
+        status: row.try_get("status")?,
+        outcome,
+        streamed: row.try_get("streamed")?,
+        n: row.try_get("n")?,
+        size: row.try_get("size")?,
+        quality: row.try_get("quality")?,
+        images: row.try_get("images")?,
+        text_input_tokens: row.try_get("text_input_tokens")?,
+        image_input_tokens: row.try_get("image_input_tokens")?,
+        cached_text_input_tokens: row.try_get("cached_text_input_tokens")?,
+        cached_image_input_tokens: row.try_get("cached_image_input_tokens")?,
+        input_tokens: row.try_get("input_tokens")?,
+        output_tokens: row.try_get("output_tokens")?,
+        total_tokens: row.try_get("total_tokens")?,
+        cost_nanousd: row.try_get("cost_nanousd")?,
+        latency_ms: row.try_get("latency_ms")?,
+        created_at: time_column(row, "created_at")?,
+        raw_usage: row.try_get("raw_usage")?,
+    })
+}
+
+fn totals_from_row(row: &SqliteRow) -> Result<UsageTotals, sqlx::Error> {
+    Ok(UsageTotals {
+        group: row.try_get("grp")?,
+        requests: row.try_get("requests")?,
+        images: row.try_get("images")?,
+        input_tokens: row.try_get("input_tokens")?,
+        output_tokens: row.try_get("output_tokens")?,
+        total_tokens: row.try_get("total_tokens")?,
+        cost_nanousd: row.try_get("cost_nanousd")?,
+    })
+}
+
+/// The SQL a report groups by. Static text only: nothing a caller sends reaches it.
+fn group_expr(group_by: GroupBy) -> &'static str {
+    match group_by {
+        GroupBy::Key => "key_name",
+        GroupBy::Model => "model",
+        GroupBy::Provider => "provider",
+        // Stored text is UTC, so its date part is the UTC day.
+        GroupBy::Day => "date(created_at)",
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    #[tracing::instrument(skip_all)]
+    async fn migrate(&self) -> StoreResult<()> {
+        sqlx::migrate!("migrations/sqlite").run(&self.pool).await?;
+        Ok(())
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("select 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    #[tracing::instrument(skip_all, fields(name = %key.name))]
+    async fn create_key(&self, key: NewKey) -> StoreResult<KeyRecord> {
+        // `on conflict (name)` rather than catching the error: SQLite reports no constraint
+        // name, only a message, and a clash on the hash must still surface as an error.
+        let sql = format!(
+            "insert into api_keys (name, prefix, hash, created_at) values ($1, $2, $3, $4) \
+             on conflict (name) do nothing returning {KEY_COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(&key.name)
+            .bind(&key.prefix)
+            .bind(&key.hash)
+            .bind(encode_time(Utc::now()))
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(row) => Ok(key_from_row(&row)?),
+            None => Err(StoreError::DuplicateKeyName(key.name)),
+        }
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_keys(&self) -> StoreResult<Vec<KeyRecord>> {
+        let sql = format!("select {KEY_COLUMNS} from api_keys order by id");
+        let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
+        Ok(rows.iter().map(key_from_row).collect::<Result<_, _>>()?)
+    }
+
+    #[tracing::instrument(skip_all, fields(name = %name))]
+    async fn revoke_key(&self, name: &str) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "update api_keys set revoked_at = $1 where name = $2 and revoked_at is null",
+        )
+        .bind(encode_time(Utc::now()))
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn find_key_by_hash(&self, hash: &str) -> StoreResult<Option<KeyRecord>> {
+        let sql = format!("select {KEY_COLUMNS} from api_keys where hash = $1");
+        let row = sqlx::query(&sql)
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(key_from_row).transpose()?)
+    }
+
+    #[tracing::instrument(skip_all, fields(rows = rows.len()))]
+    async fn insert_usage(&self, rows: &[UsageRow]) -> StoreResult<u64> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let sql = format!(
+            "insert into usage ({USAGE_COLUMNS}) values ($1, $2, $3, $4, $5, $6, $7, $8, $9, \
+             $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25) \
+             on conflict (request_id) do nothing"
+        );
+        // The first statement writes, so the deferred transaction takes the write lock
+        // straight away and waits on the busy timeout like any other writer.
+        let mut tx = self.pool.begin().await?;
+        let mut inserted = 0;
+        for row in rows {
+            let done = sqlx::query(&sql)
+                .bind(&row.request_id)
+                .bind(row.key_id)
+                .bind(&row.key_name)
+                .bind(&row.model)
+                .bind(&row.provider)
+                .bind(&row.upstream_model)
+                .bind(&row.endpoint)
+                .bind(row.status)
+                .bind(row.outcome.as_str())
+                .bind(row.streamed)
+                .bind(row.n)
+                .bind(&row.size)
+                .bind(&row.quality)
+                .bind(row.images)
+                .bind(row.text_input_tokens)
+                .bind(row.image_input_tokens)
+                .bind(row.cached_text_input_tokens)
+                .bind(row.cached_image_input_tokens)
+                .bind(row.input_tokens)
+                .bind(row.output_tokens)
+                .bind(row.total_tokens)
+                .bind(row.cost_nanousd)
+                .bind(row.latency_ms)
+                .bind(encode_time(row.created_at))
+                .bind(&row.raw_usage)
+                .execute(&mut *tx)
+                .await?;
+            inserted += done.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
+    #[tracing::instrument(skip_all, fields(request_id = %request_id))]
+    async fn usage_for_request(&self, request_id: &str) -> StoreResult<Vec<UsageRow>> {
+        let sql = format!(
+            "select {USAGE_COLUMNS} from usage where request_id = $1 order by created_at, id"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(request_id)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(usage_from_row).collect::<Result<_, _>>()?)
+    }
+
+    #[tracing::instrument(skip_all, fields(group_by = ?filter.group_by))]
+    async fn usage_report(&self, filter: &UsageFilter) -> StoreResult<Vec<UsageTotals>> {
+        let group = group_expr(filter.group_by);
+        let mut query = QueryBuilder::<Sqlite>::new(format!(
+            "select {group} as grp, count(*) as requests, sum(images) as images, \
+             sum(input_tokens) as input_tokens, sum(output_tokens) as output_tokens, \
+             sum(total_tokens) as total_tokens, sum(cost_nanousd) as cost_nanousd \
+             from usage where true"
+        ));
+        if let Some(key_name) = &filter.key_name {
+            query.push(" and key_name = ").push_bind(key_name);
+        }
+        if let Some(since) = filter.since {
+            query
+                .push(" and created_at >= ")
+                .push_bind(encode_time(since));
+        }
+        query.push(" group by grp order by grp");
+        let rows = query.build().fetch_all(&self.pool).await?;
+        Ok(rows.iter().map(totals_from_row).collect::<Result<_, _>>()?)
+    }
+}
