@@ -102,6 +102,8 @@ pub async fn connect(url: &str) -> anyhow::Result<Arc<dyn Store>> {
     } else if url.starts_with("sqlite:") {
         Ok(Arc::new(SqliteStore::connect(url).await?))
     } else {
-        anyhow::bail!("database.url must start with postgres:// or sqlite: (got a URL with another scheme)")
+        anyhow::bail!(
+            "database.url must start with postgres:// or sqlite: (got a URL with another scheme)"
+        )
     }
 }

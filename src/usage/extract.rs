@@ -1,0 +1,1 @@
+//! Reads token usage from streamed response bodies.
