@@ -1,1 +1,4 @@
 //! One integration-test binary: real imagegate on port 0, stand-in providers, real databases.
+
+mod db;
+mod store;

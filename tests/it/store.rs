@@ -1,0 +1,478 @@
+//! The `Store` contract, checked by the same test bodies against Postgres and SQLite.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use imagegate::store::{GroupBy, NewKey, Store, StoreError, UsageFilter, UsageTotals};
+use imagegate::usage::{Outcome, UsageRow};
+
+/// Runs each listed `async fn(Arc<dyn Store>)` once per backend, as
+/// `store::postgres::<name>` and `store::sqlite::<name>`.
+macro_rules! on_both_backends {
+    ($($test:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    let (store, _url) = crate::db::fresh_postgres().await;
+                    super::$test(store).await;
+                }
+            )*
+        }
+
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    let (store, _dir) = crate::db::fresh_sqlite().await;
+                    super::$test(store).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    migrate_twice_and_ping,
+    keys_create_list_find,
+    duplicate_key_name_is_refused,
+    revoked_key_is_still_found,
+    insert_usage_is_idempotent,
+    usage_round_trips_every_field,
+    usage_report_groups_and_filters,
+);
+
+fn new_key(name: &str, hash: &str) -> NewKey {
+    NewKey {
+        name: name.to_owned(),
+        prefix: format!("ig_{name}"),
+        hash: hash.to_owned(),
+    }
+}
+
+/// Test times are written out to the microsecond: both databases keep microseconds.
+fn at(rfc3339: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(rfc3339)
+        .expect("a valid test timestamp")
+        .with_timezone(&Utc)
+}
+
+fn usage_row(request_id: &str, created_at: DateTime<Utc>) -> UsageRow {
+    UsageRow {
+        request_id: request_id.to_owned(),
+        key_id: 1,
+        key_name: "alice".to_owned(),
+        model: "gpt-image-1".to_owned(),
+        provider: "openai".to_owned(),
+        upstream_model: "gpt-image-1".to_owned(),
+        endpoint: "generations".to_owned(),
+        status: 200,
+        outcome: Outcome::Completed,
+        streamed: false,
+        n: Some(1),
+        size: Some("1024x1024".to_owned()),
+        quality: Some("high".to_owned()),
+        images: 1,
+        text_input_tokens: 10,
+        image_input_tokens: 0,
+        cached_text_input_tokens: 0,
+        cached_image_input_tokens: 0,
+        input_tokens: 10,
+        output_tokens: 100,
+        total_tokens: 110,
+        cost_nanousd: 1_000,
+        latency_ms: 1_234,
+        created_at,
+        raw_usage: None,
+    }
+}
+
+async fn migrate_twice_and_ping(store: Arc<dyn Store>) {
+    // The helper has migrated once already; starting again must find nothing to do.
+    store.migrate().await.expect("second migrate");
+    store.ping().await.expect("ping");
+}
+
+async fn keys_create_list_find(store: Arc<dyn Store>) {
+    let before = Utc::now() - TimeDelta::minutes(1);
+    let alice = store
+        .create_key(new_key("alice", "aa11"))
+        .await
+        .expect("create alice");
+    let bob = store
+        .create_key(new_key("bob", "bb22"))
+        .await
+        .expect("create bob");
+    let after = Utc::now() + TimeDelta::minutes(1);
+
+    assert_eq!(alice.name, "alice");
+    assert_eq!(alice.prefix, "ig_alice");
+    assert_eq!(alice.hash, "aa11");
+    assert_eq!(alice.revoked_at, None);
+    assert!(before < alice.created_at && alice.created_at < after);
+    assert_ne!(alice.id, bob.id);
+
+    assert_eq!(
+        store.list_keys().await.expect("list"),
+        vec![alice.clone(), bob.clone()]
+    );
+    assert_eq!(
+        store.find_key_by_hash("bb22").await.expect("find bob"),
+        Some(bob)
+    );
+    assert_eq!(
+        store.find_key_by_hash("aa11").await.expect("find alice"),
+        Some(alice)
+    );
+    assert_eq!(store.find_key_by_hash("cc33").await.expect("find"), None);
+}
+
+async fn duplicate_key_name_is_refused(store: Arc<dyn Store>) {
+    let alice = store
+        .create_key(new_key("alice", "aa11"))
+        .await
+        .expect("create alice");
+
+    let err = store
+        .create_key(new_key("alice", "ff99"))
+        .await
+        .expect_err("a second alice");
+    assert!(
+        matches!(&err, StoreError::DuplicateKeyName(name) if name == "alice"),
+        "{err:?}"
+    );
+
+    // A clash on the hash is not a clash on the name and must not be reported as one.
+    let err = store
+        .create_key(new_key("carol", "aa11"))
+        .await
+        .expect_err("a second key with alice's hash");
+    assert!(matches!(err, StoreError::Database(_)), "{err:?}");
+
+    assert_eq!(store.list_keys().await.expect("list"), vec![alice]);
+}
+
+async fn revoked_key_is_still_found(store: Arc<dyn Store>) {
+    let alice = store
+        .create_key(new_key("alice", "aa11"))
+        .await
+        .expect("create alice");
+    let bob = store
+        .create_key(new_key("bob", "bb22"))
+        .await
+        .expect("create bob");
+
+    assert!(store.revoke_key("alice").await.expect("revoke"));
+    assert!(!store.revoke_key("alice").await.expect("revoke again"));
+    assert!(!store.revoke_key("nobody").await.expect("revoke unknown"));
+
+    // Auth must see the key to answer "revoked" rather than "unknown".
+    let found = store
+        .find_key_by_hash("aa11")
+        .await
+        .expect("find")
+        .expect("a revoked key is still found");
+    let revoked_at = found.revoked_at.expect("revoked_at is set");
+    assert!(revoked_at >= alice.created_at);
+    assert_eq!((found.id, &found.name), (alice.id, &alice.name));
+
+    // The second revoke changed nothing, not even the time.
+    let keys = store.list_keys().await.expect("list");
+    assert_eq!(keys, vec![found, bob]);
+
+    // Names are not reused, so usage by name stays one person's.
+    let err = store
+        .create_key(new_key("alice", "ff99"))
+        .await
+        .expect_err("reusing a revoked name");
+    assert!(matches!(err, StoreError::DuplicateKeyName(_)), "{err:?}");
+}
+
+async fn insert_usage_is_idempotent(store: Arc<dyn Store>) {
+    assert_eq!(store.insert_usage(&[]).await.expect("empty batch"), 0);
+
+    let t = at("2025-03-01T12:00:00.000001Z");
+    let batch = vec![
+        usage_row("req-1", t),
+        usage_row("req-2", t),
+        usage_row("req-3", t),
+    ];
+    assert_eq!(store.insert_usage(&batch).await.expect("first"), 3);
+    assert_eq!(store.insert_usage(&batch).await.expect("replay"), 0);
+
+    // A replay that overlaps new work writes only the new rows, and a request id twice
+    // in one batch counts once.
+    let mut changed = usage_row("req-1", t);
+    changed.cost_nanousd = 999;
+    let mixed = vec![changed, usage_row("req-4", t), usage_row("req-4", t)];
+    assert_eq!(store.insert_usage(&mixed).await.expect("mixed"), 1);
+
+    for id in ["req-1", "req-2", "req-3", "req-4"] {
+        let rows = store.usage_for_request(id).await.expect("read back");
+        assert_eq!(rows.len(), 1, "{id}");
+    }
+    // The first write wins: a replay never rewrites what was stored.
+    let rows = store.usage_for_request("req-1").await.expect("read back");
+    assert_eq!(rows[0].cost_nanousd, 1_000);
+    assert!(
+        store
+            .usage_for_request("req-5")
+            .await
+            .expect("read back")
+            .is_empty()
+    );
+
+    let report = store
+        .usage_report(&UsageFilter {
+            key_name: None,
+            since: None,
+            group_by: GroupBy::Key,
+        })
+        .await
+        .expect("report");
+    assert_eq!(report.len(), 1);
+    assert_eq!(report[0].requests, 4);
+    assert_eq!(report[0].cost_nanousd, 4_000);
+}
+
+async fn usage_round_trips_every_field(store: Arc<dyn Store>) {
+    // Every field away from its default, values past i32 where the type allows, JSON
+    // with odd spacing and key order (stored as sent, not normalised).
+    let full = UsageRow {
+        request_id: "req-full".to_owned(),
+        key_id: 9_000_000_001,
+        key_name: "alice".to_owned(),
+        model: "gpt-image-1".to_owned(),
+        provider: "azure-eu".to_owned(),
+        upstream_model: "gpt-image-1-2025-04-15".to_owned(),
+        endpoint: "edits".to_owned(),
+        status: 502,
+        outcome: Outcome::UpstreamError,
+        streamed: true,
+        n: Some(4),
+        size: Some("1536x1024".to_owned()),
+        quality: Some("médium".to_owned()),
+        images: 3,
+        text_input_tokens: 3_000_000_001,
+        image_input_tokens: 3_000_000_002,
+        cached_text_input_tokens: 3_000_000_003,
+        cached_image_input_tokens: 3_000_000_004,
+        input_tokens: 6_000_000_003,
+        output_tokens: 5_000_000_005,
+        total_tokens: 11_000_000_008,
+        cost_nanousd: 123_456_789_012_345,
+        latency_ms: 4_000_000_000,
+        created_at: at("2025-06-30T23:59:59.123456Z"),
+        raw_usage: Some(
+            r#"{"total_tokens":3,  "input_tokens": 1,"output_tokens":2, "input_tokens_details":{}}"#
+                .to_owned(),
+        ),
+    };
+    let bare = UsageRow {
+        request_id: "req-bare".to_owned(),
+        key_id: 0,
+        key_name: "bob".to_owned(),
+        model: "dall-e-3".to_owned(),
+        provider: "openai".to_owned(),
+        upstream_model: "dall-e-3".to_owned(),
+        endpoint: "variations".to_owned(),
+        status: 0,
+        outcome: Outcome::Failed,
+        streamed: false,
+        n: None,
+        size: None,
+        quality: None,
+        images: 0,
+        text_input_tokens: 0,
+        image_input_tokens: 0,
+        cached_text_input_tokens: 0,
+        cached_image_input_tokens: 0,
+        input_tokens: 0,
+        output_tokens: 0,
+        total_tokens: 0,
+        cost_nanousd: 0,
+        latency_ms: 0,
+        created_at: at("1999-12-31T23:59:59.000001Z"),
+        raw_usage: None,
+    };
+    let completed = UsageRow {
+        request_id: "req-completed".to_owned(),
+        outcome: Outcome::Completed,
+        created_at: at("2025-01-01T00:00:00Z"),
+        ..bare.clone()
+    };
+
+    let batch = [full.clone(), bare.clone(), completed.clone()];
+    assert_eq!(store.insert_usage(&batch).await.expect("insert"), 3);
+    for row in batch {
+        assert_eq!(
+            store
+                .usage_for_request(&row.request_id)
+                .await
+                .expect("read back"),
+            vec![row]
+        );
+    }
+}
+
+/// Four rows whose amounts are powers of two, so every sum names the rows it added.
+fn report_rows() -> Vec<UsageRow> {
+    let row = |id: &str, key: &str, model: &str, provider: &str, time: &str, f: i64| UsageRow {
+        key_name: key.to_owned(),
+        model: model.to_owned(),
+        provider: provider.to_owned(),
+        images: i32::try_from(f).expect("small"),
+        input_tokens: 10 * f,
+        output_tokens: 100 * f,
+        total_tokens: 110 * f,
+        // Past i32 on its own, so a narrowing sum anywhere would show.
+        cost_nanousd: 1_000_000_000_000 * f,
+        ..usage_row(id, at(time))
+    };
+    vec![
+        // The last microsecond of a day and the first of the next: day grouping is UTC
+        // and exact at the boundary.
+        row(
+            "r1",
+            "alice",
+            "gpt-image-1",
+            "openai",
+            "2025-03-01T23:59:59.999999Z",
+            1,
+        ),
+        row(
+            "r2",
+            "alice",
+            "gpt-image-1",
+            "azure",
+            "2025-03-02T00:00:00Z",
+            2,
+        ),
+        // Upper case sorts before lower case in byte order, whatever a collation says.
+        row(
+            "r3",
+            "Bob",
+            "dall-e-3",
+            "openai",
+            "2025-03-02T12:00:00.5Z",
+            4,
+        ),
+        row(
+            "r4",
+            "Bob",
+            "gpt-image-1",
+            "openai",
+            "2025-03-03T00:00:00.000001Z",
+            8,
+        ),
+    ]
+}
+
+/// Totals of `requests` rows whose power-of-two factors add up to `f`.
+fn totals(group: &str, requests: i64, f: i64) -> UsageTotals {
+    UsageTotals {
+        group: group.to_owned(),
+        requests,
+        images: f,
+        input_tokens: 10 * f,
+        output_tokens: 100 * f,
+        total_tokens: 110 * f,
+        cost_nanousd: 1_000_000_000_000 * f,
+    }
+}
+
+async fn usage_report_groups_and_filters(store: Arc<dyn Store>) {
+    let report = async |key_name: Option<&str>, since: Option<&str>, group_by: GroupBy| {
+        store
+            .usage_report(&UsageFilter {
+                key_name: key_name.map(str::to_owned),
+                since: since.map(at),
+                group_by,
+            })
+            .await
+            .expect("report")
+    };
+
+    assert_eq!(report(None, None, GroupBy::Key).await, vec![]);
+    assert_eq!(
+        store
+            .insert_usage(&report_rows())
+            .await
+            .expect("insert rows"),
+        4
+    );
+
+    assert_eq!(
+        report(None, None, GroupBy::Key).await,
+        vec![totals("Bob", 2, 12), totals("alice", 2, 3)]
+    );
+    assert_eq!(
+        report(None, None, GroupBy::Model).await,
+        vec![totals("dall-e-3", 1, 4), totals("gpt-image-1", 3, 11)]
+    );
+    assert_eq!(
+        report(None, None, GroupBy::Provider).await,
+        vec![totals("azure", 1, 2), totals("openai", 3, 13)]
+    );
+    assert_eq!(
+        report(None, None, GroupBy::Day).await,
+        vec![
+            totals("2025-03-01", 1, 1),
+            totals("2025-03-02", 2, 6),
+            totals("2025-03-03", 1, 8),
+        ]
+    );
+
+    // Filter by key.
+    assert_eq!(
+        report(Some("alice"), None, GroupBy::Day).await,
+        vec![totals("2025-03-01", 1, 1), totals("2025-03-02", 1, 2)]
+    );
+    assert_eq!(report(Some("nobody"), None, GroupBy::Key).await, vec![]);
+
+    // `since` includes a row at exactly that instant, and a microsecond later excludes it.
+    assert_eq!(
+        report(None, Some("2025-03-02T00:00:00Z"), GroupBy::Key).await,
+        vec![totals("Bob", 2, 12), totals("alice", 1, 2)]
+    );
+    assert_eq!(
+        report(None, Some("2025-03-02T00:00:00.000001Z"), GroupBy::Key).await,
+        vec![totals("Bob", 2, 12)]
+    );
+    // An offset is only another way to write the same instant.
+    assert_eq!(
+        report(None, Some("2025-03-01T20:00:00-04:00"), GroupBy::Provider).await,
+        vec![totals("azure", 1, 2), totals("openai", 2, 12)]
+    );
+
+    // Both filters together.
+    assert_eq!(
+        report(Some("Bob"), Some("2025-03-03T00:00:00Z"), GroupBy::Model).await,
+        vec![totals("gpt-image-1", 1, 8)]
+    );
+    assert_eq!(
+        report(None, Some("2025-03-04T00:00:00Z"), GroupBy::Day).await,
+        vec![]
+    );
+}
+
+#[tokio::test]
+async fn sqlite_connect_creates_the_directory_and_file() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("not").join("yet").join("imagegate.db");
+    let store = imagegate::store::connect(&format!("sqlite:{}", path.display()))
+        .await
+        .expect("connect");
+    store.migrate().await.expect("migrate");
+    store.ping().await.expect("ping");
+    assert!(path.is_file());
+}
+
+#[tokio::test]
+async fn connect_refuses_other_schemes() {
+    let err = imagegate::store::connect("mysql://localhost/imagegate")
+        .await
+        .err()
+        .expect("mysql is not supported");
+    assert!(err.to_string().contains("postgres://"), "{err}");
+}
