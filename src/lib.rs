@@ -1,1 +1,3 @@
 //! imagegate: an OpenAI-compatible gateway for the image endpoints.
+
+pub mod usage;
