@@ -1,4 +1,4 @@
-//! imagegate: an OpenAI-compatible gateway for the image endpoints.
+//! imagegate
 
 pub mod store;
 pub mod usage;
