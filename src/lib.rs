@@ -1,4 +1,18 @@
-//! imagegate
+//! imagegate: an OpenAI-compatible gateway for the image endpoints. Services point their
+//! OpenAI SDK at it with a key it issued; its configuration routes each model to a provider;
+//! it streams answers back and records each call's usage and cost per key.
+//!
+//! Tests and the binary start the same server: [`Gateway::start`] then [`Gateway::serve`].
 
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod openai;
+pub mod routes;
+pub mod routing;
 pub mod store;
+pub mod upstream;
 pub mod usage;
+
+pub use app::Gateway;

@@ -1,6 +1,9 @@
 //! Usage: read it from streamed bodies, price it, hand it to the writer.
 
 pub mod extract;
+pub mod meter;
+pub mod price;
+pub mod writer;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};

@@ -1,0 +1,270 @@
+//! Application state, the router with its middleware stack, and the server's lifecycle.
+
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use http::HeaderValue;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+
+use crate::auth::{self, KeyCache, Principal};
+use crate::config::{Config, ConfigError, EnvLookup};
+use crate::error::ApiError;
+use crate::routes;
+use crate::store::Store;
+use crate::upstream::Upstreams;
+use crate::usage::writer::{UsageSink, UsageWriter};
+
+/// What a configuration turns into: replaced whole on reload, so that a request keeps the
+/// table it started with.
+pub struct Runtime {
+    pub config: Arc<Config>,
+    pub upstreams: Upstreams,
+    /// Unix seconds when this table was loaded (the `created` of `/v1/models`).
+    pub loaded_at: i64,
+}
+
+impl Runtime {
+    pub fn new(config: Config) -> anyhow::Result<Self> {
+        Ok(Runtime {
+            upstreams: Upstreams::build(&config)?,
+            config: Arc::new(config),
+            loaded_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0)),
+        })
+    }
+}
+
+pub struct AppState {
+    pub runtime: ArcSwap<Runtime>,
+    pub env: EnvLookup,
+    pub store: Arc<dyn Store>,
+    pub usage: UsageSink,
+    pub keys: KeyCache,
+    /// Work that must finish even when its client has gone; shutdown waits for it.
+    pub tasks: TaskTracker,
+    pub metrics: PrometheusHandle,
+    reload_lock: std::sync::Mutex<()>,
+}
+
+/// Why a reload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Build(String),
+}
+
+impl AppState {
+    /// Re-reads the configuration file. A valid one replaces the routing table at once; an
+    /// invalid one is refused and the table in force stays.
+    pub fn reload(&self) -> Result<Arc<Runtime>, ReloadError> {
+        let _one_at_a_time = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.runtime.load_full();
+        let config = Config::load(&current.config.source, &self.env)?;
+        if config.database_url != current.config.database_url
+            || config.server.listen != current.config.server.listen
+        {
+            tracing::warn!(
+                "database.url and server.listen changes take effect at the next restart"
+            );
+        }
+        let runtime =
+            Arc::new(Runtime::new(config).map_err(|e| ReloadError::Build(e.to_string()))?);
+        self.runtime.store(Arc::clone(&runtime));
+        metrics::counter!("imagegate_config_reloads_total").increment(1);
+        Ok(runtime)
+    }
+}
+
+/// The running gateway: state plus the usage writer, which outlives the server so that
+/// shutdown can flush it last.
+pub struct Gateway {
+    pub state: Arc<AppState>,
+    writer: UsageWriter,
+}
+
+impl Gateway {
+    /// Connects the store, applies migrations and starts the usage writer.
+    pub async fn start(config: Config, env: EnvLookup) -> anyhow::Result<Gateway> {
+        let store = crate::store::connect(&config.database_url).await?;
+        store.migrate().await?;
+        let (usage, writer) = UsageWriter::start(Arc::clone(&store));
+        let keys = KeyCache::new(config.server.key_cache_ttl);
+        let state = Arc::new(AppState {
+            runtime: ArcSwap::from_pointee(Runtime::new(config)?),
+            env,
+            store,
+            usage,
+            keys,
+            tasks: TaskTracker::new(),
+            metrics: metrics_handle(),
+            reload_lock: std::sync::Mutex::new(()),
+        });
+        Ok(Gateway { state, writer })
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets requests in flight
+    /// finish within the configured grace, waits for tracked work and flushes usage.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let grace = self.state.runtime.load().config.server.shutdown_grace;
+        let stop = CancellationToken::new();
+        let server = axum::serve(listener, router(Arc::clone(&self.state)))
+            .with_graceful_shutdown(stop.clone().cancelled_owned());
+        let server = std::pin::pin!(server.into_future());
+        let mut server = server;
+        tokio::select! {
+            result = &mut server => result?,
+            () = shutdown => {
+                tracing::info!(grace_secs = grace.as_secs(), "shutting down: no new connections, finishing requests in flight");
+                stop.cancel();
+                if tokio::time::timeout(grace, &mut server).await.is_err() {
+                    tracing::warn!("shutdown grace elapsed; closing the connections still open");
+                }
+            }
+        }
+        self.state.tasks.close();
+        if tokio::time::timeout(grace, self.state.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                tasks = self.state.tasks.len(),
+                "tracked work still running after the grace"
+            );
+        }
+        self.writer.close().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// The Prometheus recorder is process-wide; every gateway in the process shares it.
+fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.005, 0.05, 0.25, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+                ])
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            match builder.install_recorder() {
+                Ok(handle) => handle,
+                // Another recorder is installed (an embedding program's): render an empty page.
+                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+            }
+        })
+        .clone()
+}
+
+/// The request's id, made at the door and echoed in `x-request-id`.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub Arc<str>);
+
+/// Set on responses whose log line the usage meter writes (the request reached a provider).
+#[derive(Debug, Clone, Copy)]
+pub struct Forwarded;
+
+/// The whole HTTP surface.
+///
+/// Every request passes, outermost first:
+/// 1. `access_log`: gives the request its id (`x-request-id`), times it, counts it, and logs
+///    one line for requests that did not reach a provider (the usage meter logs the others);
+/// 2. `CatchPanicLayer`: a panic becomes a 500 in OpenAI's shape, the server stays up;
+/// 3. per group of routes, authentication: `/v1/*` needs a client key, `/admin/*` the admin
+///    token; [`routes::PUBLIC`] lists the only routes that need neither.
+pub fn router(state: Arc<AppState>) -> Router {
+    let v1 = routes::v1().route_layer(middleware::from_fn_with_state(
+        Arc::clone(&state),
+        auth::require_key,
+    ));
+    let admin = routes::admin::router().route_layer(middleware::from_fn_with_state(
+        Arc::clone(&state),
+        auth::require_admin,
+    ));
+    Router::new()
+        .merge(v1)
+        .merge(admin)
+        .merge(routes::public())
+        .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async {
+            ApiError::invalid("This method is not allowed on this route.", None)
+        })
+        .layer(
+            ServiceBuilder::new()
+                .layer(middleware::from_fn_with_state(
+                    Arc::clone(&state),
+                    access_log,
+                ))
+                .layer(CatchPanicLayer::custom(|_| {
+                    ApiError::Internal("handler panicked".into()).into_response()
+                })),
+        )
+        .with_state(state)
+}
+
+async fn access_log(
+    State(_state): State<Arc<AppState>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let id: Arc<str> = format!("req_{}", uuid::Uuid::now_v7().simple()).into();
+    request.extensions_mut().insert(RequestId(Arc::clone(&id)));
+    let method = request.method().clone();
+    let path = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let mut response = next.run(request).await;
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    let status = response.status().as_u16();
+    let elapsed = started.elapsed();
+    metrics::counter!("imagegate_http_requests_total", "path" => path.clone(), "status" => status.to_string())
+        .increment(1);
+    metrics::histogram!("imagegate_http_response_seconds", "path" => path.clone())
+        .record(elapsed.as_secs_f64());
+    if response.extensions().get::<Forwarded>().is_some() {
+        return response;
+    }
+    let key = response
+        .extensions()
+        .get::<Arc<Principal>>()
+        .map(|p| p.name.clone());
+    let latency_ms = elapsed.as_millis() as u64;
+    match response.extensions().get::<ApiError>() {
+        Some(ApiError::Internal(detail)) => {
+            tracing::error!(target: "imagegate::access", request_id = %id, %method, %path, key, status, latency_ms, error = %detail, "request");
+        }
+        Some(err) => {
+            tracing::info!(target: "imagegate::access", request_id = %id, %method, %path, key, status, latency_ms, error = %err, "request");
+        }
+        None if routes::PUBLIC.contains(&path.as_str()) => {
+            tracing::debug!(target: "imagegate::access", request_id = %id, %method, %path, status, latency_ms, "request");
+        }
+        None => {
+            tracing::info!(target: "imagegate::access", request_id = %id, %method, %path, key, status, latency_ms, "request");
+        }
+    }
+    response
+}

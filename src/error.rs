@@ -1,0 +1,137 @@
+//! One error type for every request, one status mapping, and OpenAI's error body for all of them.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::openai::ErrorBody;
+
+/// Everything a request can fail with. Turning it into a response has no side effects:
+/// the access log reads it back from the response's extensions.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+        code: Option<&'static str>,
+    },
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("admin token missing or wrong")]
+    AdminForbidden,
+    #[error("The model `{0}` does not exist or you do not have access to it.")]
+    ModelNotFound(String),
+    #[error("route not found")]
+    NotFound,
+    #[error("request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("Content-Type must be {expected}")]
+    UnsupportedMediaType { expected: &'static str },
+    /// The provider answered with an error status; its body is already in OpenAI's shape.
+    #[error("provider {provider} answered {status}")]
+    Upstream {
+        provider: String,
+        status: StatusCode,
+        body: Box<ErrorBody>,
+        retry_after: Option<HeaderValue>,
+    },
+    #[error("provider {provider} could not be reached: {detail}")]
+    UpstreamUnreachable { provider: String, detail: String },
+    #[error("provider {provider} did not answer in time")]
+    UpstreamTimeout { provider: String },
+    #[error("config reload refused: {0}")]
+    ReloadRefused(String),
+    #[error("the usage store is not reachable")]
+    NotReady,
+    /// Detail goes to the log only; the client sees a generic message.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn invalid(message: impl Into<String>, param: Option<&str>) -> Self {
+        ApiError::InvalidRequest {
+            message: message.into(),
+            param: param.map(str::to_owned),
+            code: None,
+        }
+    }
+
+    pub fn internal(err: impl std::fmt::Display) -> Self {
+        ApiError::Internal(err.to_string())
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) | ApiError::AdminForbidden => StatusCode::UNAUTHORIZED,
+            ApiError::ModelNotFound(_) | ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Upstream { status, .. } => *status,
+            ApiError::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
+            ApiError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::ReloadRefused(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn body(&self) -> ErrorBody {
+        let (kind, code, param): (&str, Option<&str>, Option<String>) = match self {
+            ApiError::InvalidRequest { param, code, .. } => {
+                ("invalid_request_error", *code, param.clone())
+            }
+            ApiError::Unauthorized(_) => ("invalid_request_error", Some("invalid_api_key"), None),
+            ApiError::AdminForbidden => {
+                ("invalid_request_error", Some("invalid_admin_token"), None)
+            }
+            ApiError::ModelNotFound(_) => (
+                "invalid_request_error",
+                Some("model_not_found"),
+                Some("model".into()),
+            ),
+            ApiError::NotFound => ("invalid_request_error", Some("not_found"), None),
+            ApiError::PayloadTooLarge { .. } => {
+                ("invalid_request_error", Some("payload_too_large"), None)
+            }
+            ApiError::UnsupportedMediaType { .. } => (
+                "invalid_request_error",
+                Some("unsupported_media_type"),
+                None,
+            ),
+            ApiError::Upstream { body, .. } => return (**body).clone(),
+            ApiError::UpstreamUnreachable { .. } => {
+                ("upstream_error", Some("upstream_unreachable"), None)
+            }
+            ApiError::UpstreamTimeout { .. } => ("upstream_error", Some("upstream_timeout"), None),
+            ApiError::ReloadRefused(_) => ("invalid_request_error", Some("config_invalid"), None),
+            ApiError::NotReady => ("server_error", Some("not_ready"), None),
+            ApiError::Internal(_) => ("server_error", None, None),
+        };
+        let message = match self {
+            ApiError::Internal(_) => {
+                "The server had an error while processing your request.".to_owned()
+            }
+            other => other.to_string(),
+        };
+        ErrorBody::new(message, kind, param, code)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status(), axum::Json(self.body())).into_response();
+        if let ApiError::Upstream {
+            retry_after: Some(value),
+            ..
+        } = &self
+        {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, value.clone());
+        }
+        response.extensions_mut().insert(self);
+        response
+    }
+}

@@ -1,0 +1,182 @@
+//! `POST /v1/images/generations`: the checks a request must pass before it is forwarded.
+
+use serde_json::{Map, Value};
+
+use crate::error::ApiError;
+
+/// A generation request as received: the whole JSON object, kept in its key order so that
+/// fields imagegate does not know are passed on untouched.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    pub body: Map<String, Value>,
+}
+
+/// String fields OpenAI defines; each must be a string or null when present.
+const STRING_FIELDS: &[&str] = &[
+    "size",
+    "quality",
+    "response_format",
+    "output_format",
+    "background",
+    "moderation",
+    "style",
+    "user",
+];
+
+impl GenerationRequest {
+    /// Parses and checks a body. Python's SDK sends `null` for fields the caller left as
+    /// `None`, so null counts as absent everywhere.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ApiError> {
+        let value: Value = serde_json::from_slice(bytes).map_err(|err| {
+            ApiError::invalid(
+                format!(
+                    "We could not parse the JSON body of your request ({err}). \
+                     The body must be a JSON object."
+                ),
+                None,
+            )
+        })?;
+        let Value::Object(body) = value else {
+            return Err(ApiError::invalid(
+                "The body of your request must be a JSON object.",
+                None,
+            ));
+        };
+        let request = GenerationRequest { body };
+        request.check()?;
+        Ok(request)
+    }
+
+    fn check(&self) -> Result<(), ApiError> {
+        match self.body.get("prompt") {
+            None | Some(Value::Null) => {
+                return Err(ApiError::invalid(
+                    "Missing required parameter: 'prompt'.",
+                    Some("prompt"),
+                ));
+            }
+            Some(Value::String(prompt)) if prompt.trim().is_empty() => {
+                return Err(ApiError::invalid(
+                    "Invalid 'prompt': it must not be empty.",
+                    Some("prompt"),
+                ));
+            }
+            Some(Value::String(_)) => {}
+            Some(_) => return Err(wrong_type("prompt", "a string")),
+        }
+        for field in ["model"].iter().chain(STRING_FIELDS) {
+            if !matches!(self.field(field), None | Some(Value::String(_))) {
+                return Err(wrong_type(field, "a string"));
+            }
+        }
+        if !matches!(self.field("stream"), None | Some(Value::Bool(_))) {
+            return Err(wrong_type("stream", "a boolean"));
+        }
+        check_int_range(self.field("n"), "n", 1, 10)?;
+        check_int_range(
+            self.field("output_compression"),
+            "output_compression",
+            0,
+            100,
+        )?;
+        check_int_range(self.field("partial_images"), "partial_images", 0, 3)?;
+        Ok(())
+    }
+
+    /// A field's value, with null read as absent.
+    pub fn field(&self, name: &str) -> Option<&Value> {
+        self.body.get(name).filter(|v| !v.is_null())
+    }
+
+    pub fn str_field(&self, name: &str) -> Option<&str> {
+        self.field(name).and_then(Value::as_str)
+    }
+
+    pub fn model(&self) -> Option<&str> {
+        self.str_field("model")
+    }
+
+    pub fn stream(&self) -> bool {
+        self.field("stream")
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    }
+
+    pub fn n(&self) -> Option<i64> {
+        self.field("n").and_then(Value::as_i64)
+    }
+}
+
+fn wrong_type(field: &str, expected: &str) -> ApiError {
+    ApiError::invalid(
+        format!("Invalid type for '{field}': expected {expected}."),
+        Some(field),
+    )
+}
+
+fn check_int_range(value: Option<&Value>, field: &str, min: i64, max: i64) -> Result<(), ApiError> {
+    let Some(value) = value else { return Ok(()) };
+    match value.as_i64() {
+        Some(v) if (min..=max).contains(&v) => Ok(()),
+        Some(v) => Err(ApiError::invalid(
+            format!("Invalid '{field}': {v} is out of range; it must be between {min} and {max}."),
+            Some(field),
+        )),
+        None => Err(wrong_type(field, "an integer")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn param_of(body: &str) -> Option<String> {
+        match GenerationRequest::parse(body.as_bytes()) {
+            Err(ApiError::InvalidRequest { param, .. }) => param,
+            other => panic!("expected a 400 for {body}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn accepts_python_nulls_and_unknown_fields() {
+        let req = GenerationRequest::parse(
+            br#"{"prompt":"fox","model":null,"n":null,"stream":null,"extra":{"a":1}}"#,
+        )
+        .expect("valid");
+        assert_eq!(req.model(), None);
+        assert!(!req.stream());
+        assert_eq!(
+            req.body.keys().collect::<Vec<_>>(),
+            ["prompt", "model", "n", "stream", "extra"]
+        );
+    }
+
+    #[test]
+    fn names_the_offending_parameter() {
+        assert_eq!(param_of(r#"{"model":"x"}"#), Some("prompt".into()));
+        assert_eq!(param_of(r#"{"prompt":"  "}"#), Some("prompt".into()));
+        assert_eq!(param_of(r#"{"prompt":3}"#), Some("prompt".into()));
+        assert_eq!(param_of(r#"{"prompt":"a","n":0}"#), Some("n".into()));
+        assert_eq!(param_of(r#"{"prompt":"a","n":11}"#), Some("n".into()));
+        assert_eq!(param_of(r#"{"prompt":"a","n":"2"}"#), Some("n".into()));
+        assert_eq!(param_of(r#"{"prompt":"a","n":1.5}"#), Some("n".into()));
+        assert_eq!(
+            param_of(r#"{"prompt":"a","model":7}"#),
+            Some("model".into())
+        );
+        assert_eq!(
+            param_of(r#"{"prompt":"a","stream":"yes"}"#),
+            Some("stream".into())
+        );
+        assert_eq!(
+            param_of(r#"{"prompt":"a","size":1024}"#),
+            Some("size".into())
+        );
+        assert_eq!(
+            param_of(r#"{"prompt":"a","partial_images":4}"#),
+            Some("partial_images".into())
+        );
+        assert_eq!(param_of("[1]"), None);
+        assert_eq!(param_of("{not json"), None);
+    }
+}

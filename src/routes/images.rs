@@ -1,0 +1,101 @@
+//! The image endpoints: extract, route, forward.
+
+use std::sync::Arc;
+
+use axum::Extension;
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::Response;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, header};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+
+use crate::app::{AppState, RequestId};
+use crate::auth::Principal;
+use crate::error::ApiError;
+use crate::openai::generation::GenerationRequest;
+use crate::routing::Call;
+use crate::upstream::{Endpoint, RequestSummary, UpstreamRequest};
+
+pub async fn generations(
+    State(state): State<Arc<AppState>>,
+    Extension(principal): Extension<Arc<Principal>>,
+    Extension(request_id): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let runtime = state.runtime.load_full();
+    let bytes = read_json(&headers, body, runtime.config.server.max_json_body_bytes).await?;
+    let request = GenerationRequest::parse(&bytes)?;
+    let model = match runtime.config.resolve_model(request.model()) {
+        Some(model) => Arc::clone(model),
+        None => {
+            return Err(match request.model() {
+                Some(name) => ApiError::ModelNotFound(name.to_owned()),
+                None => ApiError::invalid(
+                    "You must provide a model parameter (no default model is configured).",
+                    Some("model"),
+                ),
+            });
+        }
+    };
+    let call = Call {
+        state,
+        runtime,
+        principal,
+        request_id,
+        model,
+        endpoint: Endpoint::Generations,
+    };
+    call.forward(|route| {
+        let mut body = request.body.clone();
+        body.insert("model".into(), route.upstream_model.clone().into());
+        route.policy.apply(&mut body);
+        let upstream = GenerationRequest { body };
+        let summary = RequestSummary {
+            stream: upstream.stream(),
+            n: upstream.n().and_then(|n| i32::try_from(n).ok()),
+            size: upstream.str_field("size").map(str::to_owned),
+            quality: upstream.str_field("quality").map(str::to_owned),
+            prompt_chars: upstream
+                .str_field("prompt")
+                .map_or(0, |p| p.chars().count()),
+        };
+        let bytes = serde_json::to_vec(&upstream.body).map_err(ApiError::internal)?;
+        Ok(UpstreamRequest {
+            endpoint: Endpoint::Generations,
+            content_type: HeaderValue::from_static("application/json"),
+            body: bytes.into(),
+            summary,
+        })
+    })
+    .await
+}
+
+/// Reads a JSON body up to `limit` bytes: 413 beyond it (at once when Content-Length says
+/// so), 415 when the body is declared as something other than JSON.
+async fn read_json(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    if let Some(ct) = headers.get(header::CONTENT_TYPE) {
+        let ct = ct.to_str().unwrap_or_default().to_ascii_lowercase();
+        if !ct.starts_with("application/json") && !ct.contains("+json") {
+            return Err(ApiError::UnsupportedMediaType {
+                expected: "application/json",
+            });
+        }
+    }
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.is::<LengthLimitError>() => Err(ApiError::PayloadTooLarge { limit }),
+        Err(err) => Err(ApiError::invalid(
+            format!("Could not read the request body: {err}"),
+            None,
+        )),
+    }
+}

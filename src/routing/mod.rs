@@ -1,0 +1,206 @@
+//! From a model to a provider call: pick the route, send, and turn the provider's answer
+//! into the client's response with its usage metered on the way.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use http::{HeaderValue, StatusCode, header};
+
+use crate::app::{AppState, Forwarded, RequestId, Runtime};
+use crate::auth::Principal;
+use crate::config::{Model, ProviderKind, Route};
+use crate::error::ApiError;
+use crate::openai::ErrorBody;
+use crate::upstream::{Endpoint, UpstreamError, UpstreamRequest, read_capped};
+use crate::usage::Outcome;
+use crate::usage::extract::{BodyKind, Extracted};
+use crate::usage::meter::{Metered, UsageTicket};
+
+/// How much of a provider's error body is read.
+const ERROR_BODY_LIMIT: usize = 64 * 1024;
+const ERROR_BODY_WAIT: Duration = Duration::from_secs(10);
+
+/// Who asked for what: the parts of a request every provider call needs.
+pub struct Call {
+    pub state: Arc<AppState>,
+    pub runtime: Arc<Runtime>,
+    pub principal: Arc<Principal>,
+    pub request_id: RequestId,
+    pub model: Arc<Model>,
+    pub endpoint: Endpoint,
+}
+
+impl Call {
+    /// Sends the request `build` makes for the model's route and answers with the
+    /// provider's response, streamed. One usage row is written per provider call.
+    pub async fn forward(
+        self,
+        build: impl Fn(&Route) -> Result<UpstreamRequest, ApiError>,
+    ) -> Result<Response, ApiError> {
+        let route =
+            self.model.routes.first().ok_or_else(|| {
+                ApiError::internal(format!("model {} has no route", self.model.name))
+            })?;
+        let request = build(route)?;
+        let provider = &route.provider;
+        let ticket = UsageTicket {
+            sink: self.state.usage.clone(),
+            request_id: self.request_id.0.to_string(),
+            principal: Arc::clone(&self.principal),
+            model: self.model.name.clone(),
+            provider: provider.name.clone(),
+            upstream_model: route.upstream_model.clone(),
+            endpoint: self.endpoint,
+            summary: request.summary.clone(),
+            price: route.price,
+            started: Instant::now(),
+            created_at: Utc::now(),
+        };
+        let streamed = request.summary.stream;
+        let answer = match self.runtime.upstreams.send(provider, request).await {
+            Ok(answer) => answer,
+            Err(err) => {
+                let error = match err {
+                    UpstreamError::Timeout => ApiError::UpstreamTimeout {
+                        provider: provider.name.clone(),
+                    },
+                    UpstreamError::Connect(detail) | UpstreamError::Other(detail) => {
+                        ApiError::UpstreamUnreachable {
+                            provider: provider.name.clone(),
+                            detail,
+                        }
+                    }
+                };
+                ticket.finish(
+                    error.status().as_u16(),
+                    Outcome::Failed,
+                    &Extracted::default(),
+                );
+                return Ok(forwarded(error.into_response(), &provider.name));
+            }
+        };
+
+        if !answer.status.is_success() {
+            let body =
+                tokio::time::timeout(ERROR_BODY_WAIT, read_capped(answer.body, ERROR_BODY_LIMIT))
+                    .await
+                    .unwrap_or_default();
+            let body = redact(&body, &provider.kind);
+            let error = upstream_error(
+                &provider.name,
+                answer.status,
+                &body,
+                answer.headers.get(header::RETRY_AFTER),
+            );
+            ticket.finish(
+                error.status().as_u16(),
+                Outcome::UpstreamError,
+                &Extracted::default(),
+            );
+            return Ok(forwarded(error.into_response(), &provider.name));
+        }
+
+        let kind = match answer
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(ct) if ct.starts_with("text/event-stream") => BodyKind::Sse,
+            _ => BodyKind::Json,
+        };
+        let metered = Metered::new(
+            answer.body,
+            kind,
+            route.strip_b64_prefix,
+            answer.status.as_u16(),
+            ticket,
+            self.state.tasks.clone(),
+        );
+        let mut response = Response::new(Body::from_stream(metered));
+        *response.status_mut() = answer.status;
+        let headers = response.headers_mut();
+        headers.extend(answer.headers);
+        if kind == BodyKind::Sse || streamed {
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            // Tells nginx-style proxies in between not to buffer the events.
+            headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        }
+        Ok(forwarded(response, &provider.name))
+    }
+}
+
+/// Marks a response as having reached a provider, and names the provider.
+fn forwarded(mut response: Response, provider: &str) -> Response {
+    if let Ok(value) = HeaderValue::from_str(provider) {
+        response.headers_mut().insert("x-imagegate-provider", value);
+    }
+    response.extensions_mut().insert(Forwarded);
+    response
+}
+
+/// A provider that echoes its key in an error message must not hand it to our client.
+fn redact(body: &[u8], kind: &ProviderKind) -> Vec<u8> {
+    let ProviderKind::OpenAi { api_key, .. } = kind else {
+        return body.to_vec();
+    };
+    let key = api_key.expose().as_bytes();
+    if key.is_empty() || body.len() < key.len() {
+        return body.to_vec();
+    }
+    let mut out = Vec::with_capacity(body.len());
+    let mut i = 0;
+    while i < body.len() {
+        if body[i..].starts_with(key) {
+            out.extend_from_slice(b"[redacted]");
+            i += key.len();
+        } else {
+            out.push(body[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Maps a provider's error status: its 4xx reach the client as they are (with
+/// `retry-after` on 429), except 401/403, which mean imagegate's own credentials were
+/// refused and are the operator's problem, not the client's; 5xx become 502.
+fn upstream_error(
+    provider: &str,
+    status: StatusCode,
+    body: &[u8],
+    retry_after: Option<&HeaderValue>,
+) -> ApiError {
+    let parsed = ErrorBody::from_upstream(provider, status.as_u16(), body);
+    if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+        tracing::error!(provider, status = status.as_u16(), message = %parsed.error.message, "provider refused imagegate's credentials");
+        return ApiError::UpstreamUnreachable {
+            provider: provider.to_owned(),
+            detail: format!("it refused imagegate's credentials ({status})"),
+        };
+    }
+    if status.is_client_error() {
+        return ApiError::Upstream {
+            provider: provider.to_owned(),
+            status,
+            body: Box::new(parsed),
+            retry_after: retry_after.cloned(),
+        };
+    }
+    ApiError::Upstream {
+        provider: provider.to_owned(),
+        status: StatusCode::BAD_GATEWAY,
+        body: Box::new(ErrorBody::new(
+            format!(
+                "provider {provider} failed ({status}): {}",
+                parsed.error.message
+            ),
+            "upstream_error",
+            None,
+            Some("upstream_error"),
+        )),
+        retry_after: retry_after.cloned(),
+    }
+}

@@ -1,0 +1,177 @@
+//! The only code that holds a provider key or calls a provider.
+
+mod mock;
+
+use std::collections::HashMap;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt, TryStreamExt};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+
+use crate::config::{Config, Provider, ProviderKind};
+
+/// The image endpoints imagegate forwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Generations,
+    Edits,
+    Variations,
+}
+
+impl Endpoint {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::Generations => "generations",
+            Endpoint::Edits => "edits",
+            Endpoint::Variations => "variations",
+        }
+    }
+
+    fn path(self) -> &'static str {
+        match self {
+            Endpoint::Generations => "images/generations",
+            Endpoint::Edits => "images/edits",
+            Endpoint::Variations => "images/variations",
+        }
+    }
+}
+
+/// What imagegate knows of a request apart from its body: enough for the usage row and
+/// for the mock provider to answer in kind.
+#[derive(Debug, Clone, Default)]
+pub struct RequestSummary {
+    pub stream: bool,
+    pub n: Option<i32>,
+    pub size: Option<String>,
+    pub quality: Option<String>,
+    pub prompt_chars: usize,
+}
+
+pub struct UpstreamRequest {
+    pub endpoint: Endpoint,
+    pub content_type: HeaderValue,
+    pub body: reqwest::Body,
+    pub summary: RequestSummary,
+}
+
+pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamError>> + Send>>;
+
+pub struct UpstreamResponse {
+    pub status: StatusCode,
+    /// Only the headers a client may see (see [`RESPONSE_HEADERS`]).
+    pub headers: HeaderMap,
+    pub body: BodyStream,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connection failed: {0}")]
+    Connect(String),
+    #[error("timed out")]
+    Timeout,
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Headers of a provider's response passed on to the client. Never hop-by-hop ones,
+/// never the length (a body rewritten on the way changes it).
+const RESPONSE_HEADERS: [HeaderName; 3] = [
+    header::CONTENT_TYPE,
+    header::RETRY_AFTER,
+    HeaderName::from_static("retry-after-ms"),
+];
+
+/// One HTTP client per provider, built from a configuration and replaced with it.
+pub struct Upstreams {
+    clients: HashMap<String, reqwest::Client>,
+}
+
+impl Upstreams {
+    pub fn build(config: &Config) -> anyhow::Result<Self> {
+        let mut clients = HashMap::new();
+        for (name, provider) in &config.providers {
+            let client = reqwest::Client::builder()
+                .connect_timeout(provider.connect_timeout)
+                .user_agent(concat!("imagegate/", env!("CARGO_PKG_VERSION")))
+                .pool_idle_timeout(std::time::Duration::from_secs(90))
+                .build()?;
+            clients.insert(name.clone(), client);
+        }
+        Ok(Upstreams { clients })
+    }
+
+    /// Sends one request and returns as soon as the provider's status and headers arrive;
+    /// the body follows as a stream.
+    pub async fn send(
+        &self,
+        provider: &Provider,
+        request: UpstreamRequest,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let (base_url, api_key) = match &provider.kind {
+            ProviderKind::Mock { delay } => return Ok(mock::answer(*delay, request).await),
+            ProviderKind::OpenAi {
+                base_url, api_key, ..
+            } => (base_url, api_key),
+        };
+        let client = self.clients.get(&provider.name).ok_or_else(|| {
+            UpstreamError::Other(format!("no client for provider {}", provider.name))
+        })?;
+        let url = base_url
+            .join(request.endpoint.path())
+            .map_err(|e| UpstreamError::Other(e.to_string()))?;
+        let response = client
+            .post(url)
+            .bearer_auth(api_key.expose())
+            .header(header::CONTENT_TYPE, request.content_type)
+            .header(header::ACCEPT, "application/json, text/event-stream")
+            .timeout(provider.total_timeout)
+            .body(request.body)
+            .send()
+            .await
+            .map_err(classify)?;
+        let mut headers = HeaderMap::new();
+        for name in RESPONSE_HEADERS {
+            if let Some(value) = response.headers().get(&name) {
+                headers.insert(name, value.clone());
+            }
+        }
+        Ok(UpstreamResponse {
+            status: response.status(),
+            headers,
+            body: response.bytes_stream().map_err(classify).boxed(),
+        })
+    }
+}
+
+fn classify(err: reqwest::Error) -> UpstreamError {
+    if err.is_timeout() {
+        UpstreamError::Timeout
+    } else if err.is_connect() {
+        UpstreamError::Connect(root_cause(&err))
+    } else {
+        UpstreamError::Other(root_cause(&err))
+    }
+}
+
+/// The innermost cause reads best ("Connection refused"); reqwest's own text repeats the URL.
+fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = err;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
+
+/// Reads at most `limit` bytes of an error body; the rest is dropped.
+pub async fn read_capped(mut body: BodyStream, limit: usize) -> Bytes {
+    let mut buf = Vec::new();
+    while let Some(Ok(chunk)) = body.next().await {
+        let room = limit.saturating_sub(buf.len());
+        buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if buf.len() >= limit {
+            break;
+        }
+    }
+    Bytes::from(buf)
+}

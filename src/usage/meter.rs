@@ -1,0 +1,221 @@
+//! Taps a provider's response body on its way to the client: reads usage, rewrites what a
+//! route needs rewritten, and records one usage row when the body ends, however it ends.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Instant;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures_util::{Stream, StreamExt};
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Principal;
+use crate::config::Price;
+use crate::upstream::{BodyStream, Endpoint, RequestSummary, UpstreamError};
+use crate::usage::extract::{BodyKind, Extracted, Extractor};
+use crate::usage::price::{cost_nanousd, format_usd};
+use crate::usage::writer::UsageSink;
+use crate::usage::{Outcome, UsageRow};
+
+/// Everything needed to write the usage row of one provider call, taken when it is sent.
+pub struct UsageTicket {
+    pub sink: UsageSink,
+    pub request_id: String,
+    pub principal: Arc<Principal>,
+    pub model: String,
+    pub provider: String,
+    pub upstream_model: String,
+    pub endpoint: Endpoint,
+    pub summary: RequestSummary,
+    pub price: Price,
+    pub started: Instant,
+    pub created_at: DateTime<Utc>,
+}
+
+impl UsageTicket {
+    /// Writes the row (through the sink, never waiting on the database), counts it in the
+    /// metrics and logs the request's one line.
+    pub fn finish(self, status: u16, outcome: Outcome, extracted: &Extracted) {
+        let usage = extracted.usage.clone().unwrap_or_default();
+        let images = if outcome == Outcome::UpstreamError {
+            0
+        } else {
+            extracted.images
+        };
+        let cost = cost_nanousd(&self.price, extracted.usage.as_ref(), images);
+        let latency = self.started.elapsed();
+        let labels = [
+            ("model", self.model.clone()),
+            ("provider", self.provider.clone()),
+        ];
+        metrics::counter!(
+            "imagegate_upstream_requests_total",
+            &[
+                ("model", self.model.clone()),
+                ("provider", self.provider.clone()),
+                ("status", status.to_string()),
+            ]
+        )
+        .increment(1);
+        metrics::histogram!("imagegate_upstream_duration_seconds", &labels)
+            .record(latency.as_secs_f64());
+        metrics::counter!("imagegate_input_tokens_total", &labels)
+            .increment(usage.input_tokens.max(0) as u64);
+        metrics::counter!("imagegate_output_tokens_total", &labels)
+            .increment(usage.output_tokens.max(0) as u64);
+        metrics::counter!("imagegate_images_total", &labels).increment(u64::from(images));
+        metrics::counter!("imagegate_cost_nanousd_total", &labels).increment(cost.max(0) as u64);
+        if outcome != Outcome::Completed {
+            metrics::counter!(
+                "imagegate_upstream_errors_total",
+                &[
+                    ("provider", self.provider.clone()),
+                    ("kind", outcome.as_str().to_owned()),
+                ]
+            )
+            .increment(1);
+        }
+        tracing::info!(
+            target: "imagegate::access",
+            request_id = %self.request_id,
+            key = %self.principal.name,
+            model = %self.model,
+            provider = %self.provider,
+            upstream_model = %self.upstream_model,
+            endpoint = self.endpoint.as_str(),
+            status,
+            outcome = outcome.as_str(),
+            streamed = self.summary.stream,
+            images,
+            input_tokens = usage.input_tokens,
+            output_tokens = usage.output_tokens,
+            cost_usd = %format_usd(cost),
+            latency_ms = latency.as_millis() as u64,
+            "request"
+        );
+        self.sink.record(UsageRow {
+            request_id: self.request_id,
+            key_id: self.principal.key_id,
+            key_name: self.principal.name.clone(),
+            model: self.model,
+            provider: self.provider,
+            upstream_model: self.upstream_model,
+            endpoint: self.endpoint.as_str().to_owned(),
+            status: i32::from(status),
+            outcome,
+            streamed: self.summary.stream,
+            n: self.summary.n,
+            size: self.summary.size,
+            quality: self.summary.quality,
+            images: i32::try_from(images).unwrap_or(i32::MAX),
+            text_input_tokens: usage.text_input_tokens,
+            image_input_tokens: usage.image_input_tokens,
+            cached_text_input_tokens: usage.cached_text_input_tokens,
+            cached_image_input_tokens: usage.cached_image_input_tokens,
+            input_tokens: usage.input_tokens,
+            output_tokens: usage.output_tokens,
+            total_tokens: usage.total_tokens,
+            cost_nanousd: cost,
+            latency_ms: i64::try_from(latency.as_millis()).unwrap_or(i64::MAX),
+            created_at: self.created_at,
+            raw_usage: extracted.raw_usage.clone(),
+        });
+    }
+}
+
+/// A provider's body on its way to the client.
+pub struct Metered {
+    inner: Option<BodyStream>,
+    extractor: Extractor,
+    ticket: Option<UsageTicket>,
+    status: u16,
+    tasks: TaskTracker,
+}
+
+impl Metered {
+    pub fn new(
+        inner: BodyStream,
+        kind: BodyKind,
+        strip_b64_prefix: bool,
+        status: u16,
+        ticket: UsageTicket,
+        tasks: TaskTracker,
+    ) -> Self {
+        Metered {
+            inner: Some(inner),
+            extractor: Extractor::new(kind, strip_b64_prefix),
+            ticket: Some(ticket),
+            status,
+            tasks,
+        }
+    }
+
+    fn finish(&mut self, outcome: Outcome) {
+        self.inner = None;
+        if let Some(ticket) = self.ticket.take() {
+            ticket.finish(self.status, outcome, &self.extractor.extracted());
+        }
+    }
+}
+
+impl Stream for Metered {
+    type Item = Result<Bytes, UpstreamError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            let Some(inner) = this.inner.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match ready!(inner.poll_next_unpin(cx)) {
+                Some(Ok(chunk)) => {
+                    let out = this.extractor.feed(chunk);
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(out)));
+                    }
+                }
+                Some(Err(err)) => {
+                    this.finish(Outcome::Failed);
+                    return Poll::Ready(Some(Err(err)));
+                }
+                None => {
+                    let tail = this.extractor.finish();
+                    this.finish(Outcome::Completed);
+                    return Poll::Ready((!tail.is_empty()).then_some(Ok(tail)));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Metered {
+    /// The client went away before the body ended. The provider bills the call anyway, so
+    /// the rest of its body is read (and discarded) on a tracked task to record its usage.
+    fn drop(&mut self) {
+        let (Some(mut inner), Some(ticket)) = (self.inner.take(), self.ticket.take()) else {
+            return;
+        };
+        let mut extractor =
+            std::mem::replace(&mut self.extractor, Extractor::new(BodyKind::Json, false));
+        let status = self.status;
+        tracing::info!(request_id = %ticket.request_id, "client disconnected; reading the rest of the provider's answer");
+        self.tasks.spawn(async move {
+            let mut outcome = Outcome::Completed;
+            while let Some(chunk) = inner.next().await {
+                match chunk {
+                    Ok(chunk) => {
+                        extractor.feed(chunk);
+                    }
+                    Err(_) => {
+                        outcome = Outcome::Failed;
+                        break;
+                    }
+                }
+            }
+            extractor.finish();
+            ticket.finish(status, outcome, &extractor.extracted());
+        });
+    }
+}

@@ -1,0 +1,99 @@
+//! What a provider call costs, from the pricing table and the usage the provider reported.
+
+use crate::config::Price;
+use crate::usage::extract::TokenUsage;
+
+/// Cost in nano-USD. Token-priced routes charge cached tokens at the cached rates and the
+/// rest at the full ones; flat routes charge per image returned.
+pub fn cost_nanousd(price: &Price, usage: Option<&TokenUsage>, images: u32) -> i64 {
+    match price {
+        Price::PerImage(each) => each.saturating_mul(i64::from(images)),
+        Price::Tokens {
+            text_input,
+            cached_text_input,
+            image_input,
+            cached_image_input,
+            image_output,
+        } => {
+            let Some(u) = usage else { return 0 };
+            let cached_text = u
+                .cached_text_input_tokens
+                .clamp(0, u.text_input_tokens.max(0));
+            let cached_image = u
+                .cached_image_input_tokens
+                .clamp(0, u.image_input_tokens.max(0));
+            let parts = [
+                (u.text_input_tokens.max(0) - cached_text, *text_input),
+                (cached_text, *cached_text_input),
+                (u.image_input_tokens.max(0) - cached_image, *image_input),
+                (cached_image, *cached_image_input),
+                (u.output_tokens.max(0), *image_output),
+            ];
+            parts.iter().fold(0i64, |sum, (tokens, rate)| {
+                sum.saturating_add(tokens.saturating_mul(*rate))
+            })
+        }
+    }
+}
+
+/// Nano-USD as dollars with nine decimals, for reports.
+pub fn format_usd(nanos: i64) -> String {
+    let sign = if nanos < 0 { "-" } else { "" };
+    let abs = nanos.unsigned_abs();
+    format!("{sign}{}.{:09}", abs / 1_000_000_000, abs % 1_000_000_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GPT_IMAGE_1: Price = Price::Tokens {
+        text_input: 5000,
+        cached_text_input: 1250,
+        image_input: 10000,
+        cached_image_input: 1250,
+        image_output: 40000,
+    };
+
+    #[test]
+    fn tokens_are_priced_by_kind() {
+        // PiAPI's sample response: 19 text + 1105 image input tokens, 765 output tokens.
+        let usage = TokenUsage {
+            input_tokens: 1124,
+            output_tokens: 765,
+            total_tokens: 1889,
+            text_input_tokens: 19,
+            image_input_tokens: 1105,
+            ..TokenUsage::default()
+        };
+        let expected = 19 * 5000 + 1105 * 10000 + 765 * 40000;
+        assert_eq!(cost_nanousd(&GPT_IMAGE_1, Some(&usage), 1), expected);
+        assert_eq!(format_usd(expected), "0.041745000");
+    }
+
+    #[test]
+    fn cached_tokens_use_cached_rates() {
+        let usage = TokenUsage {
+            text_input_tokens: 100,
+            cached_text_input_tokens: 40,
+            image_input_tokens: 10,
+            cached_image_input_tokens: 50,
+            ..TokenUsage::default()
+        };
+        // Cached image tokens beyond the image tokens reported are capped.
+        assert_eq!(
+            cost_nanousd(&GPT_IMAGE_1, Some(&usage), 0),
+            60 * 5000 + 40 * 1250 + 10 * 1250
+        );
+    }
+
+    #[test]
+    fn flat_prices_count_images_returned() {
+        assert_eq!(
+            cost_nanousd(&Price::PerImage(30_000_000), None, 3),
+            90_000_000
+        );
+        assert_eq!(cost_nanousd(&Price::PerImage(30_000_000), None, 0), 0);
+        assert_eq!(cost_nanousd(&GPT_IMAGE_1, None, 2), 0);
+    }
+}
