@@ -36,11 +36,13 @@ pub fn cost_nanousd(price: &Price, usage: Option<&TokenUsage>, images: u32) -> i
     }
 }
 
-/// Nano-USD as dollars with nine decimals, for reports.
+/// Nano-USD as exact dollars: at least two decimals, at most nine, no trailing zeros.
 pub fn format_usd(nanos: i64) -> String {
     let sign = if nanos < 0 { "-" } else { "" };
     let abs = nanos.unsigned_abs();
-    format!("{sign}{}.{:09}", abs / 1_000_000_000, abs % 1_000_000_000)
+    let fraction = format!("{:09}", abs % 1_000_000_000);
+    let fraction = fraction.trim_end_matches('0');
+    format!("{sign}{}.{fraction:0<2}", abs / 1_000_000_000)
 }
 
 #[cfg(test)]
@@ -68,7 +70,11 @@ mod tests {
         };
         let expected = 19 * 5000 + 1105 * 10000 + 765 * 40000;
         assert_eq!(cost_nanousd(&GPT_IMAGE_1, Some(&usage), 1), expected);
-        assert_eq!(format_usd(expected), "0.041745000");
+        assert_eq!(format_usd(expected), "0.041745");
+        assert_eq!(format_usd(30_000_000), "0.03");
+        assert_eq!(format_usd(2_500_000_000), "2.50");
+        assert_eq!(format_usd(1), "0.000000001");
+        assert_eq!(format_usd(0), "0.00");
     }
 
     #[test]
