@@ -92,6 +92,8 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_usage(&self, rows: &[UsageRow]) -> StoreResult<u64>;
     /// Every stored row of one request id, oldest first (tests and audits).
     async fn usage_for_request(&self, request_id: &str) -> StoreResult<Vec<UsageRow>>;
+    /// The newest `limit` rows, newest first (audits, `imagegate usage --rows`, tests).
+    async fn recent_usage(&self, limit: i64) -> StoreResult<Vec<UsageRow>>;
     async fn usage_report(&self, filter: &UsageFilter) -> StoreResult<Vec<UsageTotals>>;
 }
 

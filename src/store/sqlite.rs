@@ -273,6 +273,14 @@ impl Store for SqliteStore {
         Ok(rows.iter().map(usage_from_row).collect::<Result<_, _>>()?)
     }
 
+    #[tracing::instrument(skip_all)]
+    async fn recent_usage(&self, limit: i64) -> StoreResult<Vec<UsageRow>> {
+        let sql =
+            format!("select {USAGE_COLUMNS} from usage order by created_at desc, id desc limit $1");
+        let rows = sqlx::query(&sql).bind(limit).fetch_all(&self.pool).await?;
+        Ok(rows.iter().map(usage_from_row).collect::<Result<_, _>>()?)
+    }
+
     #[tracing::instrument(skip_all, fields(group_by = ?filter.group_by))]
     async fn usage_report(&self, filter: &UsageFilter) -> StoreResult<Vec<UsageTotals>> {
         let group = group_expr(filter.group_by);
