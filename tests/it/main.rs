@@ -1,7 +1,9 @@
 //! One integration-test binary: real imagegate on port 0, stand-in providers, real databases.
 
+mod cli;
 mod db;
 mod generations;
 mod helpers;
+mod sdk;
 mod store;
 mod upstream;

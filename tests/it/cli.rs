@@ -1,0 +1,379 @@
+//! The `imagegate` binary as people use it: config check, keys, usage reports, and `serve`
+//! with SIGHUP reloads and a SIGTERM drain; its logs never carry a secret.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use chrono::Utc;
+use imagegate::usage::{Outcome, UsageRow};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+const BIN: &str = env!("CARGO_BIN_EXE_imagegate");
+const SECRET: &str = "pk-live-very-secret-provider-key";
+
+fn imagegate(config: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("CLI_TEST_PROVIDER_KEY", SECRET)
+        .env_remove("IMAGEGATE_CONFIG")
+        .output()
+        .expect("run imagegate")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A config on a SQLite file in `dir`: the mock provider serves `models`; a real-looking
+/// provider (never called) holds a secret key.
+fn write_config(dir: &Path, models: &[&str]) -> std::path::PathBuf {
+    let mut toml = format!(
+        r#"
+default_model = "gpt-image-1"
+[server]
+listen = "127.0.0.1:0"
+shutdown_grace = "5s"
+[database]
+url = "sqlite:{}"
+[providers.mock]
+kind = "mock"
+delay = "10ms"
+[providers.real]
+base_url = "http://127.0.0.1:9/v1"
+api_key_env = "CLI_TEST_PROVIDER_KEY"
+[models."real-model"]
+routes = [{{ provider = "real", model = "x" }}]
+[pricing.real.x]
+per_image = 0.5
+"#,
+        dir.join("imagegate.db").display()
+    );
+    for model in models {
+        toml.push_str(&format!(
+            "[models.\"{model}\"]\nroutes = [{{ provider = \"mock\", model = \"{model}\" }}]\n\
+             [pricing.mock.\"{model}\"]\ntext_input = 5.0\ncached_text_input = 1.25\nimage_input = 10.0\n\
+             cached_image_input = 1.25\nimage_output = 40.0\n"
+        ));
+    }
+    let path = dir.join("imagegate.toml");
+    std::fs::write(&path, toml).expect("write config");
+    path
+}
+
+#[test]
+fn config_check_prints_the_table_without_secrets_and_fails_on_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &["gpt-image-1"]);
+    let out = imagegate(&config, &["config", "check"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("gpt-image-1") && stdout.contains("mock -> gpt-image-1"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("$CLI_TEST_PROVIDER_KEY [redacted]"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains(SECRET));
+
+    std::fs::write(&config, "[server]\nlisten = \"nowhere\"\n").expect("write");
+    let out = imagegate(&config, &["config", "check"]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("imagegate.toml") && stderr.contains("server.listen"),
+        "{stderr}"
+    );
+
+    let out = imagegate(&dir.path().join("missing.toml"), &["config", "check"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("missing.toml"));
+}
+
+#[tokio::test]
+async fn keys_are_shown_once_stored_hashed_and_revocable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &["gpt-image-1"]);
+    let out = imagegate(&config, &["keys", "create", "--name", "billing-svc"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let key = text(&out.stdout).trim().to_owned();
+    assert!(key.starts_with("ig-") && key.len() > 30, "{key}");
+    assert!(
+        text(&out.stderr).contains("revoke"),
+        "tells what to do next"
+    );
+
+    let again = imagegate(&config, &["keys", "create", "--name", "billing-svc"]);
+    assert!(!again.status.success());
+    assert!(text(&again.stderr).contains("already exists"));
+
+    let list = text(&imagegate(&config, &["keys", "list"]).stdout);
+    assert!(
+        list.contains("billing-svc") && list.contains(&key[..10]) && list.contains("active"),
+        "{list}"
+    );
+    assert!(!list.contains(&key), "the key itself is never shown again");
+    let db = std::fs::read(dir.path().join("imagegate.db")).expect("db file");
+    assert!(
+        !db.windows(key.len()).any(|w| w == key.as_bytes()),
+        "the key is stored hashed"
+    );
+
+    assert!(
+        imagegate(&config, &["keys", "revoke", "billing-svc"])
+            .status
+            .success()
+    );
+    let list = text(&imagegate(&config, &["keys", "list"]).stdout);
+    assert!(list.contains("revoked"), "{list}");
+    let twice = imagegate(&config, &["keys", "revoke", "billing-svc"]);
+    assert!(!twice.status.success());
+}
+
+fn row(id: &str, key: &str, model: &str, cost: i64, tokens: i64) -> UsageRow {
+    UsageRow {
+        request_id: id.into(),
+        key_id: 1,
+        key_name: key.into(),
+        model: model.into(),
+        provider: "mock".into(),
+        upstream_model: model.into(),
+        endpoint: "generations".into(),
+        status: 200,
+        outcome: Outcome::Completed,
+        streamed: false,
+        n: Some(1),
+        size: None,
+        quality: None,
+        images: 1,
+        text_input_tokens: tokens,
+        image_input_tokens: 0,
+        cached_text_input_tokens: 0,
+        cached_image_input_tokens: 0,
+        input_tokens: tokens,
+        output_tokens: tokens * 2,
+        total_tokens: tokens * 3,
+        cost_nanousd: cost,
+        latency_ms: 5,
+        created_at: Utc::now(),
+        raw_usage: None,
+    }
+}
+
+#[tokio::test]
+async fn usage_reports_group_filter_and_format() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &["gpt-image-1"]);
+    let store = imagegate::store::connect(&format!(
+        "sqlite:{}",
+        dir.path().join("imagegate.db").display()
+    ))
+    .await
+    .expect("store");
+    store.migrate().await.expect("migrate");
+    let mut old = row("r0", "a", "m1", 1, 1);
+    old.created_at = Utc::now() - chrono::Duration::days(3);
+    store
+        .insert_usage(&[
+            old,
+            row("r1", "a", "m1", 30_000_000, 10),
+            row("r2", "a", "m2", 41_745_000, 20),
+            row("r3", "b", "m1", 5, 1),
+        ])
+        .await
+        .expect("insert");
+
+    let out = imagegate(
+        &config,
+        &["usage", "--group-by", "model", "--format", "json"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(json[0]["model"], "m1");
+    assert_eq!(json[0]["requests"], 3);
+    assert_eq!(json[0]["cost_usd"], "0.030000006");
+    assert_eq!(json[1]["total_tokens"], 60);
+
+    let out = imagegate(
+        &config,
+        &["usage", "--key", "a", "--since", "24h", "--format", "csv"],
+    );
+    assert_eq!(
+        text(&out.stdout),
+        "key,requests,images,input_tokens,output_tokens,total_tokens,cost_usd\na,2,2,30,60,90,0.071745\n"
+    );
+    let out = imagegate(&config, &["usage", "--group-by", "provider"]);
+    let table = text(&out.stdout);
+    assert!(
+        table.contains("mock") && table.contains("TOTAL") && table.contains("0.071745006"),
+        "{table}"
+    );
+    let out = imagegate(&config, &["usage", "--since", "yesterday-ish"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("--since"));
+}
+
+/// Starts `imagegate serve` and returns it with the address it printed.
+async fn serve(
+    config: &Path,
+) -> (
+    tokio::process::Child,
+    String,
+    tokio::task::JoinHandle<String>,
+) {
+    let mut child = tokio::process::Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .arg("serve")
+        .env("CLI_TEST_PROVIDER_KEY", SECRET)
+        .env("RUST_LOG", "debug")
+        .env_remove("IMAGEGATE_CONFIG")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn serve");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let mut log = String::new();
+    let addr = loop {
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("imagegate starts")
+            .expect("read")
+            .expect("a line before exit");
+        log.push_str(&line);
+        log.push('\n');
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest.split_whitespace().next().expect("address").to_owned();
+        }
+    };
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "collects the child's log until it exits; joined by the test"
+    )]
+    let rest = tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            log.push_str(&line);
+            log.push('\n');
+        }
+        log
+    });
+    (child, addr, rest)
+}
+
+fn signal(child: &tokio::process::Child, name: &str) {
+    let pid = child.id().expect("running").to_string();
+    assert!(
+        Command::new("kill")
+            .args([name, &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+}
+
+#[tokio::test]
+async fn serve_reloads_on_sighup_and_drains_on_sigterm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &["gpt-image-1"]);
+    let key = text(&imagegate(&config, &["keys", "create", "--name", "svc"]).stdout)
+        .trim()
+        .to_owned();
+    let (mut child, addr, log) = serve(&config).await;
+    let client = reqwest::Client::new();
+    let models = || async {
+        let list: Value = client
+            .get(format!("http://{addr}/v1/models"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .expect("send")
+            .json()
+            .await
+            .expect("json");
+        list["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .map(|m| m["id"].as_str().expect("id").to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(models().await, ["gpt-image-1", "real-model"]);
+
+    let response = client
+        .post(format!("http://{addr}/v1/images/generations"))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"prompt": "a fox", "quality": "low"}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-imagegate-provider"], "mock");
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["usage"]["output_tokens"], 272);
+
+    write_config(dir.path(), &["gpt-image-1", "gpt-image-1.5"]);
+    signal(&child, "-HUP");
+    let mut reloaded = false;
+    for _ in 0..50 {
+        if models().await.contains(&"gpt-image-1.5".to_owned()) {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(reloaded, "SIGHUP reloaded the routing table");
+    std::fs::write(&config, "not = [valid").expect("write");
+    signal(&child, "-HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        models().await,
+        ["gpt-image-1", "gpt-image-1.5", "real-model"],
+        "a bad file changes nothing"
+    );
+
+    signal(&child, "-TERM");
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("exits")
+        .expect("status");
+    assert!(status.success(), "SIGTERM exits 0");
+    let log = log.await.expect("log");
+    assert!(log.contains("configuration refused"), "{log}");
+    assert!(
+        log.contains("request_id") && log.contains("cost_usd"),
+        "one line per request:\n{log}"
+    );
+    for secret in [SECRET, key.as_str(), &helpers_png()] {
+        assert!(
+            !log.contains(secret),
+            "a secret or image bytes reached the log:\n{log}"
+        );
+    }
+    let store = imagegate::store::connect(&format!(
+        "sqlite:{}",
+        dir.path().join("imagegate.db").display()
+    ))
+    .await
+    .expect("store");
+    let rows = store.recent_usage(10).await.expect("rows");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (rows[0].output_tokens, rows[0].key_name.as_str()),
+        (272, "svc")
+    );
+    // Mock price: 5 $/M text, 40 $/M output.
+    assert_eq!(
+        rows[0].cost_nanousd,
+        rows[0].text_input_tokens * 5000 + 272 * 40_000
+    );
+}
+
+fn helpers_png() -> String {
+    crate::helpers::PNG_B64[..40].to_owned()
+}

@@ -1,0 +1,154 @@
+//! The official OpenAI Python SDK, pointed at imagegate, generates images through a stand-in
+//! provider; the usage rows hold exactly what the stand-in reported, priced by the table.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::helpers::*;
+
+/// A virtualenv with the pinned SDK, made once under the target directory. Fails the test,
+/// with what to do, when python3 or PyPI is missing: the suite never skips silently.
+fn sdk_python() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("openai-sdk-venv");
+    let python = venv.join("bin/python");
+    let requirements = manifest.join("tests/sdk/requirements.txt");
+    let marker = venv.join("installed.txt");
+    let wanted = std::fs::read_to_string(&requirements).expect("requirements");
+    if std::fs::read_to_string(&marker).ok().as_deref() == Some(wanted.as_str()) {
+        return python;
+    }
+    let run = |cmd: &mut Command, what: &str| {
+        let out = cmd.output().unwrap_or_else(|e| {
+            panic!("{what}: cannot run it ({e}); install python3 with venv and pip")
+        });
+        assert!(
+            out.status.success(),
+            "{what} failed; the SDK test needs python3 (with venv) and access to PyPI:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(
+        Command::new("python3").args(["-m", "venv"]).arg(&venv),
+        "python3 -m venv",
+    );
+    run(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
+            .arg(&requirements),
+        "pip install -r tests/sdk/requirements.txt",
+    );
+    std::fs::write(&marker, wanted).expect("marker");
+    python
+}
+
+#[tokio::test]
+async fn the_python_sdk_generates_through_imagegate_and_usage_matches() {
+    let python = tokio::task::spawn_blocking(sdk_python).await.expect("venv");
+    let sse = "event: image_generation.completed\ndata: {\"type\":\"image_generation.completed\",\"b64_json\":\"B64\",\"usage\":{\"total_tokens\":300,\"input_tokens\":20,\"output_tokens\":280,\"input_tokens_details\":{\"text_tokens\":12,\"image_tokens\":8}}}\n\n".replace("B64", PNG_B64);
+    let provider = StandIn::start(move |got| {
+        let body = got.json();
+        if body["stream"] == true {
+            return respond(200, "text/event-stream", sse.clone());
+        }
+        let answer = image_response(1, USAGE);
+        if body["model"] == "gpt-image-2-all" {
+            // This provider's usage lacks input_tokens_details, and its images carry a prefix.
+            let usage = r#"{"total_tokens":50,"input_tokens":10,"output_tokens":40}"#;
+            let answer = image_response(1, usage)
+                .replace(PNG_B64, &format!("data:image/png;base64,{PNG_B64}"));
+            return respond(200, "application/json", answer);
+        }
+        respond(200, "application/json", answer)
+    })
+    .await;
+    let gw = TestGateway::start(Db::Postgres, &test_config(&provider.base_url(), "")).await;
+    let base = gw.url("/v1");
+    let key = gw.key.clone();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/generate.py");
+    let out = tokio::process::Command::new(&python)
+        .arg(&script)
+        .arg(&base)
+        .arg(&key)
+        .output()
+        .await
+        .expect("run the SDK script");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "SDK script failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let calls: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(calls[0]["call"], "generate");
+    assert_eq!(calls[0]["png"], true);
+    assert_eq!(calls[0]["usage"]["input_tokens"], 1124);
+    assert_eq!(calls[1]["call"], "generate_prefixed");
+    assert_eq!(calls[1]["png"], true, "the data URL prefix was stripped");
+    assert_eq!(
+        calls[2]["types"],
+        serde_json::json!(["image_generation.completed"])
+    );
+    assert_eq!(calls[2]["usage"][0]["output_tokens"], 280);
+    assert_eq!(
+        calls[3]["ids"],
+        serde_json::json!([
+            "dall-e-3",
+            "gpt-image-1",
+            "gpt-image-2",
+            "gpt-image-2-all",
+            "img-default"
+        ])
+    );
+    assert_eq!(calls[4]["error"], "NotFoundError");
+    assert_eq!(calls[4]["status"], 404);
+
+    let rows = gw.usage_rows(3).await;
+    assert!(
+        rows.iter()
+            .all(|r| r.key_name == "svc-test" && r.status == 200)
+    );
+    let (plain, prefixed, streamed) = (&rows[0], &rows[1], &rows[2]);
+    assert_eq!(
+        (
+            plain.text_input_tokens,
+            plain.image_input_tokens,
+            plain.output_tokens
+        ),
+        (19, 1105, 765)
+    );
+    assert_eq!(plain.total_tokens, 1889);
+    assert_eq!(plain.cost_nanousd, gpt_image_1_cost(19, 1105, 765));
+    assert_eq!(plain.quality.as_deref(), Some("low"));
+    assert_eq!(plain.size.as_deref(), Some("1024x1024"));
+    // Flat price: $0.03 per image returned; tokens still recorded, all input counted as text.
+    assert_eq!(
+        (prefixed.provider.as_str(), prefixed.cost_nanousd),
+        ("apiyi", 30_000_000)
+    );
+    assert_eq!(
+        (
+            prefixed.text_input_tokens,
+            prefixed.image_input_tokens,
+            prefixed.output_tokens
+        ),
+        (10, 0, 40)
+    );
+    assert!(streamed.streamed);
+    assert_eq!(
+        (
+            streamed.text_input_tokens,
+            streamed.image_input_tokens,
+            streamed.output_tokens
+        ),
+        (12, 8, 280)
+    );
+    assert_eq!(streamed.cost_nanousd, gpt_image_1_cost(12, 8, 280));
+    gw.shutdown().await;
+}
