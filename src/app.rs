@@ -99,6 +99,18 @@ pub struct Gateway {
 impl Gateway {
     /// Connects the store, applies migrations and starts the usage writer.
     pub async fn start(config: Config, env: EnvLookup) -> anyhow::Result<Gateway> {
+        let stale = crate::multipart::clean_spool_dir(&config.server.spool_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "server.spool_dir {}: {e}",
+                config.server.spool_dir.display()
+            )
+        })?;
+        if stale > 0 {
+            tracing::info!(
+                removed = stale,
+                "removed upload spool files left by an earlier run"
+            );
+        }
         let store = crate::store::connect(&config.database_url).await?;
         store.migrate().await?;
         let (usage, writer) = UsageWriter::start(Arc::clone(&store));

@@ -80,6 +80,16 @@ struct RawServer {
     shutdown_grace: String,
     #[serde(default = "default_key_cache_ttl")]
     key_cache_ttl: String,
+    #[serde(default = "default_max_images")]
+    max_images: usize,
+    #[serde(default = "default_max_image_bytes")]
+    max_image_bytes: u64,
+    #[serde(default = "default_max_mask_bytes")]
+    max_mask_bytes: u64,
+    #[serde(default = "default_max_multipart_body_bytes")]
+    max_multipart_body_bytes: u64,
+    #[serde(default = "default_spool_dir")]
+    spool_dir: PathBuf,
 }
 
 impl Default for RawServer {
@@ -91,6 +101,11 @@ impl Default for RawServer {
             upstream_total_timeout: default_total_timeout(),
             shutdown_grace: default_grace(),
             key_cache_ttl: default_key_cache_ttl(),
+            max_images: default_max_images(),
+            max_image_bytes: default_max_image_bytes(),
+            max_mask_bytes: default_max_mask_bytes(),
+            max_multipart_body_bytes: default_max_multipart_body_bytes(),
+            spool_dir: default_spool_dir(),
         }
     }
 }
@@ -112,6 +127,22 @@ fn default_grace() -> String {
 }
 fn default_key_cache_ttl() -> String {
     "5s".into()
+}
+const MIB: u64 = 1024 * 1024;
+fn default_max_images() -> usize {
+    16
+}
+fn default_max_image_bytes() -> u64 {
+    50 * MIB
+}
+fn default_max_mask_bytes() -> u64 {
+    4 * MIB
+}
+fn default_max_multipart_body_bytes() -> u64 {
+    16 * 50 * MIB + 4 * MIB + MIB
+}
+fn default_spool_dir() -> PathBuf {
+    PathBuf::from("data/spool")
 }
 
 #[derive(Debug, Deserialize)]
@@ -163,6 +194,8 @@ struct RawProvider {
     total_timeout: Option<String>,
     /// Mock providers only: how long before answering.
     delay: Option<String>,
+    /// The part name this provider wants for edit images ("image" or "image[]").
+    image_field: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -232,12 +265,26 @@ pub struct ServerConfig {
     pub max_json_body_bytes: usize,
     pub shutdown_grace: Duration,
     pub key_cache_ttl: Duration,
+    pub uploads: UploadLimits,
+    /// Where edit parts wait on disk while the route is not yet known.
+    pub spool_dir: PathBuf,
+}
+
+/// Limits on multipart edits and variations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadLimits {
+    pub max_images: usize,
+    pub max_image_bytes: u64,
+    pub max_mask_bytes: u64,
+    pub max_body_bytes: u64,
 }
 
 #[derive(Debug)]
 pub struct Provider {
     pub name: String,
     pub kind: ProviderKind,
+    /// Edit image parts are renamed to this; `None` keeps the client's spelling.
+    pub image_field: Option<String>,
     pub connect_timeout: Duration,
     pub total_timeout: Duration,
 }
@@ -461,7 +508,27 @@ impl Validator<'_> {
                 .map_err(|_| self.err("server.max_json_body_bytes", "is too large"))?,
             shutdown_grace: self.duration("server.shutdown_grace", &s.shutdown_grace)?,
             key_cache_ttl: self.duration("server.key_cache_ttl", &s.key_cache_ttl)?,
+            uploads: UploadLimits {
+                max_images: s.max_images,
+                max_image_bytes: s.max_image_bytes,
+                max_mask_bytes: s.max_mask_bytes,
+                max_body_bytes: s.max_multipart_body_bytes,
+            },
+            spool_dir: s.spool_dir.clone(),
         };
+        for (key, value) in [
+            ("server.max_images", s.max_images as u64),
+            ("server.max_image_bytes", s.max_image_bytes),
+            ("server.max_mask_bytes", s.max_mask_bytes),
+            (
+                "server.max_multipart_body_bytes",
+                s.max_multipart_body_bytes,
+            ),
+        ] {
+            if value == 0 {
+                return Err(self.err(key, "must be at least 1"));
+            }
+        }
 
         let url = raw.database.url.trim().to_owned();
         if !(url.starts_with("postgres://")
@@ -640,9 +707,18 @@ impl Validator<'_> {
                 }
             }
         };
+        if let Some(field) = &p.image_field {
+            if field != "image" && field != "image[]" {
+                return Err(self.err(
+                    format!("{key}.image_field"),
+                    "must be \"image\" or \"image[]\"",
+                ));
+            }
+        }
         Ok(Provider {
             name: name.to_owned(),
             kind,
+            image_field: p.image_field,
             connect_timeout,
             total_timeout,
         })

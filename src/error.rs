@@ -25,6 +25,9 @@ pub enum ApiError {
     NotFound,
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// An upload part (or the whole upload) over its limit.
+    #[error("{0}")]
+    PartTooLarge(String),
     #[error("Content-Type must be {expected}")]
     UnsupportedMediaType { expected: &'static str },
     /// The provider answered with an error status; its body is already in OpenAI's shape.
@@ -66,7 +69,9 @@ impl ApiError {
             ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) | ApiError::AdminForbidden => StatusCode::UNAUTHORIZED,
             ApiError::ModelNotFound(_) | ApiError::NotFound => StatusCode::NOT_FOUND,
-            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::PayloadTooLarge { .. } | ApiError::PartTooLarge(_) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Upstream { status, .. } => *status,
             ApiError::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
@@ -92,7 +97,7 @@ impl ApiError {
                 Some("model".into()),
             ),
             ApiError::NotFound => ("invalid_request_error", Some("not_found"), None),
-            ApiError::PayloadTooLarge { .. } => {
+            ApiError::PayloadTooLarge { .. } | ApiError::PartTooLarge(_) => {
                 ("invalid_request_error", Some("payload_too_large"), None)
             }
             ApiError::UnsupportedMediaType { .. } => (

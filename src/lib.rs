@@ -8,6 +8,7 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod multipart;
 pub mod openai;
 pub mod routes;
 pub mod routing;

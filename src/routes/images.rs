@@ -10,12 +10,14 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
-use crate::app::{AppState, RequestId};
+use crate::app::{AppState, RequestId, Runtime};
 use crate::auth::Principal;
+use crate::config::Model;
 use crate::error::ApiError;
+use crate::multipart::Upload;
 use crate::openai::generation::GenerationRequest;
-use crate::routing::Call;
-use crate::upstream::{Endpoint, RequestSummary, UpstreamRequest};
+use crate::routing::{Call, Prepared};
+use crate::upstream::{Endpoint, RequestSummary, UpstreamBody, UpstreamRequest, summary_slot};
 
 pub async fn generations(
     State(state): State<Arc<AppState>>,
@@ -27,18 +29,7 @@ pub async fn generations(
     let runtime = state.runtime.load_full();
     let bytes = read_json(&headers, body, runtime.config.server.max_json_body_bytes).await?;
     let request = GenerationRequest::parse(&bytes)?;
-    let model = match runtime.config.resolve_model(request.model()) {
-        Some(model) => Arc::clone(model),
-        None => {
-            return Err(match request.model() {
-                Some(name) => ApiError::ModelNotFound(name.to_owned()),
-                None => ApiError::invalid(
-                    "You must provide a model parameter (no default model is configured).",
-                    Some("model"),
-                ),
-            });
-        }
-    };
+    let model = resolve(&runtime, request.model())?;
     let call = Call {
         state,
         runtime,
@@ -62,14 +53,84 @@ pub async fn generations(
                 .map_or(0, |p| p.chars().count()),
         };
         let bytes = serde_json::to_vec(&upstream.body).map_err(ApiError::internal)?;
-        Ok(UpstreamRequest {
-            endpoint: Endpoint::Generations,
-            content_type: HeaderValue::from_static("application/json"),
-            body: bytes.into(),
-            summary,
+        Ok(Prepared {
+            request: UpstreamRequest {
+                endpoint: Endpoint::Generations,
+                content_type: HeaderValue::from_static("application/json"),
+                body: UpstreamBody::Full(bytes.into()),
+                summary: summary_slot(summary),
+            },
+            pump: None,
         })
     })
     .await
+}
+
+pub async fn edits(
+    state: State<Arc<AppState>>,
+    principal: Extension<Arc<Principal>>,
+    request_id: Extension<RequestId>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    multipart(state, principal, request_id, headers, body, Endpoint::Edits).await
+}
+
+pub async fn variations(
+    state: State<Arc<AppState>>,
+    principal: Extension<Arc<Principal>>,
+    request_id: Extension<RequestId>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    multipart(
+        state,
+        principal,
+        request_id,
+        headers,
+        body,
+        Endpoint::Variations,
+    )
+    .await
+}
+
+/// Edits and variations: read the upload up to `model` (holding earlier parts on disk),
+/// route, then stream the rest through to the provider while it arrives.
+async fn multipart(
+    State(state): State<Arc<AppState>>,
+    Extension(principal): Extension<Arc<Principal>>,
+    Extension(request_id): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Body,
+    endpoint: Endpoint,
+) -> Result<Response, ApiError> {
+    let runtime = state.runtime.load_full();
+    let server = &runtime.config.server;
+    let mut upload = Upload::new(&headers, body, endpoint, server.uploads)?;
+    let requested = upload.read_until_model(&server.spool_dir).await?;
+    let model = resolve(&runtime, requested.as_deref())?;
+    let call = Call {
+        state,
+        runtime,
+        principal,
+        request_id,
+        model,
+        endpoint,
+    };
+    call.forward(|route| upload.prepare(route)).await
+}
+
+fn resolve(runtime: &Runtime, requested: Option<&str>) -> Result<Arc<Model>, ApiError> {
+    match runtime.config.resolve_model(requested) {
+        Some(model) => Ok(Arc::clone(model)),
+        None => Err(match requested {
+            Some(name) => ApiError::ModelNotFound(name.to_owned()),
+            None => ApiError::invalid(
+                "You must provide a model parameter (no default model is configured).",
+                Some("model"),
+            ),
+        }),
+    }
 }
 
 /// Reads a JSON body up to `limit` bytes: 413 beyond it (at once when Content-Length says

@@ -26,6 +26,8 @@ pub fn public() -> Router<Arc<AppState>> {
 pub fn v1() -> Router<Arc<AppState>> {
     Router::new()
         .route("/v1/images/generations", post(images::generations))
+        .route("/v1/images/edits", post(images::edits))
+        .route("/v1/images/variations", post(images::variations))
         .route("/v1/models", get(models::list))
         .route("/v1/models/{model}", get(models::retrieve))
 }

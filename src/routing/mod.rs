@@ -14,7 +14,7 @@ use crate::auth::Principal;
 use crate::config::{Model, ProviderKind, Route};
 use crate::error::ApiError;
 use crate::openai::ErrorBody;
-use crate::upstream::{Endpoint, UpstreamError, UpstreamRequest, read_capped};
+use crate::upstream::{Endpoint, UpstreamError, UpstreamRequest, read_capped, read_summary};
 use crate::usage::Outcome;
 use crate::usage::extract::{BodyKind, Extracted};
 use crate::usage::meter::{Metered, UsageTicket};
@@ -22,6 +22,15 @@ use crate::usage::meter::{Metered, UsageTicket};
 /// How much of a provider's error body is read.
 const ERROR_BODY_LIMIT: usize = 64 * 1024;
 const ERROR_BODY_WAIT: Duration = Duration::from_secs(10);
+
+/// A provider request, and for streamed uploads the future that feeds its body: it runs
+/// alongside the call and fails it when the client's upload turns out bad.
+pub struct Prepared {
+    pub request: UpstreamRequest,
+    pub pump: Option<Pump>,
+}
+
+pub type Pump = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ApiError>> + Send>>;
 
 /// Who asked for what: the parts of a request every provider call needs.
 pub struct Call {
@@ -35,17 +44,41 @@ pub struct Call {
 
 impl Call {
     /// Sends the request `build` makes for the model's route and answers with the
-    /// provider's response, streamed. One usage row is written per provider call.
+    /// provider's response, streamed. One usage row is written per provider call that the
+    /// provider answered or that failed on its side; an upload that fails on the client's
+    /// side (limits, malformed, aborted) cancels the call and writes none.
     pub async fn forward(
         self,
-        build: impl Fn(&Route) -> Result<UpstreamRequest, ApiError>,
+        build: impl FnOnce(&Route) -> Result<Prepared, ApiError>,
     ) -> Result<Response, ApiError> {
         let route =
             self.model.routes.first().ok_or_else(|| {
                 ApiError::internal(format!("model {} has no route", self.model.name))
             })?;
-        let request = build(route)?;
+        let Prepared { request, pump } = build(route)?;
         let provider = &route.provider;
+        let started = Instant::now();
+        let created_at = Utc::now();
+        let slot = Arc::clone(&request.summary);
+        let send = self.runtime.upstreams.send(provider, request);
+        let sent = match pump {
+            None => send.await,
+            Some(mut pump) => {
+                let mut send = std::pin::pin!(send);
+                let mut pumped = false;
+                loop {
+                    tokio::select! {
+                        // An upload error returns here and drops the provider call, which
+                        // is cancelled before its body completes.
+                        result = &mut pump, if !pumped => {
+                            result?;
+                            pumped = true;
+                        }
+                        sent = &mut send => break sent,
+                    }
+                }
+            }
+        };
         let ticket = UsageTicket {
             sink: self.state.usage.clone(),
             request_id: self.request_id.0.to_string(),
@@ -54,13 +87,13 @@ impl Call {
             provider: provider.name.clone(),
             upstream_model: route.upstream_model.clone(),
             endpoint: self.endpoint,
-            summary: request.summary.clone(),
+            summary: read_summary(&slot),
             price: route.price,
-            started: Instant::now(),
-            created_at: Utc::now(),
+            started,
+            created_at,
         };
-        let streamed = request.summary.stream;
-        let answer = match self.runtime.upstreams.send(provider, request).await {
+        let streamed = ticket.summary.stream;
+        let answer = match sent {
             Ok(answer) => answer,
             Err(err) => {
                 let error = match err {

@@ -8,7 +8,7 @@ use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde_json::json;
 
-use super::{Endpoint, UpstreamRequest, UpstreamResponse};
+use super::{Endpoint, UpstreamBody, UpstreamRequest, UpstreamResponse, read_summary};
 
 const PNG_1X1: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==";
 
@@ -26,8 +26,13 @@ fn output_tokens(size: Option<&str>, quality: Option<&str>) -> i64 {
 }
 
 pub(super) async fn answer(delay: Duration, request: UpstreamRequest) -> UpstreamResponse {
+    // Read the whole upload first, as a real provider does.
+    if let UpstreamBody::Stream(mut rx) = request.body {
+        while rx.recv().await.is_some() {}
+    }
     tokio::time::sleep(delay).await;
-    let s = &request.summary;
+    let summary = read_summary(&request.summary);
+    let s = &summary;
     let n = i64::from(s.n.unwrap_or(1).max(1));
     let text_tokens = i64::try_from(s.prompt_chars.div_ceil(4).max(1)).unwrap_or(i64::MAX);
     let image_tokens = if request.endpoint == Endpoint::Generations {

@@ -4,10 +4,12 @@ mod mock;
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt, TryStreamExt};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use tokio::sync::mpsc;
 
 use crate::config::{Config, Provider, ProviderKind};
 
@@ -48,11 +50,42 @@ pub struct RequestSummary {
     pub prompt_chars: usize,
 }
 
+/// The summary of a request whose fields are still arriving (multipart edits fill it in
+/// as their parts pass); read when the provider answers.
+pub type SummarySlot = Arc<Mutex<RequestSummary>>;
+
+pub fn summary_slot(summary: RequestSummary) -> SummarySlot {
+    Arc::new(Mutex::new(summary))
+}
+
+pub fn read_summary(slot: &SummarySlot) -> RequestSummary {
+    slot.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// A request body: whole (JSON), or fed part by part through a channel (multipart).
+pub enum UpstreamBody {
+    Full(Bytes),
+    Stream(mpsc::Receiver<Result<Bytes, std::io::Error>>),
+}
+
+impl UpstreamBody {
+    fn into_reqwest(self) -> reqwest::Body {
+        match self {
+            UpstreamBody::Full(bytes) => reqwest::Body::from(bytes),
+            UpstreamBody::Stream(rx) => {
+                reqwest::Body::wrap_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+                    rx.recv().await.map(|item| (item, rx))
+                }))
+            }
+        }
+    }
+}
+
 pub struct UpstreamRequest {
     pub endpoint: Endpoint,
     pub content_type: HeaderValue,
-    pub body: reqwest::Body,
-    pub summary: RequestSummary,
+    pub body: UpstreamBody,
+    pub summary: SummarySlot,
 }
 
 pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamError>> + Send>>;
@@ -126,7 +159,7 @@ impl Upstreams {
             .header(header::CONTENT_TYPE, request.content_type)
             .header(header::ACCEPT, "application/json, text/event-stream")
             .timeout(provider.total_timeout)
-            .body(request.body)
+            .body(request.body.into_reqwest())
             .send()
             .await
             .map_err(classify)?;

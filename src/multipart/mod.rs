@@ -1,0 +1,570 @@
+//! Multipart edits and variations, streamed: the client's form is parsed part by part and
+//! re-encoded for the provider as it arrives. Parts that come before `model` wait in a
+//! spool file on disk (never in memory) until the route is known.
+
+mod encode;
+mod spool;
+
+use std::path::Path;
+
+use axum::body::Body;
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use http::{HeaderMap, HeaderValue, header};
+use tokio::sync::mpsc;
+
+use crate::config::{Route, UploadLimits};
+use crate::error::ApiError;
+use crate::routing::{Prepared, Pump};
+use crate::upstream::{
+    Endpoint, RequestSummary, SummarySlot, UpstreamBody, UpstreamRequest, summary_slot,
+};
+
+pub use encode::Encoder;
+pub use spool::{Spool, clean_spool_dir};
+
+/// The longest text field accepted (a prompt of 32,000 characters fits).
+const MAX_TEXT_BYTES: usize = 256 * 1024;
+/// Chunks in flight between the client's upload and the provider's request.
+const CHANNEL_CHUNKS: usize = 8;
+
+/// What a part is, by its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Image,
+    Mask,
+    OtherFile,
+    Text,
+}
+
+fn role(name: &str, is_file: bool) -> Role {
+    let indexed = name
+        .strip_prefix("image[")
+        .and_then(|rest| rest.strip_suffix(']'))
+        .is_some_and(|inner| inner.bytes().all(|b| b.is_ascii_digit()));
+    match name {
+        "image" | "image[]" => Role::Image,
+        _ if indexed => Role::Image,
+        "mask" => Role::Mask,
+        _ if is_file => Role::OtherFile,
+        _ => Role::Text,
+    }
+}
+
+/// A part read before `model`: text kept in memory (it is small), files in the spool.
+enum Held {
+    Text {
+        name: String,
+        value: Bytes,
+    },
+    File {
+        header: FileHeader,
+        offset: u64,
+        len: u64,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct FileHeader {
+    name: String,
+    filename: Option<String>,
+    content_type: String,
+    role: Role,
+}
+
+/// A client's multipart upload being read.
+pub struct Upload {
+    multipart: multer::Multipart<'static>,
+    endpoint: Endpoint,
+    limits: UploadLimits,
+    images: usize,
+    saw_prompt: bool,
+    summary: SummarySlot,
+    held: Vec<Held>,
+    spool: Option<Spool>,
+    /// The body ended before `model` was seen.
+    ended: bool,
+    model: Option<String>,
+}
+
+impl Upload {
+    /// Checks the headers: a multipart body with a boundary, within the size limit.
+    pub fn new(
+        headers: &HeaderMap,
+        body: Body,
+        endpoint: Endpoint,
+        limits: UploadLimits,
+    ) -> Result<Upload, ApiError> {
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        if !content_type
+            .to_ascii_lowercase()
+            .starts_with("multipart/form-data")
+        {
+            return Err(ApiError::UnsupportedMediaType {
+                expected: "multipart/form-data",
+            });
+        }
+        let boundary = multer::parse_boundary(content_type).map_err(|_| {
+            ApiError::invalid(
+                "The multipart Content-Type has no usable boundary parameter.",
+                None,
+            )
+        })?;
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > limits.max_body_bytes) {
+            return Err(body_too_large(limits.max_body_bytes));
+        }
+        let constraints = multer::Constraints::new().size_limit(
+            multer::SizeLimit::new()
+                .whole_stream(limits.max_body_bytes)
+                // The finer limits (image, mask, text) are checked part by part below.
+                .per_field(limits.max_image_bytes.max(limits.max_mask_bytes) + 1),
+        );
+        let stream = body.into_data_stream().map_err(std::io::Error::other);
+        Ok(Upload {
+            multipart: multer::Multipart::with_constraints(stream, boundary, constraints),
+            endpoint,
+            limits,
+            images: 0,
+            saw_prompt: false,
+            summary: summary_slot(RequestSummary::default()),
+            held: Vec::new(),
+            spool: None,
+            ended: false,
+            model: None,
+        })
+    }
+
+    /// Reads parts until `model` (or the end of the body), holding what comes before it.
+    /// Returns the model named, if any.
+    pub async fn read_until_model(&mut self, spool_dir: &Path) -> Result<Option<String>, ApiError> {
+        loop {
+            let Some(mut field) = self.multipart.next_field().await.map_err(multipart_error)?
+            else {
+                self.ended = true;
+                return Ok(None);
+            };
+            let name = field.name().unwrap_or_default().to_owned();
+            let is_file = field.file_name().is_some();
+            match role(&name, is_file) {
+                Role::Text => {
+                    let value = read_text(&mut field, &name).await?;
+                    self.note_text(&name, &value)?;
+                    if name == "model" {
+                        let model = String::from_utf8(value.to_vec()).map_err(|_| {
+                            ApiError::invalid("'model' must be UTF-8 text.", Some("model"))
+                        })?;
+                        self.model = Some(model.clone());
+                        self.held.push(Held::Text { name, value });
+                        return Ok(Some(model));
+                    }
+                    self.held.push(Held::Text { name, value });
+                }
+                file_role => {
+                    self.note_file(file_role)?;
+                    let spool = match &mut self.spool {
+                        Some(spool) => spool,
+                        None => self.spool.insert(Spool::create(spool_dir).await?),
+                    };
+                    let offset = spool.written();
+                    let mut sniffer =
+                        Sniffer::new(field.content_type().map(|m| m.essence_str().to_owned()));
+                    let mut len = 0u64;
+                    while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+                        len += chunk.len() as u64;
+                        check_file_size(&self.limits, file_role, &name, len)?;
+                        sniffer.feed(&chunk);
+                        spool.write(&chunk).await?;
+                    }
+                    let header = FileHeader {
+                        name,
+                        filename: field.file_name().map(str::to_owned),
+                        content_type: sniffer.content_type(),
+                        role: file_role,
+                    };
+                    self.held.push(Held::File {
+                        header,
+                        offset,
+                        len,
+                    });
+                }
+            }
+        }
+    }
+
+    /// The provider request for `route`, and the pump that feeds it: held parts first (from
+    /// memory and the spool), then the rest of the upload as it arrives.
+    pub fn prepare(self, route: &Route) -> Result<Prepared, ApiError> {
+        let encoder = Encoder::new(route, self.endpoint);
+        let content_type =
+            HeaderValue::from_str(&encoder.content_type()).map_err(ApiError::internal)?;
+        let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
+        let summary = std::sync::Arc::clone(&self.summary);
+        let endpoint = self.endpoint;
+        let pump: Pump = Box::pin(self.pump(encoder, tx));
+        Ok(Prepared {
+            request: UpstreamRequest {
+                endpoint,
+                content_type,
+                body: UpstreamBody::Stream(rx),
+                summary,
+            },
+            pump: Some(pump),
+        })
+    }
+
+    async fn pump(
+        mut self,
+        mut encoder: Encoder,
+        tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
+    ) -> Result<(), ApiError> {
+        let out = Out { tx };
+        for held in std::mem::take(&mut self.held) {
+            match held {
+                Held::Text { name, value } => {
+                    if let Some(part) = encoder.text(&name, &value) {
+                        out.send(part).await?;
+                    }
+                }
+                Held::File { header, .. } if !encoder.keeps(&header.name) => {}
+                Held::File {
+                    header,
+                    offset,
+                    len,
+                } => {
+                    out.send(encoder.file_header(
+                        &header.name,
+                        header.role == Role::Image,
+                        header.filename.as_deref(),
+                        &header.content_type,
+                    ))
+                    .await?;
+                    let spool = self
+                        .spool
+                        .as_mut()
+                        .ok_or_else(|| ApiError::internal("spool missing"))?;
+                    let mut reader = spool.reader(offset, len).await?;
+                    while let Some(chunk) = reader.next_chunk().await? {
+                        out.send(chunk).await?;
+                    }
+                    out.send(Encoder::part_end()).await?;
+                }
+            }
+        }
+        // The spool is no longer needed: the rest streams straight through.
+        self.spool = None;
+        if !self.ended {
+            while let Some(mut field) =
+                self.multipart.next_field().await.map_err(multipart_error)?
+            {
+                let name = field.name().unwrap_or_default().to_owned();
+                let is_file = field.file_name().is_some();
+                match role(&name, is_file) {
+                    Role::Text => {
+                        let value = read_text(&mut field, &name).await?;
+                        self.note_text(&name, &value)?;
+                        if let Some(part) = encoder.text(&name, &value) {
+                            out.send(part).await?;
+                        }
+                    }
+                    file_role if !encoder.keeps(&name) => {
+                        self.note_file(file_role)?;
+                        let mut len = 0u64;
+                        while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+                            len += chunk.len() as u64;
+                            check_file_size(&self.limits, file_role, &name, len)?;
+                        }
+                    }
+                    file_role => {
+                        self.note_file(file_role)?;
+                        let mut sniffer =
+                            Sniffer::new(field.content_type().map(|m| m.essence_str().to_owned()));
+                        let filename = field.file_name().map(str::to_owned);
+                        let mut pending = Vec::new();
+                        let mut len = 0u64;
+                        let mut started = false;
+                        while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+                            len += chunk.len() as u64;
+                            check_file_size(&self.limits, file_role, &name, len)?;
+                            if started {
+                                out.send(chunk).await?;
+                                continue;
+                            }
+                            // The part's type may have to be read from its first bytes.
+                            sniffer.feed(&chunk);
+                            pending.push(chunk);
+                            if sniffer.decided() {
+                                started = true;
+                                out.send(encoder.file_header(
+                                    &name,
+                                    file_role == Role::Image,
+                                    filename.as_deref(),
+                                    &sniffer.content_type(),
+                                ))
+                                .await?;
+                                for chunk in pending.drain(..) {
+                                    out.send(chunk).await?;
+                                }
+                            }
+                        }
+                        if !started {
+                            out.send(encoder.file_header(
+                                &name,
+                                file_role == Role::Image,
+                                filename.as_deref(),
+                                &sniffer.content_type(),
+                            ))
+                            .await?;
+                            for chunk in pending.drain(..) {
+                                out.send(chunk).await?;
+                            }
+                        }
+                        out.send(Encoder::part_end()).await?;
+                    }
+                }
+            }
+        }
+        self.check_complete()?;
+        out.send(encoder.finish()).await?;
+        Ok(())
+    }
+
+    /// Checks a text field and records what the usage row needs of it.
+    fn note_text(&mut self, name: &str, value: &[u8]) -> Result<(), ApiError> {
+        let text = std::str::from_utf8(value)
+            .map_err(|_| ApiError::invalid(format!("'{name}' must be UTF-8 text."), Some(name)))?;
+        let mut summary = self.summary.lock().unwrap_or_else(|e| e.into_inner());
+        match name {
+            "prompt" => {
+                if text.trim().is_empty() {
+                    return Err(ApiError::invalid(
+                        "Invalid 'prompt': it must not be empty.",
+                        Some("prompt"),
+                    ));
+                }
+                self.saw_prompt = true;
+                summary.prompt_chars = text.chars().count();
+            }
+            "n" => {
+                let n: i32 = text
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=10).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            format!(
+                                "Invalid 'n': {text:?}; it must be an integer between 1 and 10."
+                            ),
+                            Some("n"),
+                        )
+                    })?;
+                summary.n = Some(n);
+            }
+            "stream" => summary.stream = text.trim().eq_ignore_ascii_case("true"),
+            "size" => summary.size = Some(text.to_owned()),
+            "quality" => summary.quality = Some(text.to_owned()),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn note_file(&mut self, role: Role) -> Result<(), ApiError> {
+        if role == Role::Image {
+            self.images += 1;
+            if self.images > self.limits.max_images {
+                return Err(ApiError::invalid(
+                    format!(
+                        "Too many images: at most {} are accepted.",
+                        self.limits.max_images
+                    ),
+                    Some("image"),
+                ));
+            }
+            if self.endpoint == Endpoint::Variations && self.images > 1 {
+                return Err(ApiError::invalid(
+                    "A variation takes exactly one image.",
+                    Some("image"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_complete(&self) -> Result<(), ApiError> {
+        if self.images == 0 {
+            return Err(ApiError::invalid(
+                "Missing required parameter: 'image'.",
+                Some("image"),
+            ));
+        }
+        if self.endpoint == Endpoint::Edits && !self.saw_prompt {
+            return Err(ApiError::invalid(
+                "Missing required parameter: 'prompt'.",
+                Some("prompt"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The sending half of the provider's body; a closed channel means the call is gone.
+struct Out {
+    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
+}
+
+impl Out {
+    async fn send(&self, chunk: Bytes) -> Result<(), ApiError> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        self.tx.send(Ok(chunk)).await.map_err(|_| {
+            ApiError::Internal("the provider request ended before its body was sent".into())
+        })
+    }
+}
+
+async fn read_text(field: &mut multer::Field<'static>, name: &str) -> Result<Bytes, ApiError> {
+    let mut value = Vec::new();
+    while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+        if value.len() + chunk.len() > MAX_TEXT_BYTES {
+            return Err(ApiError::PartTooLarge(format!(
+                "The field '{name}' is larger than the limit of {MAX_TEXT_BYTES} bytes."
+            )));
+        }
+        value.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(value))
+}
+
+fn check_file_size(
+    limits: &UploadLimits,
+    role: Role,
+    name: &str,
+    len: u64,
+) -> Result<(), ApiError> {
+    let (limit, what) = match role {
+        Role::Mask => (limits.max_mask_bytes, "mask"),
+        _ => (limits.max_image_bytes, "image"),
+    };
+    if len > limit {
+        return Err(ApiError::PartTooLarge(format!(
+            "The {what} part '{name}' is larger than the limit of {limit} bytes."
+        )));
+    }
+    Ok(())
+}
+
+fn body_too_large(limit: u64) -> ApiError {
+    ApiError::PartTooLarge(format!(
+        "The upload is larger than the limit of {limit} bytes."
+    ))
+}
+
+fn multipart_error(err: multer::Error) -> ApiError {
+    match err {
+        multer::Error::StreamSizeExceeded { limit } => body_too_large(limit),
+        multer::Error::FieldSizeExceeded { limit, field_name } => ApiError::PartTooLarge(format!(
+            "The part '{}' is larger than the limit of {limit} bytes.",
+            field_name.unwrap_or_default()
+        )),
+        multer::Error::StreamReadFailed(err) => {
+            ApiError::invalid(format!("The upload could not be read: {err}"), None)
+        }
+        other => ApiError::invalid(format!("Malformed multipart body: {other}."), None),
+    }
+}
+
+/// Reads a file part's real type from its first bytes when it is labelled
+/// `application/octet-stream` (or not at all), as Node streams and raw Python bytes are.
+struct Sniffer {
+    declared: Option<String>,
+    head: Vec<u8>,
+}
+
+const SNIFF_BYTES: usize = 12;
+
+impl Sniffer {
+    fn new(declared: Option<String>) -> Self {
+        Sniffer {
+            declared,
+            head: Vec::with_capacity(SNIFF_BYTES),
+        }
+    }
+
+    fn needs_sniffing(&self) -> bool {
+        self.declared
+            .as_deref()
+            .is_none_or(|d| d == "application/octet-stream")
+    }
+
+    fn feed(&mut self, chunk: &[u8]) {
+        let room = SNIFF_BYTES.saturating_sub(self.head.len());
+        self.head.extend_from_slice(&chunk[..chunk.len().min(room)]);
+    }
+
+    fn decided(&self) -> bool {
+        !self.needs_sniffing() || self.head.len() >= SNIFF_BYTES
+    }
+
+    fn content_type(&self) -> String {
+        if !self.needs_sniffing() {
+            return self.declared.clone().unwrap_or_default();
+        }
+        sniff(&self.head)
+            .map(str::to_owned)
+            .unwrap_or_else(|| "application/octet-stream".to_owned())
+    }
+}
+
+/// PNG, JPEG and WEBP by their magic bytes.
+pub fn sniff(head: &[u8]) -> Option<&'static str> {
+    if head.starts_with(b"\x89PNG\r\n\x1a\n") {
+        Some("image/png")
+    } else if head.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        Some("image/jpeg")
+    } else if head.len() >= 12 && &head[..4] == b"RIFF" && &head[8..12] == b"WEBP" {
+        Some("image/webp")
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_follow_the_sdks_spellings() {
+        assert_eq!(role("image", true), Role::Image);
+        assert_eq!(role("image[]", true), Role::Image);
+        assert_eq!(role("image[3]", true), Role::Image);
+        assert_eq!(role("image[x]", true), Role::OtherFile);
+        assert_eq!(role("mask", true), Role::Mask);
+        assert_eq!(role("svg[model]", false), Role::Text);
+        assert_eq!(role("model", false), Role::Text);
+    }
+
+    #[test]
+    fn sniffs_png_jpeg_webp() {
+        assert_eq!(sniff(b"\x89PNG\r\n\x1a\n\0\0\0\r"), Some("image/png"));
+        assert_eq!(sniff(&[0xFF, 0xD8, 0xFF, 0xE0]), Some("image/jpeg"));
+        assert_eq!(sniff(b"RIFF\x10\0\0\0WEBPVP8 "), Some("image/webp"));
+        assert_eq!(sniff(b"GIF89a"), None);
+        let mut s = Sniffer::new(Some("application/octet-stream".into()));
+        s.feed(b"\x89PN");
+        assert!(!s.decided());
+        s.feed(b"G\r\n\x1a\n\0\0\0\rIHDR");
+        assert!(s.decided());
+        assert_eq!(s.content_type(), "image/png");
+        let s = Sniffer::new(Some("image/jpeg".into()));
+        assert!(s.decided());
+        assert_eq!(s.content_type(), "image/jpeg");
+    }
+}

@@ -1,0 +1,107 @@
+//! Upload parts that arrive before the route is known wait here, on disk, in one file per
+//! request that is removed when the request ends, however it ends.
+
+use std::io::SeekFrom;
+use std::path::Path;
+
+use bytes::{Bytes, BytesMut};
+use tokio::fs::File;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+
+use crate::error::ApiError;
+
+const PREFIX: &str = "upload-";
+const SUFFIX: &str = ".part";
+const READ_CHUNK: usize = 64 * 1024;
+
+pub struct Spool {
+    /// Owns the path: dropping it removes the file.
+    file: tempfile::NamedTempFile,
+    writer: File,
+    len: u64,
+}
+
+impl Spool {
+    pub async fn create(dir: &Path) -> Result<Spool, ApiError> {
+        tokio::fs::create_dir_all(dir).await.map_err(spool_error)?;
+        let file = tempfile::Builder::new()
+            .prefix(PREFIX)
+            .suffix(SUFFIX)
+            .tempfile_in(dir)
+            .map_err(spool_error)?;
+        let writer = File::from_std(file.reopen().map_err(spool_error)?);
+        Ok(Spool {
+            file,
+            writer,
+            len: 0,
+        })
+    }
+
+    /// Bytes written so far: where the next part starts.
+    pub fn written(&self) -> u64 {
+        self.len
+    }
+
+    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), ApiError> {
+        self.writer.write_all(chunk).await.map_err(spool_error)?;
+        self.len += chunk.len() as u64;
+        Ok(())
+    }
+
+    /// Reads `len` bytes from `offset`, in chunks.
+    pub async fn reader(&mut self, offset: u64, len: u64) -> Result<SpoolReader, ApiError> {
+        self.writer.flush().await.map_err(spool_error)?;
+        let mut file = File::from_std(self.file.reopen().map_err(spool_error)?);
+        file.seek(SeekFrom::Start(offset))
+            .await
+            .map_err(spool_error)?;
+        Ok(SpoolReader {
+            file,
+            remaining: len,
+        })
+    }
+}
+
+pub struct SpoolReader {
+    file: File,
+    remaining: u64,
+}
+
+impl SpoolReader {
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, ApiError> {
+        if self.remaining == 0 {
+            return Ok(None);
+        }
+        let want = usize::try_from(self.remaining)
+            .unwrap_or(usize::MAX)
+            .min(READ_CHUNK);
+        let mut buf = BytesMut::zeroed(want);
+        let read = self.file.read(&mut buf).await.map_err(spool_error)?;
+        if read == 0 {
+            return Err(ApiError::Internal("spool file ended early".into()));
+        }
+        buf.truncate(read);
+        self.remaining -= read as u64;
+        Ok(Some(buf.freeze()))
+    }
+}
+
+fn spool_error(err: std::io::Error) -> ApiError {
+    ApiError::Internal(format!("upload spool: {err}"))
+}
+
+/// Removes spool files a crash left behind; returns how many.
+pub fn clean_spool_dir(dir: &Path) -> std::io::Result<usize> {
+    std::fs::create_dir_all(dir)?;
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(PREFIX) && name.ends_with(SUFFIX) {
+            std::fs::remove_file(entry.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
