@@ -11,13 +11,12 @@ use axum::body::Body;
 use bytes::Bytes;
 use futures_util::TryStreamExt;
 use http::{HeaderMap, HeaderValue, header};
-use tokio::sync::mpsc;
 
 use crate::config::{Route, UploadLimits};
 use crate::error::ApiError;
 use crate::routing::{Prepared, Pump};
 use crate::upstream::{
-    Endpoint, RequestSummary, SummarySlot, UpstreamBody, UpstreamRequest, summary_slot,
+    BodySender, Endpoint, RequestSummary, SummarySlot, UpstreamRequest, body_channel, summary_slot,
 };
 
 pub use encode::Encoder;
@@ -204,7 +203,7 @@ impl Upload {
         let encoder = Encoder::new(route, self.endpoint);
         let content_type =
             HeaderValue::from_str(&encoder.content_type()).map_err(ApiError::internal)?;
-        let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
+        let (tx, body) = body_channel(CHANNEL_CHUNKS);
         let summary = std::sync::Arc::clone(&self.summary);
         let endpoint = self.endpoint;
         let pump: Pump = Box::pin(self.pump(encoder, tx));
@@ -212,18 +211,14 @@ impl Upload {
             request: UpstreamRequest {
                 endpoint,
                 content_type,
-                body: UpstreamBody::Stream(rx),
+                body,
                 summary,
             },
             pump: Some(pump),
         })
     }
 
-    async fn pump(
-        mut self,
-        mut encoder: Encoder,
-        tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
-    ) -> Result<(), ApiError> {
+    async fn pump(mut self, mut encoder: Encoder, tx: BodySender) -> Result<(), ApiError> {
         let out = Out { tx };
         for held in std::mem::take(&mut self.held) {
             match held {
@@ -332,6 +327,7 @@ impl Upload {
         }
         self.check_complete()?;
         out.send(encoder.finish()).await?;
+        out.tx.finish();
         Ok(())
     }
 
@@ -416,7 +412,7 @@ impl Upload {
 
 /// The sending half of the provider's body; a closed channel means the call is gone.
 struct Out {
-    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
+    tx: BodySender,
 }
 
 impl Out {
@@ -424,7 +420,7 @@ impl Out {
         if chunk.is_empty() {
             return Ok(());
         }
-        self.tx.send(Ok(chunk)).await.map_err(|_| {
+        self.tx.send(chunk).await.map_err(|_| {
             ApiError::Internal("the provider request ended before its body was sent".into())
         })
     }

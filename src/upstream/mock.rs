@@ -28,7 +28,7 @@ fn output_tokens(size: Option<&str>, quality: Option<&str>) -> i64 {
 pub(super) async fn answer(delay: Duration, request: UpstreamRequest) -> UpstreamResponse {
     // Read the whole upload first, as a real provider does.
     if let UpstreamBody::Stream(mut rx) = request.body {
-        while rx.recv().await.is_some() {}
+        while let Some(Ok(_)) = rx.next().await {}
     }
     tokio::time::sleep(delay).await;
     let summary = read_summary(&request.summary);

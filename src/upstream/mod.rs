@@ -4,6 +4,7 @@ mod mock;
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -65,18 +66,74 @@ pub fn read_summary(slot: &SummarySlot) -> RequestSummary {
 /// A request body: whole (JSON), or fed part by part through a channel (multipart).
 pub enum UpstreamBody {
     Full(Bytes),
-    Stream(mpsc::Receiver<Result<Bytes, std::io::Error>>),
+    Stream(BodyReceiver),
+}
+
+/// The feeding end of a streamed body. Dropped without [`BodySender::finish`], it fails the
+/// body, so that a provider never takes a cut-off upload for a complete one.
+pub struct BodySender {
+    tx: mpsc::Sender<Bytes>,
+    finished: Arc<AtomicBool>,
+}
+
+pub struct BodyReceiver {
+    rx: mpsc::Receiver<Bytes>,
+    finished: Arc<AtomicBool>,
+}
+
+/// The provider request has gone: nobody reads the body any more.
+#[derive(Debug)]
+pub struct BodyClosed;
+
+pub fn body_channel(capacity: usize) -> (BodySender, UpstreamBody) {
+    let (tx, rx) = mpsc::channel(capacity);
+    let finished = Arc::new(AtomicBool::new(false));
+    (
+        BodySender {
+            tx,
+            finished: Arc::clone(&finished),
+        },
+        UpstreamBody::Stream(BodyReceiver { rx, finished }),
+    )
+}
+
+impl BodySender {
+    pub async fn send(&self, chunk: Bytes) -> Result<(), BodyClosed> {
+        self.tx.send(chunk).await.map_err(|_| BodyClosed)
+    }
+
+    /// The body is complete: its end is a real end.
+    pub fn finish(self) {
+        self.finished.store(true, Ordering::Release);
+    }
+}
+
+impl BodyReceiver {
+    /// The next chunk; `None` at a finished end; an error when the sender went away early.
+    pub async fn next(&mut self) -> Option<Result<Bytes, std::io::Error>> {
+        match self.rx.recv().await {
+            Some(chunk) => Some(Ok(chunk)),
+            None if self.finished.load(Ordering::Acquire) => None,
+            None => Some(Err(std::io::Error::other("upload aborted"))),
+        }
+    }
 }
 
 impl UpstreamBody {
     fn into_reqwest(self) -> reqwest::Body {
         match self {
             UpstreamBody::Full(bytes) => reqwest::Body::from(bytes),
-            UpstreamBody::Stream(rx) => {
-                reqwest::Body::wrap_stream(futures_util::stream::unfold(rx, |mut rx| async move {
-                    rx.recv().await.map(|item| (item, rx))
-                }))
-            }
+            UpstreamBody::Stream(rx) => reqwest::Body::wrap_stream(futures_util::stream::unfold(
+                Some(rx),
+                |rx| async move {
+                    let mut rx = rx?;
+                    match rx.next().await {
+                        Some(Ok(chunk)) => Some((Ok(chunk), Some(rx))),
+                        Some(Err(err)) => Some((Err(err), None)),
+                        None => None,
+                    }
+                },
+            )),
         }
     }
 }
