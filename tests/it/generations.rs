@@ -259,8 +259,10 @@ async fn replays_every_models_list_capture(db: Db) {
         assert_eq!(
             ids,
             [
+                "dall-e-2",
                 "dall-e-3",
                 "gpt-image-1",
+                "gpt-image-1.5",
                 "gpt-image-2",
                 "gpt-image-2-all",
                 "img-default"

@@ -30,6 +30,8 @@ pub enum Db {
 /// A request as a stand-in provider received it.
 #[derive(Debug, Clone)]
 pub struct Received {
+    /// False when the body broke off (the sender aborted it).
+    pub complete: bool,
     pub path: String,
     pub headers: HeaderMap,
     pub body: Bytes,
@@ -70,12 +72,11 @@ impl StandIn {
             let (rec, h, d) = (Arc::clone(&rec), Arc::clone(&h), Arc::clone(&d));
             async move {
                 let (parts, body) = request.into_parts();
-                let body = body
-                    .collect()
-                    .await
-                    .map(|c| c.to_bytes())
-                    .unwrap_or_default();
+                let body = body.collect().await.map(|c| c.to_bytes());
+                let complete = body.is_ok();
+                let body = body.unwrap_or_default();
                 let got = Received {
+                    complete,
                     path: parts.uri.path().to_owned(),
                     headers: parts.headers,
                     body,
@@ -117,6 +118,11 @@ impl StandIn {
 
     pub fn base_url(&self) -> String {
         format!("http://{}/v1", self.addr)
+    }
+
+    /// Requests whose body arrived whole.
+    pub fn complete_requests(&self) -> Vec<Received> {
+        self.requests().into_iter().filter(|r| r.complete).collect()
     }
 
     pub fn requests(&self) -> Vec<Received> {
@@ -174,6 +180,7 @@ api_key_env = "TEST_PIAPI_KEY"
 [providers.apiyi]
 base_url = "{provider}"
 api_key_env = "TEST_PIAPI_KEY"
+image_field = "image[]"
 
 [models."gpt-image-1"]
 aliases = ["img-default"]
@@ -187,6 +194,22 @@ routes = [{{ provider = "piapi", model = "dall-e-3" }}]
 
 [models."gpt-image-2-all"]
 routes = [{{ provider = "apiyi", model = "gpt-image-2-all", drop = ["quality", "n"], strip_b64_prefix = true }}]
+
+[models."gpt-image-1.5"]
+routes = [{{ provider = "apiyi", model = "gpt-image-1.5" }}]
+
+[models."dall-e-2"]
+routes = [{{ provider = "piapi", model = "dall-e-2" }}]
+
+[pricing.apiyi."gpt-image-1.5"]
+text_input = 5.00
+cached_text_input = 5.00
+image_input = 5.00
+cached_image_input = 5.00
+image_output = 10.00
+
+[pricing.piapi."dall-e-2"]
+per_image = 0.02
 
 [pricing.piapi."gpt-image-1"]
 text_input = 5.00
@@ -241,6 +264,12 @@ impl TestGateway {
             Db::Postgres => crate::db::fresh_postgres().await.1,
             Db::Sqlite => format!("sqlite:{}", dir.path().join("imagegate.db").display()),
         };
+        let spool_dir = dir.path().join("spool");
+        let config_toml = config_toml.replacen(
+            "[server]\n",
+            &format!("[server]\nspool_dir = \"{}\"\n", spool_dir.display()),
+            1,
+        );
         let config_toml = format!("{config_toml}\n[database]\nurl = \"{database_url}\"\n");
         let config_path = dir.path().join("imagegate.toml");
         std::fs::write(&config_path, config_toml).expect("write config");
@@ -274,6 +303,16 @@ impl TestGateway {
             join: Some(join),
             _dir: dir,
         }
+    }
+
+    /// Where this gateway spools upload parts.
+    pub fn spool_dir(&self) -> PathBuf {
+        self._dir.path().join("spool")
+    }
+
+    /// How many spool files exist right now.
+    pub fn spool_files(&self) -> usize {
+        std::fs::read_dir(self.spool_dir()).map_or(0, |entries| entries.count())
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -326,6 +365,7 @@ pub async fn all_rows(store: &dyn Store) -> Vec<UsageRow> {
 
 /// A captured SDK request: method, path, headers and body (de-chunked).
 pub struct Capture {
+    pub chunked: bool,
     pub method: Method,
     pub path: String,
     pub headers: Vec<(String, String)>,
@@ -355,13 +395,14 @@ pub fn capture(name: &str) -> Capture {
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
-    if headers
+    let chunked = headers
         .iter()
-        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"))
-    {
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+    if chunked {
         body = dechunk(&body);
     }
     Capture {
+        chunked,
         method,
         path,
         headers,
@@ -416,9 +457,17 @@ impl TestGateway {
             }
             request = request.header(name, value);
         }
+        let body = if capture.chunked {
+            // Sent as the SDK sent it: chunked, with no Content-Length.
+            let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+                capture.body.chunks(100).map(|c| Ok(c.to_vec())).collect();
+            reqwest::Body::wrap_stream(futures_util::stream::iter(chunks))
+        } else {
+            reqwest::Body::from(capture.body.clone())
+        };
         request
             .bearer_auth(&self.key)
-            .body(capture.body.clone())
+            .body(body)
             .send()
             .await
             .expect("replay reaches imagegate")

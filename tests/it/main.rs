@@ -2,6 +2,7 @@
 
 mod cli;
 mod db;
+mod edits;
 mod generations;
 mod helpers;
 mod sdk;

@@ -99,8 +99,10 @@ async fn the_python_sdk_generates_through_imagegate_and_usage_matches() {
     assert_eq!(
         calls[3]["ids"],
         serde_json::json!([
+            "dall-e-2",
             "dall-e-3",
             "gpt-image-1",
+            "gpt-image-1.5",
             "gpt-image-2",
             "gpt-image-2-all",
             "img-default"
