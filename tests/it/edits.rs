@@ -356,6 +356,16 @@ async fn limits_and_malformed_uploads_get_clear_errors_and_nothing_billed() {
             Some("n"),
         ),
         (
+            "whole upload over its limit",
+            (0..6)
+                .fold(base(), |form, i| {
+                    form.text(&format!("note{i}"), &"x".repeat(200_000))
+                })
+                .file("image", &png(10)),
+            413,
+            None,
+        ),
+        (
             "unknown model after the image",
             Form::new().file("image", &png(10)).text("model", "nope"),
             404,
@@ -370,6 +380,29 @@ async fn limits_and_malformed_uploads_get_clear_errors_and_nothing_billed() {
         .await;
         assert_eq!(error["param"].as_str(), param, "{what}: {error}");
     }
+    // The same upload, chunked: no length to check up front, so the limit cuts it off as it streams.
+    let big = (0..6)
+        .fold(base(), |form, i| {
+            form.text(&format!("note{i}"), &"x".repeat(200_000))
+        })
+        .file("image", &png(10));
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = big
+        .body()
+        .chunks(64 * 1024)
+        .map(|c| Ok(c.to_vec()))
+        .collect();
+    let response = gw
+        .client
+        .post(gw.url(path))
+        .bearer_auth(&gw.key)
+        .header("content-type", big.content_type())
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .expect("send");
+    expect_error(response, 413).await;
     let variation = Form::new().file("image", &png(10)).file("image", &png(10));
     expect_error(
         post_form(
