@@ -21,6 +21,7 @@ use crate::auth::{self, KeyCache, Principal};
 use crate::config::{Config, ConfigError, EnvLookup};
 use crate::error::ApiError;
 use crate::routes;
+use crate::routing::Breakers;
 use crate::store::Store;
 use crate::upstream::Upstreams;
 use crate::usage::writer::{UsageSink, UsageWriter};
@@ -55,6 +56,8 @@ pub struct AppState {
     /// Work that must finish even when its client has gone; shutdown waits for it.
     pub tasks: TaskTracker,
     pub metrics: PrometheusHandle,
+    /// Per provider, kept across reloads.
+    pub breakers: Breakers,
     reload_lock: std::sync::Mutex<()>,
 }
 
@@ -123,6 +126,7 @@ impl Gateway {
             keys,
             tasks: TaskTracker::new(),
             metrics: metrics_handle(),
+            breakers: Breakers::default(),
             reload_lock: std::sync::Mutex::new(()),
         });
         Ok(Gateway { state, writer })

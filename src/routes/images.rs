@@ -12,11 +12,11 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use crate::app::{AppState, RequestId, Runtime};
 use crate::auth::Principal;
-use crate::config::Model;
+use crate::config::{Model, Route};
 use crate::error::ApiError;
 use crate::multipart::Upload;
 use crate::openai::generation::GenerationRequest;
-use crate::routing::{Call, Prepared};
+use crate::routing::{Call, Prepared, RequestSource};
 use crate::upstream::{Endpoint, RequestSummary, UpstreamBody, UpstreamRequest, summary_slot};
 
 pub async fn generations(
@@ -38,8 +38,18 @@ pub async fn generations(
         model,
         endpoint: Endpoint::Generations,
     };
-    call.forward(|route| {
-        let mut body = request.body.clone();
+    call.forward(&mut JsonSource { body: request.body }).await
+}
+
+/// A generation's JSON body, rewritten for each route it is sent to.
+struct JsonSource {
+    body: serde_json::Map<String, serde_json::Value>,
+}
+
+#[async_trait::async_trait]
+impl RequestSource for JsonSource {
+    async fn prepare(&mut self, route: &Route, _attempt: usize) -> Result<Prepared, ApiError> {
+        let mut body = self.body.clone();
         body.insert("model".into(), route.upstream_model.clone().into());
         route.policy.apply(&mut body);
         let upstream = GenerationRequest { body };
@@ -62,8 +72,7 @@ pub async fn generations(
             },
             pump: None,
         })
-    })
-    .await
+    }
 }
 
 pub async fn edits(
@@ -109,6 +118,9 @@ async fn multipart(
     let mut upload = Upload::new(&headers, body, endpoint, server.uploads)?;
     let requested = upload.read_until_model(&server.spool_dir).await?;
     let model = resolve(&runtime, requested.as_deref())?;
+    let attempts = model.routes.len().min(model.failover.max_attempts);
+    let spool_dir = server.spool_dir.clone();
+    let mut source = upload.into_source(&spool_dir, attempts).await?;
     let call = Call {
         state,
         runtime,
@@ -117,7 +129,7 @@ async fn multipart(
         model,
         endpoint,
     };
-    call.forward(|route| upload.prepare(route)).await
+    call.forward(&mut source).await
 }
 
 fn resolve(runtime: &Runtime, requested: Option<&str>) -> Result<Arc<Model>, ApiError> {
