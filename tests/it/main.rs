@@ -3,6 +3,7 @@
 mod cli;
 mod db;
 mod edits;
+mod failover;
 mod generations;
 mod helpers;
 mod sdk;
