@@ -22,6 +22,7 @@ use crate::config::{Config, ConfigError, EnvLookup};
 use crate::error::ApiError;
 use crate::routes;
 use crate::routing::Breakers;
+use crate::routing::dedupe::Dedupe;
 use crate::store::Store;
 use crate::upstream::Upstreams;
 use crate::usage::writer::{UsageSink, UsageWriter};
@@ -58,6 +59,7 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Per provider, kept across reloads.
     pub breakers: Breakers,
+    pub dedupe: Arc<Dedupe>,
     reload_lock: std::sync::Mutex<()>,
 }
 
@@ -118,6 +120,15 @@ impl Gateway {
         store.migrate().await?;
         let (usage, writer) = UsageWriter::start(Arc::clone(&store));
         let keys = KeyCache::new(config.server.key_cache_ttl);
+        let results = crate::routing::dedupe::results_dir(&config.server.spool_dir);
+        let dedupe = Arc::new(
+            Dedupe::new(
+                config.server.duplicate_protection,
+                config.server.duplicate_window,
+                results.clone(),
+            )
+            .map_err(|e| anyhow::anyhow!("server.spool_dir {}: {e}", results.display()))?,
+        );
         let state = Arc::new(AppState {
             runtime: ArcSwap::from_pointee(Runtime::new(config)?),
             env,
@@ -127,6 +138,7 @@ impl Gateway {
             tasks: TaskTracker::new(),
             metrics: metrics_handle(),
             breakers: Breakers::default(),
+            dedupe,
             reload_lock: std::sync::Mutex::new(()),
         });
         Ok(Gateway { state, writer })

@@ -90,6 +90,10 @@ struct RawServer {
     max_multipart_body_bytes: u64,
     #[serde(default = "default_spool_dir")]
     spool_dir: PathBuf,
+    #[serde(default = "default_true")]
+    duplicate_protection: bool,
+    #[serde(default = "default_duplicate_window")]
+    duplicate_window: String,
 }
 
 impl Default for RawServer {
@@ -106,6 +110,8 @@ impl Default for RawServer {
             max_mask_bytes: default_max_mask_bytes(),
             max_multipart_body_bytes: default_max_multipart_body_bytes(),
             spool_dir: default_spool_dir(),
+            duplicate_protection: true,
+            duplicate_window: default_duplicate_window(),
         }
     }
 }
@@ -146,6 +152,12 @@ fn default_max_mask_bytes() -> u64 {
 }
 fn default_max_multipart_body_bytes() -> u64 {
     16 * 50 * MIB + 4 * MIB + MIB
+}
+fn default_true() -> bool {
+    true
+}
+fn default_duplicate_window() -> String {
+    "10m".into()
 }
 fn default_spool_dir() -> PathBuf {
     PathBuf::from("data/spool")
@@ -303,6 +315,10 @@ pub struct ServerConfig {
     pub uploads: UploadLimits,
     /// Where edit parts wait on disk while the route is not yet known.
     pub spool_dir: PathBuf,
+    /// Retries attach to the original call instead of paying again.
+    pub duplicate_protection: bool,
+    /// How long a retry can find its original, and how long a result is kept for it.
+    pub duplicate_window: Duration,
 }
 
 /// Limits on multipart edits and variations.
@@ -569,6 +585,8 @@ impl Validator<'_> {
                 max_body_bytes: s.max_multipart_body_bytes,
             },
             spool_dir: s.spool_dir.clone(),
+            duplicate_protection: s.duplicate_protection,
+            duplicate_window: self.duration("server.duplicate_window", &s.duplicate_window)?,
         };
         for (key, value) in [
             ("server.max_images", s.max_images as u64),

@@ -2,11 +2,13 @@
 //! into the client's response with its usage metered on the way.
 
 mod breaker;
+pub mod dedupe;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use breaker::{BreakerState, Breakers};
+use dedupe::KeepTicket;
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
@@ -51,6 +53,8 @@ pub struct Call {
     pub request_id: RequestId,
     pub model: Arc<Model>,
     pub endpoint: Endpoint,
+    /// Lets retries of this request collect its result (see [`dedupe`]).
+    pub keep: Option<KeepTicket>,
 }
 
 /// How one attempt ended.
@@ -67,11 +71,12 @@ impl Call {
     /// after a provider has begun a successful answer. Providers whose circuit is open are
     /// skipped. Each attempt a provider answered (or failed on its side) gets its own usage
     /// row; an upload that fails on the client's side cancels the call and writes none.
-    pub async fn forward(self, source: &mut dyn RequestSource) -> Result<Response, ApiError> {
+    pub async fn forward(mut self, source: &mut dyn RequestSource) -> Result<Response, ApiError> {
         let mut skipped = None;
         let mut last = None;
         let mut attempt = 0;
-        for route in &self.model.routes {
+        let model = Arc::clone(&self.model);
+        for route in &model.routes {
             if attempt == self.model.failover.max_attempts {
                 break;
             }
@@ -102,7 +107,7 @@ impl Call {
     }
 
     async fn attempt(
-        &self,
+        &mut self,
         source: &mut dyn RequestSource,
         route: &Route,
         attempt: usize,
@@ -240,6 +245,8 @@ impl Call {
             Some(ct) if ct.starts_with("text/event-stream") => BodyKind::Sse,
             _ => BodyKind::Json,
         };
+        let kept_headers =
+            dedupe::kept_headers(answer.headers.get(header::CONTENT_TYPE), &provider.name);
         let metered = Metered::new(
             answer.body,
             kind,
@@ -247,7 +254,8 @@ impl Call {
             answer.status.as_u16(),
             ticket,
             self.state.tasks.clone(),
-        );
+        )
+        .keep_for_retries(self.keep.take(), kept_headers);
         let mut response = Response::new(Body::from_stream(metered));
         *response.status_mut() = answer.status;
         let headers = response.headers_mut();

@@ -9,7 +9,11 @@ use std::time::Instant;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures_util::{Stream, StreamExt};
+use http::HeaderMap;
+use tokio::io::AsyncWriteExt;
 use tokio_util::task::TaskTracker;
+
+use crate::routing::dedupe::{KeepTicket, write_chunk};
 
 use crate::auth::Principal;
 use crate::config::Price;
@@ -132,6 +136,10 @@ pub struct Metered {
     ticket: Option<UsageTicket>,
     status: u16,
     tasks: TaskTracker,
+    /// Set when retries of this request may collect its result.
+    keep: Option<(KeepTicket, HeaderMap)>,
+    /// Whether any byte reached the client.
+    sent_any: bool,
 }
 
 impl Metered {
@@ -149,7 +157,16 @@ impl Metered {
             ticket: Some(ticket),
             status,
             tasks,
+            keep: None,
+            sent_any: false,
         }
+    }
+
+    /// Lets a retry collect this result if the client goes away before receiving any of
+    /// it; `headers` are what the retry is answered with.
+    pub fn keep_for_retries(mut self, keep: Option<KeepTicket>, headers: HeaderMap) -> Self {
+        self.keep = keep.map(|k| (k, headers));
+        self
     }
 
     fn finish(&mut self, outcome: Outcome) {
@@ -173,6 +190,7 @@ impl Stream for Metered {
                 Some(Ok(chunk)) => {
                     let out = this.extractor.feed(chunk);
                     if !out.is_empty() {
+                        this.sent_any = true;
                         return Poll::Ready(Some(Ok(out)));
                     }
                 }
@@ -200,13 +218,28 @@ impl Drop for Metered {
         let mut extractor =
             std::mem::replace(&mut self.extractor, Extractor::new(BodyKind::Json, false));
         let status = self.status;
-        tracing::info!(request_id = %ticket.request_id, "client disconnected; reading the rest of the provider's answer");
+        // A result none of which reached the client can be kept whole for its retry.
+        let keep = if self.sent_any {
+            None
+        } else {
+            self.keep.take()
+        };
+        tracing::info!(request_id = %ticket.request_id, keep = keep.is_some(), "client disconnected; reading the rest of the provider's answer");
         self.tasks.spawn(async move {
+            let mut file = match &keep {
+                Some((ticket, _)) => ticket.create_file().await.ok(),
+                None => None,
+            };
             let mut outcome = Outcome::Completed;
             while let Some(chunk) = inner.next().await {
                 match chunk {
                     Ok(chunk) => {
-                        extractor.feed(chunk);
+                        let out = extractor.feed(chunk);
+                        if let Some((_, f)) = &mut file {
+                            if write_chunk(f, &out).await.is_err() {
+                                file = None;
+                            }
+                        }
                     }
                     Err(_) => {
                         outcome = Outcome::Failed;
@@ -214,8 +247,16 @@ impl Drop for Metered {
                     }
                 }
             }
-            extractor.finish();
+            let tail = extractor.finish();
             ticket.finish(status, outcome, &extractor.extracted());
+            if let (Some((path, mut f)), Some((keep, headers)), Outcome::Completed) =
+                (file, keep, outcome)
+            {
+                if write_chunk(&mut f, &tail).await.is_ok() && f.flush().await.is_ok() {
+                    let status = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
+                    keep.keep(path, status, headers);
+                }
+            }
         });
     }
 }

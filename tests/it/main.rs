@@ -2,6 +2,7 @@
 
 mod cli;
 mod db;
+mod dedupe;
 mod edits;
 mod failover;
 mod generations;
