@@ -90,6 +90,8 @@ struct RawServer {
     max_multipart_body_bytes: u64,
     #[serde(default = "default_spool_dir")]
     spool_dir: PathBuf,
+    #[serde(default = "default_sse_keepalive")]
+    sse_keepalive: String,
     #[serde(default = "default_true")]
     duplicate_protection: bool,
     #[serde(default = "default_duplicate_window")]
@@ -112,6 +114,7 @@ impl Default for RawServer {
             spool_dir: default_spool_dir(),
             duplicate_protection: true,
             duplicate_window: default_duplicate_window(),
+            sse_keepalive: default_sse_keepalive(),
         }
     }
 }
@@ -152,6 +155,9 @@ fn default_max_mask_bytes() -> u64 {
 }
 fn default_max_multipart_body_bytes() -> u64 {
     16 * 50 * MIB + 4 * MIB + MIB
+}
+fn default_sse_keepalive() -> String {
+    "15s".into()
 }
 fn default_true() -> bool {
     true
@@ -315,6 +321,8 @@ pub struct ServerConfig {
     pub uploads: UploadLimits,
     /// Where edit parts wait on disk while the route is not yet known.
     pub spool_dir: PathBuf,
+    /// Silence after which an SSE response gets a keep-alive comment.
+    pub sse_keepalive: Duration,
     /// Retries attach to the original call instead of paying again.
     pub duplicate_protection: bool,
     /// How long a retry can find its original, and how long a result is kept for it.
@@ -585,6 +593,7 @@ impl Validator<'_> {
                 max_body_bytes: s.max_multipart_body_bytes,
             },
             spool_dir: s.spool_dir.clone(),
+            sse_keepalive: self.duration("server.sse_keepalive", &s.sse_keepalive)?,
             duplicate_protection: s.duplicate_protection,
             duplicate_window: self.duration("server.duplicate_window", &s.duplicate_window)?,
         };

@@ -255,7 +255,8 @@ impl Call {
             ticket,
             self.state.tasks.clone(),
         )
-        .keep_for_retries(self.keep.take(), kept_headers);
+        .keep_for_retries(self.keep.take(), kept_headers)
+        .keepalive((kind == BodyKind::Sse).then_some(self.runtime.config.server.sse_keepalive));
         let mut response = Response::new(Body::from_stream(metered));
         *response.status_mut() = answer.status;
         let headers = response.headers_mut();

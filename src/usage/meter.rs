@@ -1,10 +1,11 @@
 //! Taps a provider's response body on its way to the client: reads usage, rewrites what a
 //! route needs rewritten, and records one usage row when the body ends, however it ends.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -140,6 +141,55 @@ pub struct Metered {
     keep: Option<(KeepTicket, HeaderMap)>,
     /// Whether any byte reached the client.
     sent_any: bool,
+    keepalive: Option<KeepAlive>,
+}
+
+/// An SSE comment: clients ignore it, proxies see traffic.
+const KEEPALIVE: &[u8] = b": keep-alive\n\n";
+
+/// Sends an SSE comment when the provider has been quiet for a while, so that proxies in
+/// between do not cut the stream. Only between events: never inside one.
+struct KeepAlive {
+    every: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    /// The last byte sent ended an event (or nothing was sent yet).
+    at_boundary: bool,
+    /// The last bytes sent.
+    tail: [u8; 4],
+}
+
+impl KeepAlive {
+    fn new(every: Duration) -> Self {
+        KeepAlive {
+            every,
+            timer: Box::pin(tokio::time::sleep(every)),
+            at_boundary: true,
+            tail: *b"\n\n\n\n",
+        }
+    }
+
+    fn sent(&mut self, out: &[u8]) {
+        for &b in &out[out.len().saturating_sub(4)..] {
+            self.tail = [self.tail[1], self.tail[2], self.tail[3], b];
+        }
+        self.at_boundary = self.tail.ends_with(b"\n\n") || self.tail == *b"\r\n\r\n";
+        self.timer
+            .as_mut()
+            .reset(tokio::time::Instant::now() + self.every);
+    }
+
+    /// Whether a comment is due now; registers the timer's wake-up otherwise.
+    fn due(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.timer.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        self.timer
+            .as_mut()
+            .reset(tokio::time::Instant::now() + self.every);
+        // Re-arm the waker for the next interval.
+        let _ = self.timer.as_mut().poll(cx);
+        self.at_boundary
+    }
 }
 
 impl Metered {
@@ -159,7 +209,14 @@ impl Metered {
             tasks,
             keep: None,
             sent_any: false,
+            keepalive: None,
         }
+    }
+
+    /// For SSE bodies: a comment after `every` of silence between events.
+    pub fn keepalive(mut self, every: Option<Duration>) -> Self {
+        self.keepalive = every.map(KeepAlive::new);
+        self
     }
 
     /// Lets a retry collect this result if the client goes away before receiving any of
@@ -186,11 +243,22 @@ impl Stream for Metered {
             let Some(inner) = this.inner.as_mut() else {
                 return Poll::Ready(None);
             };
-            match ready!(inner.poll_next_unpin(cx)) {
+            let polled = inner.poll_next_unpin(cx);
+            if polled.is_pending() {
+                if let Some(keepalive) = &mut this.keepalive {
+                    if keepalive.due(cx) {
+                        return Poll::Ready(Some(Ok(Bytes::from_static(KEEPALIVE))));
+                    }
+                }
+            }
+            match ready!(polled) {
                 Some(Ok(chunk)) => {
                     let out = this.extractor.feed(chunk);
                     if !out.is_empty() {
                         this.sent_any = true;
+                        if let Some(keepalive) = &mut this.keepalive {
+                            keepalive.sent(&out);
+                        }
                         return Poll::Ready(Some(Ok(out)));
                     }
                 }
