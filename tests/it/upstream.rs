@@ -404,3 +404,34 @@ async fn quiet_sse_streams_get_keep_alive_comments_between_events_only() {
     );
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn shutdown_lets_requests_in_flight_finish_and_records_them() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    provider.set_delay(Duration::from_millis(600));
+    let gw = TestGateway::start(Db::Postgres, &test_config(&provider.base_url(), "")).await;
+    let store = Arc::clone(&gw.store);
+    let addr = gw.addr;
+    let client = gw.client.clone();
+    let request = client
+        .post(gw.url(GEN))
+        .bearer_auth(&gw.key)
+        .header("content-type", "application/json")
+        .body(BODY)
+        .send();
+    let in_flight = async { request.await.expect("in flight") };
+    let stop = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        gw.shutdown().await;
+    };
+    let (response, ()) = tokio::join!(in_flight, stop);
+    assert_eq!(response.status(), 200);
+    // The server stopped accepting; the request in flight finished and was recorded.
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "no longer accepting"
+    );
+    let rows = all_rows(&*store).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].output_tokens, 765);
+}
