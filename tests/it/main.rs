@@ -5,6 +5,7 @@ mod db;
 mod dedupe;
 mod edits;
 mod failover;
+mod faults;
 mod generations;
 mod helpers;
 mod sdk;
