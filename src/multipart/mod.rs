@@ -26,7 +26,15 @@ pub use spool::{Spool, clean_spool_dir};
 /// The longest text field accepted (a prompt of 32,000 characters fits).
 const MAX_TEXT_BYTES: usize = 256 * 1024;
 /// Chunks in flight between the client's upload and the provider's request.
-const CHANNEL_CHUNKS: usize = 8;
+///
+/// Memory per upload in flight is bounded by this times [`PIECE_BYTES`], plus the server's
+/// read buffer that the pieces are cut from: the client is read no faster than the
+/// provider takes it.
+const CHANNEL_CHUNKS: usize = 2;
+/// The largest piece handed to the provider's body at once. The server reads client bodies
+/// in pieces of up to ~400 KiB; passing them on whole would let eight uploads hold tens of
+/// MiB between the two sockets.
+const PIECE_BYTES: usize = 64 * 1024;
 
 /// What a part is, by its name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -522,13 +530,15 @@ struct Out {
 }
 
 impl Out {
-    async fn send(&self, chunk: Bytes) -> Result<(), ApiError> {
-        if chunk.is_empty() {
-            return Ok(());
+    async fn send(&self, mut chunk: Bytes) -> Result<(), ApiError> {
+        while !chunk.is_empty() {
+            // Cutting shares the buffer: no copy.
+            let piece = chunk.split_to(chunk.len().min(PIECE_BYTES));
+            self.tx.send(piece).await.map_err(|_| {
+                ApiError::Internal("the provider request ended before its body was sent".into())
+            })?;
         }
-        self.tx.send(chunk).await.map_err(|_| {
-            ApiError::Internal("the provider request ended before its body was sent".into())
-        })
+        Ok(())
     }
 }
 
