@@ -90,6 +90,8 @@ struct RawServer {
     max_multipart_body_bytes: u64,
     #[serde(default = "default_spool_dir")]
     spool_dir: PathBuf,
+    #[serde(default = "default_journal_dir")]
+    journal_dir: PathBuf,
 }
 
 impl Default for RawServer {
@@ -106,6 +108,7 @@ impl Default for RawServer {
             max_mask_bytes: default_max_mask_bytes(),
             max_multipart_body_bytes: default_max_multipart_body_bytes(),
             spool_dir: default_spool_dir(),
+            journal_dir: default_journal_dir(),
         }
     }
 }
@@ -143,6 +146,9 @@ fn default_max_multipart_body_bytes() -> u64 {
 }
 fn default_spool_dir() -> PathBuf {
     PathBuf::from("data/spool")
+}
+fn default_journal_dir() -> PathBuf {
+    PathBuf::from("data/journal")
 }
 
 #[derive(Debug, Deserialize)]
@@ -268,6 +274,8 @@ pub struct ServerConfig {
     pub uploads: UploadLimits,
     /// Where edit parts wait on disk while the route is not yet known.
     pub spool_dir: PathBuf,
+    /// Where usage rows are journaled on their way to the database.
+    pub journal_dir: PathBuf,
 }
 
 /// Limits on multipart edits and variations.
@@ -515,7 +523,17 @@ impl Validator<'_> {
                 max_body_bytes: s.max_multipart_body_bytes,
             },
             spool_dir: s.spool_dir.clone(),
+            journal_dir: s.journal_dir.clone(),
         };
+        if s.journal_dir.as_os_str().is_empty() {
+            return Err(self.err("server.journal_dir", "must name a folder"));
+        }
+        if s.journal_dir == s.spool_dir {
+            return Err(self.err(
+                "server.journal_dir",
+                "must not be server.spool_dir (the spool is emptied at every start)",
+            ));
+        }
         for (key, value) in [
             ("server.max_images", s.max_images as u64),
             ("server.max_image_bytes", s.max_image_bytes),
@@ -903,6 +921,10 @@ mod tests {
                 (
                     format!("{GOOD}\n[server]\nupstream_total_timeout = \"soon\""),
                     "server.upstream_total_timeout",
+                ),
+                (
+                    format!("{GOOD}\n[server]\nspool_dir = \"d\"\njournal_dir = \"d\""),
+                    "server.journal_dir",
                 ),
             ];
             for (text, key) in cases {

@@ -15,7 +15,8 @@ pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// Ready when the usage store answers within two seconds.
+/// Ready when the usage store answers within two seconds. `usage_backlog` (rows journaled
+/// and not yet in the database) is reported, not judged: requests are served while it grows.
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let database = match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
         Ok(Ok(())) => "ok".to_owned(),
@@ -33,7 +34,7 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     };
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
-        "checks": { "database": database },
+        "checks": { "database": database, "usage_backlog": state.usage.backlog() },
     });
     (status, Json(body)).into_response()
 }
