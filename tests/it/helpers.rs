@@ -264,6 +264,20 @@ impl TestGateway {
             Db::Postgres => crate::db::fresh_postgres().await.1,
             Db::Sqlite => format!("sqlite:{}", dir.path().join("imagegate.db").display()),
         };
+        Self::start_in(dir, &database_url, config_toml).await
+    }
+
+    /// A gateway on the database `database_url` names (migrated at start).
+    pub async fn start_on(database_url: &str, config_toml: &str) -> TestGateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(dir, database_url, config_toml).await
+    }
+
+    async fn start_in(
+        dir: tempfile::TempDir,
+        database_url: &str,
+        config_toml: &str,
+    ) -> TestGateway {
         let config_toml = config_toml.replacen(
             "[server]\n",
             &format!(
