@@ -21,6 +21,8 @@ use crate::auth::{self, KeyCache, Principal};
 use crate::config::{Config, ConfigError, EnvLookup};
 use crate::error::ApiError;
 use crate::routes;
+use crate::routing::Breakers;
+use crate::routing::dedupe::Dedupe;
 use crate::store::Store;
 use crate::upstream::Upstreams;
 use crate::usage::writer::{UsageSink, UsageWriter};
@@ -55,6 +57,9 @@ pub struct AppState {
     /// Work that must finish even when its client has gone; shutdown waits for it.
     pub tasks: TaskTracker,
     pub metrics: PrometheusHandle,
+    /// Per provider, kept across reloads.
+    pub breakers: Breakers,
+    pub dedupe: Arc<Dedupe>,
     reload_lock: std::sync::Mutex<()>,
 }
 
@@ -120,6 +125,15 @@ impl Gateway {
         let (usage, writer) =
             UsageWriter::start(Arc::clone(&store), &config.server.journal_dir).await?;
         let keys = KeyCache::new(config.server.key_cache_ttl);
+        let results = crate::routing::dedupe::results_dir(&config.server.spool_dir);
+        let dedupe = Arc::new(
+            Dedupe::new(
+                config.server.duplicate_protection,
+                config.server.duplicate_window,
+                results.clone(),
+            )
+            .map_err(|e| anyhow::anyhow!("server.spool_dir {}: {e}", results.display()))?,
+        );
         let state = Arc::new(AppState {
             runtime: ArcSwap::from_pointee(Runtime::new(config)?),
             env,
@@ -128,6 +142,8 @@ impl Gateway {
             keys,
             tasks: TaskTracker::new(),
             metrics,
+            breakers: Breakers::default(),
+            dedupe,
             reload_lock: std::sync::Mutex::new(()),
         });
         Ok(Gateway { state, writer })

@@ -90,6 +90,12 @@ struct RawServer {
     max_multipart_body_bytes: u64,
     #[serde(default = "default_spool_dir")]
     spool_dir: PathBuf,
+    #[serde(default = "default_sse_keepalive")]
+    sse_keepalive: String,
+    #[serde(default = "default_true")]
+    duplicate_protection: bool,
+    #[serde(default = "default_duplicate_window")]
+    duplicate_window: String,
     #[serde(default = "default_journal_dir")]
     journal_dir: PathBuf,
 }
@@ -108,11 +114,20 @@ impl Default for RawServer {
             max_mask_bytes: default_max_mask_bytes(),
             max_multipart_body_bytes: default_max_multipart_body_bytes(),
             spool_dir: default_spool_dir(),
+            duplicate_protection: true,
+            duplicate_window: default_duplicate_window(),
+            sse_keepalive: default_sse_keepalive(),
             journal_dir: default_journal_dir(),
         }
     }
 }
 
+fn default_breaker_failures() -> u32 {
+    5
+}
+fn default_breaker_cooldown() -> String {
+    "30s".into()
+}
 fn default_listen() -> String {
     "127.0.0.1:8080".into()
 }
@@ -143,6 +158,15 @@ fn default_max_mask_bytes() -> u64 {
 }
 fn default_max_multipart_body_bytes() -> u64 {
     16 * 50 * MIB + 4 * MIB + MIB
+}
+fn default_sse_keepalive() -> String {
+    "15s".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_duplicate_window() -> String {
+    "10m".into()
 }
 fn default_spool_dir() -> PathBuf {
     PathBuf::from("data/spool")
@@ -197,7 +221,12 @@ struct RawProvider {
     base_url: Option<String>,
     api_key_env: Option<String>,
     connect_timeout: Option<String>,
+    first_byte_timeout: Option<String>,
     total_timeout: Option<String>,
+    #[serde(default = "default_breaker_failures")]
+    breaker_failures: u32,
+    #[serde(default = "default_breaker_cooldown")]
+    breaker_cooldown: String,
     /// Mock providers only: how long before answering.
     delay: Option<String>,
     /// The part name this provider wants for edit images ("image" or "image[]").
@@ -218,6 +247,30 @@ struct RawModel {
     #[serde(default)]
     aliases: Vec<String>,
     routes: Vec<RawRoute>,
+    #[serde(default)]
+    failover: RawFailover,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFailover {
+    #[serde(default = "default_failover_statuses")]
+    on_status: Vec<u16>,
+    /// At most this many provider calls per request (default: one per route).
+    max_attempts: Option<usize>,
+}
+
+impl Default for RawFailover {
+    fn default() -> Self {
+        RawFailover {
+            on_status: default_failover_statuses(),
+            max_attempts: None,
+        }
+    }
+}
+
+fn default_failover_statuses() -> Vec<u16> {
+    vec![429, 500, 502, 503, 504]
 }
 
 #[derive(Debug, Deserialize)]
@@ -274,6 +327,12 @@ pub struct ServerConfig {
     pub uploads: UploadLimits,
     /// Where edit parts wait on disk while the route is not yet known.
     pub spool_dir: PathBuf,
+    /// Silence after which an SSE response gets a keep-alive comment.
+    pub sse_keepalive: Duration,
+    /// Retries attach to the original call instead of paying again.
+    pub duplicate_protection: bool,
+    /// How long a retry can find its original, and how long a result is kept for it.
+    pub duplicate_window: Duration,
     /// Where usage rows are journaled on their way to the database.
     pub journal_dir: PathBuf,
 }
@@ -294,7 +353,17 @@ pub struct Provider {
     /// Edit image parts are renamed to this; `None` keeps the client's spelling.
     pub image_field: Option<String>,
     pub connect_timeout: Duration,
+    /// Until the provider's status line and headers arrive.
+    pub first_byte_timeout: Duration,
     pub total_timeout: Duration,
+    pub breaker: BreakerConfig,
+}
+
+/// After `failures` consecutive failures a provider is skipped for `cooldown`, then probed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerConfig {
+    pub failures: u32,
+    pub cooldown: Duration,
 }
 
 #[derive(Debug)]
@@ -315,6 +384,15 @@ pub struct Model {
     pub aliases: Vec<String>,
     /// Tried in order (failover walks this list).
     pub routes: Vec<Route>,
+    pub failover: Failover,
+}
+
+/// When a request moves on to the model's next route. Connection failures and timeouts
+/// before the provider answers always do; these statuses do too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failover {
+    pub on_status: Vec<u16>,
+    pub max_attempts: usize,
 }
 
 #[derive(Debug)]
@@ -523,6 +601,9 @@ impl Validator<'_> {
                 max_body_bytes: s.max_multipart_body_bytes,
             },
             spool_dir: s.spool_dir.clone(),
+            sse_keepalive: self.duration("server.sse_keepalive", &s.sse_keepalive)?,
+            duplicate_protection: s.duplicate_protection,
+            duplicate_window: self.duration("server.duplicate_window", &s.duplicate_window)?,
             journal_dir: s.journal_dir.clone(),
         };
         if s.journal_dir.as_os_str().is_empty() {
@@ -626,12 +707,31 @@ impl Validator<'_> {
                     ));
                 }
             }
+            let max_attempts = m.failover.max_attempts.unwrap_or(routes.len());
+            if max_attempts == 0 {
+                return Err(self.err(format!("{key}.failover.max_attempts"), "must be at least 1"));
+            }
+            if let Some(bad) = m
+                .failover
+                .on_status
+                .iter()
+                .find(|s| !(400..=599).contains(*s))
+            {
+                return Err(self.err(
+                    format!("{key}.failover.on_status"),
+                    format!("{bad} is not an error status"),
+                ));
+            }
             models.insert(
                 name.clone(),
                 Arc::new(Model {
                     name,
                     aliases: m.aliases,
                     routes,
+                    failover: Failover {
+                        on_status: m.failover.on_status,
+                        max_attempts,
+                    },
                 }),
             );
         }
@@ -675,6 +775,17 @@ impl Validator<'_> {
         let total_timeout = match &p.total_timeout {
             Some(v) => self.duration(&format!("{key}.total_timeout"), v)?,
             None => total_default,
+        };
+        let first_byte_timeout = match &p.first_byte_timeout {
+            Some(v) => self.duration(&format!("{key}.first_byte_timeout"), v)?,
+            None => total_timeout,
+        };
+        if p.breaker_failures == 0 {
+            return Err(self.err(format!("{key}.breaker_failures"), "must be at least 1"));
+        }
+        let breaker = BreakerConfig {
+            failures: p.breaker_failures,
+            cooldown: self.duration(&format!("{key}.breaker_cooldown"), &p.breaker_cooldown)?,
         };
         let kind = match p.kind {
             RawProviderKind::Mock => ProviderKind::Mock {
@@ -737,6 +848,8 @@ impl Validator<'_> {
             name: name.to_owned(),
             kind,
             image_field: p.image_field,
+            first_byte_timeout,
+            breaker,
             connect_timeout,
             total_timeout,
         })

@@ -42,6 +42,11 @@ pub enum ApiError {
     UpstreamUnreachable { provider: String, detail: String },
     #[error("provider {provider} did not answer in time")]
     UpstreamTimeout { provider: String },
+    #[error("provider {provider} is failing; it is skipped for a while (circuit open)")]
+    CircuitOpen {
+        provider: String,
+        retry_after: std::time::Duration,
+    },
     #[error("config reload refused: {0}")]
     ReloadRefused(String),
     #[error("the usage store is not reachable")]
@@ -77,7 +82,7 @@ impl ApiError {
             ApiError::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
             ApiError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::ReloadRefused(_) => StatusCode::BAD_REQUEST,
-            ApiError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotReady | ApiError::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -112,6 +117,7 @@ impl ApiError {
             ApiError::UpstreamTimeout { .. } => ("upstream_error", Some("upstream_timeout"), None),
             ApiError::ReloadRefused(_) => ("invalid_request_error", Some("config_invalid"), None),
             ApiError::NotReady => ("server_error", Some("not_ready"), None),
+            ApiError::CircuitOpen { .. } => ("upstream_error", Some("provider_unavailable"), None),
             ApiError::Internal(_) => ("server_error", None, None),
         };
         let message = match self {
@@ -135,6 +141,19 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, value.clone());
+        }
+        if let ApiError::CircuitOpen { retry_after, .. } = &self {
+            let secs = retry_after.as_secs().max(1);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        // The SDKs retry 408, 409, 429 and 5xx; any other error will fail again as it is.
+        let status = response.status();
+        if status.is_client_error() && !matches!(status.as_u16(), 408 | 409 | 429) {
+            response
+                .headers_mut()
+                .insert("x-should-retry", HeaderValue::from_static("false"));
         }
         response.extensions_mut().insert(self);
         response

@@ -6,6 +6,7 @@ mod encode;
 mod spool;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use axum::body::Body;
 use bytes::Bytes;
@@ -14,7 +15,7 @@ use http::{HeaderMap, HeaderValue, header};
 
 use crate::config::{Route, UploadLimits};
 use crate::error::ApiError;
-use crate::routing::{Prepared, Pump};
+use crate::routing::{Prepared, Pump, RequestSource};
 use crate::upstream::{
     BodySender, Endpoint, RequestSummary, SummarySlot, UpstreamRequest, body_channel, summary_slot,
 };
@@ -143,68 +144,106 @@ impl Upload {
     /// Reads parts until `model` (or the end of the body), holding what comes before it.
     /// Returns the model named, if any.
     pub async fn read_until_model(&mut self, spool_dir: &Path) -> Result<Option<String>, ApiError> {
-        loop {
-            let Some(mut field) = self.multipart.next_field().await.map_err(multipart_error)?
-            else {
-                self.ended = true;
-                return Ok(None);
-            };
-            let name = field.name().unwrap_or_default().to_owned();
-            let is_file = field.file_name().is_some();
-            match role(&name, is_file) {
-                Role::Text => {
-                    let value = read_text(&mut field, &name).await?;
-                    self.note_text(&name, &value)?;
-                    if name == "model" {
-                        let model = String::from_utf8(value.to_vec()).map_err(|_| {
-                            ApiError::invalid("'model' must be UTF-8 text.", Some("model"))
-                        })?;
-                        self.model = Some(model.clone());
-                        self.held.push(Held::Text { name, value });
-                        return Ok(Some(model));
-                    }
-                    self.held.push(Held::Text { name, value });
+        while !self.ended {
+            if let Some(model) = self.hold_next(spool_dir).await? {
+                return Ok(Some(model));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Holds one more part (text in memory, a file in the spool); returns the model when
+    /// that part was `model`.
+    async fn hold_next(&mut self, spool_dir: &Path) -> Result<Option<String>, ApiError> {
+        let Some(mut field) = self.multipart.next_field().await.map_err(multipart_error)? else {
+            self.ended = true;
+            return Ok(None);
+        };
+        let name = field.name().unwrap_or_default().to_owned();
+        let is_file = field.file_name().is_some();
+        match role(&name, is_file) {
+            Role::Text => {
+                let value = read_text(&mut field, &name).await?;
+                self.note_text(&name, &value)?;
+                let model = if name == "model" {
+                    let model = String::from_utf8(value.to_vec()).map_err(|_| {
+                        ApiError::invalid("'model' must be UTF-8 text.", Some("model"))
+                    })?;
+                    self.model = Some(model.clone());
+                    Some(model)
+                } else {
+                    None
+                };
+                self.held.push(Held::Text { name, value });
+                Ok(model)
+            }
+            file_role => {
+                self.note_file(file_role)?;
+                let spool = match &mut self.spool {
+                    Some(spool) => spool,
+                    None => self.spool.insert(Spool::create(spool_dir).await?),
+                };
+                let offset = spool.written();
+                let mut sniffer =
+                    Sniffer::new(field.content_type().map(|m| m.essence_str().to_owned()));
+                let mut len = 0u64;
+                while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+                    len += chunk.len() as u64;
+                    check_file_size(&self.limits, file_role, &name, len)?;
+                    sniffer.feed(&chunk);
+                    spool.write(&chunk).await?;
                 }
-                file_role => {
-                    self.note_file(file_role)?;
-                    let spool = match &mut self.spool {
-                        Some(spool) => spool,
-                        None => self.spool.insert(Spool::create(spool_dir).await?),
-                    };
-                    let offset = spool.written();
-                    let mut sniffer =
-                        Sniffer::new(field.content_type().map(|m| m.essence_str().to_owned()));
-                    let mut len = 0u64;
-                    while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
-                        len += chunk.len() as u64;
-                        check_file_size(&self.limits, file_role, &name, len)?;
-                        sniffer.feed(&chunk);
-                        spool.write(&chunk).await?;
-                    }
-                    let header = FileHeader {
-                        name,
-                        filename: field.file_name().map(str::to_owned),
-                        content_type: sniffer.content_type(),
-                        role: file_role,
-                    };
-                    self.held.push(Held::File {
-                        header,
-                        offset,
-                        len,
-                    });
-                }
+                let header = FileHeader {
+                    name,
+                    filename: field.file_name().map(str::to_owned),
+                    content_type: sniffer.content_type(),
+                    role: file_role,
+                };
+                self.held.push(Held::File {
+                    header,
+                    offset,
+                    len,
+                });
+                Ok(None)
             }
         }
     }
 
+    /// Turns the upload into what the provider calls are made from. With one attempt the
+    /// rest of the upload streams through as it arrives; with failover it is read to the
+    /// spool first, so that every attempt sends the same bytes without holding them in
+    /// memory.
+    pub async fn into_source(
+        mut self,
+        spool_dir: &Path,
+        attempts: usize,
+    ) -> Result<UploadSource, ApiError> {
+        if attempts <= 1 {
+            return Ok(UploadSource::Live(Some(Box::new(self))));
+        }
+        while !self.ended {
+            self.hold_next(spool_dir).await?;
+        }
+        self.check_complete()?;
+        if let Some(spool) = &mut self.spool {
+            spool.flush().await?;
+        }
+        Ok(UploadSource::Replay(Arc::new(Recorded {
+            held: self.held,
+            spool: self.spool,
+            endpoint: self.endpoint,
+            summary: self.summary,
+        })))
+    }
+
     /// The provider request for `route`, and the pump that feeds it: held parts first (from
     /// memory and the spool), then the rest of the upload as it arrives.
-    pub fn prepare(self, route: &Route) -> Result<Prepared, ApiError> {
+    fn prepare(self, route: &Route) -> Result<Prepared, ApiError> {
         let encoder = Encoder::new(route, self.endpoint);
         let content_type =
             HeaderValue::from_str(&encoder.content_type()).map_err(ApiError::internal)?;
         let (tx, body) = body_channel(CHANNEL_CHUNKS);
-        let summary = std::sync::Arc::clone(&self.summary);
+        let summary = Arc::clone(&self.summary);
         let endpoint = self.endpoint;
         let pump: Pump = Box::pin(self.pump(encoder, tx));
         Ok(Prepared {
@@ -220,38 +259,10 @@ impl Upload {
 
     async fn pump(mut self, mut encoder: Encoder, tx: BodySender) -> Result<(), ApiError> {
         let out = Out { tx };
-        for held in std::mem::take(&mut self.held) {
-            match held {
-                Held::Text { name, value } => {
-                    if let Some(part) = encoder.text(&name, &value) {
-                        out.send(part).await?;
-                    }
-                }
-                Held::File { header, .. } if !encoder.keeps(&header.name) => {}
-                Held::File {
-                    header,
-                    offset,
-                    len,
-                } => {
-                    out.send(encoder.file_header(
-                        &header.name,
-                        header.role == Role::Image,
-                        header.filename.as_deref(),
-                        &header.content_type,
-                    ))
-                    .await?;
-                    let spool = self
-                        .spool
-                        .as_mut()
-                        .ok_or_else(|| ApiError::internal("spool missing"))?;
-                    let mut reader = spool.reader(offset, len).await?;
-                    while let Some(chunk) = reader.next_chunk().await? {
-                        out.send(chunk).await?;
-                    }
-                    out.send(Encoder::part_end()).await?;
-                }
-            }
+        if let Some(spool) = &mut self.spool {
+            spool.flush().await?;
         }
+        emit_held(&self.held, self.spool.as_ref(), &mut encoder, &out).await?;
         // The spool is no longer needed: the rest streams straight through.
         self.spool = None;
         if !self.ended {
@@ -408,6 +419,101 @@ impl Upload {
         }
         Ok(())
     }
+}
+
+/// What the provider calls of one edit are made from.
+pub enum UploadSource {
+    /// One attempt: the upload streams through while it arrives.
+    Live(Option<Box<Upload>>),
+    /// Several attempts: the whole upload is in the spool, replayed for each.
+    Replay(Arc<Recorded>),
+}
+
+#[async_trait::async_trait]
+impl RequestSource for UploadSource {
+    async fn prepare(&mut self, route: &Route, _attempt: usize) -> Result<Prepared, ApiError> {
+        match self {
+            UploadSource::Live(upload) => upload
+                .take()
+                .ok_or_else(|| ApiError::internal("a streamed upload can be sent once"))?
+                .prepare(route),
+            UploadSource::Replay(recorded) => Ok(Arc::clone(recorded).prepare(route)),
+        }
+    }
+}
+
+/// A whole upload, held in the spool (files) and in memory (its small text fields).
+pub struct Recorded {
+    held: Vec<Held>,
+    spool: Option<Spool>,
+    endpoint: Endpoint,
+    summary: SummarySlot,
+}
+
+impl Recorded {
+    fn prepare(self: Arc<Self>, route: &Route) -> Prepared {
+        let mut encoder = Encoder::new(route, self.endpoint);
+        let content_type = HeaderValue::from_str(&encoder.content_type())
+            .unwrap_or_else(|_| HeaderValue::from_static("multipart/form-data"));
+        let (tx, body) = body_channel(CHANNEL_CHUNKS);
+        let summary = Arc::clone(&self.summary);
+        let endpoint = self.endpoint;
+        let pump: Pump = Box::pin(async move {
+            let out = Out { tx };
+            emit_held(&self.held, self.spool.as_ref(), &mut encoder, &out).await?;
+            out.send(encoder.finish()).await?;
+            out.tx.finish();
+            Ok(())
+        });
+        Prepared {
+            request: UpstreamRequest {
+                endpoint,
+                content_type,
+                body,
+                summary,
+            },
+            pump: Some(pump),
+        }
+    }
+}
+
+/// Sends the held parts: text from memory, files from the spool.
+async fn emit_held(
+    held: &[Held],
+    spool: Option<&Spool>,
+    encoder: &mut Encoder,
+    out: &Out,
+) -> Result<(), ApiError> {
+    for part in held {
+        match part {
+            Held::Text { name, value } => {
+                if let Some(part) = encoder.text(name, value) {
+                    out.send(part).await?;
+                }
+            }
+            Held::File { header, .. } if !encoder.keeps(&header.name) => {}
+            Held::File {
+                header,
+                offset,
+                len,
+            } => {
+                out.send(encoder.file_header(
+                    &header.name,
+                    header.role == Role::Image,
+                    header.filename.as_deref(),
+                    &header.content_type,
+                ))
+                .await?;
+                let spool = spool.ok_or_else(|| ApiError::internal("spool missing"))?;
+                let mut reader = spool.reader(*offset, *len).await?;
+                while let Some(chunk) = reader.next_chunk().await? {
+                    out.send(chunk).await?;
+                }
+                out.send(Encoder::part_end()).await?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The sending half of the provider's body; a closed channel means the call is gone.

@@ -48,9 +48,14 @@ impl Spool {
         Ok(())
     }
 
-    /// Reads `len` bytes from `offset`, in chunks.
-    pub async fn reader(&mut self, offset: u64, len: u64) -> Result<SpoolReader, ApiError> {
-        self.writer.flush().await.map_err(spool_error)?;
+    /// Makes everything written so far readable by [`Spool::reader`].
+    pub async fn flush(&mut self) -> Result<(), ApiError> {
+        self.writer.flush().await.map_err(spool_error)
+    }
+
+    /// Reads `len` bytes from `offset`, in chunks, through a handle of its own, so that
+    /// several attempts can read the same spool.
+    pub async fn reader(&self, offset: u64, len: u64) -> Result<SpoolReader, ApiError> {
         let mut file = File::from_std(self.file.reopen().map_err(spool_error)?);
         file.seek(SeekFrom::Start(offset))
             .await

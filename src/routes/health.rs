@@ -32,9 +32,22 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    // Provider circuits are details: a provider being skipped does not make imagegate unready.
+    let providers: serde_json::Map<String, serde_json::Value> = state
+        .runtime
+        .load()
+        .config
+        .providers
+        .keys()
+        .map(|name| (name.clone(), state.breakers.state(name).as_str().into()))
+        .collect();
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
-        "checks": { "database": database, "usage_backlog": state.usage.backlog() },
+        "checks": {
+            "database": database,
+            "usage_backlog": state.usage.backlog(),
+            "providers": providers,
+        },
     });
     (status, Json(body)).into_response()
 }

@@ -1,6 +1,7 @@
 //! The image endpoints: extract, route, forward.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Extension;
 use axum::body::Body;
@@ -12,11 +13,12 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use crate::app::{AppState, RequestId, Runtime};
 use crate::auth::Principal;
-use crate::config::Model;
+use crate::config::{Model, Route};
 use crate::error::ApiError;
 use crate::multipart::Upload;
 use crate::openai::generation::GenerationRequest;
-use crate::routing::{Call, Prepared};
+use crate::routing::dedupe::{self, Claim, Dedupe, KeepTicket};
+use crate::routing::{Call, Prepared, RequestSource};
 use crate::upstream::{Endpoint, RequestSummary, UpstreamBody, UpstreamRequest, summary_slot};
 
 pub async fn generations(
@@ -30,6 +32,16 @@ pub async fn generations(
     let bytes = read_json(&headers, body, runtime.config.server.max_json_body_bytes).await?;
     let request = GenerationRequest::parse(&bytes)?;
     let model = resolve(&runtime, request.model())?;
+    let fingerprint = Dedupe::fingerprint(
+        principal.key_id,
+        Endpoint::Generations,
+        idempotency_key(&headers),
+        &bytes,
+    );
+    let keep = match claim(&state, &model, &headers, fingerprint).await {
+        Ok(keep) => keep,
+        Err(kept) => return Ok(kept),
+    };
     let call = Call {
         state,
         runtime,
@@ -37,9 +49,66 @@ pub async fn generations(
         request_id,
         model,
         endpoint: Endpoint::Generations,
+        keep,
     };
-    call.forward(|route| {
-        let mut body = request.body.clone();
+    detached(call, JsonSource { body: request.body }).await
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Option<&str> {
+    headers.get("idempotency-key").and_then(|v| v.to_str().ok())
+}
+
+/// Registers the request against duplicates. A retry of a call still running, or whose
+/// result was kept, is answered from it; otherwise the request goes on as an original.
+async fn claim(
+    state: &Arc<AppState>,
+    model: &Model,
+    headers: &HeaderMap,
+    fingerprint: String,
+) -> Result<Option<KeepTicket>, Response> {
+    match state
+        .dedupe
+        .claim(fingerprint.clone(), Dedupe::is_retry(headers))
+    {
+        Claim::Original(keep) => Ok(keep),
+        Claim::Attach(rx) => {
+            let wait = model
+                .routes
+                .first()
+                .map_or(Duration::from_secs(600), |r| r.provider.total_timeout);
+            if let Some(response) = dedupe::collect(rx, wait).await {
+                return Err(response);
+            }
+            match state.dedupe.claim(fingerprint, false) {
+                Claim::Original(keep) => Ok(keep),
+                Claim::Attach(_) => Ok(None),
+            }
+        }
+    }
+}
+
+/// Runs the provider call on a tracked task, so that it completes (and its usage is
+/// recorded) even when the client goes away while waiting: the provider bills it anyway.
+async fn detached(
+    call: Call,
+    mut source: impl RequestSource + 'static,
+) -> Result<Response, ApiError> {
+    let tasks = call.state.tasks.clone();
+    tasks
+        .spawn(async move { call.forward(&mut source).await })
+        .await
+        .map_err(ApiError::internal)?
+}
+
+/// A generation's JSON body, rewritten for each route it is sent to.
+struct JsonSource {
+    body: serde_json::Map<String, serde_json::Value>,
+}
+
+#[async_trait::async_trait]
+impl RequestSource for JsonSource {
+    async fn prepare(&mut self, route: &Route, _attempt: usize) -> Result<Prepared, ApiError> {
+        let mut body = self.body.clone();
         body.insert("model".into(), route.upstream_model.clone().into());
         route.policy.apply(&mut body);
         let upstream = GenerationRequest { body };
@@ -62,8 +131,7 @@ pub async fn generations(
             },
             pump: None,
         })
-    })
-    .await
+    }
 }
 
 pub async fn edits(
@@ -109,6 +177,21 @@ async fn multipart(
     let mut upload = Upload::new(&headers, body, endpoint, server.uploads)?;
     let requested = upload.read_until_model(&server.spool_dir).await?;
     let model = resolve(&runtime, requested.as_deref())?;
+    let attempts = model.routes.len().min(model.failover.max_attempts);
+    let spool_dir = server.spool_dir.clone();
+    let keep = match idempotency_key(&headers) {
+        // An upload's body is only known once it has streamed through, so edits are
+        // matched by their idempotency key alone.
+        Some(key) => {
+            let fingerprint = Dedupe::fingerprint(principal.key_id, endpoint, Some(key), b"");
+            match claim(&state, &model, &headers, fingerprint).await {
+                Ok(keep) => keep,
+                Err(kept) => return Ok(kept),
+            }
+        }
+        None => None,
+    };
+    let source = upload.into_source(&spool_dir, attempts).await?;
     let call = Call {
         state,
         runtime,
@@ -116,8 +199,9 @@ async fn multipart(
         request_id,
         model,
         endpoint,
+        keep,
     };
-    call.forward(|route| upload.prepare(route)).await
+    detached(call, source).await
 }
 
 fn resolve(runtime: &Runtime, requested: Option<&str>) -> Result<Arc<Model>, ApiError> {

@@ -1,8 +1,14 @@
 //! From a model to a provider call: pick the route, send, and turn the provider's answer
 //! into the client's response with its usage metered on the way.
 
+mod breaker;
+pub mod dedupe;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+pub use breaker::{BreakerState, Breakers};
+use dedupe::KeepTicket;
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
@@ -32,6 +38,13 @@ pub struct Prepared {
 
 pub type Pump = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ApiError>> + Send>>;
 
+/// Makes the provider request for a route, once per attempt: a failover replays the same
+/// client request to the next route (an upload from its disk spool, never from memory).
+#[async_trait::async_trait]
+pub trait RequestSource: Send {
+    async fn prepare(&mut self, route: &Route, attempt: usize) -> Result<Prepared, ApiError>;
+}
+
 /// Who asked for what: the parts of a request every provider call needs.
 pub struct Call {
     pub state: Arc<AppState>,
@@ -40,27 +53,85 @@ pub struct Call {
     pub request_id: RequestId,
     pub model: Arc<Model>,
     pub endpoint: Endpoint,
+    /// Lets retries of this request collect its result (see [`dedupe`]).
+    pub keep: Option<KeepTicket>,
+}
+
+/// How one attempt ended.
+enum Attempt {
+    /// The client gets this response: a success, or an error no other route would fix.
+    Answered(Response),
+    /// The provider failed in a way the next route may not: try it.
+    Failed(Response),
 }
 
 impl Call {
-    /// Sends the request `build` makes for the model's route and answers with the
-    /// provider's response, streamed. One usage row is written per provider call that the
-    /// provider answered or that failed on its side; an upload that fails on the client's
-    /// side (limits, malformed, aborted) cancels the call and writes none.
-    pub async fn forward(
-        self,
-        build: impl FnOnce(&Route) -> Result<Prepared, ApiError>,
-    ) -> Result<Response, ApiError> {
-        let route =
-            self.model.routes.first().ok_or_else(|| {
-                ApiError::internal(format!("model {} has no route", self.model.name))
-            })?;
-        let Prepared { request, pump } = build(route)?;
+    /// Sends the request to the model's routes in order, moving on when a provider cannot
+    /// be reached, times out before answering, or answers with a failover status, and never
+    /// after a provider has begun a successful answer. Providers whose circuit is open are
+    /// skipped. Each attempt a provider answered (or failed on its side) gets its own usage
+    /// row; an upload that fails on the client's side cancels the call and writes none.
+    pub async fn forward(mut self, source: &mut dyn RequestSource) -> Result<Response, ApiError> {
+        let mut skipped = None;
+        let mut last = None;
+        let mut attempt = 0;
+        let model = Arc::clone(&self.model);
+        for route in &model.routes {
+            if attempt == self.model.failover.max_attempts {
+                break;
+            }
+            if let Err(wait) = self.state.breakers.admit(&route.provider.name) {
+                skipped.get_or_insert((route.provider.name.clone(), wait));
+                continue;
+            }
+            let more = attempt + 1 < self.model.failover.max_attempts;
+            match self.attempt(source, route, attempt).await? {
+                Attempt::Answered(response) => return Ok(response),
+                Attempt::Failed(response) => {
+                    attempt += 1;
+                    if more {
+                        tracing::warn!(request_id = %self.request_id.0, provider = %route.provider.name, status = response.status().as_u16(), "failing over to the next route");
+                    }
+                    last = Some(response);
+                }
+            }
+        }
+        if let Some(response) = last {
+            return Ok(response);
+        }
+        let (provider, wait) = skipped.unwrap_or_else(|| (String::new(), Duration::from_secs(1)));
+        Err(ApiError::CircuitOpen {
+            provider,
+            retry_after: wait,
+        })
+    }
+
+    async fn attempt(
+        &mut self,
+        source: &mut dyn RequestSource,
+        route: &Route,
+        attempt: usize,
+    ) -> Result<Attempt, ApiError> {
         let provider = &route.provider;
+        let breakers = &self.state.breakers;
+        let Prepared { request, pump } = match source.prepare(route, attempt).await {
+            Ok(prepared) => prepared,
+            Err(err) => {
+                breakers.release_probe(&provider.name);
+                return Err(err);
+            }
+        };
         let started = Instant::now();
         let created_at = Utc::now();
         let slot = Arc::clone(&request.summary);
-        let send = self.runtime.upstreams.send(provider, request);
+        let send = async {
+            tokio::time::timeout(
+                provider.first_byte_timeout,
+                self.runtime.upstreams.send(provider, request),
+            )
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout))
+        };
         let sent = match pump {
             None => send.await,
             Some(mut pump) => {
@@ -71,7 +142,10 @@ impl Call {
                         // An upload error returns here and drops the provider call, which
                         // is cancelled before its body completes.
                         result = &mut pump, if !pumped => {
-                            result?;
+                            if let Err(err) = result {
+                                breakers.release_probe(&provider.name);
+                                return Err(err);
+                            }
                             pumped = true;
                         }
                         sent = &mut send => break sent,
@@ -81,7 +155,11 @@ impl Call {
         };
         let ticket = UsageTicket {
             sink: self.state.usage.clone(),
-            request_id: self.request_id.0.to_string(),
+            request_id: if attempt == 0 {
+                self.request_id.0.to_string()
+            } else {
+                format!("{}-{}", self.request_id.0, attempt + 1)
+            },
             principal: Arc::clone(&self.principal),
             model: self.model.name.clone(),
             provider: provider.name.clone(),
@@ -96,6 +174,7 @@ impl Call {
         let answer = match sent {
             Ok(answer) => answer,
             Err(err) => {
+                breakers.failure(&provider.name, provider.breaker);
                 let error = match err {
                     UpstreamError::Timeout => ApiError::UpstreamTimeout {
                         provider: provider.name.clone(),
@@ -112,11 +191,27 @@ impl Call {
                     Outcome::Failed,
                     &Extracted::default(),
                 );
-                return Ok(forwarded(error.into_response(), &provider.name));
+                return Ok(Attempt::Failed(forwarded(
+                    error.into_response(),
+                    &provider.name,
+                )));
             }
         };
 
         if !answer.status.is_success() {
+            let fails_over = self
+                .model
+                .failover
+                .on_status
+                .contains(&answer.status.as_u16());
+            if fails_over
+                && (answer.status.is_server_error()
+                    || answer.status == StatusCode::TOO_MANY_REQUESTS)
+            {
+                breakers.failure(&provider.name, provider.breaker);
+            } else {
+                breakers.success(&provider.name);
+            }
             let body =
                 tokio::time::timeout(ERROR_BODY_WAIT, read_capped(answer.body, ERROR_BODY_LIMIT))
                     .await
@@ -133,9 +228,15 @@ impl Call {
                 Outcome::UpstreamError,
                 &Extracted::default(),
             );
-            return Ok(forwarded(error.into_response(), &provider.name));
+            let response = forwarded(error.into_response(), &provider.name);
+            return Ok(if fails_over {
+                Attempt::Failed(response)
+            } else {
+                Attempt::Answered(response)
+            });
         }
 
+        breakers.success(&provider.name);
         let kind = match answer
             .headers
             .get(header::CONTENT_TYPE)
@@ -144,6 +245,8 @@ impl Call {
             Some(ct) if ct.starts_with("text/event-stream") => BodyKind::Sse,
             _ => BodyKind::Json,
         };
+        let kept_headers =
+            dedupe::kept_headers(answer.headers.get(header::CONTENT_TYPE), &provider.name);
         let metered = Metered::new(
             answer.body,
             kind,
@@ -151,7 +254,9 @@ impl Call {
             answer.status.as_u16(),
             ticket,
             self.state.tasks.clone(),
-        );
+        )
+        .keep_for_retries(self.keep.take(), kept_headers)
+        .keepalive((kind == BodyKind::Sse).then_some(self.runtime.config.server.sse_keepalive));
         let mut response = Response::new(Body::from_stream(metered));
         *response.status_mut() = answer.status;
         let headers = response.headers_mut();
@@ -161,7 +266,10 @@ impl Call {
             // Tells nginx-style proxies in between not to buffer the events.
             headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
         }
-        Ok(forwarded(response, &provider.name))
+        if attempt > 0 {
+            headers.insert("x-imagegate-attempts", HeaderValue::from(attempt + 1));
+        }
+        Ok(Attempt::Answered(forwarded(response, &provider.name)))
     }
 }
 

@@ -1,15 +1,20 @@
 //! Taps a provider's response body on its way to the client: reads usage, rewrites what a
 //! route needs rewritten, and records one usage row when the body ends, however it ends.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures_util::{Stream, StreamExt};
+use http::HeaderMap;
+use tokio::io::AsyncWriteExt;
 use tokio_util::task::TaskTracker;
+
+use crate::routing::dedupe::{KeepTicket, write_chunk};
 
 use crate::auth::Principal;
 use crate::config::Price;
@@ -132,6 +137,59 @@ pub struct Metered {
     ticket: Option<UsageTicket>,
     status: u16,
     tasks: TaskTracker,
+    /// Set when retries of this request may collect its result.
+    keep: Option<(KeepTicket, HeaderMap)>,
+    /// Whether any byte reached the client.
+    sent_any: bool,
+    keepalive: Option<KeepAlive>,
+}
+
+/// An SSE comment: clients ignore it, proxies see traffic.
+const KEEPALIVE: &[u8] = b": keep-alive\n\n";
+
+/// Sends an SSE comment when the provider has been quiet for a while, so that proxies in
+/// between do not cut the stream. Only between events: never inside one.
+struct KeepAlive {
+    every: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    /// The last byte sent ended an event (or nothing was sent yet).
+    at_boundary: bool,
+    /// The last bytes sent.
+    tail: [u8; 4],
+}
+
+impl KeepAlive {
+    fn new(every: Duration) -> Self {
+        KeepAlive {
+            every,
+            timer: Box::pin(tokio::time::sleep(every)),
+            at_boundary: true,
+            tail: *b"\n\n\n\n",
+        }
+    }
+
+    fn sent(&mut self, out: &[u8]) {
+        for &b in &out[out.len().saturating_sub(4)..] {
+            self.tail = [self.tail[1], self.tail[2], self.tail[3], b];
+        }
+        self.at_boundary = self.tail.ends_with(b"\n\n") || self.tail == *b"\r\n\r\n";
+        self.timer
+            .as_mut()
+            .reset(tokio::time::Instant::now() + self.every);
+    }
+
+    /// Whether a comment is due now; registers the timer's wake-up otherwise.
+    fn due(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.timer.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        self.timer
+            .as_mut()
+            .reset(tokio::time::Instant::now() + self.every);
+        // Re-arm the waker for the next interval.
+        let _ = self.timer.as_mut().poll(cx);
+        self.at_boundary
+    }
 }
 
 impl Metered {
@@ -149,7 +207,23 @@ impl Metered {
             ticket: Some(ticket),
             status,
             tasks,
+            keep: None,
+            sent_any: false,
+            keepalive: None,
         }
+    }
+
+    /// For SSE bodies: a comment after `every` of silence between events.
+    pub fn keepalive(mut self, every: Option<Duration>) -> Self {
+        self.keepalive = every.map(KeepAlive::new);
+        self
+    }
+
+    /// Lets a retry collect this result if the client goes away before receiving any of
+    /// it; `headers` are what the retry is answered with.
+    pub fn keep_for_retries(mut self, keep: Option<KeepTicket>, headers: HeaderMap) -> Self {
+        self.keep = keep.map(|k| (k, headers));
+        self
     }
 
     fn finish(&mut self, outcome: Outcome) {
@@ -169,10 +243,22 @@ impl Stream for Metered {
             let Some(inner) = this.inner.as_mut() else {
                 return Poll::Ready(None);
             };
-            match ready!(inner.poll_next_unpin(cx)) {
+            let polled = inner.poll_next_unpin(cx);
+            if polled.is_pending() {
+                if let Some(keepalive) = &mut this.keepalive {
+                    if keepalive.due(cx) {
+                        return Poll::Ready(Some(Ok(Bytes::from_static(KEEPALIVE))));
+                    }
+                }
+            }
+            match ready!(polled) {
                 Some(Ok(chunk)) => {
                     let out = this.extractor.feed(chunk);
                     if !out.is_empty() {
+                        this.sent_any = true;
+                        if let Some(keepalive) = &mut this.keepalive {
+                            keepalive.sent(&out);
+                        }
                         return Poll::Ready(Some(Ok(out)));
                     }
                 }
@@ -200,13 +286,28 @@ impl Drop for Metered {
         let mut extractor =
             std::mem::replace(&mut self.extractor, Extractor::new(BodyKind::Json, false));
         let status = self.status;
-        tracing::info!(request_id = %ticket.request_id, "client disconnected; reading the rest of the provider's answer");
+        // A result none of which reached the client can be kept whole for its retry.
+        let keep = if self.sent_any {
+            None
+        } else {
+            self.keep.take()
+        };
+        tracing::info!(request_id = %ticket.request_id, keep = keep.is_some(), "client disconnected; reading the rest of the provider's answer");
         self.tasks.spawn(async move {
+            let mut file = match &keep {
+                Some((ticket, _)) => ticket.create_file().await.ok(),
+                None => None,
+            };
             let mut outcome = Outcome::Completed;
             while let Some(chunk) = inner.next().await {
                 match chunk {
                     Ok(chunk) => {
-                        extractor.feed(chunk);
+                        let out = extractor.feed(chunk);
+                        if let Some((_, f)) = &mut file {
+                            if write_chunk(f, &out).await.is_err() {
+                                file = None;
+                            }
+                        }
                     }
                     Err(_) => {
                         outcome = Outcome::Failed;
@@ -214,8 +315,16 @@ impl Drop for Metered {
                     }
                 }
             }
-            extractor.finish();
+            let tail = extractor.finish();
             ticket.finish(status, outcome, &extractor.extracted());
+            if let (Some((path, mut f)), Some((keep, headers)), Outcome::Completed) =
+                (file, keep, outcome)
+            {
+                if write_chunk(&mut f, &tail).await.is_ok() && f.flush().await.is_ok() {
+                    let status = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
+                    keep.keep(path, status, headers);
+                }
+            }
         });
     }
 }

@@ -332,9 +332,14 @@ impl TestGateway {
         self._dir.path().join("journal")
     }
 
-    /// How many spool files exist right now.
+    /// How many upload spool files exist right now.
     pub fn spool_files(&self) -> usize {
-        std::fs::read_dir(self.spool_dir()).map_or(0, |entries| entries.count())
+        std::fs::read_dir(self.spool_dir()).map_or(0, |entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".part"))
+                .count()
+        })
     }
 
     pub fn url(&self, path: &str) -> String {

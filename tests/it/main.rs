@@ -2,7 +2,10 @@
 
 mod cli;
 mod db;
+mod dedupe;
 mod edits;
+mod failover;
+mod faults;
 mod generations;
 mod helpers;
 mod journal;

@@ -341,3 +341,97 @@ async fn health_readiness_and_metrics() {
     assert!(!metrics.contains(PROVIDER_KEY) && !metrics.contains(&gw.key));
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn quiet_sse_streams_get_keep_alive_comments_between_events_only() {
+    let event = |kind: &str| {
+        format!(
+            "event: image_generation.{kind}\ndata: {{\"type\":\"image_generation.{kind}\",\"b64_json\":\"{PNG_B64}\",\"usage\":{USAGE}}}\n\n"
+        )
+    };
+    let (partial, completed) = (event("partial_image"), event("completed"));
+    let provider = StandIn::start(move |_| {
+        let (p, c) = (partial.clone(), completed.clone());
+        // The first event, a pause, then the last event split mid-line with another pause.
+        let (c1, c2) = (c[..30].to_owned(), c[30..].to_owned());
+        let parts = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from(p))])
+            .chain(futures_util::stream::once(async move {
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                Ok(Bytes::from(c1))
+            }))
+            .chain(futures_util::stream::once(async move {
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                Ok(Bytes::from(c2))
+            }));
+        let mut response = respond(200, "text/event-stream", "");
+        *response.body_mut() = Body::from_stream(parts);
+        response
+    })
+    .await;
+    let config = test_config(&provider.base_url(), "").replacen(
+        "[server]\n",
+        "[server]\nsse_keepalive = \"200ms\"\n",
+        1,
+    );
+    let gw = TestGateway::start(Db::Sqlite, &config).await;
+    let text = gw
+        .post_json(GEN, r#"{"prompt":"p","stream":true}"#)
+        .await
+        .text()
+        .await
+        .expect("body");
+    let (before, rest) = text.split_at(
+        text.find("event: image_generation.completed")
+            .expect("completed event"),
+    );
+    assert!(
+        before.contains(": keep-alive\n\n"),
+        "a comment during the pause between events:\n{text}"
+    );
+    assert!(
+        !rest.contains(": keep-alive"),
+        "never inside an event:\n{text}"
+    );
+    assert_eq!(
+        text.replace(": keep-alive\n\n", ""),
+        format!("{}{}", event("partial_image"), event("completed"))
+    );
+    let rows = gw.usage_rows(1).await;
+    assert_eq!(
+        (rows[0].output_tokens, rows[0].images),
+        (765, 1),
+        "comments do not disturb usage"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_lets_requests_in_flight_finish_and_records_them() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    provider.set_delay(Duration::from_millis(600));
+    let gw = TestGateway::start(Db::Postgres, &test_config(&provider.base_url(), "")).await;
+    let store = Arc::clone(&gw.store);
+    let addr = gw.addr;
+    let client = gw.client.clone();
+    let request = client
+        .post(gw.url(GEN))
+        .bearer_auth(&gw.key)
+        .header("content-type", "application/json")
+        .body(BODY)
+        .send();
+    let in_flight = async { request.await.expect("in flight") };
+    let stop = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        gw.shutdown().await;
+    };
+    let (response, ()) = tokio::join!(in_flight, stop);
+    assert_eq!(response.status(), 200);
+    // The server stopped accepting; the request in flight finished and was recorded.
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "no longer accepting"
+    );
+    let rows = all_rows(&*store).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].output_tokens, 765);
+}

@@ -1,0 +1,170 @@
+//! Never pay twice: a client that leaves while the provider works still gets its call
+//! completed and billed once, and its SDK's retry collects that result.
+
+use std::time::Duration;
+
+use crate::helpers::*;
+
+const GEN: &str = "/v1/images/generations";
+const BODY: &str = r#"{"model":"gpt-image-1","prompt":"a slow fox"}"#;
+
+async fn post(
+    gw: &TestGateway,
+    body: &str,
+    headers: &[(&str, &str)],
+    timeout: Option<Duration>,
+) -> reqwest::Result<reqwest::Response> {
+    let mut request = gw
+        .client
+        .post(gw.url(GEN))
+        .bearer_auth(&gw.key)
+        .header("content-type", "application/json")
+        .body(body.to_owned());
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    if let Some(timeout) = timeout {
+        request = request.timeout(timeout);
+    }
+    request.send().await
+}
+
+#[tokio::test]
+async fn a_retry_after_a_cut_connection_collects_the_original_instead_of_paying_again() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    provider.set_delay(Duration::from_millis(800));
+    let gw = TestGateway::start(Db::Postgres, &test_config(&provider.base_url(), "")).await;
+
+    // The SDK's own timeout cuts the first try while the provider still works on it.
+    let first = post(
+        &gw,
+        BODY,
+        &[("x-stainless-retry-count", "0")],
+        Some(Duration::from_millis(200)),
+    )
+    .await;
+    assert!(
+        first.is_err(),
+        "the first try timed out on the client's side"
+    );
+    // Its retry attaches to the call in flight and gets its answer.
+    let retry = post(&gw, BODY, &[("x-stainless-retry-count", "1")], None)
+        .await
+        .expect("retry");
+    assert_eq!(retry.status(), 200);
+    assert_eq!(retry.headers()["x-imagegate-duplicate"], "attached");
+    assert_eq!(retry.headers()["x-imagegate-provider"], "piapi");
+    assert_eq!(retry.text().await.expect("body"), image_response(1, USAGE));
+    // A later retry gets the kept result.
+    let again = post(&gw, BODY, &[("x-stainless-retry-count", "2")], None)
+        .await
+        .expect("retry");
+    assert_eq!(again.headers()["x-imagegate-duplicate"], "replayed");
+    assert_eq!(again.text().await.expect("body"), image_response(1, USAGE));
+
+    assert_eq!(
+        provider.requests().len(),
+        1,
+        "one provider call for three tries"
+    );
+    let rows = gw.usage_rows(1).await;
+    assert_eq!(
+        (rows[0].input_tokens, rows[0].output_tokens, rows[0].status),
+        (1124, 765, 200)
+    );
+
+    // A new request (not a retry) with the same body is a new image: it calls again.
+    provider.set_delay(Duration::ZERO);
+    let fresh = post(&gw, BODY, &[("x-stainless-retry-count", "0")], None)
+        .await
+        .expect("fresh");
+    assert!(fresh.headers().get("x-imagegate-duplicate").is_none());
+    fresh.bytes().await.expect("body");
+    // A retry with another body is another request.
+    let other = post(
+        &gw,
+        r#"{"model":"gpt-image-1","prompt":"another"}"#,
+        &[("x-stainless-retry-count", "1")],
+        None,
+    )
+    .await
+    .expect("other");
+    assert!(other.headers().get("x-imagegate-duplicate").is_none());
+    other.bytes().await.expect("body");
+    assert_eq!(provider.requests().len(), 3);
+    gw.usage_rows(3).await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn idempotency_keys_match_requests_and_errors_are_not_kept() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    provider.set_delay(Duration::from_millis(500));
+    let gw = TestGateway::start(Db::Sqlite, &test_config(&provider.base_url(), "")).await;
+    let key = [("idempotency-key", "order-42")];
+    let first = post(&gw, BODY, &key, Some(Duration::from_millis(100))).await;
+    assert!(first.is_err());
+    let second = post(&gw, BODY, &key, None).await.expect("second");
+    assert_eq!(second.headers()["x-imagegate-duplicate"], "attached");
+    second.bytes().await.expect("body");
+    let other_key = post(&gw, BODY, &[("idempotency-key", "order-43")], None)
+        .await
+        .expect("other");
+    assert!(other_key.headers().get("x-imagegate-duplicate").is_none());
+    other_key.bytes().await.expect("body");
+    assert_eq!(provider.requests().len(), 2);
+
+    // A provider error is never kept: its retry calls again (and may succeed).
+    provider.set_delay(Duration::ZERO);
+    provider.set_handler(|_| respond(500, "text/plain", "oops"));
+    let failed = post(
+        &gw,
+        r#"{"prompt":"x"}"#,
+        &[("x-stainless-retry-count", "0")],
+        None,
+    )
+    .await
+    .expect("send");
+    assert_eq!(failed.status(), 502);
+    provider.set_handler(|_| respond(200, "application/json", image_response(1, USAGE)));
+    let retried = post(
+        &gw,
+        r#"{"prompt":"x"}"#,
+        &[("x-stainless-retry-count", "1")],
+        None,
+    )
+    .await
+    .expect("send");
+    assert_eq!(retried.status(), 200);
+    assert!(retried.headers().get("x-imagegate-duplicate").is_none());
+    retried.bytes().await.expect("body");
+    assert_eq!(provider.requests().len(), 4);
+    gw.usage_rows(4).await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn duplicate_protection_can_be_turned_off() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    provider.set_delay(Duration::from_millis(400));
+    let config = test_config(&provider.base_url(), "").replacen(
+        "[server]\n",
+        "[server]\nduplicate_protection = false\n",
+        1,
+    );
+    let gw = TestGateway::start(Db::Sqlite, &config).await;
+    assert!(
+        post(&gw, BODY, &[], Some(Duration::from_millis(100)))
+            .await
+            .is_err()
+    );
+    let retry = post(&gw, BODY, &[("x-stainless-retry-count", "1")], None)
+        .await
+        .expect("retry");
+    assert!(retry.headers().get("x-imagegate-duplicate").is_none());
+    retry.bytes().await.expect("body");
+    assert_eq!(provider.requests().len(), 2);
+    // Both calls were billed by the provider, so both are recorded.
+    gw.usage_rows(2).await;
+    gw.shutdown().await;
+}

@@ -1,0 +1,342 @@
+//! Failover between a model's routes and the circuit breaker per provider, for generations
+//! and for edits (replayed from the disk spool).
+
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use serde_json::Value;
+
+use crate::generations::expect_error;
+use crate::helpers::*;
+use imagegate::usage::Outcome;
+
+const GEN: &str = "/v1/images/generations";
+
+/// Two providers, `first` and `second`, behind the model `duo`; `solo` only on `first`.
+fn duo_config(first: &str, second: &str, extra_model: &str) -> String {
+    duo_config_with(first, second, extra_model, 10)
+}
+
+fn duo_config_with(first: &str, second: &str, extra_model: &str, breaker_failures: u32) -> String {
+    let extra = format!(
+        r#"
+[providers.first]
+base_url = "{first}"
+api_key_env = "TEST_PIAPI_KEY"
+first_byte_timeout = "1s"
+breaker_failures = {breaker_failures}
+breaker_cooldown = "1s"
+[providers.second]
+base_url = "{second}"
+api_key_env = "TEST_PIAPI_KEY"
+image_field = "image[]"
+[models.duo]
+routes = [{{ provider = "first", model = "m1" }}, {{ provider = "second", model = "m2", defaults = {{ quality = "low" }} }}]
+{extra_model}
+[models.solo]
+routes = [{{ provider = "first", model = "m1" }}]
+[pricing.first.m1]
+per_image = 0.05
+[pricing.second.m2]
+per_image = 0.03
+"#
+    );
+    test_config(second, &extra)
+}
+
+async fn generate(gw: &TestGateway, model: &str) -> reqwest::Response {
+    gw.post_json(GEN, &format!(r#"{{"model":"{model}","prompt":"fox"}}"#))
+        .await
+}
+
+#[tokio::test]
+async fn generations_fail_over_on_5xx_429_refused_and_timeouts_but_not_on_4xx() {
+    let first = StandIn::json(500, "oops").await;
+    let second = StandIn::json(200, &image_response(1, USAGE)).await;
+    let gw = TestGateway::start(
+        Db::Postgres,
+        &duo_config(&first.base_url(), &second.base_url(), ""),
+    )
+    .await;
+
+    // 500 on the first route: the second answers, the client sees one response.
+    let response = generate(&gw, "duo").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-imagegate-provider"], "second");
+    assert_eq!(response.headers()["x-imagegate-attempts"], "2");
+    assert_eq!(
+        response.text().await.expect("body"),
+        image_response(1, USAGE)
+    );
+    let sent = second.requests()[0].json();
+    assert_eq!(
+        (sent["model"].as_str(), sent["quality"].as_str()),
+        (Some("m2"), Some("low")),
+        "the second route's own rewrite"
+    );
+
+    // 429, then a first-byte timeout: both fail over.
+    first.set_handler(|_| {
+        respond(
+            429,
+            "application/json",
+            r#"{"error":{"message":"busy","type":"rate_limit","param":null,"code":null}}"#,
+        )
+    });
+    assert_eq!(generate(&gw, "duo").await.status(), 200);
+    first.set_handler(|_| respond(200, "application/json", image_response(1, USAGE)));
+    first.set_delay(Duration::from_secs(3));
+    let response = generate(&gw, "duo").await;
+    assert_eq!(response.headers()["x-imagegate-provider"], "second");
+    response.bytes().await.expect("body");
+
+    // A 400 is the client's problem: no failover, and the SDKs are told not to retry.
+    first.set_delay(Duration::ZERO);
+    first.set_handler(|_| respond(400, "application/json", r#"{"error":{"message":"bad size","type":"invalid_request_error","param":"size","code":null}}"#));
+    let response = generate(&gw, "duo").await;
+    assert_eq!(response.headers()["x-should-retry"], "false");
+    expect_error(response, 400).await;
+    assert_eq!(second.requests().len(), 3);
+
+    let rows = gw.usage_rows(7).await;
+    let summary: Vec<(String, i32, Outcome)> = rows
+        .iter()
+        .map(|r| (r.provider.clone(), r.status, r.outcome))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("first".into(), 502, Outcome::UpstreamError),
+            ("second".into(), 200, Outcome::Completed),
+            ("first".into(), 429, Outcome::UpstreamError),
+            ("second".into(), 200, Outcome::Completed),
+            ("first".into(), 504, Outcome::Failed),
+            ("second".into(), 200, Outcome::Completed),
+            ("first".into(), 400, Outcome::UpstreamError),
+        ]
+    );
+    assert_eq!(
+        rows[1].request_id,
+        format!("{}-2", rows[0].request_id),
+        "one request, two attempts"
+    );
+    assert_eq!(rows[1].cost_nanousd, 30_000_000);
+    assert!(
+        rows.iter()
+            .filter(|r| r.provider == "first")
+            .all(|r| r.cost_nanousd == 0)
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn no_failover_once_a_provider_has_begun_a_successful_answer() {
+    let first = StandIn::start(|_| {
+        // The status and a first chunk go out, then the provider breaks off.
+        let first = futures_util::stream::once(async {
+            Ok::<_, std::io::Error>(Bytes::from_static(
+                b"{\"created\":1,\"data\":[{\"b64_json\":\"AAAA",
+            ))
+        });
+        let broken = futures_util::stream::once(async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Err(std::io::Error::other("provider broke off"))
+        });
+        let mut response = respond(200, "application/json", "");
+        *response.body_mut() = Body::from_stream(futures_util::StreamExt::chain(first, broken));
+        response
+    })
+    .await;
+    let second = StandIn::json(200, &image_response(1, USAGE)).await;
+    let gw = TestGateway::start(
+        Db::Sqlite,
+        &duo_config(&first.base_url(), &second.base_url(), ""),
+    )
+    .await;
+    let response = generate(&gw, "duo").await;
+    assert_eq!(response.status(), 200);
+    let body = response.bytes().await;
+    assert!(
+        body.is_err(),
+        "the broken body reaches the client as a broken body: {body:?}"
+    );
+    assert!(
+        second.requests().is_empty(),
+        "never a second call after a successful start"
+    );
+    let rows = gw.usage_rows(1).await;
+    assert_eq!(
+        (rows[0].provider.as_str(), rows[0].outcome),
+        ("first", Outcome::Failed)
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn max_attempts_and_connection_refused() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead = format!("http://{}/v1", closed.local_addr().expect("addr"));
+    drop(closed);
+    let second = StandIn::json(200, &image_response(1, USAGE)).await;
+    let one_attempt = r#"
+[models.duo-once]
+routes = [{ provider = "first", model = "m1" }, { provider = "second", model = "m2" }]
+failover = { max_attempts = 1 }
+"#;
+    let gw = TestGateway::start(
+        Db::Sqlite,
+        &duo_config(&dead, &second.base_url(), one_attempt),
+    )
+    .await;
+    let response = generate(&gw, "duo").await;
+    assert_eq!(response.headers()["x-imagegate-provider"], "second");
+    response.bytes().await.expect("body");
+    expect_error(generate(&gw, "duo-once").await, 502).await;
+    assert_eq!(second.requests().len(), 1);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_breaker_skips_a_failing_provider_then_probes_it() {
+    let first = StandIn::json(503, "down").await;
+    let second = StandIn::json(200, &image_response(1, USAGE)).await;
+    let gw = TestGateway::start(
+        Db::Postgres,
+        &duo_config_with(&first.base_url(), &second.base_url(), "", 2),
+    )
+    .await;
+    for _ in 0..2 {
+        generate(&gw, "duo").await.bytes().await.expect("body");
+    }
+    assert_eq!(first.requests().len(), 2);
+    let ready: Value = gw
+        .client
+        .get(gw.url("/readyz"))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(ready["checks"]["providers"]["first"], "open");
+    // Open: the first provider is skipped, the second serves at once.
+    let response = generate(&gw, "duo").await;
+    assert_eq!(response.headers()["x-imagegate-provider"], "second");
+    assert!(
+        response.headers().get("x-imagegate-attempts").is_none(),
+        "one attempt only"
+    );
+    response.bytes().await.expect("body");
+    assert_eq!(first.requests().len(), 2);
+    // A model with no other route gets a 503 with retry-after while the circuit is open.
+    let response = generate(&gw, "solo").await;
+    assert!(response.headers().contains_key("retry-after"));
+    let error = expect_error(response, 503).await;
+    assert_eq!(error["code"], "provider_unavailable");
+    let metrics = gw
+        .client
+        .get(gw.url("/metrics"))
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("imagegate_provider_circuit_open{provider=\"first\"} 1"),
+        "{metrics}"
+    );
+    // After the cooldown one request probes the provider; it has recovered.
+    first.set_handler(|_| respond(200, "application/json", image_response(1, USAGE)));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let response = generate(&gw, "duo").await;
+    assert_eq!(response.headers()["x-imagegate-provider"], "first");
+    response.bytes().await.expect("body");
+    let ready: Value = gw
+        .client
+        .get(gw.url("/readyz"))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(ready["checks"]["providers"]["first"], "closed");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn edits_fail_over_with_the_upload_replayed_from_the_spool() {
+    let first = StandIn::json(502, "bad gateway").await;
+    let second = StandIn::json(200, &image_response(1, USAGE)).await;
+    let gw = TestGateway::start(
+        Db::Postgres,
+        &duo_config(&first.base_url(), &second.base_url(), ""),
+    )
+    .await;
+    let image: Vec<u8> = b"\x89PNG\r\n\x1a\n"
+        .iter()
+        .copied()
+        .chain((0..300_000u32).map(|i| (i % 251) as u8))
+        .collect();
+    let boundary = "b0undary";
+    let mut body = Vec::new();
+    for (name, value) in [("model", "duo"), ("prompt", "blue")] {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+            )
+            .as_bytes(),
+        );
+    }
+    body.extend_from_slice(
+        format!("--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\nContent-Type: application/octet-stream\r\n\r\n")
+            .as_bytes(),
+    );
+    body.extend_from_slice(&image);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let response = gw
+        .client
+        .post(gw.url("/v1/images/edits"))
+        .bearer_auth(&gw.key)
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(body)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-imagegate-provider"], "second");
+    response.bytes().await.expect("body");
+    let to_first = first.complete_requests();
+    let to_second = second.complete_requests();
+    assert_eq!((to_first.len(), to_second.len()), (1, 1));
+    for (got, model, field) in [
+        (&to_first[0], "m1", "name=\"image\""),
+        (&to_second[0], "m2", "name=\"image[]\""),
+    ] {
+        let text = String::from_utf8_lossy(&got.body);
+        assert!(
+            text.contains(&format!("name=\"model\"\r\n\r\n{model}\r\n")),
+            "{model}"
+        );
+        assert!(
+            text.contains(field) && text.contains("Content-Type: image/png"),
+            "{model}"
+        );
+        assert!(
+            got.body.windows(image.len()).any(|w| w == image.as_slice()),
+            "image bytes identical for {model}"
+        );
+    }
+    assert_eq!(gw.spool_files(), 0);
+    let rows = gw.usage_rows(2).await;
+    assert_eq!(
+        rows.iter().map(|r| r.endpoint.as_str()).collect::<Vec<_>>(),
+        ["edits", "edits"]
+    );
+    gw.shutdown().await;
+}
