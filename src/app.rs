@@ -81,9 +81,10 @@ impl AppState {
         let config = Config::load(&current.config.source, &self.env)?;
         if config.database_url != current.config.database_url
             || config.server.listen != current.config.server.listen
+            || config.server.journal_dir != current.config.server.journal_dir
         {
             tracing::warn!(
-                "database.url and server.listen changes take effect at the next restart"
+                "database.url, server.listen and server.journal_dir changes take effect at the next restart"
             );
         }
         let runtime =
@@ -102,7 +103,8 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Connects the store, applies migrations and starts the usage writer.
+    /// Connects the store, applies migrations, opens the usage journal and starts shipping
+    /// it (first what an earlier run left).
     pub async fn start(config: Config, env: EnvLookup) -> anyhow::Result<Gateway> {
         let stale = crate::multipart::clean_spool_dir(&config.server.spool_dir).map_err(|e| {
             anyhow::anyhow!(
@@ -118,7 +120,10 @@ impl Gateway {
         }
         let store = crate::store::connect(&config.database_url).await?;
         store.migrate().await?;
-        let (usage, writer) = UsageWriter::start(Arc::clone(&store));
+        // Before the journal, which reports its backlog to the recorder.
+        let metrics = metrics_handle();
+        let (usage, writer) =
+            UsageWriter::start(Arc::clone(&store), &config.server.journal_dir).await?;
         let keys = KeyCache::new(config.server.key_cache_ttl);
         let results = crate::routing::dedupe::results_dir(&config.server.spool_dir);
         let dedupe = Arc::new(
@@ -136,7 +141,7 @@ impl Gateway {
             usage,
             keys,
             tasks: TaskTracker::new(),
-            metrics: metrics_handle(),
+            metrics,
             breakers: Breakers::default(),
             dedupe,
             reload_lock: std::sync::Mutex::new(()),
@@ -145,7 +150,9 @@ impl Gateway {
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, lets requests in flight
-    /// finish within the configured grace, waits for tracked work and flushes usage.
+    /// finish within the configured grace, waits for tracked work, then fsyncs the usage
+    /// journal and writes what it holds to the database (within the grace again; what is
+    /// left stays in the journal for the next start).
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -177,7 +184,7 @@ impl Gateway {
                 "tracked work still running after the grace"
             );
         }
-        self.writer.close().await;
+        self.writer.close(grace).await;
         tracing::info!("stopped");
         Ok(())
     }

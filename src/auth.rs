@@ -86,19 +86,32 @@ impl KeyCache {
         key: &str,
     ) -> StoreResult<Option<Arc<Principal>>> {
         let hash = hash_key(key);
-        if let Some((principal, at)) = self
+        let cached = self
             .entries
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&hash)
-        {
+            .cloned();
+        if let Some((principal, at)) = &cached {
             if at.elapsed() < self.ttl {
                 return Ok(principal.clone());
             }
         }
-        let principal = store
-            .find_key_by_hash(&hash)
-            .await?
+        let found = match store.find_key_by_hash(&hash).await {
+            Ok(found) => found,
+            // The database is down: a key seen before keeps its last answer, so that requests
+            // are still served (their usage waits in the journal). It is asked again after
+            // another TTL.
+            Err(err) => {
+                let Some((principal, _)) = cached else {
+                    return Err(err);
+                };
+                tracing::warn!(%err, "key lookup failed; using the last known answer for this key");
+                self.remember(hash, principal.clone());
+                return Ok(principal);
+            }
+        };
+        let principal = found
             .filter(|record| record.revoked_at.is_none())
             .map(|record| {
                 Arc::new(Principal {
@@ -106,12 +119,16 @@ impl KeyCache {
                     name: record.name,
                 })
             });
+        self.remember(hash, principal.clone());
+        Ok(principal)
+    }
+
+    fn remember(&self, hash: String, principal: Option<Arc<Principal>>) {
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
         if entries.len() >= CACHE_CAPACITY {
             entries.clear();
         }
-        entries.insert(hash, (principal.clone(), Instant::now()));
-        Ok(principal)
+        entries.insert(hash, (principal, Instant::now()));
     }
 }
 

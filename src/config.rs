@@ -96,6 +96,8 @@ struct RawServer {
     duplicate_protection: bool,
     #[serde(default = "default_duplicate_window")]
     duplicate_window: String,
+    #[serde(default = "default_journal_dir")]
+    journal_dir: PathBuf,
 }
 
 impl Default for RawServer {
@@ -115,6 +117,7 @@ impl Default for RawServer {
             duplicate_protection: true,
             duplicate_window: default_duplicate_window(),
             sse_keepalive: default_sse_keepalive(),
+            journal_dir: default_journal_dir(),
         }
     }
 }
@@ -167,6 +170,9 @@ fn default_duplicate_window() -> String {
 }
 fn default_spool_dir() -> PathBuf {
     PathBuf::from("data/spool")
+}
+fn default_journal_dir() -> PathBuf {
+    PathBuf::from("data/journal")
 }
 
 #[derive(Debug, Deserialize)]
@@ -327,6 +333,8 @@ pub struct ServerConfig {
     pub duplicate_protection: bool,
     /// How long a retry can find its original, and how long a result is kept for it.
     pub duplicate_window: Duration,
+    /// Where usage rows are journaled on their way to the database.
+    pub journal_dir: PathBuf,
 }
 
 /// Limits on multipart edits and variations.
@@ -596,7 +604,17 @@ impl Validator<'_> {
             sse_keepalive: self.duration("server.sse_keepalive", &s.sse_keepalive)?,
             duplicate_protection: s.duplicate_protection,
             duplicate_window: self.duration("server.duplicate_window", &s.duplicate_window)?,
+            journal_dir: s.journal_dir.clone(),
         };
+        if s.journal_dir.as_os_str().is_empty() {
+            return Err(self.err("server.journal_dir", "must name a folder"));
+        }
+        if s.journal_dir == s.spool_dir {
+            return Err(self.err(
+                "server.journal_dir",
+                "must not be server.spool_dir (the spool is emptied at every start)",
+            ));
+        }
         for (key, value) in [
             ("server.max_images", s.max_images as u64),
             ("server.max_image_bytes", s.max_image_bytes),
@@ -1016,6 +1034,10 @@ mod tests {
                 (
                     format!("{GOOD}\n[server]\nupstream_total_timeout = \"soon\""),
                     "server.upstream_total_timeout",
+                ),
+                (
+                    format!("{GOOD}\n[server]\nspool_dir = \"d\"\njournal_dir = \"d\""),
+                    "server.journal_dir",
                 ),
             ];
             for (text, key) in cases {

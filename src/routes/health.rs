@@ -15,7 +15,8 @@ pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// Ready when the usage store answers within two seconds.
+/// Ready when the usage store answers within two seconds. `usage_backlog` (rows journaled
+/// and not yet in the database) is reported, not judged: requests are served while it grows.
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let database = match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
         Ok(Ok(())) => "ok".to_owned(),
@@ -42,7 +43,11 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         .collect();
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
-        "checks": { "database": database, "providers": providers },
+        "checks": {
+            "database": database,
+            "usage_backlog": state.usage.backlog(),
+            "providers": providers,
+        },
     });
     (status, Json(body)).into_response()
 }

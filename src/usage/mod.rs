@@ -1,6 +1,7 @@
-//! Usage: read it from streamed bodies, price it, hand it to the writer.
+//! Usage: read it from streamed bodies, price it, journal it on disk, write it to the store.
 
 pub mod extract;
+pub mod journal;
 pub mod meter;
 pub mod price;
 pub mod writer;

@@ -1,77 +1,189 @@
-//! Hands usage rows to the store in batches, off the request path.
+//! Gets usage rows from the request path into the database without losing one: the row is
+//! appended to the journal on disk in the caller, a task fsyncs the journal every few
+//! milliseconds, and another ships it to the store in batches, retrying while the database
+//! is down. See [`crate::usage::journal`] for the files.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::usage::UsageRow;
+use crate::usage::journal::{DEFAULT_SEGMENT_BYTES, Journal};
 
+/// Rows per insert.
 const BATCH: usize = 256;
+/// How often the journal is fsync'd when rows were appended. A process crash loses no row
+/// (an append is in the page cache when `record` returns); an OS crash or power cut loses at
+/// most the rows of this window, plus the fsync's own time.
+const SYNC_INTERVAL: Duration = Duration::from_millis(10);
+/// Retries of a failed insert wait from this ...
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+/// ... doubling up to this.
+const MAX_RETRY: Duration = Duration::from_secs(5);
+/// An insert that takes longer is abandoned and retried; rows it did store are skipped then.
+const INSERT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Where finished requests drop their usage row. Sending never waits on the database.
+struct Shared {
+    journal: Journal,
+    /// Wakes the shipper when a row is appended.
+    appended: Notify,
+}
+
+/// Where finished requests drop their usage row. Recording writes to the journal on local
+/// disk; it never waits on the database.
 #[derive(Clone)]
 pub struct UsageSink {
-    tx: mpsc::UnboundedSender<UsageRow>,
+    shared: Arc<Shared>,
 }
 
 impl UsageSink {
+    /// Appends the row to the journal. Once this returns, the row survives a crash of the
+    /// process, and reaches the database as soon as the database accepts it.
     pub fn record(&self, row: UsageRow) {
-        if let Err(mpsc::error::SendError(row)) = self.tx.send(row) {
-            tracing::error!(request_id = %row.request_id, "usage writer has stopped; row not recorded");
+        match self.shared.journal.append(&row) {
+            Ok(()) => self.shared.appended.notify_one(),
+            Err(err) => {
+                metrics::counter!("imagegate_usage_journal_errors_total").increment(1);
+                // The log line is then the only record of the row: it carries all of it.
+                let row_json = serde_json::to_string(&row).unwrap_or_default();
+                tracing::error!(%err, request_id = %row.request_id, row = %row_json, "usage journal write failed; row not recorded");
+            }
         }
+    }
+
+    /// Rows recorded and not yet in the database.
+    pub fn backlog(&self) -> u64 {
+        self.shared.journal.backlog()
     }
 }
 
-/// The writer task; [`UsageWriter::close`] writes what is queued and waits for it.
+/// The journal's tasks; [`UsageWriter::close`] flushes and stops them.
 pub struct UsageWriter {
-    stop: CancellationToken,
-    join: JoinHandle<()>,
+    shared: Arc<Shared>,
+    /// Stops the fsync task (after a last fsync).
+    stop_sync: CancellationToken,
+    /// Tells the shipper to stop once the journal is empty.
+    drain: CancellationToken,
+    /// Stops the shipper now, mid-retry if need be.
+    abort: CancellationToken,
+    syncer: JoinHandle<()>,
+    shipper: JoinHandle<()>,
 }
 
 impl UsageWriter {
-    pub fn start(store: Arc<dyn Store>) -> (UsageSink, UsageWriter) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let stop = CancellationToken::new();
+    /// Opens the journal in `dir` and starts fsyncing it and shipping it, beginning with
+    /// what an earlier run left.
+    pub async fn start(
+        store: Arc<dyn Store>,
+        dir: &Path,
+    ) -> anyhow::Result<(UsageSink, UsageWriter)> {
+        let path = dir.to_owned();
+        let journal =
+            tokio::task::spawn_blocking(move || Journal::open(&path, DEFAULT_SEGMENT_BYTES))
+                .await?
+                .map_err(|e| anyhow::anyhow!("server.journal_dir {}: {e}", dir.display()))?;
+        if journal.backlog() > 0 {
+            tracing::info!(
+                rows = journal.backlog(),
+                "usage rows left in the journal by an earlier run; writing them to the database"
+            );
+        }
+        let shared = Arc::new(Shared {
+            journal,
+            appended: Notify::new(),
+        });
+        let (stop_sync, drain, abort) = (
+            CancellationToken::new(),
+            CancellationToken::new(),
+            CancellationToken::new(),
+        );
         #[expect(
             clippy::disallowed_methods,
-            reason = "the writer outlives the request tasks and is joined by UsageWriter::close"
+            reason = "the journal tasks outlive the request tasks and are joined by UsageWriter::close"
         )]
-        let join = tokio::spawn(run(store, rx, stop.clone()));
-        (UsageSink { tx }, UsageWriter { stop, join })
+        let (syncer, shipper) = (
+            tokio::spawn(sync_every(Arc::clone(&shared), stop_sync.clone())),
+            tokio::spawn(ship(
+                Arc::clone(&shared),
+                store,
+                drain.clone(),
+                abort.clone(),
+            )),
+        );
+        let sink = UsageSink {
+            shared: Arc::clone(&shared),
+        };
+        let writer = UsageWriter {
+            shared,
+            stop_sync,
+            drain,
+            abort,
+            syncer,
+            shipper,
+        };
+        Ok((sink, writer))
     }
 
-    /// Writes every queued row, then stops. Call after the request tasks have finished.
-    pub async fn close(self) {
-        self.stop.cancel();
-        if let Err(err) = self.join.await {
-            tracing::error!(%err, "usage writer failed");
+    /// fsyncs the journal, then writes what it holds to the database for up to `grace`.
+    /// Rows still there after it stay in the journal for the next start. Call after the
+    /// request tasks have finished.
+    pub async fn close(self, grace: Duration) {
+        self.stop_sync.cancel();
+        if let Err(err) = self.syncer.await {
+            tracing::error!(%err, "usage journal fsync task failed");
+        }
+        self.drain.cancel();
+        let mut shipper = self.shipper;
+        let shipped = match tokio::time::timeout(grace, &mut shipper).await {
+            Ok(shipped) => shipped,
+            Err(_) => {
+                self.abort.cancel();
+                shipper.await
+            }
+        };
+        if let Err(err) = shipped {
+            tracing::error!(%err, "usage journal shipper failed");
+        }
+        let journal = &self.shared.journal;
+        let shared = Arc::clone(&self.shared);
+        match tokio::task::spawn_blocking(move || shared.journal.sync()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::error!(%err, "usage journal fsync failed"),
+            Err(err) => tracing::error!(%err, "usage journal fsync task failed"),
+        }
+        let left = journal.backlog();
+        if left > 0 {
+            tracing::warn!(
+                rows = left,
+                journal = %journal.dir().display(),
+                "usage rows not yet in the database; they stay in the journal and are written at the next start"
+            );
         }
     }
 }
 
-async fn run(
-    store: Arc<dyn Store>,
-    mut rx: mpsc::UnboundedReceiver<UsageRow>,
-    stop: CancellationToken,
-) {
-    let mut batch = Vec::with_capacity(BATCH);
+/// fsyncs the journal whenever rows were appended, at most every [`SYNC_INTERVAL`], and once
+/// more when stopped.
+async fn sync_every(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(SYNC_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let stopping = tokio::select! {
-            received = rx.recv_many(&mut batch, BATCH) => received == 0,
+            _ = tick.tick() => false,
             () = stop.cancelled() => true,
         };
-        if stopping {
-            while let Ok(row) = rx.try_recv() {
-                batch.push(row);
+        if shared.journal.needs_sync() {
+            let shared = Arc::clone(&shared);
+            match tokio::task::spawn_blocking(move || shared.journal.sync()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => tracing::error!(%err, "usage journal fsync failed"),
+                Err(err) => tracing::error!(%err, "usage journal fsync task failed"),
             }
-        }
-        if !batch.is_empty() {
-            write(&*store, &batch, stopping).await;
-            batch.clear();
         }
         if stopping {
             return;
@@ -79,26 +191,179 @@ async fn run(
     }
 }
 
-/// Retries until the rows are stored. At shutdown it gives up after a few tries and says
-/// how many rows it could not write.
-async fn write(store: &dyn Store, batch: &[UsageRow], stopping: bool) {
-    let mut delay = Duration::from_millis(100);
-    for attempt in 1u32.. {
-        match store.insert_usage(batch).await {
-            Ok(_) => {
-                metrics::counter!("imagegate_usage_rows_written_total")
-                    .increment(batch.len() as u64);
-                return;
-            }
-            Err(err) if stopping && attempt >= 5 => {
-                tracing::error!(%err, rows = batch.len(), "usage rows not written at shutdown");
-                return;
-            }
+/// Reads batches from the journal's cursor, inserts them, and moves the cursor past each
+/// once it is stored. Returns when drained and the journal is empty, or when aborted.
+async fn ship(
+    shared: Arc<Shared>,
+    store: Arc<dyn Store>,
+    drain: CancellationToken,
+    abort: CancellationToken,
+) {
+    let mut delay = FIRST_RETRY;
+    loop {
+        let reading = Arc::clone(&shared);
+        let batch = match tokio::task::spawn_blocking(move || reading.journal.read_batch(BATCH))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|read| read)
+        {
+            Ok(batch) => batch,
             Err(err) => {
-                tracing::warn!(%err, rows = batch.len(), attempt, "usage write failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+                tracing::error!(%err, "reading the usage journal failed; retrying");
+                if !pause(&mut delay, &abort).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        delay = FIRST_RETRY;
+        if batch.is_empty() {
+            if drain.is_cancelled() {
+                return;
+            }
+            tokio::select! {
+                () = shared.appended.notified() => {}
+                () = drain.cancelled() => {}
+                () = abort.cancelled() => return,
+            }
+            continue;
+        }
+        if !store_batch(&shared, &*store, &batch.rows, &abort).await {
+            return;
+        }
+        let committing = Arc::clone(&shared);
+        let committed =
+            tokio::task::spawn_blocking(move || committing.journal.commit(&batch)).await;
+        match committed {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                tracing::warn!(%err, "usage journal cursor not saved; the next start writes these rows again (they are skipped)");
+            }
+            Err(err) => tracing::error!(%err, "usage journal commit task failed"),
+        }
+    }
+}
+
+/// Stores the rows, retrying while the database is unreachable. When it refuses the batch
+/// itself, the rows are tried one by one and those it refuses are set aside, so that one bad
+/// row cannot hold up every row behind it. False when aborted first.
+async fn store_batch(
+    shared: &Arc<Shared>,
+    store: &dyn Store,
+    rows: &[UsageRow],
+    abort: &CancellationToken,
+) -> bool {
+    if rows.is_empty() {
+        return true;
+    }
+    match insert(store, rows, abort).await {
+        Insert::Stored => return true,
+        Insert::Aborted => return false,
+        Insert::Refused(_) if rows.len() > 1 => {}
+        Insert::Refused(err) => {
+            set_aside(shared, &rows[0], &err).await;
+            return true;
+        }
+    }
+    for row in rows {
+        match insert(store, std::slice::from_ref(row), abort).await {
+            Insert::Stored => {}
+            Insert::Aborted => return false,
+            Insert::Refused(err) => set_aside(shared, row, &err).await,
+        }
+    }
+    true
+}
+
+enum Insert {
+    Stored,
+    Aborted,
+    /// The database refused the rows themselves; trying them again cannot help.
+    Refused(StoreError),
+}
+
+/// Inserts the rows, retrying with backoff while the database is down, slow or busy.
+async fn insert(store: &dyn Store, rows: &[UsageRow], abort: &CancellationToken) -> Insert {
+    let mut delay = FIRST_RETRY;
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let result = tokio::select! {
+            result = tokio::time::timeout(INSERT_TIMEOUT, store.insert_usage(rows)) => result,
+            () = abort.cancelled() => return Insert::Aborted,
+        };
+        match result {
+            Ok(Ok(_)) => {
+                metrics::counter!("imagegate_usage_rows_written_total")
+                    .increment(rows.len() as u64);
+                return Insert::Stored;
+            }
+            Ok(Err(err)) if refused(&err) => return Insert::Refused(err),
+            Ok(Err(err)) => {
+                tracing::warn!(%err, rows = rows.len(), attempt, "usage write failed; the rows wait in the journal, retrying");
+            }
+            Err(_) => {
+                tracing::warn!(
+                    rows = rows.len(),
+                    attempt,
+                    timeout_secs = INSERT_TIMEOUT.as_secs(),
+                    "usage write timed out; the rows wait in the journal, retrying"
+                );
             }
         }
+        if !pause(&mut delay, abort).await {
+            return Insert::Aborted;
+        }
+    }
+}
+
+/// True when the database refused the data (a constraint, or a value Postgres cannot hold
+/// such as a NUL character in text), as opposed to being unreachable or busy.
+fn refused(err: &StoreError) -> bool {
+    match err {
+        StoreError::Database(sqlx::Error::Database(db)) => {
+            db.kind() != sqlx::error::ErrorKind::Other
+                // SQLSTATE class 22: data exception (Postgres).
+                || db.code().is_some_and(|code| code.starts_with("22"))
+        }
+        StoreError::Database(sqlx::Error::Encode(_)) => true,
+        _ => false,
+    }
+}
+
+async fn set_aside(shared: &Arc<Shared>, row: &UsageRow, err: &StoreError) {
+    metrics::counter!("imagegate_usage_rows_refused_total").increment(1);
+    let keeping = Arc::clone(shared);
+    let kept = row.clone();
+    let written = tokio::task::spawn_blocking(move || keeping.journal.set_aside(&kept)).await;
+    let row_json = serde_json::to_string(row).unwrap_or_default();
+    match written {
+        Ok(Ok(())) => tracing::error!(
+            %err,
+            request_id = %row.request_id,
+            row = %row_json,
+            file = %shared.journal.dir().join("refused.jsonl").display(),
+            "the database refused a usage row; set aside"
+        ),
+        Ok(Err(io)) => tracing::error!(
+            %err,
+            %io,
+            request_id = %row.request_id,
+            row = %row_json,
+            "the database refused a usage row and it could not be set aside; this log line is its only record"
+        ),
+        Err(join) => {
+            tracing::error!(%err, %join, request_id = %row.request_id, row = %row_json, "the database refused a usage row; set-aside task failed")
+        }
+    }
+}
+
+/// Sleeps `delay`, then doubles it up to [`MAX_RETRY`]; false when aborted first.
+async fn pause(delay: &mut Duration, abort: &CancellationToken) -> bool {
+    let sleep = *delay;
+    *delay = (*delay * 2).min(MAX_RETRY);
+    tokio::select! {
+        () = tokio::time::sleep(sleep) => true,
+        () = abort.cancelled() => false,
     }
 }

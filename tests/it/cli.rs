@@ -37,6 +37,7 @@ default_model = "gpt-image-1"
 [server]
 listen = "127.0.0.1:0"
 shutdown_grace = "5s"
+journal_dir = "{}"
 [database]
 url = "sqlite:{}"
 [providers.mock]
@@ -50,6 +51,7 @@ routes = [{{ provider = "real", model = "x" }}]
 [pricing.real.x]
 per_image = 0.5
 "#,
+        dir.join("journal").display(),
         dir.join("imagegate.db").display()
     );
     for model in models {

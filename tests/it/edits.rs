@@ -708,7 +708,11 @@ async fn spool_files_left_by_a_crash_are_removed_at_start() {
     std::fs::write(spool.join("keep.txt"), b"not ours").expect("write");
     let config = test_config(&provider.base_url(), "").replacen(
         "[server]\n",
-        &format!("[server]\nspool_dir = \"{}\"\n", spool.display()),
+        &format!(
+            "[server]\nspool_dir = \"{}\"\njournal_dir = \"{}\"\n",
+            spool.display(),
+            dir.path().join("journal").display()
+        ),
         1,
     );
     let path = dir.path().join("imagegate.toml");

@@ -264,10 +264,27 @@ impl TestGateway {
             Db::Postgres => crate::db::fresh_postgres().await.1,
             Db::Sqlite => format!("sqlite:{}", dir.path().join("imagegate.db").display()),
         };
-        let spool_dir = dir.path().join("spool");
+        Self::start_in(dir, &database_url, config_toml).await
+    }
+
+    /// A gateway on the database `database_url` names (migrated at start).
+    pub async fn start_on(database_url: &str, config_toml: &str) -> TestGateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(dir, database_url, config_toml).await
+    }
+
+    async fn start_in(
+        dir: tempfile::TempDir,
+        database_url: &str,
+        config_toml: &str,
+    ) -> TestGateway {
         let config_toml = config_toml.replacen(
             "[server]\n",
-            &format!("[server]\nspool_dir = \"{}\"\n", spool_dir.display()),
+            &format!(
+                "[server]\nspool_dir = \"{}\"\njournal_dir = \"{}\"\n",
+                dir.path().join("spool").display(),
+                dir.path().join("journal").display()
+            ),
             1,
         );
         let config_toml = format!("{config_toml}\n[database]\nurl = \"{database_url}\"\n");
@@ -308,6 +325,11 @@ impl TestGateway {
     /// Where this gateway spools upload parts.
     pub fn spool_dir(&self) -> PathBuf {
         self._dir.path().join("spool")
+    }
+
+    /// Where this gateway journals usage rows.
+    pub fn journal_dir(&self) -> PathBuf {
+        self._dir.path().join("journal")
     }
 
     /// How many upload spool files exist right now.

@@ -1,0 +1,500 @@
+//! The usage journal: every usage row is appended to a file on local disk before it goes
+//! anywhere else, so that a crash, a `kill -9` or a database outage loses none.
+//!
+//! What `server.journal_dir` holds:
+//! - `segment-<20 digits>.jsonl`: rows, one JSON object per line, each ending in `\n`. Only
+//!   the newest segment is appended to; a new one is started at every start and when the
+//!   current one passes its size limit.
+//! - `cursor`: how far the rows have reached the database (a segment and a byte offset),
+//!   replaced atomically. Segments wholly before it are deleted.
+//! - `lock`: locked while a process uses the folder, so two never share one journal.
+//! - `refused.jsonl`: rows the database refused (bad data, not a bad connection), set aside
+//!   so that they do not hold up the rows behind them; kept for a person to look at.
+//!
+//! An append is one `write()` into the page cache, made before the client sees the end of
+//! its response: once it returns, the row survives the process being killed. Getting it onto
+//! the disk is [`Journal::sync`]'s job, which the writer calls every few milliseconds.
+//!
+//! Files are read and written with blocking calls: appends are small and the rest runs on
+//! the blocking pool.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::usage::UsageRow;
+
+/// Past this size the next row starts a new segment.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+
+const SEGMENT_PREFIX: &str = "segment-";
+const SEGMENT_SUFFIX: &str = ".jsonl";
+const CURSOR: &str = "cursor";
+const CURSOR_TMP: &str = "cursor.tmp";
+const LOCK: &str = "lock";
+const REFUSED: &str = "refused.jsonl";
+/// How long [`Journal::open`] waits for the folder's lock: this many tries, this far apart.
+const LOCK_TRIES: u32 = 40;
+const LOCK_RETRY: Duration = Duration::from_millis(50);
+
+/// Rows appended and not yet written to the database, summed over the journals open in this
+/// process. The metrics recorder is process-wide, so the gauge is too; a server has one
+/// journal, tests run several.
+static PROCESS_BACKLOG: AtomicI64 = AtomicI64::new(0);
+
+fn add_to_gauge(delta: i64) {
+    let total = PROCESS_BACKLOG.fetch_add(delta, Ordering::Relaxed) + delta;
+    metrics::gauge!("imagegate_usage_journal_backlog_rows").set(total as f64);
+}
+
+/// A place in the journal: a segment and a byte offset in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Position {
+    pub segment: u64,
+    pub offset: u64,
+}
+
+/// Rows read from the cursor on, for the database; [`Journal::commit`] moves the cursor past
+/// them once they are stored.
+#[derive(Debug)]
+pub struct Batch {
+    pub rows: Vec<UsageRow>,
+    /// Complete lines read, unreadable ones included (they are skipped, and logged).
+    pub lines: u64,
+    pub start: Position,
+    pub end: Position,
+}
+
+impl Batch {
+    /// True when there was nothing to read: the cursor is at the end of the journal.
+    pub fn is_empty(&self) -> bool {
+        self.lines == 0 && self.start == self.end
+    }
+}
+
+/// The segment rows are appended to.
+struct Active {
+    segment: u64,
+    file: Arc<File>,
+    /// Bytes of whole lines written; the shipper reads no further than this.
+    len: u64,
+    /// Written since the last fsync.
+    dirty: bool,
+    /// A failed write could not be undone; the next row starts a new segment.
+    broken: bool,
+}
+
+pub struct Journal {
+    dir: PathBuf,
+    segment_bytes: u64,
+    active: Mutex<Active>,
+    /// The first byte not yet in the database. Only the shipper moves it.
+    cursor: Mutex<Position>,
+    backlog: AtomicU64,
+    /// Held (locked) for as long as the journal is open.
+    _lock: File,
+}
+
+impl Journal {
+    /// Opens (or creates) the journal in `dir` and starts a new segment. Rows an earlier run
+    /// left unshipped are counted in the backlog and read first.
+    pub fn open(dir: &Path, segment_bytes: u64) -> io::Result<Journal> {
+        fs::create_dir_all(dir)?;
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(LOCK))?;
+        take_lock(&lock_file, dir)?;
+
+        let segments = list_segments(dir)?;
+        let saved = match read_cursor(dir) {
+            Ok(saved) => saved,
+            Err(err) => {
+                // Harmless: rows already stored are skipped when written again.
+                tracing::warn!(%err, dir = %dir.display(), "usage journal cursor unreadable; replaying every segment");
+                None
+            }
+        };
+        let active_segment = segments
+            .last()
+            .map(|s| s + 1)
+            .into_iter()
+            .chain(saved.map(|c| c.segment + 1))
+            .max()
+            .unwrap_or(0);
+        let cursor = match saved {
+            Some(c) if segments.contains(&c.segment) => c,
+            // Its segment is gone (fully shipped) or there was no cursor: the next segment.
+            saved => Position {
+                segment: segments
+                    .iter()
+                    .copied()
+                    .find(|&s| saved.is_none_or(|c| s > c.segment))
+                    .unwrap_or(active_segment),
+                offset: 0,
+            },
+        };
+        // Left by a crash between saving the cursor and deleting what it had passed.
+        for &segment in segments.iter().filter(|&&s| s < cursor.segment) {
+            remove_segment(dir, segment);
+        }
+        let mut backlog = 0;
+        for &segment in segments.iter().filter(|&&s| s >= cursor.segment) {
+            let from = if segment == cursor.segment {
+                cursor.offset
+            } else {
+                0
+            };
+            backlog += count_lines(&segment_path(dir, segment), from)?;
+        }
+
+        let file = create_segment(dir, active_segment)?;
+        add_to_gauge(i64::try_from(backlog).unwrap_or(i64::MAX));
+        Ok(Journal {
+            dir: dir.to_owned(),
+            segment_bytes,
+            active: Mutex::new(Active {
+                segment: active_segment,
+                file: Arc::new(file),
+                len: 0,
+                dirty: false,
+                broken: false,
+            }),
+            cursor: Mutex::new(cursor),
+            backlog: AtomicU64::new(backlog),
+            _lock: lock_file,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Rows appended and not yet written to the database.
+    pub fn backlog(&self) -> u64 {
+        self.backlog.load(Ordering::Relaxed)
+    }
+
+    /// Where the next batch is read from.
+    pub fn cursor(&self) -> Position {
+        *lock(&self.cursor)
+    }
+
+    /// The segment rows are appended to.
+    pub fn active_segment(&self) -> u64 {
+        lock(&self.active).segment
+    }
+
+    /// Appends one row as one line, with a single `write()`.
+    pub fn append(&self, row: &UsageRow) -> io::Result<()> {
+        let mut line = serde_json::to_vec(row)?;
+        line.push(b'\n');
+        let mut active = lock(&self.active);
+        if active.broken || (active.len > 0 && active.len + line.len() as u64 > self.segment_bytes)
+        {
+            self.rotate(&mut active)?;
+        }
+        if let Err(err) = (&*active.file).write_all(&line) {
+            // Half a line left behind would swallow the next row; cut it off.
+            if active.file.set_len(active.len).is_err() {
+                active.broken = true;
+            }
+            return Err(err);
+        }
+        active.len += line.len() as u64;
+        active.dirty = true;
+        // Counted under the lock, before the shipper can see the line, so never below zero.
+        self.backlog.fetch_add(1, Ordering::Relaxed);
+        add_to_gauge(1);
+        Ok(())
+    }
+
+    /// Closes the active segment and starts the next. The closed one is fsync'd first (here,
+    /// under the lock: this happens once per segment, so one request pays for it).
+    fn rotate(&self, active: &mut Active) -> io::Result<()> {
+        if active.dirty {
+            active.file.sync_data()?;
+        }
+        let segment = active.segment + 1;
+        let file = create_segment(&self.dir, segment)?;
+        *active = Active {
+            segment,
+            file: Arc::new(file),
+            len: 0,
+            dirty: false,
+            broken: false,
+        };
+        Ok(())
+    }
+
+    /// True when rows were appended since the last [`Journal::sync`].
+    pub fn needs_sync(&self) -> bool {
+        lock(&self.active).dirty
+    }
+
+    /// fsyncs the active segment if rows were appended since the last time. The fsync runs
+    /// outside the lock, so appends do not wait for the disk.
+    pub fn sync(&self) -> io::Result<()> {
+        let file = {
+            let mut active = lock(&self.active);
+            if !active.dirty {
+                return Ok(());
+            }
+            active.dirty = false;
+            Arc::clone(&active.file)
+        };
+        let result = file.sync_data();
+        if result.is_err() {
+            let mut active = lock(&self.active);
+            if Arc::ptr_eq(&active.file, &file) {
+                active.dirty = true;
+            }
+        }
+        result
+    }
+
+    /// Reads up to `max_lines` lines from the cursor on, crossing into later segments when a
+    /// closed one is read to its end. A torn last line (a write cut by an OS crash) and a
+    /// line that is not a row are skipped, and logged.
+    pub fn read_batch(&self, max_lines: usize) -> io::Result<Batch> {
+        let start = self.cursor();
+        let mut at = start;
+        let mut rows = Vec::new();
+        let mut lines = 0u64;
+        let mut line = Vec::new();
+        loop {
+            let (active_segment, committed) = {
+                let active = lock(&self.active);
+                (active.segment, active.len)
+            };
+            let closed = at.segment < active_segment;
+            let path = segment_path(&self.dir, at.segment);
+            let file = match File::open(&path) {
+                Ok(file) => file,
+                Err(err) if closed && err.kind() == io::ErrorKind::NotFound => {
+                    at = self.next_segment(at.segment, active_segment)?;
+                    continue;
+                }
+                Err(err) => return Err(err),
+            };
+            // A closed segment no longer grows; the active one is read up to its last whole
+            // line, as a write may be under way past it.
+            let end = if closed {
+                file.metadata()?.len()
+            } else {
+                committed
+            };
+            if at.offset < end {
+                let mut file = file;
+                file.seek(SeekFrom::Start(at.offset))?;
+                let mut reader = BufReader::new(file).take(end - at.offset);
+                while lines < max_lines as u64 {
+                    line.clear();
+                    let n = reader.read_until(b'\n', &mut line)?;
+                    if n == 0 {
+                        break;
+                    }
+                    at.offset += n as u64;
+                    if line.last() != Some(&b'\n') {
+                        tracing::warn!(
+                            segment = %path.display(),
+                            bytes = n,
+                            "skipping a torn last line in the usage journal (a write cut short by a crash)"
+                        );
+                        break;
+                    }
+                    lines += 1;
+                    match serde_json::from_slice::<UsageRow>(&line) {
+                        Ok(row) => rows.push(row),
+                        Err(err) => tracing::error!(
+                            %err,
+                            segment = %path.display(),
+                            line = %String::from_utf8_lossy(&line).trim_end(),
+                            "skipping a usage journal line that is not a usage row"
+                        ),
+                    }
+                }
+            }
+            if lines >= max_lines as u64 || !closed || at.offset < end {
+                break;
+            }
+            at = self.next_segment(at.segment, active_segment)?;
+        }
+        Ok(Batch {
+            rows,
+            lines,
+            start,
+            end: at,
+        })
+    }
+
+    /// The first segment after `segment`: the next file on disk, or the active segment.
+    fn next_segment(&self, segment: u64, active_segment: u64) -> io::Result<Position> {
+        let next = list_segments(&self.dir)?
+            .into_iter()
+            .find(|&s| s > segment)
+            .unwrap_or(active_segment)
+            .min(active_segment);
+        Ok(Position {
+            segment: next,
+            offset: 0,
+        })
+    }
+
+    /// Moves the cursor past `batch` (call once its rows are stored), saves it, and deletes
+    /// the segments it has left behind. The cursor moves in memory even when saving it fails:
+    /// the next start then replays from the last saved cursor, which stores nothing twice.
+    pub fn commit(&self, batch: &Batch) -> io::Result<()> {
+        {
+            let mut cursor = lock(&self.cursor);
+            debug_assert_eq!(*cursor, batch.start, "batches are committed in order");
+            *cursor = batch.end;
+        }
+        self.backlog.fetch_sub(batch.lines, Ordering::Relaxed);
+        add_to_gauge(-i64::try_from(batch.lines).unwrap_or(i64::MAX));
+        write_cursor(&self.dir, batch.end)?;
+        if batch.end.segment > batch.start.segment {
+            for segment in list_segments(&self.dir)? {
+                if segment < batch.end.segment {
+                    remove_segment(&self.dir, segment);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Journal {
+    /// Keeps a row the database refused in `refused.jsonl` (fsync'd), out of the way of the
+    /// rows behind it.
+    pub fn set_aside(&self, row: &UsageRow) -> io::Result<()> {
+        let mut line = serde_json::to_vec(row)?;
+        line.push(b'\n');
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(REFUSED))?;
+        file.write_all(&line)?;
+        file.sync_data()
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        add_to_gauge(-i64::try_from(self.backlog()).unwrap_or(i64::MAX));
+    }
+}
+
+/// Locks the journal folder with flock, which the kernel releases when the process ends,
+/// however it ends. Waits a little for a holder that is still exiting (or for a child
+/// process forked while the lock was held, until it execs).
+fn take_lock(file: &File, dir: &Path) -> io::Result<()> {
+    let mut tries = 0;
+    loop {
+        match rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(()),
+            Err(rustix::io::Errno::WOULDBLOCK) if tries < LOCK_TRIES => {
+                tries += 1;
+                std::thread::sleep(LOCK_RETRY);
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!("{} is in use by another imagegate process", dir.display()),
+                ));
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn segment_path(dir: &Path, segment: u64) -> PathBuf {
+    dir.join(format!("{SEGMENT_PREFIX}{segment:020}{SEGMENT_SUFFIX}"))
+}
+
+/// The segments on disk, oldest first.
+fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut segments = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(n) = name
+            .strip_prefix(SEGMENT_PREFIX)
+            .and_then(|rest| rest.strip_suffix(SEGMENT_SUFFIX))
+            .and_then(|n| n.parse().ok())
+        {
+            segments.push(n);
+        }
+    }
+    segments.sort_unstable();
+    Ok(segments)
+}
+
+/// A new, empty segment, its name made durable (fsync of the folder).
+fn create_segment(dir: &Path, segment: u64) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .open(segment_path(dir, segment))?;
+    sync_dir(dir)?;
+    Ok(file)
+}
+
+fn remove_segment(dir: &Path, segment: u64) {
+    let path = segment_path(dir, segment);
+    match fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+        Err(err) => {
+            tracing::warn!(%err, segment = %path.display(), "could not delete a shipped usage journal segment");
+        }
+    }
+}
+
+/// Whole lines in `path` from byte `from` on.
+fn count_lines(path: &Path, from: u64) -> io::Result<u64> {
+    let mut file = File::open(path)?;
+    file.seek(SeekFrom::Start(from))?;
+    let mut count = 0;
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(count);
+        }
+        count += memchr::memchr_iter(b'\n', &buf[..n]).count() as u64;
+    }
+}
+
+fn read_cursor(dir: &Path) -> io::Result<Option<Position>> {
+    match fs::read(dir.join(CURSOR)) {
+        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(err),
+    }
+}
+
+/// Replaces the cursor file atomically: write a temporary file, fsync it, rename it over the
+/// old one, fsync the folder.
+fn write_cursor(dir: &Path, at: Position) -> io::Result<()> {
+    let tmp = dir.join(CURSOR_TMP);
+    let mut file = File::create(&tmp)?;
+    file.write_all(&serde_json::to_vec(&at)?)?;
+    file.sync_all()?;
+    fs::rename(&tmp, dir.join(CURSOR))?;
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}

@@ -1,0 +1,1039 @@
+//! The usage journal: its files (torn lines, the cursor, segments), a row the database
+//! refuses, a Postgres outage in the middle of a stream of requests (a throwaway cluster
+//! this test starts and stops itself, never the shared server), `kill -9` of the real binary
+//! with requests in flight, and SIGTERM while the database is busy. Every request answered
+//! must end up as exactly one usage row.
+
+use std::collections::HashMap;
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::DateTime;
+use imagegate::usage::journal::{Journal, Position};
+use imagegate::usage::{Outcome, UsageRow};
+use serde_json::Value;
+use sqlx::Connection;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::helpers::{StandIn, TestGateway, USAGE, all_rows, image_response, test_config};
+
+fn row(id: &str) -> UsageRow {
+    UsageRow {
+        request_id: id.into(),
+        key_id: 1,
+        key_name: "svc".into(),
+        model: "gpt-image-1".into(),
+        provider: "piapi".into(),
+        upstream_model: "gpt-image-1".into(),
+        endpoint: "generations".into(),
+        status: 200,
+        outcome: Outcome::Completed,
+        streamed: false,
+        n: Some(1),
+        size: Some("1024x1024".into()),
+        quality: None,
+        images: 1,
+        text_input_tokens: 19,
+        image_input_tokens: 0,
+        cached_text_input_tokens: 0,
+        cached_image_input_tokens: 0,
+        input_tokens: 19,
+        output_tokens: 272,
+        total_tokens: 291,
+        cost_nanousd: 10_975_000,
+        latency_ms: 12,
+        // Fixed, so that every row's line has the same length.
+        created_at: DateTime::from_timestamp(1_780_000_000, 123_456_000).expect("time"),
+        raw_usage: Some(r#"{"input_tokens":19}"#.into()),
+    }
+}
+
+fn open(dir: &Path) -> Journal {
+    Journal::open(dir, imagegate::usage::journal::DEFAULT_SEGMENT_BYTES).expect("open journal")
+}
+
+/// The segment files in `dir`, oldest first.
+fn segments(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("journal dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Reads and commits everything, the way the shipper does, and returns the request ids.
+fn drain(journal: &Journal, per_batch: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    loop {
+        let batch = journal.read_batch(per_batch).expect("read");
+        if batch.is_empty() {
+            return ids;
+        }
+        ids.extend(batch.rows.iter().map(|r| r.request_id.clone()));
+        journal.commit(&batch).expect("commit");
+    }
+}
+
+fn ids(range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(|i| format!("r{i}")).collect()
+}
+
+#[test]
+fn rows_are_read_back_whole_and_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = open(dir.path());
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        let r = row(&format!("r{i}"));
+        journal.append(&r).expect("append");
+        sent.push(r);
+    }
+    assert_eq!(journal.backlog(), 5);
+    let batch = journal.read_batch(256).expect("read");
+    assert_eq!(batch.rows, sent, "a row comes back as it went in");
+    journal.commit(&batch).expect("commit");
+    assert_eq!(journal.backlog(), 0);
+    assert!(journal.read_batch(256).expect("read").is_empty());
+}
+
+#[test]
+fn a_torn_last_line_is_skipped_on_replay() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let journal = open(dir.path());
+        for id in ids(0..3) {
+            journal.append(&row(&id)).expect("append");
+        }
+    }
+    // A crash cut the last write short: half a row, no newline.
+    let segment = segments(dir.path())[0].clone();
+    let half = serde_json::to_string(&row("torn")).expect("json");
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&segment)
+        .expect("segment");
+    std::io::Write::write_all(&mut file, &half.as_bytes()[..half.len() / 2]).expect("write");
+    drop(file);
+
+    let journal = open(dir.path());
+    assert_eq!(journal.backlog(), 3, "a torn line is not a row");
+    assert_eq!(drain(&journal, 256), ids(0..3));
+    assert_eq!(journal.backlog(), 0);
+    assert!(!segment.exists(), "a shipped segment is deleted");
+    // New rows go to the new segment and are not glued to the torn bytes.
+    journal.append(&row("r3")).expect("append");
+    assert_eq!(drain(&journal, 256), ["r3"]);
+}
+
+#[test]
+fn a_line_that_is_not_a_row_is_skipped_and_the_rest_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let journal = open(dir.path());
+        journal.append(&row("r0")).expect("append");
+    }
+    let segment = segments(dir.path())[0].clone();
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&segment)
+        .expect("segment");
+    std::io::Write::write_all(&mut file, b"\0\0\0 not a row\n").expect("write");
+    std::io::Write::write_all(
+        &mut file,
+        format!("{}\n", serde_json::to_string(&row("r1")).expect("json")).as_bytes(),
+    )
+    .expect("write");
+    drop(file);
+    let journal = open(dir.path());
+    assert_eq!(journal.backlog(), 3, "three lines");
+    assert_eq!(drain(&journal, 256), ["r0", "r1"]);
+    assert_eq!(journal.backlog(), 0);
+}
+
+#[test]
+fn the_cursor_survives_a_restart_and_uncommitted_rows_are_read_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let journal = open(dir.path());
+        for id in ids(0..5) {
+            journal.append(&row(&id)).expect("append");
+        }
+        let batch = journal.read_batch(3).expect("read");
+        assert_eq!(batch.rows.len(), 3);
+        journal.commit(&batch).expect("commit");
+        // Read but never committed: the process died between the insert and the cursor.
+        let batch = journal.read_batch(1).expect("read");
+        assert_eq!(batch.rows[0].request_id, "r3");
+    }
+    let cursor: Position =
+        serde_json::from_slice(&std::fs::read(dir.path().join("cursor")).expect("cursor file"))
+            .expect("cursor json");
+    assert_eq!(cursor.segment, 0);
+    assert!(cursor.offset > 0);
+    assert!(
+        !dir.path().join("cursor.tmp").exists(),
+        "replaced atomically"
+    );
+
+    let journal = open(dir.path());
+    assert_eq!(journal.cursor(), cursor);
+    assert_eq!(journal.backlog(), 2);
+    assert_eq!(drain(&journal, 256), ["r3", "r4"]);
+    drop(journal);
+    let journal = open(dir.path());
+    assert_eq!(journal.backlog(), 0);
+    assert!(drain(&journal, 256).is_empty());
+}
+
+#[test]
+fn an_unreadable_cursor_replays_every_segment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let journal = open(dir.path());
+        for id in ids(0..4) {
+            journal.append(&row(&id)).expect("append");
+        }
+        let batch = journal.read_batch(2).expect("read");
+        journal.commit(&batch).expect("commit");
+    }
+    std::fs::write(dir.path().join("cursor"), "{\"segm").expect("write");
+    // Rows already stored are skipped by the store, so replaying them is harmless.
+    let journal = open(dir.path());
+    assert_eq!(journal.backlog(), 4);
+    assert_eq!(drain(&journal, 256), ids(0..4));
+}
+
+#[test]
+fn segments_rotate_at_their_size_and_are_deleted_once_shipped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let line = serde_json::to_vec(&row("r00")).expect("json").len() as u64 + 1;
+    // Three rows a segment.
+    let journal = Journal::open(dir.path(), 3 * line + line / 2).expect("open");
+    let first = journal.active_segment();
+    for i in 0..10 {
+        journal.append(&row(&format!("r{i:02}"))).expect("append");
+    }
+    let files = segments(dir.path());
+    assert_eq!(files.len(), 4, "{files:?}");
+    assert_eq!(journal.active_segment(), first + 3);
+    for file in &files[..3] {
+        assert_eq!(std::fs::metadata(file).expect("meta").len(), 3 * line);
+    }
+    let expected: Vec<String> = (0..10).map(|i| format!("r{i:02}")).collect();
+    // Batches that end inside a segment and cross into the next.
+    assert_eq!(drain(&journal, 2), expected);
+    assert_eq!(journal.backlog(), 0);
+    assert_eq!(
+        segments(dir.path()),
+        [files[3].clone()],
+        "only the active one"
+    );
+
+    // A restart starts a new segment; the old (shipped) one goes at the next commit.
+    drop(journal);
+    let journal = Journal::open(dir.path(), 3 * line + line / 2).expect("open");
+    assert_eq!(journal.active_segment(), first + 4);
+    journal.append(&row("r10")).expect("append");
+    assert_eq!(drain(&journal, 256), ["r10"]);
+    assert_eq!(segments(dir.path()).len(), 1);
+}
+
+#[test]
+fn a_backlog_spanning_segments_is_counted_and_replayed_after_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for run in 0..3 {
+        let journal = open(dir.path());
+        for i in 0..4 {
+            journal
+                .append(&row(&format!("run{run}-{i}")))
+                .expect("append");
+        }
+        assert_eq!(journal.backlog(), 4 * (run + 1));
+    }
+    let journal = open(dir.path());
+    assert_eq!(journal.backlog(), 12);
+    let got = drain(&journal, 5);
+    assert_eq!(got.len(), 12);
+    assert_eq!(got[0], "run0-0");
+    assert_eq!(got[11], "run2-3");
+    assert_eq!(segments(dir.path()).len(), 1);
+}
+
+#[test]
+fn a_journal_folder_is_used_by_one_process_at_a_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = open(dir.path());
+    let err = Journal::open(dir.path(), 1024)
+        .err()
+        .expect("a second open fails");
+    assert!(err.to_string().contains("in use"), "{err}");
+    drop(journal);
+    open(dir.path());
+}
+
+async fn readyz(client: &reqwest::Client, base: &str) -> (u16, Value) {
+    let response = client
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .expect("readyz");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("readyz json"))
+}
+
+#[tokio::test]
+async fn a_row_the_database_refuses_is_set_aside_and_the_rest_written() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    let gateway = TestGateway::start(
+        crate::helpers::Db::Postgres,
+        &test_config(&provider.base_url(), ""),
+    )
+    .await;
+    let mut ids = Vec::new();
+    // Postgres refuses a NUL character in text; the client chose this size.
+    for size in ["1024x1024", "1024x1024\u{0}", "1024x1536"] {
+        let body = serde_json::json!({"prompt": "a fox", "size": size}).to_string();
+        let response = gateway.post_json("/v1/images/generations", &body).await;
+        assert_eq!(response.status(), 200);
+        ids.push(
+            response.headers()["x-request-id"]
+                .to_str()
+                .expect("id")
+                .to_owned(),
+        );
+        response.bytes().await.expect("body");
+    }
+    let rows = gateway.usage_rows(2).await;
+    let stored: Vec<&str> = rows.iter().map(|r| r.request_id.as_str()).collect();
+    assert_eq!(stored, [ids[0].as_str(), ids[2].as_str()]);
+    let refused =
+        std::fs::read_to_string(gateway.journal_dir().join("refused.jsonl")).expect("refused");
+    assert_eq!(refused.lines().count(), 1, "{refused}");
+    let row: UsageRow = serde_json::from_str(refused.lines().next().expect("line")).expect("row");
+    assert_eq!(row.request_id, ids[1]);
+    let (_, body) = readyz(&gateway.client, &gateway.url("")).await;
+    assert_eq!(body["checks"]["usage_backlog"], 0, "{body}");
+    gateway.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// A throwaway Postgres cluster, started and stopped by the test, never the shared server.
+
+/// A Postgres cluster in a temporary folder, on a free port. As root, its programs run as
+/// the `postgres` user (Postgres refuses to run as root).
+struct Cluster {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+    as_postgres: bool,
+}
+
+impl Cluster {
+    /// Panics with the reason when a cluster cannot be made here: the test must not pass
+    /// without having stopped a database.
+    fn start() -> Cluster {
+        let bin = postgres_bin();
+        let as_postgres = run_plain("id", &["-u"]).trim() == "0";
+        let dir = tempfile::Builder::new()
+            .prefix("imagegate-pg-")
+            .tempdir()
+            .expect("tempdir for the cluster");
+        if as_postgres {
+            let uid = run_plain("id", &["-u", "postgres"]).trim().parse().unwrap_or_else(|_| {
+                panic!("running as root, the throwaway Postgres cluster needs a `postgres` user to run as, and there is none")
+            });
+            let gid = run_plain("id", &["-g", "postgres"])
+                .trim()
+                .parse()
+                .expect("postgres gid");
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))
+                .expect("chown the cluster folder to postgres");
+        }
+        let port = StdListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let cluster = Cluster {
+            dir,
+            bin,
+            port,
+            as_postgres,
+        };
+        let data = cluster.data();
+        cluster.pg(
+            "initdb",
+            &[
+                "-D",
+                &data,
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        );
+        cluster.resume();
+        cluster
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Starts the server and waits until it accepts connections.
+    fn resume(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("server.log").display().to_string();
+        self.pg(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data(),
+                "-l",
+                &log,
+                "-o",
+                &options,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+        );
+    }
+
+    /// Stops the server at once, as a crash would (connections are cut, no checkpoint).
+    fn stop(&self) {
+        self.pg(
+            "pg_ctl",
+            &["-D", &self.data(), "-m", "immediate", "-w", "stop"],
+        );
+    }
+
+    fn pg(&self, program: &str, args: &[&str]) -> Output {
+        let program = self.bin.join(program);
+        let mut command = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&program);
+            c
+        } else {
+            Command::new(&program)
+        };
+        let output = command
+            .args(args)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|err| {
+                panic!(
+                    "cannot run {}{}: {err}",
+                    if self.as_postgres {
+                        "runuser -u postgres -- "
+                    } else {
+                        ""
+                    },
+                    program.display()
+                )
+            });
+        if !output.status.success() {
+            let log =
+                std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+            panic!(
+                "throwaway Postgres cluster: {} {args:?} failed ({}):\n{}{}\nserver log:\n{log}",
+                program.display(),
+                output.status,
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        output
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let program = self.bin.join("pg_ctl");
+        let data = self.data();
+        let args = ["-D", data.as_str(), "-m", "immediate", "-w", "stop"];
+        let mut command = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&program);
+            c
+        } else {
+            Command::new(&program)
+        };
+        // Already stopped is fine.
+        let _ = command
+            .args(args)
+            .current_dir(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// The newest `/usr/lib/postgresql/<version>/bin` holding `initdb` and `pg_ctl`.
+fn postgres_bin() -> PathBuf {
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            (bin.join("initdb").is_file() && bin.join("pg_ctl").is_file()).then_some((version, bin))
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, bin)| bin).unwrap_or_else(|| {
+        panic!(
+            "no Postgres server programs (initdb, pg_ctl) under /usr/lib/postgresql/*/bin: \
+             the outage test starts its own throwaway cluster and needs them \
+             (apt-get install postgresql)"
+        )
+    })
+}
+
+fn run_plain(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run {program}: {err}"));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("blocking task")
+}
+
+// ---------------------------------------------------------------------------------------
+// Clients that keep sending.
+
+/// What a client saw of one request.
+#[derive(Debug, Clone)]
+struct Sent {
+    status: Option<u16>,
+    request_id: Option<String>,
+    /// A 200 whose whole body arrived (and is an image answer).
+    complete: bool,
+}
+
+/// `workers` clients sending generations back to back until stopped (or, with
+/// `stop_on_error`, until one fails to get an answer).
+struct Traffic {
+    sent: Arc<Mutex<Vec<Sent>>>,
+    stop: Arc<AtomicBool>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(url: String, key: String, workers: usize, stop_on_error: bool) -> Traffic {
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let client = reqwest::Client::new();
+        let workers = (0..workers)
+            .map(|_| {
+                let (sent, stop, client, url, key) = (
+                    Arc::clone(&sent),
+                    Arc::clone(&stop),
+                    client.clone(),
+                    url.clone(),
+                    key.clone(),
+                );
+                #[expect(clippy::disallowed_methods, reason = "joined by Traffic::finish")]
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        let result = send_one(&client, &url, &key).await;
+                        let failed = result.status.is_none();
+                        sent.lock().expect("sent").push(result);
+                        if failed && stop_on_error {
+                            return;
+                        }
+                    }
+                })
+            })
+            .collect();
+        Traffic {
+            sent,
+            stop,
+            workers,
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.sent.lock().expect("sent").len()
+    }
+
+    async fn wait_for(&self, count: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.count() < count {
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {count} requests answered in {timeout:?}",
+                self.count()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn finish(self) -> Vec<Sent> {
+        self.stop.store(true, Ordering::Relaxed);
+        for worker in self.workers {
+            worker.await.expect("client task");
+        }
+        Arc::try_unwrap(self.sent)
+            .expect("workers done")
+            .into_inner()
+            .expect("sent")
+    }
+}
+
+async fn send_one(client: &reqwest::Client, url: &str, key: &str) -> Sent {
+    let response = match client
+        .post(url)
+        .bearer_auth(key)
+        .json(&serde_json::json!({"prompt": "a lighthouse", "quality": "low"}))
+        .send()
+        .await
+    {
+        Ok(response) => response,
+        Err(_) => {
+            return Sent {
+                status: None,
+                request_id: None,
+                complete: false,
+            };
+        }
+    };
+    let status = response.status().as_u16();
+    let request_id = response
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = response.bytes().await;
+    let complete = status == 200
+        && body.is_ok_and(|b| {
+            serde_json::from_slice::<Value>(&b).is_ok_and(|v| v["data"][0]["b64_json"].is_string())
+        });
+    Sent {
+        status: Some(status),
+        request_id,
+        complete,
+    }
+}
+
+async fn backlog_metric(client: &reqwest::Client, base: &str) -> f64 {
+    let text = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .find_map(|l| l.strip_prefix("imagegate_usage_journal_backlog_rows "))
+        .map_or(0.0, |v| v.trim().parse().expect("gauge value"))
+}
+
+/// Polls `/readyz` until the usage backlog is zero and the database answers.
+async fn wait_until_shipped(client: &reqwest::Client, base: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (status, body) = readyz(client, base).await;
+        if status == 200 && body["checks"]["usage_backlog"] == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "usage backlog not written within {timeout:?}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every usage row has its own request id, and every id in `answered` has one.
+fn assert_one_row_each(rows: &[UsageRow], answered: &[String]) -> usize {
+    let mut per_id: HashMap<&str, usize> = HashMap::new();
+    for row in rows {
+        *per_id.entry(row.request_id.as_str()).or_default() += 1;
+    }
+    let duplicates = per_id.values().filter(|&&n| n > 1).count();
+    assert_eq!(duplicates, 0, "request ids with more than one row");
+    let lost: Vec<&String> = answered
+        .iter()
+        .filter(|id| !per_id.contains_key(id.as_str()))
+        .collect();
+    assert!(lost.is_empty(), "answered requests without a row: {lost:?}");
+    duplicates
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_postgres_outage_mid_stream_delays_usage_rows_and_loses_none() {
+    let cluster = blocking(Cluster::start).await;
+    let cluster = Arc::new(cluster);
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    provider.set_delay(Duration::from_millis(20));
+    // key_cache_ttl is 1 s: the outage outlasts it, so keys are served from the last answer.
+    let gateway =
+        TestGateway::start_on(&cluster.url(), &test_config(&provider.base_url(), "")).await;
+    let base = gateway.url("");
+    let client = reqwest::Client::new();
+    let traffic = Traffic::start(
+        gateway.url("/v1/images/generations"),
+        gateway.key.clone(),
+        4,
+        false,
+    );
+
+    traffic.wait_for(30, Duration::from_secs(30)).await;
+    let c = Arc::clone(&cluster);
+    blocking(move || c.stop()).await;
+    let at_stop = traffic.count();
+    let stopped = Instant::now();
+    // Past the key cache's TTL, and enough requests to show they are still served.
+    traffic
+        .wait_for(at_stop + 60, Duration::from_secs(60))
+        .await;
+    while stopped.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let during = traffic.count() - at_stop;
+    let (status, body) = readyz(&client, &base).await;
+    assert_eq!(status, 503, "{body}");
+    assert_ne!(body["checks"]["database"], "ok", "{body}");
+    let backlog = body["checks"]["usage_backlog"].as_u64().expect("backlog");
+    // At most one request per client was answered after its row was stored and before the
+    // stop took effect.
+    assert!(
+        backlog as usize + 4 >= during,
+        "backlog {backlog} after {during} requests during the outage"
+    );
+    let on_disk: u64 = segments(&gateway.journal_dir())
+        .iter()
+        .map(|f| std::fs::metadata(f).map_or(0, |m| m.len()))
+        .sum();
+    assert!(on_disk > 0, "the backlog is in the journal on disk");
+    let metric = backlog_metric(&client, &base).await;
+    assert!(
+        metric >= backlog as f64,
+        "gauge {metric} below the backlog {backlog}"
+    );
+
+    let c = Arc::clone(&cluster);
+    blocking(move || c.resume()).await;
+    let at_resume = traffic.count();
+    traffic
+        .wait_for(at_resume + 30, Duration::from_secs(60))
+        .await;
+    let sent = traffic.finish().await;
+    wait_until_shipped(&client, &base, Duration::from_secs(60)).await;
+
+    let not_ok: Vec<&Sent> = sent.iter().filter(|s| !s.complete).collect();
+    assert!(
+        not_ok.is_empty(),
+        "every request gets a whole 200: {not_ok:?}"
+    );
+    let answered: Vec<String> = sent
+        .iter()
+        .map(|s| s.request_id.clone().expect("x-request-id"))
+        .collect();
+    let rows = all_rows(&*gateway.store).await;
+    let calls = provider.complete_requests().len();
+    let duplicates = assert_one_row_each(&rows, &answered);
+    assert_eq!(calls, sent.len(), "one provider call per request");
+    assert_eq!(rows.len(), calls, "one row per provider call");
+    let mut gauge = backlog_metric(&client, &base).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // The gauge sums every journal open in this process (other tests run gateways too).
+    while gauge != 0.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        gauge = backlog_metric(&client, &base).await;
+    }
+    assert_eq!(gauge, 0.0, "backlog gauge back to zero");
+    eprintln!(
+        "postgres outage: requests {} ({during} during the outage, backlog {backlog}), \
+         provider calls {calls}, rows {}, duplicates {duplicates}, lost 0",
+        sent.len(),
+        rows.len()
+    );
+    gateway.shutdown().await;
+    drop(cluster);
+}
+
+// ---------------------------------------------------------------------------------------
+// The real binary: kill -9 mid-stream, and SIGTERM while the database is busy.
+
+const BIN: &str = env!("CARGO_BIN_EXE_imagegate");
+
+fn binary_config(dir: &Path, shutdown_grace: &str) -> PathBuf {
+    let toml = format!(
+        r#"
+default_model = "gpt-image-1"
+[server]
+listen = "127.0.0.1:0"
+shutdown_grace = "{shutdown_grace}"
+journal_dir = "{journal}"
+spool_dir = "{spool}"
+[database]
+url = "sqlite:{db}"
+[providers.mock]
+kind = "mock"
+delay = "30ms"
+[models."gpt-image-1"]
+routes = [{{ provider = "mock", model = "gpt-image-1" }}]
+[pricing.mock."gpt-image-1"]
+text_input = 5.0
+cached_text_input = 1.25
+image_input = 10.0
+cached_image_input = 1.25
+image_output = 40.0
+"#,
+        journal = dir.join("journal").display(),
+        spool = dir.join("spool").display(),
+        db = dir.join("imagegate.db").display(),
+    );
+    let path = dir.join("imagegate.toml");
+    std::fs::write(&path, toml).expect("write config");
+    path
+}
+
+/// `imagegate serve`, the address it listens on, and its log (when it has exited).
+async fn spawn_serve(
+    config: &Path,
+) -> (
+    tokio::process::Child,
+    String,
+    tokio::task::JoinHandle<String>,
+) {
+    let mut child = tokio::process::Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .arg("serve")
+        .env_remove("IMAGEGATE_CONFIG")
+        .env("RUST_LOG", "info")
+        .env("IMAGEGATE_LOG_FORMAT", "json")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn imagegate serve");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let mut log = String::new();
+    let addr = loop {
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("imagegate starts")
+            .expect("read")
+            .unwrap_or_else(|| panic!("imagegate exited before listening:\n{log}"));
+        log.push_str(&line);
+        log.push('\n');
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest.split_whitespace().next().expect("address").to_owned();
+        }
+    };
+    // Keep reading, so the child never blocks on a full pipe.
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "ends with the child's stderr; joined by tests that want the log"
+    )]
+    let log = tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            log.push_str(&line);
+            log.push('\n');
+        }
+        log
+    });
+    (child, addr, log)
+}
+
+fn create_key(config: &Path) -> String {
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .args(["keys", "create", "--name", "svc"])
+        .env_remove("IMAGEGATE_CONFIG")
+        .output()
+        .expect("keys create");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Holds SQLite's write lock (readers go on): inserts wait, fail, and are retried.
+async fn lock_writes(db: &Path) -> sqlx::SqliteConnection {
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite:{}", db.display()))
+        .await
+        .expect("open the database");
+    sqlx::query("begin immediate")
+        .execute(&mut conn)
+        .await
+        .expect("take the write lock");
+    conn
+}
+
+async fn unlock_writes(mut conn: sqlx::SqliteConnection) {
+    sqlx::query("rollback")
+        .execute(&mut conn)
+        .await
+        .expect("release the write lock");
+    conn.close().await.expect("close");
+}
+
+fn signal(child: &tokio::process::Child, name: &str) {
+    let pid = child.id().expect("running").to_string();
+    assert!(
+        Command::new("kill")
+            .args([name, &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_mid_stream_loses_no_row_of_a_response_sent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = binary_config(dir.path(), "10s");
+    let key = create_key(&config);
+    let client = reqwest::Client::new();
+
+    let (mut child, addr, _) = spawn_serve(&config).await;
+    let base = format!("http://{addr}");
+    let traffic = Traffic::start(
+        format!("{base}/v1/images/generations"),
+        key.clone(),
+        16,
+        true,
+    );
+    traffic.wait_for(100, Duration::from_secs(60)).await;
+
+    // Rows pile up in the journal that only a restart can write.
+    let locker = lock_writes(&dir.path().join("imagegate.db")).await;
+    let at_lock = traffic.count();
+    traffic
+        .wait_for(at_lock + 100, Duration::from_secs(60))
+        .await;
+    let (_, body) = readyz(&client, &base).await;
+    let backlog_before_kill = body["checks"]["usage_backlog"].as_u64().expect("backlog");
+    assert!(backlog_before_kill > 0, "{body}");
+
+    signal(&child, "-KILL");
+    let status = child.wait().await.expect("wait");
+    assert!(!status.success(), "killed");
+    let sent = traffic.finish().await;
+    unlock_writes(locker).await;
+
+    let store = imagegate::store::connect(&format!(
+        "sqlite:{}",
+        dir.path().join("imagegate.db").display()
+    ))
+    .await
+    .expect("store");
+    let rows_before_restart = all_rows(&*store).await.len();
+
+    let (mut child, addr, _) = spawn_serve(&config).await;
+    let base = format!("http://{addr}");
+    wait_until_shipped(&client, &base, Duration::from_secs(60)).await;
+    signal(&child, "-TERM");
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("exits")
+        .expect("status");
+    assert!(status.success(), "SIGTERM exits 0");
+
+    let answered: Vec<String> = sent
+        .iter()
+        .filter(|s| s.complete)
+        .map(|s| s.request_id.clone().expect("x-request-id"))
+        .collect();
+    let cut = sent.len() - answered.len();
+    let rows = all_rows(&*store).await;
+    let duplicates = assert_one_row_each(&rows, &answered);
+    assert!(
+        rows_before_restart < answered.len(),
+        "the restart wrote the journal's backlog ({rows_before_restart} rows before it)"
+    );
+    // Rows beyond the answered ones belong to requests the kill cut off after their row was
+    // journaled (the body was on its way).
+    let extra = rows.len() - answered.len();
+    assert!(
+        extra <= cut,
+        "{extra} rows for requests not answered, but only {cut} were cut off"
+    );
+    eprintln!(
+        "kill -9: requests {} (answered 200 {}, cut off by the kill {cut}), backlog at the kill {backlog_before_kill}, \
+         rows before restart {rows_before_restart}, rows {}, duplicates {duplicates}, lost 0",
+        sent.len(),
+        answered.len(),
+        rows.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_the_database_busy_leaves_the_backlog_for_the_next_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = binary_config(dir.path(), "1s");
+    let key = create_key(&config);
+    let client = reqwest::Client::new();
+    let db = dir.path().join("imagegate.db");
+
+    let (mut child, addr, log) = spawn_serve(&config).await;
+    let url = format!("http://{addr}/v1/images/generations");
+    let locker = lock_writes(&db).await;
+    let mut answered = Vec::new();
+    for _ in 0..5 {
+        let sent = send_one(&client, &url, &key).await;
+        assert!(sent.complete, "{sent:?}");
+        answered.push(sent.request_id.expect("x-request-id"));
+    }
+    let started = Instant::now();
+    signal(&child, "-TERM");
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("exits")
+        .expect("status");
+    assert!(status.success(), "SIGTERM exits 0");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "gives up after the grace: {:?}",
+        started.elapsed()
+    );
+    let log = log.await.expect("log");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("usage rows not yet in the database") && l.contains(r#""rows":5"#)),
+        "{log}"
+    );
+    unlock_writes(locker).await;
+
+    let (mut child, addr, _) = spawn_serve(&config).await;
+    wait_until_shipped(&client, &format!("http://{addr}"), Duration::from_secs(30)).await;
+    signal(&child, "-TERM");
+    child.wait().await.expect("exits");
+    let store = imagegate::store::connect(&format!("sqlite:{}", db.display()))
+        .await
+        .expect("store");
+    let rows = all_rows(&*store).await;
+    assert_one_row_each(&rows, &answered);
+    assert_eq!(rows.len(), 5);
+}
