@@ -12,7 +12,6 @@ use axum::response::{IntoResponse, Response};
 use http::HeaderValue;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -159,21 +158,7 @@ impl Gateway {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let grace = self.state.runtime.load().config.server.shutdown_grace;
-        let stop = CancellationToken::new();
-        let server = axum::serve(listener, router(Arc::clone(&self.state)))
-            .with_graceful_shutdown(stop.clone().cancelled_owned());
-        let server = std::pin::pin!(server.into_future());
-        let mut server = server;
-        tokio::select! {
-            result = &mut server => result?,
-            () = shutdown => {
-                tracing::info!(grace_secs = grace.as_secs(), "shutting down: no new connections, finishing requests in flight");
-                stop.cancel();
-                if tokio::time::timeout(grace, &mut server).await.is_err() {
-                    tracing::warn!("shutdown grace elapsed; closing the connections still open");
-                }
-            }
-        }
+        crate::server::serve(listener, router(Arc::clone(&self.state)), shutdown, grace).await?;
         self.state.tasks.close();
         if tokio::time::timeout(grace, self.state.tasks.wait())
             .await

@@ -12,6 +12,7 @@ pub mod multipart;
 pub mod openai;
 pub mod routes;
 pub mod routing;
+pub mod server;
 pub mod store;
 pub mod upstream;
 pub mod usage;
