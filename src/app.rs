@@ -123,6 +123,14 @@ impl Gateway {
         let metrics = metrics_handle();
         let (usage, writer) =
             UsageWriter::start(Arc::clone(&store), &config.server.journal_dir).await?;
+        let usage = if config.server.record_usage {
+            usage
+        } else {
+            tracing::warn!(
+                "server.record_usage is off: no usage is recorded (for benchmarks only)"
+            );
+            usage.discarding()
+        };
         let keys = KeyCache::new(config.server.key_cache_ttl);
         let results = crate::routing::dedupe::results_dir(&config.server.spool_dir);
         let dedupe = Arc::new(

@@ -94,6 +94,8 @@ struct RawServer {
     sse_keepalive: String,
     #[serde(default = "default_true")]
     duplicate_protection: bool,
+    #[serde(default = "default_true")]
+    record_usage: bool,
     #[serde(default = "default_duplicate_window")]
     duplicate_window: String,
     #[serde(default = "default_journal_dir")]
@@ -115,6 +117,7 @@ impl Default for RawServer {
             max_multipart_body_bytes: default_max_multipart_body_bytes(),
             spool_dir: default_spool_dir(),
             duplicate_protection: true,
+            record_usage: true,
             duplicate_window: default_duplicate_window(),
             sse_keepalive: default_sse_keepalive(),
             journal_dir: default_journal_dir(),
@@ -329,6 +332,8 @@ pub struct ServerConfig {
     pub spool_dir: PathBuf,
     /// Silence after which an SSE response gets a keep-alive comment.
     pub sse_keepalive: Duration,
+    /// Off only to measure what recording costs: no row is written at all.
+    pub record_usage: bool,
     /// Retries attach to the original call instead of paying again.
     pub duplicate_protection: bool,
     /// How long a retry can find its original, and how long a result is kept for it.
@@ -603,6 +608,7 @@ impl Validator<'_> {
             spool_dir: s.spool_dir.clone(),
             sse_keepalive: self.duration("server.sse_keepalive", &s.sse_keepalive)?,
             duplicate_protection: s.duplicate_protection,
+            record_usage: s.record_usage,
             duplicate_window: self.duration("server.duplicate_window", &s.duplicate_window)?,
             journal_dir: s.journal_dir.clone(),
         };

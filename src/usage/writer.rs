@@ -39,12 +39,17 @@ struct Shared {
 #[derive(Clone)]
 pub struct UsageSink {
     shared: Arc<Shared>,
+    /// False only for measuring what recording costs (`server.record_usage = false`).
+    enabled: bool,
 }
 
 impl UsageSink {
     /// Appends the row to the journal. Once this returns, the row survives a crash of the
     /// process, and reaches the database as soon as the database accepts it.
     pub fn record(&self, row: UsageRow) {
+        if !self.enabled {
+            return;
+        }
         match self.shared.journal.append(&row) {
             Ok(()) => self.shared.appended.notify_one(),
             Err(err) => {
@@ -54,6 +59,12 @@ impl UsageSink {
                 tracing::error!(%err, request_id = %row.request_id, row = %row_json, "usage journal write failed; row not recorded");
             }
         }
+    }
+
+    /// A sink that drops every row: for benchmarks of what recording costs, never production.
+    pub fn discarding(mut self) -> Self {
+        self.enabled = false;
+        self
     }
 
     /// Rows recorded and not yet in the database.
@@ -117,6 +128,7 @@ impl UsageWriter {
         );
         let sink = UsageSink {
             shared: Arc::clone(&shared),
+            enabled: true,
         };
         let writer = UsageWriter {
             shared,
