@@ -202,6 +202,16 @@ fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
+/// A request id unique across restarts: a random prefix drawn once per process, then a
+/// counter. (A UUID per request costs a getrandom system call on the hot path.)
+fn next_request_id() -> Arc<str> {
+    static PREFIX: OnceLock<u64> = OnceLock::new();
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(rand::random::<u64>);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("req_{prefix:016x}{n:012x}").into()
+}
+
 /// The request's id, made at the door and echoed in `x-request-id`.
 #[derive(Debug, Clone)]
 pub struct RequestId(pub Arc<str>);
@@ -254,7 +264,7 @@ async fn access_log(
     next: Next,
 ) -> Response {
     let started = Instant::now();
-    let id: Arc<str> = format!("req_{}", uuid::Uuid::now_v7().simple()).into();
+    let id = next_request_id();
     request.extensions_mut().insert(RequestId(Arc::clone(&id)));
     let method = request.method().clone();
     let path = request
