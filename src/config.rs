@@ -525,6 +525,13 @@ impl Config {
 /// Reads only `database.url` (file, then environment), without validating the rest:
 /// managing keys and reading usage need no provider key.
 pub fn load_database_url(path: &Path) -> Result<String, ConfigError> {
+    if !path.is_file() {
+        return Err(ConfigError::Invalid {
+            file: path.display().to_string(),
+            key: "--config".into(),
+            message: "no such file (pass --config PATH or set IMAGEGATE_CONFIG)".into(),
+        });
+    }
     let figment = Figment::new()
         .merge(Toml::file(path))
         .merge(env_overrides());

@@ -379,3 +379,16 @@ async fn serve_reloads_on_sighup_and_drains_on_sigterm() {
 fn helpers_png() -> String {
     crate::helpers::PNG_B64[..40].to_owned()
 }
+
+#[test]
+fn database_commands_refuse_a_missing_config_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for args in [&["keys", "list"][..], &["usage"], &["migrate"]] {
+        let out = imagegate(&dir.path().join("nope.toml"), args);
+        assert!(
+            !out.status.success(),
+            "{args:?} must not fall back to the default database"
+        );
+        assert!(text(&out.stderr).contains("nope.toml"), "{args:?}");
+    }
+}

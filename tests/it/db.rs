@@ -47,8 +47,8 @@ pub async fn fresh_postgres() -> (Arc<dyn Store>, String) {
 
 fn unreachable_message(server: &str, err: &str) -> String {
     format!(
-        "Postgres is not reachable at {server} ({err}): start it (`pg_ctlcluster 15 main start`, \
-         or `.ci/run` does it) or set IMAGEGATE_TEST_DATABASE_URL"
+        "Postgres is not reachable at {server} ({err}): start it (`scripts/ensure-postgres` \
+         does, and `.ci/run` runs it) or set IMAGEGATE_TEST_DATABASE_URL"
     )
 }
 
