@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# imagegate against a plain nginx reverse proxy (issue 5): builds imagegate in release
+# mode, starts an nginx upstream stand-in, nginx as a reverse proxy and imagegate (on a
+# throwaway Postgres database), runs every scenario against each in alternation with wrk,
+# and prints medians and ratios against nginx. See bench/README.md.
+#
+# Usage: bench/proxy.sh [--rounds N] [--seconds S] [--usage-off] [--scenarios c1,c64,c256,large16]
+# Needs: cargo, python3, nginx and wrk (Debian: apt-get install nginx-light wrk), psql and a
+# Postgres server (IMAGEGATE_BENCH_DATABASE_URL, default postgres://postgres@127.0.0.1:5432/postgres).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+missing=()
+for tool in cargo python3 nginx wrk psql; do
+    command -v "$tool" >/dev/null || missing+=("$tool")
+done
+if ((${#missing[@]})); then
+    echo "error: missing ${missing[*]}; on Debian: sudo apt-get install nginx-light wrk postgresql-client" >&2
+    exit 2
+fi
+scripts/ensure-postgres >/dev/null
+
+echo "building imagegate (release)..."
+cargo build --release --locked
+bin="${CARGO_TARGET_DIR:-target}/release/imagegate"
+exec python3 bench/proxy_bench.py --binary "$bin" "$@"
