@@ -149,6 +149,8 @@ def main():
     ap.add_argument("--hold", action="store_true",
                     help="set everything up, print the targets, and wait (for profiling by hand)")
     args = ap.parse_args()
+    # SIGTERM cleans up like Ctrl-C does: nginx, imagegate and the database go away.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     work = tempfile.mkdtemp(prefix="imagegate-proxy-bench.")
     # nginx's workers run as an unprivileged user when it is started as root.
