@@ -22,6 +22,9 @@ const USAGE_COLUMNS: &str = "request_id, key_id, key_name, model, provider, upst
      image_input_tokens, cached_text_input_tokens, cached_image_input_tokens, input_tokens, \
      output_tokens, total_tokens, cost_nanousd, latency_ms, created_at, raw_usage";
 
+/// Rows per insert statement: 25 columns each stays far below the bind-parameter limit.
+const INSERT_ROWS: usize = 256;
+
 pub struct PostgresStore {
     pool: PgPool,
 }
@@ -173,46 +176,42 @@ impl Store for PostgresStore {
 
     #[tracing::instrument(skip_all, fields(rows = rows.len()))]
     async fn insert_usage(&self, rows: &[UsageRow]) -> StoreResult<u64> {
-        if rows.is_empty() {
-            return Ok(0);
-        }
-        let sql = format!(
-            "insert into usage ({USAGE_COLUMNS}) values ($1, $2, $3, $4, $5, $6, $7, $8, $9, \
-             $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25) \
-             on conflict (request_id) do nothing"
-        );
+        // One multi-row statement per slice: a round trip per row would cost the database
+        // more than imagegate spends on the request itself.
         let mut tx = self.pool.begin().await?;
         let mut inserted = 0;
-        for row in rows {
-            let done = sqlx::query(&sql)
-                .bind(&row.request_id)
-                .bind(row.key_id)
-                .bind(&row.key_name)
-                .bind(&row.model)
-                .bind(&row.provider)
-                .bind(&row.upstream_model)
-                .bind(&row.endpoint)
-                .bind(row.status)
-                .bind(row.outcome.as_str())
-                .bind(row.streamed)
-                .bind(row.n)
-                .bind(&row.size)
-                .bind(&row.quality)
-                .bind(row.images)
-                .bind(row.text_input_tokens)
-                .bind(row.image_input_tokens)
-                .bind(row.cached_text_input_tokens)
-                .bind(row.cached_image_input_tokens)
-                .bind(row.input_tokens)
-                .bind(row.output_tokens)
-                .bind(row.total_tokens)
-                .bind(row.cost_nanousd)
-                .bind(row.latency_ms)
-                .bind(row.created_at)
-                .bind(&row.raw_usage)
-                .execute(&mut *tx)
-                .await?;
-            inserted += done.rows_affected();
+        for slice in rows.chunks(INSERT_ROWS) {
+            let mut query =
+                QueryBuilder::<Postgres>::new(format!("insert into usage ({USAGE_COLUMNS}) "));
+            query.push_values(slice, |mut b, row| {
+                b.push_bind(&row.request_id)
+                    .push_bind(row.key_id)
+                    .push_bind(&row.key_name)
+                    .push_bind(&row.model)
+                    .push_bind(&row.provider)
+                    .push_bind(&row.upstream_model)
+                    .push_bind(&row.endpoint)
+                    .push_bind(row.status)
+                    .push_bind(row.outcome.as_str())
+                    .push_bind(row.streamed)
+                    .push_bind(row.n)
+                    .push_bind(&row.size)
+                    .push_bind(&row.quality)
+                    .push_bind(row.images)
+                    .push_bind(row.text_input_tokens)
+                    .push_bind(row.image_input_tokens)
+                    .push_bind(row.cached_text_input_tokens)
+                    .push_bind(row.cached_image_input_tokens)
+                    .push_bind(row.input_tokens)
+                    .push_bind(row.output_tokens)
+                    .push_bind(row.total_tokens)
+                    .push_bind(row.cost_nanousd)
+                    .push_bind(row.latency_ms)
+                    .push_bind(row.created_at)
+                    .push_bind(&row.raw_usage);
+            });
+            query.push(" on conflict (request_id) do nothing");
+            inserted += query.build().execute(&mut *tx).await?.rows_affected();
         }
         tx.commit().await?;
         Ok(inserted)
