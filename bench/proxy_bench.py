@@ -329,7 +329,7 @@ per_image = 0.04
                 p.kill()
         stop_nginx(work, "proxy")
         stop_nginx(work, "upstream")
-        subprocess.run(["psql", args.database, "-qc", f'drop database if exists "{dbname}"'], capture_output=True)
+        subprocess.run(["psql", args.database, "-qc", f'drop database if exists "{dbname}" with (force)'], capture_output=True)
         if os.environ.get("BENCH_KEEP") == "1":
             print(f"kept {work}")
         else:
