@@ -16,6 +16,8 @@ use crate::usage::UsageRow;
 use crate::usage::journal::{DEFAULT_SEGMENT_BYTES, Journal};
 
 /// Rows per insert.
+/// How long the shipper waits for more rows after the first new one.
+const LINGER: Duration = Duration::from_millis(50);
 const BATCH: usize = 256;
 /// How often the journal is fsync'd when rows were appended. A process crash loses no row
 /// (an append is in the page cache when `record` returns); an OS crash or power cut loses at
@@ -235,6 +237,13 @@ async fn ship(
             }
             tokio::select! {
                 () = shared.appended.notified() => {}
+                () = drain.cancelled() => {}
+                () = abort.cancelled() => return,
+            }
+            // Let a batch gather: a database round trip and a cursor fsync per row would
+            // cost more than the requests themselves at low rates.
+            tokio::select! {
+                () = tokio::time::sleep(LINGER) => {}
                 () = drain.cancelled() => {}
                 () = abort.cancelled() => return,
             }
