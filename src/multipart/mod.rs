@@ -470,6 +470,9 @@ fn multipart_error(err: multer::Error) -> ApiError {
             "The part '{}' is larger than the limit of {limit} bytes.",
             field_name.unwrap_or_default()
         )),
+        multer::Error::StreamReadFailed(err) if crate::body_timeout::is_idle(&*err) => {
+            ApiError::RequestTimeout
+        }
         multer::Error::StreamReadFailed(err) => {
             ApiError::invalid(format!("The upload could not be read: {err}"), None)
         }
