@@ -3,13 +3,14 @@
 //! spool file on disk (never in memory) until the route is known.
 
 mod encode;
+mod guard;
 mod spool;
 
 use std::path::Path;
 
 use axum::body::Body;
 use bytes::Bytes;
-use futures_util::TryStreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use http::{HeaderMap, HeaderValue, header};
 
 use crate::config::{Route, UploadLimits};
@@ -125,7 +126,15 @@ impl Upload {
                 // The finer limits (image, mask, text) are checked part by part below.
                 .per_field(limits.max_image_bytes.max(limits.max_mask_bytes) + 1),
         );
-        let stream = body.into_data_stream().map_err(std::io::Error::other);
+        let mut guard = guard::HeaderGuard::new(&boundary);
+        let stream = body
+            .into_data_stream()
+            .map_err(std::io::Error::other)
+            .map(move |chunk| {
+                let chunk = chunk?;
+                guard.check(&chunk).map_err(std::io::Error::other)?;
+                Ok::<_, std::io::Error>(chunk)
+            });
         Ok(Upload {
             multipart: multer::Multipart::with_constraints(stream, boundary, constraints),
             endpoint,
@@ -473,11 +482,24 @@ fn multipart_error(err: multer::Error) -> ApiError {
         multer::Error::StreamReadFailed(err) if crate::body_timeout::is_idle(&*err) => {
             ApiError::RequestTimeout
         }
+        multer::Error::StreamReadFailed(err) if headers_too_long(&*err) => ApiError::invalid(
+            format!(
+                "A part's headers are longer than the limit of {} bytes.",
+                guard::MAX_PART_HEADER_BYTES
+            ),
+            None,
+        ),
         multer::Error::StreamReadFailed(err) => {
             ApiError::invalid(format!("The upload could not be read: {err}"), None)
         }
         other => ApiError::invalid(format!("Malformed multipart body: {other}."), None),
     }
+}
+
+fn headers_too_long(err: &(dyn std::error::Error + 'static)) -> bool {
+    err.downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+        .is_some_and(|inner| inner.is::<guard::PartHeadersTooLong>())
 }
 
 /// Reads a file part's real type from its first bytes when it is labelled
