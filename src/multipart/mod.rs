@@ -27,6 +27,9 @@ pub use spool::{Spool, clean_spool_dir};
 const MAX_TEXT_BYTES: usize = 256 * 1024;
 /// Chunks in flight between the client's upload and the provider's request.
 const CHANNEL_CHUNKS: usize = 8;
+/// Parts other than images (text fields, masks, unknown files). OpenAI's edit takes about
+/// fifteen; text parts before `model` are held in memory, so their number is bounded.
+const MAX_OTHER_PARTS: usize = 64;
 
 /// What a part is, by its name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +81,7 @@ pub struct Upload {
     endpoint: Endpoint,
     limits: UploadLimits,
     images: usize,
+    others: usize,
     saw_prompt: bool,
     summary: SummarySlot,
     held: Vec<Held>,
@@ -140,6 +144,7 @@ impl Upload {
             endpoint,
             limits,
             images: 0,
+            others: 0,
             saw_prompt: false,
             summary: summary_slot(RequestSummary::default()),
             held: Vec::new(),
@@ -158,7 +163,7 @@ impl Upload {
                 self.ended = true;
                 return Ok(None);
             };
-            let name = field.name().unwrap_or_default().to_owned();
+            let name = part_name(&field)?;
             let is_file = field.file_name().is_some();
             match role(&name, is_file) {
                 Role::Text => {
@@ -267,7 +272,7 @@ impl Upload {
             while let Some(mut field) =
                 self.multipart.next_field().await.map_err(multipart_error)?
             {
-                let name = field.name().unwrap_or_default().to_owned();
+                let name = part_name(&field)?;
                 let is_file = field.file_name().is_some();
                 match role(&name, is_file) {
                     Role::Text => {
@@ -342,6 +347,7 @@ impl Upload {
 
     /// Checks a text field and records what the usage row needs of it.
     fn note_text(&mut self, name: &str, value: &[u8]) -> Result<(), ApiError> {
+        self.note_other()?;
         let text = std::str::from_utf8(value)
             .map_err(|_| ApiError::invalid(format!("'{name}' must be UTF-8 text."), Some(name)))?;
         let mut summary = self.summary.lock().unwrap_or_else(|e| e.into_inner());
@@ -380,6 +386,19 @@ impl Upload {
         Ok(())
     }
 
+    fn note_other(&mut self) -> Result<(), ApiError> {
+        self.others += 1;
+        if self.others > MAX_OTHER_PARTS {
+            return Err(ApiError::invalid(
+                format!(
+                    "Too many parts: at most {MAX_OTHER_PARTS} besides the images are accepted."
+                ),
+                None,
+            ));
+        }
+        Ok(())
+    }
+
     fn note_file(&mut self, role: Role) -> Result<(), ApiError> {
         if role == Role::Image {
             self.images += 1;
@@ -398,6 +417,8 @@ impl Upload {
                     Some("image"),
                 ));
             }
+        } else {
+            self.note_other()?;
         }
         Ok(())
     }
@@ -433,6 +454,19 @@ impl Out {
             ApiError::Internal("the provider request ended before its body was sent".into())
         })
     }
+}
+
+/// A part's name. Its Content-Disposition must be UTF-8 text: multer passes an unreadable
+/// name or filename on as a missing one, which would change what the part is.
+fn part_name(field: &multer::Field<'static>) -> Result<String, ApiError> {
+    let disposition = field.headers().get(header::CONTENT_DISPOSITION);
+    if disposition.is_some_and(|d| std::str::from_utf8(d.as_bytes()).is_err()) {
+        return Err(ApiError::invalid(
+            "A part's name and filename must be UTF-8 text.",
+            None,
+        ));
+    }
+    Ok(field.name().unwrap_or_default().to_owned())
 }
 
 async fn read_text(field: &mut multer::Field<'static>, name: &str) -> Result<Bytes, ApiError> {
