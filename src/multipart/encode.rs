@@ -46,11 +46,15 @@ impl Encoder {
 
     /// A whole text part, or nothing when the policy drops it.
     pub fn text(&mut self, name: &str, value: &[u8]) -> Option<Bytes> {
-        self.seen.insert(name.to_owned());
+        let first = self.seen.insert(name.to_owned());
         if !self.keeps(name) {
             return None;
         }
         if name == "model" {
+            // The route's model, once: a second `model` from the client is not passed on.
+            if !first {
+                return None;
+            }
             let model = self.upstream_model.clone();
             return Some(self.text_part(name, model.as_bytes()));
         }

@@ -594,6 +594,104 @@ pub fn sniff(head: &[u8]) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{ParamPolicy, Price, Provider, ProviderKind};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    const LIMITS: UploadLimits = UploadLimits {
+        max_images: 3,
+        max_image_bytes: 2048,
+        max_mask_bytes: 512,
+        max_body_bytes: 16 * 1024,
+    };
+
+    /// The route of the fuzz target (`fuzz/fuzz_targets/multipart.rs`).
+    fn route() -> Route {
+        let json = |text: &str| serde_json::from_str(text).expect("policy JSON");
+        Route {
+            provider: Arc::new(Provider {
+                name: "fuzz".into(),
+                kind: ProviderKind::Mock {
+                    delay: Duration::ZERO,
+                },
+                image_field: None,
+                connect_timeout: Duration::from_secs(1),
+                total_timeout: Duration::from_secs(1),
+            }),
+            upstream_model: "upstream-model".into(),
+            policy: ParamPolicy {
+                defaults: json(r#"{"quality":"standard"}"#),
+                force: json(r#"{"moderation":"low"}"#),
+                drop: vec!["input_fidelity".into()],
+            },
+            strip_b64_prefix: false,
+            price: Price::PerImage(1),
+        }
+    }
+
+    /// A part as the provider receives it: name, filename, value.
+    type Sent = (String, Option<String>, Bytes);
+
+    /// Runs an upload (boundary `xB`) the way `Call::forward` does, draining the provider's
+    /// body, and returns the parts the provider would receive.
+    async fn upstream_parts(
+        body: &'static [u8],
+        endpoint: Endpoint,
+    ) -> Result<Vec<Sent>, ApiError> {
+        let spool = tempfile::tempdir().expect("spool dir");
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("multipart/form-data; boundary=xB"),
+        );
+        let mut upload = Upload::new(&headers, Body::from(body), endpoint, LIMITS)?;
+        upload.read_until_model(spool.path()).await?;
+        let Prepared { request, pump } = upload.prepare(&route())?;
+        let crate::upstream::UpstreamBody::Stream(mut upstream) = request.body else {
+            panic!("uploads stream");
+        };
+        let drain = async move {
+            let mut sent = Vec::new();
+            while let Some(chunk) = upstream.next().await {
+                sent.extend_from_slice(&chunk.expect("a complete body"));
+            }
+            sent
+        };
+        let (pumped, sent) = tokio::join!(pump.expect("a pump"), drain);
+        pumped?;
+        let content_type = request.content_type.to_str().expect("ASCII").to_owned();
+        let boundary = multer::parse_boundary(&content_type).expect("boundary");
+        let stream =
+            futures_util::stream::once(async move { Ok::<_, std::io::Error>(Bytes::from(sent)) });
+        let mut form = multer::Multipart::new(stream, boundary);
+        let mut parts = Vec::new();
+        while let Some(field) = form.next_field().await.expect("a valid form") {
+            let name = field.name().expect("a name").to_owned();
+            let filename = field.file_name().map(str::to_owned);
+            parts.push((name, filename, field.bytes().await.expect("data")));
+        }
+        assert_eq!(std::fs::read_dir(spool.path()).expect("dir").count(), 0);
+        Ok(parts)
+    }
+
+    fn values<'a>(parts: &'a [Sent], name: &str) -> Vec<&'a [u8]> {
+        parts
+            .iter()
+            .filter(|(n, _, _)| n == name)
+            .map(|(_, _, v)| v.as_ref())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_second_model_part_is_not_sent_on() {
+        // Found by the multipart fuzz target (minimized): the second `model` went upstream
+        // as a second model part.
+        let body = b"--xB\r\nContent-Disposition: fa; name=\"image[]\"onam\r\n\r\n\x89P\r\n--xB\r\nContent-Disposition: name=\"prompt\"\r\n\r\ncombin\r\n--xB\r\nContent-Disposition:a; name=\"model\"\r\n\r\n\r\n--xB\r\nContent-Disposition: a; name=\"model\"\r\n\r\nhigh\r\n--xB--\r\n";
+        let parts = upstream_parts(body, Endpoint::Edits)
+            .await
+            .expect("accepted");
+        assert_eq!(values(&parts, "model"), [b"upstream-model"]);
+    }
 
     #[test]
     fn roles_follow_the_sdks_spellings() {
