@@ -10,8 +10,8 @@
 //! - every failure is a client error (4xx), never a 500, and is never sent on as a
 //!   complete body;
 //! - a success sends the provider a well-formed form: parts with no headers but
-//!   Content-Disposition and Content-Type, names and filenames without line breaks or
-//!   quotes, exactly one `model` with the route's model, forced and dropped parameters
+//!   Content-Disposition and Content-Type, names and filenames as quoted strings without
+//!   quotes, backslashes or line breaks, exactly one `model` with the route's model, forced and dropped parameters
 //!   applied, one to `max_images` images, and a prompt for edits;
 //! - the spool directory is empty afterwards.
 
@@ -154,14 +154,15 @@ async fn check_form(content_type: &str, sent: Bytes, endpoint: Endpoint, route: 
                 "unexpected part header {name}"
             );
         }
+        let disposition = field
+            .headers()
+            .get(header::CONTENT_DISPOSITION)
+            .expect("every part has a Content-Disposition")
+            .to_str()
+            .expect("UTF-8 Content-Disposition");
+        check_disposition(disposition);
         let name = field.name().expect("every part has a name").to_owned();
         let filename = field.file_name().map(str::to_owned);
-        for text in std::iter::once(&name).chain(filename.as_ref()) {
-            assert!(
-                !text.contains(['\r', '\n', '"']),
-                "a name or filename carries a line break or quote: {text:?}"
-            );
-        }
         let value = field.bytes().await.expect("part data");
         assert!(!route.policy.drop.contains(&name), "dropped {name} was sent");
         let is_image = name == "image" || name.starts_with("image[");
@@ -182,6 +183,31 @@ async fn check_form(content_type: &str, sent: Bytes, endpoint: Endpoint, route: 
         assert_eq!(images, 1, "a variation has one image");
     } else {
         assert!(prompts >= 1, "an edit has a prompt");
+    }
+}
+
+/// imagegate writes `form-data; name="..."` and maybe `; filename="..."`, each value a
+/// quoted string that no parser can end early or extend: no quote, no backslash (which
+/// strict parsers read as an escape), no line break.
+fn check_disposition(disposition: &str) {
+    let quoted = |rest: &str| -> usize {
+        let inner = rest.strip_prefix('"').expect("a quoted value");
+        let end = inner.find('"').expect("a closing quote");
+        assert!(
+            !inner[..end].contains(['\\', '\r', '\n']),
+            "a value a parser can misread: {disposition:?}"
+        );
+        end + 2
+    };
+    let rest = disposition
+        .strip_prefix("form-data; name=")
+        .unwrap_or_else(|| panic!("unexpected disposition {disposition:?}"));
+    let rest = &rest[quoted(rest)..];
+    if !rest.is_empty() {
+        let rest = rest
+            .strip_prefix("; filename=")
+            .unwrap_or_else(|| panic!("unexpected parameter in {disposition:?}"));
+        assert_eq!(quoted(rest), rest.len(), "trailing text in {disposition:?}");
     }
 }
 
