@@ -89,7 +89,13 @@ fuzz_target!(|data: &[u8]| {
     runtime().block_on(async {
         let outcome = tokio::time::timeout(
             Duration::from_secs(10),
-            drive(&headers, client_body(body, chunk, ending), endpoint, &route, spool),
+            drive(
+                &headers,
+                client_body(body, chunk, ending),
+                endpoint,
+                &route,
+                spool,
+            ),
         )
         .await
         .expect("the upload never hangs");
@@ -147,7 +153,11 @@ async fn check_form(content_type: &str, sent: Bytes, endpoint: Endpoint, route: 
     let stream = futures_util::stream::once(async move { Ok::<_, std::io::Error>(sent) });
     let mut form = multer::Multipart::new(stream, boundary);
     let (mut models, mut images, mut prompts) = (0, 0, 0);
-    while let Some(field) = form.next_field().await.expect("the provider gets a valid form") {
+    while let Some(field) = form
+        .next_field()
+        .await
+        .expect("the provider gets a valid form")
+    {
         for (name, _) in field.headers() {
             assert!(
                 name == header::CONTENT_DISPOSITION || name == header::CONTENT_TYPE,
@@ -158,13 +168,16 @@ async fn check_form(content_type: &str, sent: Bytes, endpoint: Endpoint, route: 
             .headers()
             .get(header::CONTENT_DISPOSITION)
             .expect("every part has a Content-Disposition")
-            .to_str()
-            .expect("UTF-8 Content-Disposition");
+            .as_bytes();
+        let disposition = std::str::from_utf8(disposition).expect("UTF-8 Content-Disposition");
         check_disposition(disposition);
         let name = field.name().expect("every part has a name").to_owned();
         let filename = field.file_name().map(str::to_owned);
         let value = field.bytes().await.expect("part data");
-        assert!(!route.policy.drop.contains(&name), "dropped {name} was sent");
+        assert!(
+            !route.policy.drop.contains(&name),
+            "dropped {name} was sent"
+        );
         let is_image = name == "image" || name.starts_with("image[");
         match name.as_str() {
             "model" => {
