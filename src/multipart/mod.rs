@@ -31,16 +31,17 @@ const CHANNEL_CHUNKS: usize = 8;
 /// fifteen; text parts before `model` are held in memory, so their number is bounded.
 const MAX_OTHER_PARTS: usize = 64;
 
-/// What a part is, by its name.
+/// What a part is, by its name. Only images and masks are files: any other part is read
+/// as text even when it comes with a filename, so that `model` or `n` sent as a file is
+/// still rewritten, forced or dropped like the text field it is to the provider.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
     Image,
     Mask,
-    OtherFile,
     Text,
 }
 
-fn role(name: &str, is_file: bool) -> Role {
+fn role(name: &str) -> Role {
     let indexed = name
         .strip_prefix("image[")
         .and_then(|rest| rest.strip_suffix(']'))
@@ -49,7 +50,6 @@ fn role(name: &str, is_file: bool) -> Role {
         "image" | "image[]" => Role::Image,
         _ if indexed => Role::Image,
         "mask" => Role::Mask,
-        _ if is_file => Role::OtherFile,
         _ => Role::Text,
     }
 }
@@ -164,8 +164,7 @@ impl Upload {
                 return Ok(None);
             };
             let name = part_name(&field)?;
-            let is_file = field.file_name().is_some();
-            match role(&name, is_file) {
+            match role(&name) {
                 Role::Text => {
                     let value = read_text(&mut field, &name).await?;
                     self.note_text(&name, &value)?;
@@ -273,8 +272,7 @@ impl Upload {
                 self.multipart.next_field().await.map_err(multipart_error)?
             {
                 let name = part_name(&field)?;
-                let is_file = field.file_name().is_some();
-                match role(&name, is_file) {
+                match role(&name) {
                     Role::Text => {
                         let value = read_text(&mut field, &name).await?;
                         self.note_text(&name, &value)?;
@@ -653,12 +651,13 @@ mod tests {
         let drain = async move {
             let mut sent = Vec::new();
             while let Some(chunk) = upstream.next().await {
-                sent.extend_from_slice(&chunk.expect("a complete body"));
+                sent.extend_from_slice(&chunk.ok()?);
             }
-            sent
+            Some(sent)
         };
         let (pumped, sent) = tokio::join!(pump.expect("a pump"), drain);
         pumped?;
+        let sent = sent.expect("a complete body after a successful pump");
         let content_type = request.content_type.to_str().expect("ASCII").to_owned();
         let boundary = multer::parse_boundary(&content_type).expect("boundary");
         let stream =
@@ -666,10 +665,8 @@ mod tests {
         let mut form = multer::Multipart::new(stream, boundary);
         let mut parts = Vec::new();
         while let Some(field) = form.next_field().await.expect("a valid form") {
-            let disposition = field.headers()[header::CONTENT_DISPOSITION]
-                .to_str()
-                .expect("ASCII")
-                .to_owned();
+            let disposition = field.headers()[header::CONTENT_DISPOSITION].as_bytes();
+            let disposition = String::from_utf8(disposition.to_vec()).expect("UTF-8");
             let name = field.name().expect("a name").to_owned();
             parts.push((disposition, name, field.bytes().await.expect("data")));
         }
@@ -697,6 +694,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_model_sent_as_a_file_is_still_the_routes_model() {
+        // Found by the multipart fuzz target (minimized): a `model` part with a filename
+        // went upstream as a file, with the client's model, past the route's rewrite.
+        let body = b"--xB\r\nContent-Disposition:o-data; name=\"image[]\"; \r\n\r\n`\x82\r\n--xB\r\nContent-Disposition: ;name=\"prompt\"\r\n\ntram\r\n\r\ncbine\r\n--xB\r\nContent-Disposition: fm-t; filename=\"a; name=\"model\"\r\n\r\nigh\r\n--xB--\r\n";
+        let parts = upstream_parts(body, Endpoint::Edits)
+            .await
+            .expect("accepted");
+        assert_eq!(values(&parts, "model"), [b"upstream-model"]);
+        // The same with a plain filename, after the image, and before it (spooled).
+        for body in [
+            &b"--xB\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n\x89PNG\r\n--xB\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\np\r\n--xB\r\nContent-Disposition: form-data; name=\"model\"; filename=\"m.txt\"\r\n\r\ndall-e-3\r\n--xB\r\nContent-Disposition: form-data; name=\"n\"; filename=\"n.txt\"\r\n\r\n99\r\n--xB--\r\n"[..],
+            b"--xB\r\nContent-Disposition: form-data; name=\"model\"; filename=\"m.txt\"\r\n\r\ndall-e-3\r\n--xB\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\np\r\n--xB\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n\x89PNG\r\n--xB--\r\n",
+        ] {
+            let mut upload = Upload::new(
+                &{
+                    let mut h = HeaderMap::new();
+                    h.insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("multipart/form-data; boundary=xB"),
+                    );
+                    h
+                },
+                Body::from(body),
+                Endpoint::Edits,
+                LIMITS,
+            )
+            .expect("headers");
+            let spool = tempfile::tempdir().expect("spool dir");
+            let model = upload.read_until_model(spool.path()).await;
+            assert_eq!(model.expect("read").as_deref(), Some("dall-e-3"), "routed on it");
+            match upstream_parts(body, Endpoint::Edits).await {
+                Ok(parts) => assert_eq!(values(&parts, "model"), [b"upstream-model"]),
+                // `n` is checked like the text field it is.
+                Err(err) => assert_eq!(err.status(), http::StatusCode::BAD_REQUEST),
+            }
+        }
+    }
+
+    #[tokio::test]
     async fn a_backslash_in_a_name_cannot_escape_its_closing_quote() {
         // Found by the multipart fuzz target (minimized): `name="i\m]ge[]"` went upstream
         // as is, and a name ending in a backslash would run into the next parameter.
@@ -709,13 +745,13 @@ mod tests {
 
     #[test]
     fn roles_follow_the_sdks_spellings() {
-        assert_eq!(role("image", true), Role::Image);
-        assert_eq!(role("image[]", true), Role::Image);
-        assert_eq!(role("image[3]", true), Role::Image);
-        assert_eq!(role("image[x]", true), Role::OtherFile);
-        assert_eq!(role("mask", true), Role::Mask);
-        assert_eq!(role("svg[model]", false), Role::Text);
-        assert_eq!(role("model", false), Role::Text);
+        assert_eq!(role("image"), Role::Image);
+        assert_eq!(role("image[]"), Role::Image);
+        assert_eq!(role("image[3]"), Role::Image);
+        assert_eq!(role("image[x]"), Role::Text);
+        assert_eq!(role("mask"), Role::Mask);
+        assert_eq!(role("svg[model]"), Role::Text);
+        assert_eq!(role("model"), Role::Text);
     }
 
     #[test]
