@@ -5,6 +5,7 @@ mod db;
 mod edits;
 mod generations;
 mod helpers;
+mod hostile;
 mod sdk;
 mod store;
 mod upstream;
