@@ -80,6 +80,8 @@ struct RawServer {
     shutdown_grace: String,
     #[serde(default = "default_key_cache_ttl")]
     key_cache_ttl: String,
+    #[serde(default = "default_request_body_idle_timeout")]
+    request_body_idle_timeout: String,
     #[serde(default = "default_max_images")]
     max_images: usize,
     #[serde(default = "default_max_image_bytes")]
@@ -111,6 +113,7 @@ impl Default for RawServer {
             upstream_total_timeout: default_total_timeout(),
             shutdown_grace: default_grace(),
             key_cache_ttl: default_key_cache_ttl(),
+            request_body_idle_timeout: default_request_body_idle_timeout(),
             max_images: default_max_images(),
             max_image_bytes: default_max_image_bytes(),
             max_mask_bytes: default_max_mask_bytes(),
@@ -148,6 +151,9 @@ fn default_grace() -> String {
 }
 fn default_key_cache_ttl() -> String {
     "5s".into()
+}
+fn default_request_body_idle_timeout() -> String {
+    "30s".into()
 }
 const MIB: u64 = 1024 * 1024;
 fn default_max_images() -> usize {
@@ -327,6 +333,8 @@ pub struct ServerConfig {
     pub max_json_body_bytes: usize,
     pub shutdown_grace: Duration,
     pub key_cache_ttl: Duration,
+    /// How long a request may wait for the next bytes of its body before it gets 408.
+    pub request_body_idle_timeout: Duration,
     pub uploads: UploadLimits,
     /// Where edit parts wait on disk while the route is not yet known.
     pub spool_dir: PathBuf,
@@ -606,6 +614,10 @@ impl Validator<'_> {
                 .map_err(|_| self.err("server.max_json_body_bytes", "is too large"))?,
             shutdown_grace: self.duration("server.shutdown_grace", &s.shutdown_grace)?,
             key_cache_ttl: self.duration("server.key_cache_ttl", &s.key_cache_ttl)?,
+            request_body_idle_timeout: self.duration(
+                "server.request_body_idle_timeout",
+                &s.request_body_idle_timeout,
+            )?,
             uploads: UploadLimits {
                 max_images: s.max_images,
                 max_image_bytes: s.max_image_bytes,
@@ -1015,6 +1027,10 @@ mod tests {
                 model.routes[0].provider.total_timeout,
                 Duration::from_secs(600)
             );
+            assert_eq!(
+                cfg.server.request_body_idle_timeout,
+                Duration::from_secs(30)
+            );
             Ok(())
         });
     }
@@ -1051,6 +1067,10 @@ mod tests {
                 (
                     format!("{GOOD}\n[server]\nspool_dir = \"d\"\njournal_dir = \"d\""),
                     "server.journal_dir",
+                ),
+                (
+                    format!("{GOOD}\n[server]\nrequest_body_idle_timeout = \"0s\""),
+                    "server.request_body_idle_timeout",
                 ),
             ];
             for (text, key) in cases {

@@ -28,6 +28,11 @@ pub enum ApiError {
     /// An upload part (or the whole upload) over its limit.
     #[error("{0}")]
     PartTooLarge(String),
+    /// The client stopped sending its request body for longer than the idle timeout.
+    #[error(
+        "The request body stopped arriving: nothing was received for longer than the server waits."
+    )]
+    RequestTimeout,
     #[error("Content-Type must be {expected}")]
     UnsupportedMediaType { expected: &'static str },
     /// The provider answered with an error status; its body is already in OpenAI's shape.
@@ -77,6 +82,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } | ApiError::PartTooLarge(_) => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Upstream { status, .. } => *status,
             ApiError::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
@@ -105,6 +111,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } | ApiError::PartTooLarge(_) => {
                 ("invalid_request_error", Some("payload_too_large"), None)
             }
+            ApiError::RequestTimeout => ("invalid_request_error", Some("request_timeout"), None),
             ApiError::UnsupportedMediaType { .. } => (
                 "invalid_request_error",
                 Some("unsupported_media_type"),

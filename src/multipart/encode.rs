@@ -46,11 +46,15 @@ impl Encoder {
 
     /// A whole text part, or nothing when the policy drops it.
     pub fn text(&mut self, name: &str, value: &[u8]) -> Option<Bytes> {
-        self.seen.insert(name.to_owned());
+        let first = self.seen.insert(name.to_owned());
         if !self.keeps(name) {
             return None;
         }
         if name == "model" {
+            // The route's model, once: a second `model` from the client is not passed on.
+            if !first {
+                return None;
+            }
             let model = self.upstream_model.clone();
             return Some(self.text_part(name, model.as_bytes()));
         }
@@ -134,17 +138,16 @@ fn form_value(value: &Value) -> String {
     }
 }
 
-/// Header parameter values cannot carry quotes or line breaks (header injection).
+/// Header parameter values cannot carry quotes or line breaks (header injection), nor
+/// backslashes, which strict parsers read as escaping the closing quote.
 fn quote(value: &str) -> String {
     value
         .chars()
         .filter(|c| *c != '\r' && *c != '\n')
-        .map(|c| {
-            if c == '"' {
-                "%22".to_owned()
-            } else {
-                c.to_string()
-            }
+        .map(|c| match c {
+            '"' => "%22".to_owned(),
+            '\\' => "%5C".to_owned(),
+            c => c.to_string(),
         })
         .collect()
 }
@@ -156,6 +159,8 @@ mod tests {
     #[test]
     fn quotes_cannot_break_out_of_a_header() {
         assert_eq!(quote("a\"b\r\nX-Evil: 1"), "a%22bX-Evil: 1");
+        // Unescaped, `name="a\"; filename="; name=model"` reads as name=model upstream.
+        assert_eq!(quote("a\\"), "a%5C");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! spool file on disk (never in memory) until the route is known.
 
 mod encode;
+mod guard;
 mod spool;
 
 use std::path::Path;
@@ -10,7 +11,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use bytes::Bytes;
-use futures_util::TryStreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use http::{HeaderMap, HeaderValue, header};
 
 use crate::config::{Route, UploadLimits};
@@ -35,17 +36,21 @@ const CHANNEL_CHUNKS: usize = 2;
 /// in pieces of up to ~400 KiB; passing them on whole would let eight uploads hold tens of
 /// MiB between the two sockets.
 const PIECE_BYTES: usize = 64 * 1024;
+/// Parts other than images (text fields, masks, unknown files). OpenAI's edit takes about
+/// fifteen; text parts before `model` are held in memory, so their number is bounded.
+const MAX_OTHER_PARTS: usize = 64;
 
-/// What a part is, by its name.
+/// What a part is, by its name. Only images and masks are files: any other part is read
+/// as text even when it comes with a filename, so that `model` or `n` sent as a file is
+/// still rewritten, forced or dropped like the text field it is to the provider.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
     Image,
     Mask,
-    OtherFile,
     Text,
 }
 
-fn role(name: &str, is_file: bool) -> Role {
+fn role(name: &str) -> Role {
     let indexed = name
         .strip_prefix("image[")
         .and_then(|rest| rest.strip_suffix(']'))
@@ -54,7 +59,6 @@ fn role(name: &str, is_file: bool) -> Role {
         "image" | "image[]" => Role::Image,
         _ if indexed => Role::Image,
         "mask" => Role::Mask,
-        _ if is_file => Role::OtherFile,
         _ => Role::Text,
     }
 }
@@ -86,6 +90,7 @@ pub struct Upload {
     endpoint: Endpoint,
     limits: UploadLimits,
     images: usize,
+    others: usize,
     saw_prompt: bool,
     summary: SummarySlot,
     held: Vec<Held>,
@@ -134,12 +139,21 @@ impl Upload {
                 // The finer limits (image, mask, text) are checked part by part below.
                 .per_field(limits.max_image_bytes.max(limits.max_mask_bytes) + 1),
         );
-        let stream = body.into_data_stream().map_err(std::io::Error::other);
+        let mut guard = guard::HeaderGuard::new(&boundary);
+        let stream = body
+            .into_data_stream()
+            .map_err(std::io::Error::other)
+            .map(move |chunk| {
+                let chunk = chunk?;
+                guard.check(&chunk).map_err(std::io::Error::other)?;
+                Ok::<_, std::io::Error>(chunk)
+            });
         Ok(Upload {
             multipart: multer::Multipart::with_constraints(stream, boundary, constraints),
             endpoint,
             limits,
             images: 0,
+            others: 0,
             saw_prompt: false,
             summary: summary_slot(RequestSummary::default()),
             held: Vec::new(),
@@ -167,9 +181,8 @@ impl Upload {
             self.ended = true;
             return Ok(None);
         };
-        let name = field.name().unwrap_or_default().to_owned();
-        let is_file = field.file_name().is_some();
-        match role(&name, is_file) {
+        let name = part_name(&field)?;
+        match role(&name) {
             Role::Text => {
                 let value = read_text(&mut field, &name).await?;
                 self.note_text(&name, &value)?;
@@ -246,7 +259,7 @@ impl Upload {
 
     /// The provider request for `route`, and the pump that feeds it: held parts first (from
     /// memory and the spool), then the rest of the upload as it arrives.
-    fn prepare(self, route: &Route) -> Result<Prepared, ApiError> {
+    pub fn prepare(self, route: &Route) -> Result<Prepared, ApiError> {
         let encoder = Encoder::new(route, self.endpoint);
         let content_type =
             HeaderValue::from_str(&encoder.content_type()).map_err(ApiError::internal)?;
@@ -277,9 +290,8 @@ impl Upload {
             while let Some(mut field) =
                 self.multipart.next_field().await.map_err(multipart_error)?
             {
-                let name = field.name().unwrap_or_default().to_owned();
-                let is_file = field.file_name().is_some();
-                match role(&name, is_file) {
+                let name = part_name(&field)?;
+                match role(&name) {
                     Role::Text => {
                         let value = read_text(&mut field, &name).await?;
                         self.note_text(&name, &value)?;
@@ -352,6 +364,7 @@ impl Upload {
 
     /// Checks a text field and records what the usage row needs of it.
     fn note_text(&mut self, name: &str, value: &[u8]) -> Result<(), ApiError> {
+        self.note_other()?;
         let text = std::str::from_utf8(value)
             .map_err(|_| ApiError::invalid(format!("'{name}' must be UTF-8 text."), Some(name)))?;
         let mut summary = self.summary.lock().unwrap_or_else(|e| e.into_inner());
@@ -390,6 +403,19 @@ impl Upload {
         Ok(())
     }
 
+    fn note_other(&mut self) -> Result<(), ApiError> {
+        self.others += 1;
+        if self.others > MAX_OTHER_PARTS {
+            return Err(ApiError::invalid(
+                format!(
+                    "Too many parts: at most {MAX_OTHER_PARTS} besides the images are accepted."
+                ),
+                None,
+            ));
+        }
+        Ok(())
+    }
+
     fn note_file(&mut self, role: Role) -> Result<(), ApiError> {
         if role == Role::Image {
             self.images += 1;
@@ -408,6 +434,8 @@ impl Upload {
                     Some("image"),
                 ));
             }
+        } else {
+            self.note_other()?;
         }
         Ok(())
     }
@@ -542,6 +570,19 @@ impl Out {
     }
 }
 
+/// A part's name. Its Content-Disposition must be UTF-8 text: multer passes an unreadable
+/// name or filename on as a missing one, which would change what the part is.
+fn part_name(field: &multer::Field<'static>) -> Result<String, ApiError> {
+    let disposition = field.headers().get(header::CONTENT_DISPOSITION);
+    if disposition.is_some_and(|d| std::str::from_utf8(d.as_bytes()).is_err()) {
+        return Err(ApiError::invalid(
+            "A part's name and filename must be UTF-8 text.",
+            None,
+        ));
+    }
+    Ok(field.name().unwrap_or_default().to_owned())
+}
+
 async fn read_text(field: &mut multer::Field<'static>, name: &str) -> Result<Bytes, ApiError> {
     let mut value = Vec::new();
     while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
@@ -586,11 +627,27 @@ fn multipart_error(err: multer::Error) -> ApiError {
             "The part '{}' is larger than the limit of {limit} bytes.",
             field_name.unwrap_or_default()
         )),
+        multer::Error::StreamReadFailed(err) if crate::body_timeout::is_idle(&*err) => {
+            ApiError::RequestTimeout
+        }
+        multer::Error::StreamReadFailed(err) if headers_too_long(&*err) => ApiError::invalid(
+            format!(
+                "A part's headers are longer than the limit of {} bytes.",
+                guard::MAX_PART_HEADER_BYTES
+            ),
+            None,
+        ),
         multer::Error::StreamReadFailed(err) => {
             ApiError::invalid(format!("The upload could not be read: {err}"), None)
         }
         other => ApiError::invalid(format!("Malformed multipart body: {other}."), None),
     }
+}
+
+fn headers_too_long(err: &(dyn std::error::Error + 'static)) -> bool {
+    err.downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+        .is_some_and(|inner| inner.is::<guard::PartHeadersTooLong>())
 }
 
 /// Reads a file part's real type from its first bytes when it is labelled
@@ -651,16 +708,171 @@ pub fn sniff(head: &[u8]) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{ParamPolicy, Price, Provider, ProviderKind};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    const LIMITS: UploadLimits = UploadLimits {
+        max_images: 3,
+        max_image_bytes: 2048,
+        max_mask_bytes: 512,
+        max_body_bytes: 16 * 1024,
+    };
+
+    /// The route of the fuzz target (`fuzz/fuzz_targets/multipart.rs`).
+    fn route() -> Route {
+        let json = |text: &str| serde_json::from_str(text).expect("policy JSON");
+        Route {
+            provider: Arc::new(Provider {
+                name: "fuzz".into(),
+                kind: ProviderKind::Mock {
+                    delay: Duration::ZERO,
+                },
+                image_field: None,
+                connect_timeout: Duration::from_secs(1),
+                first_byte_timeout: Duration::from_secs(1),
+                total_timeout: Duration::from_secs(1),
+                breaker: crate::config::BreakerConfig {
+                    failures: 5,
+                    cooldown: Duration::from_secs(1),
+                },
+            }),
+            upstream_model: "upstream-model".into(),
+            policy: ParamPolicy {
+                defaults: json(r#"{"quality":"standard"}"#),
+                force: json(r#"{"moderation":"low"}"#),
+                drop: vec!["input_fidelity".into()],
+            },
+            strip_b64_prefix: false,
+            price: Price::PerImage(1),
+        }
+    }
+
+    /// A part as the provider receives it: Content-Disposition, name, value.
+    type Sent = (String, String, Bytes);
+
+    /// Runs an upload (boundary `xB`) the way `Call::forward` does, draining the provider's
+    /// body, and returns the parts the provider would receive.
+    async fn upstream_parts(
+        body: &'static [u8],
+        endpoint: Endpoint,
+    ) -> Result<Vec<Sent>, ApiError> {
+        let spool = tempfile::tempdir().expect("spool dir");
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("multipart/form-data; boundary=xB"),
+        );
+        let mut upload = Upload::new(&headers, Body::from(body), endpoint, LIMITS)?;
+        upload.read_until_model(spool.path()).await?;
+        let Prepared { request, pump } = upload.prepare(&route())?;
+        let crate::upstream::UpstreamBody::Stream(mut upstream) = request.body else {
+            panic!("uploads stream");
+        };
+        let drain = async move {
+            let mut sent = Vec::new();
+            while let Some(chunk) = upstream.next().await {
+                sent.extend_from_slice(&chunk.ok()?);
+            }
+            Some(sent)
+        };
+        let (pumped, sent) = tokio::join!(pump.expect("a pump"), drain);
+        pumped?;
+        let sent = sent.expect("a complete body after a successful pump");
+        let content_type = request.content_type.to_str().expect("ASCII").to_owned();
+        let boundary = multer::parse_boundary(&content_type).expect("boundary");
+        let stream =
+            futures_util::stream::once(async move { Ok::<_, std::io::Error>(Bytes::from(sent)) });
+        let mut form = multer::Multipart::new(stream, boundary);
+        let mut parts = Vec::new();
+        while let Some(field) = form.next_field().await.expect("a valid form") {
+            let disposition = field.headers()[header::CONTENT_DISPOSITION].as_bytes();
+            let disposition = String::from_utf8(disposition.to_vec()).expect("UTF-8");
+            let name = field.name().expect("a name").to_owned();
+            parts.push((disposition, name, field.bytes().await.expect("data")));
+        }
+        assert_eq!(std::fs::read_dir(spool.path()).expect("dir").count(), 0);
+        Ok(parts)
+    }
+
+    fn values<'a>(parts: &'a [Sent], name: &str) -> Vec<&'a [u8]> {
+        parts
+            .iter()
+            .filter(|(_, n, _)| n == name)
+            .map(|(_, _, v)| v.as_ref())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_second_model_part_is_not_sent_on() {
+        // Found by the multipart fuzz target (minimized): the second `model` went upstream
+        // as a second model part.
+        let body = b"--xB\r\nContent-Disposition: fa; name=\"image[]\"onam\r\n\r\n\x89P\r\n--xB\r\nContent-Disposition: name=\"prompt\"\r\n\r\ncombin\r\n--xB\r\nContent-Disposition:a; name=\"model\"\r\n\r\n\r\n--xB\r\nContent-Disposition: a; name=\"model\"\r\n\r\nhigh\r\n--xB--\r\n";
+        let parts = upstream_parts(body, Endpoint::Edits)
+            .await
+            .expect("accepted");
+        assert_eq!(values(&parts, "model"), [b"upstream-model"]);
+    }
+
+    #[tokio::test]
+    async fn a_model_sent_as_a_file_is_still_the_routes_model() {
+        // Found by the multipart fuzz target (minimized): a `model` part with a filename
+        // went upstream as a file, with the client's model, past the route's rewrite.
+        let body = b"--xB\r\nContent-Disposition:o-data; name=\"image[]\"; \r\n\r\n`\x82\r\n--xB\r\nContent-Disposition: ;name=\"prompt\"\r\n\ntram\r\n\r\ncbine\r\n--xB\r\nContent-Disposition: fm-t; filename=\"a; name=\"model\"\r\n\r\nigh\r\n--xB--\r\n";
+        let parts = upstream_parts(body, Endpoint::Edits)
+            .await
+            .expect("accepted");
+        assert_eq!(values(&parts, "model"), [b"upstream-model"]);
+        // The same with a plain filename, after the image, and before it (spooled).
+        for body in [
+            &b"--xB\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n\x89PNG\r\n--xB\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\np\r\n--xB\r\nContent-Disposition: form-data; name=\"model\"; filename=\"m.txt\"\r\n\r\ndall-e-3\r\n--xB\r\nContent-Disposition: form-data; name=\"n\"; filename=\"n.txt\"\r\n\r\n99\r\n--xB--\r\n"[..],
+            b"--xB\r\nContent-Disposition: form-data; name=\"model\"; filename=\"m.txt\"\r\n\r\ndall-e-3\r\n--xB\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\np\r\n--xB\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n\x89PNG\r\n--xB--\r\n",
+        ] {
+            let mut upload = Upload::new(
+                &{
+                    let mut h = HeaderMap::new();
+                    h.insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("multipart/form-data; boundary=xB"),
+                    );
+                    h
+                },
+                Body::from(body),
+                Endpoint::Edits,
+                LIMITS,
+            )
+            .expect("headers");
+            let spool = tempfile::tempdir().expect("spool dir");
+            let model = upload.read_until_model(spool.path()).await;
+            assert_eq!(model.expect("read").as_deref(), Some("dall-e-3"), "routed on it");
+            match upstream_parts(body, Endpoint::Edits).await {
+                Ok(parts) => assert_eq!(values(&parts, "model"), [b"upstream-model"]),
+                // `n` is checked like the text field it is.
+                Err(err) => assert_eq!(err.status(), http::StatusCode::BAD_REQUEST),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_backslash_in_a_name_cannot_escape_its_closing_quote() {
+        // Found by the multipart fuzz target (minimized): `name="i\m]ge[]"` went upstream
+        // as is, and a name ending in a backslash would run into the next parameter.
+        let body = b"--xB\r\nContent-Disposition:ta;name=\"i\\m]ge[]\";n\r\n\r\n\n\r\n--xB\r\nContent-Disposition:; name=\"image[]\";n\r\n\r\n\n\x00\r\r\n--xB--\r\n";
+        let parts = upstream_parts(body, Endpoint::Variations)
+            .await
+            .expect("accepted");
+        assert_eq!(parts[0].0, r#"form-data; name="i%5Cm]ge[]""#);
+    }
 
     #[test]
     fn roles_follow_the_sdks_spellings() {
-        assert_eq!(role("image", true), Role::Image);
-        assert_eq!(role("image[]", true), Role::Image);
-        assert_eq!(role("image[3]", true), Role::Image);
-        assert_eq!(role("image[x]", true), Role::OtherFile);
-        assert_eq!(role("mask", true), Role::Mask);
-        assert_eq!(role("svg[model]", false), Role::Text);
-        assert_eq!(role("model", false), Role::Text);
+        assert_eq!(role("image"), Role::Image);
+        assert_eq!(role("image[]"), Role::Image);
+        assert_eq!(role("image[3]"), Role::Image);
+        assert_eq!(role("image[x]"), Role::Text);
+        assert_eq!(role("mask"), Role::Mask);
+        assert_eq!(role("svg[model]"), Role::Text);
+        assert_eq!(role("model"), Role::Text);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use crate::app::{AppState, RequestId, Runtime};
 use crate::auth::Principal;
+use crate::body_timeout::{idle_timeout, is_idle};
 use crate::config::{Model, Route};
 use crate::error::ApiError;
 use crate::multipart::Upload;
@@ -29,7 +30,9 @@ pub async fn generations(
     body: Body,
 ) -> Result<Response, ApiError> {
     let runtime = state.runtime.load_full();
-    let bytes = read_json(&headers, body, runtime.config.server.max_json_body_bytes).await?;
+    let server = &runtime.config.server;
+    let body = idle_timeout(body, server.request_body_idle_timeout);
+    let bytes = read_json(&headers, body, server.max_json_body_bytes).await?;
     let request = GenerationRequest::parse(&bytes)?;
     let model = resolve(&runtime, request.model())?;
     let fingerprint = Dedupe::fingerprint(
@@ -174,6 +177,7 @@ async fn multipart(
 ) -> Result<Response, ApiError> {
     let runtime = state.runtime.load_full();
     let server = &runtime.config.server;
+    let body = idle_timeout(body, server.request_body_idle_timeout);
     let mut upload = Upload::new(&headers, body, endpoint, server.uploads)?;
     let requested = upload.read_until_model(&server.spool_dir).await?;
     let model = resolve(&runtime, requested.as_deref())?;
@@ -238,6 +242,7 @@ async fn read_json(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(err) if err.is::<LengthLimitError>() => Err(ApiError::PayloadTooLarge { limit }),
+        Err(err) if is_idle(&*err) => Err(ApiError::RequestTimeout),
         Err(err) => Err(ApiError::invalid(
             format!("Could not read the request body: {err}"),
             None,

@@ -8,6 +8,7 @@ mod failover;
 mod faults;
 mod generations;
 mod helpers;
+mod hostile;
 mod journal;
 mod sdk;
 mod store;
