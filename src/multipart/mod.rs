@@ -315,17 +315,27 @@ impl Upload {
                         let mut pending = Vec::new();
                         let mut len = 0u64;
                         let mut started = false;
-                        while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
-                            len += chunk.len() as u64;
-                            check_file_size(&self.limits, file_role, &name, len)?;
+                        loop {
+                            let chunk = field.chunk().await.map_err(multipart_error)?;
+                            if let Some(chunk) = &chunk {
+                                len += chunk.len() as u64;
+                                check_file_size(&self.limits, file_role, &name, len)?;
+                            }
                             if started {
-                                out.send(chunk).await?;
+                                match chunk {
+                                    Some(chunk) => out.send(chunk).await?,
+                                    None => break,
+                                }
                                 continue;
                             }
-                            // The part's type may have to be read from its first bytes.
-                            sniffer.feed(&chunk);
-                            pending.push(chunk);
-                            if sniffer.decided() {
+                            // The part's type may have to be read from its first bytes, so
+                            // its header waits for them (or for its end).
+                            let ended = chunk.is_none();
+                            if let Some(chunk) = chunk {
+                                sniffer.feed(&chunk);
+                                pending.push(chunk);
+                            }
+                            if sniffer.decided() || ended {
                                 started = true;
                                 out.send(encoder.file_header(
                                     &name,
@@ -338,17 +348,8 @@ impl Upload {
                                     out.send(chunk).await?;
                                 }
                             }
-                        }
-                        if !started {
-                            out.send(encoder.file_header(
-                                &name,
-                                file_role == Role::Image,
-                                filename.as_deref(),
-                                &sniffer.content_type(),
-                            ))
-                            .await?;
-                            for chunk in pending.drain(..) {
-                                out.send(chunk).await?;
+                            if ended {
+                                break;
                             }
                         }
                         out.send(Encoder::part_end()).await?;
