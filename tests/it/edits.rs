@@ -118,28 +118,7 @@ fn expected_parts(sent: &[Part]) -> Vec<Part> {
     out
 }
 
-macro_rules! on_both_databases {
-    ($($test:ident),* $(,)?) => {
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    super::$test(crate::helpers::Db::Postgres).await;
-                }
-            )*
-        }
-        mod sqlite {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    super::$test(crate::helpers::Db::Sqlite).await;
-                }
-            )*
-        }
-    };
-}
-
-on_both_databases!(replays_every_edit_and_variation_capture);
+crate::on_both_databases!(replays_every_edit_and_variation_capture);
 
 fn edit_sse() -> String {
     format!(

@@ -8,28 +8,7 @@ use serde_json::{Value, json};
 use crate::helpers::*;
 use imagegate::usage::Outcome;
 
-macro_rules! on_both_databases {
-    ($($test:ident),* $(,)?) => {
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    super::$test(crate::helpers::Db::Postgres).await;
-                }
-            )*
-        }
-        mod sqlite {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    super::$test(crate::helpers::Db::Sqlite).await;
-                }
-            )*
-        }
-    };
-}
-
-on_both_databases!(
+crate::on_both_databases!(
     replays_every_generation_capture,
     replays_every_stream_capture,
     replays_every_models_list_capture,

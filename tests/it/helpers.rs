@@ -20,6 +20,29 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// Runs each listed `async fn name(db: Db)` as two tests: on Postgres and on SQLite.
+#[macro_export]
+macro_rules! on_both_databases {
+    ($($test:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test($crate::helpers::Db::Postgres).await;
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test($crate::helpers::Db::Sqlite).await;
+                }
+            )*
+        }
+    };
+}
+
 /// Which database a test runs on.
 #[derive(Clone, Copy, Debug)]
 pub enum Db {
