@@ -581,7 +581,16 @@ fn part_name(field: &multer::Field<'static>) -> Result<String, ApiError> {
             None,
         ));
     }
-    Ok(field.name().unwrap_or_default().to_owned())
+    let name = field.name().unwrap_or_default().to_owned();
+    // `image[x]` is no image to imagegate, but a provider that reads PHP-style arrays would
+    // take it for one: an edit or variation could reach it with more images than counted.
+    if name.starts_with("image[") && role(&name) != Role::Image {
+        return Err(ApiError::invalid(
+            format!("Unknown part '{name}': images are sent as 'image', 'image[]' or 'image[N]'."),
+            Some("image"),
+        ));
+    }
+    Ok(name)
 }
 
 async fn read_text(field: &mut multer::Field<'static>, name: &str) -> Result<Bytes, ApiError> {
@@ -863,6 +872,17 @@ mod tests {
             .await
             .expect("accepted");
         assert_eq!(parts[0].0, r#"form-data; name="i%5Cm]ge[]""#);
+    }
+
+    #[tokio::test]
+    async fn names_that_only_look_like_images_are_refused() {
+        // Found by the multipart fuzz target: a variation with one image and a text part
+        // named `image[tion` went upstream, which a PHP-style provider reads as two images.
+        let body = b"--xB\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n\x89PNG\r\n--xB\r\nContent-Disposition: form-data; name=\"image[tion\"\r\n\r\ntransparent\r\n--xB--\r\n";
+        let err = upstream_parts(body, Endpoint::Variations)
+            .await
+            .expect_err("refused");
+        assert_eq!(err.status(), http::StatusCode::BAD_REQUEST);
     }
 
     #[test]
