@@ -1,7 +1,15 @@
-//! A request body that fails when its client stops sending. An upload that stalls for
-//! longer than `server.request_body_idle_timeout` ends its request with 408, which drops
-//! the spool file and any provider call already started, and lets hyper close the
-//! connection (the body was not read to its end).
+//! A request body that fails when its client stops sending, and whose unread rest is read
+//! and discarded after its handler is done with it.
+//!
+//! An upload that stalls for longer than `server.request_body_idle_timeout` ends its
+//! request with 408, which drops the spool file and any provider call already started,
+//! and lets hyper close the connection (the body was not read to its end).
+//!
+//! A request refused before its body was read (413 on a declared length, an upload over a
+//! limit) would have its connection closed on unread bytes, which the kernel answers with
+//! a reset that can overtake the answer: the client, still sending, sees "broken pipe"
+//! instead of the 413. So what is left is read (within [`LINGER_BYTES`] and
+//! [`LINGER_TIME`]) while the answer goes out, as nginx's "lingering close" does.
 
 use std::error::Error as StdError;
 use std::pin::Pin;
@@ -11,7 +19,7 @@ use std::time::Duration;
 use axum::BoxError;
 use axum::body::Body;
 use bytes::Bytes;
-use http_body::{Frame, SizeHint};
+use http_body::{Body as _, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
@@ -34,15 +42,87 @@ pin_project! {
     }
 }
 
-/// Wraps a request body so that it fails with [`BodyIdle`] after `idle` without data.
+/// How much of a body its handler left unread is still read and discarded, and for how long.
+pub const LINGER_BYTES: usize = 4 * 1024 * 1024;
+pub const LINGER_TIME: Duration = Duration::from_secs(2);
+
+/// Wraps a request body so that it fails with [`BodyIdle`] after `idle` without data, and
+/// its rest is discarded if it is dropped unread.
 pub fn idle_timeout(body: Body, idle: Duration) -> Body {
-    Body::new(IdleTimeout {
-        inner: body,
-        sleep: tokio::time::sleep(idle),
-        idle,
-        waiting: false,
-        expired: false,
+    Body::new(Linger {
+        inner: Some(Body::new(IdleTimeout {
+            inner: body,
+            sleep: tokio::time::sleep(idle),
+            idle,
+            waiting: false,
+            expired: false,
+        })),
+        ended: false,
     })
+}
+
+/// Discards the rest of a body dropped before its end (see the module's doc).
+struct Linger {
+    inner: Option<Body>,
+    /// The body ended or failed: nothing is left to read.
+    ended: bool,
+}
+
+impl http_body::Body for Linger {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+            self.ended = true;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}
+
+impl Drop for Linger {
+    fn drop(&mut self) {
+        let Some(mut body) = self.inner.take() else {
+            return;
+        };
+        if self.ended || body.is_end_stream() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        // Not tracked: a bounded drain that nothing waits for, and that shutdown may cut.
+        runtime.spawn(async move {
+            let mut left = LINGER_BYTES;
+            let _ = tokio::time::timeout(LINGER_TIME, async {
+                while let Some(Ok(frame)) = http_body_util::BodyExt::frame(&mut body).await {
+                    let len = frame.data_ref().map_or(0, Bytes::len);
+                    match left.checked_sub(len) {
+                        Some(rest) => left = rest,
+                        None => break,
+                    }
+                }
+            })
+            .await;
+        });
+    }
 }
 
 impl<B> http_body::Body for IdleTimeout<B>
