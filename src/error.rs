@@ -45,6 +45,10 @@ pub enum ApiError {
     },
     #[error("provider {provider} could not be reached: {detail}")]
     UpstreamUnreachable { provider: String, detail: String },
+    /// The provider stopped reading the upload: its answer, or the error of its
+    /// connection, says why (the call waits for it; this reaches a client only without one).
+    #[error("the provider closed the request before its body was sent")]
+    UpstreamClosedBody,
     #[error("provider {provider} did not answer in time")]
     UpstreamTimeout { provider: String },
     #[error("provider {provider} is failing; it is skipped for a while (circuit open)")]
@@ -85,7 +89,9 @@ impl ApiError {
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Upstream { status, .. } => *status,
-            ApiError::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
+            ApiError::UpstreamUnreachable { .. } | ApiError::UpstreamClosedBody => {
+                StatusCode::BAD_GATEWAY
+            }
             ApiError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::ReloadRefused(_) => StatusCode::BAD_REQUEST,
             ApiError::NotReady | ApiError::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -118,7 +124,7 @@ impl ApiError {
                 None,
             ),
             ApiError::Upstream { body, .. } => return (**body).clone(),
-            ApiError::UpstreamUnreachable { .. } => {
+            ApiError::UpstreamUnreachable { .. } | ApiError::UpstreamClosedBody => {
                 ("upstream_error", Some("upstream_unreachable"), None)
             }
             ApiError::UpstreamTimeout { .. } => ("upstream_error", Some("upstream_timeout"), None),

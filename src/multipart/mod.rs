@@ -563,9 +563,10 @@ impl Out {
         while !chunk.is_empty() {
             // Cutting shares the buffer: no copy.
             let piece = chunk.split_to(chunk.len().min(PIECE_BYTES));
-            self.tx.send(piece).await.map_err(|_| {
-                ApiError::Internal("the provider request ended before its body was sent".into())
-            })?;
+            self.tx
+                .send(piece)
+                .await
+                .map_err(|_| ApiError::UpstreamClosedBody)?;
         }
         Ok(())
     }

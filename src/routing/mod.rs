@@ -142,11 +142,15 @@ impl Call {
                         // An upload error returns here and drops the provider call, which
                         // is cancelled before its body completes.
                         result = &mut pump, if !pumped => {
-                            if let Err(err) = result {
-                                breakers.release_probe(&provider.name);
-                                return Err(err);
+                            match result {
+                                // The provider's side ended the call: its answer, or its
+                                // connection's error, says why.
+                                Ok(()) | Err(ApiError::UpstreamClosedBody) => pumped = true,
+                                Err(err) => {
+                                    breakers.release_probe(&provider.name);
+                                    return Err(err);
+                                }
                             }
-                            pumped = true;
                         }
                         sent = &mut send => break sent,
                     }
