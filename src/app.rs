@@ -11,7 +11,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use http::HeaderValue;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -22,6 +21,7 @@ use crate::error::ApiError;
 use crate::routes;
 use crate::routing::Breakers;
 use crate::routing::dedupe::Dedupe;
+use crate::server::Listeners;
 use crate::store::Store;
 use crate::upstream::Upstreams;
 use crate::usage::writer::{UsageSink, UsageWriter};
@@ -81,9 +81,10 @@ impl AppState {
         if config.database_url != current.config.database_url
             || config.server.listen != current.config.server.listen
             || config.server.journal_dir != current.config.server.journal_dir
+            || config.server.workers != current.config.server.workers
         {
             tracing::warn!(
-                "database.url, server.listen and server.journal_dir changes take effect at the next restart"
+                "database.url, server.listen, server.journal_dir and server.workers changes take effect at the next restart"
             );
         }
         let runtime =
@@ -144,7 +145,7 @@ impl Gateway {
         let state = Arc::new(AppState {
             runtime: ArcSwap::from_pointee(Runtime::new(config)?),
             env,
-            store,
+            store: Arc::new(crate::store::OnRuntime::new(store)),
             usage,
             keys,
             tasks: TaskTracker::new(),
@@ -162,22 +163,21 @@ impl Gateway {
     /// left stays in the journal for the next start).
     pub async fn serve(
         self,
-        listener: TcpListener,
+        listeners: Listeners,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let grace = self.state.runtime.load().config.server.shutdown_grace;
-        crate::server::serve(listener, router(Arc::clone(&self.state)), shutdown, grace).await?;
-        self.state.tasks.close();
-        if tokio::time::timeout(grace, self.state.tasks.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                tasks = self.state.tasks.len(),
-                "tracked work still running after the grace"
-            );
-        }
+        let served = crate::server::serve_workers(
+            listeners,
+            router(Arc::clone(&self.state)),
+            shutdown,
+            grace,
+            self.state.tasks.clone(),
+        )
+        .await;
+        // Whatever happened to the workers, what was recorded reaches the database.
         self.writer.close(grace).await;
+        served?;
         tracing::info!("stopped");
         Ok(())
     }

@@ -102,6 +102,9 @@ struct RawServer {
     duplicate_window: String,
     #[serde(default = "default_journal_dir")]
     journal_dir: PathBuf,
+    /// 0: one per CPU.
+    #[serde(default)]
+    workers: usize,
 }
 
 impl Default for RawServer {
@@ -124,6 +127,7 @@ impl Default for RawServer {
             duplicate_window: default_duplicate_window(),
             sse_keepalive: default_sse_keepalive(),
             journal_dir: default_journal_dir(),
+            workers: 0,
         }
     }
 }
@@ -156,6 +160,7 @@ fn default_request_body_idle_timeout() -> String {
     "30s".into()
 }
 const MIB: u64 = 1024 * 1024;
+const MAX_WORKERS: usize = 1024;
 fn default_max_images() -> usize {
     16
 }
@@ -348,6 +353,9 @@ pub struct ServerConfig {
     pub duplicate_window: Duration,
     /// Where usage rows are journaled on their way to the database.
     pub journal_dir: PathBuf,
+    /// Serving threads, each with its own runtime, listening socket and provider
+    /// connections.
+    pub workers: usize,
 }
 
 /// Limits on multipart edits and variations.
@@ -630,6 +638,16 @@ impl Validator<'_> {
             record_usage: s.record_usage,
             duplicate_window: self.duration("server.duplicate_window", &s.duplicate_window)?,
             journal_dir: s.journal_dir.clone(),
+            workers: match s.workers {
+                0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                n if n > MAX_WORKERS => {
+                    return Err(self.err(
+                        "server.workers",
+                        format!("must be at most {MAX_WORKERS} (0: one per CPU)"),
+                    ));
+                }
+                n => n,
+            },
         };
         if s.journal_dir.as_os_str().is_empty() {
             return Err(self.err("server.journal_dir", "must name a folder"));
@@ -1072,6 +1090,10 @@ mod tests {
                     format!("{GOOD}\n[server]\nrequest_body_idle_timeout = \"0s\""),
                     "server.request_body_idle_timeout",
                 ),
+                (
+                    format!("{GOOD}\n[server]\nworkers = 100000"),
+                    "server.workers",
+                ),
             ];
             for (text, key) in cases {
                 let err = load(jail, &text, &env).expect_err(key).to_string();
@@ -1093,6 +1115,11 @@ mod tests {
                 .expect_err("unknown")
                 .to_string();
             assert!(err.contains("lsiten"), "{err}");
+            let one_per_cpu =
+                load(jail, &format!("{GOOD}\n[server]\nworkers = 0"), &env).expect("workers = 0");
+            assert!(one_per_cpu.server.workers >= 1);
+            let three = load(jail, &format!("{GOOD}\n[server]\nworkers = 3"), &env).expect("3");
+            assert_eq!(three.server.workers, 3);
             Ok(())
         });
     }

@@ -9,10 +9,10 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand, ValueEnum};
 use imagegate::config::{self, Config, DEFAULT_CONFIG_PATH, Price, ProviderKind};
+use imagegate::server::Listeners;
 use imagegate::store::{self, GroupBy, Store, UsageFilter, UsageTotals};
 use imagegate::usage::price::format_usd;
 use imagegate::{Gateway, auth};
-use tokio::net::TcpListener;
 
 #[derive(Parser)]
 #[command(
@@ -189,10 +189,9 @@ async fn open_store(config: &Path) -> anyhow::Result<std::sync::Arc<dyn Store>> 
 
 async fn serve(config: Config, env: config::EnvLookup, demo: Option<()>) -> anyhow::Result<()> {
     let addr = config.server.listen;
-    let listener = TcpListener::bind(addr)
-        .await
+    let listeners = Listeners::bind(addr, config.server.workers)
         .with_context(|| format!("cannot listen on {addr} (server.listen)"))?;
-    let local = listener.local_addr()?;
+    let local = listeners.local_addr();
     let models = config.public_names().len();
     let source = config.source.display().to_string();
     let gateway = Gateway::start(config, env).await?;
@@ -206,7 +205,7 @@ async fn serve(config: Config, env: config::EnvLookup, demo: Option<()>) -> anyh
         "imagegate listening on {base} ({models} models from {source}); create a key with: imagegate keys create --name NAME"
     );
     let shutdown = until_stopped(std::sync::Arc::clone(&gateway.state))?;
-    gateway.serve(listener, shutdown).await
+    gateway.serve(listeners, shutdown).await
 }
 
 /// Resolves on SIGTERM or Ctrl-C; reloads the configuration on each SIGHUP meanwhile.

@@ -71,6 +71,8 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error(transparent)]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("the database call was cancelled: {0}")]
+    Cancelled(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -107,5 +109,81 @@ pub async fn connect(url: &str) -> anyhow::Result<Arc<dyn Store>> {
         anyhow::bail!(
             "database.url must start with postgres:// or sqlite: (got a URL with another scheme)"
         )
+    }
+}
+
+/// A store whose calls all run on one runtime: the one it was made on.
+///
+/// A database connection belongs to the runtime that opened it. The serving threads each
+/// run their own runtime, and end before the usage writer's last flush; their calls (key
+/// lookups, readiness) go through this to the process's main runtime, so that the pool
+/// never holds a connection that dies with a serving thread.
+pub struct OnRuntime {
+    inner: Arc<dyn Store>,
+    handle: tokio::runtime::Handle,
+}
+
+impl OnRuntime {
+    /// Must be called on the runtime that is to run the calls.
+    pub fn new(inner: Arc<dyn Store>) -> Self {
+        OnRuntime {
+            inner,
+            handle: tokio::runtime::Handle::current(),
+        }
+    }
+
+    async fn run<T, F>(&self, call: impl FnOnce(Arc<dyn Store>) -> F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = StoreResult<T>> + Send + 'static,
+    {
+        self.handle
+            .spawn(call(Arc::clone(&self.inner)))
+            .await
+            .map_err(|e| StoreError::Cancelled(e.to_string()))?
+    }
+}
+
+#[async_trait]
+impl Store for OnRuntime {
+    async fn migrate(&self) -> StoreResult<()> {
+        self.run(|s| async move { s.migrate().await }).await
+    }
+    async fn ping(&self) -> StoreResult<()> {
+        self.run(|s| async move { s.ping().await }).await
+    }
+    async fn create_key(&self, key: NewKey) -> StoreResult<KeyRecord> {
+        self.run(|s| async move { s.create_key(key).await }).await
+    }
+    async fn list_keys(&self) -> StoreResult<Vec<KeyRecord>> {
+        self.run(|s| async move { s.list_keys().await }).await
+    }
+    async fn revoke_key(&self, name: &str) -> StoreResult<bool> {
+        let name = name.to_owned();
+        self.run(|s| async move { s.revoke_key(&name).await }).await
+    }
+    async fn find_key_by_hash(&self, hash: &str) -> StoreResult<Option<KeyRecord>> {
+        let hash = hash.to_owned();
+        self.run(|s| async move { s.find_key_by_hash(&hash).await })
+            .await
+    }
+    async fn insert_usage(&self, rows: &[UsageRow]) -> StoreResult<u64> {
+        let rows = rows.to_vec();
+        self.run(|s| async move { s.insert_usage(&rows).await })
+            .await
+    }
+    async fn usage_for_request(&self, request_id: &str) -> StoreResult<Vec<UsageRow>> {
+        let id = request_id.to_owned();
+        self.run(|s| async move { s.usage_for_request(&id).await })
+            .await
+    }
+    async fn recent_usage(&self, limit: i64) -> StoreResult<Vec<UsageRow>> {
+        self.run(|s| async move { s.recent_usage(limit).await })
+            .await
+    }
+    async fn usage_report(&self, filter: &UsageFilter) -> StoreResult<Vec<UsageTotals>> {
+        let filter = filter.clone();
+        self.run(|s| async move { s.usage_report(&filter).await })
+            .await
     }
 }

@@ -13,6 +13,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use tokio::sync::mpsc;
 
 use crate::config::{Config, Provider, ProviderKind};
+use crate::server::worker_index;
 
 /// The image endpoints imagegate forwards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +29,15 @@ impl Endpoint {
             Endpoint::Generations => "generations",
             Endpoint::Edits => "edits",
             Endpoint::Variations => "variations",
+        }
+    }
+
+    /// Its place in per-endpoint tables.
+    fn index(self) -> usize {
+        match self {
+            Endpoint::Generations => 0,
+            Endpoint::Edits => 1,
+            Endpoint::Variations => 2,
         }
     }
 
@@ -174,19 +184,61 @@ const RESPONSE_HEADERS: [HeaderName; 3] = [
 
 /// One HTTP client per provider, built from a configuration and replaced with it.
 pub struct Upstreams {
-    clients: HashMap<String, reqwest::Client>,
+    clients: HashMap<String, Client>,
+}
+
+/// A provider's clients with what every request to it repeats, worked out once: the
+/// endpoints' URLs and the `Authorization` header.
+struct Client {
+    /// One per serving thread ([`worker_index`]): a connection in a client's pool is served
+    /// by the thread that opened it, so sharing one pool between threads would have every
+    /// request wake another thread.
+    per_worker: Vec<reqwest::Client>,
+    /// Indexed by [`Endpoint::index`].
+    urls: [reqwest::Url; 3],
+    authorization: HeaderValue,
 }
 
 impl Upstreams {
     pub fn build(config: &Config) -> anyhow::Result<Self> {
         let mut clients = HashMap::new();
         for (name, provider) in &config.providers {
-            let client = reqwest::Client::builder()
-                .connect_timeout(provider.connect_timeout)
-                .user_agent(concat!("imagegate/", env!("CARGO_PKG_VERSION")))
-                .pool_idle_timeout(std::time::Duration::from_secs(90))
-                .build()?;
-            clients.insert(name.clone(), client);
+            let ProviderKind::OpenAi {
+                base_url, api_key, ..
+            } = &provider.kind
+            else {
+                continue;
+            };
+            let per_worker = (0..config.server.workers.max(1))
+                .map(|_| {
+                    reqwest::Client::builder()
+                        .connect_timeout(provider.connect_timeout)
+                        .user_agent(concat!("imagegate/", env!("CARGO_PKG_VERSION")))
+                        .pool_idle_timeout(std::time::Duration::from_secs(90))
+                        // A provider's redirect is its error: following it would resend the
+                        // upload, and the key, somewhere the configuration does not name.
+                        .redirect(reqwest::redirect::Policy::none())
+                        .build()
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let url = |endpoint: Endpoint| base_url.join(endpoint.path());
+            let mut authorization = HeaderValue::try_from(format!("Bearer {}", api_key.expose()))
+                .map_err(|_| {
+                anyhow::anyhow!("provider {name}: the API key is not a valid header value")
+            })?;
+            authorization.set_sensitive(true);
+            clients.insert(
+                name.clone(),
+                Client {
+                    per_worker,
+                    urls: [
+                        url(Endpoint::Generations)?,
+                        url(Endpoint::Edits)?,
+                        url(Endpoint::Variations)?,
+                    ],
+                    authorization,
+                },
+            );
         }
         Ok(Upstreams { clients })
     }
@@ -198,21 +250,16 @@ impl Upstreams {
         provider: &Provider,
         request: UpstreamRequest,
     ) -> Result<UpstreamResponse, UpstreamError> {
-        let (base_url, api_key) = match &provider.kind {
-            ProviderKind::Mock { delay } => return Ok(mock::answer(*delay, request).await),
-            ProviderKind::OpenAi {
-                base_url, api_key, ..
-            } => (base_url, api_key),
-        };
+        if let ProviderKind::Mock { delay } = &provider.kind {
+            return Ok(mock::answer(*delay, request).await);
+        }
         let client = self.clients.get(&provider.name).ok_or_else(|| {
             UpstreamError::Other(format!("no client for provider {}", provider.name))
         })?;
-        let url = base_url
-            .join(request.endpoint.path())
-            .map_err(|e| UpstreamError::Other(e.to_string()))?;
-        let response = client
-            .post(url)
-            .bearer_auth(api_key.expose())
+        let http = &client.per_worker[worker_index() % client.per_worker.len()];
+        let response = http
+            .post(client.urls[request.endpoint.index()].clone())
+            .header(header::AUTHORIZATION, client.authorization.clone())
             .header(header::CONTENT_TYPE, request.content_type)
             .header(header::ACCEPT, "application/json, text/event-stream")
             .timeout(provider.total_timeout)

@@ -14,6 +14,7 @@ use http::{HeaderMap, Method, StatusCode};
 use http_body_util::BodyExt;
 use imagegate::Gateway;
 use imagegate::config::{Config, EnvLookup};
+use imagegate::server::Listeners;
 use imagegate::store::Store;
 use imagegate::usage::UsageRow;
 use tokio::net::TcpListener;
@@ -314,10 +315,12 @@ impl TestGateway {
         let config_path = dir.path().join("imagegate.toml");
         std::fs::write(&config_path, config_toml).expect("write config");
         let config = Config::load(&config_path, &test_env()).expect("valid test config");
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind imagegate");
-        let addr = listener.local_addr().expect("address");
+        let listeners = Listeners::bind(
+            "127.0.0.1:0".parse().expect("address"),
+            config.server.workers,
+        )
+        .expect("bind imagegate");
+        let addr = listeners.local_addr();
         let gateway = Gateway::start(config, test_env())
             .await
             .expect("gateway starts");
@@ -332,7 +335,7 @@ impl TestGateway {
         let stop = CancellationToken::new();
         let stopped = stop.clone();
         #[expect(clippy::disallowed_methods, reason = "the test joins it in shutdown()")]
-        let join = tokio::spawn(gateway.serve(listener, async move { stopped.cancelled().await }));
+        let join = tokio::spawn(gateway.serve(listeners, async move { stopped.cancelled().await }));
         TestGateway {
             addr,
             key: issued.key,
