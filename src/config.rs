@@ -102,7 +102,7 @@ struct RawServer {
     duplicate_window: String,
     #[serde(default = "default_journal_dir")]
     journal_dir: PathBuf,
-    /// 0: one per CPU.
+    /// 0: two per CPU.
     #[serde(default)]
     workers: usize,
 }
@@ -639,11 +639,13 @@ impl Validator<'_> {
             duplicate_window: self.duration("server.duplicate_window", &s.duplicate_window)?,
             journal_dir: s.journal_dir.clone(),
             workers: match s.workers {
-                0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                // Two per CPU: a worker that the scheduler preempts (the CPUs are shared
+                // with other programs) stalls only its share of the connections.
+                0 => 2 * std::thread::available_parallelism().map_or(1, |n| n.get()),
                 n if n > MAX_WORKERS => {
                     return Err(self.err(
                         "server.workers",
-                        format!("must be at most {MAX_WORKERS} (0: one per CPU)"),
+                        format!("must be at most {MAX_WORKERS} (0: two per CPU)"),
                     ));
                 }
                 n => n,
