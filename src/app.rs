@@ -1,5 +1,6 @@
 //! Application state, the router with its middleware stack, and the server's lifecycle.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -24,6 +25,7 @@ use crate::routing::dedupe::Dedupe;
 use crate::server::Listeners;
 use crate::store::Store;
 use crate::upstream::Upstreams;
+use crate::usage::meter::RouteMetrics;
 use crate::usage::writer::{UsageSink, UsageWriter};
 
 /// What a configuration turns into: replaced whole on reload, so that a request keeps the
@@ -31,13 +33,28 @@ use crate::usage::writer::{UsageSink, UsageWriter};
 pub struct Runtime {
     pub config: Arc<Config>,
     pub upstreams: Upstreams,
+    /// Per model, one per route, in the order of its routes.
+    route_metrics: HashMap<String, Vec<Arc<RouteMetrics>>>,
     /// Unix seconds when this table was loaded (the `created` of `/v1/models`).
     pub loaded_at: i64,
 }
 
 impl Runtime {
     pub fn new(config: Config) -> anyhow::Result<Self> {
+        let route_metrics = config
+            .models
+            .values()
+            .map(|model| {
+                let routes = model
+                    .routes
+                    .iter()
+                    .map(|r| Arc::new(RouteMetrics::new(&model.name, &r.provider.name)))
+                    .collect();
+                (model.name.clone(), routes)
+            })
+            .collect();
         Ok(Runtime {
+            route_metrics,
             upstreams: Upstreams::build(&config)?,
             config: Arc::new(config),
             loaded_at: SystemTime::now()
@@ -92,6 +109,16 @@ impl AppState {
         self.runtime.store(Arc::clone(&runtime));
         metrics::counter!("imagegate_config_reloads_total").increment(1);
         Ok(runtime)
+    }
+}
+
+impl Runtime {
+    /// The metric handles of a model's route (by its place in the model's routes).
+    pub fn route_metrics(&self, model: &str, route: usize, provider: &str) -> Arc<RouteMetrics> {
+        match self.route_metrics.get(model).and_then(|r| r.get(route)) {
+            Some(metrics) => Arc::clone(metrics),
+            None => Arc::new(RouteMetrics::new(model, provider)),
+        }
     }
 }
 
@@ -202,6 +229,31 @@ fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
+/// Counts a request in `imagegate_http_requests_total` and times it in
+/// `imagegate_http_response_seconds`, through handles kept per thread: looking a metric up
+/// by its labels allocates and hashes them.
+fn http_metrics(path: &str, status: u16, elapsed: std::time::Duration) {
+    type Handles = HashMap<u16, HashMap<Box<str>, (metrics::Counter, metrics::Histogram)>>;
+    thread_local! {
+        static HANDLES: std::cell::RefCell<Handles> = std::cell::RefCell::new(HashMap::new());
+    }
+    HANDLES.with_borrow_mut(|handles| {
+        let by_path = handles.entry(status).or_default();
+        let (requests, seconds) = match by_path.get(path) {
+            Some(found) => found,
+            // Route templates and statuses: a small, bounded set.
+            None => by_path.entry(path.into()).or_insert_with(|| {
+                (
+                    metrics::counter!("imagegate_http_requests_total", "path" => path.to_owned(), "status" => status.to_string()),
+                    metrics::histogram!("imagegate_http_response_seconds", "path" => path.to_owned()),
+                )
+            }),
+        };
+        requests.increment(1);
+        seconds.record(elapsed.as_secs_f64());
+    });
+}
+
 /// A request id unique across restarts: a random prefix drawn once per process, then a
 /// counter. (A UUID per request costs a getrandom system call on the hot path.)
 fn next_request_id() -> Arc<str> {
@@ -267,21 +319,15 @@ async fn access_log(
     let id = next_request_id();
     request.extensions_mut().insert(RequestId(Arc::clone(&id)));
     let method = request.method().clone();
-    let path = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", |p| p.as_str())
-        .to_owned();
+    let matched = request.extensions().get::<MatchedPath>().cloned();
+    let path = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
     let mut response = next.run(request).await;
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert("x-request-id", value);
     }
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
-    metrics::counter!("imagegate_http_requests_total", "path" => path.clone(), "status" => status.to_string())
-        .increment(1);
-    metrics::histogram!("imagegate_http_response_seconds", "path" => path.clone())
-        .record(elapsed.as_secs_f64());
+    http_metrics(path, status, elapsed);
     if response.extensions().get::<Forwarded>().is_some() {
         return response;
     }
@@ -297,7 +343,7 @@ async fn access_log(
         Some(err) => {
             tracing::info!(target: "imagegate::access", request_id = %id, %method, %path, key, status, latency_ms, error = %err, "request");
         }
-        None if routes::PUBLIC.contains(&path.as_str()) => {
+        None if routes::PUBLIC.contains(&path) => {
             tracing::debug!(target: "imagegate::access", request_id = %id, %method, %path, status, latency_ms, "request");
         }
         None => {

@@ -76,7 +76,7 @@ impl Call {
         let mut last = None;
         let mut attempt = 0;
         let model = Arc::clone(&self.model);
-        for route in &model.routes {
+        for (index, route) in model.routes.iter().enumerate() {
             if attempt == self.model.failover.max_attempts {
                 break;
             }
@@ -85,7 +85,7 @@ impl Call {
                 continue;
             }
             let more = attempt + 1 < self.model.failover.max_attempts;
-            match self.attempt(source, route, attempt).await? {
+            match self.attempt(source, route, index, attempt).await? {
                 Attempt::Answered(response) => return Ok(response),
                 Attempt::Failed(response) => {
                     attempt += 1;
@@ -110,6 +110,7 @@ impl Call {
         &mut self,
         source: &mut dyn RequestSource,
         route: &Route,
+        index: usize,
         attempt: usize,
     ) -> Result<Attempt, ApiError> {
         let provider = &route.provider;
@@ -173,6 +174,9 @@ impl Call {
             price: route.price,
             started,
             created_at,
+            metrics: self
+                .runtime
+                .route_metrics(&self.model.name, index, &provider.name),
         };
         let streamed = ticket.summary.stream;
         let answer = match sent {

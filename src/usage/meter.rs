@@ -11,6 +11,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures_util::{Stream, StreamExt};
 use http::HeaderMap;
+use metrics::{Counter, Histogram};
 use tokio::io::AsyncWriteExt;
 use tokio_util::task::TaskTracker;
 
@@ -37,6 +38,62 @@ pub struct UsageTicket {
     pub price: Price,
     pub started: Instant,
     pub created_at: DateTime<Utc>,
+    pub metrics: Arc<RouteMetrics>,
+}
+
+/// One route's metric handles, registered once per configuration: looking a metric up by
+/// its labels allocates and hashes them, several times on every request.
+pub struct RouteMetrics {
+    model: String,
+    provider: String,
+    /// `imagegate_upstream_requests_total` with status 200; other statuses are looked up.
+    ok: Counter,
+    duration: Histogram,
+    input_tokens: Counter,
+    output_tokens: Counter,
+    images: Counter,
+    cost: Counter,
+}
+
+impl RouteMetrics {
+    /// Registers the handles with the recorder installed now (none: they count nothing).
+    pub fn new(model: &str, provider: &str) -> Self {
+        let labels = [
+            ("model", model.to_owned()),
+            ("provider", provider.to_owned()),
+        ];
+        RouteMetrics {
+            model: model.to_owned(),
+            provider: provider.to_owned(),
+            ok: metrics::counter!(
+                "imagegate_upstream_requests_total",
+                &[
+                    ("model", model.to_owned()),
+                    ("provider", provider.to_owned()),
+                    ("status", "200".to_owned()),
+                ]
+            ),
+            duration: metrics::histogram!("imagegate_upstream_duration_seconds", &labels),
+            input_tokens: metrics::counter!("imagegate_input_tokens_total", &labels),
+            output_tokens: metrics::counter!("imagegate_output_tokens_total", &labels),
+            images: metrics::counter!("imagegate_images_total", &labels),
+            cost: metrics::counter!("imagegate_cost_nanousd_total", &labels),
+        }
+    }
+
+    fn requests(&self, status: u16) -> Counter {
+        if status == 200 {
+            return self.ok.clone();
+        }
+        metrics::counter!(
+            "imagegate_upstream_requests_total",
+            &[
+                ("model", self.model.clone()),
+                ("provider", self.provider.clone()),
+                ("status", status.to_string()),
+            ]
+        )
+    }
 }
 
 impl UsageTicket {
@@ -51,27 +108,13 @@ impl UsageTicket {
         };
         let cost = cost_nanousd(&self.price, extracted.usage.as_ref(), images);
         let latency = self.started.elapsed();
-        let labels = [
-            ("model", self.model.clone()),
-            ("provider", self.provider.clone()),
-        ];
-        metrics::counter!(
-            "imagegate_upstream_requests_total",
-            &[
-                ("model", self.model.clone()),
-                ("provider", self.provider.clone()),
-                ("status", status.to_string()),
-            ]
-        )
-        .increment(1);
-        metrics::histogram!("imagegate_upstream_duration_seconds", &labels)
-            .record(latency.as_secs_f64());
-        metrics::counter!("imagegate_input_tokens_total", &labels)
-            .increment(usage.input_tokens.max(0) as u64);
-        metrics::counter!("imagegate_output_tokens_total", &labels)
-            .increment(usage.output_tokens.max(0) as u64);
-        metrics::counter!("imagegate_images_total", &labels).increment(u64::from(images));
-        metrics::counter!("imagegate_cost_nanousd_total", &labels).increment(cost.max(0) as u64);
+        let m = &self.metrics;
+        m.requests(status).increment(1);
+        m.duration.record(latency.as_secs_f64());
+        m.input_tokens.increment(usage.input_tokens.max(0) as u64);
+        m.output_tokens.increment(usage.output_tokens.max(0) as u64);
+        m.images.increment(u64::from(images));
+        m.cost.increment(cost.max(0) as u64);
         if outcome != Outcome::Completed {
             metrics::counter!(
                 "imagegate_upstream_errors_total",
