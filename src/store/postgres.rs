@@ -22,8 +22,16 @@ const USAGE_COLUMNS: &str = "request_id, key_id, key_name, model, provider, upst
      image_input_tokens, cached_text_input_tokens, cached_image_input_tokens, input_tokens, \
      output_tokens, total_tokens, cost_nanousd, latency_ms, created_at, raw_usage";
 
-/// Rows per insert statement: 25 columns each stays far below the bind-parameter limit.
-const INSERT_ROWS: usize = 256;
+/// Usage rows as column arrays (see `insert_usage`), in [`USAGE_COLUMNS`]' order.
+const INSERT_USAGE: &str = "insert into usage (request_id, key_id, key_name, model, provider, \
+     upstream_model, endpoint, status, outcome, streamed, n, size, quality, images, \
+     text_input_tokens, image_input_tokens, cached_text_input_tokens, cached_image_input_tokens, \
+     input_tokens, output_tokens, total_tokens, cost_nanousd, latency_ms, created_at, raw_usage) \
+     select * from unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], \
+     $6::text[], $7::text[], $8::int4[], $9::text[], $10::bool[], $11::int4[], $12::text[], \
+     $13::text[], $14::int4[], $15::int8[], $16::int8[], $17::int8[], $18::int8[], $19::int8[], \
+     $20::int8[], $21::int8[], $22::int8[], $23::int8[], $24::timestamptz[], $25::text[]) \
+     on conflict (request_id) do nothing";
 
 pub struct PostgresStore {
     pool: PgPool,
@@ -176,44 +184,43 @@ impl Store for PostgresStore {
 
     #[tracing::instrument(skip_all, fields(rows = rows.len()))]
     async fn insert_usage(&self, rows: &[UsageRow]) -> StoreResult<u64> {
-        // One multi-row statement per slice: a round trip per row would cost the database
-        // more than imagegate spends on the request itself.
-        let mut tx = self.pool.begin().await?;
-        let mut inserted = 0;
-        for slice in rows.chunks(INSERT_ROWS) {
-            let mut query =
-                QueryBuilder::<Postgres>::new(format!("insert into usage ({USAGE_COLUMNS}) "));
-            query.push_values(slice, |mut b, row| {
-                b.push_bind(&row.request_id)
-                    .push_bind(row.key_id)
-                    .push_bind(&row.key_name)
-                    .push_bind(&row.model)
-                    .push_bind(&row.provider)
-                    .push_bind(&row.upstream_model)
-                    .push_bind(&row.endpoint)
-                    .push_bind(row.status)
-                    .push_bind(row.outcome.as_str())
-                    .push_bind(row.streamed)
-                    .push_bind(row.n)
-                    .push_bind(&row.size)
-                    .push_bind(&row.quality)
-                    .push_bind(row.images)
-                    .push_bind(row.text_input_tokens)
-                    .push_bind(row.image_input_tokens)
-                    .push_bind(row.cached_text_input_tokens)
-                    .push_bind(row.cached_image_input_tokens)
-                    .push_bind(row.input_tokens)
-                    .push_bind(row.output_tokens)
-                    .push_bind(row.total_tokens)
-                    .push_bind(row.cost_nanousd)
-                    .push_bind(row.latency_ms)
-                    .push_bind(row.created_at)
-                    .push_bind(&row.raw_usage);
-            });
-            query.push(" on conflict (request_id) do nothing");
-            inserted += query.build().execute(&mut *tx).await?.rows_affected();
+        // One statement per batch, whatever its size: each column goes as one array and
+        // `unnest` turns the arrays back into rows. The text never changes, so the
+        // statement is parsed and planned once per connection, not once per batch (a
+        // round trip per row would cost the database more than imagegate spends on the
+        // request itself).
+        fn column<'a, T>(rows: &'a [UsageRow], f: impl Fn(&'a UsageRow) -> T) -> Vec<T> {
+            rows.iter().map(f).collect()
         }
-        tx.commit().await?;
+        let inserted = sqlx::query(INSERT_USAGE)
+            .bind(column(rows, |r| r.request_id.as_str()))
+            .bind(column(rows, |r| r.key_id))
+            .bind(column(rows, |r| r.key_name.as_str()))
+            .bind(column(rows, |r| r.model.as_str()))
+            .bind(column(rows, |r| r.provider.as_str()))
+            .bind(column(rows, |r| r.upstream_model.as_str()))
+            .bind(column(rows, |r| r.endpoint.as_str()))
+            .bind(column(rows, |r| r.status))
+            .bind(column(rows, |r| r.outcome.as_str()))
+            .bind(column(rows, |r| r.streamed))
+            .bind(column(rows, |r| r.n))
+            .bind(column(rows, |r| r.size.as_deref()))
+            .bind(column(rows, |r| r.quality.as_deref()))
+            .bind(column(rows, |r| r.images))
+            .bind(column(rows, |r| r.text_input_tokens))
+            .bind(column(rows, |r| r.image_input_tokens))
+            .bind(column(rows, |r| r.cached_text_input_tokens))
+            .bind(column(rows, |r| r.cached_image_input_tokens))
+            .bind(column(rows, |r| r.input_tokens))
+            .bind(column(rows, |r| r.output_tokens))
+            .bind(column(rows, |r| r.total_tokens))
+            .bind(column(rows, |r| r.cost_nanousd))
+            .bind(column(rows, |r| r.latency_ms))
+            .bind(column(rows, |r| r.created_at))
+            .bind(column(rows, |r| r.raw_usage.as_deref()))
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
         Ok(inserted)
     }
 

@@ -233,6 +233,15 @@ async fn insert_usage_is_idempotent(store: Arc<dyn Store>) {
     assert_eq!(report.len(), 1);
     assert_eq!(report[0].requests, 4);
     assert_eq!(report[0].cost_nanousd, 4_000);
+
+    // A backlog shipped at once: far more rows than one statement's worth of parameters.
+    let backlog: Vec<UsageRow> = (0..3_000)
+        .map(|i| usage_row(&format!("backlog-{i}"), t))
+        .collect();
+    assert_eq!(store.insert_usage(&backlog).await.expect("backlog"), 3_000);
+    assert_eq!(store.insert_usage(&backlog).await.expect("again"), 0);
+    let rows = store.usage_for_request("backlog-2999").await.expect("read");
+    assert_eq!(rows.len(), 1);
 }
 
 async fn usage_round_trips_every_field(store: Arc<dyn Store>) {
