@@ -75,9 +75,22 @@ async fn provider_errors_become_openai_errors_with_one_row_each() {
         "{text}"
     );
 
-    let rows = gw.usage_rows(6).await;
+    // A redirect is not followed: the upload and the key would go somewhere the
+    // configuration does not name.
+    let elsewhere = StandIn::json(200, "{}").await;
+    let location = format!("{}/images/generations", elsewhere.base_url());
+    provider.set_handler(move |_| {
+        let mut r = respond(307, "text/plain", "moved");
+        r.headers_mut()
+            .insert("location", location.parse().expect("header"));
+        r
+    });
+    expect_error(gw.post_json(GEN, BODY).await, 502).await;
+    assert!(elsewhere.requests().is_empty(), "the redirect was followed");
+
+    let rows = gw.usage_rows(7).await;
     let statuses: Vec<i32> = rows.iter().map(|r| r.status).collect();
-    assert_eq!(statuses, [400, 400, 429, 502, 502, 400]);
+    assert_eq!(statuses, [400, 400, 429, 502, 502, 400, 502]);
     for row in &rows {
         assert_eq!(row.outcome, Outcome::UpstreamError);
         assert_eq!((row.cost_nanousd, row.images, row.total_tokens), (0, 0, 0));
