@@ -1,7 +1,20 @@
 //! The only code that speaks SQL: one small trait, a Postgres and a SQLite implementation.
 
+/// The `usage` table's columns in [`UsageRow`]'s order, as a literal so that statements can
+/// be built from it with `concat!`: one list for both databases and every statement.
+macro_rules! usage_columns {
+    () => {
+        "request_id, key_id, key_name, model, provider, upstream_model, endpoint, status, \
+         outcome, streamed, n, size, quality, images, text_input_tokens, image_input_tokens, \
+         cached_text_input_tokens, cached_image_input_tokens, input_tokens, output_tokens, \
+         total_tokens, cost_nanousd, latency_ms, created_at, raw_usage"
+    };
+}
+
 mod postgres;
 mod sqlite;
+
+const USAGE_COLUMNS: &str = usage_columns!();
 
 use std::sync::Arc;
 

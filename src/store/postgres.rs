@@ -6,7 +6,10 @@ use async_trait::async_trait;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, QueryBuilder, Row};
 
-use super::{GroupBy, KeyRecord, NewKey, Store, StoreError, StoreResult, UsageFilter, UsageTotals};
+use super::{
+    GroupBy, KeyRecord, NewKey, Store, StoreError, StoreResult, USAGE_COLUMNS, UsageFilter,
+    UsageTotals,
+};
 use crate::usage::{Outcome, UsageRow};
 
 /// The pool is shared by every request and the usage writer; a handful of connections is
@@ -17,21 +20,16 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
 const KEY_COLUMNS: &str = "id, name, prefix, hash, created_at, revoked_at";
 
-const USAGE_COLUMNS: &str = "request_id, key_id, key_name, model, provider, upstream_model, \
-     endpoint, status, outcome, streamed, n, size, quality, images, text_input_tokens, \
-     image_input_tokens, cached_text_input_tokens, cached_image_input_tokens, input_tokens, \
-     output_tokens, total_tokens, cost_nanousd, latency_ms, created_at, raw_usage";
-
 /// Usage rows as column arrays (see `insert_usage`), in [`USAGE_COLUMNS`]' order.
-const INSERT_USAGE: &str = "insert into usage (request_id, key_id, key_name, model, provider, \
-     upstream_model, endpoint, status, outcome, streamed, n, size, quality, images, \
-     text_input_tokens, image_input_tokens, cached_text_input_tokens, cached_image_input_tokens, \
-     input_tokens, output_tokens, total_tokens, cost_nanousd, latency_ms, created_at, raw_usage) \
-     select * from unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], \
+const INSERT_USAGE: &str = concat!(
+    "insert into usage (",
+    usage_columns!(),
+    ") select * from unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], \
      $6::text[], $7::text[], $8::int4[], $9::text[], $10::bool[], $11::int4[], $12::text[], \
      $13::text[], $14::int4[], $15::int8[], $16::int8[], $17::int8[], $18::int8[], $19::int8[], \
      $20::int8[], $21::int8[], $22::int8[], $23::int8[], $24::timestamptz[], $25::text[]) \
-     on conflict (request_id) do nothing";
+     on conflict (request_id) do nothing"
+);
 
 pub struct PostgresStore {
     pool: PgPool,

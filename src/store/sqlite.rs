@@ -10,7 +10,10 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Row, Sqlite};
 
-use super::{GroupBy, KeyRecord, NewKey, Store, StoreError, StoreResult, UsageFilter, UsageTotals};
+use super::{
+    GroupBy, KeyRecord, NewKey, Store, StoreError, StoreResult, USAGE_COLUMNS, UsageFilter,
+    UsageTotals,
+};
 use crate::usage::{Outcome, UsageRow};
 
 /// SQLite takes one writer at a time; a few connections let reads (key lookups, reports)
@@ -27,11 +30,6 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 const TIME_FORMAT: &str = "%Y-%m-%d %H:%M:%S%.6f";
 
 const KEY_COLUMNS: &str = "id, name, prefix, hash, created_at, revoked_at";
-
-const USAGE_COLUMNS: &str = "request_id, key_id, key_name, model, provider, upstream_model, \
-     endpoint, status, outcome, streamed, n, size, quality, images, text_input_tokens, \
-     image_input_tokens, cached_text_input_tokens, cached_image_input_tokens, input_tokens, \
-     output_tokens, total_tokens, cost_nanousd, latency_ms, created_at, raw_usage";
 
 /// Rows per insert statement: 25 columns each stays far below the bind-parameter limit.
 const INSERT_ROWS: usize = 256;
