@@ -18,7 +18,7 @@ use crate::config::{Model, Route};
 use crate::error::ApiError;
 use crate::multipart::Upload;
 use crate::openai::generation::GenerationRequest;
-use crate::routing::dedupe::{self, Claim, Dedupe, KeepTicket};
+use crate::routing::dedupe::{self, Claim, Dedupe, Fingerprint, KeepTicket};
 use crate::routing::{Call, Prepared, RequestSource};
 use crate::upstream::{Endpoint, RequestSummary, UpstreamBody, UpstreamRequest, summary_slot};
 
@@ -67,12 +67,9 @@ async fn claim(
     state: &Arc<AppState>,
     model: &Model,
     headers: &HeaderMap,
-    fingerprint: String,
+    fingerprint: Fingerprint,
 ) -> Result<Option<KeepTicket>, Response> {
-    match state
-        .dedupe
-        .claim(fingerprint.clone(), Dedupe::is_retry(headers))
-    {
+    match state.dedupe.claim(fingerprint, Dedupe::is_retry(headers)) {
         Claim::Original(keep) => Ok(keep),
         Claim::Attach(rx) => {
             let wait = model

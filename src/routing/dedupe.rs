@@ -2,10 +2,12 @@
 //! idempotency key, and the provider bills both. A retry (`X-Stainless-Retry-Count` >= 1,
 //! or a repeated `Idempotency-Key`) from the same key with the same body attaches to the
 //! original call while it runs, or collects its result, kept on disk for a while when the
-//! original client went away before receiving it.
+//! original client went away before receiving it. A call that ended any other way (its
+//! answer delivered, or failed) leaves nothing behind: its retry is a new call, at once.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,6 +20,13 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 use crate::upstream::Endpoint;
+
+/// Most calls remembered at once (running, or kept for a retry); beyond it the oldest is
+/// forgotten, and a retry of it becomes a new call. About 200 bytes each.
+const MAX_ENTRIES: usize = 16_384;
+
+/// Same client key, endpoint, idempotency key and body.
+pub type Fingerprint = [u8; 32];
 
 /// Where an original call stands, as its retries see it.
 #[derive(Clone)]
@@ -33,7 +42,6 @@ pub struct Kept {
     path: PathBuf,
     status: StatusCode,
     headers: HeaderMap,
-    expires: Instant,
 }
 
 impl Drop for Kept {
@@ -46,7 +54,65 @@ pub struct Dedupe {
     enabled: bool,
     window: Duration,
     dir: PathBuf,
-    entries: Mutex<HashMap<String, watch::Sender<Status>>>,
+    capacity: usize,
+    next_id: AtomicU64,
+    table: Mutex<Table>,
+}
+
+/// The calls a retry can find. Each claim is O(log n): nothing scans the whole table.
+#[derive(Default)]
+struct Table {
+    entries: HashMap<Fingerprint, Entry>,
+    /// Entry ids, oldest first: the order in which a full table forgets.
+    order: BTreeMap<u64, Fingerprint>,
+    /// Kept results by expiry; one window for all, so the front expires first.
+    expiring: VecDeque<(Instant, u64)>,
+}
+
+struct Entry {
+    /// Unique per call: a later original with the same fingerprint replaces the entry, and
+    /// the earlier call's end must not remove the later one's.
+    id: u64,
+    tx: watch::Sender<Status>,
+}
+
+impl Table {
+    fn remove(&mut self, fingerprint: &Fingerprint, id: u64) {
+        if self.entries.get(fingerprint).is_some_and(|e| e.id == id) {
+            self.entries.remove(fingerprint);
+            self.order.remove(&id);
+        }
+    }
+
+    fn remove_id(&mut self, id: u64) {
+        if let Some(fingerprint) = self.order.get(&id).copied() {
+            self.remove(&fingerprint, id);
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(expires, id)) = self.expiring.front() {
+            if expires > now {
+                break;
+            }
+            self.expiring.pop_front();
+            self.remove_id(id);
+        }
+    }
+
+    fn insert(&mut self, fingerprint: Fingerprint, entry: Entry, capacity: usize) {
+        let id = entry.id;
+        if let Some(replaced) = self.entries.insert(fingerprint, entry) {
+            self.order.remove(&replaced.id);
+        }
+        self.order.insert(id, fingerprint);
+        while self.entries.len() > capacity {
+            let Some((_, oldest)) = self.order.pop_first() else {
+                break;
+            };
+            self.entries.remove(&oldest);
+        }
+    }
 }
 
 /// What a request does about duplicates.
@@ -69,7 +135,9 @@ impl Dedupe {
             enabled,
             window,
             dir,
-            entries: Mutex::new(HashMap::new()),
+            capacity: MAX_ENTRIES,
+            next_id: AtomicU64::new(0),
+            table: Mutex::new(Table::default()),
         })
     }
 
@@ -79,7 +147,7 @@ impl Dedupe {
         endpoint: Endpoint,
         idempotency_key: Option<&str>,
         body: &[u8],
-    ) -> String {
+    ) -> Fingerprint {
         let mut hash = Sha256::new();
         hash.update(key_id.to_be_bytes());
         hash.update(endpoint.as_str());
@@ -87,7 +155,7 @@ impl Dedupe {
         hash.update(idempotency_key.unwrap_or_default());
         hash.update([0]);
         hash.update(body);
-        hex::encode(hash.finalize())
+        hash.finalize().into()
     }
 
     /// Whether the headers mark the request as a retry of an earlier one.
@@ -100,65 +168,98 @@ impl Dedupe {
         retry_count >= 1 || headers.contains_key("idempotency-key")
     }
 
-    pub fn claim(self: &Arc<Self>, fingerprint: String, retry: bool) -> Claim {
+    pub fn claim(self: &Arc<Self>, fingerprint: Fingerprint, retry: bool) -> Claim {
         if !self.enabled {
             return Claim::Original(None);
         }
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        entries.retain(|_, tx| match &*tx.borrow() {
-            Status::InFlight => true,
-            Status::Kept(kept) => kept.expires > now,
-            Status::Gone => false,
-        });
+        let mut table = self.lock();
+        table.expire(Instant::now());
         if retry {
-            if let Some(tx) = entries.get(&fingerprint) {
-                return Claim::Attach(tx.subscribe());
+            if let Some(entry) = table.entries.get(&fingerprint) {
+                return Claim::Attach(entry.tx.subscribe());
             }
         }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, _) = watch::channel(Status::InFlight);
-        entries.insert(fingerprint.clone(), tx.clone());
+        let entry = Entry { id, tx: tx.clone() };
+        table.insert(fingerprint, entry, self.capacity);
         Claim::Original(Some(KeepTicket {
             dedupe: Arc::clone(self),
             fingerprint,
+            id,
             tx: Some(tx),
         }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How many calls a retry could find now.
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
 /// Held by an original call; tells its retries how it ended.
 pub struct KeepTicket {
     dedupe: Arc<Dedupe>,
-    fingerprint: String,
+    fingerprint: Fingerprint,
+    id: u64,
     tx: Option<watch::Sender<Status>>,
 }
 
 impl KeepTicket {
-    /// A file to write the result to, when its client has gone.
+    /// A file to write the result to, when its client has gone: one per call, so that two
+    /// originals with the same fingerprint never share one.
     pub async fn create_file(&self) -> std::io::Result<(PathBuf, tokio::fs::File)> {
-        let path = self.dedupe.dir.join(format!("{}.result", self.fingerprint));
+        let path = self.dedupe.dir.join(format!(
+            "{}-{}.result",
+            hex::encode(&self.fingerprint[..8]),
+            self.id
+        ));
         let file = tokio::fs::File::create(&path).await?;
         Ok((path, file))
     }
 
     /// The whole result is in `path`: retries within the window get it.
     pub fn keep(mut self, path: PathBuf, status: StatusCode, headers: HeaderMap) {
-        if let Some(tx) = self.tx.take() {
-            tracing::info!(fingerprint = %&self.fingerprint[..12], "result kept for a retry to collect");
-            let _ = tx.send(Status::Kept(Arc::new(Kept {
-                path,
-                status,
-                headers,
-                expires: Instant::now() + self.dedupe.window,
-            })));
+        let Some(tx) = self.tx.take() else {
+            return;
+        };
+        tracing::info!(
+            fingerprint = %hex::encode(&self.fingerprint[..6]),
+            "result kept for a retry to collect"
+        );
+        // `send_replace`, not `send`: the value must change even when no retry is waiting
+        // yet, since later retries read it from the table.
+        tx.send_replace(Status::Kept(Arc::new(Kept {
+            path,
+            status,
+            headers,
+        })));
+        let mut table = self.dedupe.lock();
+        if table
+            .entries
+            .get(&self.fingerprint)
+            .is_some_and(|e| e.id == self.id)
+        {
+            let expires = Instant::now() + self.dedupe.window;
+            table.expiring.push_back((expires, self.id));
         }
     }
 }
 
 impl Drop for KeepTicket {
+    /// Ended without a kept result: waiting retries call again, and later ones find nothing.
     fn drop(&mut self) {
         if let Some(tx) = self.tx.take() {
-            let _ = tx.send(Status::Gone);
+            tx.send_replace(Status::Gone);
+            self.dedupe.lock().remove(&self.fingerprint, self.id);
         }
     }
 }
@@ -225,4 +326,98 @@ pub fn kept_headers(content_type: Option<&HeaderValue>, provider: &str) -> Heade
 
 pub fn results_dir(spool_dir: &Path) -> PathBuf {
     spool_dir.join("results")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dedupe(dir: &Path) -> Arc<Dedupe> {
+        Arc::new(Dedupe::new(true, Duration::from_secs(600), dir.join("results")).expect("dir"))
+    }
+
+    fn fingerprint(n: u64) -> Fingerprint {
+        Dedupe::fingerprint(1, Endpoint::Generations, None, &n.to_be_bytes())
+    }
+
+    fn original(claim: Claim) -> KeepTicket {
+        match claim {
+            Claim::Original(Some(ticket)) => ticket,
+            _ => panic!("expected an original call with a ticket"),
+        }
+    }
+
+    #[test]
+    fn distinct_calls_leave_the_table_bounded_and_forget_the_oldest_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dedupe = dedupe(dir.path());
+        // Calls still running hold their tickets: nothing ends on its own.
+        let tickets: Vec<KeepTicket> = (0..100_000)
+            .map(|n| original(dedupe.claim(fingerprint(n), false)))
+            .collect();
+        assert_eq!(dedupe.len(), MAX_ENTRIES);
+        assert!(
+            matches!(dedupe.claim(fingerprint(0), true), Claim::Original(_)),
+            "the oldest was forgotten: its retry is a new call"
+        );
+        assert!(matches!(
+            dedupe.claim(fingerprint(99_999), true),
+            Claim::Attach(_)
+        ));
+        drop(tickets);
+        assert!(dedupe.len() <= 1, "ended calls leave nothing behind");
+    }
+
+    #[tokio::test]
+    async fn calls_that_end_unkept_are_forgotten_and_kept_ones_found_until_they_expire() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dedupe = Arc::new(
+            Dedupe::new(true, Duration::from_millis(50), dir.path().join("r")).expect("dir"),
+        );
+        let ticket = original(dedupe.claim(fingerprint(1), false));
+        drop(ticket);
+        assert!(dedupe.is_empty());
+        assert!(matches!(
+            dedupe.claim(fingerprint(1), true),
+            Claim::Original(Some(_))
+        ));
+
+        let ticket = original(dedupe.claim(fingerprint(2), false));
+        let (path, _file) = ticket.create_file().await.expect("file");
+        ticket.keep(path.clone(), StatusCode::OK, HeaderMap::new());
+        let Claim::Attach(rx) = dedupe.claim(fingerprint(2), true) else {
+            panic!("a kept result is found by its retry");
+        };
+        assert!(matches!(*rx.borrow(), Status::Kept(_)));
+        drop(rx);
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(matches!(
+            dedupe.claim(fingerprint(3), false),
+            Claim::Original(_)
+        ));
+        assert!(!path.exists(), "an expired result's file is removed");
+        assert!(matches!(
+            dedupe.claim(fingerprint(2), true),
+            Claim::Original(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn two_originals_with_one_fingerprint_keep_separate_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dedupe = dedupe(dir.path());
+        let first = original(dedupe.claim(fingerprint(7), false));
+        let second = original(dedupe.claim(fingerprint(7), false));
+        let (a, _) = first.create_file().await.expect("file");
+        let (b, _) = second.create_file().await.expect("file");
+        assert_ne!(a, b);
+        // The first one's end does not forget the second, which replaced it.
+        drop(first);
+        assert!(matches!(
+            dedupe.claim(fingerprint(7), true),
+            Claim::Attach(_)
+        ));
+        drop(second);
+        assert!(dedupe.is_empty());
+    }
 }

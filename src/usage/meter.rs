@@ -271,6 +271,8 @@ impl Metered {
 
     fn finish(&mut self, outcome: Outcome) {
         self.inner = None;
+        // Delivered or failed: nothing for a retry to collect, it calls again.
+        self.keep = None;
         if let Some(ticket) = self.ticket.take() {
             ticket.finish(self.status, outcome, &self.extractor.extracted());
         }
@@ -359,7 +361,7 @@ impl Drop for Metered {
                 }
             }
             let tail = extractor.finish();
-            ticket.finish(status, outcome, &extractor.extracted());
+            // Kept before the row is recorded: a retry that sees the row finds the result.
             if let (Some((path, mut f)), Some((keep, headers)), Outcome::Completed) =
                 (file, keep, outcome)
             {
@@ -368,6 +370,7 @@ impl Drop for Metered {
                     keep.keep(path, status, headers);
                 }
             }
+            ticket.finish(status, outcome, &extractor.extracted());
         });
     }
 }

@@ -168,3 +168,130 @@ async fn duplicate_protection_can_be_turned_off() {
     gw.usage_rows(2).await;
     gw.shutdown().await;
 }
+
+/// A gateway whose hang, if a retry ever waits for an original that has ended, would last a
+/// minute: the retries below must be answered long before that.
+async fn patient_gateway(provider: &StandIn) -> TestGateway {
+    let config = test_config(&provider.base_url(), "").replacen(
+        "upstream_total_timeout = \"5s\"",
+        "upstream_total_timeout = \"60s\"",
+        1,
+    );
+    TestGateway::start(Db::Sqlite, &config).await
+}
+
+/// Sends a retry and returns it with how long it took, failing instead of hanging.
+async fn timed_retry(gw: &TestGateway, count: &str) -> (reqwest::Response, Duration) {
+    let started = std::time::Instant::now();
+    let response = post(
+        gw,
+        BODY,
+        &[("x-stainless-retry-count", count)],
+        Some(Duration::from_secs(30)),
+    )
+    .await
+    .expect("the retry is answered");
+    (response, started.elapsed())
+}
+
+#[tokio::test]
+async fn a_retry_after_a_delivered_answer_is_a_new_call_at_once() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    let gw = patient_gateway(&provider).await;
+    let first = post(&gw, BODY, &[("x-stainless-retry-count", "0")], None)
+        .await
+        .expect("first");
+    assert_eq!(first.status(), 200);
+    first
+        .bytes()
+        .await
+        .expect("the whole answer reached its client");
+
+    let (retry, took) = timed_retry(&gw, "1").await;
+    assert_eq!(retry.status(), 200);
+    assert!(
+        retry.headers().get("x-imagegate-duplicate").is_none(),
+        "the original's answer was delivered: nothing to attach to"
+    );
+    retry.bytes().await.expect("body");
+    assert!(
+        took < Duration::from_secs(10),
+        "answered at once, took {took:?}"
+    );
+    assert_eq!(provider.requests().len(), 2, "the retry is a new call");
+    gw.usage_rows(2).await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_retry_after_a_provider_error_calls_again_at_once_and_succeeds() {
+    for (status, expected) in [(500, 502), (429, 429)] {
+        let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = std::sync::Arc::clone(&calls);
+        // Fails the first call only, as a provider with a passing fault does.
+        provider.set_handler(move |_| {
+            if seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                respond(
+                    status,
+                    "application/json",
+                    r#"{"error":{"message":"busy","type":"server_error","param":null,"code":null}}"#,
+                )
+            } else {
+                respond(200, "application/json", image_response(1, USAGE))
+            }
+        });
+        let gw = patient_gateway(&provider).await;
+        let first = post(&gw, BODY, &[("x-stainless-retry-count", "0")], None)
+            .await
+            .expect("first");
+        assert_eq!(first.status(), expected);
+        first.bytes().await.expect("body");
+
+        let (retry, took) = timed_retry(&gw, "1").await;
+        assert_eq!(retry.status(), 200, "after a {status}");
+        assert!(retry.headers().get("x-imagegate-duplicate").is_none());
+        assert_eq!(retry.text().await.expect("body"), image_response(1, USAGE));
+        assert!(
+            took < Duration::from_secs(10),
+            "after a {status}: answered at once, took {took:?}"
+        );
+        assert_eq!(provider.requests().len(), 2);
+        let rows = gw.usage_rows(2).await;
+        let mut statuses: Vec<i32> = rows.iter().map(|r| r.status).collect();
+        statuses.sort_unstable();
+        let mut want = vec![200, i32::from(expected)];
+        want.sort_unstable();
+        assert_eq!(statuses, want, "one row per provider call");
+        gw.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_retry_after_the_original_ended_unseen_replays_its_kept_result() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    provider.set_delay(Duration::from_millis(600));
+    let gw = patient_gateway(&provider).await;
+    let first = post(
+        &gw,
+        BODY,
+        &[("x-stainless-retry-count", "0")],
+        Some(Duration::from_millis(150)),
+    )
+    .await;
+    assert!(first.is_err(), "the client gave up before the answer");
+    // The original runs to its end with nobody waiting for it; only then comes the retry.
+    let rows = gw.usage_rows(1).await;
+    assert_eq!(rows[0].status, 200);
+    provider.set_delay(Duration::ZERO);
+
+    let (retry, took) = timed_retry(&gw, "1").await;
+    assert_eq!(retry.status(), 200);
+    assert_eq!(retry.headers()["x-imagegate-duplicate"], "replayed");
+    assert_eq!(retry.headers()["x-imagegate-provider"], "piapi");
+    assert_eq!(retry.text().await.expect("body"), image_response(1, USAGE));
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert_eq!(provider.requests().len(), 1, "the provider was called once");
+    gw.usage_rows(1).await;
+    gw.shutdown().await;
+}
