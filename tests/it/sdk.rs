@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use axum::response::Response;
 use serde_json::Value;
 
 use crate::helpers::*;
@@ -45,9 +46,83 @@ fn sdk_python() -> PathBuf {
     python
 }
 
+/// Runs one of `tests/sdk/*.py` against the gateway; its JSON lines.
+async fn run_sdk_script(gw: &TestGateway, script: &str) -> Vec<Value> {
+    let python = tokio::task::spawn_blocking(sdk_python).await.expect("venv");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/sdk")
+        .join(script);
+    let out = tokio::process::Command::new(&python)
+        .arg(&script)
+        .arg(gw.url("/v1"))
+        .arg(&gw.key)
+        .output()
+        .await
+        .expect("run the SDK script");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "SDK script failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_python_sdk_with_default_retries_recovers_from_a_passing_500_and_429() {
+    let failed = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let provider = StandIn::start(move |got| {
+        let prompt = got.json()["prompt"].as_str().unwrap_or_default().to_owned();
+        // Each prompt's first call fails, as a provider with a passing fault does.
+        if failed.lock().expect("lock").insert(prompt.clone()) {
+            let busy =
+                r#"{"error":{"message":"busy","type":"server_error","param":null,"code":null}}"#;
+            return match prompt.as_str() {
+                "fails once with 429" => Response::builder()
+                    .status(429)
+                    .header("content-type", "application/json")
+                    .header("retry-after", "1")
+                    .body(busy.into())
+                    .expect("response"),
+                _ => respond(500, "application/json", busy),
+            };
+        }
+        respond(200, "application/json", image_response(1, USAGE))
+    })
+    .await;
+    // The SDKs' own wait: a retry that hangs shows as a failure, not as a pass by timeout.
+    let config = test_config(&provider.base_url(), "").replacen(
+        "upstream_total_timeout = \"5s\"",
+        "upstream_total_timeout = \"600s\"",
+        1,
+    );
+    let gw = TestGateway::start(Db::Postgres, &config).await;
+    let calls = run_sdk_script(&gw, "retries.py").await;
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    for call in &calls {
+        assert_eq!(call["ok"], true, "{call}");
+        assert_eq!(call["images"], 1);
+        assert_eq!(call["usage"]["output_tokens"], 765);
+    }
+    assert_eq!(
+        provider.requests().len(),
+        4,
+        "each prompt: a failure, then its retry"
+    );
+    let rows = gw.usage_rows(4).await;
+    let mut statuses: Vec<i32> = rows.iter().map(|r| r.status).collect();
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 200, 429, 502], "exactly the provider calls");
+    let billed: i64 = rows.iter().map(|r| r.cost_nanousd).sum();
+    assert_eq!(billed, 2 * gpt_image_1_cost(19, 1105, 765));
+    gw.shutdown().await;
+}
+
 #[tokio::test]
 async fn the_python_sdk_generates_through_imagegate_and_usage_matches() {
-    let python = tokio::task::spawn_blocking(sdk_python).await.expect("venv");
     let sse = "event: image_generation.completed\ndata: {\"type\":\"image_generation.completed\",\"b64_json\":\"B64\",\"usage\":{\"total_tokens\":300,\"input_tokens\":20,\"output_tokens\":280,\"input_tokens_details\":{\"text_tokens\":12,\"image_tokens\":8}}}\n\n".replace("B64", PNG_B64);
     let provider = StandIn::start(move |got| {
         let body = got.json();
@@ -66,26 +141,7 @@ async fn the_python_sdk_generates_through_imagegate_and_usage_matches() {
     })
     .await;
     let gw = TestGateway::start(Db::Postgres, &test_config(&provider.base_url(), "")).await;
-    let base = gw.url("/v1");
-    let key = gw.key.clone();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/generate.py");
-    let out = tokio::process::Command::new(&python)
-        .arg(&script)
-        .arg(&base)
-        .arg(&key)
-        .output()
-        .await
-        .expect("run the SDK script");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "SDK script failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let calls: Vec<Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json line"))
-        .collect();
+    let calls = run_sdk_script(&gw, "generate.py").await;
     assert_eq!(calls[0]["call"], "generate");
     assert_eq!(calls[0]["png"], true);
     assert_eq!(calls[0]["usage"]["input_tokens"], 1124);
