@@ -133,8 +133,10 @@ impl Call {
             .await
             .unwrap_or(Err(UpstreamError::Timeout))
         };
-        let sent = match pump {
-            None => send.await,
+        // Whether the client's upload had reached its end when the call ended: a timeout
+        // before that is the slow client's, not the provider's.
+        let (sent, uploaded) = match pump {
+            None => (send.await, true),
             Some(mut pump) => {
                 let mut send = std::pin::pin!(send);
                 let mut pumped = false;
@@ -153,7 +155,7 @@ impl Call {
                                 }
                             }
                         }
-                        sent = &mut send => break sent,
+                        sent = &mut send => break (sent, pumped),
                     }
                 }
             }
@@ -182,7 +184,11 @@ impl Call {
         let answer = match sent {
             Ok(answer) => answer,
             Err(err) => {
-                breakers.failure(&provider.name, provider.breaker);
+                if matches!(err, UpstreamError::Timeout) && !uploaded {
+                    breakers.release_probe(&provider.name);
+                } else {
+                    breakers.failure(&provider.name, provider.breaker);
+                }
                 let error = match err {
                     UpstreamError::Timeout => ApiError::UpstreamTimeout {
                         provider: provider.name.clone(),
@@ -212,10 +218,11 @@ impl Call {
                 .failover
                 .on_status
                 .contains(&answer.status.as_u16());
-            if fails_over
-                && (answer.status.is_server_error()
-                    || answer.status == StatusCode::TOO_MANY_REQUESTS)
-            {
+            if answer.status == StatusCode::TOO_MANY_REQUESTS {
+                // A rate limit is the provider's answer to whoever sent too much (often one
+                // key's flood), not a sign that it is down for every key.
+                breakers.release_probe(&provider.name);
+            } else if fails_over && answer.status.is_server_error() {
                 breakers.failure(&provider.name, provider.breaker);
             } else {
                 breakers.success(&provider.name);

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
+use futures_util::StreamExt;
 use serde_json::Value;
 
 use crate::generations::expect_error;
@@ -338,5 +339,108 @@ async fn edits_fail_over_with_the_upload_replayed_from_the_spool() {
         rows.iter().map(|r| r.endpoint.as_str()).collect::<Vec<_>>(),
         ["edits", "edits"]
     );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn one_keys_flood_of_429s_does_not_open_the_circuit_for_every_key() {
+    let first = StandIn::start(|got| {
+        if got.json()["prompt"] == "flood" {
+            respond(429, "application/json", r#"{"error":{"message":"slow down","type":"rate_limit","param":null,"code":"rate_limit_exceeded"}}"#)
+        } else {
+            respond(200, "application/json", image_response(1, USAGE))
+        }
+    })
+    .await;
+    let second = StandIn::json(200, &image_response(1, USAGE)).await;
+    let gw = TestGateway::start(
+        Db::Sqlite,
+        &duo_config_with(&first.base_url(), &second.base_url(), "", 2),
+    )
+    .await;
+    for _ in 0..6 {
+        let flood = gw
+            .post_json(GEN, r#"{"model":"solo","prompt":"flood"}"#)
+            .await;
+        expect_error(flood, 429).await;
+    }
+    let other = imagegate::auth::issue_key("quiet-svc");
+    gw.store.create_key(other.new.clone()).await.expect("key");
+    let response = gw
+        .client
+        .post(gw.url(GEN))
+        .bearer_auth(&other.key)
+        .header("content-type", "application/json")
+        .body(r#"{"model":"solo","prompt":"fox"}"#)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(
+        response.status(),
+        200,
+        "the provider's circuit stayed closed"
+    );
+    assert_eq!(response.headers()["x-imagegate-provider"], "first");
+    response.bytes().await.expect("body");
+    assert_eq!(first.requests().len(), 7);
+    gw.usage_rows(7).await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_timeout_while_the_client_still_uploads_does_not_open_the_circuit() {
+    let first = StandIn::json(200, &image_response(1, USAGE)).await;
+    let second = StandIn::json(200, &image_response(1, USAGE)).await;
+    // One failure opens `first`'s circuit; its first-byte timeout is 1 s.
+    let gw = TestGateway::start(
+        Db::Sqlite,
+        &duo_config_with(&first.base_url(), &second.base_url(), "", 1),
+    )
+    .await;
+    let boundary = "slow-boundary";
+    let mut head = Vec::new();
+    for (name, value) in [("model", "solo"), ("prompt", "p")] {
+        head.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+            )
+            .as_bytes(),
+        );
+    }
+    head.extend_from_slice(
+        format!("--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\n")
+            .as_bytes(),
+    );
+    head.extend_from_slice(b"\x89PNG\r\n\x1a\n");
+    let tail = format!("0123456789\r\n--{boundary}--\r\n").into_bytes();
+    // The client's upload takes longer than the provider's first-byte timeout.
+    let body = futures_util::stream::iter([Ok::<_, std::io::Error>(head)]).chain(
+        futures_util::stream::once(async move {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            Ok(tail)
+        }),
+    );
+    let slow = gw
+        .client
+        .post(gw.url("/v1/images/edits"))
+        .bearer_auth(&gw.key)
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(slow.status(), 504);
+    slow.bytes().await.expect("body");
+
+    let response = generate(&gw, "solo").await;
+    assert_eq!(
+        response.status(),
+        200,
+        "the slow client did not open the circuit"
+    );
+    response.bytes().await.expect("body");
     gw.shutdown().await;
 }
