@@ -19,6 +19,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use crate::auth::{self, KeyCache, Principal};
 use crate::config::{Config, ConfigError, EnvLookup};
 use crate::error::ApiError;
+use crate::multipart::SpoolUsage;
 use crate::routes;
 use crate::routing::Breakers;
 use crate::routing::dedupe::Dedupe;
@@ -76,6 +77,8 @@ pub struct AppState {
     /// Per provider, kept across reloads.
     pub breakers: Breakers,
     pub dedupe: Arc<Dedupe>,
+    /// What the upload spool files hold together, against `server.spool_max_bytes`.
+    pub spool: SpoolUsage,
     reload_lock: std::sync::Mutex<()>,
 }
 
@@ -179,6 +182,7 @@ impl Gateway {
             metrics,
             breakers: Breakers::default(),
             dedupe,
+            spool: SpoolUsage::default(),
             reload_lock: std::sync::Mutex::new(()),
         });
         Ok(Gateway { state, writer })

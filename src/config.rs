@@ -92,6 +92,8 @@ struct RawServer {
     max_multipart_body_bytes: u64,
     #[serde(default = "default_spool_dir")]
     spool_dir: PathBuf,
+    #[serde(default = "default_spool_max_bytes")]
+    spool_max_bytes: u64,
     #[serde(default = "default_sse_keepalive")]
     sse_keepalive: String,
     #[serde(default = "default_true")]
@@ -122,6 +124,7 @@ impl Default for RawServer {
             max_mask_bytes: default_max_mask_bytes(),
             max_multipart_body_bytes: default_max_multipart_body_bytes(),
             spool_dir: default_spool_dir(),
+            spool_max_bytes: default_spool_max_bytes(),
             duplicate_protection: true,
             record_usage: true,
             duplicate_window: default_duplicate_window(),
@@ -184,6 +187,10 @@ fn default_duplicate_window() -> String {
 }
 fn default_spool_dir() -> PathBuf {
     PathBuf::from("data/spool")
+}
+
+fn default_spool_max_bytes() -> u64 {
+    20 * 1024 * 1024 * 1024
 }
 fn default_journal_dir() -> PathBuf {
     PathBuf::from("data/journal")
@@ -343,6 +350,8 @@ pub struct ServerConfig {
     pub uploads: UploadLimits,
     /// Where edit parts wait on disk while the route is not yet known.
     pub spool_dir: PathBuf,
+    /// The most all spool files together may hold; an upload that would exceed it gets 503.
+    pub spool_max_bytes: u64,
     /// Silence after which an SSE response gets a keep-alive comment.
     pub sse_keepalive: Duration,
     /// Off only to measure what recording costs: no row is written at all.
@@ -633,6 +642,7 @@ impl Validator<'_> {
                 max_body_bytes: s.max_multipart_body_bytes,
             },
             spool_dir: s.spool_dir.clone(),
+            spool_max_bytes: s.spool_max_bytes,
             sse_keepalive: self.duration("server.sse_keepalive", &s.sse_keepalive)?,
             duplicate_protection: s.duplicate_protection,
             record_usage: s.record_usage,
@@ -668,6 +678,7 @@ impl Validator<'_> {
                 "server.max_multipart_body_bytes",
                 s.max_multipart_body_bytes,
             ),
+            ("server.spool_max_bytes", s.spool_max_bytes),
         ] {
             if value == 0 {
                 return Err(self.err(key, "must be at least 1"));

@@ -60,6 +60,11 @@ pub enum ApiError {
     ReloadRefused(String),
     #[error("the usage store is not reachable")]
     NotReady,
+    /// The upload spool holds `server.spool_max_bytes` already.
+    #[error(
+        "The server has no room left to take this upload now; retry later or send a smaller upload."
+    )]
+    SpoolFull,
     /// Detail goes to the log only; the client sees a generic message.
     #[error("internal error: {0}")]
     Internal(String),
@@ -94,7 +99,9 @@ impl ApiError {
             }
             ApiError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::ReloadRefused(_) => StatusCode::BAD_REQUEST,
-            ApiError::NotReady | ApiError::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotReady | ApiError::CircuitOpen { .. } | ApiError::SpoolFull => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -130,6 +137,7 @@ impl ApiError {
             ApiError::UpstreamTimeout { .. } => ("upstream_error", Some("upstream_timeout"), None),
             ApiError::ReloadRefused(_) => ("invalid_request_error", Some("config_invalid"), None),
             ApiError::NotReady => ("server_error", Some("not_ready"), None),
+            ApiError::SpoolFull => ("server_error", Some("spool_full"), None),
             ApiError::CircuitOpen { .. } => ("upstream_error", Some("provider_unavailable"), None),
             ApiError::Internal(_) => ("server_error", None, None),
         };

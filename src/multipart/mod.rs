@@ -6,7 +6,6 @@ mod encode;
 mod guard;
 mod spool;
 
-use std::path::Path;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -22,10 +21,14 @@ use crate::upstream::{
 };
 
 pub use encode::Encoder;
-pub use spool::{Spool, clean_spool_dir};
+pub use spool::{Spool, SpoolArea, SpoolUsage, clean_spool_dir};
 
 /// The longest text field accepted (a prompt of 32,000 characters fits).
 const MAX_TEXT_BYTES: usize = 256 * 1024;
+/// The most text an upload may hold in memory at once (the parts before `model`, or the
+/// whole upload's text when it is kept for failover): 64 parts of [`MAX_TEXT_BYTES`] would
+/// otherwise hold 16 MiB per request.
+const MAX_HELD_TEXT_BYTES: usize = 1024 * 1024;
 /// Chunks in flight between the client's upload and the provider's request.
 ///
 /// Memory per upload in flight is bounded by this times [`PIECE_BYTES`], plus the server's
@@ -94,6 +97,8 @@ pub struct Upload {
     saw_prompt: bool,
     summary: SummarySlot,
     held: Vec<Held>,
+    /// Bytes of the text parts in `held`.
+    held_text: usize,
     spool: Option<Spool>,
     /// The body ended before `model` was seen.
     ended: bool,
@@ -157,6 +162,7 @@ impl Upload {
             saw_prompt: false,
             summary: summary_slot(RequestSummary::default()),
             held: Vec::new(),
+            held_text: 0,
             spool: None,
             ended: false,
             model: None,
@@ -165,9 +171,12 @@ impl Upload {
 
     /// Reads parts until `model` (or the end of the body), holding what comes before it.
     /// Returns the model named, if any.
-    pub async fn read_until_model(&mut self, spool_dir: &Path) -> Result<Option<String>, ApiError> {
+    pub async fn read_until_model(
+        &mut self,
+        spool: &SpoolArea,
+    ) -> Result<Option<String>, ApiError> {
         while !self.ended {
-            if let Some(model) = self.hold_next(spool_dir).await? {
+            if let Some(model) = self.hold_next(spool).await? {
                 return Ok(Some(model));
             }
         }
@@ -176,7 +185,7 @@ impl Upload {
 
     /// Holds one more part (text in memory, a file in the spool); returns the model when
     /// that part was `model`.
-    async fn hold_next(&mut self, spool_dir: &Path) -> Result<Option<String>, ApiError> {
+    async fn hold_next(&mut self, area: &SpoolArea) -> Result<Option<String>, ApiError> {
         let Some(mut field) = self.multipart.next_field().await.map_err(multipart_error)? else {
             self.ended = true;
             return Ok(None);
@@ -186,6 +195,16 @@ impl Upload {
             Role::Text => {
                 let value = read_text(&mut field, &name).await?;
                 self.note_text(&name, &value)?;
+                self.held_text += value.len();
+                if self.held_text > MAX_HELD_TEXT_BYTES {
+                    return Err(ApiError::InvalidRequest {
+                        message: format!(
+                            "The text parts of this upload (up to '{name}') are larger than the limit of {MAX_HELD_TEXT_BYTES} bytes in all; send 'model' first, or less text."
+                        ),
+                        param: Some(name),
+                        code: Some("text_parts_too_large"),
+                    });
+                }
                 let model = if name == "model" {
                     let model = String::from_utf8(value.to_vec()).map_err(|_| {
                         ApiError::invalid("'model' must be UTF-8 text.", Some("model"))
@@ -202,7 +221,7 @@ impl Upload {
                 self.note_file(file_role)?;
                 let spool = match &mut self.spool {
                     Some(spool) => spool,
-                    None => self.spool.insert(Spool::create(spool_dir).await?),
+                    None => self.spool.insert(Spool::create(area).await?),
                 };
                 let offset = spool.written();
                 let mut sniffer =
@@ -236,14 +255,14 @@ impl Upload {
     /// memory.
     pub async fn into_source(
         mut self,
-        spool_dir: &Path,
+        spool: &SpoolArea,
         attempts: usize,
     ) -> Result<UploadSource, ApiError> {
         if attempts <= 1 {
             return Ok(UploadSource::Live(Some(Box::new(self))));
         }
         while !self.ended {
-            self.hold_next(spool_dir).await?;
+            self.hold_next(spool).await?;
         }
         self.check_complete()?;
         if let Some(spool) = &mut self.spool {
@@ -762,6 +781,14 @@ mod tests {
     /// A part as the provider receives it: Content-Disposition, name, value.
     type Sent = (String, String, Bytes);
 
+    fn area(dir: &std::path::Path) -> SpoolArea {
+        SpoolArea {
+            dir: dir.to_owned(),
+            max_bytes: u64::MAX,
+            usage: SpoolUsage::default(),
+        }
+    }
+
     /// Runs an upload (boundary `xB`) the way `Call::forward` does, draining the provider's
     /// body, and returns the parts the provider would receive.
     async fn upstream_parts(
@@ -775,7 +802,7 @@ mod tests {
             HeaderValue::from_static("multipart/form-data; boundary=xB"),
         );
         let mut upload = Upload::new(&headers, Body::from(body), endpoint, LIMITS)?;
-        upload.read_until_model(spool.path()).await?;
+        upload.read_until_model(&area(spool.path())).await?;
         let Prepared { request, pump } = upload.prepare(&route())?;
         let crate::upstream::UpstreamBody::Stream(mut upstream) = request.body else {
             panic!("uploads stream");
@@ -854,7 +881,7 @@ mod tests {
             )
             .expect("headers");
             let spool = tempfile::tempdir().expect("spool dir");
-            let model = upload.read_until_model(spool.path()).await;
+            let model = upload.read_until_model(&area(spool.path())).await;
             assert_eq!(model.expect("read").as_deref(), Some("dall-e-3"), "routed on it");
             match upstream_parts(body, Endpoint::Edits).await {
                 Ok(parts) => assert_eq!(values(&parts, "model"), [b"upstream-model"]),

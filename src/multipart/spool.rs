@@ -1,8 +1,11 @@
 //! Upload parts that arrive before the route is known wait here, on disk, in one file per
-//! request that is removed when the request ends, however it ends.
+//! request that is removed when the request ends, however it ends. All spool files together
+//! stay within `server.spool_max_bytes`.
 
 use std::io::SeekFrom;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use tokio::fs::File;
@@ -14,26 +17,51 @@ const PREFIX: &str = "upload-";
 const SUFFIX: &str = ".part";
 const READ_CHUNK: usize = 64 * 1024;
 
+/// The bytes held by every spool file of the process (all workers share it).
+#[derive(Clone, Default)]
+pub struct SpoolUsage(Arc<AtomicU64>);
+
+impl SpoolUsage {
+    pub fn bytes(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Where a request's spool file goes, and how much all spool files may hold together.
+#[derive(Clone)]
+pub struct SpoolArea {
+    pub dir: PathBuf,
+    pub max_bytes: u64,
+    pub usage: SpoolUsage,
+}
+
 pub struct Spool {
     /// Owns the path: dropping it removes the file.
     file: tempfile::NamedTempFile,
     writer: File,
     len: u64,
+    max_bytes: u64,
+    /// Holds `len` of this file; given back when the file is removed.
+    usage: SpoolUsage,
 }
 
 impl Spool {
-    pub async fn create(dir: &Path) -> Result<Spool, ApiError> {
-        tokio::fs::create_dir_all(dir).await.map_err(spool_error)?;
+    pub async fn create(area: &SpoolArea) -> Result<Spool, ApiError> {
+        tokio::fs::create_dir_all(&area.dir)
+            .await
+            .map_err(spool_error)?;
         let file = tempfile::Builder::new()
             .prefix(PREFIX)
             .suffix(SUFFIX)
-            .tempfile_in(dir)
+            .tempfile_in(&area.dir)
             .map_err(spool_error)?;
         let writer = File::from_std(file.reopen().map_err(spool_error)?);
         Ok(Spool {
             file,
             writer,
             len: 0,
+            max_bytes: area.max_bytes,
+            usage: area.usage.clone(),
         })
     }
 
@@ -42,9 +70,19 @@ impl Spool {
         self.len
     }
 
+    /// Appends `chunk`, if the spool quota has room for it; otherwise nothing is written
+    /// and the request fails with 503 `spool_full` (its file is removed with it).
     pub async fn write(&mut self, chunk: &[u8]) -> Result<(), ApiError> {
+        let add = chunk.len() as u64;
+        let before = self.usage.0.fetch_add(add, Ordering::Relaxed);
+        if before.saturating_add(add) > self.max_bytes {
+            self.usage.0.fetch_sub(add, Ordering::Relaxed);
+            metrics::counter!("imagegate_spool_full_total").increment(1);
+            return Err(ApiError::SpoolFull);
+        }
+        // Counted before the write, so that a failed write is given back with the file.
+        self.len += add;
         self.writer.write_all(chunk).await.map_err(spool_error)?;
-        self.len += chunk.len() as u64;
         Ok(())
     }
 
@@ -64,6 +102,12 @@ impl Spool {
             file,
             remaining: len,
         })
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        self.usage.0.fetch_sub(self.len, Ordering::Relaxed);
     }
 }
 

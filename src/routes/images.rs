@@ -16,7 +16,7 @@ use crate::auth::Principal;
 use crate::body_timeout::{idle_timeout, is_idle};
 use crate::config::{Model, Route};
 use crate::error::ApiError;
-use crate::multipart::Upload;
+use crate::multipart::{SpoolArea, Upload};
 use crate::openai::generation::GenerationRequest;
 use crate::routing::dedupe::{self, Claim, Dedupe, Fingerprint, KeepTicket};
 use crate::routing::{Call, Prepared, RequestSource};
@@ -176,10 +176,14 @@ async fn multipart(
     let server = &runtime.config.server;
     let body = idle_timeout(body, server.request_body_idle_timeout);
     let mut upload = Upload::new(&headers, body, endpoint, server.uploads)?;
-    let requested = upload.read_until_model(&server.spool_dir).await?;
+    let spool = SpoolArea {
+        dir: server.spool_dir.clone(),
+        max_bytes: server.spool_max_bytes,
+        usage: state.spool.clone(),
+    };
+    let requested = upload.read_until_model(&spool).await?;
     let model = resolve(&runtime, requested.as_deref())?;
     let attempts = model.routes.len().min(model.failover.max_attempts);
-    let spool_dir = server.spool_dir.clone();
     let keep = match idempotency_key(&headers) {
         // An upload's body is only known once it has streamed through, so edits are
         // matched by their idempotency key alone.
@@ -192,7 +196,7 @@ async fn multipart(
         }
         None => None,
     };
-    let source = upload.into_source(&spool_dir, attempts).await?;
+    let source = upload.into_source(&spool, attempts).await?;
     let call = Call {
         state,
         runtime,

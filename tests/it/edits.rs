@@ -454,6 +454,62 @@ async fn limits_and_malformed_uploads_get_clear_errors_and_nothing_billed() {
     gw.shutdown().await;
 }
 
+#[tokio::test]
+async fn text_held_before_the_model_is_capped_and_the_spool_has_a_quota() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    let config = test_config(&provider.base_url(), "").replacen(
+        "[server]\n",
+        "[server]\nspool_max_bytes = 50000\n",
+        1,
+    );
+    let gw = TestGateway::start(Db::Postgres, &config).await;
+    let path = "/v1/images/edits";
+
+    // Five text parts of 250 KB before `model`: each within its own limit, 1.25 MB in all
+    // held in memory while the route is unknown.
+    let texts = (0..5)
+        .fold(Form::new(), |form, i| {
+            form.text(&format!("note{i}"), &"x".repeat(250_000))
+        })
+        .text("model", "gpt-image-1")
+        .text("prompt", "p")
+        .file("image", &png(10));
+    let error = expect_error(
+        post_form(&gw, path, &texts.content_type(), texts.body()).await,
+        400,
+    )
+    .await;
+    assert_eq!(error["param"], "note4", "{error}");
+    assert_eq!(error["code"], "text_parts_too_large", "{error}");
+
+    // An image before `model` waits in the spool: over the quota, 503 and nothing kept.
+    let spooled = |size| {
+        Form::new()
+            .file("image", &png(size))
+            .text("model", "gpt-image-1")
+            .text("prompt", "p")
+    };
+    let big = spooled(60_000);
+    let response = post_form(&gw, path, &big.content_type(), big.body()).await;
+    let error = expect_error(response, 503).await;
+    assert_eq!(error["code"], "spool_full", "{error}");
+    assert_eq!(error["type"], "server_error", "{error}");
+    assert!(provider.requests().is_empty(), "nothing was forwarded");
+    assert_eq!(gw.spool_files(), 0, "the refused upload left no file");
+
+    // Within the quota, one after the other: each upload gives its share back when it ends.
+    for _ in 0..2 {
+        let fits = spooled(30_000);
+        let response = post_form(&gw, path, &fits.content_type(), fits.body()).await;
+        assert_eq!(response.status(), 200);
+        response.bytes().await.expect("body");
+    }
+    let rows = gw.usage_rows(2).await;
+    assert!(rows.iter().all(|row| row.status == 200), "{rows:?}");
+    assert_eq!(gw.spool_files(), 0);
+    gw.shutdown().await;
+}
+
 /// A provider stand-in on raw TCP that never answers: it reports each read as it happens,
 /// and an empty read when the connection closes.
 async fn silent_provider() -> (String, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
