@@ -138,7 +138,7 @@ impl Store for PostgresStore {
         // that means "duplicate name", and a clash on the hash still surfaces as an error.
         let sql = format!(
             "insert into api_keys (name, prefix, hash) values ($1, $2, $3) \
-             on conflict (name) do nothing returning {KEY_COLUMNS}"
+             on conflict (name) where revoked_at is null do nothing returning {KEY_COLUMNS}"
         );
         let row = sqlx::query(&sql)
             .bind(&key.name)

@@ -169,7 +169,7 @@ impl Store for SqliteStore {
         // name, only a message, and a clash on the hash must still surface as an error.
         let sql = format!(
             "insert into api_keys (name, prefix, hash, created_at) values ($1, $2, $3, $4) \
-             on conflict (name) do nothing returning {KEY_COLUMNS}"
+             on conflict (name) where revoked_at is null do nothing returning {KEY_COLUMNS}"
         );
         let row = sqlx::query(&sql)
             .bind(&key.name)

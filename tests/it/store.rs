@@ -180,12 +180,24 @@ async fn revoked_key_is_still_found(store: Arc<dyn Store>) {
     let keys = store.list_keys().await.expect("list");
     assert_eq!(keys, vec![found, bob]);
 
-    // Names are not reused, so usage by name stays one person's.
-    let err = store
+    // Rotation: the revoked key's name is free again, for one active key at a time.
+    let rotated = store
         .create_key(new_key("alice", "ff99"))
         .await
-        .expect_err("reusing a revoked name");
+        .expect("a revoked key's name is reused");
+    assert_ne!(rotated.id, alice.id);
+    let err = store
+        .create_key(new_key("alice", "ee88"))
+        .await
+        .expect_err("two active keys of one name");
     assert!(matches!(err, StoreError::DuplicateKeyName(_)), "{err:?}");
+    assert!(store.revoke_key("alice").await.expect("revoke the new one"));
+    let keys = store.list_keys().await.expect("list");
+    let alices: Vec<_> = keys.iter().filter(|k| k.name == "alice").collect();
+    assert_eq!(alices.len(), 2);
+    assert!(alices.iter().all(|k| k.revoked_at.is_some()), "{alices:?}");
+    let found = store.find_key_by_hash("aa11").await.expect("find");
+    assert_eq!(found.expect("old key").revoked_at, Some(revoked_at));
 }
 
 async fn insert_usage_is_idempotent(store: Arc<dyn Store>) {
