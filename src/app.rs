@@ -314,6 +314,23 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// Text from a client, fit for a log line: control characters (a newline that would start a
+/// forged line, terminal escapes) are written as escapes.
+fn escape_control(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut escaped = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            escaped.extend(c.escape_default());
+        } else {
+            escaped.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(escaped)
+}
+
 async fn access_log(
     State(_state): State<Arc<AppState>>,
     mut request: Request,
@@ -342,10 +359,14 @@ async fn access_log(
     let latency_ms = elapsed.as_millis() as u64;
     match response.extensions().get::<ApiError>() {
         Some(ApiError::Internal(detail)) => {
-            tracing::error!(target: "imagegate::access", request_id = %id, %method, %path, key, status, latency_ms, error = %detail, "request");
+            let error = escape_control(detail);
+            tracing::error!(target: "imagegate::access", request_id = %id, %method, %path, key, status, latency_ms, %error, "request");
         }
         Some(err) => {
-            tracing::info!(target: "imagegate::access", request_id = %id, %method, %path, key, status, latency_ms, error = %err, "request");
+            // Error messages quote the client's text (a model name, a part name).
+            let message = err.to_string();
+            let error = escape_control(&message);
+            tracing::info!(target: "imagegate::access", request_id = %id, %method, %path, key, status, latency_ms, %error, "request");
         }
         None if routes::PUBLIC.contains(&path) => {
             tracing::debug!(target: "imagegate::access", request_id = %id, %method, %path, status, latency_ms, "request");

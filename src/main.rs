@@ -1,7 +1,7 @@
 //! The `imagegate` command line: parse arguments, set up logging, load the configuration,
 //! call into the library.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -112,8 +112,10 @@ fn main() -> ExitCode {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour codes only for a person at a terminal, never into a file or a log collector.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if std::env::var("IMAGEGATE_LOG_FORMAT").is_ok_and(|f| f == "json") {
         builder.json().flatten_event(true).init();
@@ -159,11 +161,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let since = since.as_deref().map(parse_since).transpose()?;
             let rows = store
                 .usage_report(&UsageFilter {
-                    key_name: key,
+                    key_name: key.clone(),
                     since,
                     group_by,
                 })
                 .await?;
+            // No rows for a name that no key ever had is a typo, not "no usage".
+            if let (Some(name), true) = (&key, rows.is_empty()) {
+                let keys = store.list_keys().await?;
+                anyhow::ensure!(
+                    keys.iter().any(|k| &k.name == name),
+                    "no key named {name:?} (see: imagegate keys list)"
+                );
+            }
             print_usage(&rows, group_by, format)
         }
         Command::Migrate => {
@@ -199,7 +209,7 @@ async fn serve(config: Config, env: config::EnvLookup, demo: Option<()>) -> anyh
     if demo.is_some() {
         let issued = auth::issue_key(&format!("demo-{}", Utc::now().format("%Y%m%d-%H%M%S")));
         gateway.state.store.create_key(issued.new.clone()).await?;
-        print_demo_banner(&base, &issued.key);
+        print_demo_banner(&base, &issued.new.name, &issued.key);
     }
     eprintln!(
         "imagegate listening on {base} ({models} models from {source}); create a key with: imagegate keys create --name NAME"
@@ -229,13 +239,14 @@ fn until_stopped(
     })
 }
 
-fn print_demo_banner(base: &str, key: &str) {
+fn print_demo_banner(base: &str, name: &str, key: &str) {
     println!(
         r#"
 imagegate demo: every model is served by the built-in mock provider (no account needed).
 
   Base URL : {base}/v1
-  API key  : {key}   (shown once; make more with: imagegate keys create --name NAME)
+  API key  : {key}
+  Key name : {name}   (the key is shown this once; usage reports list it by this name)
 
 Try it:
 
@@ -249,7 +260,8 @@ client = OpenAI(base_url="{base}/v1", api_key="{key}")
 img = client.images.generate(model="gpt-image-1", prompt="a red fox")
 print(len(img.data[0].b64_json), img.usage)'
 
-Then see what it cost:  cargo run --release -- --config config/demo.toml usage --group-by model
+Then see what it cost:  cargo run --release -- --config config/demo.toml usage --key {name}
+Revoke the key:         cargo run --release -- --config config/demo.toml keys revoke {name}
 "#
     );
 }
@@ -437,23 +449,28 @@ fn print_usage(rows: &[UsageTotals], group_by: GroupBy, format: Format) -> anyho
             writeln!(out, "{}", serde_json::to_string_pretty(&items)?)?;
         }
         Format::Csv => {
-            writeln!(
-                out,
-                "{group},requests,images,input_tokens,output_tokens,total_tokens,cost_usd"
-            )?;
+            let mut csv = csv::Writer::from_writer(&mut out);
+            csv.write_record([
+                group,
+                "requests",
+                "images",
+                "input_tokens",
+                "output_tokens",
+                "total_tokens",
+                "cost_usd",
+            ])?;
             for r in rows {
-                writeln!(
-                    out,
-                    "{},{},{},{},{},{},{}",
-                    csv_field(&r.group),
-                    r.requests,
-                    r.images,
-                    r.input_tokens,
-                    r.output_tokens,
-                    r.total_tokens,
-                    format_usd(r.cost_nanousd)
-                )?;
+                csv.write_record([
+                    r.group.clone(),
+                    r.requests.to_string(),
+                    r.images.to_string(),
+                    r.input_tokens.to_string(),
+                    r.output_tokens.to_string(),
+                    r.total_tokens.to_string(),
+                    format_usd(r.cost_nanousd),
+                ])?;
             }
+            csv.flush()?;
         }
         Format::Table => {
             writeln!(
@@ -497,12 +514,4 @@ fn print_usage(rows: &[UsageTotals], group_by: GroupBy, format: Format) -> anyho
         }
     }
     Ok(())
-}
-
-fn csv_field(text: &str) -> String {
-    if text.contains([',', '"', '\n']) {
-        format!("\"{}\"", text.replace('"', "\"\""))
-    } else {
-        text.to_owned()
-    }
 }

@@ -135,6 +135,19 @@ async fn keys_are_shown_once_stored_hashed_and_revocable() {
     assert!(list.contains("revoked"), "{list}");
     let twice = imagegate(&config, &["keys", "revoke", "billing-svc"]);
     assert!(!twice.status.success());
+
+    // Rotation: the revoked key's name is taken by its successor.
+    let rotated = imagegate(&config, &["keys", "create", "--name", "billing-svc"]);
+    assert!(rotated.status.success(), "{}", text(&rotated.stderr));
+    let list = text(&imagegate(&config, &["keys", "list"]).stdout);
+    assert_eq!(
+        list.lines()
+            .filter(|line| line.starts_with("billing-svc"))
+            .map(|line| line.split_whitespace().nth(4).expect("status"))
+            .collect::<Vec<_>>(),
+        ["revoked", "active"],
+        "{list}"
+    );
 }
 
 fn row(id: &str, key: &str, model: &str, cost: i64, tokens: i64) -> UsageRow {
@@ -214,6 +227,17 @@ async fn usage_reports_group_filter_and_format() {
     assert!(
         table.contains("mock") && table.contains("TOTAL") && table.contains("0.071745006"),
         "{table}"
+    );
+    let out = imagegate(&config, &["usage", "--key", "nobody"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "an unknown key name is an error"
+    );
+    assert!(
+        text(&out.stderr).contains("no key named \"nobody\""),
+        "{}",
+        text(&out.stderr)
     );
     let out = imagegate(&config, &["usage", "--since", "yesterday-ish"]);
     assert!(!out.status.success());
@@ -373,6 +397,88 @@ async fn serve_reloads_on_sighup_and_drains_on_sigterm() {
     assert_eq!(
         rows[0].cost_nanousd,
         rows[0].text_input_tokens * 5000 + 272 * 40_000
+    );
+}
+
+#[tokio::test]
+async fn logs_escape_client_text_and_have_no_colours_when_piped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &["gpt-image-1"]);
+    let key = text(&imagegate(&config, &["keys", "create", "--name", "svc"]).stdout)
+        .trim()
+        .to_owned();
+    let (mut child, addr, log) = serve(&config).await;
+    let response = reqwest::Client::new()
+        .post(format!("http://{addr}/v1/images/generations"))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({
+            "model": "nope\n2026-01-01T00:00:00Z  INFO FORGED admin logged in\r\u{1b}[2K",
+            "prompt": "a fox",
+        }))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 404);
+    signal(&child, "-TERM");
+    tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("exits")
+        .expect("status");
+    let log = log.await.expect("log");
+    assert!(
+        log.contains(r"nope\n2026-01-01T00:00:00Z  INFO FORGED"),
+        "the model name is logged, escaped:\n{log}"
+    );
+    assert!(
+        !log.lines()
+            .any(|line| line.contains("FORGED") && !line.contains("nope")),
+        "a client's model name started a line of its own:\n{log}"
+    );
+    assert!(
+        !log.contains('\u{1b}') && !log.contains('\r'),
+        "colour codes or a raw escape in a log that is not a terminal:\n{log:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_demo_banner_names_the_key_it_created() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &["gpt-image-1"]);
+    let mut child = tokio::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .arg("demo")
+        .env("CLI_TEST_PROVIDER_KEY", SECRET)
+        .env_remove("IMAGEGATE_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn demo");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let (mut key, mut name) = (None, None);
+    while name.is_none() {
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("the banner is printed")
+            .expect("read")
+            .expect("a banner line before exit");
+        if let Some(rest) = line.trim().strip_prefix("API key  :") {
+            key = Some(rest.trim().to_owned());
+        }
+        if let Some(rest) = line.trim().strip_prefix("Key name :") {
+            name = rest.split_whitespace().next().map(str::to_owned);
+        }
+    }
+    let (key, name) = (key.expect("key line"), name.expect("name"));
+    assert!(key.starts_with("ig-"), "{key}");
+    signal(&child, "-TERM");
+    child.wait().await.expect("exits");
+    let list = text(&imagegate(&config, &["keys", "list"]).stdout);
+    assert!(
+        list.lines()
+            .any(|line| line.starts_with(&name) && line.contains(&key[..10])),
+        "the banner's name is the key's:\n{list}"
     );
 }
 
