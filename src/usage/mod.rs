@@ -72,4 +72,11 @@ pub struct UsageRow {
     pub created_at: DateTime<Utc>,
     /// The provider's `usage` object as it sent it (JSON text), when it sent one.
     pub raw_usage: Option<String>,
+    /// The provider reported more than [`extract::MAX_TOKENS_PER_CALL`] tokens of some kind:
+    /// the counts were capped at that (and priced so), the raw usage shows what it sent.
+    #[serde(default)]
+    pub usage_suspect: bool,
+    /// The cost is imagegate's worst-case estimate, not the price of reported usage.
+    #[serde(default)]
+    pub cost_estimated: bool,
 }

@@ -4,10 +4,11 @@ use crate::config::Price;
 use crate::usage::extract::TokenUsage;
 
 /// Cost in nano-USD. Token-priced routes charge cached tokens at the cached rates and the
-/// rest at the full ones; flat routes charge per image returned.
+/// rest at the full ones; flat routes charge per image returned. Computed in i128 and
+/// saturated into i64, so that no count or rate, however absurd, overflows.
 pub fn cost_nanousd(price: &Price, usage: Option<&TokenUsage>, images: u32) -> i64 {
-    match price {
-        Price::PerImage(each) => each.saturating_mul(i64::from(images)),
+    let cost: i128 = match price {
+        Price::PerImage(each) => i128::from(*each) * i128::from(images),
         Price::Tokens {
             text_input,
             cached_text_input,
@@ -29,15 +30,27 @@ pub fn cost_nanousd(price: &Price, usage: Option<&TokenUsage>, images: u32) -> i
                 (cached_image, *cached_image_input),
                 (u.output_tokens.max(0), *image_output),
             ];
-            parts.iter().fold(0i64, |sum, (tokens, rate)| {
-                sum.saturating_add(tokens.saturating_mul(*rate))
-            })
+            parts
+                .iter()
+                .map(|&(tokens, rate)| i128::from(tokens) * i128::from(rate))
+                .sum()
         }
-    }
+    };
+    saturate(cost)
+}
+
+/// An i128 amount clamped into i64.
+pub fn saturate(n: i128) -> i64 {
+    i64::try_from(n).unwrap_or(if n < 0 { i64::MIN } else { i64::MAX })
 }
 
 /// Nano-USD as exact dollars: at least two decimals, at most nine, no trailing zeros.
 pub fn format_usd(nanos: i64) -> String {
+    format_usd_sum(i128::from(nanos))
+}
+
+/// [`format_usd`] for sums, which may be past i64.
+pub fn format_usd_sum(nanos: i128) -> String {
     let sign = if nanos < 0 { "-" } else { "" };
     let abs = nanos.unsigned_abs();
     let fraction = format!("{:09}", abs % 1_000_000_000);

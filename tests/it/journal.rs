@@ -49,6 +49,8 @@ fn row(id: &str) -> UsageRow {
         // Fixed, so that every row's line has the same length.
         created_at: DateTime::from_timestamp(1_780_000_000, 123_456_000).expect("time"),
         raw_usage: Some(r#"{"input_tokens":19}"#.into()),
+        usage_suspect: false,
+        cost_estimated: false,
     }
 }
 
