@@ -60,6 +60,12 @@ pub enum ApiError {
     ReloadRefused(String),
     #[error("the usage store is not reachable")]
     NotReady,
+    /// The usage journal cannot be written: a billable request is refused before it
+    /// reaches a provider, since its usage could not be recorded.
+    #[error(
+        "Usage cannot be recorded right now, so the request was not sent to a provider. Try again later."
+    )]
+    UsageJournalUnavailable,
     /// Detail goes to the log only; the client sees a generic message.
     #[error("internal error: {0}")]
     Internal(String),
@@ -94,7 +100,9 @@ impl ApiError {
             }
             ApiError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::ReloadRefused(_) => StatusCode::BAD_REQUEST,
-            ApiError::NotReady | ApiError::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotReady
+            | ApiError::CircuitOpen { .. }
+            | ApiError::UsageJournalUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -130,6 +138,9 @@ impl ApiError {
             ApiError::UpstreamTimeout { .. } => ("upstream_error", Some("upstream_timeout"), None),
             ApiError::ReloadRefused(_) => ("invalid_request_error", Some("config_invalid"), None),
             ApiError::NotReady => ("server_error", Some("not_ready"), None),
+            ApiError::UsageJournalUnavailable => {
+                ("server_error", Some("usage_journal_unavailable"), None)
+            }
             ApiError::CircuitOpen { .. } => ("upstream_error", Some("provider_unavailable"), None),
             ApiError::Internal(_) => ("server_error", None, None),
         };

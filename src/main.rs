@@ -215,6 +215,10 @@ fn until_stopped(
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
+    // A write past the file-size limit (RLIMIT_FSIZE) then fails with EFBIG, which the
+    // usage journal reports and recovers from, instead of the signal's default action
+    // killing the process with every request in flight. The handler stays installed.
+    drop(signal(SignalKind::from_raw(libc::SIGXFSZ))?);
     Ok(async move {
         loop {
             tokio::select! {

@@ -38,6 +38,10 @@ const CURSOR: &str = "cursor";
 const CURSOR_TMP: &str = "cursor.tmp";
 const LOCK: &str = "lock";
 const REFUSED: &str = "refused.jsonl";
+/// Written and removed by [`Journal::probe`].
+const PROBE: &str = "probe";
+/// What [`Journal::probe`] writes: a few rows' worth.
+const PROBE_BYTES: usize = 16 * 1024;
 /// How long [`Journal::open`] waits for the folder's lock: this many tries, this far apart.
 const LOCK_TRIES: u32 = 40;
 const LOCK_RETRY: Duration = Duration::from_millis(50);
@@ -231,6 +235,21 @@ impl Journal {
             broken: false,
         };
         Ok(())
+    }
+
+    /// Whether the journal can be written again after a failure: a few rows' worth of bytes
+    /// are written to a scratch file in the folder, fsync'd and removed, then rows go to a
+    /// new segment (the active one may end in a failed write's damage, or a failed fsync).
+    pub fn probe(&self) -> io::Result<()> {
+        let path = self.dir.join(PROBE);
+        let written = File::create(&path).and_then(|mut file| {
+            file.write_all(&[b'\n'; PROBE_BYTES])?;
+            file.sync_data()
+        });
+        let _ = fs::remove_file(&path);
+        written?;
+        let mut active = lock(&self.active);
+        self.rotate(&mut active)
     }
 
     /// True when rows were appended since the last [`Journal::sync`].

@@ -824,6 +824,18 @@ async fn spawn_serve(
     String,
     tokio::task::JoinHandle<String>,
 ) {
+    spawn_serve_with(config, &[]).await
+}
+
+/// [`spawn_serve`] with more environment variables.
+async fn spawn_serve_with(
+    config: &Path,
+    env: &[(&str, &str)],
+) -> (
+    tokio::process::Child,
+    String,
+    tokio::task::JoinHandle<String>,
+) {
     let mut child = tokio::process::Command::new(BIN)
         .arg("--config")
         .arg(config)
@@ -831,6 +843,7 @@ async fn spawn_serve(
         .env_remove("IMAGEGATE_CONFIG")
         .env("RUST_LOG", "info")
         .env("IMAGEGATE_LOG_FORMAT", "json")
+        .envs(env.iter().copied())
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .kill_on_drop(true)
@@ -1038,4 +1051,203 @@ async fn sigterm_with_the_database_busy_leaves_the_backlog_for_the_next_start() 
     let rows = all_rows(&*store).await;
     assert_one_row_each(&rows, &answered);
     assert_eq!(rows.len(), 5);
+}
+
+// ---------------------------------------------------------------------------------------
+// A journal that cannot be written.
+
+/// A config for the real binary on `database_url`, routing gpt-image-1 to `provider`.
+fn standin_config(dir: &Path, database_url: &str, provider: &str) -> PathBuf {
+    let toml = format!(
+        r#"
+default_model = "gpt-image-1"
+[server]
+listen = "127.0.0.1:0"
+shutdown_grace = "5s"
+journal_dir = "{journal}"
+spool_dir = "{spool}"
+[database]
+url = "{database_url}"
+[providers.standin]
+base_url = "{provider}"
+api_key_env = "TEST_PIAPI_KEY"
+[models."gpt-image-1"]
+routes = [{{ provider = "standin", model = "gpt-image-1" }}]
+[pricing.standin."gpt-image-1"]
+text_input = 5.0
+cached_text_input = 1.25
+image_input = 10.0
+cached_image_input = 1.25
+image_output = 40.0
+"#,
+        journal = dir.join("journal").display(),
+        spool = dir.join("spool").display(),
+    );
+    let path = dir.join("imagegate.toml");
+    std::fs::write(&path, toml).expect("write config");
+    path
+}
+
+/// Sets the soft file-size limit (RLIMIT_FSIZE) of a running process: writes that would
+/// grow a file past it fail with EFBIG, as writes to a full disk fail with ENOSPC.
+fn limit_file_size(child: &tokio::process::Child, bytes: &str) {
+    let pid = child.id().expect("running").to_string();
+    let status = Command::new("prlimit")
+        .args(["--pid", &pid, &format!("--fsize={bytes}:unlimited")])
+        .status()
+        .expect("prlimit (util-linux)");
+    assert!(status.success(), "prlimit --fsize={bytes}");
+}
+
+async fn metric(client: &reqwest::Client, base: &str, name: &str) -> f64 {
+    let text = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().expect("metric value"))
+}
+
+/// The journal stops taking writes (a file-size limit of 0 on the process: every write
+/// that grows a file fails, as on a full disk) while a call is in flight: its row goes
+/// straight to the database, billable requests get 503 `usage_journal_unavailable`
+/// without reaching the provider, `/readyz` says why, and lifting the limit brings it
+/// all back without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_journal_stops_billable_requests_until_it_recovers() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    provider.set_delay(Duration::from_millis(1500));
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Postgres: a SQLite file would be under the same file-size limit as the journal.
+    let (store, database_url) = crate::db::fresh_postgres().await;
+    let config = standin_config(dir.path(), &database_url, &provider.base_url());
+    let issued = imagegate::auth::issue_key("svc");
+    store.create_key(issued.new.clone()).await.expect("key");
+    let key = issued.key;
+    let client = reqwest::Client::new();
+    let (mut child, addr, log) =
+        spawn_serve_with(&config, &[("TEST_PIAPI_KEY", crate::helpers::PROVIDER_KEY)]).await;
+    let base = format!("http://{addr}");
+    let url = format!("{base}/v1/images/generations");
+
+    // A call in flight when the journal fails: its row cannot be journaled at the end.
+    let in_flight = {
+        let (client, url, key) = (client.clone(), url.clone(), key.clone());
+        #[expect(clippy::disallowed_methods, reason = "joined below")]
+        tokio::spawn(async move { send_one(&client, &url, &key).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while provider.requests().is_empty() {
+        assert!(Instant::now() < deadline, "the call reaches the provider");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    limit_file_size(&child, "0");
+    let a = in_flight.await.expect("join");
+    assert!(a.complete, "the call in flight is answered: {a:?}");
+    let a_id = a.request_id.expect("x-request-id");
+
+    // Its row went straight to the database.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let rows = loop {
+        let rows = store.usage_for_request(&a_id).await.expect("rows");
+        if !rows.is_empty() || Instant::now() > deadline {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        rows.len(),
+        1,
+        "the row the journal could not take is in the database"
+    );
+    assert_eq!(rows[0].outcome, Outcome::Completed);
+    assert_eq!(
+        metric(&client, &base, "imagegate_usage_rows_rescued_total").await,
+        1.0
+    );
+
+    // Not ready, and says why.
+    let (status, body) = readyz(&client, &base).await;
+    assert_eq!(status, 503, "{body}");
+    let why = body["checks"]["usage_journal"].as_str().expect("reason");
+    assert!(why.starts_with("unavailable: "), "{body}");
+    assert!(why.contains("too large"), "the OS error is named: {body}");
+    assert_eq!(body["checks"]["database"], "ok", "{body}");
+
+    // Billable requests are refused before any provider call; others are served.
+    for _ in 0..3 {
+        let response = client
+            .post(&url)
+            .bearer_auth(&key)
+            .json(&serde_json::json!({"prompt": "refused"}))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(response.status(), 503);
+        let body: Value = response.json().await.expect("json");
+        assert_eq!(body["error"]["code"], "usage_journal_unavailable", "{body}");
+        assert_eq!(body["error"]["type"], "server_error", "{body}");
+    }
+    let edit = client
+        .post(format!("{base}/v1/images/edits"))
+        .bearer_auth(&key)
+        .header("content-type", "multipart/form-data; boundary=b")
+        .body(
+            "--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-image-1\r\n--b--\r\n",
+        )
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(edit.status(), 503);
+    let models = client
+        .get(format!("{base}/v1/models"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("models");
+    assert_eq!(models.status(), 200, "listing models bills nothing");
+    assert_eq!(
+        provider.requests().len(),
+        1,
+        "nothing refused reached the provider"
+    );
+
+    // The disk has room again: the probe notices, with no restart.
+    limit_file_size(&child, "unlimited");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = readyz(&client, &base).await;
+        if status == 200 {
+            assert_eq!(body["checks"]["usage_journal"], "ok", "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "recovers: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    provider.set_delay(Duration::ZERO);
+    let c = send_one(&client, &url, &key).await;
+    assert!(c.complete, "{c:?}");
+    let c_id = c.request_id.expect("x-request-id");
+    wait_until_shipped(&client, &base, Duration::from_secs(10)).await;
+    signal(&child, "-TERM");
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("exits")
+        .expect("status");
+    assert!(status.success(), "SIGTERM exits 0");
+    let log = log.await.expect("log");
+    assert!(log.contains("usage journal unavailable"), "{log}");
+
+    let rows = all_rows(&*store).await;
+    let ids: Vec<&str> = rows.iter().map(|r| r.request_id.as_str()).collect();
+    assert_eq!(rows.len(), 2, "one row per provider call: {ids:?}");
+    assert!(
+        ids.contains(&a_id.as_str()) && ids.contains(&c_id.as_str()),
+        "{ids:?}"
+    );
 }
