@@ -1,7 +1,59 @@
 //! What a provider call costs, from the pricing table and the usage the provider reported.
 
 use crate::config::Price;
+use crate::upstream::{Endpoint, RequestSummary};
 use crate::usage::extract::TokenUsage;
+
+/// Output tokens of the largest image OpenAI's gpt-image-1 table lists (1536x1024 or
+/// 1024x1536 at high quality); also taken as the most one input image can count.
+pub const MAX_TOKENS_PER_IMAGE: i64 = 6240;
+/// The most images one request can ask for (`n`, OpenAI's limit).
+pub const MAX_N: i64 = 10;
+/// The most input images an edit can carry (gpt-image-1's limit).
+pub const MAX_INPUT_IMAGES: i64 = 16;
+/// The longest prompt, in characters (gpt-image-1's limit).
+pub const MAX_PROMPT_CHARS: i64 = 32_000;
+
+/// The most a call can cost, from what is known of it when it is sent: the price of an
+/// `interrupted` row, whose usage nobody saw. It must not under-count, so:
+/// - `n` is the request's, or [`MAX_N`] for an upload whose `n` has not arrived yet (its
+///   fields stream to the provider as they come); generations default to 1 as OpenAI does;
+/// - per-image prices: `n` images;
+/// - token prices: `n` × [`MAX_TOKENS_PER_IMAGE`] output tokens, one text token per prompt
+///   character (a token is never shorter; [`MAX_PROMPT_CHARS`] when the prompt has not
+///   arrived), and for edits [`MAX_INPUT_IMAGES`] (variations: one) input images of
+///   [`MAX_TOKENS_PER_IMAGE`] each, all at the uncached rates.
+pub fn worst_case_nanousd(price: &Price, endpoint: Endpoint, summary: &RequestSummary) -> i64 {
+    let upload = endpoint != Endpoint::Generations;
+    let n = match summary.n {
+        Some(n) => i64::from(n.max(1)),
+        None if upload => MAX_N,
+        None => 1,
+    };
+    let cost: i128 = match price {
+        Price::PerImage(each) => i128::from(*each) * i128::from(n),
+        Price::Tokens {
+            text_input,
+            image_input,
+            image_output,
+            ..
+        } => {
+            let prompt = match i64::try_from(summary.prompt_chars).unwrap_or(i64::MAX) {
+                0 if upload => MAX_PROMPT_CHARS,
+                chars => chars,
+            };
+            let input_images = match endpoint {
+                Endpoint::Generations => 0,
+                Endpoint::Edits => MAX_INPUT_IMAGES,
+                Endpoint::Variations => 1,
+            };
+            i128::from(prompt) * i128::from(*text_input)
+                + i128::from(input_images * MAX_TOKENS_PER_IMAGE) * i128::from(*image_input)
+                + i128::from(n * MAX_TOKENS_PER_IMAGE) * i128::from(*image_output)
+        }
+    };
+    saturate(cost)
+}
 
 /// Cost in nano-USD. Token-priced routes charge cached tokens at the cached rates and the
 /// rest at the full ones; flat routes charge per image returned. Computed in i128 and
@@ -103,6 +155,45 @@ mod tests {
         assert_eq!(
             cost_nanousd(&GPT_IMAGE_1, Some(&usage), 0),
             60 * 5000 + 40 * 1250 + 10 * 1250
+        );
+    }
+
+    #[test]
+    fn the_worst_case_covers_the_largest_answer() {
+        let summary = |n: Option<i32>, prompt_chars: usize| RequestSummary {
+            n,
+            prompt_chars,
+            ..RequestSummary::default()
+        };
+        // A generation of 2 images, 40-character prompt: 2 of the largest images.
+        assert_eq!(
+            worst_case_nanousd(&GPT_IMAGE_1, Endpoint::Generations, &summary(Some(2), 40)),
+            40 * 5000 + 2 * 6240 * 40000
+        );
+        // The largest answer mock or real providers give costs no more than that.
+        assert!(
+            cost_nanousd(
+                &GPT_IMAGE_1,
+                Some(&TokenUsage {
+                    text_input_tokens: 10,
+                    output_tokens: 6240,
+                    ..TokenUsage::default()
+                }),
+                1
+            ) <= worst_case_nanousd(&GPT_IMAGE_1, Endpoint::Generations, &summary(None, 40))
+        );
+        // An edit whose fields have not arrived: the limits.
+        assert_eq!(
+            worst_case_nanousd(&GPT_IMAGE_1, Endpoint::Edits, &summary(None, 0)),
+            32_000 * 5000 + 16 * 6240 * 10000 + 10 * 6240 * 40000
+        );
+        assert_eq!(
+            worst_case_nanousd(
+                &Price::PerImage(40_000_000),
+                Endpoint::Variations,
+                &summary(Some(3), 0)
+            ),
+            120_000_000
         );
     }
 

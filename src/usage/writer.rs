@@ -18,8 +18,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{Store, StoreError};
-use crate::usage::UsageRow;
 use crate::usage::journal::{DEFAULT_SEGMENT_BYTES, Journal};
+use crate::usage::{Intent, UsageRow};
 
 /// Rows per insert.
 /// How long the shipper waits for more rows after the first new one.
@@ -101,6 +101,33 @@ impl UsageSink {
                     lost(&row, "the usage writer has stopped");
                 }
             }
+        }
+    }
+
+    /// Journals a provider call before it is sent, so that a crash during it still leaves
+    /// a row (see [`crate::usage::journal`]). An error means the call must not be sent: its
+    /// usage could not be accounted for.
+    pub fn intend(&self, intent: &Intent) -> std::io::Result<()> {
+        if !self.enabled {
+            return Ok(());
+        }
+        self.shared
+            .journal
+            .append_intent(intent)
+            .inspect_err(|err| {
+                self.shared.fail("appending a call's intent", err);
+            })
+    }
+
+    /// Resolves the intent of a call abandoned before the provider could answer it (the
+    /// client's upload failed): it has no row, and must not become an interrupted one.
+    pub fn cancel(&self, request_id: &str) {
+        if !self.enabled {
+            return;
+        }
+        if let Err(err) = self.shared.journal.append_cancel(request_id) {
+            // The next start then records the call as interrupted: over-counted, not lost.
+            self.shared.fail("appending a cancelled call", &err);
         }
     }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use chrono::DateTime;
 use imagegate::usage::journal::{Journal, Position};
-use imagegate::usage::{Outcome, UsageRow};
+use imagegate::usage::{Intent, Outcome, UsageRow};
 use serde_json::Value;
 use sqlx::Connection;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -102,6 +102,93 @@ fn rows_are_read_back_whole_and_in_order() {
     journal.commit(&batch).expect("commit");
     assert_eq!(journal.backlog(), 0);
     assert!(journal.read_batch(256).expect("read").is_empty());
+}
+
+fn intent(id: &str) -> Intent {
+    let row = row(id);
+    Intent {
+        request_id: row.request_id,
+        key_id: row.key_id,
+        key_name: row.key_name,
+        model: row.model,
+        provider: row.provider,
+        upstream_model: row.upstream_model,
+        endpoint: row.endpoint,
+        streamed: false,
+        n: Some(1),
+        size: None,
+        quality: None,
+        worst_case_nanousd: 250_000_000,
+        created_at: row.created_at,
+    }
+}
+
+/// Interrupted rows read from the journal, by request id.
+fn interrupted_ids(rows: &[UsageRow]) -> Vec<String> {
+    let mut ids: Vec<String> = rows
+        .iter()
+        .filter(|r| r.outcome == Outcome::Interrupted)
+        .map(|r| r.request_id.clone())
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn an_intent_without_its_row_becomes_one_interrupted_row_at_the_next_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let journal = open(dir.path());
+        for id in ["i1", "i2", "i3", "i4"] {
+            journal.append_intent(&intent(id)).expect("intent");
+        }
+        journal.append(&row("i1")).expect("row");
+        journal.append_cancel("i3").expect("cancel");
+        assert_eq!(journal.backlog(), 1, "intents and cancels are not rows");
+        // The shipper passes every line: i2 and i4 stay open, carried in the cursor (their
+        // segment may be deleted now).
+        let batch = journal.read_batch(256).expect("read");
+        assert_eq!(batch.rows, vec![row("i1")], "an intent is never a row");
+        journal.commit(&batch).expect("commit");
+        assert_eq!(journal.pending_intents(), 2);
+        journal.append_intent(&intent("i5")).expect("intent");
+        journal.append(&row("i4")).expect("row");
+        // Dropped without shipping the rest: the process died here.
+    }
+    let journal = open(dir.path());
+    let rows = drain_rows(&journal);
+    assert_eq!(
+        interrupted_ids(&rows),
+        ["i2", "i5"],
+        "one interrupted row per call without its row: {rows:#?}"
+    );
+    let cut = rows
+        .iter()
+        .find(|r| r.request_id == "i2")
+        .expect("interrupted i2");
+    assert_eq!(cut.cost_nanousd, 250_000_000, "the worst case");
+    assert!(cut.cost_estimated);
+    assert_eq!((cut.input_tokens, cut.output_tokens, cut.images), (0, 0, 0));
+    assert_eq!(journal.pending_intents(), 0, "all resolved once shipped");
+    drop(journal);
+
+    // Nothing is recorded twice at the start after.
+    let journal = open(dir.path());
+    assert_eq!(journal.backlog(), 0);
+    assert!(drain_rows(&journal).is_empty());
+}
+
+/// Reads and commits everything, the way the shipper does, and returns the rows.
+fn drain_rows(journal: &Journal) -> Vec<UsageRow> {
+    let mut rows = Vec::new();
+    loop {
+        let batch = journal.read_batch(256).expect("read");
+        if batch.is_empty() {
+            return rows;
+        }
+        rows.extend(batch.rows.iter().cloned());
+        journal.commit(&batch).expect("commit");
+    }
 }
 
 #[test]
@@ -1250,4 +1337,111 @@ async fn an_unwritable_journal_stops_billable_requests_until_it_recovers() {
         ids.contains(&a_id.as_str()) && ids.contains(&c_id.as_str()),
         "{ids:?}"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Calls in flight at a kill -9.
+
+/// `kill -9` with calls held at the provider: the next start records one `interrupted` row
+/// per call cut off (no tokens, the worst-case cost, `cost_estimated`), and none for the
+/// calls whose row was written; a third start adds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_with_calls_in_flight_leaves_one_interrupted_row_per_call_cut() {
+    const CUT: usize = 8;
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("imagegate.db");
+    let database_url = format!("sqlite:{}", db.display());
+    let store = imagegate::store::connect(&database_url)
+        .await
+        .expect("store");
+    store.migrate().await.expect("migrate");
+    let issued = imagegate::auth::issue_key("svc");
+    store.create_key(issued.new.clone()).await.expect("key");
+    let key = issued.key;
+    let config = standin_config(dir.path(), &database_url, &provider.base_url());
+    let env = [("TEST_PIAPI_KEY", crate::helpers::PROVIDER_KEY)];
+    let client = reqwest::Client::new();
+
+    let (mut child, addr, _) = spawn_serve_with(&config, &env).await;
+    let base = format!("http://{addr}");
+    let url = format!("{base}/v1/images/generations");
+    let mut completed = Vec::new();
+    for _ in 0..3 {
+        let sent = send_one(&client, &url, &key).await;
+        assert!(sent.complete, "{sent:?}");
+        completed.push(sent.request_id.expect("x-request-id"));
+    }
+    wait_until_shipped(&client, &base, Duration::from_secs(10)).await;
+
+    // Calls the provider holds: it has them (and would bill them) when the kill comes.
+    provider.set_delay(Duration::from_secs(600));
+    let held: Vec<_> = (0..CUT)
+        .map(|_| {
+            let (client, url, key) = (client.clone(), url.clone(), key.clone());
+            #[expect(clippy::disallowed_methods, reason = "joined below")]
+            tokio::spawn(async move { send_one(&client, &url, &key).await })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while provider.requests().len() < 3 + CUT {
+        assert!(Instant::now() < deadline, "the calls reach the provider");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    signal(&child, "-KILL");
+    child.wait().await.expect("wait");
+    for sent in held {
+        assert!(!sent.await.expect("join").complete, "cut off");
+    }
+    assert_eq!(
+        all_rows(&*store).await.len(),
+        3,
+        "no row for a call cut off yet"
+    );
+
+    for start in ["the start after the kill", "the start after that"] {
+        let (mut child, addr, log) = spawn_serve_with(&config, &env).await;
+        wait_until_shipped(&client, &format!("http://{addr}"), Duration::from_secs(10)).await;
+        signal(&child, "-TERM");
+        let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .expect("exits")
+            .expect("status");
+        assert!(status.success(), "{start}: SIGTERM exits 0");
+        let rows = all_rows(&*store).await;
+        assert_eq!(rows.len(), 3 + CUT, "{start}: one row per provider call");
+        assert_one_row_each(&rows, &completed);
+        let cut: Vec<&UsageRow> = rows
+            .iter()
+            .filter(|r| r.outcome == Outcome::Interrupted)
+            .collect();
+        assert_eq!(cut.len(), CUT, "{start}: one interrupted row per call cut");
+        for row in &cut {
+            assert!(!completed.contains(&row.request_id), "{start}: {row:?}");
+            assert!(row.cost_estimated, "{row:?}");
+            // The worst case of a 12-character prompt and one image at most 6240 tokens.
+            assert_eq!(row.cost_nanousd, 12 * 5000 + 6240 * 40000, "{row:?}");
+            assert_eq!(row.status, 0);
+        }
+        for row in rows.iter().filter(|r| completed.contains(&r.request_id)) {
+            assert_eq!(row.outcome, Outcome::Completed);
+            assert!(!row.cost_estimated);
+        }
+        if start == "the start after the kill" {
+            let log = log.await.expect("log");
+            assert!(log.contains("provider calls cut off"), "{log}");
+        }
+    }
+    // The tokens of an interrupted row are unknown: null, not zero.
+    let mut conn = sqlx::SqliteConnection::connect(&database_url)
+        .await
+        .expect("open the database");
+    let nulls: i64 = sqlx::query_scalar(
+        "select count(*) from usage where outcome = 'interrupted' and input_tokens is null \
+         and output_tokens is null and total_tokens is null and cost_estimated",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .expect("count");
+    assert_eq!(nulls, CUT as i64);
 }
