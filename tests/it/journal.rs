@@ -1339,6 +1339,85 @@ async fn an_unwritable_journal_stops_billable_requests_until_it_recovers() {
     );
 }
 
+/// The same, on SQLite: the database file is under the same file-size limit, so the row
+/// the journal could not take cannot be written straight to the database either. It is
+/// counted as lost and logged whole; its call's intent was journaled before the limit, so
+/// the next start still records the call (as interrupted, at its worst case).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_neither_the_journal_nor_the_database_takes_is_counted_logged_and_recovered() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    provider.set_delay(Duration::from_millis(1000));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let database_url = format!("sqlite:{}", dir.path().join("imagegate.db").display());
+    let store = imagegate::store::connect(&database_url)
+        .await
+        .expect("store");
+    store.migrate().await.expect("migrate");
+    let issued = imagegate::auth::issue_key("svc");
+    store.create_key(issued.new.clone()).await.expect("key");
+    let key = issued.key;
+    let config = standin_config(dir.path(), &database_url, &provider.base_url());
+    let env = [("TEST_PIAPI_KEY", crate::helpers::PROVIDER_KEY)];
+    let client = reqwest::Client::new();
+    let (mut child, addr, log) = spawn_serve_with(&config, &env).await;
+    let base = format!("http://{addr}");
+    let url = format!("{base}/v1/images/generations");
+
+    let in_flight = {
+        let (client, url, key) = (client.clone(), url.clone(), key.clone());
+        #[expect(clippy::disallowed_methods, reason = "joined below")]
+        tokio::spawn(async move { send_one(&client, &url, &key).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while provider.requests().is_empty() {
+        assert!(Instant::now() < deadline, "the call reaches the provider");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    limit_file_size(&child, "0");
+    let a = in_flight.await.expect("join");
+    assert!(a.complete, "{a:?}");
+    let a_id = a.request_id.expect("x-request-id");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while metric(&client, &base, "imagegate_usage_rows_lost_total").await != 1.0 {
+        assert!(Instant::now() < deadline, "the lost row is counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    limit_file_size(&child, "unlimited");
+    signal(&child, "-TERM");
+    child.wait().await.expect("exits");
+    let log = log.await.expect("log");
+    let lost = log
+        .lines()
+        .find(|l| l.contains("usage row lost"))
+        .unwrap_or_else(|| panic!("a log line for the lost row:\n{log}"));
+    let line: Value = serde_json::from_str(lost).expect("a JSON log line");
+    let row: UsageRow =
+        serde_json::from_str(line["row"].as_str().unwrap_or_else(|| panic!("{line}")))
+            .expect("the whole row is in the log line");
+    assert_eq!(row.request_id, a_id);
+    assert_eq!(row.outcome, Outcome::Completed);
+    assert_eq!(row.input_tokens, 1124);
+    assert!(
+        all_rows(&*store).await.is_empty(),
+        "nothing reached the database"
+    );
+
+    // The call's intent is in the journal: the next start books it at its worst case.
+    let (mut child, addr, _) = spawn_serve_with(&config, &env).await;
+    wait_until_shipped(&client, &format!("http://{addr}"), Duration::from_secs(10)).await;
+    signal(&child, "-TERM");
+    child.wait().await.expect("exits");
+    let rows = all_rows(&*store).await;
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    assert_eq!(rows[0].request_id, a_id);
+    assert_eq!(rows[0].outcome, Outcome::Interrupted);
+    assert!(rows[0].cost_estimated);
+    assert!(
+        rows[0].cost_nanousd >= row.cost_nanousd,
+        "never under-counted"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Calls in flight at a kill -9.
 
