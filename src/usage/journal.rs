@@ -11,14 +11,15 @@
 //! - `cursor`: how far the rows have reached the database (a segment and a byte offset), and
 //!   the intents read before it and not yet resolved, replaced atomically. Segments wholly
 //!   before it are deleted: an intent outlives its segment in the cursor until resolved.
+//! - `lock`: locked while a process uses the folder, so two never share one journal.
+//! - `refused.jsonl`: rows the database refused (bad data, not a bad connection), set aside
+//!   so that they do not hold up the rows behind them; kept for a person to look at.
+//! - `probe`: briefly, while [`Journal::probe`] checks that a failed journal takes writes.
 //!
 //! At open, every intent without its row (in the segments, or carried in the cursor) is a
 //! call the process died during: the provider may have finished and billed it. Each
 //! becomes an `interrupted` row at the intent's worst-case cost, appended to the new
 //! segment and shipped like any row (the database skips it if the call's row got there).
-//! - `lock`: locked while a process uses the folder, so two never share one journal.
-//! - `refused.jsonl`: rows the database refused (bad data, not a bad connection), set aside
-//!   so that they do not hold up the rows behind them; kept for a person to look at.
 //!
 //! An append is one `write()` into the page cache, made before the client sees the end of
 //! its response: once it returns, the row survives the process being killed. Getting it onto
@@ -27,6 +28,7 @@
 //! Files are read and written with blocking calls: appends are small and the rest runs on
 //! the blocking pool.
 
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -35,8 +37,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-
-use std::collections::{HashMap, HashSet};
 
 use crate::usage::{Intent, UsageRow};
 
