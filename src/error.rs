@@ -65,6 +65,12 @@ pub enum ApiError {
         "The server has no room left to take this upload now; retry later or send a smaller upload."
     )]
     SpoolFull,
+    /// The usage journal cannot be written: a billable request is refused before it
+    /// reaches a provider, since its usage could not be recorded.
+    #[error(
+        "Usage cannot be recorded right now, so the request was not sent to a provider. Try again later."
+    )]
+    UsageJournalUnavailable,
     /// Detail goes to the log only; the client sees a generic message.
     #[error("internal error: {0}")]
     Internal(String),
@@ -99,9 +105,10 @@ impl ApiError {
             }
             ApiError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::ReloadRefused(_) => StatusCode::BAD_REQUEST,
-            ApiError::NotReady | ApiError::CircuitOpen { .. } | ApiError::SpoolFull => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::NotReady
+            | ApiError::CircuitOpen { .. }
+            | ApiError::SpoolFull
+            | ApiError::UsageJournalUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -138,6 +145,9 @@ impl ApiError {
             ApiError::ReloadRefused(_) => ("invalid_request_error", Some("config_invalid"), None),
             ApiError::NotReady => ("server_error", Some("not_ready"), None),
             ApiError::SpoolFull => ("server_error", Some("spool_full"), None),
+            ApiError::UsageJournalUnavailable => {
+                ("server_error", Some("usage_journal_unavailable"), None)
+            }
             ApiError::CircuitOpen { .. } => ("upstream_error", Some("provider_unavailable"), None),
             ApiError::Internal(_) => ("server_error", None, None),
         };

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use imagegate::config::{self, Config, DEFAULT_CONFIG_PATH, Price, ProviderKind};
 use imagegate::server::Listeners;
 use imagegate::store::{self, GroupBy, Store, UsageFilter, UsageTotals};
-use imagegate::usage::price::format_usd;
+use imagegate::usage::price::{format_usd, format_usd_sum};
 use imagegate::{Gateway, auth};
 
 #[derive(Parser)]
@@ -225,6 +225,10 @@ fn until_stopped(
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
+    // A write past the file-size limit (RLIMIT_FSIZE) then fails with EFBIG, which the
+    // usage journal reports and recovers from, instead of the signal's default action
+    // killing the process with every request in flight. The handler stays installed.
+    drop(signal(SignalKind::from_raw(libc::SIGXFSZ))?);
     Ok(async move {
         loop {
             tokio::select! {
@@ -442,7 +446,7 @@ fn print_usage(rows: &[UsageTotals], group_by: GroupBy, format: Format) -> anyho
                     serde_json::json!({
                         group: r.group, "requests": r.requests, "images": r.images,
                         "input_tokens": r.input_tokens, "output_tokens": r.output_tokens,
-                        "total_tokens": r.total_tokens, "cost_usd": format_usd(r.cost_nanousd),
+                        "total_tokens": r.total_tokens, "cost_usd": format_usd_sum(r.cost_nanousd),
                     })
                 })
                 .collect();
@@ -467,7 +471,7 @@ fn print_usage(rows: &[UsageTotals], group_by: GroupBy, format: Format) -> anyho
                     r.input_tokens.to_string(),
                     r.output_tokens.to_string(),
                     r.total_tokens.to_string(),
-                    format_usd(r.cost_nanousd),
+                    format_usd_sum(r.cost_nanousd),
                 ])?;
             }
             csv.flush()?;
@@ -488,12 +492,12 @@ fn print_usage(rows: &[UsageTotals], group_by: GroupBy, format: Format) -> anyho
                 cost_nanousd: 0,
             };
             for r in rows.iter() {
-                total.requests += r.requests;
-                total.images += r.images;
-                total.input_tokens += r.input_tokens;
-                total.output_tokens += r.output_tokens;
-                total.total_tokens += r.total_tokens;
-                total.cost_nanousd += r.cost_nanousd;
+                total.requests = total.requests.saturating_add(r.requests);
+                total.images = total.images.saturating_add(r.images);
+                total.input_tokens = total.input_tokens.saturating_add(r.input_tokens);
+                total.output_tokens = total.output_tokens.saturating_add(r.output_tokens);
+                total.total_tokens = total.total_tokens.saturating_add(r.total_tokens);
+                total.cost_nanousd = total.cost_nanousd.saturating_add(r.cost_nanousd);
             }
             for r in rows.iter().chain(std::iter::once(&total)) {
                 writeln!(
@@ -505,7 +509,7 @@ fn print_usage(rows: &[UsageTotals], group_by: GroupBy, format: Format) -> anyho
                     r.input_tokens,
                     r.output_tokens,
                     r.total_tokens,
-                    format_usd(r.cost_nanousd)
+                    format_usd_sum(r.cost_nanousd)
                 )?;
             }
             if rows.is_empty() {

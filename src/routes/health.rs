@@ -15,8 +15,9 @@ pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// Ready when the usage store answers within two seconds. `usage_backlog` (rows journaled
-/// and not yet in the database) is reported, not judged: requests are served while it grows.
+/// Ready when the usage store answers within two seconds and the usage journal can be
+/// written (`usage_journal` says why not). `usage_backlog` (rows journaled and not yet in
+/// the database) is reported, not judged: requests are served while it grows.
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let database = match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
         Ok(Ok(())) => "ok".to_owned(),
@@ -26,7 +27,11 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         }
         Err(_) => "timeout".to_owned(),
     };
-    let ready = database == "ok";
+    let journal = match state.usage.unavailable() {
+        None => "ok".to_owned(),
+        Some(reason) => format!("unavailable: {reason}"),
+    };
+    let ready = database == "ok" && journal == "ok";
     let status = if ready {
         StatusCode::OK
     } else {
@@ -45,6 +50,7 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         "status": if ready { "ready" } else { "not_ready" },
         "checks": {
             "database": database,
+            "usage_journal": journal,
             "usage_backlog": state.usage.backlog(),
             "providers": providers,
         },

@@ -29,6 +29,7 @@ pub async fn generations(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    recording(&state)?;
     let runtime = state.runtime.load_full();
     let server = &runtime.config.server;
     let body = idle_timeout(body, server.request_body_idle_timeout);
@@ -55,6 +56,18 @@ pub async fn generations(
         keep,
     };
     detached(call, JsonSource { body: request.body }).await
+}
+
+/// Refuses a billable request while its usage could not be journaled: it would be a
+/// provider call imagegate might not be able to account for.
+fn recording(state: &AppState) -> Result<(), ApiError> {
+    match state.usage.unavailable() {
+        None => Ok(()),
+        Some(reason) => {
+            tracing::warn!(%reason, "refusing a billable request: the usage journal cannot be written");
+            Err(ApiError::UsageJournalUnavailable)
+        }
+    }
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Option<&str> {
@@ -172,6 +185,7 @@ async fn multipart(
     body: Body,
     endpoint: Endpoint,
 ) -> Result<Response, ApiError> {
+    recording(&state)?;
     let runtime = state.runtime.load_full();
     let server = &runtime.config.server;
     let body = idle_timeout(body, server.request_body_idle_timeout);

@@ -21,9 +21,10 @@ use crate::config::{Model, ProviderKind, Route};
 use crate::error::ApiError;
 use crate::openai::ErrorBody;
 use crate::upstream::{Endpoint, UpstreamError, UpstreamRequest, read_capped, read_summary};
-use crate::usage::Outcome;
 use crate::usage::extract::{BodyKind, Extracted};
 use crate::usage::meter::{Metered, UsageTicket};
+use crate::usage::price::worst_case_nanousd;
+use crate::usage::{Intent, Outcome};
 
 /// How much of a provider's error body is read.
 const ERROR_BODY_LIMIT: usize = 64 * 1024;
@@ -125,6 +126,32 @@ impl Call {
         let started = Instant::now();
         let created_at = Utc::now();
         let slot = Arc::clone(&request.summary);
+        let request_id = if attempt == 0 {
+            self.request_id.0.to_string()
+        } else {
+            format!("{}-{}", self.request_id.0, attempt + 1)
+        };
+        // Journaled before the call, so that a crash during it still leaves a row.
+        let summary = read_summary(&slot);
+        let intent = Intent {
+            request_id: request_id.clone(),
+            key_id: self.principal.key_id,
+            key_name: self.principal.name.clone(),
+            model: self.model.name.clone(),
+            provider: provider.name.clone(),
+            upstream_model: route.upstream_model.clone(),
+            endpoint: self.endpoint.as_str().to_owned(),
+            streamed: summary.stream,
+            n: summary.n,
+            size: summary.size.clone(),
+            quality: summary.quality.clone(),
+            worst_case_nanousd: worst_case_nanousd(&route.price, self.endpoint, &summary),
+            created_at,
+        };
+        if self.state.usage.intend(&intent).is_err() {
+            breakers.release_probe(&provider.name);
+            return Err(ApiError::UsageJournalUnavailable);
+        }
         let send = async {
             tokio::time::timeout(
                 provider.first_byte_timeout,
@@ -151,6 +178,7 @@ impl Call {
                                 Ok(()) | Err(ApiError::UpstreamClosedBody) => pumped = true,
                                 Err(err) => {
                                     breakers.release_probe(&provider.name);
+                                    self.state.usage.cancel(&request_id);
                                     return Err(err);
                                 }
                             }
@@ -162,11 +190,7 @@ impl Call {
         };
         let ticket = UsageTicket {
             sink: self.state.usage.clone(),
-            request_id: if attempt == 0 {
-                self.request_id.0.to_string()
-            } else {
-                format!("{}-{}", self.request_id.0, attempt + 1)
-            },
+            request_id,
             principal: Arc::clone(&self.principal),
             model: self.model.name.clone(),
             provider: provider.name.clone(),

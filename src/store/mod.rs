@@ -7,7 +7,8 @@ macro_rules! usage_columns {
         "request_id, key_id, key_name, model, provider, upstream_model, endpoint, status, \
          outcome, streamed, n, size, quality, images, text_input_tokens, image_input_tokens, \
          cached_text_input_tokens, cached_image_input_tokens, input_tokens, output_tokens, \
-         total_tokens, cost_nanousd, latency_ms, created_at, raw_usage"
+         total_tokens, cost_nanousd, latency_ms, created_at, raw_usage, usage_suspect, \
+         cost_estimated"
     };
 }
 
@@ -64,16 +65,17 @@ pub struct UsageFilter {
     pub group_by: GroupBy,
 }
 
-/// One line of a usage report: totals for one group.
+/// One line of a usage report: totals for one group. Sums are i128: a column of i64 values
+/// can add up past i64, and a report must not fail (or wrap) when it does.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct UsageTotals {
     pub group: String,
     pub requests: i64,
-    pub images: i64,
-    pub input_tokens: i64,
-    pub output_tokens: i64,
-    pub total_tokens: i64,
-    pub cost_nanousd: i64,
+    pub images: i128,
+    pub input_tokens: i128,
+    pub output_tokens: i128,
+    pub total_tokens: i128,
+    pub cost_nanousd: i128,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -27,7 +27,8 @@ const INSERT_USAGE: &str = concat!(
     ") select * from unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], \
      $6::text[], $7::text[], $8::int4[], $9::text[], $10::bool[], $11::int4[], $12::text[], \
      $13::text[], $14::int4[], $15::int8[], $16::int8[], $17::int8[], $18::int8[], $19::int8[], \
-     $20::int8[], $21::int8[], $22::int8[], $23::int8[], $24::timestamptz[], $25::text[]) \
+     $20::int8[], $21::int8[], $22::int8[], $23::int8[], $24::timestamptz[], $25::text[], \
+     $26::bool[], $27::bool[]) \
      on conflict (request_id) do nothing"
 );
 
@@ -79,17 +80,33 @@ fn usage_from_row(row: &PgRow) -> Result<UsageRow, sqlx::Error> {
         size: row.try_get("size")?,
         quality: row.try_get("quality")?,
         images: row.try_get("images")?,
-        text_input_tokens: row.try_get("text_input_tokens")?,
-        image_input_tokens: row.try_get("image_input_tokens")?,
-        cached_text_input_tokens: row.try_get("cached_text_input_tokens")?,
-        cached_image_input_tokens: row.try_get("cached_image_input_tokens")?,
-        input_tokens: row.try_get("input_tokens")?,
-        output_tokens: row.try_get("output_tokens")?,
-        total_tokens: row.try_get("total_tokens")?,
+        text_input_tokens: tokens(row, "text_input_tokens")?,
+        image_input_tokens: tokens(row, "image_input_tokens")?,
+        cached_text_input_tokens: tokens(row, "cached_text_input_tokens")?,
+        cached_image_input_tokens: tokens(row, "cached_image_input_tokens")?,
+        input_tokens: tokens(row, "input_tokens")?,
+        output_tokens: tokens(row, "output_tokens")?,
+        total_tokens: tokens(row, "total_tokens")?,
         cost_nanousd: row.try_get("cost_nanousd")?,
         latency_ms: row.try_get("latency_ms")?,
         created_at: row.try_get("created_at")?,
         raw_usage: row.try_get("raw_usage")?,
+        usage_suspect: row.try_get("usage_suspect")?,
+        cost_estimated: row.try_get("cost_estimated")?,
+    })
+}
+
+/// A token count; null (no usage reported, see the migration) reads as 0.
+fn tokens(row: &PgRow, column: &str) -> Result<i64, sqlx::Error> {
+    Ok(row.try_get::<Option<i64>, _>(column)?.unwrap_or(0))
+}
+
+/// A sum sent as text (see `usage_report`).
+fn sum(row: &PgRow, column: &str) -> Result<i128, sqlx::Error> {
+    let text: String = row.try_get(column)?;
+    text.parse().map_err(|err| sqlx::Error::ColumnDecode {
+        index: column.into(),
+        source: format!("sum {text:?} is not an integer: {err}").into(),
     })
 }
 
@@ -97,11 +114,11 @@ fn totals_from_row(row: &PgRow) -> Result<UsageTotals, sqlx::Error> {
     Ok(UsageTotals {
         group: row.try_get("grp")?,
         requests: row.try_get("requests")?,
-        images: row.try_get("images")?,
-        input_tokens: row.try_get("input_tokens")?,
-        output_tokens: row.try_get("output_tokens")?,
-        total_tokens: row.try_get("total_tokens")?,
-        cost_nanousd: row.try_get("cost_nanousd")?,
+        images: sum(row, "images")?,
+        input_tokens: sum(row, "input_tokens")?,
+        output_tokens: sum(row, "output_tokens")?,
+        total_tokens: sum(row, "total_tokens")?,
+        cost_nanousd: sum(row, "cost_nanousd")?,
     })
 }
 
@@ -205,17 +222,23 @@ impl Store for PostgresStore {
             .bind(column(rows, |r| r.size.as_deref()))
             .bind(column(rows, |r| r.quality.as_deref()))
             .bind(column(rows, |r| r.images))
-            .bind(column(rows, |r| r.text_input_tokens))
-            .bind(column(rows, |r| r.image_input_tokens))
-            .bind(column(rows, |r| r.cached_text_input_tokens))
-            .bind(column(rows, |r| r.cached_image_input_tokens))
-            .bind(column(rows, |r| r.input_tokens))
-            .bind(column(rows, |r| r.output_tokens))
-            .bind(column(rows, |r| r.total_tokens))
+            .bind(column(rows, |r| r.stored_tokens(r.text_input_tokens)))
+            .bind(column(rows, |r| r.stored_tokens(r.image_input_tokens)))
+            .bind(column(rows, |r| {
+                r.stored_tokens(r.cached_text_input_tokens)
+            }))
+            .bind(column(rows, |r| {
+                r.stored_tokens(r.cached_image_input_tokens)
+            }))
+            .bind(column(rows, |r| r.stored_tokens(r.input_tokens)))
+            .bind(column(rows, |r| r.stored_tokens(r.output_tokens)))
+            .bind(column(rows, |r| r.stored_tokens(r.total_tokens)))
             .bind(column(rows, |r| r.cost_nanousd))
             .bind(column(rows, |r| r.latency_ms))
             .bind(column(rows, |r| r.created_at))
             .bind(column(rows, |r| r.raw_usage.as_deref()))
+            .bind(column(rows, |r| r.usage_suspect))
+            .bind(column(rows, |r| r.cost_estimated))
             .execute(&self.pool)
             .await?
             .rows_affected();
@@ -245,13 +268,15 @@ impl Store for PostgresStore {
     #[tracing::instrument(skip_all, fields(group_by = ?filter.group_by))]
     async fn usage_report(&self, filter: &UsageFilter) -> StoreResult<Vec<UsageTotals>> {
         let group = group_expr(filter.group_by);
+        // `sum` of bigint is numeric, exact at any size; it travels as text and is read
+        // into i128 (a cast back to bigint fails once a sum passes 2^63 - 1).
         let mut query = QueryBuilder::<Postgres>::new(format!(
             "select {group} as grp, count(*) as requests, \
-             sum(images)::bigint as images, \
-             sum(input_tokens)::bigint as input_tokens, \
-             sum(output_tokens)::bigint as output_tokens, \
-             sum(total_tokens)::bigint as total_tokens, \
-             sum(cost_nanousd)::bigint as cost_nanousd \
+             coalesce(sum(images), 0)::text as images, \
+             coalesce(sum(input_tokens), 0)::text as input_tokens, \
+             coalesce(sum(output_tokens), 0)::text as output_tokens, \
+             coalesce(sum(total_tokens), 0)::text as total_tokens, \
+             coalesce(sum(cost_nanousd), 0)::text as cost_nanousd \
              from usage where true"
         ));
         if let Some(key_name) = &filter.key_name {

@@ -31,7 +31,7 @@ const TIME_FORMAT: &str = "%Y-%m-%d %H:%M:%S%.6f";
 
 const KEY_COLUMNS: &str = "id, name, prefix, hash, created_at, revoked_at";
 
-/// Rows per insert statement: 25 columns each stays far below the bind-parameter limit.
+/// Rows per insert statement: 27 columns each stays far below the bind-parameter limit.
 const INSERT_ROWS: usize = 256;
 
 pub struct SqliteStore {
@@ -112,29 +112,53 @@ fn usage_from_row(row: &SqliteRow) -> Result<UsageRow, sqlx::Error> {
         size: row.try_get("size")?,
         quality: row.try_get("quality")?,
         images: row.try_get("images")?,
-        text_input_tokens: row.try_get("text_input_tokens")?,
-        image_input_tokens: row.try_get("image_input_tokens")?,
-        cached_text_input_tokens: row.try_get("cached_text_input_tokens")?,
-        cached_image_input_tokens: row.try_get("cached_image_input_tokens")?,
-        input_tokens: row.try_get("input_tokens")?,
-        output_tokens: row.try_get("output_tokens")?,
-        total_tokens: row.try_get("total_tokens")?,
+        text_input_tokens: tokens(row, "text_input_tokens")?,
+        image_input_tokens: tokens(row, "image_input_tokens")?,
+        cached_text_input_tokens: tokens(row, "cached_text_input_tokens")?,
+        cached_image_input_tokens: tokens(row, "cached_image_input_tokens")?,
+        input_tokens: tokens(row, "input_tokens")?,
+        output_tokens: tokens(row, "output_tokens")?,
+        total_tokens: tokens(row, "total_tokens")?,
         cost_nanousd: row.try_get("cost_nanousd")?,
         latency_ms: row.try_get("latency_ms")?,
         created_at: time_column(row, "created_at")?,
         raw_usage: row.try_get("raw_usage")?,
+        usage_suspect: row.try_get("usage_suspect")?,
+        cost_estimated: row.try_get("cost_estimated")?,
     })
+}
+
+/// A token count; null (no usage reported, see the migration) reads as 0.
+fn tokens(row: &SqliteRow, column: &str) -> Result<i64, sqlx::Error> {
+    Ok(row.try_get::<Option<i64>, _>(column)?.unwrap_or(0))
+}
+
+/// SQLite's `sum` of integers fails with "integer overflow" past i64 (and `total` is a
+/// float, inexact past 2^53). So each column is summed in two halves that cannot overflow
+/// before 2^31 rows: the high 32 bits (an arithmetic shift, so negatives stay exact) and
+/// the low 32 bits. They are put back together in i128.
+fn split_sum(column: &str) -> String {
+    format!(
+        "coalesce(sum({column} >> 32), 0) as {column}_hi, \
+         coalesce(sum({column} & 4294967295), 0) as {column}_lo"
+    )
+}
+
+fn sum(row: &SqliteRow, column: &str) -> Result<i128, sqlx::Error> {
+    let hi: i64 = row.try_get(format!("{column}_hi").as_str())?;
+    let lo: i64 = row.try_get(format!("{column}_lo").as_str())?;
+    Ok((i128::from(hi) << 32) + i128::from(lo))
 }
 
 fn totals_from_row(row: &SqliteRow) -> Result<UsageTotals, sqlx::Error> {
     Ok(UsageTotals {
         group: row.try_get("grp")?,
         requests: row.try_get("requests")?,
-        images: row.try_get("images")?,
-        input_tokens: row.try_get("input_tokens")?,
-        output_tokens: row.try_get("output_tokens")?,
-        total_tokens: row.try_get("total_tokens")?,
-        cost_nanousd: row.try_get("cost_nanousd")?,
+        images: sum(row, "images")?,
+        input_tokens: sum(row, "input_tokens")?,
+        output_tokens: sum(row, "output_tokens")?,
+        total_tokens: sum(row, "total_tokens")?,
+        cost_nanousd: sum(row, "cost_nanousd")?,
     })
 }
 
@@ -237,17 +261,19 @@ impl Store for SqliteStore {
                     .push_bind(&row.size)
                     .push_bind(&row.quality)
                     .push_bind(row.images)
-                    .push_bind(row.text_input_tokens)
-                    .push_bind(row.image_input_tokens)
-                    .push_bind(row.cached_text_input_tokens)
-                    .push_bind(row.cached_image_input_tokens)
-                    .push_bind(row.input_tokens)
-                    .push_bind(row.output_tokens)
-                    .push_bind(row.total_tokens)
+                    .push_bind(row.stored_tokens(row.text_input_tokens))
+                    .push_bind(row.stored_tokens(row.image_input_tokens))
+                    .push_bind(row.stored_tokens(row.cached_text_input_tokens))
+                    .push_bind(row.stored_tokens(row.cached_image_input_tokens))
+                    .push_bind(row.stored_tokens(row.input_tokens))
+                    .push_bind(row.stored_tokens(row.output_tokens))
+                    .push_bind(row.stored_tokens(row.total_tokens))
                     .push_bind(row.cost_nanousd)
                     .push_bind(row.latency_ms)
                     .push_bind(encode_time(row.created_at))
-                    .push_bind(&row.raw_usage);
+                    .push_bind(&row.raw_usage)
+                    .push_bind(row.usage_suspect)
+                    .push_bind(row.cost_estimated);
             });
             query.push(" on conflict (request_id) do nothing");
             inserted += query.build().execute(&mut *tx).await?.rows_affected();
@@ -279,11 +305,17 @@ impl Store for SqliteStore {
     #[tracing::instrument(skip_all, fields(group_by = ?filter.group_by))]
     async fn usage_report(&self, filter: &UsageFilter) -> StoreResult<Vec<UsageTotals>> {
         let group = group_expr(filter.group_by);
+        let sums = [
+            "images",
+            "input_tokens",
+            "output_tokens",
+            "total_tokens",
+            "cost_nanousd",
+        ]
+        .map(split_sum)
+        .join(", ");
         let mut query = QueryBuilder::<Sqlite>::new(format!(
-            "select {group} as grp, count(*) as requests, sum(images) as images, \
-             sum(input_tokens) as input_tokens, sum(output_tokens) as output_tokens, \
-             sum(total_tokens) as total_tokens, sum(cost_nanousd) as cost_nanousd \
-             from usage where true"
+            "select {group} as grp, count(*) as requests, {sums} from usage where true"
         ));
         if let Some(key_name) = &filter.key_name {
             query.push(" and key_name = ").push_bind(key_name);

@@ -35,6 +35,11 @@ pub enum BodyKind {
     Sse,
 }
 
+/// More tokens of one kind than one image call can use by orders of magnitude (gpt-image-1
+/// bills a few thousand per image). A larger count is a provider's bug, not usage: it is
+/// capped at this, and the row flagged, so that one bad answer cannot swamp every sum.
+pub const MAX_TOKENS_PER_CALL: i64 = 100_000_000;
+
 /// Token counts of one provider call. Numbers the provider left out are 0.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TokenUsage {
@@ -87,6 +92,31 @@ impl TokenUsage {
             cached_text_input_tokens: cached_text,
             cached_image_input_tokens: cached_image,
         })
+    }
+
+    /// Every count capped at [`MAX_TOKENS_PER_CALL`]; true when one was above it.
+    pub fn capped(&self) -> (TokenUsage, bool) {
+        let fields = [
+            self.input_tokens,
+            self.output_tokens,
+            self.total_tokens,
+            self.text_input_tokens,
+            self.image_input_tokens,
+            self.cached_text_input_tokens,
+            self.cached_image_input_tokens,
+        ];
+        let suspect = fields.iter().any(|&n| n > MAX_TOKENS_PER_CALL);
+        let cap = |n: i64| n.min(MAX_TOKENS_PER_CALL);
+        let capped = TokenUsage {
+            input_tokens: cap(self.input_tokens),
+            output_tokens: cap(self.output_tokens),
+            total_tokens: cap(self.total_tokens),
+            text_input_tokens: cap(self.text_input_tokens),
+            image_input_tokens: cap(self.image_input_tokens),
+            cached_text_input_tokens: cap(self.cached_text_input_tokens),
+            cached_image_input_tokens: cap(self.cached_image_input_tokens),
+        };
+        (capped, suspect)
     }
 
     fn add(&mut self, other: &TokenUsage) {

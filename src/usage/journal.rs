@@ -2,14 +2,24 @@
 //! anywhere else, so that a crash, a `kill -9` or a database outage loses none.
 //!
 //! What `server.journal_dir` holds:
-//! - `segment-<20 digits>.jsonl`: rows, one JSON object per line, each ending in `\n`. Only
-//!   the newest segment is appended to; a new one is started at every start and when the
-//!   current one passes its size limit.
-//! - `cursor`: how far the rows have reached the database (a segment and a byte offset),
-//!   replaced atomically. Segments wholly before it are deleted.
+//! - `segment-<20 digits>.jsonl`: one JSON object per line, each ending in `\n`: usage rows,
+//!   and two kinds of marker. `{"intent":{..}}` is written before a provider call is sent
+//!   (see [`Intent`]); the call's row, with the same request id, resolves it, and so does
+//!   `{"cancel":"<request id>"}`, written when a call is abandoned before the provider could
+//!   answer it. Only the newest segment is appended to; a new one is started at every start
+//!   and when the current one passes its size limit.
+//! - `cursor`: how far the rows have reached the database (a segment and a byte offset), and
+//!   the intents read before it and not yet resolved, replaced atomically. Segments wholly
+//!   before it are deleted: an intent outlives its segment in the cursor until resolved.
 //! - `lock`: locked while a process uses the folder, so two never share one journal.
 //! - `refused.jsonl`: rows the database refused (bad data, not a bad connection), set aside
 //!   so that they do not hold up the rows behind them; kept for a person to look at.
+//! - `probe`: briefly, while [`Journal::probe`] checks that a failed journal takes writes.
+//!
+//! At open, every intent without its row (in the segments, or carried in the cursor) is a
+//! call the process died during: the provider may have finished and billed it. Each
+//! becomes an `interrupted` row at the intent's worst-case cost, appended to the new
+//! segment and shipped like any row (the database skips it if the call's row got there).
 //!
 //! An append is one `write()` into the page cache, made before the client sees the end of
 //! its response: once it returns, the row survives the process being killed. Getting it onto
@@ -18,6 +28,7 @@
 //! Files are read and written with blocking calls: appends are small and the rest runs on
 //! the blocking pool.
 
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -27,7 +38,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::usage::UsageRow;
+use crate::usage::{Intent, UsageRow};
 
 /// Past this size the next row starts a new segment.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -38,6 +49,13 @@ const CURSOR: &str = "cursor";
 const CURSOR_TMP: &str = "cursor.tmp";
 const LOCK: &str = "lock";
 const REFUSED: &str = "refused.jsonl";
+/// Written and removed by [`Journal::probe`].
+const PROBE: &str = "probe";
+/// What [`Journal::probe`] writes: a few rows' worth.
+const PROBE_BYTES: usize = 16 * 1024;
+/// How a marker line begins; rows begin otherwise (`{"request_id":`).
+const INTENT_PREFIX: &[u8] = b"{\"intent\":";
+const CANCEL_PREFIX: &[u8] = b"{\"cancel\":";
 /// How long [`Journal::open`] waits for the folder's lock: this many tries, this far apart.
 const LOCK_TRIES: u32 = 40;
 const LOCK_RETRY: Duration = Duration::from_millis(50);
@@ -64,10 +82,65 @@ pub struct Position {
 #[derive(Debug)]
 pub struct Batch {
     pub rows: Vec<UsageRow>,
-    /// Complete lines read, unreadable ones included (they are skipped, and logged).
+    /// Intents read: not rows, never stored; kept (in the cursor) until resolved.
+    pub intents: Vec<Intent>,
+    /// Request ids of the calls abandoned before the provider could answer.
+    pub cancels: Vec<String>,
+    /// Complete lines read, unreadable ones and markers included.
     pub lines: u64,
+    /// Of those, markers (intents and cancels): not counted in the backlog.
+    pub markers: u64,
     pub start: Position,
     pub end: Position,
+}
+
+/// One journal line.
+enum Line {
+    Row(Box<UsageRow>),
+    Intent(Box<Intent>),
+    Cancel(String),
+}
+
+#[derive(Serialize, Deserialize)]
+struct IntentLine<T> {
+    intent: T,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CancelLine<T> {
+    cancel: T,
+}
+
+/// The request id of a row, read without the rest of it.
+#[derive(Deserialize)]
+struct RowId {
+    request_id: String,
+}
+
+fn is_marker(line: &[u8]) -> bool {
+    line.starts_with(INTENT_PREFIX) || line.starts_with(CANCEL_PREFIX)
+}
+
+fn parse_line(line: &[u8]) -> serde_json::Result<Line> {
+    if line.starts_with(INTENT_PREFIX) {
+        let parsed: IntentLine<Intent> = serde_json::from_slice(line)?;
+        Ok(Line::Intent(Box::new(parsed.intent)))
+    } else if line.starts_with(CANCEL_PREFIX) {
+        let parsed: CancelLine<String> = serde_json::from_slice(line)?;
+        Ok(Line::Cancel(parsed.cancel))
+    } else {
+        Ok(Line::Row(Box::new(serde_json::from_slice(line)?)))
+    }
+}
+
+/// What the cursor file holds.
+#[derive(Serialize, Deserialize)]
+struct SavedCursor {
+    #[serde(flatten)]
+    at: Position,
+    /// Intents before `at` whose rows have not been read yet (absent in older files).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pending: Vec<Intent>,
 }
 
 impl Batch {
@@ -95,6 +168,9 @@ pub struct Journal {
     active: Mutex<Active>,
     /// The first byte not yet in the database. Only the shipper moves it.
     cursor: Mutex<Position>,
+    /// Intents the cursor has passed whose rows it has not, by request id. Only the shipper
+    /// changes it, in [`Journal::commit`].
+    pending: Mutex<HashMap<String, Intent>>,
     backlog: AtomicU64,
     /// Held (locked) for as long as the journal is open.
     _lock: File,
@@ -113,12 +189,14 @@ impl Journal {
         take_lock(&lock_file, dir)?;
 
         let segments = list_segments(dir)?;
-        let saved = match read_cursor(dir) {
-            Ok(saved) => saved,
+        let (saved, pending) = match read_cursor(dir) {
+            Ok(Some(saved)) => (Some(saved.at), saved.pending),
+            Ok(None) => (None, Vec::new()),
             Err(err) => {
-                // Harmless: rows already stored are skipped when written again.
+                // Harmless for rows: those already stored are skipped when written again.
+                // Intents carried in it are lost (those still in segments are not).
                 tracing::warn!(%err, dir = %dir.display(), "usage journal cursor unreadable; replaying every segment");
-                None
+                (None, Vec::new())
             }
         };
         let active_segment = segments
@@ -144,19 +222,28 @@ impl Journal {
         for &segment in segments.iter().filter(|&&s| s < cursor.segment) {
             remove_segment(dir, segment);
         }
-        let mut backlog = 0;
+        let mut scan = Scan::default();
         for &segment in segments.iter().filter(|&&s| s >= cursor.segment) {
             let from = if segment == cursor.segment {
                 cursor.offset
             } else {
                 0
             };
-            backlog += count_lines(&segment_path(dir, segment), from)?;
+            scan.read(&segment_path(dir, segment), from)?;
         }
+        let backlog = scan.rows;
+        // Calls the last run died during: their intent is here, their row nowhere.
+        let mut interrupted: Vec<&Intent> = pending
+            .iter()
+            .chain(scan.intents.iter())
+            .filter(|i| !scan.resolved.contains(&i.request_id))
+            .collect();
+        interrupted.sort_by(|a, b| a.request_id.cmp(&b.request_id));
+        interrupted.dedup_by(|a, b| a.request_id == b.request_id);
 
         let file = create_segment(dir, active_segment)?;
         add_to_gauge(i64::try_from(backlog).unwrap_or(i64::MAX));
-        Ok(Journal {
+        let journal = Journal {
             dir: dir.to_owned(),
             segment_bytes,
             active: Mutex::new(Active {
@@ -167,9 +254,26 @@ impl Journal {
                 broken: false,
             }),
             cursor: Mutex::new(cursor),
+            pending: Mutex::new(
+                pending
+                    .iter()
+                    .map(|i| (i.request_id.clone(), i.clone()))
+                    .collect(),
+            ),
             backlog: AtomicU64::new(backlog),
             _lock: lock_file,
-        })
+        };
+        if !interrupted.is_empty() {
+            for intent in &interrupted {
+                journal.append(&intent.interrupted())?;
+            }
+            journal.sync()?;
+            tracing::warn!(
+                calls = interrupted.len(),
+                "provider calls cut off by the end of the last run: each is recorded as an interrupted row at its worst-case cost"
+            );
+        }
+        Ok(journal)
     }
 
     pub fn dir(&self) -> &Path {
@@ -195,12 +299,36 @@ impl Journal {
     pub fn append(&self, row: &UsageRow) -> io::Result<()> {
         let mut line = serde_json::to_vec(row)?;
         line.push(b'\n');
+        self.write_line(&line, true)
+    }
+
+    /// Appends an intent: written before the provider call is sent, like a row.
+    pub fn append_intent(&self, intent: &Intent) -> io::Result<()> {
+        let mut line = serde_json::to_vec(&IntentLine { intent })?;
+        line.push(b'\n');
+        self.write_line(&line, false)
+    }
+
+    /// Resolves an intent whose call was abandoned before the provider could answer it.
+    pub fn append_cancel(&self, request_id: &str) -> io::Result<()> {
+        let mut line = serde_json::to_vec(&CancelLine { cancel: request_id })?;
+        line.push(b'\n');
+        self.write_line(&line, false)
+    }
+
+    /// Intents read and not yet resolved by a row or a cancel.
+    pub fn pending_intents(&self) -> usize {
+        lock(&self.pending).len()
+    }
+
+    /// One line, one `write()`; `row` lines count in the backlog.
+    fn write_line(&self, line: &[u8], row: bool) -> io::Result<()> {
         let mut active = lock(&self.active);
         if active.broken || (active.len > 0 && active.len + line.len() as u64 > self.segment_bytes)
         {
             self.rotate(&mut active)?;
         }
-        if let Err(err) = (&*active.file).write_all(&line) {
+        if let Err(err) = (&*active.file).write_all(line) {
             // Half a line left behind would swallow the next row; cut it off.
             if active.file.set_len(active.len).is_err() {
                 active.broken = true;
@@ -209,9 +337,11 @@ impl Journal {
         }
         active.len += line.len() as u64;
         active.dirty = true;
-        // Counted under the lock, before the shipper can see the line, so never below zero.
-        self.backlog.fetch_add(1, Ordering::Relaxed);
-        add_to_gauge(1);
+        if row {
+            // Counted under the lock, before the shipper can see the line, so never below zero.
+            self.backlog.fetch_add(1, Ordering::Relaxed);
+            add_to_gauge(1);
+        }
         Ok(())
     }
 
@@ -231,6 +361,21 @@ impl Journal {
             broken: false,
         };
         Ok(())
+    }
+
+    /// Whether the journal can be written again after a failure: a few rows' worth of bytes
+    /// are written to a scratch file in the folder, fsync'd and removed, then rows go to a
+    /// new segment (the active one may end in a failed write's damage, or a failed fsync).
+    pub fn probe(&self) -> io::Result<()> {
+        let path = self.dir.join(PROBE);
+        let written = File::create(&path).and_then(|mut file| {
+            file.write_all(&[b'\n'; PROBE_BYTES])?;
+            file.sync_data()
+        });
+        let _ = fs::remove_file(&path);
+        written?;
+        let mut active = lock(&self.active);
+        self.rotate(&mut active)
     }
 
     /// True when rows were appended since the last [`Journal::sync`].
@@ -266,7 +411,10 @@ impl Journal {
         let start = self.cursor();
         let mut at = start;
         let mut rows = Vec::new();
+        let mut intents = Vec::new();
+        let mut cancels = Vec::new();
         let mut lines = 0u64;
+        let mut markers = 0u64;
         let mut line = Vec::new();
         loop {
             let (active_segment, committed) = {
@@ -310,8 +458,13 @@ impl Journal {
                         break;
                     }
                     lines += 1;
-                    match serde_json::from_slice::<UsageRow>(&line) {
-                        Ok(row) => rows.push(row),
+                    if is_marker(&line) {
+                        markers += 1;
+                    }
+                    match parse_line(&line) {
+                        Ok(Line::Row(row)) => rows.push(*row),
+                        Ok(Line::Intent(intent)) => intents.push(*intent),
+                        Ok(Line::Cancel(id)) => cancels.push(id),
                         Err(err) => tracing::error!(
                             %err,
                             segment = %path.display(),
@@ -328,7 +481,10 @@ impl Journal {
         }
         Ok(Batch {
             rows,
+            intents,
+            cancels,
             lines,
+            markers,
             start,
             end: at,
         })
@@ -356,9 +512,26 @@ impl Journal {
             debug_assert_eq!(*cursor, batch.start, "batches are committed in order");
             *cursor = batch.end;
         }
-        self.backlog.fetch_sub(batch.lines, Ordering::Relaxed);
-        add_to_gauge(-i64::try_from(batch.lines).unwrap_or(i64::MAX));
-        write_cursor(&self.dir, batch.end)?;
+        let rows = batch.lines - batch.markers;
+        self.backlog.fetch_sub(rows, Ordering::Relaxed);
+        add_to_gauge(-i64::try_from(rows).unwrap_or(i64::MAX));
+        // A call's row always follows its intent, so within a batch the intents go in first.
+        let pending: Vec<Intent> = {
+            let mut pending = lock(&self.pending);
+            for intent in &batch.intents {
+                pending.insert(intent.request_id.clone(), intent.clone());
+            }
+            for id in batch
+                .rows
+                .iter()
+                .map(|r| &r.request_id)
+                .chain(batch.cancels.iter())
+            {
+                pending.remove(id);
+            }
+            pending.values().cloned().collect()
+        };
+        write_cursor(&self.dir, batch.end, pending)?;
         if batch.end.segment > batch.start.segment {
             for segment in list_segments(&self.dir)? {
                 if segment < batch.end.segment {
@@ -461,22 +634,48 @@ fn remove_segment(dir: &Path, segment: u64) {
     }
 }
 
-/// Whole lines in `path` from byte `from` on.
-fn count_lines(path: &Path, from: u64) -> io::Result<u64> {
-    let mut file = File::open(path)?;
-    file.seek(SeekFrom::Start(from))?;
-    let mut count = 0;
-    let mut buf = vec![0; 64 * 1024];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            return Ok(count);
+/// What [`Journal::open`] learns from the lines an earlier run left unshipped.
+#[derive(Default)]
+struct Scan {
+    /// Whole lines that are not markers: the backlog.
+    rows: u64,
+    intents: Vec<Intent>,
+    /// Request ids of the rows and cancels.
+    resolved: HashSet<String>,
+}
+
+impl Scan {
+    /// Reads the whole lines of `path` from byte `from` on. Only the request id of a row
+    /// is parsed; a line that cannot be read is counted as a row (the shipper logs it).
+    fn read(&mut self, path: &Path, from: u64) -> io::Result<()> {
+        let mut file = File::open(path)?;
+        file.seek(SeekFrom::Start(from))?;
+        let mut reader = BufReader::with_capacity(64 * 1024, file);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            if reader.read_until(b'\n', &mut line)? == 0 || line.last() != Some(&b'\n') {
+                return Ok(());
+            }
+            if line.starts_with(INTENT_PREFIX) {
+                if let Ok(parsed) = serde_json::from_slice::<IntentLine<Intent>>(&line) {
+                    self.intents.push(parsed.intent);
+                }
+            } else if line.starts_with(CANCEL_PREFIX) {
+                if let Ok(parsed) = serde_json::from_slice::<CancelLine<String>>(&line) {
+                    self.resolved.insert(parsed.cancel);
+                }
+            } else {
+                self.rows += 1;
+                if let Ok(row) = serde_json::from_slice::<RowId>(&line) {
+                    self.resolved.insert(row.request_id);
+                }
+            }
         }
-        count += memchr::memchr_iter(b'\n', &buf[..n]).count() as u64;
     }
 }
 
-fn read_cursor(dir: &Path) -> io::Result<Option<Position>> {
+fn read_cursor(dir: &Path) -> io::Result<Option<SavedCursor>> {
     match fs::read(dir.join(CURSOR)) {
         Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -486,10 +685,10 @@ fn read_cursor(dir: &Path) -> io::Result<Option<Position>> {
 
 /// Replaces the cursor file atomically: write a temporary file, fsync it, rename it over the
 /// old one, fsync the folder.
-fn write_cursor(dir: &Path, at: Position) -> io::Result<()> {
+fn write_cursor(dir: &Path, at: Position, pending: Vec<Intent>) -> io::Result<()> {
     let tmp = dir.join(CURSOR_TMP);
     let mut file = File::create(&tmp)?;
-    file.write_all(&serde_json::to_vec(&at)?)?;
+    file.write_all(&serde_json::to_vec(&SavedCursor { at, pending })?)?;
     file.sync_all()?;
     fs::rename(&tmp, dir.join(CURSOR))?;
     sync_dir(dir)

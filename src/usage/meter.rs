@@ -20,7 +20,7 @@ use crate::routing::dedupe::{KeepTicket, write_chunk};
 use crate::auth::Principal;
 use crate::config::Price;
 use crate::upstream::{BodyStream, Endpoint, RequestSummary, UpstreamError};
-use crate::usage::extract::{BodyKind, Extracted, Extractor};
+use crate::usage::extract::{BodyKind, Extracted, Extractor, TokenUsage};
 use crate::usage::price::{cost_nanousd, format_usd};
 use crate::usage::writer::UsageSink;
 use crate::usage::{Outcome, UsageRow};
@@ -100,13 +100,25 @@ impl UsageTicket {
     /// Writes the row (through the sink, never waiting on the database), counts it in the
     /// metrics and logs the request's one line.
     pub fn finish(self, status: u16, outcome: Outcome, extracted: &Extracted) {
-        let usage = extracted.usage.clone().unwrap_or_default();
+        // Counts and cost come from the capped usage: an absurd count is flagged, not summed.
+        let capped = extracted.usage.as_ref().map(TokenUsage::capped);
+        let usage_suspect = capped.as_ref().is_some_and(|(_, suspect)| *suspect);
+        if usage_suspect {
+            tracing::warn!(
+                request_id = %self.request_id,
+                provider = %self.provider,
+                raw_usage = extracted.raw_usage.as_deref().unwrap_or_default(),
+                "the provider reported more tokens than one call can use; counts capped and the row flagged usage_suspect"
+            );
+        }
+        let capped = capped.map(|(usage, _)| usage);
+        let usage = capped.clone().unwrap_or_default();
         let images = if outcome == Outcome::UpstreamError {
             0
         } else {
             extracted.images
         };
-        let cost = cost_nanousd(&self.price, extracted.usage.as_ref(), images);
+        let cost = cost_nanousd(&self.price, capped.as_ref(), images);
         let latency = self.started.elapsed();
         let m = &self.metrics;
         m.requests(status).increment(1);
@@ -169,6 +181,8 @@ impl UsageTicket {
             latency_ms: i64::try_from(latency.as_millis()).unwrap_or(i64::MAX),
             created_at: self.created_at,
             raw_usage: extracted.raw_usage.clone(),
+            usage_suspect,
+            cost_estimated: false,
         });
     }
 }

@@ -19,6 +19,10 @@ pub enum Outcome {
     UpstreamError,
     /// The provider could not be reached, timed out or broke off its body.
     Failed,
+    /// imagegate ended (a crash, `kill -9`) while the call was in flight: the provider may
+    /// have finished and billed it. Tokens are unknown (stored as null) and the cost is the
+    /// call's worst case (`cost_estimated`).
+    Interrupted,
 }
 
 impl Outcome {
@@ -27,6 +31,7 @@ impl Outcome {
             Outcome::Completed => "completed",
             Outcome::UpstreamError => "upstream_error",
             Outcome::Failed => "failed",
+            Outcome::Interrupted => "interrupted",
         }
     }
 
@@ -35,12 +40,14 @@ impl Outcome {
             "completed" => Some(Outcome::Completed),
             "upstream_error" => Some(Outcome::UpstreamError),
             "failed" => Some(Outcome::Failed),
+            "interrupted" => Some(Outcome::Interrupted),
             _ => None,
         }
     }
 }
 
-/// One provider call, as stored. Token counts are zero when the provider reported none.
+/// One provider call, as stored. Token counts are zero when the provider reported none, and
+/// null in the database for an [`Outcome::Interrupted`] call (nothing was reported).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UsageRow {
     pub request_id: String,
@@ -72,4 +79,74 @@ pub struct UsageRow {
     pub created_at: DateTime<Utc>,
     /// The provider's `usage` object as it sent it (JSON text), when it sent one.
     pub raw_usage: Option<String>,
+    /// The provider reported more than [`extract::MAX_TOKENS_PER_CALL`] tokens of some kind:
+    /// the counts were capped at that (and priced so), the raw usage shows what it sent.
+    #[serde(default)]
+    pub usage_suspect: bool,
+    /// The cost is imagegate's worst-case estimate, not the price of reported usage.
+    #[serde(default)]
+    pub cost_estimated: bool,
+}
+
+impl UsageRow {
+    /// A token count as the database keeps it: none for a call with no usage to report.
+    pub fn stored_tokens(&self, count: i64) -> Option<i64> {
+        (self.outcome != Outcome::Interrupted).then_some(count)
+    }
+}
+
+/// A provider call about to be sent, journaled before it is (see [`journal`]). Its row
+/// resolves it; if the process dies first, the next start writes [`Intent::interrupted`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Intent {
+    pub request_id: String,
+    pub key_id: i64,
+    pub key_name: String,
+    pub model: String,
+    pub provider: String,
+    pub upstream_model: String,
+    pub endpoint: String,
+    pub streamed: bool,
+    pub n: Option<i32>,
+    pub size: Option<String>,
+    pub quality: Option<String>,
+    /// The most the call can cost, from the price table (see [`price::worst_case_nanousd`]).
+    pub worst_case_nanousd: i64,
+    pub created_at: DateTime<Utc>,
+}
+
+impl Intent {
+    /// The row of a call cut off with the process: no answer, no tokens, the worst case.
+    pub fn interrupted(&self) -> UsageRow {
+        UsageRow {
+            request_id: self.request_id.clone(),
+            key_id: self.key_id,
+            key_name: self.key_name.clone(),
+            model: self.model.clone(),
+            provider: self.provider.clone(),
+            upstream_model: self.upstream_model.clone(),
+            endpoint: self.endpoint.clone(),
+            // No answer was recorded for the client.
+            status: 0,
+            outcome: Outcome::Interrupted,
+            streamed: self.streamed,
+            n: self.n,
+            size: self.size.clone(),
+            quality: self.quality.clone(),
+            images: 0,
+            text_input_tokens: 0,
+            image_input_tokens: 0,
+            cached_text_input_tokens: 0,
+            cached_image_input_tokens: 0,
+            input_tokens: 0,
+            output_tokens: 0,
+            total_tokens: 0,
+            cost_nanousd: self.worst_case_nanousd,
+            latency_ms: 0,
+            created_at: self.created_at,
+            raw_usage: None,
+            usage_suspect: false,
+            cost_estimated: true,
+        }
+    }
 }

@@ -2,18 +2,24 @@
 //! appended to the journal on disk in the caller, a task fsyncs the journal every few
 //! milliseconds, and another ships it to the store in batches, retrying while the database
 //! is down. See [`crate::usage::journal`] for the files.
+//!
+//! When the journal cannot be written (disk full, read-only, a file-size limit), the sink
+//! says so ([`UsageSink::unavailable`]): billable requests are refused until a probe finds
+//! it writable again, and a row that could not be journaled is written straight to the
+//! database, or, failing that, counted as lost and logged whole.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{Store, StoreError};
-use crate::usage::UsageRow;
 use crate::usage::journal::{DEFAULT_SEGMENT_BYTES, Journal};
+use crate::usage::{Intent, UsageRow};
 
 /// Rows per insert.
 /// How long the shipper waits for more rows after the first new one.
@@ -29,11 +35,45 @@ const FIRST_RETRY: Duration = Duration::from_millis(100);
 const MAX_RETRY: Duration = Duration::from_secs(5);
 /// An insert that takes longer is abandoned and retried; rows it did store are skipped then.
 const INSERT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a journal that failed is tried again.
+const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a row the journal could not take may wait for the database.
+const RESCUE_TIMEOUT: Duration = Duration::from_secs(10);
 
 struct Shared {
     journal: Journal,
     /// Wakes the shipper when a row is appended.
     appended: Notify,
+    /// Set while the journal cannot be written; read on every billable request.
+    broken: AtomicBool,
+    /// Why, for `/readyz` and the refusals' log lines.
+    reason: Mutex<Option<String>>,
+    /// Wakes the probe when the journal fails.
+    failed: Notify,
+    /// Rows the journal could not take, for the rescue task to write to the database.
+    rescue: mpsc::UnboundedSender<UsageRow>,
+}
+
+impl Shared {
+    /// Marks the journal unwritable: billable requests are refused until the probe passes.
+    fn fail(&self, what: &str, err: &std::io::Error) {
+        metrics::counter!("imagegate_usage_journal_errors_total").increment(1);
+        let reason = format!("{what} failed: {err}");
+        let first = !self.broken.swap(true, Ordering::SeqCst);
+        *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.clone());
+        if first {
+            metrics::gauge!("imagegate_usage_journal_unavailable").set(1.0);
+            tracing::error!(journal = %self.journal.dir().display(), %reason, "usage journal unavailable: billable requests are refused until it can be written again");
+        }
+        self.failed.notify_one();
+    }
+
+    fn recovered(&self) {
+        *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.broken.store(false, Ordering::SeqCst);
+        metrics::gauge!("imagegate_usage_journal_unavailable").set(0.0);
+        tracing::info!(journal = %self.journal.dir().display(), "usage journal writable again; accepting billable requests");
+    }
 }
 
 /// Where finished requests drop their usage row. Recording writes to the journal on local
@@ -55,12 +95,50 @@ impl UsageSink {
         match self.shared.journal.append(&row) {
             Ok(()) => self.shared.appended.notify_one(),
             Err(err) => {
-                metrics::counter!("imagegate_usage_journal_errors_total").increment(1);
-                // The log line is then the only record of the row: it carries all of it.
-                let row_json = serde_json::to_string(&row).unwrap_or_default();
-                tracing::error!(%err, request_id = %row.request_id, row = %row_json, "usage journal write failed; row not recorded");
+                self.shared.fail("appending a usage row", &err);
+                tracing::warn!(%err, request_id = %row.request_id, "usage journal write failed; writing the row straight to the database");
+                if let Err(mpsc::error::SendError(row)) = self.shared.rescue.send(row) {
+                    lost(&row, "the usage writer has stopped");
+                }
             }
         }
+    }
+
+    /// Journals a provider call before it is sent, so that a crash during it still leaves
+    /// a row (see [`crate::usage::journal`]). An error means the call must not be sent: its
+    /// usage could not be accounted for.
+    pub fn intend(&self, intent: &Intent) -> std::io::Result<()> {
+        if !self.enabled {
+            return Ok(());
+        }
+        self.shared
+            .journal
+            .append_intent(intent)
+            .inspect_err(|err| {
+                self.shared.fail("appending a call's intent", err);
+            })
+    }
+
+    /// Resolves the intent of a call abandoned before the provider could answer it (the
+    /// client's upload failed): it has no row, and must not become an interrupted one.
+    pub fn cancel(&self, request_id: &str) {
+        if !self.enabled {
+            return;
+        }
+        if let Err(err) = self.shared.journal.append_cancel(request_id) {
+            // The next start then records the call as interrupted: over-counted, not lost.
+            self.shared.fail("appending a cancelled call", &err);
+        }
+    }
+
+    /// Why billable requests must be refused now: the journal cannot be written. `None`
+    /// when it can.
+    pub fn unavailable(&self) -> Option<String> {
+        if !self.enabled || !self.shared.broken.load(Ordering::Relaxed) {
+            return None;
+        }
+        let reason = self.shared.reason.lock().unwrap_or_else(|e| e.into_inner());
+        Some(reason.clone().unwrap_or_else(|| "unavailable".to_owned()))
     }
 
     /// A sink that drops every row: for benchmarks of what recording costs, never production.
@@ -86,6 +164,10 @@ pub struct UsageWriter {
     abort: CancellationToken,
     syncer: JoinHandle<()>,
     shipper: JoinHandle<()>,
+    /// Stops the probe and, once the rows it holds are written, the rescue task.
+    stop_aside: CancellationToken,
+    prober: JoinHandle<()>,
+    rescuer: JoinHandle<()>,
 }
 
 impl UsageWriter {
@@ -106,10 +188,17 @@ impl UsageWriter {
                 "usage rows left in the journal by an earlier run; writing them to the database"
             );
         }
+        let (rescue, rescued) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             journal,
             appended: Notify::new(),
+            broken: AtomicBool::new(false),
+            reason: Mutex::new(None),
+            failed: Notify::new(),
+            rescue,
         });
+        metrics::gauge!("imagegate_usage_journal_unavailable").set(0.0);
+        let stop_aside = CancellationToken::new();
         let (stop_sync, drain, abort) = (
             CancellationToken::new(),
             CancellationToken::new(),
@@ -119,14 +208,16 @@ impl UsageWriter {
             clippy::disallowed_methods,
             reason = "the journal tasks outlive the request tasks and are joined by UsageWriter::close"
         )]
-        let (syncer, shipper) = (
+        let (syncer, shipper, prober, rescuer) = (
             tokio::spawn(sync_every(Arc::clone(&shared), stop_sync.clone())),
             tokio::spawn(ship(
                 Arc::clone(&shared),
-                store,
+                Arc::clone(&store),
                 drain.clone(),
                 abort.clone(),
             )),
+            tokio::spawn(probe(Arc::clone(&shared), stop_aside.clone())),
+            tokio::spawn(rescue_rows(rescued, store, stop_aside.clone())),
         );
         let sink = UsageSink {
             shared: Arc::clone(&shared),
@@ -139,6 +230,9 @@ impl UsageWriter {
             abort,
             syncer,
             shipper,
+            stop_aside,
+            prober,
+            rescuer,
         };
         Ok((sink, writer))
     }
@@ -147,6 +241,12 @@ impl UsageWriter {
     /// Rows still there after it stay in the journal for the next start. Call after the
     /// request tasks have finished.
     pub async fn close(self, grace: Duration) {
+        self.stop_aside.cancel();
+        for (task, what) in [(self.prober, "probe"), (self.rescuer, "rescue")] {
+            if let Err(err) = task.await {
+                tracing::error!(%err, "usage journal {what} task failed");
+            }
+        }
         self.stop_sync.cancel();
         if let Err(err) = self.syncer.await {
             tracing::error!(%err, "usage journal fsync task failed");
@@ -192,10 +292,10 @@ async fn sync_every(shared: Arc<Shared>, stop: CancellationToken) {
             () = stop.cancelled() => true,
         };
         if shared.journal.needs_sync() {
-            let shared = Arc::clone(&shared);
-            match tokio::task::spawn_blocking(move || shared.journal.sync()).await {
+            let syncing = Arc::clone(&shared);
+            match tokio::task::spawn_blocking(move || syncing.journal.sync()).await {
                 Ok(Ok(())) => {}
-                Ok(Err(err)) => tracing::error!(%err, "usage journal fsync failed"),
+                Ok(Err(err)) => shared.fail("fsync", &err),
                 Err(err) => tracing::error!(%err, "usage journal fsync task failed"),
             }
         }
@@ -203,6 +303,74 @@ async fn sync_every(shared: Arc<Shared>, stop: CancellationToken) {
             return;
         }
     }
+}
+
+/// After the journal fails, tries it every [`PROBE_INTERVAL`] until it can be written again
+/// (see [`Journal::probe`]), then lets billable requests in again.
+async fn probe(shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = shared.failed.notified() => {}
+            () = stop.cancelled() => return,
+        }
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(PROBE_INTERVAL) => {}
+                () = stop.cancelled() => return,
+            }
+            let probing = Arc::clone(&shared);
+            match tokio::task::spawn_blocking(move || probing.journal.probe()).await {
+                Ok(Ok(())) => {
+                    shared.recovered();
+                    break;
+                }
+                Ok(Err(err)) => {
+                    let mut reason = shared.reason.lock().unwrap_or_else(|e| e.into_inner());
+                    *reason = Some(format!("probe failed: {err}"));
+                }
+                Err(err) => tracing::error!(%err, "usage journal probe task failed"),
+            }
+        }
+    }
+}
+
+/// Writes the rows the journal could not take straight to the database, one insert each
+/// (they are few: the first failure stops billable requests). A row the database does not
+/// take either is counted as lost and logged whole: the log line is then its only record.
+async fn rescue_rows(
+    mut rows: mpsc::UnboundedReceiver<UsageRow>,
+    store: Arc<dyn Store>,
+    stop: CancellationToken,
+) {
+    loop {
+        let row = tokio::select! {
+            row = rows.recv() => row,
+            // Requests have finished when the writer closes: take what is queued, then end.
+            () = stop.cancelled() => rows.try_recv().ok(),
+        };
+        let Some(row) = row else { return };
+        let stored = tokio::time::timeout(
+            RESCUE_TIMEOUT,
+            store.insert_usage(std::slice::from_ref(&row)),
+        )
+        .await;
+        match stored {
+            Ok(Ok(_)) => {
+                metrics::counter!("imagegate_usage_rows_rescued_total").increment(1);
+                metrics::counter!("imagegate_usage_rows_written_total").increment(1);
+                tracing::warn!(request_id = %row.request_id, "usage row written straight to the database (the journal could not take it)");
+            }
+            Ok(Err(err)) => lost(&row, &err.to_string()),
+            Err(_) => lost(&row, "the database did not answer in time"),
+        }
+    }
+}
+
+/// A row neither the journal nor the database took: counted, and logged with all of it.
+fn lost(row: &UsageRow, why: &str) {
+    metrics::counter!("imagegate_usage_rows_lost_total").increment(1);
+    let row_json = serde_json::to_string(row).unwrap_or_default();
+    tracing::error!(request_id = %row.request_id, row = %row_json, error = why, "usage row lost: neither the journal nor the database took it; this log line is its only record");
 }
 
 /// Reads batches from the journal's cursor, inserts them, and moves the cursor past each

@@ -177,6 +177,8 @@ fn row(id: &str, key: &str, model: &str, cost: i64, tokens: i64) -> UsageRow {
         latency_ms: 5,
         created_at: Utc::now(),
         raw_usage: None,
+        usage_suspect: false,
+        cost_estimated: false,
     }
 }
 
@@ -242,6 +244,58 @@ async fn usage_reports_group_filter_and_format() {
     let out = imagegate(&config, &["usage", "--since", "yesterday-ish"]);
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("--since"));
+}
+
+#[tokio::test]
+async fn usage_totals_past_i64_are_printed_exactly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &["gpt-image-1"]);
+    let store = imagegate::store::connect(&format!(
+        "sqlite:{}",
+        dir.path().join("imagegate.db").display()
+    ))
+    .await
+    .expect("store");
+    store.migrate().await.expect("migrate");
+    // Three rows at i64's largest cost and tokens, in two groups.
+    let max = i64::MAX;
+    store
+        .insert_usage(&[
+            row("h1", "a", "m1", max, max / 3),
+            row("h2", "a", "m1", max, max / 3),
+            row("h3", "b", "m2", max, max / 3),
+        ])
+        .await
+        .expect("insert");
+    let max = i128::from(max);
+    let cost = |rows: i128| imagegate::usage::price::format_usd_sum(rows * max);
+
+    let out = imagegate(&config, &["usage", "--format", "json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(json[0]["cost_usd"], cost(2));
+    assert_eq!(
+        json[0]["total_tokens"].to_string(),
+        (2 * 3 * (max / 3)).to_string()
+    );
+
+    let out = imagegate(&config, &["usage"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    let total = table
+        .lines()
+        .find(|l| l.starts_with("TOTAL"))
+        .expect("a TOTAL line");
+    assert!(total.ends_with(&cost(3)), "{table}");
+    assert!(total.contains(&(3 * 3 * (max / 3)).to_string()), "{table}");
+
+    let out = imagegate(&config, &["usage", "--format", "csv"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains(&cost(2)),
+        "{}",
+        text(&out.stdout)
+    );
 }
 
 /// Starts `imagegate serve` and returns it with the address it printed.

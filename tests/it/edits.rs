@@ -619,6 +619,11 @@ async fn an_image_over_the_limit_aborts_the_upstream_request_already_started() {
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(all_rows(&*gw.store).await.is_empty(), "nothing billed");
+    assert_eq!(
+        gw.unresolved_intents(),
+        Vec::<String>::new(),
+        "the abandoned call's intent is cancelled: no interrupted row at the next start"
+    );
     gw.shutdown().await;
 }
 
@@ -680,6 +685,11 @@ async fn a_client_abort_cancels_the_upstream_request_and_leaves_no_spool_file() 
     assert!(
         all_rows(&*gw.store).await.is_empty(),
         "no billed row for an aborted upload"
+    );
+    assert_eq!(
+        gw.unresolved_intents(),
+        Vec::<String>::new(),
+        "the abandoned call's intent is cancelled: no interrupted row at the next start"
     );
     gw.shutdown().await;
 }

@@ -14,6 +14,7 @@ crate::on_both_databases!(
     replays_every_models_list_capture,
     refuses_bad_keys_before_anything_else,
     refuses_bad_input_without_forwarding,
+    absurd_token_counts_are_capped_and_flagged,
 );
 
 /// The body the stand-in must have received for a captured body: model rewritten, the
@@ -439,6 +440,72 @@ async fn refuses_bad_input_without_forwarding(db: Db) {
     assert_eq!(
         rows[0].model, "gpt-image-1",
         "the default model serves requests without one"
+    );
+    gw.shutdown().await;
+}
+
+/// A provider reporting 2^63 - 1 tokens: the row holds the cap and is flagged, its cost is
+/// the price of the capped counts, and the report's sums stay exact.
+async fn absurd_token_counts_are_capped_and_flagged(db: Db) {
+    const HUGE: i64 = i64::MAX;
+    const CAP: i64 = 100_000_000;
+    let absurd = format!(
+        r#"{{"total_tokens":{HUGE},"input_tokens":{HUGE},"output_tokens":{HUGE},"input_tokens_details":{{"text_tokens":{HUGE},"image_tokens":0}}}}"#
+    );
+    let provider = StandIn::start(move |got| {
+        let usage = if got.json()["prompt"] == "normal" {
+            USAGE.to_owned()
+        } else {
+            absurd.clone()
+        };
+        respond(200, "application/json", image_response(1, &usage))
+    })
+    .await;
+    let gw = TestGateway::start(db, &test_config(&provider.base_url(), "")).await;
+    for prompt in ["absurd", "absurd", "normal"] {
+        let response = gw
+            .post_json(
+                "/v1/images/generations",
+                &json!({"model": "gpt-image-1", "prompt": prompt}).to_string(),
+            )
+            .await;
+        assert_eq!(response.status(), 200);
+        response.bytes().await.expect("body");
+    }
+    let rows = gw.usage_rows(3).await;
+    let (absurd, normal): (Vec<_>, Vec<_>) = rows.iter().partition(|r| r.usage_suspect);
+    assert_eq!((absurd.len(), normal.len()), (2, 1), "{rows:#?}");
+    for row in &absurd {
+        assert_eq!(
+            (
+                row.input_tokens,
+                row.output_tokens,
+                row.total_tokens,
+                row.text_input_tokens
+            ),
+            (CAP, CAP, CAP, CAP)
+        );
+        assert_eq!(row.cost_nanousd, gpt_image_1_cost(CAP, 0, CAP));
+        assert!(
+            row.raw_usage
+                .as_deref()
+                .is_some_and(|raw| raw.contains(&HUGE.to_string()))
+        );
+    }
+    assert_eq!(normal[0].input_tokens, 1124);
+    let report = gw
+        .store
+        .usage_report(&imagegate::store::UsageFilter {
+            key_name: None,
+            since: None,
+            group_by: imagegate::store::GroupBy::Model,
+        })
+        .await
+        .expect("report");
+    assert_eq!(report[0].input_tokens, i128::from(2 * CAP + 1124));
+    assert_eq!(
+        report[0].cost_nanousd,
+        i128::from(2 * gpt_image_1_cost(CAP, 0, CAP) + gpt_image_1_cost(19, 1105, 765))
     );
     gw.shutdown().await;
 }

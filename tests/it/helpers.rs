@@ -358,6 +358,33 @@ impl TestGateway {
         self._dir.path().join("journal")
     }
 
+    /// Request ids of the journal's intents that neither a row nor a cancel has resolved:
+    /// calls the next start would record as interrupted.
+    pub fn unresolved_intents(&self) -> Vec<String> {
+        let mut intents = Vec::new();
+        let mut resolved = std::collections::HashSet::new();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(self.journal_dir())
+            .expect("journal dir")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+            .collect();
+        files.sort();
+        for file in files {
+            for line in std::fs::read_to_string(file).expect("segment").lines() {
+                let value: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+                if let Some(id) = value["intent"]["request_id"].as_str() {
+                    intents.push(id.to_owned());
+                } else if let Some(id) = value["cancel"].as_str() {
+                    resolved.insert(id.to_owned());
+                } else if let Some(id) = value["request_id"].as_str() {
+                    resolved.insert(id.to_owned());
+                }
+            }
+        }
+        intents.retain(|id| !resolved.contains(id));
+        intents
+    }
+
     /// How many upload spool files exist right now.
     pub fn spool_files(&self) -> usize {
         std::fs::read_dir(self.spool_dir()).map_or(0, |entries| {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use chrono::DateTime;
 use imagegate::usage::journal::{Journal, Position};
-use imagegate::usage::{Outcome, UsageRow};
+use imagegate::usage::{Intent, Outcome, UsageRow};
 use serde_json::Value;
 use sqlx::Connection;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -49,6 +49,8 @@ fn row(id: &str) -> UsageRow {
         // Fixed, so that every row's line has the same length.
         created_at: DateTime::from_timestamp(1_780_000_000, 123_456_000).expect("time"),
         raw_usage: Some(r#"{"input_tokens":19}"#.into()),
+        usage_suspect: false,
+        cost_estimated: false,
     }
 }
 
@@ -100,6 +102,93 @@ fn rows_are_read_back_whole_and_in_order() {
     journal.commit(&batch).expect("commit");
     assert_eq!(journal.backlog(), 0);
     assert!(journal.read_batch(256).expect("read").is_empty());
+}
+
+fn intent(id: &str) -> Intent {
+    let row = row(id);
+    Intent {
+        request_id: row.request_id,
+        key_id: row.key_id,
+        key_name: row.key_name,
+        model: row.model,
+        provider: row.provider,
+        upstream_model: row.upstream_model,
+        endpoint: row.endpoint,
+        streamed: false,
+        n: Some(1),
+        size: None,
+        quality: None,
+        worst_case_nanousd: 250_000_000,
+        created_at: row.created_at,
+    }
+}
+
+/// Interrupted rows read from the journal, by request id.
+fn interrupted_ids(rows: &[UsageRow]) -> Vec<String> {
+    let mut ids: Vec<String> = rows
+        .iter()
+        .filter(|r| r.outcome == Outcome::Interrupted)
+        .map(|r| r.request_id.clone())
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn an_intent_without_its_row_becomes_one_interrupted_row_at_the_next_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let journal = open(dir.path());
+        for id in ["i1", "i2", "i3", "i4"] {
+            journal.append_intent(&intent(id)).expect("intent");
+        }
+        journal.append(&row("i1")).expect("row");
+        journal.append_cancel("i3").expect("cancel");
+        assert_eq!(journal.backlog(), 1, "intents and cancels are not rows");
+        // The shipper passes every line: i2 and i4 stay open, carried in the cursor (their
+        // segment may be deleted now).
+        let batch = journal.read_batch(256).expect("read");
+        assert_eq!(batch.rows, vec![row("i1")], "an intent is never a row");
+        journal.commit(&batch).expect("commit");
+        assert_eq!(journal.pending_intents(), 2);
+        journal.append_intent(&intent("i5")).expect("intent");
+        journal.append(&row("i4")).expect("row");
+        // Dropped without shipping the rest: the process died here.
+    }
+    let journal = open(dir.path());
+    let rows = drain_rows(&journal);
+    assert_eq!(
+        interrupted_ids(&rows),
+        ["i2", "i5"],
+        "one interrupted row per call without its row: {rows:#?}"
+    );
+    let cut = rows
+        .iter()
+        .find(|r| r.request_id == "i2")
+        .expect("interrupted i2");
+    assert_eq!(cut.cost_nanousd, 250_000_000, "the worst case");
+    assert!(cut.cost_estimated);
+    assert_eq!((cut.input_tokens, cut.output_tokens, cut.images), (0, 0, 0));
+    assert_eq!(journal.pending_intents(), 0, "all resolved once shipped");
+    drop(journal);
+
+    // Nothing is recorded twice at the start after.
+    let journal = open(dir.path());
+    assert_eq!(journal.backlog(), 0);
+    assert!(drain_rows(&journal).is_empty());
+}
+
+/// Reads and commits everything, the way the shipper does, and returns the rows.
+fn drain_rows(journal: &Journal) -> Vec<UsageRow> {
+    let mut rows = Vec::new();
+    loop {
+        let batch = journal.read_batch(256).expect("read");
+        if batch.is_empty() {
+            return rows;
+        }
+        rows.extend(batch.rows.iter().cloned());
+        journal.commit(&batch).expect("commit");
+    }
 }
 
 #[test]
@@ -822,6 +911,18 @@ async fn spawn_serve(
     String,
     tokio::task::JoinHandle<String>,
 ) {
+    spawn_serve_with(config, &[]).await
+}
+
+/// [`spawn_serve`] with more environment variables.
+async fn spawn_serve_with(
+    config: &Path,
+    env: &[(&str, &str)],
+) -> (
+    tokio::process::Child,
+    String,
+    tokio::task::JoinHandle<String>,
+) {
     let mut child = tokio::process::Command::new(BIN)
         .arg("--config")
         .arg(config)
@@ -829,6 +930,7 @@ async fn spawn_serve(
         .env_remove("IMAGEGATE_CONFIG")
         .env("RUST_LOG", "info")
         .env("IMAGEGATE_LOG_FORMAT", "json")
+        .envs(env.iter().copied())
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .kill_on_drop(true)
@@ -1036,4 +1138,389 @@ async fn sigterm_with_the_database_busy_leaves_the_backlog_for_the_next_start() 
     let rows = all_rows(&*store).await;
     assert_one_row_each(&rows, &answered);
     assert_eq!(rows.len(), 5);
+}
+
+// ---------------------------------------------------------------------------------------
+// A journal that cannot be written.
+
+/// A config for the real binary on `database_url`, routing gpt-image-1 to `provider`.
+fn standin_config(dir: &Path, database_url: &str, provider: &str) -> PathBuf {
+    let toml = format!(
+        r#"
+default_model = "gpt-image-1"
+[server]
+listen = "127.0.0.1:0"
+shutdown_grace = "5s"
+journal_dir = "{journal}"
+spool_dir = "{spool}"
+[database]
+url = "{database_url}"
+[providers.standin]
+base_url = "{provider}"
+api_key_env = "TEST_PIAPI_KEY"
+[models."gpt-image-1"]
+routes = [{{ provider = "standin", model = "gpt-image-1" }}]
+[pricing.standin."gpt-image-1"]
+text_input = 5.0
+cached_text_input = 1.25
+image_input = 10.0
+cached_image_input = 1.25
+image_output = 40.0
+"#,
+        journal = dir.join("journal").display(),
+        spool = dir.join("spool").display(),
+    );
+    let path = dir.join("imagegate.toml");
+    std::fs::write(&path, toml).expect("write config");
+    path
+}
+
+/// Sets the soft file-size limit (RLIMIT_FSIZE) of a running process: writes that would
+/// grow a file past it fail with EFBIG, as writes to a full disk fail with ENOSPC.
+fn limit_file_size(child: &tokio::process::Child, bytes: &str) {
+    let pid = child.id().expect("running").to_string();
+    let status = Command::new("prlimit")
+        .args(["--pid", &pid, &format!("--fsize={bytes}:unlimited")])
+        .status()
+        .expect("prlimit (util-linux)");
+    assert!(status.success(), "prlimit --fsize={bytes}");
+}
+
+async fn metric(client: &reqwest::Client, base: &str, name: &str) -> f64 {
+    let text = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().expect("metric value"))
+}
+
+/// The journal stops taking writes (a file-size limit of 0 on the process: every write
+/// that grows a file fails, as on a full disk) while a call is in flight: its row goes
+/// straight to the database, billable requests get 503 `usage_journal_unavailable`
+/// without reaching the provider, `/readyz` says why, and lifting the limit brings it
+/// all back without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_journal_stops_billable_requests_until_it_recovers() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    provider.set_delay(Duration::from_millis(1500));
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Postgres: a SQLite file would be under the same file-size limit as the journal.
+    let (store, database_url) = crate::db::fresh_postgres().await;
+    let config = standin_config(dir.path(), &database_url, &provider.base_url());
+    let issued = imagegate::auth::issue_key("svc");
+    store.create_key(issued.new.clone()).await.expect("key");
+    let key = issued.key;
+    let client = reqwest::Client::new();
+    let (mut child, addr, log) =
+        spawn_serve_with(&config, &[("TEST_PIAPI_KEY", crate::helpers::PROVIDER_KEY)]).await;
+    let base = format!("http://{addr}");
+    let url = format!("{base}/v1/images/generations");
+
+    // A call in flight when the journal fails: its row cannot be journaled at the end.
+    let in_flight = {
+        let (client, url, key) = (client.clone(), url.clone(), key.clone());
+        #[expect(clippy::disallowed_methods, reason = "joined below")]
+        tokio::spawn(async move { send_one(&client, &url, &key).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while provider.requests().is_empty() {
+        assert!(Instant::now() < deadline, "the call reaches the provider");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    limit_file_size(&child, "0");
+    let a = in_flight.await.expect("join");
+    assert!(a.complete, "the call in flight is answered: {a:?}");
+    let a_id = a.request_id.expect("x-request-id");
+
+    // Its row went straight to the database.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let rows = loop {
+        let rows = store.usage_for_request(&a_id).await.expect("rows");
+        if !rows.is_empty() || Instant::now() > deadline {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        rows.len(),
+        1,
+        "the row the journal could not take is in the database"
+    );
+    assert_eq!(rows[0].outcome, Outcome::Completed);
+    assert_eq!(
+        metric(&client, &base, "imagegate_usage_rows_rescued_total").await,
+        1.0
+    );
+
+    // Not ready, and says why.
+    let (status, body) = readyz(&client, &base).await;
+    assert_eq!(status, 503, "{body}");
+    let why = body["checks"]["usage_journal"].as_str().expect("reason");
+    assert!(why.starts_with("unavailable: "), "{body}");
+    assert!(why.contains("too large"), "the OS error is named: {body}");
+    assert_eq!(body["checks"]["database"], "ok", "{body}");
+
+    // Billable requests are refused before any provider call; others are served.
+    for _ in 0..3 {
+        let response = client
+            .post(&url)
+            .bearer_auth(&key)
+            .json(&serde_json::json!({"prompt": "refused"}))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(response.status(), 503);
+        let body: Value = response.json().await.expect("json");
+        assert_eq!(body["error"]["code"], "usage_journal_unavailable", "{body}");
+        assert_eq!(body["error"]["type"], "server_error", "{body}");
+    }
+    let edit = client
+        .post(format!("{base}/v1/images/edits"))
+        .bearer_auth(&key)
+        .header("content-type", "multipart/form-data; boundary=b")
+        .body(
+            "--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-image-1\r\n--b--\r\n",
+        )
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(edit.status(), 503);
+    let models = client
+        .get(format!("{base}/v1/models"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("models");
+    assert_eq!(models.status(), 200, "listing models bills nothing");
+    assert_eq!(
+        provider.requests().len(),
+        1,
+        "nothing refused reached the provider"
+    );
+
+    // The disk has room again: the probe notices, with no restart.
+    limit_file_size(&child, "unlimited");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = readyz(&client, &base).await;
+        if status == 200 {
+            assert_eq!(body["checks"]["usage_journal"], "ok", "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "recovers: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    provider.set_delay(Duration::ZERO);
+    let c = send_one(&client, &url, &key).await;
+    assert!(c.complete, "{c:?}");
+    let c_id = c.request_id.expect("x-request-id");
+    wait_until_shipped(&client, &base, Duration::from_secs(10)).await;
+    signal(&child, "-TERM");
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("exits")
+        .expect("status");
+    assert!(status.success(), "SIGTERM exits 0");
+    let log = log.await.expect("log");
+    assert!(log.contains("usage journal unavailable"), "{log}");
+
+    let rows = all_rows(&*store).await;
+    let ids: Vec<&str> = rows.iter().map(|r| r.request_id.as_str()).collect();
+    assert_eq!(rows.len(), 2, "one row per provider call: {ids:?}");
+    assert!(
+        ids.contains(&a_id.as_str()) && ids.contains(&c_id.as_str()),
+        "{ids:?}"
+    );
+}
+
+/// The same, on SQLite: the database file is under the same file-size limit, so the row
+/// the journal could not take cannot be written straight to the database either. It is
+/// counted as lost and logged whole; its call's intent was journaled before the limit, so
+/// the next start still records the call (as interrupted, at its worst case).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_neither_the_journal_nor_the_database_takes_is_counted_logged_and_recovered() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    provider.set_delay(Duration::from_millis(1000));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let database_url = format!("sqlite:{}", dir.path().join("imagegate.db").display());
+    let store = imagegate::store::connect(&database_url)
+        .await
+        .expect("store");
+    store.migrate().await.expect("migrate");
+    let issued = imagegate::auth::issue_key("svc");
+    store.create_key(issued.new.clone()).await.expect("key");
+    let key = issued.key;
+    let config = standin_config(dir.path(), &database_url, &provider.base_url());
+    let env = [("TEST_PIAPI_KEY", crate::helpers::PROVIDER_KEY)];
+    let client = reqwest::Client::new();
+    let (mut child, addr, log) = spawn_serve_with(&config, &env).await;
+    let base = format!("http://{addr}");
+    let url = format!("{base}/v1/images/generations");
+
+    let in_flight = {
+        let (client, url, key) = (client.clone(), url.clone(), key.clone());
+        #[expect(clippy::disallowed_methods, reason = "joined below")]
+        tokio::spawn(async move { send_one(&client, &url, &key).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while provider.requests().is_empty() {
+        assert!(Instant::now() < deadline, "the call reaches the provider");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    limit_file_size(&child, "0");
+    let a = in_flight.await.expect("join");
+    assert!(a.complete, "{a:?}");
+    let a_id = a.request_id.expect("x-request-id");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while metric(&client, &base, "imagegate_usage_rows_lost_total").await != 1.0 {
+        assert!(Instant::now() < deadline, "the lost row is counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    limit_file_size(&child, "unlimited");
+    signal(&child, "-TERM");
+    child.wait().await.expect("exits");
+    let log = log.await.expect("log");
+    let lost = log
+        .lines()
+        .find(|l| l.contains("usage row lost"))
+        .unwrap_or_else(|| panic!("a log line for the lost row:\n{log}"));
+    let line: Value = serde_json::from_str(lost).expect("a JSON log line");
+    let row: UsageRow =
+        serde_json::from_str(line["row"].as_str().unwrap_or_else(|| panic!("{line}")))
+            .expect("the whole row is in the log line");
+    assert_eq!(row.request_id, a_id);
+    assert_eq!(row.outcome, Outcome::Completed);
+    assert_eq!(row.input_tokens, 1124);
+    assert!(
+        all_rows(&*store).await.is_empty(),
+        "nothing reached the database"
+    );
+
+    // The call's intent is in the journal: the next start books it at its worst case.
+    let (mut child, addr, _) = spawn_serve_with(&config, &env).await;
+    wait_until_shipped(&client, &format!("http://{addr}"), Duration::from_secs(10)).await;
+    signal(&child, "-TERM");
+    child.wait().await.expect("exits");
+    let rows = all_rows(&*store).await;
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    assert_eq!(rows[0].request_id, a_id);
+    assert_eq!(rows[0].outcome, Outcome::Interrupted);
+    assert!(rows[0].cost_estimated);
+    assert!(
+        rows[0].cost_nanousd >= row.cost_nanousd,
+        "never under-counted"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Calls in flight at a kill -9.
+
+/// `kill -9` with calls held at the provider: the next start records one `interrupted` row
+/// per call cut off (no tokens, the worst-case cost, `cost_estimated`), and none for the
+/// calls whose row was written; a third start adds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_with_calls_in_flight_leaves_one_interrupted_row_per_call_cut() {
+    const CUT: usize = 8;
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("imagegate.db");
+    let database_url = format!("sqlite:{}", db.display());
+    let store = imagegate::store::connect(&database_url)
+        .await
+        .expect("store");
+    store.migrate().await.expect("migrate");
+    let issued = imagegate::auth::issue_key("svc");
+    store.create_key(issued.new.clone()).await.expect("key");
+    let key = issued.key;
+    let config = standin_config(dir.path(), &database_url, &provider.base_url());
+    let env = [("TEST_PIAPI_KEY", crate::helpers::PROVIDER_KEY)];
+    let client = reqwest::Client::new();
+
+    let (mut child, addr, _) = spawn_serve_with(&config, &env).await;
+    let base = format!("http://{addr}");
+    let url = format!("{base}/v1/images/generations");
+    let mut completed = Vec::new();
+    for _ in 0..3 {
+        let sent = send_one(&client, &url, &key).await;
+        assert!(sent.complete, "{sent:?}");
+        completed.push(sent.request_id.expect("x-request-id"));
+    }
+    wait_until_shipped(&client, &base, Duration::from_secs(10)).await;
+
+    // Calls the provider holds: it has them (and would bill them) when the kill comes.
+    provider.set_delay(Duration::from_secs(600));
+    let held: Vec<_> = (0..CUT)
+        .map(|_| {
+            let (client, url, key) = (client.clone(), url.clone(), key.clone());
+            #[expect(clippy::disallowed_methods, reason = "joined below")]
+            tokio::spawn(async move { send_one(&client, &url, &key).await })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while provider.requests().len() < 3 + CUT {
+        assert!(Instant::now() < deadline, "the calls reach the provider");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    signal(&child, "-KILL");
+    child.wait().await.expect("wait");
+    for sent in held {
+        assert!(!sent.await.expect("join").complete, "cut off");
+    }
+    assert_eq!(
+        all_rows(&*store).await.len(),
+        3,
+        "no row for a call cut off yet"
+    );
+
+    for start in ["the start after the kill", "the start after that"] {
+        let (mut child, addr, log) = spawn_serve_with(&config, &env).await;
+        wait_until_shipped(&client, &format!("http://{addr}"), Duration::from_secs(10)).await;
+        signal(&child, "-TERM");
+        let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .expect("exits")
+            .expect("status");
+        assert!(status.success(), "{start}: SIGTERM exits 0");
+        let rows = all_rows(&*store).await;
+        assert_eq!(rows.len(), 3 + CUT, "{start}: one row per provider call");
+        assert_one_row_each(&rows, &completed);
+        let cut: Vec<&UsageRow> = rows
+            .iter()
+            .filter(|r| r.outcome == Outcome::Interrupted)
+            .collect();
+        assert_eq!(cut.len(), CUT, "{start}: one interrupted row per call cut");
+        for row in &cut {
+            assert!(!completed.contains(&row.request_id), "{start}: {row:?}");
+            assert!(row.cost_estimated, "{row:?}");
+            // The worst case of a 12-character prompt and one image at most 6240 tokens.
+            assert_eq!(row.cost_nanousd, 12 * 5000 + 6240 * 40000, "{row:?}");
+            assert_eq!(row.status, 0);
+        }
+        for row in rows.iter().filter(|r| completed.contains(&r.request_id)) {
+            assert_eq!(row.outcome, Outcome::Completed);
+            assert!(!row.cost_estimated);
+        }
+        if start == "the start after the kill" {
+            let log = log.await.expect("log");
+            assert!(log.contains("provider calls cut off"), "{log}");
+        }
+    }
+    // The tokens of an interrupted row are unknown: null, not zero.
+    let mut conn = sqlx::SqliteConnection::connect(&database_url)
+        .await
+        .expect("open the database");
+    let nulls: i64 = sqlx::query_scalar(
+        "select count(*) from usage where outcome = 'interrupted' and input_tokens is null \
+         and output_tokens is null and total_tokens is null and cost_estimated",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .expect("count");
+    assert_eq!(nulls, CUT as i64);
 }

@@ -40,6 +40,7 @@ on_both_backends!(
     insert_usage_is_idempotent,
     usage_round_trips_every_field,
     usage_report_groups_and_filters,
+    usage_report_sums_past_i64,
 );
 
 fn new_key(name: &str, hash: &str) -> NewKey {
@@ -84,6 +85,8 @@ fn usage_row(request_id: &str, created_at: DateTime<Utc>) -> UsageRow {
         latency_ms: 1_234,
         created_at,
         raw_usage: None,
+        usage_suspect: false,
+        cost_estimated: false,
     }
 }
 
@@ -288,6 +291,8 @@ async fn usage_round_trips_every_field(store: Arc<dyn Store>) {
             r#"{"total_tokens":3,  "input_tokens": 1,"output_tokens":2, "input_tokens_details":{}}"#
                 .to_owned(),
         ),
+        usage_suspect: true,
+        cost_estimated: true,
     };
     let bare = UsageRow {
         request_id: "req-bare".to_owned(),
@@ -315,6 +320,8 @@ async fn usage_round_trips_every_field(store: Arc<dyn Store>) {
         latency_ms: 0,
         created_at: at("1999-12-31T23:59:59.000001Z"),
         raw_usage: None,
+        usage_suspect: false,
+        cost_estimated: false,
     };
     let completed = UsageRow {
         request_id: "req-completed".to_owned(),
@@ -390,7 +397,7 @@ fn report_rows() -> Vec<UsageRow> {
 }
 
 /// Totals of `requests` rows whose power-of-two factors add up to `f`.
-fn totals(group: &str, requests: i64, f: i64) -> UsageTotals {
+fn totals(group: &str, requests: i64, f: i128) -> UsageTotals {
     UsageTotals {
         group: group.to_owned(),
         requests,
@@ -496,4 +503,48 @@ async fn connect_refuses_other_schemes() {
         .err()
         .expect("mysql is not supported");
     assert!(err.to_string().contains("postgres://"), "{err}");
+}
+
+/// Rows holding i64's largest values: their sums are past i64, and the report gives them
+/// exactly (Postgres' `sum(...)::bigint` and SQLite's `sum` failed with an overflow).
+async fn usage_report_sums_past_i64(store: Arc<dyn Store>) {
+    const MAX: i64 = i64::MAX;
+    let huge = |id: &str| UsageRow {
+        images: i32::MAX,
+        text_input_tokens: MAX,
+        input_tokens: MAX,
+        output_tokens: MAX,
+        total_tokens: MAX,
+        cost_nanousd: MAX,
+        ..usage_row(id, at("2025-03-01T00:00:00Z"))
+    };
+    let rows: Vec<UsageRow> = (0..3).map(|i| huge(&format!("huge-{i}"))).collect();
+    store.insert_usage(&rows).await.expect("insert");
+    // One small negative row too: the halves SQLite sums in must put negatives back exactly.
+    let negative = UsageRow {
+        cost_nanousd: -5,
+        ..usage_row("negative", at("2025-03-01T00:00:00Z"))
+    };
+    store.insert_usage(&[negative]).await.expect("insert");
+    let report = store
+        .usage_report(&UsageFilter {
+            key_name: None,
+            since: None,
+            group_by: GroupBy::Key,
+        })
+        .await
+        .expect("a report whose sums pass i64");
+    let max = i128::from(MAX);
+    assert_eq!(
+        report,
+        vec![UsageTotals {
+            group: "alice".to_owned(),
+            requests: 4,
+            images: 3 * i128::from(i32::MAX) + 1,
+            input_tokens: 3 * max + 10,
+            output_tokens: 3 * max + 100,
+            total_tokens: 3 * max + 110,
+            cost_nanousd: 3 * max - 5,
+        }]
+    );
 }
