@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use crate::app::{AppState, RequestId, Runtime};
 use crate::auth::Principal;
-use crate::body_timeout::{idle_timeout, is_idle};
+use crate::body_timeout::{BodyTimeouts, timeout_in, with_timeouts};
 use crate::config::{Model, Route};
 use crate::error::ApiError;
 use crate::multipart::Upload;
@@ -31,7 +31,7 @@ pub async fn generations(
 ) -> Result<Response, ApiError> {
     let runtime = state.runtime.load_full();
     let server = &runtime.config.server;
-    let body = idle_timeout(body, server.request_body_idle_timeout);
+    let body = with_timeouts(body, body_timeouts(server));
     let bytes = read_json(&headers, body, server.max_json_body_bytes).await?;
     let request = GenerationRequest::parse(&bytes)?;
     let model = resolve(&runtime, request.model())?;
@@ -55,6 +55,13 @@ pub async fn generations(
         keep,
     };
     detached(call, JsonSource { body: request.body }).await
+}
+
+fn body_timeouts(server: &crate::config::ServerConfig) -> BodyTimeouts {
+    BodyTimeouts {
+        idle: server.request_body_idle_timeout,
+        total: server.request_body_timeout,
+    }
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Option<&str> {
@@ -174,7 +181,7 @@ async fn multipart(
 ) -> Result<Response, ApiError> {
     let runtime = state.runtime.load_full();
     let server = &runtime.config.server;
-    let body = idle_timeout(body, server.request_body_idle_timeout);
+    let body = with_timeouts(body, body_timeouts(server));
     let mut upload = Upload::new(&headers, body, endpoint, server.uploads)?;
     let requested = upload.read_until_model(&server.spool_dir).await?;
     let model = resolve(&runtime, requested.as_deref())?;
@@ -239,10 +246,12 @@ async fn read_json(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(err) if err.is::<LengthLimitError>() => Err(ApiError::PayloadTooLarge { limit }),
-        Err(err) if is_idle(&*err) => Err(ApiError::RequestTimeout),
-        Err(err) => Err(ApiError::invalid(
-            format!("Could not read the request body: {err}"),
-            None,
-        )),
+        Err(err) => match timeout_in(&*err) {
+            Some(timeout) => Err(ApiError::RequestTimeout(timeout)),
+            None => Err(ApiError::invalid(
+                format!("Could not read the request body: {err}"),
+                None,
+            )),
+        },
     }
 }
