@@ -193,12 +193,19 @@ impl Gateway {
         listeners: Listeners,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let grace = self.state.runtime.load().config.server.shutdown_grace;
+        let (grace, limits) = {
+            let server = &self.state.runtime.load().config.server;
+            (
+                server.shutdown_grace,
+                crate::server::ConnectionLimits::from_config(server),
+            )
+        };
         let served = crate::server::serve_workers(
             listeners,
             router(Arc::clone(&self.state)),
             shutdown,
             grace,
+            limits,
             self.state.tasks.clone(),
         )
         .await;
