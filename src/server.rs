@@ -64,6 +64,31 @@ impl ConnectionLimits {
     }
 }
 
+/// Raises this process's limit on open files (`RLIMIT_NOFILE`) from its soft value to its
+/// hard one: each connection is a file, and the usual soft limit (1024) would make accept
+/// fail long before `server.max_connections`. Returns the soft limit before and after
+/// (`None`: unlimited).
+pub fn raise_open_files_limit() -> io::Result<(Option<u64>, Option<u64>)> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let before = limit.current;
+    // An unlimited hard limit cannot be the soft one (Linux caps it at fs.nr_open): left as is.
+    let Some(hard) = limit.maximum else {
+        return Ok((before, before));
+    };
+    if before.is_some_and(|soft| soft >= hard) {
+        return Ok((before, before));
+    }
+    setrlimit(
+        Resource::Nofile,
+        rustix::process::Rlimit {
+            current: Some(hard),
+            maximum: Some(hard),
+        },
+    )?;
+    Ok((before, Some(hard)))
+}
+
 thread_local! {
     static WORKER: Cell<usize> = const { Cell::new(0) };
 }

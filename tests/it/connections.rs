@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::helpers::*;
@@ -331,4 +331,121 @@ async fn connections_over_the_cap_wait_until_one_closes() {
     drop(fifth);
     healthy(&gw).await;
     gw.shutdown().await;
+}
+
+/// Silent connections opened against the binary in the test below.
+const SILENT: usize = 2_000;
+
+#[tokio::test]
+async fn two_thousand_silent_connections_leave_health_checks_answering() {
+    // Both ends of every connection are in this process's files, the server's in the
+    // binary's: this process needs room for the silent ones and some to spare.
+    let (_, limit) = imagegate::server::raise_open_files_limit().expect("getrlimit");
+    if limit.is_some_and(|limit| limit < (SILENT + 1_000) as u64) {
+        eprintln!(
+            "SKIPPED two_thousand_silent_connections_leave_health_checks_answering: the hard limit on open files ({limit:?}) is below {}",
+            SILENT + 1_000
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = crate::cli::write_config(dir.path(), &["gpt-image-1"]);
+    let toml = std::fs::read_to_string(&config).expect("read config");
+    let toml = toml.replacen("[server]\n", "[server]\nheader_read_timeout = \"3s\"\n", 1);
+    std::fs::write(&config, toml).expect("write config");
+    // Started as a service manager would leave it: a soft limit of 1024 open files (the
+    // usual default), below the silent connections; the hard limit is this process's.
+    let mut child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -Sn 1024 && exec \"$@\"")
+        .arg("sh")
+        .arg(crate::cli::BIN)
+        .arg("--config")
+        .arg(&config)
+        .arg("serve")
+        .env("CLI_TEST_PROVIDER_KEY", crate::cli::SECRET)
+        .env("RUST_LOG", "info")
+        .env_remove("IMAGEGATE_CONFIG")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn serve");
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let mut log = String::new();
+    let addr = loop {
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("imagegate starts")
+            .expect("read")
+            .expect("a line before exit");
+        log.push_str(&line);
+        log.push('\n');
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest.split_whitespace().next().expect("address").to_owned();
+        }
+    };
+    let plain = strip_colours(&log);
+    assert!(
+        plain.contains("open files limit") && plain.contains("before=1024"),
+        "the binary raised its limit: {plain}"
+    );
+    assert!(!plain.contains("after=1024"), "{plain}");
+    let addr: std::net::SocketAddr = addr.parse().expect("address");
+    let mut silent = Vec::with_capacity(SILENT);
+    let opened = Instant::now();
+    for _ in 0..SILENT {
+        silent.push(connect(addr).await);
+    }
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("client");
+    for _ in 0..5 {
+        let started = Instant::now();
+        let response = client
+            .get(format!("http://{addr}/healthz"))
+            .send()
+            .await
+            .expect("/healthz answers while the silent connections are open");
+        assert_eq!(response.status(), 200);
+        // A correctness bound; the figure itself is measured by bench/connections.sh.
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(2), "/healthz took {took:?}");
+    }
+    // The silent connections were all accepted (none is still waiting in a backlog) and
+    // are all closed after header_read_timeout.
+    assert!(opened.elapsed() < Duration::from_secs(3), "opened in time");
+    let closed = futures_util::future::join_all(
+        silent
+            .iter_mut()
+            .map(|socket| closes(socket, Duration::from_secs(8))),
+    )
+    .await;
+    let open = closed.iter().filter(|closed| !**closed).count();
+    assert_eq!(open, 0, "silent connections still open");
+    // A new connection: the client's kept-alive one was idle for longer than the timeout.
+    let response = reqwest::get(format!("http://{addr}/healthz"))
+        .await
+        .expect("/healthz");
+    assert_eq!(response.status(), 200);
+    child.kill().await.expect("stop imagegate");
+}
+
+/// `text` without its terminal colour codes.
+fn strip_colours(text: &str) -> String {
+    let mut plain = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
 }
