@@ -485,7 +485,10 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         if *this.state != WatchState::Draining && this.drain.as_mut().poll(cx).is_ready() {
-            (this.graceful_shutdown)(this.connection.as_mut());
+            // Once is enough: a connection already closing goes on with it.
+            if *this.state == WatchState::Open {
+                (this.graceful_shutdown)(this.connection.as_mut());
+            }
             *this.state = WatchState::Draining;
         }
         if let Poll::Ready(ended) = this.connection.as_mut().poll(cx) {
