@@ -102,9 +102,13 @@ impl AppState {
             || config.server.listen != current.config.server.listen
             || config.server.journal_dir != current.config.server.journal_dir
             || config.server.workers != current.config.server.workers
+            || config.server.header_read_timeout != current.config.server.header_read_timeout
+            || config.server.http2_keep_alive_interval
+                != current.config.server.http2_keep_alive_interval
+            || config.server.max_connections != current.config.server.max_connections
         {
             tracing::warn!(
-                "database.url, server.listen, server.journal_dir and server.workers changes take effect at the next restart"
+                "database.url, server.listen, server.journal_dir, server.workers, server.header_read_timeout, server.http2_keep_alive_interval and server.max_connections changes take effect at the next restart"
             );
         }
         let runtime =
@@ -197,12 +201,19 @@ impl Gateway {
         listeners: Listeners,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let grace = self.state.runtime.load().config.server.shutdown_grace;
+        let (grace, limits) = {
+            let server = &self.state.runtime.load().config.server;
+            (
+                server.shutdown_grace,
+                crate::server::ConnectionLimits::from_config(server),
+            )
+        };
         let served = crate::server::serve_workers(
             listeners,
             router(Arc::clone(&self.state)),
             shutdown,
             grace,
+            limits,
             self.state.tasks.clone(),
         )
         .await;

@@ -1,9 +1,11 @@
-//! A request body that fails when its client stops sending, and whose unread rest is read
-//! and discarded after its handler is done with it.
+//! A request body that fails when its client stops sending or takes too long in all, and
+//! whose unread rest is read and discarded after its handler is done with it.
 //!
-//! An upload that stalls for longer than `server.request_body_idle_timeout` ends its
-//! request with 408, which drops the spool file and any provider call already started,
-//! and lets hyper close the connection (the body was not read to its end).
+//! An upload that stalls for longer than `server.request_body_idle_timeout`, or that is
+//! still arriving `server.request_body_timeout` after its request began (a client that
+//! trickles a byte at a time is never idle), ends its request with 408, which drops the
+//! spool file and any provider call already started, and lets hyper close the connection
+//! (the body was not read to its end).
 //!
 //! A request refused before its body was read (413 on a declared length, an upload over a
 //! limit) would have its connection closed on unread bytes, which the kernel answers with
@@ -23,20 +25,36 @@ use http_body::{Body as _, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
-/// The client sent nothing while the request waited for its body.
-#[derive(Debug, thiserror::Error)]
-#[error("the client sent no part of the request body for {}s", .0.as_secs_f64())]
-pub struct BodyIdle(pub Duration);
+/// The client did not send the request body in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BodyTimeout {
+    #[error("the client sent no part of the request body for {}s", .0.as_secs_f64())]
+    Idle(Duration),
+    #[error("the client took longer than {}s to send the request body", .0.as_secs_f64())]
+    Total(Duration),
+}
+
+/// How long a body may wait for its client: between two reads, and in all.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyTimeouts {
+    pub idle: Duration,
+    pub total: Duration,
+}
 
 pin_project! {
-    /// Only time spent waiting for the client counts: while the reader is busy elsewhere
-    /// (a provider slow to take the upload), the clock does not run.
+    /// For the idle time, only time spent waiting for the client counts: while the reader
+    /// is busy elsewhere (a provider slow to take the upload), that clock does not run.
+    /// The total time is the wall clock since the body was wrapped (its request's headers
+    /// had arrived).
     pub struct IdleTimeout<B> {
         #[pin]
         inner: B,
+        // One timer for both limits: whichever comes first.
         #[pin]
         sleep: Sleep,
         idle: Duration,
+        total: Duration,
+        deadline: Instant,
         waiting: bool,
         expired: bool,
     }
@@ -46,14 +64,17 @@ pin_project! {
 pub const LINGER_BYTES: usize = 4 * 1024 * 1024;
 pub const LINGER_TIME: Duration = Duration::from_secs(2);
 
-/// Wraps a request body so that it fails with [`BodyIdle`] after `idle` without data, and
-/// its rest is discarded if it is dropped unread.
-pub fn idle_timeout(body: Body, idle: Duration) -> Body {
+/// Wraps a request body so that it fails with [`BodyTimeout`] after `idle` without data or
+/// `total` after now, and its rest is discarded if it is dropped unread.
+pub fn with_timeouts(body: Body, limits: BodyTimeouts) -> Body {
+    let deadline = Instant::now() + limits.total;
     Body::new(Linger {
         inner: Some(Body::new(IdleTimeout {
             inner: body,
-            sleep: tokio::time::sleep(idle),
-            idle,
+            sleep: tokio::time::sleep_until(deadline),
+            idle: limits.idle,
+            total: limits.total,
+            deadline,
             waiting: false,
             expired: false,
         })),
@@ -142,8 +163,15 @@ where
             return Poll::Ready(None);
         }
         if !*this.waiting {
+            let now = Instant::now();
+            // Checked here too: a body whose bytes are always ready never waits.
+            if now >= *this.deadline {
+                *this.expired = true;
+                return Poll::Ready(Some(Err(Box::new(BodyTimeout::Total(*this.total)))));
+            }
             *this.waiting = true;
-            this.sleep.as_mut().reset(Instant::now() + *this.idle);
+            let idle_until = now + *this.idle;
+            this.sleep.as_mut().reset(idle_until.min(*this.deadline));
         }
         match this.inner.poll_frame(cx) {
             Poll::Ready(frame) => {
@@ -153,7 +181,12 @@ where
             Poll::Pending => match this.sleep.poll(cx) {
                 Poll::Ready(()) => {
                     *this.expired = true;
-                    Poll::Ready(Some(Err(Box::new(BodyIdle(*this.idle)))))
+                    let err = if Instant::now() >= *this.deadline {
+                        BodyTimeout::Total(*this.total)
+                    } else {
+                        BodyTimeout::Idle(*this.idle)
+                    };
+                    Poll::Ready(Some(Err(Box::new(err))))
                 }
                 Poll::Pending => Poll::Pending,
             },
@@ -169,26 +202,26 @@ where
     }
 }
 
-/// Whether a body read failed because the client went idle. The error arrives wrapped
-/// (in axum's error, in an `io::Error`), so the whole chain is searched.
-pub fn is_idle(err: &(dyn StdError + 'static)) -> bool {
+/// Why a body read failed, when it was because the client was too slow (idle, or too long
+/// in all). The error arrives wrapped (in axum's error, in an `io::Error`), so the whole
+/// chain is searched.
+pub fn timeout_in(err: &(dyn StdError + 'static)) -> Option<BodyTimeout> {
     let mut next = Some(err);
     while let Some(err) = next {
-        if err.is::<BodyIdle>() {
-            return true;
+        if let Some(timeout) = err.downcast_ref::<BodyTimeout>() {
+            return Some(*timeout);
         }
         // `io::Error::source` skips the error it wraps; look at that one too.
-        if let Some(inner) = err
+        if let Some(timeout) = err
             .downcast_ref::<std::io::Error>()
             .and_then(|io| io.get_ref())
+            .and_then(|inner| timeout_in(inner))
         {
-            if is_idle(inner) {
-                return true;
-            }
+            return Some(timeout);
         }
         next = err.source();
     }
-    false
+    None
 }
 
 #[cfg(test)]
@@ -198,17 +231,28 @@ mod tests {
     use http_body_util::BodyExt;
 
     const IDLE: Duration = Duration::from_millis(100);
+    const LONG: Duration = Duration::from_secs(60);
+
+    fn idle_only(body: Body) -> Body {
+        with_timeouts(
+            body,
+            BodyTimeouts {
+                idle: IDLE,
+                total: LONG,
+            },
+        )
+    }
 
     #[tokio::test]
     async fn a_stalled_body_fails_after_the_idle_time() {
         let stream = futures_util::stream::once(async { Ok::<_, std::io::Error>(&b"abc"[..]) })
             .chain(futures_util::stream::pending());
-        let mut body = idle_timeout(Body::from_stream(stream), IDLE);
+        let mut body = idle_only(Body::from_stream(stream));
         let first = body.frame().await.expect("a frame").expect("data");
         assert_eq!(first.into_data().expect("data"), "abc");
         let started = Instant::now();
         let err = body.frame().await.expect("an error").expect_err("idle");
-        assert!(is_idle(&err), "{err}");
+        assert_eq!(timeout_in(&err), Some(BodyTimeout::Idle(IDLE)), "{err}");
         assert!(started.elapsed() >= IDLE);
         assert!(body.frame().await.is_none(), "ends after the error");
     }
@@ -217,7 +261,7 @@ mod tests {
     async fn time_spent_away_from_the_body_does_not_count() {
         let stream =
             futures_util::stream::iter([Ok::<_, std::io::Error>(&b"a"[..]), Ok(&b"b"[..])]);
-        let mut body = idle_timeout(Body::from_stream(stream), IDLE);
+        let mut body = idle_only(Body::from_stream(stream));
         body.frame().await.expect("frame").expect("data");
         // The reader is busy for longer than the idle time; the client is not to blame.
         tokio::time::sleep(IDLE * 3).await;
@@ -225,13 +269,56 @@ mod tests {
         assert!(body.frame().await.is_none());
     }
 
+    #[tokio::test]
+    async fn a_body_that_never_stalls_still_fails_after_the_total_time() {
+        let total = Duration::from_millis(300);
+        // A byte every 20 ms: never idle for 100 ms, and data is sometimes ready at once.
+        let stream = futures_util::stream::unfold((), |()| async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Some((Ok::<_, std::io::Error>(&b"x"[..]), ()))
+        });
+        let limits = BodyTimeouts { idle: IDLE, total };
+        let mut body = with_timeouts(Body::from_stream(stream), limits);
+        let started = Instant::now();
+        let err = loop {
+            match body.frame().await.expect("frames until the deadline") {
+                Ok(_) => {}
+                Err(err) => break err,
+            }
+        };
+        assert_eq!(timeout_in(&err), Some(BodyTimeout::Total(total)), "{err}");
+        assert!(started.elapsed() >= total);
+        assert!(started.elapsed() < total * 3);
+        assert!(body.frame().await.is_none(), "ends after the error");
+
+        // Data that is always ready is cut off too.
+        let endless = futures_util::stream::repeat_with(|| Ok::<_, std::io::Error>(&b"x"[..]));
+        let mut body = with_timeouts(
+            Body::from_stream(endless),
+            BodyTimeouts {
+                idle: IDLE,
+                total: Duration::from_millis(50),
+            },
+        );
+        let err = loop {
+            match body.frame().await.expect("frames until the deadline") {
+                Ok(_) => tokio::task::yield_now().await,
+                Err(err) => break err,
+            }
+        };
+        assert!(timeout_in(&err).is_some(), "{err}");
+    }
+
     #[test]
-    fn finds_the_idle_error_however_it_is_wrapped() {
-        let idle = || BodyIdle(IDLE);
-        assert!(is_idle(&axum::Error::new(idle())));
-        assert!(is_idle(&std::io::Error::other(axum::Error::new(idle()))));
+    fn finds_the_timeout_error_however_it_is_wrapped() {
+        let idle = || BodyTimeout::Idle(IDLE);
+        assert_eq!(timeout_in(&axum::Error::new(idle())), Some(idle()));
+        assert_eq!(
+            timeout_in(&std::io::Error::other(axum::Error::new(idle()))),
+            Some(idle())
+        );
         let boxed: BoxError = Box::new(std::io::Error::other(axum::Error::new(idle())));
-        assert!(is_idle(&*boxed));
-        assert!(!is_idle(&std::io::Error::other("reset")));
+        assert_eq!(timeout_in(&*boxed), Some(idle()));
+        assert_eq!(timeout_in(&std::io::Error::other("reset")), None);
     }
 }

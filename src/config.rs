@@ -82,6 +82,14 @@ struct RawServer {
     key_cache_ttl: String,
     #[serde(default = "default_request_body_idle_timeout")]
     request_body_idle_timeout: String,
+    #[serde(default = "default_request_body_timeout")]
+    request_body_timeout: String,
+    #[serde(default = "default_header_read_timeout")]
+    header_read_timeout: String,
+    #[serde(default = "default_http2_keep_alive_interval")]
+    http2_keep_alive_interval: String,
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
     #[serde(default = "default_max_images")]
     max_images: usize,
     #[serde(default = "default_max_image_bytes")]
@@ -119,6 +127,10 @@ impl Default for RawServer {
             shutdown_grace: default_grace(),
             key_cache_ttl: default_key_cache_ttl(),
             request_body_idle_timeout: default_request_body_idle_timeout(),
+            request_body_timeout: default_request_body_timeout(),
+            header_read_timeout: default_header_read_timeout(),
+            http2_keep_alive_interval: default_http2_keep_alive_interval(),
+            max_connections: default_max_connections(),
             max_images: default_max_images(),
             max_image_bytes: default_max_image_bytes(),
             max_mask_bytes: default_max_mask_bytes(),
@@ -161,6 +173,18 @@ fn default_key_cache_ttl() -> String {
 }
 fn default_request_body_idle_timeout() -> String {
     "30s".into()
+}
+fn default_request_body_timeout() -> String {
+    "10m".into()
+}
+fn default_header_read_timeout() -> String {
+    "30s".into()
+}
+fn default_http2_keep_alive_interval() -> String {
+    "20s".into()
+}
+fn default_max_connections() -> usize {
+    10_000
 }
 const MIB: u64 = 1024 * 1024;
 const MAX_WORKERS: usize = 1024;
@@ -347,6 +371,15 @@ pub struct ServerConfig {
     pub key_cache_ttl: Duration,
     /// How long a request may wait for the next bytes of its body before it gets 408.
     pub request_body_idle_timeout: Duration,
+    /// How long a request's whole body may take to arrive before it gets 408.
+    pub request_body_timeout: Duration,
+    /// How long a connection may wait for a request's headers: the first request's (bytes
+    /// or an HTTP/2 preface that never complete) and, between requests, the next one's.
+    pub header_read_timeout: Duration,
+    /// How often an HTTP/2 connection is pinged to find a peer that has gone away.
+    pub http2_keep_alive_interval: Duration,
+    /// Connections open at once, over all workers; more wait in the listen backlog.
+    pub max_connections: usize,
     pub uploads: UploadLimits,
     /// Where edit parts wait on disk while the route is not yet known.
     pub spool_dir: PathBuf,
@@ -635,6 +668,18 @@ impl Validator<'_> {
                 "server.request_body_idle_timeout",
                 &s.request_body_idle_timeout,
             )?,
+            request_body_timeout: self
+                .duration("server.request_body_timeout", &s.request_body_timeout)?,
+            header_read_timeout: self
+                .duration("server.header_read_timeout", &s.header_read_timeout)?,
+            http2_keep_alive_interval: self.duration(
+                "server.http2_keep_alive_interval",
+                &s.http2_keep_alive_interval,
+            )?,
+            max_connections: match s.max_connections {
+                0 => return Err(self.err("server.max_connections", "must be at least 1")),
+                n => n,
+            },
             uploads: UploadLimits {
                 max_images: s.max_images,
                 max_image_bytes: s.max_image_bytes,
@@ -1062,6 +1107,13 @@ mod tests {
                 cfg.server.request_body_idle_timeout,
                 Duration::from_secs(30)
             );
+            assert_eq!(cfg.server.request_body_timeout, Duration::from_secs(600));
+            assert_eq!(cfg.server.header_read_timeout, Duration::from_secs(30));
+            assert_eq!(
+                cfg.server.http2_keep_alive_interval,
+                Duration::from_secs(20)
+            );
+            assert_eq!(cfg.server.max_connections, 10_000);
             Ok(())
         });
     }
@@ -1106,6 +1158,22 @@ mod tests {
                 (
                     format!("{GOOD}\n[server]\nworkers = 100000"),
                     "server.workers",
+                ),
+                (
+                    format!("{GOOD}\n[server]\nrequest_body_timeout = \"0s\""),
+                    "server.request_body_timeout",
+                ),
+                (
+                    format!("{GOOD}\n[server]\nheader_read_timeout = \"never\""),
+                    "server.header_read_timeout",
+                ),
+                (
+                    format!("{GOOD}\n[server]\nhttp2_keep_alive_interval = \"0s\""),
+                    "server.http2_keep_alive_interval",
+                ),
+                (
+                    format!("{GOOD}\n[server]\nmax_connections = 0"),
+                    "server.max_connections",
                 ),
             ];
             for (text, key) in cases {

@@ -3,6 +3,7 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use crate::body_timeout::BodyTimeout;
 use crate::openai::ErrorBody;
 
 /// Everything a request can fail with. Turning it into a response has no side effects:
@@ -28,11 +29,13 @@ pub enum ApiError {
     /// An upload part (or the whole upload) over its limit.
     #[error("{0}")]
     PartTooLarge(String),
-    /// The client stopped sending its request body for longer than the idle timeout.
-    #[error(
-        "The request body stopped arriving: nothing was received for longer than the server waits."
-    )]
-    RequestTimeout,
+    /// The client stopped sending its request body for longer than the idle timeout, or
+    /// was still sending it when the time for a whole body ran out.
+    #[error("{}", match .0 {
+        BodyTimeout::Idle(_) => "The request body stopped arriving: nothing was received for longer than the server waits.",
+        BodyTimeout::Total(_) => "The request body took too long: it was still arriving when the time the server gives a whole body ran out.",
+    })]
+    RequestTimeout(BodyTimeout),
     #[error("Content-Type must be {expected}")]
     UnsupportedMediaType { expected: &'static str },
     /// The provider answered with an error status; its body is already in OpenAI's shape.
@@ -97,7 +100,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } | ApiError::PartTooLarge(_) => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
-            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Upstream { status, .. } => *status,
             ApiError::UpstreamUnreachable { .. } | ApiError::UpstreamClosedBody => {
@@ -131,7 +134,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } | ApiError::PartTooLarge(_) => {
                 ("invalid_request_error", Some("payload_too_large"), None)
             }
-            ApiError::RequestTimeout => ("invalid_request_error", Some("request_timeout"), None),
+            ApiError::RequestTimeout(_) => ("invalid_request_error", Some("request_timeout"), None),
             ApiError::UnsupportedMediaType { .. } => (
                 "invalid_request_error",
                 Some("unsupported_media_type"),

@@ -198,6 +198,7 @@ async fn open_store(config: &Path) -> anyhow::Result<std::sync::Arc<dyn Store>> 
 }
 
 async fn serve(config: Config, env: config::EnvLookup, demo: Option<()>) -> anyhow::Result<()> {
+    open_files(config.server.max_connections);
     let addr = config.server.listen;
     let listeners = Listeners::bind(addr, config.server.workers)
         .with_context(|| format!("cannot listen on {addr} (server.listen)"))?;
@@ -216,6 +217,33 @@ async fn serve(config: Config, env: config::EnvLookup, demo: Option<()>) -> anyh
     );
     let shutdown = until_stopped(std::sync::Arc::clone(&gateway.state))?;
     gateway.serve(listeners, shutdown).await
+}
+
+/// Raises the open-files limit to the hard limit, and says so when connections up to
+/// `max_connections` still would not fit.
+fn open_files(max_connections: usize) {
+    let show = |limit: Option<u64>| limit.map_or_else(|| "unlimited".to_owned(), |n| n.to_string());
+    match imagegate::server::raise_open_files_limit() {
+        Ok((before, after)) => {
+            tracing::info!(
+                before = %show(before),
+                after = %show(after),
+                "open files limit (RLIMIT_NOFILE)"
+            );
+            // Besides client connections: provider connections, the database, spool files.
+            let needed = (max_connections as u64)
+                .saturating_mul(2)
+                .saturating_add(256);
+            if after.is_some_and(|limit| limit < needed) {
+                tracing::warn!(
+                    limit = %show(after),
+                    max_connections,
+                    "the open files limit leaves little room beyond server.max_connections (provider connections, the database and spool files need files too); raise the hard limit (ulimit -Hn, LimitNOFILE=) or lower max_connections"
+                );
+            }
+        }
+        Err(err) => tracing::warn!(%err, "could not raise the open files limit (RLIMIT_NOFILE)"),
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C; reloads the configuration on each SIGHUP meanwhile.

@@ -1,36 +1,93 @@
 //! The HTTP server: one thread per worker, each with its own single-threaded runtime and
 //! its own listening socket on the same port (`SO_REUSEPORT`), so that a request, its
 //! provider call and the connections of both are handled by one thread without cross-thread
-//! wake-ups (nginx's model); hyper's connection builder with bounded buffers; a graceful
-//! drain. (axum::serve does not let the read buffer be set.)
+//! wake-ups (nginx's model); hyper's connection builder with bounded buffers; a cap on open
+//! connections shared by all workers; a watchdog that ends connections that wait too long
+//! for a request; a graceful drain. (axum::serve does not let the read buffer be set.)
 
 use std::cell::Cell;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::Request;
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
+use pin_project_lite::pin_project;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::TcpListener;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use tokio::io::unix::AsyncFd;
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 use tower::Service;
+
+use crate::config::ServerConfig;
 
 /// The most a connection reads ahead of its handler. hyper's default (~400 KiB) would let
 /// each upload in flight hold that much between the client's socket and the provider's.
 const READ_BUFFER: usize = 64 * 1024;
-/// Slow or idle clients cannot hold a connection open forever before sending headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an HTTP/2 peer has to answer a keep-alive ping (hyper's default).
+const KEEP_ALIVE_ACK_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Pending connections the kernel queues per listening socket.
 const BACKLOG: i32 = 1024;
+
+/// What the server allows a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// How long a connection may wait for a request's headers, or sit with no request in
+    /// flight, before it is closed.
+    pub header_read_timeout: Duration,
+    pub http2_keep_alive_interval: Duration,
+    /// Connections open at once over all workers.
+    pub max_connections: usize,
+}
+
+impl ConnectionLimits {
+    pub fn from_config(server: &ServerConfig) -> ConnectionLimits {
+        ConnectionLimits {
+            header_read_timeout: server.header_read_timeout,
+            http2_keep_alive_interval: server.http2_keep_alive_interval,
+            max_connections: server.max_connections,
+        }
+    }
+}
+
+/// Raises this process's limit on open files (`RLIMIT_NOFILE`) from its soft value to its
+/// hard one: each connection is a file, and the usual soft limit (1024) would make accept
+/// fail long before `server.max_connections`. Returns the soft limit before and after
+/// (`None`: unlimited).
+pub fn raise_open_files_limit() -> io::Result<(Option<u64>, Option<u64>)> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let before = limit.current;
+    // An unlimited hard limit cannot be the soft one (Linux caps it at fs.nr_open): left as is.
+    let Some(hard) = limit.maximum else {
+        return Ok((before, before));
+    };
+    if before.is_some_and(|soft| soft >= hard) {
+        return Ok((before, before));
+    }
+    setrlimit(
+        Resource::Nofile,
+        rustix::process::Rlimit {
+            current: Some(hard),
+            maximum: Some(hard),
+        },
+    )?;
+    Ok((before, Some(hard)))
+}
 
 thread_local! {
     static WORKER: Cell<usize> = const { Cell::new(0) };
@@ -95,8 +152,13 @@ pub async fn serve_workers(
     app: Router,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
+    limits: ConnectionLimits,
     tasks: TaskTracker,
 ) -> anyhow::Result<()> {
+    // One count for all workers: the cap holds however the kernel spreads connections.
+    let permits = Arc::new(Semaphore::new(
+        limits.max_connections.min(Semaphore::MAX_PERMITS),
+    ));
     let stop = CancellationToken::new();
     let abandon = CancellationToken::new();
     // Dropped (the caller gave up on this future): the workers stop too, at once.
@@ -104,12 +166,13 @@ pub async fn serve_workers(
     let (served_tx, mut served) = mpsc::unbounded_channel::<io::Result<()>>();
     let mut threads = Vec::new();
     for (index, socket) in listeners.sockets.into_iter().enumerate() {
-        let (app, stop, abandon, tasks, served_tx) = (
+        let (app, stop, abandon, tasks, served_tx, permits) = (
             app.clone(),
             stop.clone(),
             abandon.clone(),
             tasks.clone(),
             served_tx.clone(),
+            Arc::clone(&permits),
         );
         let (done_tx, done) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()
@@ -127,8 +190,16 @@ pub async fn serve_workers(
                     }
                 };
                 runtime.block_on(async move {
-                    let result = match TcpListener::from_std(socket) {
-                        Ok(listener) => serve(listener, app, stop.cancelled_owned(), grace).await,
+                    #[expect(
+                        deprecated,
+                        reason = "the safe constructor is deprecated for types that may close or swap their descriptor while registered (tokio#8587); std's listener owns its descriptor and keeps it until the AsyncFd drops it, and `unsafe` is forbidden here"
+                    )]
+                    let registered = AsyncFd::new(socket);
+                    let result = match registered {
+                        Ok(listener) => {
+                            let shutdown = stop.cancelled_owned();
+                            serve(listener, app, shutdown, grace, limits, permits).await
+                        }
                         Err(err) => Err(err),
                     };
                     let _ = served_tx.send(result);
@@ -192,22 +263,32 @@ pub async fn serve_workers(
 /// One worker: serves `app` until `shutdown` resolves, then stops accepting and gives the
 /// connections still open `grace` to finish their requests.
 async fn serve(
-    listener: TcpListener,
+    listener: AsyncFd<std::net::TcpListener>,
     app: Router,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
+    limits: ConnectionLimits,
+    permits: Arc<Semaphore>,
 ) -> std::io::Result<()> {
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
         .max_buf_size(READ_BUFFER)
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    let graceful = GracefulShutdown::new();
+        // hyper's own timer for a request head once the protocol is known, and between
+        // requests on a kept-alive connection; the watchdog covers the rest.
+        .header_read_timeout(limits.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(limits.http2_keep_alive_interval)
+        .keep_alive_timeout(KEEP_ALIVE_ACK_TIMEOUT);
+    let drain = CancellationToken::new();
+    let connections = TaskTracker::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
+        let (stream, permit) = tokio::select! {
+            accepted = accept(&listener, &permits) => match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
                     // Out of file descriptors and the like: wait a moment, keep serving.
@@ -219,31 +300,241 @@ async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        let activity = Arc::new(Activity::new());
         let app = app.clone();
+        let requests = Arc::clone(&activity);
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            let in_flight = InFlight::new(&requests);
             let mut app = app.clone();
-            async move { app.call(request.map(axum::body::Body::new)).await }
+            async move {
+                let response = app.call(request.map(axum::body::Body::new)).await?;
+                Ok::<_, std::convert::Infallible>(response.map(|inner| Tracked {
+                    inner,
+                    _in_flight: in_flight,
+                }))
+            }
         });
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection.into_owned());
-        #[expect(
-            clippy::disallowed_methods,
-            reason = "connections are tracked by GracefulShutdown, which the drain below waits for"
-        )]
-        tokio::spawn(async move {
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = Watched {
+            timer: tokio::time::sleep(limits.header_read_timeout),
+            connection,
+            graceful_shutdown: |connection| connection.graceful_shutdown(),
+            drain: drain.clone().cancelled_owned(),
+            activity,
+            idle: limits.header_read_timeout,
+            state: WatchState::Open,
+        };
+        connections.spawn(async move {
+            // Held while the connection lives: it counts against max_connections.
+            let _permit = permit;
             if let Err(err) = connection.await {
                 tracing::debug!(%err, "connection ended with an error");
             }
         });
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
+    drain.cancel();
+    connections.close();
+    if tokio::time::timeout(grace, connections.wait())
         .await
         .is_err()
     {
         tracing::warn!("shutdown grace elapsed; closing the connections still open");
     }
     Ok(())
+}
+
+/// Takes the next connection off the listening socket once one is waiting there and the
+/// cap allows one more. While the cap is reached, new connections wait in the kernel's
+/// backlog (they cost no file descriptor), and a worker holds no permit while its own
+/// backlog is empty, so permits go only to connections that are there to take.
+async fn accept(
+    listener: &AsyncFd<std::net::TcpListener>,
+    permits: &Arc<Semaphore>,
+) -> io::Result<(TcpStream, OwnedSemaphorePermit)> {
+    loop {
+        let mut ready = listener.readable().await?;
+        let Ok(permit) = Arc::clone(permits).acquire_owned().await else {
+            return Err(io::Error::other("the connection cap was closed"));
+        };
+        match ready.try_io(|listener| listener.get_ref().accept()) {
+            Ok(Ok((stream, _))) => {
+                stream.set_nonblocking(true)?;
+                return Ok((TcpStream::from_std(stream)?, permit));
+            }
+            Ok(Err(err)) => return Err(err),
+            // The connection went away while it waited (or another poll took it).
+            Err(_would_block) => continue,
+        }
+    }
+}
+
+/// What a connection's watchdog knows of its requests.
+struct Activity {
+    started: Instant,
+    /// Requests in flight: from the service's call until its response body is dropped
+    /// (sent, or abandoned).
+    open: AtomicUsize,
+    /// When the last request ended, in milliseconds after `started`.
+    idle_since_ms: AtomicU64,
+    /// A request has arrived: the connection spoke HTTP.
+    served: AtomicBool,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            started: Instant::now(),
+            open: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            served: AtomicBool::new(false),
+        }
+    }
+}
+
+/// One request in flight on its connection.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn new(activity: &Arc<Activity>) -> InFlight {
+        activity.served.store(true, Ordering::Relaxed);
+        activity.open.fetch_add(1, Ordering::AcqRel);
+        InFlight(Arc::clone(activity))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let activity = &self.0;
+        let ms = u64::try_from(activity.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        activity.idle_since_ms.store(ms, Ordering::Release);
+        activity.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+pin_project! {
+    /// A response body that keeps its request counted as in flight until it is dropped.
+    struct Tracked<B> {
+        #[pin]
+        inner: B,
+        _in_flight: InFlight,
+    }
+}
+
+impl<B> http_body::Body for Tracked<B>
+where
+    B: http_body::Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WatchState {
+    Open,
+    /// Idle for too long after serving requests: closing gracefully (HTTP/2 sends GOAWAY),
+    /// and dropped if that takes another `idle`.
+    Closing,
+    /// The server is shutting down: the drain's grace applies.
+    Draining,
+}
+
+pin_project! {
+    /// A connection with a watchdog. hyper ends neither a connection that sends nothing
+    /// or part of the HTTP/2 preface (hyper-util reads the first 24 bytes to tell HTTP/1
+    /// from HTTP/2 without a timer) nor an HTTP/2 connection that opens no stream, so:
+    /// a connection with no request in flight for `idle` is closed: dropped when it never
+    /// sent a request, shut down gracefully when it did.
+    struct Watched<C> {
+        #[pin]
+        connection: C,
+        graceful_shutdown: fn(Pin<&mut C>),
+        #[pin]
+        timer: Sleep,
+        #[pin]
+        drain: WaitForCancellationFutureOwned,
+        activity: Arc<Activity>,
+        idle: Duration,
+        state: WatchState,
+    }
+}
+
+impl<C, E> Future for Watched<C>
+where
+    C: Future<Output = Result<(), E>>,
+{
+    type Output = Result<(), E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if *this.state != WatchState::Draining && this.drain.as_mut().poll(cx).is_ready() {
+            // Once is enough: a connection already closing goes on with it.
+            if *this.state == WatchState::Open {
+                (this.graceful_shutdown)(this.connection.as_mut());
+            }
+            *this.state = WatchState::Draining;
+        }
+        if let Poll::Ready(ended) = this.connection.as_mut().poll(cx) {
+            return Poll::Ready(ended);
+        }
+        loop {
+            match *this.state {
+                WatchState::Draining => return Poll::Pending,
+                WatchState::Closing => {
+                    if this.timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    tracing::debug!("connection did not close after its idle shutdown");
+                    return Poll::Ready(Ok(()));
+                }
+                WatchState::Open => {
+                    if this.timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    let activity = &**this.activity;
+                    let now = Instant::now();
+                    if activity.open.load(Ordering::Acquire) > 0 {
+                        this.timer.as_mut().reset(now + *this.idle);
+                        continue;
+                    }
+                    let idle_since = activity.started
+                        + Duration::from_millis(activity.idle_since_ms.load(Ordering::Acquire));
+                    let until = idle_since + *this.idle;
+                    if now < until {
+                        this.timer.as_mut().reset(until);
+                        continue;
+                    }
+                    if !activity.served.load(Ordering::Relaxed) {
+                        tracing::debug!("connection sent no request in time; closed");
+                        return Poll::Ready(Ok(()));
+                    }
+                    (this.graceful_shutdown)(this.connection.as_mut());
+                    *this.state = WatchState::Closing;
+                    this.timer.as_mut().reset(now + *this.idle);
+                    // The connection must be polled again to act on the shutdown.
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

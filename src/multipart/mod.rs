@@ -657,19 +657,17 @@ fn multipart_error(err: multer::Error) -> ApiError {
             "The part '{}' is larger than the limit of {limit} bytes.",
             field_name.unwrap_or_default()
         )),
-        multer::Error::StreamReadFailed(err) if crate::body_timeout::is_idle(&*err) => {
-            ApiError::RequestTimeout
-        }
-        multer::Error::StreamReadFailed(err) if headers_too_long(&*err) => ApiError::invalid(
-            format!(
-                "A part's headers are longer than the limit of {} bytes.",
-                guard::MAX_PART_HEADER_BYTES
+        multer::Error::StreamReadFailed(err) => match crate::body_timeout::timeout_in(&*err) {
+            Some(timeout) => ApiError::RequestTimeout(timeout),
+            None if headers_too_long(&*err) => ApiError::invalid(
+                format!(
+                    "A part's headers are longer than the limit of {} bytes.",
+                    guard::MAX_PART_HEADER_BYTES
+                ),
+                None,
             ),
-            None,
-        ),
-        multer::Error::StreamReadFailed(err) => {
-            ApiError::invalid(format!("The upload could not be read: {err}"), None)
-        }
+            None => ApiError::invalid(format!("The upload could not be read: {err}"), None),
+        },
         other => ApiError::invalid(format!("Malformed multipart body: {other}."), None),
     }
 }

@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use crate::app::{AppState, RequestId, Runtime};
 use crate::auth::Principal;
-use crate::body_timeout::{idle_timeout, is_idle};
+use crate::body_timeout::{BodyTimeouts, timeout_in, with_timeouts};
 use crate::config::{Model, Route};
 use crate::error::ApiError;
 use crate::multipart::{SpoolArea, Upload};
@@ -32,7 +32,7 @@ pub async fn generations(
     recording(&state)?;
     let runtime = state.runtime.load_full();
     let server = &runtime.config.server;
-    let body = idle_timeout(body, server.request_body_idle_timeout);
+    let body = with_timeouts(body, body_timeouts(server));
     let bytes = read_json(&headers, body, server.max_json_body_bytes).await?;
     let request = GenerationRequest::parse(&bytes)?;
     let model = resolve(&runtime, request.model())?;
@@ -67,6 +67,13 @@ fn recording(state: &AppState) -> Result<(), ApiError> {
             tracing::warn!(%reason, "refusing a billable request: the usage journal cannot be written");
             Err(ApiError::UsageJournalUnavailable)
         }
+    }
+}
+
+fn body_timeouts(server: &crate::config::ServerConfig) -> BodyTimeouts {
+    BodyTimeouts {
+        idle: server.request_body_idle_timeout,
+        total: server.request_body_timeout,
     }
 }
 
@@ -188,7 +195,7 @@ async fn multipart(
     recording(&state)?;
     let runtime = state.runtime.load_full();
     let server = &runtime.config.server;
-    let body = idle_timeout(body, server.request_body_idle_timeout);
+    let body = with_timeouts(body, body_timeouts(server));
     let mut upload = Upload::new(&headers, body, endpoint, server.uploads)?;
     let spool = SpoolArea {
         dir: server.spool_dir.clone(),
@@ -257,10 +264,12 @@ async fn read_json(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(err) if err.is::<LengthLimitError>() => Err(ApiError::PayloadTooLarge { limit }),
-        Err(err) if is_idle(&*err) => Err(ApiError::RequestTimeout),
-        Err(err) => Err(ApiError::invalid(
-            format!("Could not read the request body: {err}"),
-            None,
-        )),
+        Err(err) => match timeout_in(&*err) {
+            Some(timeout) => Err(ApiError::RequestTimeout(timeout)),
+            None => Err(ApiError::invalid(
+                format!("Could not read the request body: {err}"),
+                None,
+            )),
+        },
     }
 }

@@ -10,8 +10,8 @@ use imagegate::usage::{Outcome, UsageRow};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-const BIN: &str = env!("CARGO_BIN_EXE_imagegate");
-const SECRET: &str = "pk-live-very-secret-provider-key";
+pub const BIN: &str = env!("CARGO_BIN_EXE_imagegate");
+pub const SECRET: &str = "pk-live-very-secret-provider-key";
 
 fn imagegate(config: &Path, args: &[&str]) -> Output {
     Command::new(BIN)
@@ -30,7 +30,7 @@ fn text(bytes: &[u8]) -> String {
 
 /// A config on a SQLite file in `dir`: the mock provider serves `models`; a real-looking
 /// provider (never called) holds a secret key.
-fn write_config(dir: &Path, models: &[&str]) -> std::path::PathBuf {
+pub fn write_config(dir: &Path, models: &[&str]) -> std::path::PathBuf {
     let mut toml = format!(
         r#"
 default_model = "gpt-image-1"

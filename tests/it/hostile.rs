@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::generations::expect_error;
@@ -18,12 +18,12 @@ const BOUNDARY: &str = "hostile-boundary-5xQ";
 
 /// A multipart body built from raw bytes, so that names and values can be anything.
 #[derive(Default)]
-struct RawForm {
+pub struct RawForm {
     body: Vec<u8>,
 }
 
 impl RawForm {
-    fn part(mut self, disposition: &[u8], extra_headers: &[u8], value: &[u8]) -> RawForm {
+    pub fn part(mut self, disposition: &[u8], extra_headers: &[u8], value: &[u8]) -> RawForm {
         self.body
             .extend_from_slice(format!("--{BOUNDARY}\r\nContent-Disposition: ").as_bytes());
         self.body.extend_from_slice(disposition);
@@ -35,11 +35,11 @@ impl RawForm {
         self
     }
 
-    fn text(self, name: &str, value: &[u8]) -> RawForm {
+    pub fn text(self, name: &str, value: &[u8]) -> RawForm {
         self.part(format!("form-data; name=\"{name}\"").as_bytes(), b"", value)
     }
 
-    fn image(self) -> RawForm {
+    pub fn image(self) -> RawForm {
         self.part(
             b"form-data; name=\"image\"; filename=\"a.png\"",
             b"Content-Type: image/png\r\n",
@@ -47,7 +47,7 @@ impl RawForm {
         )
     }
 
-    fn done(mut self) -> Vec<u8> {
+    pub fn done(mut self) -> Vec<u8> {
         self.body
             .extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
         self.body
@@ -56,7 +56,7 @@ impl RawForm {
 
 const PNG: &[u8] = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR-not-really-an-image";
 
-fn content_type() -> String {
+pub fn content_type() -> String {
     format!("multipart/form-data; boundary={BOUNDARY}")
 }
 
@@ -84,14 +84,14 @@ async fn expect_clean_error(response: reqwest::Response, status: u16) -> Value {
 }
 
 /// A response read off a raw connection.
-struct RawResponse {
-    status: u16,
-    head: String,
-    body: Vec<u8>,
+pub struct RawResponse {
+    pub status: u16,
+    pub head: String,
+    pub body: Vec<u8>,
 }
 
 impl RawResponse {
-    fn error(&self) -> Value {
+    pub fn error(&self) -> Value {
         let body: Value = serde_json::from_slice(&self.body).expect("JSON error body");
         for field in ["message", "type", "param", "code"] {
             assert!(
@@ -104,7 +104,7 @@ impl RawResponse {
 }
 
 /// Reads one response: its head, then as many body bytes as Content-Length says.
-async fn read_response(socket: &mut TcpStream, within: Duration) -> RawResponse {
+pub async fn read_response(socket: &mut (impl AsyncRead + Unpin), within: Duration) -> RawResponse {
     let mut buf = Vec::new();
     let read = async {
         let mut chunk = [0u8; 8192];
@@ -138,7 +138,7 @@ async fn read_response(socket: &mut TcpStream, within: Duration) -> RawResponse 
 }
 
 /// Whether the server closes the connection (reads EOF, or a reset) within `within`.
-async fn closes(socket: &mut TcpStream, within: Duration) -> bool {
+pub async fn closes(socket: &mut (impl AsyncRead + Unpin), within: Duration) -> bool {
     let mut chunk = [0u8; 1024];
     let until_closed = async {
         loop {
@@ -151,7 +151,7 @@ async fn closes(socket: &mut TcpStream, within: Duration) -> bool {
     tokio::time::timeout(within, until_closed).await.is_ok()
 }
 
-async fn healthy(gw: &TestGateway) {
+pub async fn healthy(gw: &TestGateway) {
     let response = gw
         .client
         .get(gw.url("/healthz"))
@@ -161,7 +161,7 @@ async fn healthy(gw: &TestGateway) {
     assert_eq!(response.status(), 200);
 }
 
-async fn connect(addr: SocketAddr) -> TcpStream {
+pub async fn connect(addr: SocketAddr) -> TcpStream {
     TcpStream::connect(addr).await.expect("connect")
 }
 

@@ -1,6 +1,7 @@
 //! One integration-test binary: real imagegate on port 0, stand-in providers, real databases.
 
 mod cli;
+mod connections;
 mod db;
 mod dedupe;
 mod edits;
