@@ -159,7 +159,6 @@ impl Gateway {
             );
             usage.discarding()
         };
-        let keys = KeyCache::new(config.server.key_cache_ttl);
         let results = crate::routing::dedupe::results_dir(&config.server.spool_dir);
         let dedupe = Arc::new(
             Dedupe::new(
@@ -169,13 +168,21 @@ impl Gateway {
             )
             .map_err(|e| anyhow::anyhow!("server.spool_dir {}: {e}", results.display()))?,
         );
+        let store: Arc<dyn Store> = Arc::new(crate::store::OnRuntime::new(store));
+        let tasks = TaskTracker::new();
+        let keys = KeyCache::new(
+            Arc::clone(&store),
+            config.server.key_cache_ttl,
+            config.server.key_lookup_timeout,
+            tasks.clone(),
+        );
         let state = Arc::new(AppState {
             runtime: ArcSwap::from_pointee(Runtime::new(config)?),
             env,
-            store: Arc::new(crate::store::OnRuntime::new(store)),
+            store,
             usage,
             keys,
-            tasks: TaskTracker::new(),
+            tasks,
             metrics,
             breakers: Breakers::default(),
             dedupe,

@@ -80,6 +80,8 @@ struct RawServer {
     shutdown_grace: String,
     #[serde(default = "default_key_cache_ttl")]
     key_cache_ttl: String,
+    #[serde(default = "default_key_lookup_timeout")]
+    key_lookup_timeout: String,
     #[serde(default = "default_request_body_idle_timeout")]
     request_body_idle_timeout: String,
     #[serde(default = "default_max_images")]
@@ -116,6 +118,7 @@ impl Default for RawServer {
             upstream_total_timeout: default_total_timeout(),
             shutdown_grace: default_grace(),
             key_cache_ttl: default_key_cache_ttl(),
+            key_lookup_timeout: default_key_lookup_timeout(),
             request_body_idle_timeout: default_request_body_idle_timeout(),
             max_images: default_max_images(),
             max_image_bytes: default_max_image_bytes(),
@@ -155,6 +158,9 @@ fn default_grace() -> String {
 }
 fn default_key_cache_ttl() -> String {
     "5s".into()
+}
+fn default_key_lookup_timeout() -> String {
+    "500ms".into()
 }
 fn default_request_body_idle_timeout() -> String {
     "30s".into()
@@ -338,6 +344,8 @@ pub struct ServerConfig {
     pub max_json_body_bytes: usize,
     pub shutdown_grace: Duration,
     pub key_cache_ttl: Duration,
+    /// How long a request waits for the database to check its key.
+    pub key_lookup_timeout: Duration,
     /// How long a request may wait for the next bytes of its body before it gets 408.
     pub request_body_idle_timeout: Duration,
     pub uploads: UploadLimits,
@@ -622,6 +630,8 @@ impl Validator<'_> {
                 .map_err(|_| self.err("server.max_json_body_bytes", "is too large"))?,
             shutdown_grace: self.duration("server.shutdown_grace", &s.shutdown_grace)?,
             key_cache_ttl: self.duration("server.key_cache_ttl", &s.key_cache_ttl)?,
+            key_lookup_timeout: self
+                .duration("server.key_lookup_timeout", &s.key_lookup_timeout)?,
             request_body_idle_timeout: self.duration(
                 "server.request_body_idle_timeout",
                 &s.request_body_idle_timeout,

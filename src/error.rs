@@ -60,6 +60,11 @@ pub enum ApiError {
     ReloadRefused(String),
     #[error("the usage store is not reachable")]
     NotReady,
+    /// A key never seen before, and the database did not answer in time to check it.
+    #[error(
+        "The API key could not be checked right now (the key database is not answering). Please retry shortly."
+    )]
+    KeyLookupUnavailable,
     /// Detail goes to the log only; the client sees a generic message.
     #[error("internal error: {0}")]
     Internal(String),
@@ -94,7 +99,9 @@ impl ApiError {
             }
             ApiError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::ReloadRefused(_) => StatusCode::BAD_REQUEST,
-            ApiError::NotReady | ApiError::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotReady | ApiError::CircuitOpen { .. } | ApiError::KeyLookupUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -130,6 +137,9 @@ impl ApiError {
             ApiError::UpstreamTimeout { .. } => ("upstream_error", Some("upstream_timeout"), None),
             ApiError::ReloadRefused(_) => ("invalid_request_error", Some("config_invalid"), None),
             ApiError::NotReady => ("server_error", Some("not_ready"), None),
+            ApiError::KeyLookupUnavailable => {
+                ("server_error", Some("key_lookup_unavailable"), None)
+            }
             ApiError::CircuitOpen { .. } => ("upstream_error", Some("provider_unavailable"), None),
             ApiError::Internal(_) => ("server_error", None, None),
         };
@@ -154,6 +164,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, value.clone());
+        }
+        if let ApiError::KeyLookupUnavailable = &self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if let ApiError::CircuitOpen { retry_after, .. } = &self {
             let secs = retry_after.as_secs().max(1);

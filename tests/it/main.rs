@@ -10,6 +10,7 @@ mod generations;
 mod helpers;
 mod hostile;
 mod journal;
+mod keys;
 mod sdk;
 mod store;
 mod upstream;
