@@ -19,6 +19,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use crate::auth::{self, KeyCache, Principal};
 use crate::config::{Config, ConfigError, EnvLookup};
 use crate::error::ApiError;
+use crate::limits::{self, InFlight};
 use crate::routes;
 use crate::routing::Breakers;
 use crate::routing::dedupe::Dedupe;
@@ -76,6 +77,8 @@ pub struct AppState {
     /// Per provider, kept across reloads.
     pub breakers: Breakers,
     pub dedupe: Arc<Dedupe>,
+    /// Requests in flight per key, for `limits.max_in_flight_per_key`.
+    pub in_flight: Arc<InFlight>,
     reload_lock: std::sync::Mutex<()>,
 }
 
@@ -186,6 +189,7 @@ impl Gateway {
             metrics,
             breakers: Breakers::default(),
             dedupe,
+            in_flight: Arc::default(),
             reload_lock: std::sync::Mutex::new(()),
         });
         Ok(Gateway { state, writer })
@@ -286,12 +290,19 @@ pub struct Forwarded;
 ///    one line for requests that did not reach a provider (the usage meter logs the others);
 /// 2. `CatchPanicLayer`: a panic becomes a 500 in OpenAI's shape, the server stays up;
 /// 3. per group of routes, authentication: `/v1/*` needs a client key, `/admin/*` the admin
-///    token; [`routes::PUBLIC`] lists the only routes that need neither.
+///    token; [`routes::PUBLIC`] lists the only routes that need neither;
+/// 4. on `/v1/*`, the key's cap on requests in flight (`limits.max_in_flight_per_key`): over
+///    it, 429 before anything is forwarded; the slot is held until the response body ends.
 pub fn router(state: Arc<AppState>) -> Router {
-    let v1 = routes::v1().route_layer(middleware::from_fn_with_state(
-        Arc::clone(&state),
-        auth::require_key,
-    ));
+    let v1 = routes::v1()
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            limits::per_key_in_flight,
+        ))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            auth::require_key,
+        ));
     let admin = routes::admin::router().route_layer(middleware::from_fn_with_state(
         Arc::clone(&state),
         auth::require_admin,

@@ -58,6 +58,8 @@ struct RawConfig {
     #[serde(default)]
     admin: RawAdmin,
     #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
     providers: BTreeMap<String, RawProvider>,
     #[serde(default)]
     models: BTreeMap<String, RawModel>,
@@ -235,6 +237,25 @@ fn default_admin_token_env() -> String {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawLimits {
+    #[serde(default = "default_max_in_flight_per_key")]
+    max_in_flight_per_key: u32,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_in_flight_per_key: default_max_in_flight_per_key(),
+        }
+    }
+}
+
+fn default_max_in_flight_per_key() -> u32 {
+    64
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawProvider {
     #[serde(default)]
     kind: RawProviderKind,
@@ -330,6 +351,7 @@ pub struct Config {
     pub database_url: String,
     pub admin_token: Option<Secret>,
     pub admin_token_env: String,
+    pub limits: Limits,
     pub default_model: Option<String>,
     pub providers: BTreeMap<String, Arc<Provider>>,
     /// Public model name -> model, one entry per canonical name.
@@ -364,6 +386,13 @@ pub struct ServerConfig {
     /// Serving threads, each with its own runtime, listening socket and provider
     /// connections.
     pub workers: usize,
+}
+
+/// Limits per client key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Requests of one key being answered at once (bodies included); more get 429.
+    pub max_in_flight_per_key: u32,
 }
 
 /// Limits on multipart edits and variations.
@@ -696,6 +725,12 @@ impl Validator<'_> {
         }
 
         let admin_token = (self.env)(&raw.admin.token_env).map(Secret::new);
+        if raw.limits.max_in_flight_per_key == 0 {
+            return Err(self.err("limits.max_in_flight_per_key", "must be at least 1"));
+        }
+        let limits = Limits {
+            max_in_flight_per_key: raw.limits.max_in_flight_per_key,
+        };
 
         let mut providers = BTreeMap::new();
         for (name, p) in raw.providers {
@@ -808,6 +843,7 @@ impl Validator<'_> {
             database_url: url,
             admin_token,
             admin_token_env: raw.admin.token_env,
+            limits,
             default_model: raw.default_model,
             providers,
             models,
@@ -1106,6 +1142,14 @@ mod tests {
                     format!("{GOOD}\n[server]\nworkers = 100000"),
                     "server.workers",
                 ),
+                (
+                    format!("{GOOD}\n[server]\nkey_lookup_timeout = \"0ms\""),
+                    "server.key_lookup_timeout",
+                ),
+                (
+                    format!("{GOOD}\n[limits]\nmax_in_flight_per_key = 0"),
+                    "limits.max_in_flight_per_key",
+                ),
             ];
             for (text, key) in cases {
                 let err = load(jail, &text, &env).expect_err(key).to_string();
@@ -1132,6 +1176,12 @@ mod tests {
             assert!(one_per_cpu.server.workers >= 1);
             let three = load(jail, &format!("{GOOD}\n[server]\nworkers = 3"), &env).expect("3");
             assert_eq!(three.server.workers, 3);
+            let defaults = load(jail, GOOD, &env).expect("defaults");
+            assert_eq!(defaults.limits.max_in_flight_per_key, 64);
+            assert_eq!(
+                defaults.server.key_lookup_timeout,
+                Duration::from_millis(500)
+            );
             Ok(())
         });
     }

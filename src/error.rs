@@ -60,6 +60,11 @@ pub enum ApiError {
     ReloadRefused(String),
     #[error("the usage store is not reachable")]
     NotReady,
+    /// The key has `limit` requests in flight already.
+    #[error(
+        "Rate limit reached: this API key has {limit} requests in flight, the most it may have at once. Retry when one has finished."
+    )]
+    KeyInFlightLimit { limit: u32 },
     /// A key never seen before, and the database did not answer in time to check it.
     #[error(
         "The API key could not be checked right now (the key database is not answering). Please retry shortly."
@@ -92,6 +97,7 @@ impl ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::KeyInFlightLimit { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Upstream { status, .. } => *status,
             ApiError::UpstreamUnreachable { .. } | ApiError::UpstreamClosedBody => {
@@ -125,6 +131,8 @@ impl ApiError {
                 ("invalid_request_error", Some("payload_too_large"), None)
             }
             ApiError::RequestTimeout => ("invalid_request_error", Some("request_timeout"), None),
+            // OpenAI's own rate-limit errors have this type and code.
+            ApiError::KeyInFlightLimit { .. } => ("requests", Some("rate_limit_exceeded"), None),
             ApiError::UnsupportedMediaType { .. } => (
                 "invalid_request_error",
                 Some("unsupported_media_type"),
@@ -165,7 +173,7 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, value.clone());
         }
-        if let ApiError::KeyLookupUnavailable = &self {
+        if let ApiError::KeyLookupUnavailable | ApiError::KeyInFlightLimit { .. } = &self {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -11,6 +11,7 @@ mod helpers;
 mod hostile;
 mod journal;
 mod keys;
+mod limits;
 mod sdk;
 mod store;
 mod upstream;
