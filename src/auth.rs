@@ -167,15 +167,17 @@ impl KeyCache {
             if age < inner.ttl / 2 {
                 return Ok(Some(Arc::clone(&entry.principal)));
             }
-            let refreshed = entry.refreshed.notified();
-            tokio::pin!(refreshed);
-            refreshed.as_mut().enable();
-            self.refresh(hash, &entry);
             if age < inner.ttl || !inner.store_answers.load(Ordering::Relaxed) {
+                self.refresh(hash, &entry);
                 return Ok(Some(Arc::clone(&entry.principal)));
             }
             // Expired: the refresh says whether the key was revoked meanwhile. A database
             // that does not answer in time gets the last known answer served.
+            let refreshed = entry.refreshed.notified();
+            tokio::pin!(refreshed);
+            // Registered before the refresh starts, so that its end cannot be missed.
+            refreshed.as_mut().enable();
+            self.refresh(hash, &entry);
             if tokio::time::timeout(inner.lookup_timeout, refreshed)
                 .await
                 .is_err()
@@ -183,10 +185,9 @@ impl KeyCache {
                 // Until a lookup answers again, the next requests do not wait.
                 inner.store_answers.store(false, Ordering::Relaxed);
             }
-            return Ok(match inner.known_entry(&hash) {
-                Some(now) => Some(Arc::clone(&now.principal)),
-                None => None,
-            });
+            return Ok(inner
+                .known_entry(&hash)
+                .map(|now| Arc::clone(&now.principal)));
         }
         if inner.unknown.contains_key(&hash) {
             return Ok(None);
