@@ -133,3 +133,55 @@ async fn a_key_over_its_requests_in_flight_gets_429_until_one_has_finished() {
     );
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_client_left_gives_its_slot_back() {
+    let gate = CancellationToken::new();
+    let opened = gate.clone();
+    // Whitespace (valid before JSON) every 20 ms until the gate opens, then the answer: the
+    // body streams, so a client that has left is noticed at the next write.
+    let provider = StandIn::start(move |_| {
+        let gate = opened.clone();
+        let body = Bytes::from(image_response(1, USAGE));
+        let spaces = futures_util::stream::unfold(gate, |gate| async move {
+            if gate.is_cancelled() {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Some((Ok::<_, std::io::Error>(Bytes::from_static(b" ")), gate))
+        });
+        let stream = spaces.chain(futures_util::stream::once(async move { Ok(body) }));
+        let mut response = respond(200, "application/json", "");
+        *response.body_mut() = Body::from_stream(stream);
+        response
+    })
+    .await;
+    let config = test_config(
+        &provider.base_url(),
+        "[limits]\nmax_in_flight_per_key = 1\n",
+    );
+    let gw = TestGateway::start(Db::Sqlite, &config).await;
+
+    let first = generate_with(&gw, &gw.key, "one").await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(generate_with(&gw, &gw.key, "two").await.status(), 429);
+    drop(first);
+
+    let mut status = 0;
+    for _ in 0..40 {
+        let response = generate_with(&gw, &gw.key, "three").await;
+        status = response.status().as_u16();
+        if status == 200 {
+            gate.cancel();
+            response.bytes().await.expect("body");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    gate.cancel();
+    assert_eq!(
+        status, 200,
+        "the slot of the request whose client left was given back"
+    );
+    gw.shutdown().await;
+}
