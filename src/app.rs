@@ -19,6 +19,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use crate::auth::{self, KeyCache, Principal};
 use crate::config::{Config, ConfigError, EnvLookup};
 use crate::error::ApiError;
+use crate::limits::{self, InFlight};
 use crate::multipart::SpoolUsage;
 use crate::routes;
 use crate::routing::Breakers;
@@ -79,6 +80,8 @@ pub struct AppState {
     pub dedupe: Arc<Dedupe>,
     /// What the upload spool files hold together, against `server.spool_max_bytes`.
     pub spool: SpoolUsage,
+    /// Requests in flight per key, for `limits.max_in_flight_per_key`.
+    pub in_flight: Arc<InFlight>,
     reload_lock: std::sync::Mutex<()>,
 }
 
@@ -166,7 +169,6 @@ impl Gateway {
             );
             usage.discarding()
         };
-        let keys = KeyCache::new(config.server.key_cache_ttl);
         let results = crate::routing::dedupe::results_dir(&config.server.spool_dir);
         let dedupe = Arc::new(
             Dedupe::new(
@@ -176,17 +178,26 @@ impl Gateway {
             )
             .map_err(|e| anyhow::anyhow!("server.spool_dir {}: {e}", results.display()))?,
         );
+        let store: Arc<dyn Store> = Arc::new(crate::store::OnRuntime::new(store));
+        let tasks = TaskTracker::new();
+        let keys = KeyCache::new(
+            Arc::clone(&store),
+            config.server.key_cache_ttl,
+            config.server.key_lookup_timeout,
+            tasks.clone(),
+        );
         let state = Arc::new(AppState {
             runtime: ArcSwap::from_pointee(Runtime::new(config)?),
             env,
-            store: Arc::new(crate::store::OnRuntime::new(store)),
+            store,
             usage,
             keys,
-            tasks: TaskTracker::new(),
+            tasks,
             metrics,
             breakers: Breakers::default(),
             dedupe,
             spool: SpoolUsage::default(),
+            in_flight: Arc::default(),
             reload_lock: std::sync::Mutex::new(()),
         });
         Ok(Gateway { state, writer })
@@ -294,12 +305,19 @@ pub struct Forwarded;
 ///    one line for requests that did not reach a provider (the usage meter logs the others);
 /// 2. `CatchPanicLayer`: a panic becomes a 500 in OpenAI's shape, the server stays up;
 /// 3. per group of routes, authentication: `/v1/*` needs a client key, `/admin/*` the admin
-///    token; [`routes::PUBLIC`] lists the only routes that need neither.
+///    token; [`routes::PUBLIC`] lists the only routes that need neither;
+/// 4. on `/v1/*`, the key's cap on requests in flight (`limits.max_in_flight_per_key`): over
+///    it, 429 before anything is forwarded; the slot is held until the response body ends.
 pub fn router(state: Arc<AppState>) -> Router {
-    let v1 = routes::v1().route_layer(middleware::from_fn_with_state(
-        Arc::clone(&state),
-        auth::require_key,
-    ));
+    let v1 = routes::v1()
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            limits::per_key_in_flight,
+        ))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            auth::require_key,
+        ));
     let admin = routes::admin::router().route_layer(middleware::from_fn_with_state(
         Arc::clone(&state),
         auth::require_admin,

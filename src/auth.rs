@@ -1,7 +1,9 @@
 //! Client keys: how they look, how they are stored (hashed) and how a request's key becomes
-//! a principal (cached for a few seconds, so revocation takes effect within the cache TTL).
+//! a principal (cached, so revocation takes effect within the cache TTL and a database
+//! outage does not stop keys seen before).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -11,16 +13,17 @@ use axum::response::Response;
 use http::header;
 use rand::distr::{Alphanumeric, SampleString};
 use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::task::TaskTracker;
 
 use crate::app::AppState;
 use crate::error::ApiError;
-use crate::store::{NewKey, Store, StoreResult};
+use crate::store::{KeyRecord, NewKey, Store, StoreError, StoreResult};
 
 const KEY_PREFIX: &str = "ig-";
 const KEY_RANDOM_CHARS: usize = 40;
 /// How much of a key listings show.
 const VISIBLE_CHARS: usize = 10;
-const CACHE_CAPACITY: usize = 10_000;
 
 /// The key a request was made with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,54 +66,210 @@ fn well_formed(key: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric())
 }
 
-/// A principal (or none: no such active key) and when it was looked up.
-type CacheEntry = (Option<Arc<Principal>>, Instant);
+/// SHA-256 of a key, raw: half the memory of its hex form in the caches.
+type KeyHash = [u8; 32];
 
-/// Key hash -> principal (or "no such active key"), remembered for `ttl`.
+/// At most this many keys not found are remembered; beyond it moka evicts among them only
+/// (the keys found live in their own map).
+const UNKNOWN_CAPACITY: u64 = 100_000;
+/// Database lookups of keys never seen, at once: the pool (10 connections) is shared with
+/// the usage writer and the refreshes of known keys, and a flood of made-up keys must not
+/// take all of it.
+const UNSEEN_LOOKUPS: usize = 4;
+/// A refresh that has not answered by then is given up, so that a hung connection cannot
+/// keep a key from ever being checked again.
+const REFRESH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a key could not be checked: the database did not answer in time, or failed.
+#[derive(Debug, thiserror::Error)]
+#[error("the key database did not answer within the key lookup timeout")]
+pub struct LookupUnavailable;
+
+/// A key found active, as of `checked_at`.
+struct Known {
+    principal: Arc<Principal>,
+    checked_at: Instant,
+    /// One refresh per key at a time.
+    refreshing: AtomicBool,
+    /// Woken when a refresh of this entry ends, however it ends.
+    refreshed: Notify,
+}
+
+impl Known {
+    fn new(principal: Arc<Principal>) -> Arc<Known> {
+        Arc::new(Known {
+            principal,
+            checked_at: Instant::now(),
+            refreshing: AtomicBool::new(false),
+            refreshed: Notify::new(),
+        })
+    }
+}
+
+/// Client key -> principal, so that a request does not wait on the database.
+///
+/// Keys found active live in their own map (bounded by the number of real keys), so that no
+/// flood of unknown keys can evict them. Past half the TTL an entry is refreshed in the
+/// background while it keeps answering; past the whole TTL a request waits for that refresh
+/// (at most `lookup_timeout`) so that a revocation takes effect within the TTL, except while
+/// the database is known to be failing: then the last known answer is served at once.
+/// Keys not found are remembered for the TTL in a bounded cache of their own. A key never
+/// seen waits at most `lookup_timeout` for the database, then gets [`LookupUnavailable`].
+#[derive(Clone)]
 pub struct KeyCache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     ttl: Duration,
-    entries: RwLock<HashMap<String, CacheEntry>>,
+    lookup_timeout: Duration,
+    store: Arc<dyn Store>,
+    known: RwLock<HashMap<KeyHash, Arc<Known>>>,
+    unknown: moka::sync::Cache<KeyHash, ()>,
+    unseen_lookups: Arc<Semaphore>,
+    /// False after a lookup failed or timed out, true again after one answered.
+    store_answers: AtomicBool,
+    tasks: TaskTracker,
 }
 
 impl KeyCache {
-    pub fn new(ttl: Duration) -> Self {
+    /// `tasks` runs the lookups and refreshes, which go on after the request that started
+    /// them stopped waiting (so a slow database is not asked again by every request).
+    pub fn new(
+        store: Arc<dyn Store>,
+        ttl: Duration,
+        lookup_timeout: Duration,
+        tasks: TaskTracker,
+    ) -> Self {
         KeyCache {
-            ttl,
-            entries: RwLock::new(HashMap::new()),
+            inner: Arc::new(Inner {
+                ttl,
+                lookup_timeout,
+                store,
+                known: RwLock::new(HashMap::new()),
+                unknown: moka::sync::Cache::builder()
+                    .max_capacity(UNKNOWN_CAPACITY)
+                    .time_to_live(ttl)
+                    .build(),
+                unseen_lookups: Arc::new(Semaphore::new(UNSEEN_LOOKUPS)),
+                store_answers: AtomicBool::new(true),
+                tasks,
+            }),
         }
     }
 
-    pub async fn lookup(
+    /// The principal of an active key, `None` for a key unknown or revoked.
+    pub async fn lookup(&self, key: &str) -> Result<Option<Arc<Principal>>, LookupUnavailable> {
+        let hash: KeyHash = Sha256::digest(key.as_bytes()).into();
+        let inner = &self.inner;
+        if let Some(entry) = inner.known_entry(&hash) {
+            let age = entry.checked_at.elapsed();
+            if age < inner.ttl / 2 {
+                return Ok(Some(Arc::clone(&entry.principal)));
+            }
+            if age < inner.ttl || !inner.store_answers.load(Ordering::Relaxed) {
+                self.refresh(hash, &entry);
+                return Ok(Some(Arc::clone(&entry.principal)));
+            }
+            // Expired: the refresh says whether the key was revoked meanwhile. A database
+            // that does not answer in time gets the last known answer served.
+            let refreshed = entry.refreshed.notified();
+            tokio::pin!(refreshed);
+            // Registered before the refresh starts, so that its end cannot be missed.
+            refreshed.as_mut().enable();
+            self.refresh(hash, &entry);
+            if tokio::time::timeout(inner.lookup_timeout, refreshed)
+                .await
+                .is_err()
+            {
+                // Until a lookup answers again, the next requests do not wait.
+                inner.store_answers.store(false, Ordering::Relaxed);
+            }
+            return Ok(inner
+                .known_entry(&hash)
+                .map(|now| Arc::clone(&now.principal)));
+        }
+        if inner.unknown.contains_key(&hash) {
+            return Ok(None);
+        }
+        self.lookup_unseen(hash).await
+    }
+
+    /// A key not in either cache: asks the database, for at most `lookup_timeout`.
+    async fn lookup_unseen(
         &self,
-        store: &dyn Store,
-        key: &str,
-    ) -> StoreResult<Option<Arc<Principal>>> {
-        let hash = hash_key(key);
-        let cached = self
-            .entries
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&hash)
-            .cloned();
-        if let Some((principal, at)) = &cached {
-            if at.elapsed() < self.ttl {
-                return Ok(principal.clone());
+        hash: KeyHash,
+    ) -> Result<Option<Arc<Principal>>, LookupUnavailable> {
+        let inner = &self.inner;
+        let asked = tokio::time::timeout(inner.lookup_timeout, async {
+            let permit = Arc::clone(&inner.unseen_lookups)
+                .acquire_owned()
+                .await
+                .map_err(|_| LookupUnavailable)?;
+            let this = self.clone();
+            // The permit is held until the database answers, even once this request has
+            // stopped waiting: at most UNSEEN_LOOKUPS of these hold pool connections.
+            let task = inner.tasks.spawn(async move {
+                let _permit = permit;
+                let found = this.inner.store.find_key_by_hash(&hex::encode(hash)).await;
+                this.settle(hash, found)
+            });
+            task.await.map_err(|_| LookupUnavailable)?
+        })
+        .await;
+        match asked {
+            Ok(answer) => answer,
+            Err(_elapsed) => {
+                inner.store_answers.store(false, Ordering::Relaxed);
+                Err(LookupUnavailable)
             }
         }
-        let found = match store.find_key_by_hash(&hash).await {
+    }
+
+    /// Starts a background lookup of a known key, unless one is running.
+    fn refresh(&self, hash: KeyHash, entry: &Arc<Known>) {
+        if entry.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (this, entry) = (self.clone(), Arc::clone(entry));
+        self.inner.tasks.spawn(async move {
+            let found = tokio::time::timeout(
+                REFRESH_TIMEOUT,
+                this.inner.store.find_key_by_hash(&hex::encode(hash)),
+            )
+            .await;
+            let found = found.unwrap_or_else(|_| {
+                Err(StoreError::Cancelled(format!(
+                    "no answer within {REFRESH_TIMEOUT:?}"
+                )))
+            });
+            if this.settle(hash, found).is_err() {
+                // The entry stays; the next request past half the TTL tries again.
+                entry.refreshing.store(false, Ordering::Release);
+            }
+            entry.refreshed.notify_waiters();
+        });
+    }
+
+    /// Records what the database said about a key.
+    fn settle(
+        &self,
+        hash: KeyHash,
+        found: StoreResult<Option<KeyRecord>>,
+    ) -> Result<Option<Arc<Principal>>, LookupUnavailable> {
+        let inner = &self.inner;
+        let found = match found {
             Ok(found) => found,
-            // The database is down: a key seen before keeps its last answer, so that requests
-            // are still served (their usage waits in the journal). It is asked again after
-            // another TTL.
             Err(err) => {
-                let Some((principal, _)) = cached else {
-                    return Err(err);
-                };
-                tracing::warn!(%err, "key lookup failed; using the last known answer for this key");
-                self.remember(hash, principal.clone());
-                return Ok(principal);
+                if inner.store_answers.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(%err, "key lookup failed; keys seen before are served from their last known answer");
+                }
+                return Err(LookupUnavailable);
             }
         };
+        if !inner.store_answers.swap(true, Ordering::Relaxed) {
+            tracing::info!("key lookups answer again");
+        }
         let principal = found
             .filter(|record| record.revoked_at.is_none())
             .map(|record| {
@@ -119,16 +278,28 @@ impl KeyCache {
                     name: record.name,
                 })
             });
-        self.remember(hash, principal.clone());
+        let mut known = inner.known.write().unwrap_or_else(|e| e.into_inner());
+        match &principal {
+            Some(principal) => {
+                known.insert(hash, Known::new(Arc::clone(principal)));
+                inner.unknown.invalidate(&hash);
+            }
+            None => {
+                known.remove(&hash);
+                inner.unknown.insert(hash, ());
+            }
+        }
         Ok(principal)
     }
+}
 
-    fn remember(&self, hash: String, principal: Option<Arc<Principal>>) {
-        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
-        if entries.len() >= CACHE_CAPACITY {
-            entries.clear();
-        }
-        entries.insert(hash, (principal, Instant::now()));
+impl Inner {
+    fn known_entry(&self, hash: &KeyHash) -> Option<Arc<Known>> {
+        self.known
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(hash)
+            .cloned()
     }
 }
 
@@ -159,9 +330,9 @@ pub async fn require_key(
     }
     let principal = state
         .keys
-        .lookup(&*state.store, key)
+        .lookup(key)
         .await
-        .map_err(ApiError::internal)?
+        .map_err(|_| ApiError::KeyLookupUnavailable)?
         .ok_or(ApiError::Unauthorized(
             "Incorrect API key provided, or the key was revoked.",
         ))?;

@@ -58,6 +58,8 @@ struct RawConfig {
     #[serde(default)]
     admin: RawAdmin,
     #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
     providers: BTreeMap<String, RawProvider>,
     #[serde(default)]
     models: BTreeMap<String, RawModel>,
@@ -80,6 +82,8 @@ struct RawServer {
     shutdown_grace: String,
     #[serde(default = "default_key_cache_ttl")]
     key_cache_ttl: String,
+    #[serde(default = "default_key_lookup_timeout")]
+    key_lookup_timeout: String,
     #[serde(default = "default_request_body_idle_timeout")]
     request_body_idle_timeout: String,
     #[serde(default = "default_request_body_timeout")]
@@ -126,6 +130,7 @@ impl Default for RawServer {
             upstream_total_timeout: default_total_timeout(),
             shutdown_grace: default_grace(),
             key_cache_ttl: default_key_cache_ttl(),
+            key_lookup_timeout: default_key_lookup_timeout(),
             request_body_idle_timeout: default_request_body_idle_timeout(),
             request_body_timeout: default_request_body_timeout(),
             header_read_timeout: default_header_read_timeout(),
@@ -170,6 +175,9 @@ fn default_grace() -> String {
 }
 fn default_key_cache_ttl() -> String {
     "5s".into()
+}
+fn default_key_lookup_timeout() -> String {
+    "500ms".into()
 }
 fn default_request_body_idle_timeout() -> String {
     "30s".into()
@@ -256,6 +264,25 @@ impl Default for RawAdmin {
 
 fn default_admin_token_env() -> String {
     "IMAGEGATE_ADMIN_TOKEN".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    #[serde(default = "default_max_in_flight_per_key")]
+    max_in_flight_per_key: u32,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_in_flight_per_key: default_max_in_flight_per_key(),
+        }
+    }
+}
+
+fn default_max_in_flight_per_key() -> u32 {
+    64
 }
 
 #[derive(Debug, Deserialize)]
@@ -355,6 +382,7 @@ pub struct Config {
     pub database_url: String,
     pub admin_token: Option<Secret>,
     pub admin_token_env: String,
+    pub limits: Limits,
     pub default_model: Option<String>,
     pub providers: BTreeMap<String, Arc<Provider>>,
     /// Public model name -> model, one entry per canonical name.
@@ -369,6 +397,8 @@ pub struct ServerConfig {
     pub max_json_body_bytes: usize,
     pub shutdown_grace: Duration,
     pub key_cache_ttl: Duration,
+    /// How long a request waits for the database to check its key.
+    pub key_lookup_timeout: Duration,
     /// How long a request may wait for the next bytes of its body before it gets 408.
     pub request_body_idle_timeout: Duration,
     /// How long a request's whole body may take to arrive before it gets 408.
@@ -398,6 +428,13 @@ pub struct ServerConfig {
     /// Serving threads, each with its own runtime, listening socket and provider
     /// connections.
     pub workers: usize,
+}
+
+/// Limits per client key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Requests of one key being answered at once (bodies included); more get 429.
+    pub max_in_flight_per_key: u32,
 }
 
 /// Limits on multipart edits and variations.
@@ -664,6 +701,8 @@ impl Validator<'_> {
                 .map_err(|_| self.err("server.max_json_body_bytes", "is too large"))?,
             shutdown_grace: self.duration("server.shutdown_grace", &s.shutdown_grace)?,
             key_cache_ttl: self.duration("server.key_cache_ttl", &s.key_cache_ttl)?,
+            key_lookup_timeout: self
+                .duration("server.key_lookup_timeout", &s.key_lookup_timeout)?,
             request_body_idle_timeout: self.duration(
                 "server.request_body_idle_timeout",
                 &s.request_body_idle_timeout,
@@ -742,6 +781,12 @@ impl Validator<'_> {
         }
 
         let admin_token = (self.env)(&raw.admin.token_env).map(Secret::new);
+        if raw.limits.max_in_flight_per_key == 0 {
+            return Err(self.err("limits.max_in_flight_per_key", "must be at least 1"));
+        }
+        let limits = Limits {
+            max_in_flight_per_key: raw.limits.max_in_flight_per_key,
+        };
 
         let mut providers = BTreeMap::new();
         for (name, p) in raw.providers {
@@ -854,6 +899,7 @@ impl Validator<'_> {
             database_url: url,
             admin_token,
             admin_token_env: raw.admin.token_env,
+            limits,
             default_model: raw.default_model,
             providers,
             models,
@@ -1175,6 +1221,14 @@ mod tests {
                     format!("{GOOD}\n[server]\nmax_connections = 0"),
                     "server.max_connections",
                 ),
+                (
+                    format!("{GOOD}\n[server]\nkey_lookup_timeout = \"0ms\""),
+                    "server.key_lookup_timeout",
+                ),
+                (
+                    format!("{GOOD}\n[limits]\nmax_in_flight_per_key = 0"),
+                    "limits.max_in_flight_per_key",
+                ),
             ];
             for (text, key) in cases {
                 let err = load(jail, &text, &env).expect_err(key).to_string();
@@ -1201,6 +1255,12 @@ mod tests {
             assert!(one_per_cpu.server.workers >= 1);
             let three = load(jail, &format!("{GOOD}\n[server]\nworkers = 3"), &env).expect("3");
             assert_eq!(three.server.workers, 3);
+            let defaults = load(jail, GOOD, &env).expect("defaults");
+            assert_eq!(defaults.limits.max_in_flight_per_key, 64);
+            assert_eq!(
+                defaults.server.key_lookup_timeout,
+                Duration::from_millis(500)
+            );
             Ok(())
         });
     }

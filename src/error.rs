@@ -74,6 +74,16 @@ pub enum ApiError {
         "Usage cannot be recorded right now, so the request was not sent to a provider. Try again later."
     )]
     UsageJournalUnavailable,
+    /// The key has `limit` requests in flight already.
+    #[error(
+        "Rate limit reached: this API key has {limit} requests in flight, the most it may have at once. Retry when one has finished."
+    )]
+    KeyInFlightLimit { limit: u32 },
+    /// A key never seen before, and the database did not answer in time to check it.
+    #[error(
+        "The API key could not be checked right now (the key database is not answering). Please retry shortly."
+    )]
+    KeyLookupUnavailable,
     /// Detail goes to the log only; the client sees a generic message.
     #[error("internal error: {0}")]
     Internal(String),
@@ -101,6 +111,7 @@ impl ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::KeyInFlightLimit { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Upstream { status, .. } => *status,
             ApiError::UpstreamUnreachable { .. } | ApiError::UpstreamClosedBody => {
@@ -111,7 +122,8 @@ impl ApiError {
             ApiError::NotReady
             | ApiError::CircuitOpen { .. }
             | ApiError::SpoolFull
-            | ApiError::UsageJournalUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            | ApiError::UsageJournalUnavailable
+            | ApiError::KeyLookupUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -135,6 +147,8 @@ impl ApiError {
                 ("invalid_request_error", Some("payload_too_large"), None)
             }
             ApiError::RequestTimeout(_) => ("invalid_request_error", Some("request_timeout"), None),
+            // OpenAI's own rate-limit errors have this type and code.
+            ApiError::KeyInFlightLimit { .. } => ("requests", Some("rate_limit_exceeded"), None),
             ApiError::UnsupportedMediaType { .. } => (
                 "invalid_request_error",
                 Some("unsupported_media_type"),
@@ -150,6 +164,9 @@ impl ApiError {
             ApiError::SpoolFull => ("server_error", Some("spool_full"), None),
             ApiError::UsageJournalUnavailable => {
                 ("server_error", Some("usage_journal_unavailable"), None)
+            }
+            ApiError::KeyLookupUnavailable => {
+                ("server_error", Some("key_lookup_unavailable"), None)
             }
             ApiError::CircuitOpen { .. } => ("upstream_error", Some("provider_unavailable"), None),
             ApiError::Internal(_) => ("server_error", None, None),
@@ -175,6 +192,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, value.clone());
+        }
+        if let ApiError::KeyLookupUnavailable | ApiError::KeyInFlightLimit { .. } = &self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if let ApiError::CircuitOpen { retry_after, .. } = &self {
             let secs = retry_after.as_secs().max(1);

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod body_timeout;
 pub mod config;
 pub mod error;
+pub mod limits;
 pub mod multipart;
 pub mod openai;
 pub mod routes;

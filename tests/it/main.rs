@@ -11,6 +11,8 @@ mod generations;
 mod helpers;
 mod hostile;
 mod journal;
+mod keys;
+mod limits;
 mod sdk;
 mod store;
 mod upstream;
