@@ -12,6 +12,9 @@ use crate::helpers::*;
 /// A virtualenv with the pinned SDK, made once under the target directory. Fails the test,
 /// with what to do, when python3 or PyPI is missing: the suite never skips silently.
 fn sdk_python() -> PathBuf {
+    // The SDK tests run in parallel: one makes the virtualenv while the others wait for it.
+    static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = MAKING.lock().unwrap_or_else(|e| e.into_inner());
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("openai-sdk-venv");
     let python = venv.join("bin/python");
