@@ -155,7 +155,7 @@ impl Gateway {
                 "removed upload spool files left by an earlier run"
             );
         }
-        let store = crate::store::connect(&config.database_url).await?;
+        let store = crate::store::connect(config.database_url.as_str()).await?;
         store.migrate().await?;
         // Before the journal, which reports its backlog to the recorder.
         let metrics = metrics_handle();

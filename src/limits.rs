@@ -74,7 +74,13 @@ pub async fn per_key_in_flight(
     let Some(principal) = request.extensions().get::<Arc<Principal>>() else {
         return Ok(next.run(request).await);
     };
-    let cap = state.runtime.load().config.limits.max_in_flight_per_key;
+    let cap = state
+        .runtime
+        .load()
+        .config
+        .limits
+        .max_in_flight_per_key
+        .get();
     let Some(slot) = state.in_flight.try_enter(principal.key_id, cap) else {
         metrics::counter!("imagegate_key_in_flight_refused_total").increment(1);
         return Err(ApiError::KeyInFlightLimit { limit: cap });

@@ -187,7 +187,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 /// The key and usage commands only need the database, not the provider keys.
 async fn open_store(config: &Path) -> anyhow::Result<std::sync::Arc<dyn Store>> {
     let url = config::load_database_url(config)?;
-    let store = store::connect(&url).await.with_context(|| {
+    let store = store::connect(url.as_str()).await.with_context(|| {
         format!(
             "cannot open the database named by database.url in {}",
             config.display()
@@ -198,7 +198,7 @@ async fn open_store(config: &Path) -> anyhow::Result<std::sync::Arc<dyn Store>> 
 }
 
 async fn serve(config: Config, env: config::EnvLookup, demo: Option<()>) -> anyhow::Result<()> {
-    open_files(config.server.max_connections);
+    open_files(config.server.max_connections.get());
     let addr = config.server.listen;
     let listeners = Listeners::bind(addr, config.server.workers)
         .with_context(|| format!("cannot listen on {addr} (server.listen)"))?;
@@ -300,7 +300,7 @@ Revoke the key:         cargo run --release -- --config config/demo.toml keys re
 
 fn print_routing_table(config: &Config) {
     println!("configuration {} is valid", config.source.display());
-    println!("database: {}", redact_url(&config.database_url));
+    println!("database: {}", redact_url(config.database_url.as_str()));
     println!(
         "admin API: {}",
         if config.admin_token.is_some() {

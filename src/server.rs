@@ -59,7 +59,7 @@ impl ConnectionLimits {
         ConnectionLimits {
             header_read_timeout: server.header_read_timeout,
             http2_keep_alive_interval: server.http2_keep_alive_interval,
-            max_connections: server.max_connections,
+            max_connections: server.max_connections.get(),
         }
     }
 }

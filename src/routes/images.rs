@@ -33,7 +33,7 @@ pub async fn generations(
     let runtime = state.runtime.load_full();
     let server = &runtime.config.server;
     let body = with_timeouts(body, body_timeouts(server));
-    let bytes = read_json(&headers, body, server.max_json_body_bytes).await?;
+    let bytes = read_json(&headers, body, server.max_json_body_bytes.get()).await?;
     let request = GenerationRequest::parse(&bytes)?;
     let model = resolve(&runtime, request.model())?;
     let fingerprint = Dedupe::fingerprint(
@@ -204,7 +204,7 @@ async fn multipart(
     };
     let requested = upload.read_until_model(&spool).await?;
     let model = resolve(&runtime, requested.as_deref())?;
-    let attempts = model.routes.len().min(model.failover.max_attempts);
+    let attempts = model.routes.len().min(model.failover.max_attempts.get());
     let keep = match idempotency_key(&headers) {
         // An upload's body is only known once it has streamed through, so edits are
         // matched by their idempotency key alone.

@@ -78,14 +78,14 @@ impl Call {
         let mut attempt = 0;
         let model = Arc::clone(&self.model);
         for (index, route) in model.routes.iter().enumerate() {
-            if attempt == self.model.failover.max_attempts {
+            if attempt == self.model.failover.max_attempts.get() {
                 break;
             }
             if let Err(wait) = self.state.breakers.admit(&route.provider.name) {
                 skipped.get_or_insert((route.provider.name.clone(), wait));
                 continue;
             }
-            let more = attempt + 1 < self.model.failover.max_attempts;
+            let more = attempt + 1 < self.model.failover.max_attempts.get();
             match self.attempt(source, route, index, attempt).await? {
                 Attempt::Answered(response) => return Ok(response),
                 Attempt::Failed(response) => {

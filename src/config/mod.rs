@@ -1,0 +1,504 @@
+//! Configuration: a TOML file, then `IMAGEGATE_*` environment overrides (`__` nests), read
+//! with figment and validated once into types that cannot hold an invalid value.
+//!
+//! `raw` is the file as written, with every default; `server`, `providers`, `models` and
+//! `pricing` each validate their own sections. Every refusal names the file and the key.
+
+mod models;
+mod pricing;
+mod providers;
+mod raw;
+mod server;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::error::{Actual, Kind};
+use figment::providers::{Env, Format, Toml};
+
+pub use models::{Failover, Model, ParamPolicy, Route};
+pub use pricing::Price;
+pub use providers::{BreakerConfig, Provider, ProviderKind};
+pub use server::{DatabaseUrl, Limits, ServerConfig, UploadLimits};
+
+use raw::{RawConfig, RawDatabase};
+
+/// Where the configuration is read from when neither `--config` nor `IMAGEGATE_CONFIG` says.
+pub const DEFAULT_CONFIG_PATH: &str = "config/imagegate.toml";
+
+/// Looks up an environment variable; tests hand in their own.
+pub type EnvLookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// The process environment.
+pub fn process_env() -> EnvLookup {
+    Arc::new(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+}
+
+/// A value that must never reach a log line or an error body.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Self {
+        Secret(value)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from, for messages and reloads.
+    pub source: PathBuf,
+    pub server: ServerConfig,
+    pub database_url: DatabaseUrl,
+    pub admin_token: Option<Secret>,
+    pub admin_token_env: String,
+    pub limits: Limits,
+    pub default_model: Option<String>,
+    pub providers: BTreeMap<String, Arc<Provider>>,
+    /// Public model name -> model, one entry per canonical name.
+    pub models: BTreeMap<String, Arc<Model>>,
+    /// Alias -> canonical public name.
+    pub aliases: HashMap<String, String>,
+}
+
+/// A configuration that cannot be used, with the file and key it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: {source}")]
+    Parse {
+        file: String,
+        #[source]
+        source: Box<figment::Error>,
+    },
+    #[error("{file}: {key}: {message}")]
+    Invalid {
+        file: String,
+        key: String,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads `path`, then the `IMAGEGATE_SECTION__KEY` overrides, and validates the result.
+    /// The file must exist: a typo in `--config` should not silently start on defaults.
+    pub fn load(path: &Path, env: &EnvLookup) -> Result<Config, ConfigError> {
+        Self::from_figment(&read(path)?, path, env)
+    }
+
+    /// Validates what a figment holds; `path` is only used in messages.
+    pub fn from_figment(
+        figment: &Figment,
+        path: &Path,
+        env: &EnvLookup,
+    ) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let raw: RawConfig = figment
+            .extract()
+            .map_err(|source| parse_error(&file, source))?;
+        Validator { file, env }.validate(raw, path)
+    }
+
+    /// Resolves a requested model name (or the default when none was given).
+    pub fn resolve_model(&self, requested: Option<&str>) -> Option<&Arc<Model>> {
+        let name = requested.or(self.default_model.as_deref())?;
+        let canonical = self.aliases.get(name).map(String::as_str).unwrap_or(name);
+        self.models.get(canonical)
+    }
+
+    /// Every public name a client may use: models and their aliases.
+    pub fn public_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self
+            .models
+            .values()
+            .flat_map(|m| {
+                std::iter::once(m.name.as_str()).chain(m.aliases.iter().map(String::as_str))
+            })
+            .collect();
+        names.sort_unstable();
+        names
+    }
+}
+
+/// Reads only `database.url` (file, then environment), without validating the rest:
+/// managing keys and reading usage need no provider key.
+pub fn load_database_url(path: &Path) -> Result<DatabaseUrl, ConfigError> {
+    let file = path.display().to_string();
+    let url = match read(path)?.extract_inner::<String>("database.url") {
+        Ok(url) => url,
+        Err(err) if err.missing() => RawDatabase::default().url,
+        Err(source) => return Err(parse_error(&file, source)),
+    };
+    let env: EnvLookup = Arc::new(|_| None);
+    Validator { file, env: &env }.database_url(&url)
+}
+
+/// The file at `path`, then the environment overrides.
+fn read(path: &Path) -> Result<Figment, ConfigError> {
+    if !path.is_file() {
+        return Err(ConfigError::Invalid {
+            file: path.display().to_string(),
+            key: "--config".into(),
+            message: "no such file (pass --config PATH or set IMAGEGATE_CONFIG)".into(),
+        });
+    }
+    Ok(Figment::new()
+        .merge(Toml::file(path))
+        .merge(env_overrides()))
+}
+
+/// `IMAGEGATE_SERVER__LISTEN` -> `server.listen`. Only variables with a `__` (or the one
+/// top-level key) are read, so that `IMAGEGATE_CONFIG`, `IMAGEGATE_ADMIN_TOKEN` and the like
+/// are not mistaken for configuration keys.
+fn env_overrides() -> Env {
+    Env::prefixed("IMAGEGATE_")
+        .filter(|key| {
+            key.as_str().contains("__") || key.as_str().eq_ignore_ascii_case("default_model")
+        })
+        .split("__")
+}
+
+/// A duration `humantime_serde` could not read gets the same "file: key: reason" message
+/// as every other bad value; figment's own message stands for the rest (wrong types,
+/// unknown keys), as it already names the file and the key.
+fn parse_error(file: &str, source: figment::Error) -> ConfigError {
+    if let Kind::InvalidValue(Actual::Str(value), expected) = &source.kind {
+        if expected == "a duration" && !source.path.is_empty() {
+            let reason = humantime::parse_duration(value)
+                .err()
+                .map_or_else(String::new, |e| format!(" ({e})"));
+            return ConfigError::Invalid {
+                file: file.to_owned(),
+                key: source.path.join("."),
+                message: format!("{value:?} is not a duration like \"30s\"{reason}"),
+            };
+        }
+    }
+    ConfigError::Parse {
+        file: file.to_owned(),
+        source: Box::new(source),
+    }
+}
+
+/// Turns raw sections into validated ones; each section module adds its part.
+struct Validator<'a> {
+    file: String,
+    env: &'a EnvLookup,
+}
+
+impl Validator<'_> {
+    fn err(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.clone(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    /// A timeout or interval: zero would mean "at once" or "never", neither of them meant.
+    fn positive(&self, key: &str, value: Duration) -> Result<Duration, ConfigError> {
+        if value.is_zero() {
+            return Err(self.err(key, "must be longer than zero"));
+        }
+        Ok(value)
+    }
+
+    fn validate(&self, raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
+        let upstream = self.upstream_timeouts(&raw.server)?;
+        let server = self.server(raw.server)?;
+        let database_url = self.database_url(&raw.database.url)?;
+        let admin_token = (self.env)(&raw.admin.token_env).map(Secret::new);
+        let limits = self.limits(&raw.limits)?;
+        let mut providers = BTreeMap::new();
+        for (name, p) in raw.providers {
+            let provider = self.provider(&name, p, upstream)?;
+            providers.insert(name, Arc::new(provider));
+        }
+        let prices = self.prices(&raw.pricing, &providers)?;
+        let models = self.models(
+            raw.models,
+            &providers,
+            &prices,
+            raw.default_model.as_deref(),
+        )?;
+        Ok(Config {
+            source: path.to_owned(),
+            server,
+            database_url,
+            admin_token,
+            admin_token_env: raw.admin.token_env,
+            limits,
+            default_model: raw.default_model,
+            providers,
+            models: models.models,
+            aliases: models.aliases,
+        })
+    }
+}
+
+#[cfg(test)]
+#[expect(
+    clippy::result_large_err,
+    reason = "figment::Jail closures return figment::Error, which is large"
+)]
+mod tests {
+    use super::*;
+
+    fn env_with(vars: &[(&str, &str)]) -> EnvLookup {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect();
+        Arc::new(move |name| map.get(name).cloned())
+    }
+
+    const GOOD: &str = r#"
+        default_model = "gpt-image-1"
+        [providers.piapi]
+        base_url = "https://api.piapi.ai/v1"
+        api_key_env = "PIAPI_API_KEY"
+        [models."gpt-image-1"]
+        aliases = ["img"]
+        routes = [{ provider = "piapi", defaults = { quality = "standard" }, drop = ["input_fidelity"] }]
+        [pricing.piapi."gpt-image-1"]
+        text_input = 5.0
+        cached_text_input = 1.25
+        image_input = 10.0
+        cached_image_input = 1.25
+        image_output = 40.0
+    "#;
+
+    fn load(jail: &mut figment::Jail, text: &str, env: &EnvLookup) -> Result<Config, ConfigError> {
+        jail.create_file("imagegate.toml", text).expect("write");
+        Config::load(Path::new("imagegate.toml"), env)
+    }
+
+    #[test]
+    fn reads_file_then_env_overrides() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("IMAGEGATE_SERVER__LISTEN", "0.0.0.0:9999");
+            jail.set_env("IMAGEGATE_CONFIG", "ignored.toml");
+            jail.set_env("IMAGEGATE_ADMIN_TOKEN", "not-a-key");
+            let cfg = load(jail, GOOD, &env_with(&[("PIAPI_API_KEY", "pk")])).expect("valid");
+            assert_eq!(cfg.server.listen.to_string(), "0.0.0.0:9999");
+            assert_eq!(cfg.database_url, "sqlite://data/imagegate.db");
+            let model = cfg.resolve_model(Some("img")).expect("alias resolves");
+            assert_eq!(model.routes[0].upstream_model, "gpt-image-1");
+            assert_eq!(
+                cfg.resolve_model(None).map(|m| m.name.as_str()),
+                Some("gpt-image-1")
+            );
+            assert!(cfg.resolve_model(Some("dall-e-3")).is_none());
+            assert_eq!(
+                model.routes[0].price,
+                Price::Tokens {
+                    text_input: 5000,
+                    cached_text_input: 1250,
+                    image_input: 10000,
+                    cached_image_input: 1250,
+                    image_output: 40000
+                }
+            );
+            assert_eq!(
+                model.routes[0].provider.connect_timeout,
+                Duration::from_secs(10)
+            );
+            assert_eq!(
+                model.routes[0].provider.total_timeout,
+                Duration::from_secs(600)
+            );
+            assert_eq!(
+                cfg.server.request_body_idle_timeout,
+                Duration::from_secs(30)
+            );
+            assert_eq!(cfg.server.request_body_timeout, Duration::from_secs(600));
+            assert_eq!(cfg.server.header_read_timeout, Duration::from_secs(30));
+            assert_eq!(
+                cfg.server.http2_keep_alive_interval,
+                Duration::from_secs(20)
+            );
+            assert_eq!(cfg.server.max_connections.get(), 10_000);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn errors_name_the_file_and_key() {
+        figment::Jail::expect_with(|jail| {
+            let env = env_with(&[("PIAPI_API_KEY", "pk")]);
+            let cases = [
+                (
+                    GOOD.replace("https://api.piapi.ai/v1", "not a url"),
+                    "providers.piapi.base_url",
+                ),
+                (
+                    GOOD.replace("image_output = 40.0", ""),
+                    "pricing.piapi.gpt-image-1.image_output",
+                ),
+                (
+                    GOOD.replace("\"piapi\", defaults", "\"nobody\", defaults"),
+                    "models.gpt-image-1.routes[0].provider",
+                ),
+                (
+                    GOOD.replace("default_model = \"gpt-image-1\"", "default_model = \"x\""),
+                    "default_model",
+                ),
+                (
+                    format!("{GOOD}\n[server]\nlisten = \"nowhere\""),
+                    "server.listen",
+                ),
+                (
+                    format!("{GOOD}\n[server]\nupstream_total_timeout = \"soon\""),
+                    "server.upstream_total_timeout",
+                ),
+                (
+                    format!("{GOOD}\n[server]\nspool_dir = \"d\"\njournal_dir = \"d\""),
+                    "server.journal_dir",
+                ),
+                (
+                    format!("{GOOD}\n[server]\nrequest_body_idle_timeout = \"0s\""),
+                    "server.request_body_idle_timeout",
+                ),
+                (
+                    format!("{GOOD}\n[server]\nworkers = 100000"),
+                    "server.workers",
+                ),
+                (
+                    format!("{GOOD}\n[server]\nrequest_body_timeout = \"0s\""),
+                    "server.request_body_timeout",
+                ),
+                (
+                    format!("{GOOD}\n[server]\nheader_read_timeout = \"never\""),
+                    "server.header_read_timeout",
+                ),
+                (
+                    format!("{GOOD}\n[server]\nhttp2_keep_alive_interval = \"0s\""),
+                    "server.http2_keep_alive_interval",
+                ),
+                (
+                    format!("{GOOD}\n[server]\nmax_connections = 0"),
+                    "server.max_connections",
+                ),
+                (
+                    format!("{GOOD}\n[server]\nkey_lookup_timeout = \"0ms\""),
+                    "server.key_lookup_timeout",
+                ),
+                (
+                    format!("{GOOD}\n[limits]\nmax_in_flight_per_key = 0"),
+                    "limits.max_in_flight_per_key",
+                ),
+            ];
+            for (text, key) in cases {
+                let err = load(jail, &text, &env).expect_err(key).to_string();
+                assert!(err.starts_with("imagegate.toml: "), "{err}");
+                assert!(err.contains(key), "{key} not in {err}");
+            }
+            let err = load(jail, GOOD, &env_with(&[]))
+                .expect_err("no key")
+                .to_string();
+            assert!(err.contains("PIAPI_API_KEY is not set"), "{err}");
+            let err = load(jail, &format!("{GOOD}\n[server]\nlisten = 5"), &env)
+                .expect_err("type")
+                .to_string();
+            assert!(
+                err.contains("imagegate.toml") && err.contains("listen"),
+                "{err}"
+            );
+            let err = load(jail, &format!("{GOOD}\n[server]\nlsiten = \"x\""), &env)
+                .expect_err("unknown")
+                .to_string();
+            assert!(err.contains("lsiten"), "{err}");
+            let one_per_cpu =
+                load(jail, &format!("{GOOD}\n[server]\nworkers = 0"), &env).expect("workers = 0");
+            assert!(one_per_cpu.server.workers >= 1);
+            let three = load(jail, &format!("{GOOD}\n[server]\nworkers = 3"), &env).expect("3");
+            assert_eq!(three.server.workers, 3);
+            let defaults = load(jail, GOOD, &env).expect("defaults");
+            assert_eq!(defaults.limits.max_in_flight_per_key.get(), 64);
+            assert_eq!(
+                defaults.server.key_lookup_timeout,
+                Duration::from_millis(500)
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn database_url_is_read_once_for_both_load_paths() {
+        figment::Jail::expect_with(|jail| {
+            let env = env_with(&[("PIAPI_API_KEY", "pk")]);
+            let path = Path::new("imagegate.toml");
+            jail.create_file("imagegate.toml", GOOD).expect("write");
+            assert_eq!(
+                load_database_url(path).expect("default"),
+                DatabaseUrl::Sqlite("sqlite://data/imagegate.db".into())
+            );
+            let text = format!("{GOOD}\n[database]\nurl = \" postgres://db/x \"");
+            let cfg = load(jail, &text, &env).expect("postgres");
+            let only_url = load_database_url(path).expect("postgres");
+            assert_eq!(only_url, DatabaseUrl::Postgres("postgres://db/x".into()));
+            assert_eq!(cfg.database_url, only_url);
+            // The key commands refuse what serving refuses, with the same message.
+            let text = format!("{GOOD}\n[database]\nurl = \"mysql://db/x\"");
+            let full = load(jail, &text, &env).expect_err("mysql").to_string();
+            let only_url = load_database_url(path).expect_err("mysql").to_string();
+            assert_eq!(full, only_url);
+            assert!(
+                full.starts_with("imagegate.toml: database.url: must start with"),
+                "{full}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn durations_are_checked_where_they_are_read() {
+        figment::Jail::expect_with(|jail| {
+            let env = env_with(&[("PIAPI_API_KEY", "pk")]);
+            let text = GOOD.replace(
+                "api_key_env = \"PIAPI_API_KEY\"",
+                "api_key_env = \"PIAPI_API_KEY\"\ntotal_timeout = \"1 parsec\"",
+            );
+            let err = load(jail, &text, &env).expect_err("unit").to_string();
+            assert!(
+                err.starts_with("imagegate.toml: providers.piapi.total_timeout: \"1 parsec\" is not a duration like \"30s\" (unknown time unit"),
+                "{err}"
+            );
+            let text = format!("{GOOD}\n[server]\nshutdown_grace = 30");
+            let err = load(jail, &text, &env).expect_err("number").to_string();
+            assert!(err.contains("expected a duration"), "{err}");
+            assert!(err.contains("server.shutdown_grace"), "{err}");
+            jail.set_env("IMAGEGATE_SERVER__SHUTDOWN_GRACE", "45s");
+            let cfg = load(jail, GOOD, &env).expect("env duration");
+            assert_eq!(cfg.server.shutdown_grace, Duration::from_secs(45));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug_output() {
+        figment::Jail::expect_with(|jail| {
+            let cfg = load(
+                jail,
+                GOOD,
+                &env_with(&[("PIAPI_API_KEY", "pk-very-secret")]),
+            )
+            .expect("valid");
+            assert!(!format!("{cfg:?}").contains("pk-very-secret"));
+            Ok(())
+        });
+    }
+}

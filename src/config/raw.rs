@@ -1,0 +1,253 @@
+//! The configuration file as written: the serde schema and every default, in one place.
+//!
+//! Each section with defaults is `#[serde(default)]` with one `Default` impl, so a key left
+//! out and a section left out get the same value. Durations are read with `humantime_serde`
+//! ("30s", "500ms", "10m"); whether a value makes sense is checked by the section modules.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+const MIB: u64 = 1024 * 1024;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    pub default_model: Option<String>,
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub database: RawDatabase,
+    #[serde(default)]
+    pub admin: RawAdmin,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub providers: BTreeMap<String, RawProvider>,
+    #[serde(default)]
+    pub models: BTreeMap<String, RawModel>,
+    #[serde(default)]
+    pub pricing: BTreeMap<String, BTreeMap<String, RawPrice>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawServer {
+    pub listen: String,
+    pub max_json_body_bytes: u64,
+    #[serde(with = "humantime_serde")]
+    pub upstream_connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub upstream_total_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    #[serde(with = "humantime_serde")]
+    pub key_cache_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub key_lookup_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub request_body_idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub request_body_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub http2_keep_alive_interval: Duration,
+    pub max_connections: usize,
+    pub max_images: usize,
+    pub max_image_bytes: u64,
+    pub max_mask_bytes: u64,
+    pub max_multipart_body_bytes: u64,
+    pub spool_dir: PathBuf,
+    pub spool_max_bytes: u64,
+    #[serde(with = "humantime_serde")]
+    pub sse_keepalive: Duration,
+    pub duplicate_protection: bool,
+    pub record_usage: bool,
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    pub journal_dir: PathBuf,
+    /// 0: two per CPU.
+    pub workers: usize,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            listen: "127.0.0.1:8080".into(),
+            max_json_body_bytes: MIB,
+            upstream_connect_timeout: Duration::from_secs(10),
+            upstream_total_timeout: Duration::from_secs(600),
+            shutdown_grace: Duration::from_secs(30),
+            key_cache_ttl: Duration::from_secs(5),
+            key_lookup_timeout: Duration::from_millis(500),
+            request_body_idle_timeout: Duration::from_secs(30),
+            request_body_timeout: Duration::from_secs(10 * 60),
+            header_read_timeout: Duration::from_secs(30),
+            http2_keep_alive_interval: Duration::from_secs(20),
+            max_connections: 10_000,
+            max_images: 16,
+            max_image_bytes: 50 * MIB,
+            max_mask_bytes: 4 * MIB,
+            // Sixteen full images, a full mask and a MiB for the other fields.
+            max_multipart_body_bytes: 16 * 50 * MIB + 4 * MIB + MIB,
+            spool_dir: PathBuf::from("data/spool"),
+            spool_max_bytes: 20 * 1024 * MIB,
+            sse_keepalive: Duration::from_secs(15),
+            duplicate_protection: true,
+            record_usage: true,
+            duplicate_window: Duration::from_secs(10 * 60),
+            journal_dir: PathBuf::from("data/journal"),
+            workers: 0,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawDatabase {
+    pub url: String,
+}
+
+impl Default for RawDatabase {
+    fn default() -> Self {
+        RawDatabase {
+            url: "sqlite://data/imagegate.db".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawAdmin {
+    pub token_env: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        RawAdmin {
+            token_env: "IMAGEGATE_ADMIN_TOKEN".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawLimits {
+    pub max_in_flight_per_key: u32,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_in_flight_per_key: 64,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawProvider {
+    pub kind: RawProviderKind,
+    pub base_url: Option<String>,
+    pub api_key_env: Option<String>,
+    /// Unset: `server.upstream_connect_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+    /// Unset: the provider's total timeout.
+    #[serde(with = "humantime_serde")]
+    pub first_byte_timeout: Option<Duration>,
+    /// Unset: `server.upstream_total_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub total_timeout: Option<Duration>,
+    pub breaker_failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub breaker_cooldown: Duration,
+    /// Mock providers only: how long before answering.
+    #[serde(with = "humantime_serde")]
+    pub delay: Duration,
+    /// The part name this provider wants for edit images ("image" or "image[]").
+    pub image_field: Option<String>,
+}
+
+impl Default for RawProvider {
+    fn default() -> Self {
+        RawProvider {
+            kind: RawProviderKind::Openai,
+            base_url: None,
+            api_key_env: None,
+            connect_timeout: None,
+            first_byte_timeout: None,
+            total_timeout: None,
+            breaker_failures: 5,
+            breaker_cooldown: Duration::from_secs(30),
+            delay: Duration::from_millis(200),
+            image_field: None,
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawProviderKind {
+    #[default]
+    Openai,
+    Mock,
+}
+
+/// No section default: a model without `routes` is a mistake serde should name.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawModel {
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    pub routes: Vec<RawRoute>,
+    #[serde(default)]
+    pub failover: RawFailover,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawFailover {
+    pub on_status: Vec<u16>,
+    /// At most this many provider calls per request (default: one per route).
+    pub max_attempts: Option<usize>,
+}
+
+impl Default for RawFailover {
+    fn default() -> Self {
+        RawFailover {
+            on_status: vec![429, 500, 502, 503, 504],
+            max_attempts: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRoute {
+    pub provider: String,
+    pub model: Option<String>,
+    #[serde(default)]
+    pub defaults: Map<String, Value>,
+    #[serde(default)]
+    pub force: Map<String, Value>,
+    #[serde(default)]
+    pub drop: Vec<String>,
+    #[serde(default)]
+    pub strip_b64_prefix: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPrice {
+    pub text_input: Option<f64>,
+    pub cached_text_input: Option<f64>,
+    pub image_input: Option<f64>,
+    pub cached_image_input: Option<f64>,
+    pub image_output: Option<f64>,
+    pub per_image: Option<f64>,
+}

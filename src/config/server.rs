@@ -1,0 +1,228 @@
+//! The gateway's own sections, `[server]`, `[database]` and `[limits]`, validated.
+
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::raw::{RawLimits, RawServer};
+use super::{ConfigError, Validator};
+
+/// More serving threads than this is a typo, not a machine.
+const MAX_WORKERS: usize = 1024;
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub max_json_body_bytes: NonZeroUsize,
+    pub shutdown_grace: Duration,
+    pub key_cache_ttl: Duration,
+    /// How long a request waits for the database to check its key.
+    pub key_lookup_timeout: Duration,
+    /// How long a request may wait for the next bytes of its body before it gets 408.
+    pub request_body_idle_timeout: Duration,
+    /// How long a request's whole body may take to arrive before it gets 408.
+    pub request_body_timeout: Duration,
+    /// How long a connection may wait for a request's headers: the first request's (bytes
+    /// or an HTTP/2 preface that never complete) and, between requests, the next one's.
+    pub header_read_timeout: Duration,
+    /// How often an HTTP/2 connection is pinged to find a peer that has gone away.
+    pub http2_keep_alive_interval: Duration,
+    /// Connections open at once, over all workers; more wait in the listen backlog.
+    pub max_connections: NonZeroUsize,
+    pub uploads: UploadLimits,
+    /// Where edit parts wait on disk while the route is not yet known.
+    pub spool_dir: PathBuf,
+    /// The most all spool files together may hold; an upload that would exceed it gets 503.
+    pub spool_max_bytes: u64,
+    /// Silence after which an SSE response gets a keep-alive comment.
+    pub sse_keepalive: Duration,
+    /// Off only to measure what recording costs: no row is written at all.
+    pub record_usage: bool,
+    /// Retries attach to the original call instead of paying again.
+    pub duplicate_protection: bool,
+    /// How long a retry can find its original, and how long a result is kept for it.
+    pub duplicate_window: Duration,
+    /// Where usage rows are journaled on their way to the database.
+    pub journal_dir: PathBuf,
+    /// Serving threads, each with its own runtime, listening socket and provider
+    /// connections.
+    pub workers: usize,
+}
+
+/// Limits on multipart edits and variations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadLimits {
+    pub max_images: usize,
+    pub max_image_bytes: u64,
+    pub max_mask_bytes: u64,
+    pub max_body_bytes: u64,
+}
+
+/// Limits per client key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Requests of one key being answered at once (bodies included); more get 429.
+    pub max_in_flight_per_key: NonZeroU32,
+}
+
+/// `database.url`, with the database it names decided once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseUrl {
+    /// `postgres://` or `postgresql://`.
+    Postgres(String),
+    /// `sqlite:` followed by a path or `:memory:`.
+    Sqlite(String),
+}
+
+impl DatabaseUrl {
+    /// Reads a URL (surrounding blanks removed); the error is the reason, without the key.
+    pub fn parse(text: &str) -> Result<DatabaseUrl, &'static str> {
+        let url = text.trim().to_owned();
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(DatabaseUrl::Postgres(url))
+        } else if url.starts_with("sqlite:") {
+            Ok(DatabaseUrl::Sqlite(url))
+        } else {
+            Err("must start with postgres://, postgresql:// or sqlite:")
+        }
+    }
+
+    /// The URL as written (it may hold a password: redact before showing it).
+    pub fn as_str(&self) -> &str {
+        match self {
+            DatabaseUrl::Postgres(url) | DatabaseUrl::Sqlite(url) => url,
+        }
+    }
+}
+
+impl PartialEq<&str> for DatabaseUrl {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl Validator<'_> {
+    pub(super) fn server(&self, s: RawServer) -> Result<ServerConfig, ConfigError> {
+        let listen: SocketAddr = s.listen.parse().map_err(|_| {
+            self.err(
+                "server.listen",
+                format!("{:?} is not an address like 127.0.0.1:8080", s.listen),
+            )
+        })?;
+        let max_json_body_bytes = usize::try_from(
+            self.at_least_one("server.max_json_body_bytes", s.max_json_body_bytes)?,
+        )
+        .ok()
+        .and_then(NonZeroUsize::new)
+        .ok_or_else(|| self.err("server.max_json_body_bytes", "is too large"))?;
+        let uploads = self.uploads(&s)?;
+        self.spool_and_journal(&s)?;
+        let max_connections = NonZeroUsize::new(s.max_connections)
+            .ok_or_else(|| self.err("server.max_connections", "must be at least 1"))?;
+        Ok(ServerConfig {
+            listen,
+            max_json_body_bytes,
+            shutdown_grace: self.positive("server.shutdown_grace", s.shutdown_grace)?,
+            key_cache_ttl: self.positive("server.key_cache_ttl", s.key_cache_ttl)?,
+            key_lookup_timeout: self.positive("server.key_lookup_timeout", s.key_lookup_timeout)?,
+            request_body_idle_timeout: self.positive(
+                "server.request_body_idle_timeout",
+                s.request_body_idle_timeout,
+            )?,
+            request_body_timeout: self
+                .positive("server.request_body_timeout", s.request_body_timeout)?,
+            header_read_timeout: self
+                .positive("server.header_read_timeout", s.header_read_timeout)?,
+            http2_keep_alive_interval: self.positive(
+                "server.http2_keep_alive_interval",
+                s.http2_keep_alive_interval,
+            )?,
+            max_connections,
+            uploads,
+            spool_max_bytes: self.at_least_one("server.spool_max_bytes", s.spool_max_bytes)?,
+            spool_dir: s.spool_dir,
+            sse_keepalive: self.positive("server.sse_keepalive", s.sse_keepalive)?,
+            duplicate_protection: s.duplicate_protection,
+            record_usage: s.record_usage,
+            duplicate_window: self.positive("server.duplicate_window", s.duplicate_window)?,
+            journal_dir: s.journal_dir,
+            workers: self.workers(s.workers)?,
+        })
+    }
+
+    /// The upstream timeouts a provider falls back on: (connect, total).
+    pub(super) fn upstream_timeouts(
+        &self,
+        s: &RawServer,
+    ) -> Result<(Duration, Duration), ConfigError> {
+        Ok((
+            self.positive(
+                "server.upstream_connect_timeout",
+                s.upstream_connect_timeout,
+            )?,
+            self.positive("server.upstream_total_timeout", s.upstream_total_timeout)?,
+        ))
+    }
+
+    fn uploads(&self, s: &RawServer) -> Result<UploadLimits, ConfigError> {
+        Ok(UploadLimits {
+            max_images: self.at_least_one("server.max_images", s.max_images)?,
+            max_image_bytes: self.at_least_one("server.max_image_bytes", s.max_image_bytes)?,
+            max_mask_bytes: self.at_least_one("server.max_mask_bytes", s.max_mask_bytes)?,
+            max_body_bytes: self.at_least_one(
+                "server.max_multipart_body_bytes",
+                s.max_multipart_body_bytes,
+            )?,
+        })
+    }
+
+    fn spool_and_journal(&self, s: &RawServer) -> Result<(), ConfigError> {
+        if s.journal_dir.as_os_str().is_empty() {
+            return Err(self.err("server.journal_dir", "must name a folder"));
+        }
+        if s.journal_dir == s.spool_dir {
+            return Err(self.err(
+                "server.journal_dir",
+                "must not be server.spool_dir (the spool is emptied at every start)",
+            ));
+        }
+        Ok(())
+    }
+
+    fn workers(&self, workers: usize) -> Result<usize, ConfigError> {
+        match workers {
+            // Two per CPU: a worker that the scheduler preempts (the CPUs are shared with
+            // other programs) stalls only its share of the connections.
+            0 => Ok(2 * std::thread::available_parallelism().map_or(1, |n| n.get())),
+            n if n > MAX_WORKERS => Err(self.err(
+                "server.workers",
+                format!("must be at most {MAX_WORKERS} (0: two per CPU)"),
+            )),
+            n => Ok(n),
+        }
+    }
+
+    pub(super) fn database_url(&self, url: &str) -> Result<DatabaseUrl, ConfigError> {
+        DatabaseUrl::parse(url).map_err(|reason| self.err("database.url", reason))
+    }
+
+    pub(super) fn limits(&self, raw: &RawLimits) -> Result<Limits, ConfigError> {
+        let max_in_flight_per_key = NonZeroU32::new(raw.max_in_flight_per_key)
+            .ok_or_else(|| self.err("limits.max_in_flight_per_key", "must be at least 1"))?;
+        Ok(Limits {
+            max_in_flight_per_key,
+        })
+    }
+
+    fn at_least_one<T: Copy + PartialEq + From<u8>>(
+        &self,
+        key: &str,
+        value: T,
+    ) -> Result<T, ConfigError> {
+        if value == T::from(0) {
+            return Err(self.err(key, "must be at least 1"));
+        }
+        Ok(value)
+    }
+}
