@@ -90,6 +90,23 @@ pub enum StoreError {
     Cancelled(String),
 }
 
+impl StoreError {
+    /// True when the database refused the data (a constraint, or a value Postgres cannot
+    /// hold such as a NUL character in text), as opposed to being unreachable or busy:
+    /// trying the same rows again cannot help.
+    pub fn is_refused(&self) -> bool {
+        match self {
+            StoreError::Database(sqlx::Error::Database(db)) => {
+                db.kind() != sqlx::error::ErrorKind::Other
+                    // SQLSTATE class 22: data exception (Postgres).
+                    || db.code().is_some_and(|code| code.starts_with("22"))
+            }
+            StoreError::Database(sqlx::Error::Encode(_)) => true,
+            _ => false,
+        }
+    }
+}
+
 pub type StoreResult<T> = Result<T, StoreError>;
 
 /// Everything imagegate keeps in a database.
