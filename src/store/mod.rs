@@ -13,6 +13,7 @@ macro_rules! usage_columns {
 }
 
 mod postgres;
+mod rows;
 mod sqlite;
 
 const USAGE_COLUMNS: &str = usage_columns!();
@@ -22,13 +23,14 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::usage::UsageRow;
+use rows::{MaybeTimestamp, Timestamp};
 
 pub use postgres::PostgresStore;
+pub use rows::{Outcome, UsageRow};
 pub use sqlite::SqliteStore;
 
 /// A client key as stored: never the key itself, only its SHA-256 and a short prefix.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct KeyRecord {
     pub id: i64,
     pub name: String,
@@ -36,7 +38,9 @@ pub struct KeyRecord {
     pub prefix: String,
     /// Hex SHA-256 of the whole key.
     pub hash: String,
+    #[sqlx(try_from = "Timestamp")]
     pub created_at: DateTime<Utc>,
+    #[sqlx(try_from = "MaybeTimestamp")]
     pub revoked_at: Option<DateTime<Utc>>,
 }
 
