@@ -23,7 +23,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use rows::{MaybeTimestamp, Timestamp};
+use rows::{MaybeTimestamp, Sum, Timestamp};
 
 pub use postgres::PostgresStore;
 pub use rows::{Outcome, UsageRow};
@@ -71,14 +71,20 @@ pub struct UsageFilter {
 
 /// One line of a usage report: totals for one group. Sums are i128: a column of i64 values
 /// can add up past i64, and a report must not fail (or wrap) when it does.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 pub struct UsageTotals {
+    #[sqlx(rename = "grp")]
     pub group: String,
     pub requests: i64,
+    #[sqlx(try_from = "Sum")]
     pub images: i128,
+    #[sqlx(try_from = "Sum")]
     pub input_tokens: i128,
+    #[sqlx(try_from = "Sum")]
     pub output_tokens: i128,
+    #[sqlx(try_from = "Sum")]
     pub total_tokens: i128,
+    #[sqlx(try_from = "Sum")]
     pub cost_nanousd: i128,
 }
 

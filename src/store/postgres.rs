@@ -5,10 +5,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::error::BoxDynError;
-use sqlx::postgres::{PgPool, PgPoolOptions, PgRow, PgTypeInfo, PgValueRef};
-use sqlx::{Decode, FromRow, Postgres, QueryBuilder, Row, Type};
+use sqlx::postgres::{PgPool, PgPoolOptions, PgTypeInfo, PgValueRef};
+use sqlx::{Decode, FromRow, Postgres, QueryBuilder, Type};
 
-use super::rows::Timestamp;
+use super::rows::{Sum, Timestamp};
 use super::{
     GroupBy, KeyRecord, NewKey, Store, StoreError, StoreResult, USAGE_COLUMNS, UsageFilter,
     UsageRow, UsageTotals,
@@ -67,25 +67,24 @@ impl<'r> Decode<'r, Postgres> for Timestamp {
     }
 }
 
-/// A sum sent as text (see `usage_report`).
-fn sum(row: &PgRow, column: &str) -> Result<i128, sqlx::Error> {
-    let text: String = row.try_get(column)?;
-    text.parse().map_err(|err| sqlx::Error::ColumnDecode {
-        index: column.into(),
-        source: format!("sum {text:?} is not an integer: {err}").into(),
-    })
+/// Postgres sends a sum as its decimal text (see `usage_report`).
+impl Type<Postgres> for Sum {
+    fn type_info() -> PgTypeInfo {
+        <String as Type<Postgres>>::type_info()
+    }
+    fn compatible(ty: &PgTypeInfo) -> bool {
+        <String as Type<Postgres>>::compatible(ty)
+    }
 }
 
-fn totals_from_row(row: &PgRow) -> Result<UsageTotals, sqlx::Error> {
-    Ok(UsageTotals {
-        group: row.try_get("grp")?,
-        requests: row.try_get("requests")?,
-        images: sum(row, "images")?,
-        input_tokens: sum(row, "input_tokens")?,
-        output_tokens: sum(row, "output_tokens")?,
-        total_tokens: sum(row, "total_tokens")?,
-        cost_nanousd: sum(row, "cost_nanousd")?,
-    })
+impl<'r> Decode<'r, Postgres> for Sum {
+    fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
+        let text = <&str as Decode<Postgres>>::decode(value)?;
+        let sum = text
+            .parse()
+            .map_err(|err| format!("sum {text:?} is not an integer: {err}"))?;
+        Ok(Sum(sum))
+    }
 }
 
 /// The SQL a report groups by. Static text only: nothing a caller sends reaches it.
@@ -263,6 +262,9 @@ impl Store for PostgresStore {
         // Byte order, as SQLite sorts, whatever collation the database was created with.
         query.push(format!(" group by 1 order by {group} collate \"C\""));
         let rows = query.build().fetch_all(&self.pool).await?;
-        Ok(rows.iter().map(totals_from_row).collect::<Result<_, _>>()?)
+        Ok(rows
+            .iter()
+            .map(UsageTotals::from_row)
+            .collect::<Result<_, _>>()?)
     }
 }

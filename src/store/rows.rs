@@ -152,6 +152,16 @@ where
     }
 }
 
+/// A report's sum: exact past i64, so each database hands it over in text (see each store
+/// for the form) and it is read into i128.
+pub struct Sum(pub i128);
+
+impl From<Sum> for i128 {
+    fn from(sum: Sum) -> Self {
+        sum.0
+    }
+}
+
 /// A token count; null (no usage reported, see the migration) reads as 0.
 pub struct Tokens(Option<i64>);
 

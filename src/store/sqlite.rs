@@ -7,12 +7,12 @@ use async_trait::async_trait;
 use chrono::{DateTime, NaiveDateTime, Utc};
 use sqlx::error::BoxDynError;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteTypeInfo, SqliteValueRef,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteTypeInfo,
+    SqliteValueRef,
 };
-use sqlx::{Decode, FromRow, QueryBuilder, Row, Sqlite, Type};
+use sqlx::{Decode, FromRow, QueryBuilder, Sqlite, Type};
 
-use super::rows::Timestamp;
+use super::rows::{Sum, Timestamp};
 use super::{
     GroupBy, KeyRecord, NewKey, Store, StoreError, StoreResult, USAGE_COLUMNS, UsageFilter,
     UsageRow, UsageTotals,
@@ -91,30 +91,32 @@ impl<'r> Decode<'r, Sqlite> for Timestamp {
 /// SQLite's `sum` of integers fails with "integer overflow" past i64 (and `total` is a
 /// float, inexact past 2^53). So each column is summed in two halves that cannot overflow
 /// before 2^31 rows: the high 32 bits (an arithmetic shift, so negatives stay exact) and
-/// the low 32 bits. They are put back together in i128.
+/// the low 32 bits, sent as `hi:lo` text and put back together in i128 ([`Sum`]).
 fn split_sum(column: &str) -> String {
     format!(
-        "coalesce(sum({column} >> 32), 0) as {column}_hi, \
-         coalesce(sum({column} & 4294967295), 0) as {column}_lo"
+        "(coalesce(sum({column} >> 32), 0) || ':' || \
+         coalesce(sum({column} & 4294967295), 0)) as {column}"
     )
 }
 
-fn sum(row: &SqliteRow, column: &str) -> Result<i128, sqlx::Error> {
-    let hi: i64 = row.try_get(format!("{column}_hi").as_str())?;
-    let lo: i64 = row.try_get(format!("{column}_lo").as_str())?;
-    Ok((i128::from(hi) << 32) + i128::from(lo))
+impl Type<Sqlite> for Sum {
+    fn type_info() -> SqliteTypeInfo {
+        <String as Type<Sqlite>>::type_info()
+    }
+    fn compatible(ty: &SqliteTypeInfo) -> bool {
+        <String as Type<Sqlite>>::compatible(ty)
+    }
 }
 
-fn totals_from_row(row: &SqliteRow) -> Result<UsageTotals, sqlx::Error> {
-    Ok(UsageTotals {
-        group: row.try_get("grp")?,
-        requests: row.try_get("requests")?,
-        images: sum(row, "images")?,
-        input_tokens: sum(row, "input_tokens")?,
-        output_tokens: sum(row, "output_tokens")?,
-        total_tokens: sum(row, "total_tokens")?,
-        cost_nanousd: sum(row, "cost_nanousd")?,
-    })
+impl<'r> Decode<'r, Sqlite> for Sum {
+    fn decode(value: SqliteValueRef<'r>) -> Result<Self, BoxDynError> {
+        let text = <&str as Decode<Sqlite>>::decode(value)?;
+        let halves = text
+            .split_once(':')
+            .and_then(|(hi, lo)| Some((hi.parse::<i64>().ok()?, lo.parse::<i64>().ok()?)));
+        let (hi, lo) = halves.ok_or_else(|| format!("sum {text:?} is not hi:lo"))?;
+        Ok(Sum((i128::from(hi) << 32) + i128::from(lo)))
+    }
 }
 
 /// The SQL a report groups by. Static text only: nothing a caller sends reaches it.
@@ -291,6 +293,9 @@ impl Store for SqliteStore {
         }
         query.push(" group by grp order by grp");
         let rows = query.build().fetch_all(&self.pool).await?;
-        Ok(rows.iter().map(totals_from_row).collect::<Result<_, _>>()?)
+        Ok(rows
+            .iter()
+            .map(UsageTotals::from_row)
+            .collect::<Result<_, _>>()?)
     }
 }
