@@ -12,23 +12,20 @@ use dedupe::KeepTicket;
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use http::{HeaderValue, StatusCode, header};
 
 use crate::app::{AppState, Forwarded, RequestId, Runtime};
 use crate::auth::Principal;
-use crate::config::{Model, ProviderKind, Route};
+use crate::config::{Model, Provider, Route};
 use crate::error::ApiError;
-use crate::openai::ErrorBody;
-use crate::upstream::{Endpoint, UpstreamError, UpstreamRequest, read_capped, read_summary};
+use crate::upstream::{
+    Endpoint, RequestSummary, UpstreamError, UpstreamRequest, UpstreamResponse, read_summary,
+};
 use crate::usage::extract::{BodyKind, Extracted};
 use crate::usage::meter::{Metered, UsageTicket};
 use crate::usage::price::worst_case_nanousd;
 use crate::usage::{Intent, Outcome};
-
-/// How much of a provider's error body is read.
-const ERROR_BODY_LIMIT: usize = 64 * 1024;
-const ERROR_BODY_WAIT: Duration = Duration::from_secs(10);
 
 /// A provider request, and for streamed uploads the future that feeds its body: it runs
 /// alongside the call and fails it when the client's upload turns out bad.
@@ -107,6 +104,8 @@ impl Call {
         })
     }
 
+    /// One route's try: journal the call, send it (feeding its upload alongside), and turn
+    /// what came back into the client's response or a reason to try the next route.
     async fn attempt(
         &mut self,
         source: &mut dyn RequestSource,
@@ -115,11 +114,10 @@ impl Call {
         attempt: usize,
     ) -> Result<Attempt, ApiError> {
         let provider = &route.provider;
-        let breakers = &self.state.breakers;
         let Prepared { request, pump } = match source.prepare(route, attempt).await {
             Ok(prepared) => prepared,
             Err(err) => {
-                breakers.release_probe(&provider.name);
+                self.state.breakers.release_probe(&provider.name);
                 return Err(err);
             }
         };
@@ -132,26 +130,58 @@ impl Call {
             format!("{}-{}", self.request_id.0, attempt + 1)
         };
         // Journaled before the call, so that a crash during it still leaves a row.
+        let intent = self.intent(route, &request_id, &read_summary(&slot), created_at);
+        if self.state.usage.intend(&intent).is_err() {
+            self.state.breakers.release_probe(&provider.name);
+            return Err(ApiError::UsageJournalUnavailable);
+        }
+        let (sent, uploaded) = self.send(provider, request, pump, &request_id).await?;
         let summary = read_summary(&slot);
-        let intent = Intent {
-            request_id: request_id.clone(),
+        let ticket = self.ticket(route, index, request_id, summary, started, created_at);
+        Ok(match sent {
+            Ok(answer) if answer.status.is_success() => self.stream(route, answer, ticket, attempt),
+            Ok(answer) => self.refused(provider, answer, ticket).await,
+            Err(err) => self.unanswered(provider, err, uploaded, ticket),
+        })
+    }
+
+    /// The journal's record of a call about to be sent.
+    fn intent(
+        &self,
+        route: &Route,
+        request_id: &str,
+        summary: &RequestSummary,
+        created_at: DateTime<Utc>,
+    ) -> Intent {
+        Intent {
+            request_id: request_id.to_owned(),
             key_id: self.principal.key_id,
             key_name: self.principal.name.clone(),
             model: self.model.name.clone(),
-            provider: provider.name.clone(),
+            provider: route.provider.name.clone(),
             upstream_model: route.upstream_model.clone(),
             endpoint: self.endpoint.as_str().to_owned(),
             streamed: summary.stream,
             n: summary.n,
             size: summary.size.clone(),
             quality: summary.quality.clone(),
-            worst_case_nanousd: worst_case_nanousd(&route.price, self.endpoint, &summary),
+            worst_case_nanousd: worst_case_nanousd(&route.price, self.endpoint, summary),
             created_at,
-        };
-        if self.state.usage.intend(&intent).is_err() {
-            breakers.release_probe(&provider.name);
-            return Err(ApiError::UsageJournalUnavailable);
         }
+    }
+
+    /// Sends the request, and feeds its upload alongside when it has one. Returns the
+    /// provider's answer and whether the client's upload had reached its end when the call
+    /// ended: a timeout before that is the slow client's, not the provider's. An upload that
+    /// fails on the client's side returns its error and drops the provider call, which is
+    /// cancelled before its body completes.
+    async fn send(
+        &self,
+        provider: &Provider,
+        request: UpstreamRequest,
+        pump: Option<Pump>,
+        request_id: &str,
+    ) -> Result<(Result<UpstreamResponse, UpstreamError>, bool), ApiError> {
         let send = async {
             tokio::time::timeout(
                 provider.first_byte_timeout,
@@ -160,35 +190,42 @@ impl Call {
             .await
             .unwrap_or(Err(UpstreamError::Timeout))
         };
-        // Whether the client's upload had reached its end when the call ended: a timeout
-        // before that is the slow client's, not the provider's.
-        let (sent, uploaded) = match pump {
-            None => (send.await, true),
-            Some(mut pump) => {
-                let mut send = std::pin::pin!(send);
-                let mut pumped = false;
-                loop {
-                    tokio::select! {
-                        // An upload error returns here and drops the provider call, which
-                        // is cancelled before its body completes.
-                        result = &mut pump, if !pumped => {
-                            match result {
-                                // The provider's side ended the call: its answer, or its
-                                // connection's error, says why.
-                                Ok(()) | Err(ApiError::UpstreamClosedBody) => pumped = true,
-                                Err(err) => {
-                                    breakers.release_probe(&provider.name);
-                                    self.state.usage.cancel(&request_id);
-                                    return Err(err);
-                                }
-                            }
+        let Some(mut pump) = pump else {
+            return Ok((send.await, true));
+        };
+        let mut send = std::pin::pin!(send);
+        let mut pumped = false;
+        loop {
+            tokio::select! {
+                result = &mut pump, if !pumped => {
+                    match result {
+                        // The provider's side ended the call: its answer, or its
+                        // connection's error, says why.
+                        Ok(()) | Err(ApiError::UpstreamClosedBody) => pumped = true,
+                        Err(err) => {
+                            self.state.breakers.release_probe(&provider.name);
+                            self.state.usage.cancel(request_id);
+                            return Err(err);
                         }
-                        sent = &mut send => break (sent, pumped),
                     }
                 }
+                sent = &mut send => return Ok((sent, pumped)),
             }
-        };
-        let ticket = UsageTicket {
+        }
+    }
+
+    /// What the usage row of an answered (or failed) call is written from.
+    fn ticket(
+        &self,
+        route: &Route,
+        index: usize,
+        request_id: String,
+        summary: RequestSummary,
+        started: Instant,
+        created_at: DateTime<Utc>,
+    ) -> UsageTicket {
+        let provider = &route.provider;
+        UsageTicket {
             sink: self.state.usage.clone(),
             request_id,
             principal: Arc::clone(&self.principal),
@@ -196,94 +233,89 @@ impl Call {
             provider: provider.name.clone(),
             upstream_model: route.upstream_model.clone(),
             endpoint: self.endpoint,
-            summary: read_summary(&slot),
+            summary,
             price: route.price,
             started,
             created_at,
             metrics: self
                 .runtime
                 .route_metrics(&self.model.name, index, &provider.name),
+        }
+    }
+
+    /// The provider could not be reached, or did not answer in time.
+    fn unanswered(
+        &self,
+        provider: &Provider,
+        err: UpstreamError,
+        uploaded: bool,
+        ticket: UsageTicket,
+    ) -> Attempt {
+        let breakers = &self.state.breakers;
+        if matches!(err, UpstreamError::Timeout) && !uploaded {
+            breakers.release_probe(&provider.name);
+        } else {
+            breakers.failure(&provider.name, provider.breaker);
+        }
+        let error = err.into_api_error(&provider.name);
+        ticket.finish(
+            error.status().as_u16(),
+            Outcome::Failed,
+            &Extracted::default(),
+        );
+        Attempt::Failed(forwarded(error.into_response(), &provider.name))
+    }
+
+    /// The provider answered with an error status: the next route is tried when the model's
+    /// failover names that status.
+    async fn refused(
+        &self,
+        provider: &Provider,
+        answer: UpstreamResponse,
+        ticket: UsageTicket,
+    ) -> Attempt {
+        let breakers = &self.state.breakers;
+        let status = answer.status;
+        let fails_over = self.model.failover.on_status.contains(&status.as_u16());
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            // A rate limit is the provider's answer to whoever sent too much (often one
+            // key's flood), not a sign that it is down for every key.
+            breakers.release_probe(&provider.name);
+        } else if fails_over && status.is_server_error() {
+            breakers.failure(&provider.name, provider.breaker);
+        } else {
+            breakers.success(&provider.name);
+        }
+        let error = answer.into_error(provider).await;
+        ticket.finish(
+            error.status().as_u16(),
+            Outcome::UpstreamError,
+            &Extracted::default(),
+        );
+        let response = forwarded(error.into_response(), &provider.name);
+        if fails_over {
+            Attempt::Failed(response)
+        } else {
+            Attempt::Answered(response)
+        }
+    }
+
+    /// A successful answer: its body streams to the client, metered on the way.
+    fn stream(
+        &mut self,
+        route: &Route,
+        answer: UpstreamResponse,
+        ticket: UsageTicket,
+        attempt: usize,
+    ) -> Attempt {
+        let provider = &route.provider;
+        self.state.breakers.success(&provider.name);
+        let kind = if answer.is_event_stream() {
+            BodyKind::Sse
+        } else {
+            BodyKind::Json
         };
         let streamed = ticket.summary.stream;
-        let answer = match sent {
-            Ok(answer) => answer,
-            Err(err) => {
-                if matches!(err, UpstreamError::Timeout) && !uploaded {
-                    breakers.release_probe(&provider.name);
-                } else {
-                    breakers.failure(&provider.name, provider.breaker);
-                }
-                let error = match err {
-                    UpstreamError::Timeout => ApiError::UpstreamTimeout {
-                        provider: provider.name.clone(),
-                    },
-                    UpstreamError::Connect(detail) | UpstreamError::Other(detail) => {
-                        ApiError::UpstreamUnreachable {
-                            provider: provider.name.clone(),
-                            detail,
-                        }
-                    }
-                };
-                ticket.finish(
-                    error.status().as_u16(),
-                    Outcome::Failed,
-                    &Extracted::default(),
-                );
-                return Ok(Attempt::Failed(forwarded(
-                    error.into_response(),
-                    &provider.name,
-                )));
-            }
-        };
-
-        if !answer.status.is_success() {
-            let fails_over = self
-                .model
-                .failover
-                .on_status
-                .contains(&answer.status.as_u16());
-            if answer.status == StatusCode::TOO_MANY_REQUESTS {
-                // A rate limit is the provider's answer to whoever sent too much (often one
-                // key's flood), not a sign that it is down for every key.
-                breakers.release_probe(&provider.name);
-            } else if fails_over && answer.status.is_server_error() {
-                breakers.failure(&provider.name, provider.breaker);
-            } else {
-                breakers.success(&provider.name);
-            }
-            let body =
-                tokio::time::timeout(ERROR_BODY_WAIT, read_capped(answer.body, ERROR_BODY_LIMIT))
-                    .await
-                    .unwrap_or_default();
-            let body = redact(&body, &provider.kind);
-            let error = upstream_error(
-                &provider.name,
-                answer.status,
-                &body,
-                answer.headers.get(header::RETRY_AFTER),
-            );
-            ticket.finish(
-                error.status().as_u16(),
-                Outcome::UpstreamError,
-                &Extracted::default(),
-            );
-            let response = forwarded(error.into_response(), &provider.name);
-            return Ok(if fails_over {
-                Attempt::Failed(response)
-            } else {
-                Attempt::Answered(response)
-            });
-        }
-
-        breakers.success(&provider.name);
-        let kind = match answer
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(ct) if ct.starts_with("text/event-stream") => BodyKind::Sse,
-            _ => BodyKind::Json,
-        };
         let kept_headers =
             dedupe::kept_headers(answer.headers.get(header::CONTENT_TYPE), &provider.name);
         let metered = Metered::new(
@@ -308,7 +340,7 @@ impl Call {
         if attempt > 0 {
             headers.insert("x-imagegate-attempts", HeaderValue::from(attempt + 1));
         }
-        Ok(Attempt::Answered(forwarded(response, &provider.name)))
+        Attempt::Answered(forwarded(response, &provider.name))
     }
 }
 
@@ -319,68 +351,4 @@ fn forwarded(mut response: Response, provider: &str) -> Response {
     }
     response.extensions_mut().insert(Forwarded);
     response
-}
-
-/// A provider that echoes its key in an error message must not hand it to our client.
-fn redact(body: &[u8], kind: &ProviderKind) -> Vec<u8> {
-    let ProviderKind::OpenAi { api_key, .. } = kind else {
-        return body.to_vec();
-    };
-    let key = api_key.expose().as_bytes();
-    if key.is_empty() || body.len() < key.len() {
-        return body.to_vec();
-    }
-    let mut out = Vec::with_capacity(body.len());
-    let mut i = 0;
-    while i < body.len() {
-        if body[i..].starts_with(key) {
-            out.extend_from_slice(b"[redacted]");
-            i += key.len();
-        } else {
-            out.push(body[i]);
-            i += 1;
-        }
-    }
-    out
-}
-
-/// Maps a provider's error status: its 4xx reach the client as they are (with
-/// `retry-after` on 429), except 401/403, which mean imagegate's own credentials were
-/// refused and are the operator's problem, not the client's; 5xx become 502.
-fn upstream_error(
-    provider: &str,
-    status: StatusCode,
-    body: &[u8],
-    retry_after: Option<&HeaderValue>,
-) -> ApiError {
-    let parsed = ErrorBody::from_upstream(provider, status.as_u16(), body);
-    if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
-        tracing::error!(provider, status = status.as_u16(), message = %parsed.error.message, "provider refused imagegate's credentials");
-        return ApiError::UpstreamUnreachable {
-            provider: provider.to_owned(),
-            detail: format!("it refused imagegate's credentials ({status})"),
-        };
-    }
-    if status.is_client_error() {
-        return ApiError::Upstream {
-            provider: provider.to_owned(),
-            status,
-            body: Box::new(parsed),
-            retry_after: retry_after.cloned(),
-        };
-    }
-    ApiError::Upstream {
-        provider: provider.to_owned(),
-        status: StatusCode::BAD_GATEWAY,
-        body: Box::new(ErrorBody::new(
-            format!(
-                "provider {provider} failed ({status}): {}",
-                parsed.error.message
-            ),
-            "upstream_error",
-            None,
-            Some("upstream_error"),
-        )),
-        retry_after: retry_after.cloned(),
-    }
 }

@@ -13,6 +13,7 @@ macro_rules! usage_columns {
 }
 
 mod postgres;
+mod rows;
 mod sqlite;
 
 const USAGE_COLUMNS: &str = usage_columns!();
@@ -22,13 +23,14 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::usage::UsageRow;
+use rows::{MaybeTimestamp, Sum, Timestamp};
 
 pub use postgres::PostgresStore;
+pub use rows::{Outcome, UsageRow};
 pub use sqlite::SqliteStore;
 
 /// A client key as stored: never the key itself, only its SHA-256 and a short prefix.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct KeyRecord {
     pub id: i64,
     pub name: String,
@@ -36,7 +38,9 @@ pub struct KeyRecord {
     pub prefix: String,
     /// Hex SHA-256 of the whole key.
     pub hash: String,
+    #[sqlx(try_from = "Timestamp")]
     pub created_at: DateTime<Utc>,
+    #[sqlx(try_from = "MaybeTimestamp")]
     pub revoked_at: Option<DateTime<Utc>>,
 }
 
@@ -67,14 +71,20 @@ pub struct UsageFilter {
 
 /// One line of a usage report: totals for one group. Sums are i128: a column of i64 values
 /// can add up past i64, and a report must not fail (or wrap) when it does.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 pub struct UsageTotals {
+    #[sqlx(rename = "grp")]
     pub group: String,
     pub requests: i64,
+    #[sqlx(try_from = "Sum")]
     pub images: i128,
+    #[sqlx(try_from = "Sum")]
     pub input_tokens: i128,
+    #[sqlx(try_from = "Sum")]
     pub output_tokens: i128,
+    #[sqlx(try_from = "Sum")]
     pub total_tokens: i128,
+    #[sqlx(try_from = "Sum")]
     pub cost_nanousd: i128,
 }
 
@@ -88,6 +98,23 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("the database call was cancelled: {0}")]
     Cancelled(String),
+}
+
+impl StoreError {
+    /// True when the database refused the data (a constraint, or a value Postgres cannot
+    /// hold such as a NUL character in text), as opposed to being unreachable or busy:
+    /// trying the same rows again cannot help.
+    pub fn is_refused(&self) -> bool {
+        match self {
+            StoreError::Database(sqlx::Error::Database(db)) => {
+                db.kind() != sqlx::error::ErrorKind::Other
+                    // SQLSTATE class 22: data exception (Postgres).
+                    || db.code().is_some_and(|code| code.starts_with("22"))
+            }
+            StoreError::Database(sqlx::Error::Encode(_)) => true,
+            _ => false,
+        }
+    }
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;

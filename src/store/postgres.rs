@@ -3,14 +3,16 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
-use sqlx::{Postgres, QueryBuilder, Row};
+use chrono::{DateTime, Utc};
+use sqlx::error::BoxDynError;
+use sqlx::postgres::{PgPool, PgPoolOptions, PgTypeInfo, PgValueRef};
+use sqlx::{Decode, FromRow, Postgres, QueryBuilder, Type};
 
+use super::rows::{Sum, Timestamp};
 use super::{
     GroupBy, KeyRecord, NewKey, Store, StoreError, StoreResult, USAGE_COLUMNS, UsageFilter,
-    UsageTotals,
+    UsageRow, UsageTotals,
 };
-use crate::usage::{Outcome, UsageRow};
 
 /// The pool is shared by every request and the usage writer; a handful of connections is
 /// plenty, and a short acquire timeout turns an exhausted or dead database into a quick
@@ -48,78 +50,41 @@ impl PostgresStore {
     }
 }
 
-fn key_from_row(row: &PgRow) -> Result<KeyRecord, sqlx::Error> {
-    Ok(KeyRecord {
-        id: row.try_get("id")?,
-        name: row.try_get("name")?,
-        prefix: row.try_get("prefix")?,
-        hash: row.try_get("hash")?,
-        created_at: row.try_get("created_at")?,
-        revoked_at: row.try_get("revoked_at")?,
-    })
+impl Type<Postgres> for Timestamp {
+    fn type_info() -> PgTypeInfo {
+        <DateTime<Utc> as Type<Postgres>>::type_info()
+    }
+    fn compatible(ty: &PgTypeInfo) -> bool {
+        <DateTime<Utc> as Type<Postgres>>::compatible(ty)
+    }
 }
 
-fn usage_from_row(row: &PgRow) -> Result<UsageRow, sqlx::Error> {
-    let outcome: String = row.try_get("outcome")?;
-    let outcome = Outcome::parse(&outcome).ok_or_else(|| sqlx::Error::ColumnDecode {
-        index: "outcome".into(),
-        source: format!("unknown outcome {outcome:?}").into(),
-    })?;
-    Ok(UsageRow {
-        request_id: row.try_get("request_id")?,
-        key_id: row.try_get("key_id")?,
-        key_name: row.try_get("key_name")?,
-        model: row.try_get("model")?,
-        provider: row.try_get("provider")?,
-        upstream_model: row.try_get("upstream_model")?,
-        endpoint: row.try_get("endpoint")?,
-        status: row.try_get("status")?,
-        outcome,
-        streamed: row.try_get("streamed")?,
-        n: row.try_get("n")?,
-        size: row.try_get("size")?,
-        quality: row.try_get("quality")?,
-        images: row.try_get("images")?,
-        text_input_tokens: tokens(row, "text_input_tokens")?,
-        image_input_tokens: tokens(row, "image_input_tokens")?,
-        cached_text_input_tokens: tokens(row, "cached_text_input_tokens")?,
-        cached_image_input_tokens: tokens(row, "cached_image_input_tokens")?,
-        input_tokens: tokens(row, "input_tokens")?,
-        output_tokens: tokens(row, "output_tokens")?,
-        total_tokens: tokens(row, "total_tokens")?,
-        cost_nanousd: row.try_get("cost_nanousd")?,
-        latency_ms: row.try_get("latency_ms")?,
-        created_at: row.try_get("created_at")?,
-        raw_usage: row.try_get("raw_usage")?,
-        usage_suspect: row.try_get("usage_suspect")?,
-        cost_estimated: row.try_get("cost_estimated")?,
-    })
+impl<'r> Decode<'r, Postgres> for Timestamp {
+    fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
+        Ok(Timestamp(<DateTime<Utc> as Decode<Postgres>>::decode(
+            value,
+        )?))
+    }
 }
 
-/// A token count; null (no usage reported, see the migration) reads as 0.
-fn tokens(row: &PgRow, column: &str) -> Result<i64, sqlx::Error> {
-    Ok(row.try_get::<Option<i64>, _>(column)?.unwrap_or(0))
+/// Postgres sends a sum as its decimal text (see `usage_report`).
+impl Type<Postgres> for Sum {
+    fn type_info() -> PgTypeInfo {
+        <String as Type<Postgres>>::type_info()
+    }
+    fn compatible(ty: &PgTypeInfo) -> bool {
+        <String as Type<Postgres>>::compatible(ty)
+    }
 }
 
-/// A sum sent as text (see `usage_report`).
-fn sum(row: &PgRow, column: &str) -> Result<i128, sqlx::Error> {
-    let text: String = row.try_get(column)?;
-    text.parse().map_err(|err| sqlx::Error::ColumnDecode {
-        index: column.into(),
-        source: format!("sum {text:?} is not an integer: {err}").into(),
-    })
-}
-
-fn totals_from_row(row: &PgRow) -> Result<UsageTotals, sqlx::Error> {
-    Ok(UsageTotals {
-        group: row.try_get("grp")?,
-        requests: row.try_get("requests")?,
-        images: sum(row, "images")?,
-        input_tokens: sum(row, "input_tokens")?,
-        output_tokens: sum(row, "output_tokens")?,
-        total_tokens: sum(row, "total_tokens")?,
-        cost_nanousd: sum(row, "cost_nanousd")?,
-    })
+impl<'r> Decode<'r, Postgres> for Sum {
+    fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
+        let text = <&str as Decode<Postgres>>::decode(value)?;
+        let sum = text
+            .parse()
+            .map_err(|err| format!("sum {text:?} is not an integer: {err}"))?;
+        Ok(Sum(sum))
+    }
 }
 
 /// The SQL a report groups by. Static text only: nothing a caller sends reaches it.
@@ -164,7 +129,7 @@ impl Store for PostgresStore {
             .fetch_optional(&self.pool)
             .await?;
         match row {
-            Some(row) => Ok(key_from_row(&row)?),
+            Some(row) => Ok(KeyRecord::from_row(&row)?),
             None => Err(StoreError::DuplicateKeyName(key.name)),
         }
     }
@@ -173,7 +138,10 @@ impl Store for PostgresStore {
     async fn list_keys(&self) -> StoreResult<Vec<KeyRecord>> {
         let sql = format!("select {KEY_COLUMNS} from api_keys order by id");
         let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
-        Ok(rows.iter().map(key_from_row).collect::<Result<_, _>>()?)
+        Ok(rows
+            .iter()
+            .map(KeyRecord::from_row)
+            .collect::<Result<_, _>>()?)
     }
 
     #[tracing::instrument(skip_all, fields(name = %name))]
@@ -194,7 +162,7 @@ impl Store for PostgresStore {
             .bind(hash)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.as_ref().map(key_from_row).transpose()?)
+        Ok(row.as_ref().map(KeyRecord::from_row).transpose()?)
     }
 
     #[tracing::instrument(skip_all, fields(rows = rows.len()))]
@@ -254,7 +222,10 @@ impl Store for PostgresStore {
             .bind(request_id)
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows.iter().map(usage_from_row).collect::<Result<_, _>>()?)
+        Ok(rows
+            .iter()
+            .map(UsageRow::from_row)
+            .collect::<Result<_, _>>()?)
     }
 
     #[tracing::instrument(skip_all)]
@@ -262,7 +233,10 @@ impl Store for PostgresStore {
         let sql =
             format!("select {USAGE_COLUMNS} from usage order by created_at desc, id desc limit $1");
         let rows = sqlx::query(&sql).bind(limit).fetch_all(&self.pool).await?;
-        Ok(rows.iter().map(usage_from_row).collect::<Result<_, _>>()?)
+        Ok(rows
+            .iter()
+            .map(UsageRow::from_row)
+            .collect::<Result<_, _>>()?)
     }
 
     #[tracing::instrument(skip_all, fields(group_by = ?filter.group_by))]
@@ -288,6 +262,9 @@ impl Store for PostgresStore {
         // Byte order, as SQLite sorts, whatever collation the database was created with.
         query.push(format!(" group by 1 order by {group} collate \"C\""));
         let rows = query.build().fetch_all(&self.pool).await?;
-        Ok(rows.iter().map(totals_from_row).collect::<Result<_, _>>()?)
+        Ok(rows
+            .iter()
+            .map(UsageTotals::from_row)
+            .collect::<Result<_, _>>()?)
     }
 }

@@ -5,16 +5,18 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDateTime, Utc};
+use sqlx::error::BoxDynError;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteTypeInfo,
+    SqliteValueRef,
 };
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::{Decode, FromRow, QueryBuilder, Sqlite, Type};
 
+use super::rows::{Sum, Timestamp};
 use super::{
     GroupBy, KeyRecord, NewKey, Store, StoreError, StoreResult, USAGE_COLUMNS, UsageFilter,
-    UsageTotals,
+    UsageRow, UsageTotals,
 };
-use crate::usage::{Outcome, UsageRow};
 
 /// SQLite takes one writer at a time; a few connections let reads (key lookups, reports)
 /// go on beside the usage writer, and the busy timeout makes writers queue instead of
@@ -64,102 +66,57 @@ fn encode_time(time: DateTime<Utc>) -> String {
     time.format(TIME_FORMAT).to_string()
 }
 
-fn decode_time(text: &str, column: &str) -> Result<DateTime<Utc>, sqlx::Error> {
+fn decode_time(text: &str) -> Result<DateTime<Utc>, String> {
     NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f")
         .map(|naive| naive.and_utc())
-        .map_err(|err| sqlx::Error::ColumnDecode {
-            index: column.into(),
-            source: format!("bad timestamp {text:?}: {err}").into(),
-        })
+        .map_err(|err| format!("bad timestamp {text:?}: {err}"))
 }
 
-fn time_column(row: &SqliteRow, column: &str) -> Result<DateTime<Utc>, sqlx::Error> {
-    decode_time(&row.try_get::<String, _>(column)?, column)
+impl Type<Sqlite> for Timestamp {
+    fn type_info() -> SqliteTypeInfo {
+        <String as Type<Sqlite>>::type_info()
+    }
+    fn compatible(ty: &SqliteTypeInfo) -> bool {
+        <String as Type<Sqlite>>::compatible(ty)
+    }
 }
 
-fn key_from_row(row: &SqliteRow) -> Result<KeyRecord, sqlx::Error> {
-    let revoked_at: Option<String> = row.try_get("revoked_at")?;
-    Ok(KeyRecord {
-        id: row.try_get("id")?,
-        name: row.try_get("name")?,
-        prefix: row.try_get("prefix")?,
-        hash: row.try_get("hash")?,
-        created_at: time_column(row, "created_at")?,
-        revoked_at: revoked_at
-            .map(|text| decode_time(&text, "revoked_at"))
-            .transpose()?,
-    })
-}
-
-fn usage_from_row(row: &SqliteRow) -> Result<UsageRow, sqlx::Error> {
-    let outcome: String = row.try_get("outcome")?;
-    let outcome = Outcome::parse(&outcome).ok_or_else(|| sqlx::Error::ColumnDecode {
-        index: "outcome".into(),
-        source: format!("unknown outcome {outcome:?}").into(),
-    })?;
-    Ok(UsageRow {
-        request_id: row.try_get("request_id")?,
-        key_id: row.try_get("key_id")?,
-        key_name: row.try_get("key_name")?,
-        model: row.try_get("model")?,
-        provider: row.try_get("provider")?,
-        upstream_model: row.try_get("upstream_model")?,
-        endpoint: row.try_get("endpoint")?,
-        status: row.try_get("status")?,
-        outcome,
-        streamed: row.try_get("streamed")?,
-        n: row.try_get("n")?,
-        size: row.try_get("size")?,
-        quality: row.try_get("quality")?,
-        images: row.try_get("images")?,
-        text_input_tokens: tokens(row, "text_input_tokens")?,
-        image_input_tokens: tokens(row, "image_input_tokens")?,
-        cached_text_input_tokens: tokens(row, "cached_text_input_tokens")?,
-        cached_image_input_tokens: tokens(row, "cached_image_input_tokens")?,
-        input_tokens: tokens(row, "input_tokens")?,
-        output_tokens: tokens(row, "output_tokens")?,
-        total_tokens: tokens(row, "total_tokens")?,
-        cost_nanousd: row.try_get("cost_nanousd")?,
-        latency_ms: row.try_get("latency_ms")?,
-        created_at: time_column(row, "created_at")?,
-        raw_usage: row.try_get("raw_usage")?,
-        usage_suspect: row.try_get("usage_suspect")?,
-        cost_estimated: row.try_get("cost_estimated")?,
-    })
-}
-
-/// A token count; null (no usage reported, see the migration) reads as 0.
-fn tokens(row: &SqliteRow, column: &str) -> Result<i64, sqlx::Error> {
-    Ok(row.try_get::<Option<i64>, _>(column)?.unwrap_or(0))
+impl<'r> Decode<'r, Sqlite> for Timestamp {
+    fn decode(value: SqliteValueRef<'r>) -> Result<Self, BoxDynError> {
+        let text = <&str as Decode<Sqlite>>::decode(value)?;
+        Ok(Timestamp(decode_time(text)?))
+    }
 }
 
 /// SQLite's `sum` of integers fails with "integer overflow" past i64 (and `total` is a
 /// float, inexact past 2^53). So each column is summed in two halves that cannot overflow
 /// before 2^31 rows: the high 32 bits (an arithmetic shift, so negatives stay exact) and
-/// the low 32 bits. They are put back together in i128.
+/// the low 32 bits, sent as `hi:lo` text and put back together in i128 ([`Sum`]).
 fn split_sum(column: &str) -> String {
     format!(
-        "coalesce(sum({column} >> 32), 0) as {column}_hi, \
-         coalesce(sum({column} & 4294967295), 0) as {column}_lo"
+        "(coalesce(sum({column} >> 32), 0) || ':' || \
+         coalesce(sum({column} & 4294967295), 0)) as {column}"
     )
 }
 
-fn sum(row: &SqliteRow, column: &str) -> Result<i128, sqlx::Error> {
-    let hi: i64 = row.try_get(format!("{column}_hi").as_str())?;
-    let lo: i64 = row.try_get(format!("{column}_lo").as_str())?;
-    Ok((i128::from(hi) << 32) + i128::from(lo))
+impl Type<Sqlite> for Sum {
+    fn type_info() -> SqliteTypeInfo {
+        <String as Type<Sqlite>>::type_info()
+    }
+    fn compatible(ty: &SqliteTypeInfo) -> bool {
+        <String as Type<Sqlite>>::compatible(ty)
+    }
 }
 
-fn totals_from_row(row: &SqliteRow) -> Result<UsageTotals, sqlx::Error> {
-    Ok(UsageTotals {
-        group: row.try_get("grp")?,
-        requests: row.try_get("requests")?,
-        images: sum(row, "images")?,
-        input_tokens: sum(row, "input_tokens")?,
-        output_tokens: sum(row, "output_tokens")?,
-        total_tokens: sum(row, "total_tokens")?,
-        cost_nanousd: sum(row, "cost_nanousd")?,
-    })
+impl<'r> Decode<'r, Sqlite> for Sum {
+    fn decode(value: SqliteValueRef<'r>) -> Result<Self, BoxDynError> {
+        let text = <&str as Decode<Sqlite>>::decode(value)?;
+        let halves = text
+            .split_once(':')
+            .and_then(|(hi, lo)| Some((hi.parse::<i64>().ok()?, lo.parse::<i64>().ok()?)));
+        let (hi, lo) = halves.ok_or_else(|| format!("sum {text:?} is not hi:lo"))?;
+        Ok(Sum((i128::from(hi) << 32) + i128::from(lo)))
+    }
 }
 
 /// The SQL a report groups by. Static text only: nothing a caller sends reaches it.
@@ -203,7 +160,7 @@ impl Store for SqliteStore {
             .fetch_optional(&self.pool)
             .await?;
         match row {
-            Some(row) => Ok(key_from_row(&row)?),
+            Some(row) => Ok(KeyRecord::from_row(&row)?),
             None => Err(StoreError::DuplicateKeyName(key.name)),
         }
     }
@@ -212,7 +169,10 @@ impl Store for SqliteStore {
     async fn list_keys(&self) -> StoreResult<Vec<KeyRecord>> {
         let sql = format!("select {KEY_COLUMNS} from api_keys order by id");
         let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
-        Ok(rows.iter().map(key_from_row).collect::<Result<_, _>>()?)
+        Ok(rows
+            .iter()
+            .map(KeyRecord::from_row)
+            .collect::<Result<_, _>>()?)
     }
 
     #[tracing::instrument(skip_all, fields(name = %name))]
@@ -234,7 +194,7 @@ impl Store for SqliteStore {
             .bind(hash)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.as_ref().map(key_from_row).transpose()?)
+        Ok(row.as_ref().map(KeyRecord::from_row).transpose()?)
     }
 
     #[tracing::instrument(skip_all, fields(rows = rows.len()))]
@@ -291,7 +251,10 @@ impl Store for SqliteStore {
             .bind(request_id)
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows.iter().map(usage_from_row).collect::<Result<_, _>>()?)
+        Ok(rows
+            .iter()
+            .map(UsageRow::from_row)
+            .collect::<Result<_, _>>()?)
     }
 
     #[tracing::instrument(skip_all)]
@@ -299,7 +262,10 @@ impl Store for SqliteStore {
         let sql =
             format!("select {USAGE_COLUMNS} from usage order by created_at desc, id desc limit $1");
         let rows = sqlx::query(&sql).bind(limit).fetch_all(&self.pool).await?;
-        Ok(rows.iter().map(usage_from_row).collect::<Result<_, _>>()?)
+        Ok(rows
+            .iter()
+            .map(UsageRow::from_row)
+            .collect::<Result<_, _>>()?)
     }
 
     #[tracing::instrument(skip_all, fields(group_by = ?filter.group_by))]
@@ -327,6 +293,9 @@ impl Store for SqliteStore {
         }
         query.push(" group by grp order by grp");
         let rows = query.build().fetch_all(&self.pool).await?;
-        Ok(rows.iter().map(totals_from_row).collect::<Result<_, _>>()?)
+        Ok(rows
+            .iter()
+            .map(UsageTotals::from_row)
+            .collect::<Result<_, _>>()?)
     }
 }

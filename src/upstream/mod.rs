@@ -1,5 +1,6 @@
 //! The only code that holds a provider key or calls a provider.
 
+mod answer;
 mod mock;
 
 use std::collections::HashMap;
@@ -298,17 +299,4 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
         cause = next;
     }
     cause.to_string()
-}
-
-/// Reads at most `limit` bytes of an error body; the rest is dropped.
-pub async fn read_capped(mut body: BodyStream, limit: usize) -> Bytes {
-    let mut buf = Vec::new();
-    while let Some(Ok(chunk)) = body.next().await {
-        let room = limit.saturating_sub(buf.len());
-        buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if buf.len() >= limit {
-            break;
-        }
-    }
-    Bytes::from(buf)
 }

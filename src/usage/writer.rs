@@ -487,7 +487,7 @@ async fn insert(store: &dyn Store, rows: &[UsageRow], abort: &CancellationToken)
                     .increment(rows.len() as u64);
                 return Insert::Stored;
             }
-            Ok(Err(err)) if refused(&err) => return Insert::Refused(err),
+            Ok(Err(err)) if err.is_refused() => return Insert::Refused(err),
             Ok(Err(err)) => {
                 tracing::warn!(%err, rows = rows.len(), attempt, "usage write failed; the rows wait in the journal, retrying");
             }
@@ -503,20 +503,6 @@ async fn insert(store: &dyn Store, rows: &[UsageRow], abort: &CancellationToken)
         if !pause(&mut delay, abort).await {
             return Insert::Aborted;
         }
-    }
-}
-
-/// True when the database refused the data (a constraint, or a value Postgres cannot hold
-/// such as a NUL character in text), as opposed to being unreachable or busy.
-fn refused(err: &StoreError) -> bool {
-    match err {
-        StoreError::Database(sqlx::Error::Database(db)) => {
-            db.kind() != sqlx::error::ErrorKind::Other
-                // SQLSTATE class 22: data exception (Postgres).
-                || db.code().is_some_and(|code| code.starts_with("22"))
-        }
-        StoreError::Database(sqlx::Error::Encode(_)) => true,
-        _ => false,
     }
 }
 
