@@ -537,7 +537,7 @@ async fn the_demo_banner_names_the_key_it_created() {
 }
 
 fn helpers_png() -> String {
-    crate::helpers::PNG_B64[..40].to_owned()
+    crate::support::PNG_B64[..40].to_owned()
 }
 
 #[test]

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::helpers::*;
 use crate::hostile::{RawForm, closes, connect, content_type, healthy, read_response};
+use crate::support::*;
 
 /// The test configuration with these lines added to `[server]`.
 fn server_config(provider: &str, lines: &str) -> String {

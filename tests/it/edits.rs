@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::generations::expect_error;
-use crate::helpers::*;
+use crate::support::*;
 use imagegate::usage::Outcome;
 
 /// One part of a multipart body, as a provider sees it.
@@ -761,7 +761,7 @@ async fn spool_files_left_by_a_crash_are_removed_at_start() {
         1,
     );
     let path = dir.path().join("imagegate.toml");
-    let (_, url) = crate::db::fresh_postgres().await;
+    let (_, url) = crate::support::db::fresh_postgres().await;
     std::fs::write(&path, format!("{config}\n[database]\nurl = \"{url}\"\n")).expect("write");
     let config = imagegate::config::Config::load(&path, &test_env()).expect("config");
     let gateway = imagegate::Gateway::start(config, test_env())

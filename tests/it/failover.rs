@@ -9,7 +9,7 @@ use futures_util::StreamExt;
 use serde_json::Value;
 
 use crate::generations::expect_error;
-use crate::helpers::*;
+use crate::support::*;
 use imagegate::usage::Outcome;
 
 const GEN: &str = "/v1/images/generations";

@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 
-use crate::helpers::*;
+use crate::support::*;
 
 #[derive(Clone, Copy, Debug)]
 enum Fault {

@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::generations::expect_error;
-use crate::helpers::*;
+use crate::support::*;
 
 const BOUNDARY: &str = "hostile-boundary-5xQ";
 

@@ -19,7 +19,7 @@ use serde_json::Value;
 use sqlx::Connection;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::helpers::{StandIn, TestGateway, USAGE, all_rows, image_response, test_config};
+use crate::support::{StandIn, TestGateway, USAGE, all_rows, image_response, test_config};
 
 fn row(id: &str) -> UsageRow {
     UsageRow {
@@ -380,7 +380,7 @@ async fn readyz(client: &reqwest::Client, base: &str) -> (u16, Value) {
 async fn a_row_the_database_refuses_is_set_aside_and_the_rest_written() {
     let provider = StandIn::json(200, &image_response(1, USAGE)).await;
     let gateway = TestGateway::start(
-        crate::helpers::Db::Postgres,
+        crate::support::Db::Postgres,
         &test_config(&provider.base_url(), ""),
     )
     .await;
@@ -1211,14 +1211,14 @@ async fn an_unwritable_journal_stops_billable_requests_until_it_recovers() {
     provider.set_delay(Duration::from_millis(1500));
     let dir = tempfile::tempdir().expect("tempdir");
     // Postgres: a SQLite file would be under the same file-size limit as the journal.
-    let (store, database_url) = crate::db::fresh_postgres().await;
+    let (store, database_url) = crate::support::db::fresh_postgres().await;
     let config = standin_config(dir.path(), &database_url, &provider.base_url());
     let issued = imagegate::auth::issue_key("svc");
     store.create_key(issued.new.clone()).await.expect("key");
     let key = issued.key;
     let client = reqwest::Client::new();
     let (mut child, addr, log) =
-        spawn_serve_with(&config, &[("TEST_PIAPI_KEY", crate::helpers::PROVIDER_KEY)]).await;
+        spawn_serve_with(&config, &[("TEST_PIAPI_KEY", crate::support::PROVIDER_KEY)]).await;
     let base = format!("http://{addr}");
     let url = format!("{base}/v1/images/generations");
 
@@ -1357,7 +1357,7 @@ async fn a_row_neither_the_journal_nor_the_database_takes_is_counted_logged_and_
     store.create_key(issued.new.clone()).await.expect("key");
     let key = issued.key;
     let config = standin_config(dir.path(), &database_url, &provider.base_url());
-    let env = [("TEST_PIAPI_KEY", crate::helpers::PROVIDER_KEY)];
+    let env = [("TEST_PIAPI_KEY", crate::support::PROVIDER_KEY)];
     let client = reqwest::Client::new();
     let (mut child, addr, log) = spawn_serve_with(&config, &env).await;
     let base = format!("http://{addr}");
@@ -1439,7 +1439,7 @@ async fn kill_9_with_calls_in_flight_leaves_one_interrupted_row_per_call_cut() {
     store.create_key(issued.new.clone()).await.expect("key");
     let key = issued.key;
     let config = standin_config(dir.path(), &database_url, &provider.base_url());
-    let env = [("TEST_PIAPI_KEY", crate::helpers::PROVIDER_KEY)];
+    let env = [("TEST_PIAPI_KEY", crate::support::PROVIDER_KEY)];
     let client = reqwest::Client::new();
 
     let (mut child, addr, _) = spawn_serve_with(&config, &env).await;

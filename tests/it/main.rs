@@ -2,17 +2,16 @@
 
 mod cli;
 mod connections;
-mod db;
 mod dedupe;
 mod edits;
 mod failover;
 mod faults;
 mod generations;
-mod helpers;
 mod hostile;
 mod journal;
 mod keys;
 mod limits;
 mod sdk;
 mod store;
+mod support;
 mod upstream;

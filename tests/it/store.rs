@@ -14,7 +14,7 @@ macro_rules! on_both_backends {
             $(
                 #[tokio::test]
                 async fn $test() {
-                    let (store, _url) = crate::db::fresh_postgres().await;
+                    let (store, _url) = crate::support::db::fresh_postgres().await;
                     super::$test(store).await;
                 }
             )*
@@ -24,7 +24,7 @@ macro_rules! on_both_backends {
             $(
                 #[tokio::test]
                 async fn $test() {
-                    let (store, _dir) = crate::db::fresh_sqlite().await;
+                    let (store, _dir) = crate::support::db::fresh_sqlite().await;
                     super::$test(store).await;
                 }
             )*

@@ -11,7 +11,7 @@ use serde_json::Value;
 use tokio::sync::Notify;
 
 use crate::generations::expect_error;
-use crate::helpers::*;
+use crate::support::*;
 use imagegate::usage::Outcome;
 
 const GEN: &str = "/v1/images/generations";
