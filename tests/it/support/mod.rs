@@ -1,10 +1,12 @@
 //! Test set-up written once: a real imagegate on port 0 ([`gateway`]), provider stand-ins
-//! ([`standin`]), fresh databases ([`db`]), the captured SDK requests ([`captures`]), and the
-//! configuration and secrets they share.
+//! ([`standin`]), fresh databases ([`db`]), a throwaway Postgres cluster for outages
+//! ([`postgres`]), the captured SDK requests ([`captures`]), and the configuration and secrets
+//! they share.
 
 pub mod captures;
 pub mod db;
 pub mod gateway;
+pub mod postgres;
 pub mod standin;
 
 use std::collections::HashMap;
