@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,8 +16,8 @@ use imagegate::usage::journal::{Journal, Position};
 use imagegate::usage::{Intent, Outcome, UsageRow};
 use serde_json::Value;
 use sqlx::Connection;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
+use crate::support::binary::{self, signal};
 use crate::support::postgres::Cluster;
 use crate::support::{StandIn, TestGateway, USAGE, all_rows, image_response, test_config};
 
@@ -674,8 +674,6 @@ async fn a_postgres_outage_mid_stream_delays_usage_rows_and_loses_none() {
 // ---------------------------------------------------------------------------------------
 // The real binary: kill -9 mid-stream, and SIGTERM while the database is busy.
 
-const BIN: &str = env!("CARGO_BIN_EXE_imagegate");
-
 fn binary_config(dir: &Path, shutdown_grace: &str) -> PathBuf {
     let toml = format!(
         r#"
@@ -728,54 +726,19 @@ async fn spawn_serve_with(
     String,
     tokio::task::JoinHandle<String>,
 ) {
-    let mut child = tokio::process::Command::new(BIN)
-        .arg("--config")
-        .arg(config)
+    let mut command = binary::command(config);
+    command
         .arg("serve")
-        .env_remove("IMAGEGATE_CONFIG")
         .env("RUST_LOG", "info")
         .env("IMAGEGATE_LOG_FORMAT", "json")
-        .envs(env.iter().copied())
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn imagegate serve");
-    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let mut log = String::new();
-    let addr = loop {
-        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-            .await
-            .expect("imagegate starts")
-            .expect("read")
-            .unwrap_or_else(|| panic!("imagegate exited before listening:\n{log}"));
-        log.push_str(&line);
-        log.push('\n');
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            break rest.split_whitespace().next().expect("address").to_owned();
-        }
-    };
-    // Keep reading, so the child never blocks on a full pipe.
-    #[expect(
-        clippy::disallowed_methods,
-        reason = "ends with the child's stderr; joined by tests that want the log"
-    )]
-    let log = tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            log.push_str(&line);
-            log.push('\n');
-        }
-        log
-    });
-    (child, addr, log)
+        .envs(env.iter().copied());
+    let serving = binary::serve(command).await;
+    (serving.child, serving.addr, serving.log)
 }
 
 fn create_key(config: &Path) -> String {
-    let out = Command::new(BIN)
-        .arg("--config")
-        .arg(config)
+    let out = binary::command(config)
         .args(["keys", "create", "--name", "svc"])
-        .env_remove("IMAGEGATE_CONFIG")
         .output()
         .expect("keys create");
     assert!(
@@ -804,17 +767,6 @@ async fn unlock_writes(mut conn: sqlx::SqliteConnection) {
         .await
         .expect("release the write lock");
     conn.close().await.expect("close");
-}
-
-fn signal(child: &tokio::process::Child, name: &str) {
-    let pid = child.id().expect("running").to_string();
-    assert!(
-        Command::new("kill")
-            .args([name, &pid])
-            .status()
-            .expect("kill")
-            .success()
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,8 +1,10 @@
-//! Test set-up written once: a real imagegate on port 0 ([`gateway`]), provider stand-ins
+//! Test set-up written once: a real imagegate on port 0 ([`gateway`]) or the real binary
+//! ([`binary`]), provider stand-ins
 //! ([`standin`]), fresh databases ([`db`]), a throwaway Postgres cluster for outages
 //! ([`postgres`]), the captured SDK requests ([`captures`]), and the configuration and secrets
 //! they share.
 
+pub mod binary;
 pub mod captures;
 pub mod db;
 pub mod gateway;
