@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::hostile::{RawForm, closes, connect, content_type, healthy, read_response};
+use crate::hostile::{closes, connect, healthy, read_response};
 use crate::support::binary;
+use crate::support::forms::{Form, content_type};
 use crate::support::*;
 
 /// The test configuration with these lines added to `[server]`.
@@ -28,7 +29,7 @@ async fn a_body_that_keeps_trickling_past_the_total_deadline_gets_408() {
     )
     .await;
     // Model first: the provider call has begun while the client trickles the image.
-    let edit = RawForm::default()
+    let edit = Form::new()
         .text("model", b"gpt-image-1")
         .text("prompt", b"p")
         .part(
@@ -36,7 +37,7 @@ async fn a_body_that_keeps_trickling_past_the_total_deadline_gets_408() {
             b"Content-Type: image/png\r\n",
             &[7u8; 100_000],
         )
-        .done();
+        .body();
     let json = br#"{"model":"gpt-image-1","prompt":"a fox in the snow, slowly"}"#.to_vec();
     for (what, path, ct, body, at_once) in [
         ("edit", "/v1/images/edits", content_type(), edit, 50_000),

@@ -9,6 +9,7 @@ use futures_util::StreamExt;
 use serde_json::Value;
 
 use crate::generations::expect_error;
+use crate::support::forms::{BOUNDARY, Form};
 use crate::support::*;
 use imagegate::usage::Outcome;
 
@@ -281,31 +282,16 @@ async fn edits_fail_over_with_the_upload_replayed_from_the_spool() {
         .copied()
         .chain((0..300_000u32).map(|i| (i % 251) as u8))
         .collect();
-    let boundary = "b0undary";
-    let mut body = Vec::new();
-    for (name, value) in [("model", "duo"), ("prompt", "blue")] {
-        body.extend_from_slice(
-            format!(
-                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
-            )
-            .as_bytes(),
-        );
-    }
-    body.extend_from_slice(
-        format!("--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\nContent-Type: application/octet-stream\r\n\r\n")
-            .as_bytes(),
-    );
-    body.extend_from_slice(&image);
-    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let form = Form::new()
+        .text("model", "duo")
+        .text("prompt", "blue")
+        .file_named("image", "a.png", "application/octet-stream", &image);
     let response = gw
         .client
         .post(gw.url("/v1/images/edits"))
         .bearer_auth(&gw.key)
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={boundary}"),
-        )
-        .body(body)
+        .header("content-type", form.content_type())
+        .body(form.body())
         .send()
         .await
         .expect("send");
@@ -397,22 +383,18 @@ async fn a_timeout_while_the_client_still_uploads_does_not_open_the_circuit() {
         &duo_config_with(&first.base_url(), &second.base_url(), "", 1),
     )
     .await;
-    let boundary = "slow-boundary";
-    let mut head = Vec::new();
-    for (name, value) in [("model", "solo"), ("prompt", "p")] {
-        head.extend_from_slice(
-            format!(
-                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
-            )
-            .as_bytes(),
+    let form = Form::new()
+        .text("model", "solo")
+        .text("prompt", "p")
+        .file_named(
+            "image",
+            "a.png",
+            "image/png",
+            b"\x89PNG\r\n\x1a\n0123456789",
         );
-    }
-    head.extend_from_slice(
-        format!("--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\n")
-            .as_bytes(),
-    );
-    head.extend_from_slice(b"\x89PNG\r\n\x1a\n");
-    let tail = format!("0123456789\r\n--{boundary}--\r\n").into_bytes();
+    // Held back: the image's last ten bytes and the closing delimiter.
+    let mut head = form.body();
+    let tail = head.split_off(head.len() - format!("0123456789\r\n--{BOUNDARY}--\r\n").len());
     // The client's upload takes longer than the provider's first-byte timeout.
     let body = futures_util::stream::iter([Ok::<_, std::io::Error>(head)]).chain(
         futures_util::stream::once(async move {
@@ -424,10 +406,7 @@ async fn a_timeout_while_the_client_still_uploads_does_not_open_the_circuit() {
         .client
         .post(gw.url("/v1/images/edits"))
         .bearer_auth(&gw.key)
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={boundary}"),
-        )
+        .header("content-type", form.content_type())
         .body(reqwest::Body::wrap_stream(body))
         .send()
         .await

@@ -7,6 +7,7 @@
 pub mod binary;
 pub mod captures;
 pub mod db;
+pub mod forms;
 pub mod gateway;
 pub mod postgres;
 pub mod standin;
