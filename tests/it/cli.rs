@@ -6,11 +6,12 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use chrono::Utc;
-use imagegate::usage::{Outcome, UsageRow};
+use imagegate::usage::UsageRow;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::support::binary::{self, SECRET, signal, write_config};
+use crate::support::rows::usage_row;
 
 fn imagegate(config: &Path, args: &[&str]) -> Output {
     binary::command(config)
@@ -110,33 +111,20 @@ async fn keys_are_shown_once_stored_hashed_and_revocable() {
 
 fn row(id: &str, key: &str, model: &str, cost: i64, tokens: i64) -> UsageRow {
     UsageRow {
-        request_id: id.into(),
-        key_id: 1,
         key_name: key.into(),
         model: model.into(),
         provider: "mock".into(),
         upstream_model: model.into(),
-        endpoint: "generations".into(),
-        status: 200,
-        outcome: Outcome::Completed,
-        streamed: false,
-        n: Some(1),
         size: None,
         quality: None,
-        images: 1,
         text_input_tokens: tokens,
-        image_input_tokens: 0,
-        cached_text_input_tokens: 0,
-        cached_image_input_tokens: 0,
         input_tokens: tokens,
         output_tokens: tokens * 2,
         total_tokens: tokens * 3,
         cost_nanousd: cost,
         latency_ms: 5,
         created_at: Utc::now(),
-        raw_usage: None,
-        usage_suspect: false,
-        cost_estimated: false,
+        ..usage_row(id)
     }
 }
 

@@ -19,28 +19,15 @@ use sqlx::Connection;
 
 use crate::support::binary::{self, signal};
 use crate::support::postgres::Cluster;
+use crate::support::rows::usage_row;
 use crate::support::{StandIn, TestGateway, USAGE, all_rows, image_response, test_config};
 
 fn row(id: &str) -> UsageRow {
     UsageRow {
-        request_id: id.into(),
-        key_id: 1,
         key_name: "svc".into(),
-        model: "gpt-image-1".into(),
         provider: "piapi".into(),
-        upstream_model: "gpt-image-1".into(),
-        endpoint: "generations".into(),
-        status: 200,
-        outcome: Outcome::Completed,
-        streamed: false,
-        n: Some(1),
-        size: Some("1024x1024".into()),
         quality: None,
-        images: 1,
         text_input_tokens: 19,
-        image_input_tokens: 0,
-        cached_text_input_tokens: 0,
-        cached_image_input_tokens: 0,
         input_tokens: 19,
         output_tokens: 272,
         total_tokens: 291,
@@ -49,8 +36,7 @@ fn row(id: &str) -> UsageRow {
         // Fixed, so that every row's line has the same length.
         created_at: DateTime::from_timestamp(1_780_000_000, 123_456_000).expect("time"),
         raw_usage: Some(r#"{"input_tokens":19}"#.into()),
-        usage_suspect: false,
-        cost_estimated: false,
+        ..usage_row(id)
     }
 }
 

@@ -10,6 +10,7 @@ pub mod db;
 pub mod forms;
 pub mod gateway;
 pub mod postgres;
+pub mod rows;
 pub mod standin;
 
 use std::collections::HashMap;
