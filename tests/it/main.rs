@@ -4,6 +4,7 @@ mod cli;
 mod connections;
 mod dedupe;
 mod edits;
+mod extract;
 mod failover;
 mod faults;
 mod generations;
