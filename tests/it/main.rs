@@ -12,6 +12,7 @@ mod hostile;
 mod journal;
 mod keys;
 mod limits;
+mod router;
 mod sdk;
 mod store;
 mod support;
