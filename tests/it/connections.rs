@@ -96,15 +96,10 @@ async fn a_body_that_keeps_trickling_past_the_total_deadline_gets_408() {
         assert_eq!(gw.spool_files(), 0, "{what}: no spool file left");
     }
     // The provider call the edit had begun was ended: the stand-in saw its upload break off.
-    let mut broken_off = false;
-    for _ in 0..100 {
-        if provider.requests().len() == 1 {
-            broken_off = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(broken_off, "the provider call that had begun was ended");
+    assert!(
+        provider.wait_for_requests(1).await,
+        "the provider call that had begun was ended"
+    );
     assert!(provider.complete_requests().is_empty());
     healthy(&gw).await;
     gw.shutdown().await;

@@ -6,7 +6,6 @@ use std::time::Duration;
 use axum::body::Body;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use serde_json::Value;
 
 use crate::generations::expect_error;
 use crate::support::forms::{BOUNDARY, Form};
@@ -177,9 +176,7 @@ async fn no_failover_once_a_provider_has_begun_a_successful_answer() {
 
 #[tokio::test]
 async fn max_attempts_and_connection_refused() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let dead = format!("http://{}/v1", closed.local_addr().expect("addr"));
-    drop(closed);
+    let dead = dead_url();
     let second = StandIn::json(200, &image_response(1, USAGE)).await;
     let one_attempt = r#"
 [models.duo-once]
@@ -212,15 +209,7 @@ async fn the_breaker_skips_a_failing_provider_then_probes_it() {
         generate(&gw, "duo").await.bytes().await.expect("body");
     }
     assert_eq!(first.requests().len(), 2);
-    let ready: Value = gw
-        .client
-        .get(gw.url("/readyz"))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let ready = gw.readyz().await;
     assert_eq!(ready["checks"]["providers"]["first"], "open");
     // Open: the first provider is skipped, the second serves at once.
     let response = generate(&gw, "duo").await;
@@ -255,15 +244,7 @@ async fn the_breaker_skips_a_failing_provider_then_probes_it() {
     let response = generate(&gw, "duo").await;
     assert_eq!(response.headers()["x-imagegate-provider"], "first");
     response.bytes().await.expect("body");
-    let ready: Value = gw
-        .client
-        .get(gw.url("/readyz"))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let ready = gw.readyz().await;
     assert_eq!(ready["checks"]["providers"]["first"], "closed");
     gw.shutdown().await;
 }
@@ -383,15 +364,7 @@ async fn a_timeout_while_the_client_still_uploads_does_not_open_the_circuit() {
         &duo_config_with(&first.base_url(), &second.base_url(), "", 1),
     )
     .await;
-    let form = Form::new()
-        .text("model", "solo")
-        .text("prompt", "p")
-        .file_named(
-            "image",
-            "a.png",
-            "image/png",
-            b"\x89PNG\r\n\x1a\n0123456789",
-        );
+    let form = Form::edit("solo", "p");
     // Held back: the image's last ten bytes and the closing delimiter.
     let mut head = form.body();
     let tail = head.split_off(head.len() - format!("0123456789\r\n--{BOUNDARY}--\r\n").len());

@@ -119,15 +119,7 @@ image_output = 40.0
 }
 
 fn edit_form() -> (String, Vec<u8>) {
-    let form = Form::new()
-        .text("model", "faulty")
-        .text("prompt", "p")
-        .file_named(
-            "image",
-            "a.png",
-            "image/png",
-            b"\x89PNG\r\n\x1a\n0123456789",
-        );
+    let form = Form::edit("faulty", "p");
     (form.content_type(), form.body())
 }
 

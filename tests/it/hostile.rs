@@ -245,15 +245,10 @@ async fn a_stalled_upload_gets_408_and_releases_everything() {
         assert_eq!(gw.spool_files(), 0, "{what}: no spool file left");
     }
     // The stand-in saw the streamed upload start and break off; nothing arrived whole.
-    let mut broken_off = false;
-    for _ in 0..100 {
-        if provider.requests().len() == 1 {
-            broken_off = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(broken_off, "the provider call that had begun was ended");
+    assert!(
+        provider.wait_for_requests(1).await,
+        "the provider call that had begun was ended"
+    );
     assert!(provider.complete_requests().is_empty());
 
     // A JSON body that stops halfway.

@@ -14,6 +14,7 @@ use imagegate::config::Config;
 use serde_json::Value;
 use tower::ServiceExt;
 
+use crate::support::gateway::write_config;
 use crate::support::{test_config, test_env};
 
 /// The app's router over a started gateway (kept alive with it) on `sqlite::memory:`, and a
@@ -27,21 +28,11 @@ struct App {
 
 async fn app() -> App {
     let dir = tempfile::tempdir().expect("tempdir");
-    let toml = test_config("http://127.0.0.1:9/v1", "").replacen(
-        "[server]\n",
-        &format!(
-            "[server]\nspool_dir = \"{}\"\njournal_dir = \"{}\"\n",
-            dir.path().join("spool").display(),
-            dir.path().join("journal").display()
-        ),
-        1,
+    let path = write_config(
+        dir.path(),
+        "sqlite::memory:",
+        &test_config("http://127.0.0.1:9/v1", ""),
     );
-    let path = dir.path().join("imagegate.toml");
-    std::fs::write(
-        &path,
-        format!("{toml}\n[database]\nurl = \"sqlite::memory:\"\n"),
-    )
-    .expect("write config");
     let config = Config::load(&path, &test_env()).expect("valid test config");
     let gateway = Gateway::start(config, test_env())
         .await

@@ -63,6 +63,19 @@ impl Form {
         self.file_named("image", "a.png", "image/png", PNG)
     }
 
+    /// An edit of `model`: a prompt and a ten-byte PNG image.
+    pub fn edit(model: &str, prompt: &str) -> Form {
+        Form::new()
+            .text("model", model)
+            .text("prompt", prompt)
+            .file_named(
+                "image",
+                "a.png",
+                "image/png",
+                b"\x89PNG\r\n\x1a\n0123456789",
+            )
+    }
+
     pub fn content_type(&self) -> String {
         content_type()
     }

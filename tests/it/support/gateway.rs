@@ -2,7 +2,7 @@
 //! valid key; and the captured SDK requests replayed through it.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +16,24 @@ use tokio_util::sync::CancellationToken;
 
 use super::captures::Capture;
 use super::{Db, test_env};
+
+/// Writes `config_toml` into `dir` as imagegate.toml, with its spool and journal in `dir` and
+/// its database at `database_url`; returns the file's path.
+pub fn write_config(dir: &Path, database_url: &str, config_toml: &str) -> PathBuf {
+    let config_toml = config_toml.replacen(
+        "[server]\n",
+        &format!(
+            "[server]\nspool_dir = \"{}\"\njournal_dir = \"{}\"\n",
+            dir.join("spool").display(),
+            dir.join("journal").display()
+        ),
+        1,
+    );
+    let config_toml = format!("{config_toml}\n[database]\nurl = \"{database_url}\"\n");
+    let config_path = dir.join("imagegate.toml");
+    std::fs::write(&config_path, config_toml).expect("write config");
+    config_path
+}
 
 /// A running imagegate with one valid key, on a fresh database.
 pub struct TestGateway {
@@ -50,18 +68,7 @@ impl TestGateway {
         database_url: &str,
         config_toml: &str,
     ) -> TestGateway {
-        let config_toml = config_toml.replacen(
-            "[server]\n",
-            &format!(
-                "[server]\nspool_dir = \"{}\"\njournal_dir = \"{}\"\n",
-                dir.path().join("spool").display(),
-                dir.path().join("journal").display()
-            ),
-            1,
-        );
-        let config_toml = format!("{config_toml}\n[database]\nurl = \"{database_url}\"\n");
-        let config_path = dir.path().join("imagegate.toml");
-        std::fs::write(&config_path, config_toml).expect("write config");
+        let config_path = write_config(dir.path(), database_url, config_toml);
         let config = Config::load(&config_path, &test_env()).expect("valid test config");
         let listeners = Listeners::bind(
             "127.0.0.1:0".parse().expect("address"),
@@ -145,6 +152,18 @@ impl TestGateway {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// `/readyz`'s JSON body, whatever its status.
+    pub async fn readyz(&self) -> serde_json::Value {
+        self.client
+            .get(self.url("/readyz"))
+            .send()
+            .await
+            .expect("send")
+            .json()
+            .await
+            .expect("json")
     }
 
     /// POSTs JSON with the test key.

@@ -101,6 +101,17 @@ impl StandIn {
         *self.delay.lock().expect("delay lock") = delay;
     }
 
+    /// Waits up to two seconds until `n` requests have arrived (whole or not); false if not.
+    pub async fn wait_for_requests(&self, n: usize) -> bool {
+        for _ in 0..100 {
+            if self.requests().len() == n {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
     pub fn base_url(&self) -> String {
         format!("http://{}/v1", self.addr)
     }
@@ -113,6 +124,12 @@ impl StandIn {
     pub fn requests(&self) -> Vec<Received> {
         self.received.lock().expect("received lock").clone()
     }
+}
+
+/// A provider base URL on a port with nothing listening: bound, noted, closed.
+pub fn dead_url() -> String {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    format!("http://{}/v1", closed.local_addr().expect("addr"))
 }
 
 pub fn respond(status: u16, content_type: &str, body: impl Into<Body>) -> Response {
