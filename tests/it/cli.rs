@@ -245,20 +245,13 @@ async fn usage_totals_past_i64_are_printed_exactly() {
 }
 
 /// Starts `imagegate serve` and returns it with the address it printed.
-async fn serve(
-    config: &Path,
-) -> (
-    tokio::process::Child,
-    String,
-    tokio::task::JoinHandle<String>,
-) {
+async fn serve(config: &Path) -> binary::Served {
     let mut command = binary::command(config);
     command
         .arg("serve")
         .env("CLI_TEST_PROVIDER_KEY", SECRET)
         .env("RUST_LOG", "debug");
-    let serving = binary::serve(command).await;
-    (serving.child, serving.addr, serving.log)
+    binary::serve(command).await.into_parts()
 }
 
 #[tokio::test]

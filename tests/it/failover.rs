@@ -225,15 +225,7 @@ async fn the_breaker_skips_a_failing_provider_then_probes_it() {
     assert!(response.headers().contains_key("retry-after"));
     let error = expect_error(response, 503).await;
     assert_eq!(error["code"], "provider_unavailable");
-    let metrics = gw
-        .client
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .expect("send")
-        .text()
-        .await
-        .expect("text");
+    let metrics = gw.metrics().await;
     assert!(
         metrics.contains("imagegate_provider_circuit_open{provider=\"first\"} 1"),
         "{metrics}"

@@ -693,33 +693,19 @@ image_output = 40.0
 }
 
 /// `imagegate serve`, the address it listens on, and its log (when it has exited).
-async fn spawn_serve(
-    config: &Path,
-) -> (
-    tokio::process::Child,
-    String,
-    tokio::task::JoinHandle<String>,
-) {
+async fn spawn_serve(config: &Path) -> binary::Served {
     spawn_serve_with(config, &[]).await
 }
 
 /// [`spawn_serve`] with more environment variables.
-async fn spawn_serve_with(
-    config: &Path,
-    env: &[(&str, &str)],
-) -> (
-    tokio::process::Child,
-    String,
-    tokio::task::JoinHandle<String>,
-) {
+async fn spawn_serve_with(config: &Path, env: &[(&str, &str)]) -> binary::Served {
     let mut command = binary::command(config);
     command
         .arg("serve")
         .env("RUST_LOG", "info")
         .env("IMAGEGATE_LOG_FORMAT", "json")
         .envs(env.iter().copied());
-    let serving = binary::serve(command).await;
-    (serving.child, serving.addr, serving.log)
+    binary::serve(command).await.into_parts()
 }
 
 fn create_key(config: &Path) -> String {

@@ -14,7 +14,7 @@ use imagegate::config::Config;
 use serde_json::Value;
 use tower::ServiceExt;
 
-use crate::support::gateway::write_config;
+use crate::support::gateway::{start_with_key, write_config};
 use crate::support::{test_config, test_env};
 
 /// The app's router over a started gateway (kept alive with it) on `sqlite::memory:`, and a
@@ -34,19 +34,10 @@ async fn app() -> App {
         &test_config("http://127.0.0.1:9/v1", ""),
     );
     let config = Config::load(&path, &test_env()).expect("valid test config");
-    let gateway = Gateway::start(config, test_env())
-        .await
-        .expect("gateway starts on in-memory SQLite");
-    let issued = imagegate::auth::issue_key("svc-router");
-    gateway
-        .state
-        .store
-        .create_key(issued.new.clone())
-        .await
-        .expect("create key");
+    let (gateway, key) = start_with_key(config, "svc-router").await;
     App {
         router: imagegate::app::router(Arc::clone(&gateway.state)),
-        key: issued.key,
+        key,
         _gateway: gateway,
         _dir: dir,
     }

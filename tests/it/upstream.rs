@@ -319,15 +319,7 @@ async fn health_readiness_and_metrics() {
     assert_eq!(readyz["checks"]["database"], "ok");
     gw.post_json(GEN, BODY).await.bytes().await.expect("body");
     gw.usage_rows(1).await;
-    let metrics = gw
-        .client
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .expect("send")
-        .text()
-        .await
-        .expect("text");
+    let metrics = gw.metrics().await;
     for needle in [
         "imagegate_upstream_requests_total{model=\"gpt-image-1\",provider=\"piapi\",status=\"200\"}",
         "imagegate_upstream_duration_seconds_bucket{model=\"gpt-image-1\",provider=\"piapi\"",

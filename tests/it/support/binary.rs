@@ -30,6 +30,19 @@ pub struct Serving {
     pub log: tokio::task::JoinHandle<String>,
 }
 
+/// A [`Serving`] as the tests take it apart: the child, its address and its log.
+pub type Served = (
+    tokio::process::Child,
+    String,
+    tokio::task::JoinHandle<String>,
+);
+
+impl Serving {
+    pub fn into_parts(self) -> Served {
+        (self.child, self.addr, self.log)
+    }
+}
+
 /// Starts `command` (an `imagegate serve` command line) with its log on a pipe and waits until
 /// it says where it listens.
 pub async fn serve(command: Command) -> Serving {

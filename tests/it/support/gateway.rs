@@ -35,6 +35,21 @@ pub fn write_config(dir: &Path, database_url: &str, config_toml: &str) -> PathBu
     config_path
 }
 
+/// A gateway started on `config` (its database migrated) and a key named `name` it accepts.
+pub async fn start_with_key(config: Config, name: &str) -> (Gateway, String) {
+    let gateway = Gateway::start(config, test_env())
+        .await
+        .expect("gateway starts");
+    let issued = imagegate::auth::issue_key(name);
+    gateway
+        .state
+        .store
+        .create_key(issued.new.clone())
+        .await
+        .expect("create key");
+    (gateway, issued.key)
+}
+
 /// A running imagegate with one valid key, on a fresh database.
 pub struct TestGateway {
     pub addr: SocketAddr,
@@ -76,16 +91,7 @@ impl TestGateway {
         )
         .expect("bind imagegate");
         let addr = listeners.local_addr();
-        let gateway = Gateway::start(config, test_env())
-            .await
-            .expect("gateway starts");
-        let issued = imagegate::auth::issue_key("svc-test");
-        gateway
-            .state
-            .store
-            .create_key(issued.new.clone())
-            .await
-            .expect("create key");
+        let (gateway, key) = start_with_key(config, "svc-test").await;
         let store = Arc::clone(&gateway.state.store);
         let stop = CancellationToken::new();
         let stopped = stop.clone();
@@ -93,7 +99,7 @@ impl TestGateway {
         let join = tokio::spawn(gateway.serve(listeners, async move { stopped.cancelled().await }));
         TestGateway {
             addr,
-            key: issued.key,
+            key,
             store,
             config_path,
             client: reqwest::Client::new(),
@@ -152,6 +158,18 @@ impl TestGateway {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// `/metrics`'s text.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("send")
+            .text()
+            .await
+            .expect("text")
     }
 
     /// `/readyz`'s JSON body, whatever its status.
