@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::DateTime;
+use imagegate::store::Store;
 use imagegate::usage::journal::{Journal, Position};
 use imagegate::usage::{Intent, Outcome, UsageRow};
 use serde_json::Value;
@@ -929,29 +930,36 @@ async fn metric(client: &reqwest::Client, base: &str, name: &str) -> f64 {
         .map_or(0.0, |v| v.trim().parse().expect("metric value"))
 }
 
-/// The journal stops taking writes (a file-size limit of 0 on the process: every write
-/// that grows a file fails, as on a full disk) while a call is in flight: its row goes
-/// straight to the database, billable requests get 503 `usage_journal_unavailable`
-/// without reaching the provider, `/readyz` says why, and lifting the limit brings it
-/// all back without a restart.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unwritable_journal_stops_billable_requests_until_it_recovers() {
-    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
-    provider.set_delay(Duration::from_millis(1500));
-    let dir = tempfile::tempdir().expect("tempdir");
-    // Postgres: a SQLite file would be under the same file-size limit as the journal.
-    let (store, database_url) = crate::support::db::fresh_postgres().await;
-    let config = standin_config(dir.path(), &database_url, &provider.base_url());
+/// `imagegate serve` on `database_url` (with a key made in `store`) in front of `provider`,
+/// left with its file-size limit dropped to 0 while one call is in flight: no write can grow
+/// a file (as on a full disk), and that call's row cannot be journaled at its end.
+struct UnwritableJournal {
+    config: PathBuf,
+    child: tokio::process::Child,
+    base: String,
+    url: String,
+    log: tokio::task::JoinHandle<String>,
+    key: String,
+    client: reqwest::Client,
+    /// What the call in flight saw.
+    in_flight: Sent,
+}
+
+async fn fill_the_disk_mid_call(
+    dir: &Path,
+    store: &dyn Store,
+    database_url: &str,
+    provider: &StandIn,
+) -> UnwritableJournal {
     let issued = imagegate::auth::issue_key("svc");
     store.create_key(issued.new.clone()).await.expect("key");
     let key = issued.key;
+    let config = standin_config(dir, database_url, &provider.base_url());
+    let env = [("TEST_PIAPI_KEY", crate::support::PROVIDER_KEY)];
     let client = reqwest::Client::new();
-    let (mut child, addr, log) =
-        spawn_serve_with(&config, &[("TEST_PIAPI_KEY", crate::support::PROVIDER_KEY)]).await;
+    let (child, addr, log) = spawn_serve_with(&config, &env).await;
     let base = format!("http://{addr}");
     let url = format!("{base}/v1/images/generations");
-
-    // A call in flight when the journal fails: its row cannot be journaled at the end.
     let in_flight = {
         let (client, url, key) = (client.clone(), url.clone(), key.clone());
         #[expect(clippy::disallowed_methods, reason = "joined below")]
@@ -964,6 +972,40 @@ async fn an_unwritable_journal_stops_billable_requests_until_it_recovers() {
     }
     limit_file_size(&child, "0");
     let a = in_flight.await.expect("join");
+    UnwritableJournal {
+        config,
+        child,
+        base,
+        url,
+        log,
+        key,
+        client,
+        in_flight: a,
+    }
+}
+
+/// The journal stops taking writes (a file-size limit of 0 on the process: every write
+/// that grows a file fails, as on a full disk) while a call is in flight: its row goes
+/// straight to the database, billable requests get 503 `usage_journal_unavailable`
+/// without reaching the provider, `/readyz` says why, and lifting the limit brings it
+/// all back without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_journal_stops_billable_requests_until_it_recovers() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    provider.set_delay(Duration::from_millis(1500));
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Postgres: a SQLite file would be under the same file-size limit as the journal.
+    let (store, database_url) = crate::support::db::fresh_postgres().await;
+    let UnwritableJournal {
+        mut child,
+        base,
+        url,
+        log,
+        key,
+        client,
+        in_flight: a,
+        ..
+    } = fill_the_disk_mid_call(dir.path(), &*store, &database_url, &provider).await;
     assert!(a.complete, "the call in flight is answered: {a:?}");
     let a_id = a.request_id.expect("x-request-id");
 
@@ -1082,28 +1124,16 @@ async fn a_row_neither_the_journal_nor_the_database_takes_is_counted_logged_and_
         .await
         .expect("store");
     store.migrate().await.expect("migrate");
-    let issued = imagegate::auth::issue_key("svc");
-    store.create_key(issued.new.clone()).await.expect("key");
-    let key = issued.key;
-    let config = standin_config(dir.path(), &database_url, &provider.base_url());
+    let UnwritableJournal {
+        config,
+        mut child,
+        base,
+        log,
+        client,
+        in_flight: a,
+        ..
+    } = fill_the_disk_mid_call(dir.path(), &*store, &database_url, &provider).await;
     let env = [("TEST_PIAPI_KEY", crate::support::PROVIDER_KEY)];
-    let client = reqwest::Client::new();
-    let (mut child, addr, log) = spawn_serve_with(&config, &env).await;
-    let base = format!("http://{addr}");
-    let url = format!("{base}/v1/images/generations");
-
-    let in_flight = {
-        let (client, url, key) = (client.clone(), url.clone(), key.clone());
-        #[expect(clippy::disallowed_methods, reason = "joined below")]
-        tokio::spawn(async move { send_one(&client, &url, &key).await })
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while provider.requests().is_empty() {
-        assert!(Instant::now() < deadline, "the call reaches the provider");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    limit_file_size(&child, "0");
-    let a = in_flight.await.expect("join");
     assert!(a.complete, "{a:?}");
     let a_id = a.request_id.expect("x-request-id");
     let deadline = Instant::now() + Duration::from_secs(15);
