@@ -2,68 +2,27 @@
 //! with SIGHUP reloads and a SIGTERM drain; its logs never carry a secret.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use chrono::Utc;
-use imagegate::usage::{Outcome, UsageRow};
+use imagegate::usage::UsageRow;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_imagegate");
-pub const SECRET: &str = "pk-live-very-secret-provider-key";
+use crate::support::binary::{self, SECRET, signal, write_config};
+use crate::support::rows::usage_row;
 
 fn imagegate(config: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .arg("--config")
-        .arg(config)
+    binary::command(config)
         .args(args)
         .env("CLI_TEST_PROVIDER_KEY", SECRET)
-        .env_remove("IMAGEGATE_CONFIG")
         .output()
         .expect("run imagegate")
 }
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// A config on a SQLite file in `dir`: the mock provider serves `models`; a real-looking
-/// provider (never called) holds a secret key.
-pub fn write_config(dir: &Path, models: &[&str]) -> std::path::PathBuf {
-    let mut toml = format!(
-        r#"
-default_model = "gpt-image-1"
-[server]
-listen = "127.0.0.1:0"
-shutdown_grace = "5s"
-journal_dir = "{}"
-[database]
-url = "sqlite:{}"
-[providers.mock]
-kind = "mock"
-delay = "10ms"
-[providers.real]
-base_url = "http://127.0.0.1:9/v1"
-api_key_env = "CLI_TEST_PROVIDER_KEY"
-[models."real-model"]
-routes = [{{ provider = "real", model = "x" }}]
-[pricing.real.x]
-per_image = 0.5
-"#,
-        dir.join("journal").display(),
-        dir.join("imagegate.db").display()
-    );
-    for model in models {
-        toml.push_str(&format!(
-            "[models.\"{model}\"]\nroutes = [{{ provider = \"mock\", model = \"{model}\" }}]\n\
-             [pricing.mock.\"{model}\"]\ntext_input = 5.0\ncached_text_input = 1.25\nimage_input = 10.0\n\
-             cached_image_input = 1.25\nimage_output = 40.0\n"
-        ));
-    }
-    let path = dir.join("imagegate.toml");
-    std::fs::write(&path, toml).expect("write config");
-    path
 }
 
 #[test]
@@ -152,33 +111,20 @@ async fn keys_are_shown_once_stored_hashed_and_revocable() {
 
 fn row(id: &str, key: &str, model: &str, cost: i64, tokens: i64) -> UsageRow {
     UsageRow {
-        request_id: id.into(),
-        key_id: 1,
         key_name: key.into(),
         model: model.into(),
         provider: "mock".into(),
         upstream_model: model.into(),
-        endpoint: "generations".into(),
-        status: 200,
-        outcome: Outcome::Completed,
-        streamed: false,
-        n: Some(1),
         size: None,
         quality: None,
-        images: 1,
         text_input_tokens: tokens,
-        image_input_tokens: 0,
-        cached_text_input_tokens: 0,
-        cached_image_input_tokens: 0,
         input_tokens: tokens,
         output_tokens: tokens * 2,
         total_tokens: tokens * 3,
         cost_nanousd: cost,
         latency_ms: 5,
         created_at: Utc::now(),
-        raw_usage: None,
-        usage_suspect: false,
-        cost_estimated: false,
+        ..usage_row(id)
     }
 }
 
@@ -299,62 +245,13 @@ async fn usage_totals_past_i64_are_printed_exactly() {
 }
 
 /// Starts `imagegate serve` and returns it with the address it printed.
-async fn serve(
-    config: &Path,
-) -> (
-    tokio::process::Child,
-    String,
-    tokio::task::JoinHandle<String>,
-) {
-    let mut child = tokio::process::Command::new(BIN)
-        .arg("--config")
-        .arg(config)
+async fn serve(config: &Path) -> binary::Served {
+    let mut command = binary::command(config);
+    command
         .arg("serve")
         .env("CLI_TEST_PROVIDER_KEY", SECRET)
-        .env("RUST_LOG", "debug")
-        .env_remove("IMAGEGATE_CONFIG")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn serve");
-    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let mut log = String::new();
-    let addr = loop {
-        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-            .await
-            .expect("imagegate starts")
-            .expect("read")
-            .expect("a line before exit");
-        log.push_str(&line);
-        log.push('\n');
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            break rest.split_whitespace().next().expect("address").to_owned();
-        }
-    };
-    #[expect(
-        clippy::disallowed_methods,
-        reason = "collects the child's log until it exits; joined by the test"
-    )]
-    let rest = tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            log.push_str(&line);
-            log.push('\n');
-        }
-        log
-    });
-    (child, addr, rest)
-}
-
-fn signal(child: &tokio::process::Child, name: &str) {
-    let pid = child.id().expect("running").to_string();
-    assert!(
-        Command::new("kill")
-            .args([name, &pid])
-            .status()
-            .expect("kill")
-            .success()
-    );
+        .env("RUST_LOG", "debug");
+    binary::serve(command).await.into_parts()
 }
 
 #[tokio::test]
@@ -498,12 +395,9 @@ async fn logs_escape_client_text_and_have_no_colours_when_piped() {
 async fn the_demo_banner_names_the_key_it_created() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = write_config(dir.path(), &["gpt-image-1"]);
-    let mut child = tokio::process::Command::new(BIN)
-        .arg("--config")
-        .arg(&config)
+    let mut child = tokio::process::Command::from(binary::command(&config))
         .arg("demo")
         .env("CLI_TEST_PROVIDER_KEY", SECRET)
-        .env_remove("IMAGEGATE_CONFIG")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -537,7 +431,7 @@ async fn the_demo_banner_names_the_key_it_created() {
 }
 
 fn helpers_png() -> String {
-    crate::helpers::PNG_B64[..40].to_owned()
+    crate::support::PNG_B64[..40].to_owned()
 }
 
 #[test]

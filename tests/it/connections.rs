@@ -4,11 +4,13 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::helpers::*;
-use crate::hostile::{RawForm, closes, connect, content_type, healthy, read_response};
+use crate::hostile::{closes, connect, healthy, read_response};
+use crate::support::binary;
+use crate::support::forms::{Form, content_type};
+use crate::support::*;
 
 /// The test configuration with these lines added to `[server]`.
 fn server_config(provider: &str, lines: &str) -> String {
@@ -27,7 +29,7 @@ async fn a_body_that_keeps_trickling_past_the_total_deadline_gets_408() {
     )
     .await;
     // Model first: the provider call has begun while the client trickles the image.
-    let edit = RawForm::default()
+    let edit = Form::new()
         .text("model", b"gpt-image-1")
         .text("prompt", b"p")
         .part(
@@ -35,7 +37,7 @@ async fn a_body_that_keeps_trickling_past_the_total_deadline_gets_408() {
             b"Content-Type: image/png\r\n",
             &[7u8; 100_000],
         )
-        .done();
+        .body();
     let json = br#"{"model":"gpt-image-1","prompt":"a fox in the snow, slowly"}"#.to_vec();
     for (what, path, ct, body, at_once) in [
         ("edit", "/v1/images/edits", content_type(), edit, 50_000),
@@ -94,15 +96,10 @@ async fn a_body_that_keeps_trickling_past_the_total_deadline_gets_408() {
         assert_eq!(gw.spool_files(), 0, "{what}: no spool file left");
     }
     // The provider call the edit had begun was ended: the stand-in saw its upload break off.
-    let mut broken_off = false;
-    for _ in 0..100 {
-        if provider.requests().len() == 1 {
-            broken_off = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(broken_off, "the provider call that had begun was ended");
+    assert!(
+        provider.wait_for_requests(1).await,
+        "the provider call that had begun was ended"
+    );
     assert!(provider.complete_requests().is_empty());
     healthy(&gw).await;
     gw.shutdown().await;
@@ -349,42 +346,30 @@ async fn two_thousand_silent_connections_leave_health_checks_answering() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = crate::cli::write_config(dir.path(), &["gpt-image-1"]);
+    let config = binary::write_config(dir.path(), &["gpt-image-1"]);
     let toml = std::fs::read_to_string(&config).expect("read config");
     let toml = toml.replacen("[server]\n", "[server]\nheader_read_timeout = \"3s\"\n", 1);
     std::fs::write(&config, toml).expect("write config");
     // Started as a service manager would leave it: a soft limit of 1024 open files (the
     // usual default), below the silent connections; the hard limit is this process's.
-    let mut child = tokio::process::Command::new("sh")
+    let mut command = std::process::Command::new("sh");
+    command
         .arg("-c")
         .arg("ulimit -Sn 1024 && exec \"$@\"")
         .arg("sh")
-        .arg(crate::cli::BIN)
+        .arg(binary::BIN)
         .arg("--config")
         .arg(&config)
         .arg("serve")
-        .env("CLI_TEST_PROVIDER_KEY", crate::cli::SECRET)
+        .env("CLI_TEST_PROVIDER_KEY", binary::SECRET)
         .env("RUST_LOG", "info")
-        .env_remove("IMAGEGATE_CONFIG")
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn serve");
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let mut log = String::new();
-    let addr = loop {
-        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-            .await
-            .expect("imagegate starts")
-            .expect("read")
-            .expect("a line before exit");
-        log.push_str(&line);
-        log.push('\n');
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            break rest.split_whitespace().next().expect("address").to_owned();
-        }
-    };
+        .env_remove("IMAGEGATE_CONFIG");
+    let binary::Serving {
+        mut child,
+        addr,
+        startup_log: log,
+        ..
+    } = binary::serve(command).await;
     let plain = strip_colours(&log);
     assert!(
         plain.contains("open files limit") && plain.contains("before=1024"),

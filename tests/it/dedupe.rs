@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::helpers::*;
+use crate::support::*;
 
 const GEN: &str = "/v1/images/generations";
 const BODY: &str = r#"{"model":"gpt-image-1","prompt":"a slow fox"}"#;

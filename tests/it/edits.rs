@@ -10,7 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::generations::expect_error;
-use crate::helpers::*;
+use crate::support::forms::Form;
+use crate::support::*;
 use imagegate::usage::Outcome;
 
 /// One part of a multipart body, as a provider sees it.
@@ -211,51 +212,6 @@ async fn replays_every_edit_and_variation_capture(db: Db) {
     gw.shutdown().await;
 }
 
-/// A multipart body built by the test.
-struct Form {
-    boundary: String,
-    parts: Vec<u8>,
-}
-
-impl Form {
-    fn new() -> Form {
-        Form {
-            boundary: "test-boundary-7MA4YWxk".into(),
-            parts: Vec::new(),
-        }
-    }
-    fn text(mut self, name: &str, value: &str) -> Form {
-        self.parts.extend_from_slice(
-            format!(
-                "--{}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n",
-                self.boundary
-            )
-            .as_bytes(),
-        );
-        self
-    }
-    fn file(mut self, name: &str, data: &[u8]) -> Form {
-        self.parts.extend_from_slice(
-            format!(
-                "--{}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"f.png\"\r\nContent-Type: image/png\r\n\r\n",
-                self.boundary
-            )
-            .as_bytes(),
-        );
-        self.parts.extend_from_slice(data);
-        self.parts.extend_from_slice(b"\r\n");
-        self
-    }
-    fn content_type(&self) -> String {
-        format!("multipart/form-data; boundary={}", self.boundary)
-    }
-    fn body(&self) -> Vec<u8> {
-        let mut body = self.parts.clone();
-        body.extend_from_slice(format!("--{}--\r\n", self.boundary).as_bytes());
-        body
-    }
-}
-
 fn png(size: usize) -> Vec<u8> {
     let mut data = b"\x89PNG\r\n\x1a\n".to_vec();
     data.resize(size, 7);
@@ -338,7 +294,7 @@ async fn limits_and_malformed_uploads_get_clear_errors_and_nothing_billed() {
             "whole upload over its limit",
             (0..6)
                 .fold(base(), |form, i| {
-                    form.text(&format!("note{i}"), &"x".repeat(200_000))
+                    form.text(&format!("note{i}"), "x".repeat(200_000))
                 })
                 .file("image", &png(10)),
             413,
@@ -362,7 +318,7 @@ async fn limits_and_malformed_uploads_get_clear_errors_and_nothing_billed() {
     // The same upload, chunked: no length to check up front, so the limit cuts it off as it streams.
     let big = (0..6)
         .fold(base(), |form, i| {
-            form.text(&format!("note{i}"), &"x".repeat(200_000))
+            form.text(&format!("note{i}"), "x".repeat(200_000))
         })
         .file("image", &png(10));
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> = big
@@ -469,7 +425,7 @@ async fn text_held_before_the_model_is_capped_and_the_spool_has_a_quota() {
     // held in memory while the route is unknown.
     let texts = (0..5)
         .fold(Form::new(), |form, i| {
-            form.text(&format!("note{i}"), &"x".repeat(250_000))
+            form.text(&format!("note{i}"), "x".repeat(250_000))
         })
         .text("model", "gpt-image-1")
         .text("prompt", "p")
@@ -761,7 +717,7 @@ async fn spool_files_left_by_a_crash_are_removed_at_start() {
         1,
     );
     let path = dir.path().join("imagegate.toml");
-    let (_, url) = crate::db::fresh_postgres().await;
+    let (_, url) = crate::support::db::fresh_postgres().await;
     std::fs::write(&path, format!("{config}\n[database]\nurl = \"{url}\"\n")).expect("write");
     let config = imagegate::config::Config::load(&path, &test_env()).expect("config");
     let gateway = imagegate::Gateway::start(config, test_env())

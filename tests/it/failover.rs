@@ -6,10 +6,10 @@ use std::time::Duration;
 use axum::body::Body;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use serde_json::Value;
 
 use crate::generations::expect_error;
-use crate::helpers::*;
+use crate::support::forms::{BOUNDARY, Form};
+use crate::support::*;
 use imagegate::usage::Outcome;
 
 const GEN: &str = "/v1/images/generations";
@@ -176,9 +176,7 @@ async fn no_failover_once_a_provider_has_begun_a_successful_answer() {
 
 #[tokio::test]
 async fn max_attempts_and_connection_refused() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let dead = format!("http://{}/v1", closed.local_addr().expect("addr"));
-    drop(closed);
+    let dead = dead_url();
     let second = StandIn::json(200, &image_response(1, USAGE)).await;
     let one_attempt = r#"
 [models.duo-once]
@@ -211,15 +209,7 @@ async fn the_breaker_skips_a_failing_provider_then_probes_it() {
         generate(&gw, "duo").await.bytes().await.expect("body");
     }
     assert_eq!(first.requests().len(), 2);
-    let ready: Value = gw
-        .client
-        .get(gw.url("/readyz"))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let ready = gw.readyz().await;
     assert_eq!(ready["checks"]["providers"]["first"], "open");
     // Open: the first provider is skipped, the second serves at once.
     let response = generate(&gw, "duo").await;
@@ -235,15 +225,7 @@ async fn the_breaker_skips_a_failing_provider_then_probes_it() {
     assert!(response.headers().contains_key("retry-after"));
     let error = expect_error(response, 503).await;
     assert_eq!(error["code"], "provider_unavailable");
-    let metrics = gw
-        .client
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .expect("send")
-        .text()
-        .await
-        .expect("text");
+    let metrics = gw.metrics().await;
     assert!(
         metrics.contains("imagegate_provider_circuit_open{provider=\"first\"} 1"),
         "{metrics}"
@@ -254,15 +236,7 @@ async fn the_breaker_skips_a_failing_provider_then_probes_it() {
     let response = generate(&gw, "duo").await;
     assert_eq!(response.headers()["x-imagegate-provider"], "first");
     response.bytes().await.expect("body");
-    let ready: Value = gw
-        .client
-        .get(gw.url("/readyz"))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let ready = gw.readyz().await;
     assert_eq!(ready["checks"]["providers"]["first"], "closed");
     gw.shutdown().await;
 }
@@ -281,31 +255,16 @@ async fn edits_fail_over_with_the_upload_replayed_from_the_spool() {
         .copied()
         .chain((0..300_000u32).map(|i| (i % 251) as u8))
         .collect();
-    let boundary = "b0undary";
-    let mut body = Vec::new();
-    for (name, value) in [("model", "duo"), ("prompt", "blue")] {
-        body.extend_from_slice(
-            format!(
-                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
-            )
-            .as_bytes(),
-        );
-    }
-    body.extend_from_slice(
-        format!("--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\nContent-Type: application/octet-stream\r\n\r\n")
-            .as_bytes(),
-    );
-    body.extend_from_slice(&image);
-    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let form = Form::new()
+        .text("model", "duo")
+        .text("prompt", "blue")
+        .file_named("image", "a.png", "application/octet-stream", &image);
     let response = gw
         .client
         .post(gw.url("/v1/images/edits"))
         .bearer_auth(&gw.key)
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={boundary}"),
-        )
-        .body(body)
+        .header("content-type", form.content_type())
+        .body(form.body())
         .send()
         .await
         .expect("send");
@@ -397,22 +356,10 @@ async fn a_timeout_while_the_client_still_uploads_does_not_open_the_circuit() {
         &duo_config_with(&first.base_url(), &second.base_url(), "", 1),
     )
     .await;
-    let boundary = "slow-boundary";
-    let mut head = Vec::new();
-    for (name, value) in [("model", "solo"), ("prompt", "p")] {
-        head.extend_from_slice(
-            format!(
-                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
-            )
-            .as_bytes(),
-        );
-    }
-    head.extend_from_slice(
-        format!("--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\n")
-            .as_bytes(),
-    );
-    head.extend_from_slice(b"\x89PNG\r\n\x1a\n");
-    let tail = format!("0123456789\r\n--{boundary}--\r\n").into_bytes();
+    let form = Form::edit("solo", "p");
+    // Held back: the image's last ten bytes and the closing delimiter.
+    let mut head = form.body();
+    let tail = head.split_off(head.len() - format!("0123456789\r\n--{BOUNDARY}--\r\n").len());
     // The client's upload takes longer than the provider's first-byte timeout.
     let body = futures_util::stream::iter([Ok::<_, std::io::Error>(head)]).chain(
         futures_util::stream::once(async move {
@@ -424,10 +371,7 @@ async fn a_timeout_while_the_client_still_uploads_does_not_open_the_circuit() {
         .client
         .post(gw.url("/v1/images/edits"))
         .bearer_auth(&gw.key)
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={boundary}"),
-        )
+        .header("content-type", form.content_type())
         .body(reqwest::Body::wrap_stream(body))
         .send()
         .await

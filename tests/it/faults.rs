@@ -13,7 +13,8 @@ use futures_util::StreamExt;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 
-use crate::helpers::*;
+use crate::support::forms::Form;
+use crate::support::*;
 
 #[derive(Clone, Copy, Debug)]
 enum Fault {
@@ -118,23 +119,8 @@ image_output = 40.0
 }
 
 fn edit_form() -> (String, Vec<u8>) {
-    let boundary = "fault-boundary";
-    let mut body = Vec::new();
-    for (name, value) in [("model", "faulty"), ("prompt", "p")] {
-        body.extend_from_slice(
-            format!(
-                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
-            )
-            .as_bytes(),
-        );
-    }
-    body.extend_from_slice(
-        format!("--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\n")
-            .as_bytes(),
-    );
-    body.extend_from_slice(b"\x89PNG\r\n\x1a\n0123456789");
-    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    (format!("multipart/form-data; boundary={boundary}"), body)
+    let form = Form::edit("faulty", "p");
+    (form.content_type(), form.body())
 }
 
 /// Sends `n` generations and `n` edits; returns each response's status and whether its

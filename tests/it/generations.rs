@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::helpers::*;
+use crate::support::*;
 use imagegate::usage::Outcome;
 
 crate::on_both_databases!(

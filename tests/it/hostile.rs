@@ -12,53 +12,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::generations::expect_error;
-use crate::helpers::*;
-
-const BOUNDARY: &str = "hostile-boundary-5xQ";
-
-/// A multipart body built from raw bytes, so that names and values can be anything.
-#[derive(Default)]
-pub struct RawForm {
-    body: Vec<u8>,
-}
-
-impl RawForm {
-    pub fn part(mut self, disposition: &[u8], extra_headers: &[u8], value: &[u8]) -> RawForm {
-        self.body
-            .extend_from_slice(format!("--{BOUNDARY}\r\nContent-Disposition: ").as_bytes());
-        self.body.extend_from_slice(disposition);
-        self.body.extend_from_slice(b"\r\n");
-        self.body.extend_from_slice(extra_headers);
-        self.body.extend_from_slice(b"\r\n");
-        self.body.extend_from_slice(value);
-        self.body.extend_from_slice(b"\r\n");
-        self
-    }
-
-    pub fn text(self, name: &str, value: &[u8]) -> RawForm {
-        self.part(format!("form-data; name=\"{name}\"").as_bytes(), b"", value)
-    }
-
-    pub fn image(self) -> RawForm {
-        self.part(
-            b"form-data; name=\"image\"; filename=\"a.png\"",
-            b"Content-Type: image/png\r\n",
-            PNG,
-        )
-    }
-
-    pub fn done(mut self) -> Vec<u8> {
-        self.body
-            .extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
-        self.body
-    }
-}
-
-const PNG: &[u8] = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR-not-really-an-image";
-
-pub fn content_type() -> String {
-    format!("multipart/form-data; boundary={BOUNDARY}")
-}
+use crate::support::forms::{BOUNDARY, Form, PNG, content_type};
+use crate::support::*;
 
 async fn post_form(gw: &TestGateway, path: &str, body: Vec<u8>) -> reqwest::Response {
     gw.client
@@ -244,7 +199,7 @@ async fn a_stalled_upload_gets_408_and_releases_everything() {
     let gw = TestGateway::start(Db::Postgres, &idle_config(&provider.base_url())).await;
 
     // Image before model: the image waits in the spool when the client stalls.
-    let spooling = RawForm::default()
+    let spooling = Form::new()
         .text("prompt", b"p")
         .part(
             b"form-data; name=\"image\"; filename=\"a.png\"",
@@ -252,9 +207,9 @@ async fn a_stalled_upload_gets_408_and_releases_everything() {
             &[7u8; 100_000],
         )
         .text("model", b"gpt-image-1")
-        .done();
+        .body();
     // Model first: the provider call has begun when the client stalls.
-    let streaming = RawForm::default()
+    let streaming = Form::new()
         .text("model", b"gpt-image-1")
         .text("prompt", b"p")
         .part(
@@ -262,7 +217,7 @@ async fn a_stalled_upload_gets_408_and_releases_everything() {
             b"Content-Type: image/png\r\n",
             &[7u8; 100_000],
         )
-        .done();
+        .body();
     for (what, body, cut, spooled) in [
         ("spooling", &spooling, 50_000, true),
         ("streaming", &streaming, 50_000, false),
@@ -290,15 +245,10 @@ async fn a_stalled_upload_gets_408_and_releases_everything() {
         assert_eq!(gw.spool_files(), 0, "{what}: no spool file left");
     }
     // The stand-in saw the streamed upload start and break off; nothing arrived whole.
-    let mut broken_off = false;
-    for _ in 0..100 {
-        if provider.requests().len() == 1 {
-            broken_off = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(broken_off, "the provider call that had begun was ended");
+    assert!(
+        provider.wait_for_requests(1).await,
+        "the provider call that had begun was ended"
+    );
     assert!(provider.complete_requests().is_empty());
 
     // A JSON body that stops halfway.
@@ -309,11 +259,11 @@ async fn a_stalled_upload_gets_408_and_releases_everything() {
     assert_eq!(response.error()["code"], "request_timeout");
 
     // A slow client that keeps sending is not cut off.
-    let form = RawForm::default()
+    let form = Form::new()
         .text("model", b"gpt-image-1")
         .text("prompt", b"p")
         .image()
-        .done();
+        .body();
     let mut socket = stall_after(&gw, "/v1/images/edits", &content_type(), &form, 0).await;
     for piece in form.chunks(form.len() / 4 + 1) {
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -364,35 +314,35 @@ async fn invalid_utf8_gets_a_400_and_no_panic() {
     let cases: Vec<(&str, Vec<u8>, Option<&str>)> = vec![
         (
             "prompt",
-            RawForm::default()
+            Form::new()
                 .text("model", b"gpt-image-1")
                 .text("prompt", b"a \xff fox")
                 .image()
-                .done(),
+                .body(),
             Some("prompt"),
         ),
         (
             "model",
-            RawForm::default()
+            Form::new()
                 .text("model", b"gpt-\xc0image")
                 .text("prompt", b"p")
                 .image()
-                .done(),
+                .body(),
             Some("model"),
         ),
         (
             "an unknown text field",
-            RawForm::default()
+            Form::new()
                 .text("model", b"gpt-image-1")
                 .text("prompt", b"p")
                 .text("user", b"\x80\x81")
                 .image()
-                .done(),
+                .body(),
             Some("user"),
         ),
         (
             "filename",
-            RawForm::default()
+            Form::new()
                 .text("model", b"gpt-image-1")
                 .text("prompt", b"p")
                 .part(
@@ -400,17 +350,17 @@ async fn invalid_utf8_gets_a_400_and_no_panic() {
                     b"Content-Type: image/png\r\n",
                     PNG,
                 )
-                .done(),
+                .body(),
             None,
         ),
         (
             "part name",
-            RawForm::default()
+            Form::new()
                 .text("model", b"gpt-image-1")
                 .text("prompt", b"p")
                 .part(b"form-data; name=\"\xe9t\xe9\"", b"", b"x")
                 .image()
-                .done(),
+                .body(),
             None,
         ),
     ];
@@ -464,7 +414,7 @@ async fn header_injection_in_part_names_and_filenames_reaches_no_header_upstream
     let gw = TestGateway::start(Db::Sqlite, &test_config(&provider.base_url(), "")).await;
     let evil_name =
         br#"form-data; name="image"; filename="a\"; name=\"model\"\r\nX-Injected: 1.png""#;
-    let form = RawForm::default()
+    let form = Form::new()
         .text("model", b"gpt-image-1")
         .text("prompt", b"p")
         // A quote escaped the way multer reads it, with a line break spelled out.
@@ -477,7 +427,7 @@ async fn header_injection_in_part_names_and_filenames_reaches_no_header_upstream
         )
         // Quotes and semicolons in a text part's name.
         .part(br#"form-data; name="user\"; filename=\"x.png""#, b"", b"u1")
-        .done();
+        .body();
     let response = gw
         .client
         .post(gw.url("/v1/images/edits"))
@@ -546,7 +496,7 @@ async fn floods_of_tiny_parts_and_endless_part_headers_are_refused_early() {
     let gw = TestGateway::start(Db::Sqlite, &test_config(&provider.base_url(), "")).await;
 
     for model_first in [false, true] {
-        let mut form = RawForm::default();
+        let mut form = Form::new();
         if model_first {
             form = form.text("model", b"gpt-image-1");
         }
@@ -556,7 +506,7 @@ async fn floods_of_tiny_parts_and_endless_part_headers_are_refused_early() {
         }
         let started = Instant::now();
         let error =
-            expect_clean_error(post_form(&gw, "/v1/images/edits", form.done()).await, 400).await;
+            expect_clean_error(post_form(&gw, "/v1/images/edits", form.body()).await, 400).await;
         assert!(
             error["message"]
                 .as_str()

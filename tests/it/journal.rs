@@ -5,42 +5,30 @@
 //! must end up as exactly one usage row.
 
 use std::collections::HashMap;
-use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::DateTime;
+use imagegate::store::Store;
 use imagegate::usage::journal::{Journal, Position};
 use imagegate::usage::{Intent, Outcome, UsageRow};
 use serde_json::Value;
 use sqlx::Connection;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::helpers::{StandIn, TestGateway, USAGE, all_rows, image_response, test_config};
+use crate::support::binary::{self, signal};
+use crate::support::postgres::Cluster;
+use crate::support::rows::usage_row;
+use crate::support::{StandIn, TestGateway, USAGE, all_rows, image_response, test_config};
 
 fn row(id: &str) -> UsageRow {
     UsageRow {
-        request_id: id.into(),
-        key_id: 1,
         key_name: "svc".into(),
-        model: "gpt-image-1".into(),
         provider: "piapi".into(),
-        upstream_model: "gpt-image-1".into(),
-        endpoint: "generations".into(),
-        status: 200,
-        outcome: Outcome::Completed,
-        streamed: false,
-        n: Some(1),
-        size: Some("1024x1024".into()),
         quality: None,
-        images: 1,
         text_input_tokens: 19,
-        image_input_tokens: 0,
-        cached_text_input_tokens: 0,
-        cached_image_input_tokens: 0,
         input_tokens: 19,
         output_tokens: 272,
         total_tokens: 291,
@@ -49,8 +37,7 @@ fn row(id: &str) -> UsageRow {
         // Fixed, so that every row's line has the same length.
         created_at: DateTime::from_timestamp(1_780_000_000, 123_456_000).expect("time"),
         raw_usage: Some(r#"{"input_tokens":19}"#.into()),
-        usage_suspect: false,
-        cost_estimated: false,
+        ..usage_row(id)
     }
 }
 
@@ -380,7 +367,7 @@ async fn readyz(client: &reqwest::Client, base: &str) -> (u16, Value) {
 async fn a_row_the_database_refuses_is_set_aside_and_the_rest_written() {
     let provider = StandIn::json(200, &image_response(1, USAGE)).await;
     let gateway = TestGateway::start(
-        crate::helpers::Db::Postgres,
+        crate::support::Db::Postgres,
         &test_config(&provider.base_url(), ""),
     )
     .await;
@@ -409,201 +396,6 @@ async fn a_row_the_database_refuses_is_set_aside_and_the_rest_written() {
     let (_, body) = readyz(&gateway.client, &gateway.url("")).await;
     assert_eq!(body["checks"]["usage_backlog"], 0, "{body}");
     gateway.shutdown().await;
-}
-
-// ---------------------------------------------------------------------------------------
-// A throwaway Postgres cluster, started and stopped by the test, never the shared server.
-
-/// A Postgres cluster in a temporary folder, on a free port. As root, its programs run as
-/// the `postgres` user (Postgres refuses to run as root).
-struct Cluster {
-    dir: tempfile::TempDir,
-    bin: PathBuf,
-    port: u16,
-    as_postgres: bool,
-}
-
-impl Cluster {
-    /// Panics with the reason when a cluster cannot be made here: the test must not pass
-    /// without having stopped a database.
-    fn start() -> Cluster {
-        let bin = postgres_bin();
-        let as_postgres = run_plain("id", &["-u"]).trim() == "0";
-        let dir = tempfile::Builder::new()
-            .prefix("imagegate-pg-")
-            .tempdir()
-            .expect("tempdir for the cluster");
-        if as_postgres {
-            let uid = run_plain("id", &["-u", "postgres"]).trim().parse().unwrap_or_else(|_| {
-                panic!("running as root, the throwaway Postgres cluster needs a `postgres` user to run as, and there is none")
-            });
-            let gid = run_plain("id", &["-g", "postgres"])
-                .trim()
-                .parse()
-                .expect("postgres gid");
-            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))
-                .expect("chown the cluster folder to postgres");
-        }
-        let port = StdListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let cluster = Cluster {
-            dir,
-            bin,
-            port,
-            as_postgres,
-        };
-        let data = cluster.data();
-        cluster.pg(
-            "initdb",
-            &[
-                "-D",
-                &data,
-                "-U",
-                "postgres",
-                "-A",
-                "trust",
-                "-E",
-                "UTF8",
-                "--no-sync",
-            ],
-        );
-        cluster.resume();
-        cluster
-    }
-
-    fn data(&self) -> String {
-        self.dir.path().join("data").display().to_string()
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
-    }
-
-    /// Starts the server and waits until it accepts connections.
-    fn resume(&self) {
-        let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
-            self.port,
-            self.dir.path().display()
-        );
-        let log = self.dir.path().join("server.log").display().to_string();
-        self.pg(
-            "pg_ctl",
-            &[
-                "-D",
-                &self.data(),
-                "-l",
-                &log,
-                "-o",
-                &options,
-                "-w",
-                "-t",
-                "60",
-                "start",
-            ],
-        );
-    }
-
-    /// Stops the server at once, as a crash would (connections are cut, no checkpoint).
-    fn stop(&self) {
-        self.pg(
-            "pg_ctl",
-            &["-D", &self.data(), "-m", "immediate", "-w", "stop"],
-        );
-    }
-
-    fn pg(&self, program: &str, args: &[&str]) -> Output {
-        let program = self.bin.join(program);
-        let mut command = if self.as_postgres {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(&program);
-            c
-        } else {
-            Command::new(&program)
-        };
-        let output = command
-            .args(args)
-            .current_dir(self.dir.path())
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|err| {
-                panic!(
-                    "cannot run {}{}: {err}",
-                    if self.as_postgres {
-                        "runuser -u postgres -- "
-                    } else {
-                        ""
-                    },
-                    program.display()
-                )
-            });
-        if !output.status.success() {
-            let log =
-                std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
-            panic!(
-                "throwaway Postgres cluster: {} {args:?} failed ({}):\n{}{}\nserver log:\n{log}",
-                program.display(),
-                output.status,
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        output
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let program = self.bin.join("pg_ctl");
-        let data = self.data();
-        let args = ["-D", data.as_str(), "-m", "immediate", "-w", "stop"];
-        let mut command = if self.as_postgres {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(&program);
-            c
-        } else {
-            Command::new(&program)
-        };
-        // Already stopped is fine.
-        let _ = command
-            .args(args)
-            .current_dir(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-/// The newest `/usr/lib/postgresql/<version>/bin` holding `initdb` and `pg_ctl`.
-fn postgres_bin() -> PathBuf {
-    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let version = e.file_name().to_str()?.parse().ok()?;
-            let bin = e.path().join("bin");
-            (bin.join("initdb").is_file() && bin.join("pg_ctl").is_file()).then_some((version, bin))
-        })
-        .collect();
-    found.sort();
-    found.pop().map(|(_, bin)| bin).unwrap_or_else(|| {
-        panic!(
-            "no Postgres server programs (initdb, pg_ctl) under /usr/lib/postgresql/*/bin: \
-             the outage test starts its own throwaway cluster and needs them \
-             (apt-get install postgresql)"
-        )
-    })
-}
-
-fn run_plain(program: &str, args: &[&str]) -> String {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|err| panic!("cannot run {program}: {err}"));
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -869,8 +661,6 @@ async fn a_postgres_outage_mid_stream_delays_usage_rows_and_loses_none() {
 // ---------------------------------------------------------------------------------------
 // The real binary: kill -9 mid-stream, and SIGTERM while the database is busy.
 
-const BIN: &str = env!("CARGO_BIN_EXE_imagegate");
-
 fn binary_config(dir: &Path, shutdown_grace: &str) -> PathBuf {
     let toml = format!(
         r#"
@@ -904,73 +694,24 @@ image_output = 40.0
 }
 
 /// `imagegate serve`, the address it listens on, and its log (when it has exited).
-async fn spawn_serve(
-    config: &Path,
-) -> (
-    tokio::process::Child,
-    String,
-    tokio::task::JoinHandle<String>,
-) {
+async fn spawn_serve(config: &Path) -> binary::Served {
     spawn_serve_with(config, &[]).await
 }
 
 /// [`spawn_serve`] with more environment variables.
-async fn spawn_serve_with(
-    config: &Path,
-    env: &[(&str, &str)],
-) -> (
-    tokio::process::Child,
-    String,
-    tokio::task::JoinHandle<String>,
-) {
-    let mut child = tokio::process::Command::new(BIN)
-        .arg("--config")
-        .arg(config)
+async fn spawn_serve_with(config: &Path, env: &[(&str, &str)]) -> binary::Served {
+    let mut command = binary::command(config);
+    command
         .arg("serve")
-        .env_remove("IMAGEGATE_CONFIG")
         .env("RUST_LOG", "info")
         .env("IMAGEGATE_LOG_FORMAT", "json")
-        .envs(env.iter().copied())
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn imagegate serve");
-    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let mut log = String::new();
-    let addr = loop {
-        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-            .await
-            .expect("imagegate starts")
-            .expect("read")
-            .unwrap_or_else(|| panic!("imagegate exited before listening:\n{log}"));
-        log.push_str(&line);
-        log.push('\n');
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            break rest.split_whitespace().next().expect("address").to_owned();
-        }
-    };
-    // Keep reading, so the child never blocks on a full pipe.
-    #[expect(
-        clippy::disallowed_methods,
-        reason = "ends with the child's stderr; joined by tests that want the log"
-    )]
-    let log = tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            log.push_str(&line);
-            log.push('\n');
-        }
-        log
-    });
-    (child, addr, log)
+        .envs(env.iter().copied());
+    binary::serve(command).await.into_parts()
 }
 
 fn create_key(config: &Path) -> String {
-    let out = Command::new(BIN)
-        .arg("--config")
-        .arg(config)
+    let out = binary::command(config)
         .args(["keys", "create", "--name", "svc"])
-        .env_remove("IMAGEGATE_CONFIG")
         .output()
         .expect("keys create");
     assert!(
@@ -999,17 +740,6 @@ async fn unlock_writes(mut conn: sqlx::SqliteConnection) {
         .await
         .expect("release the write lock");
     conn.close().await.expect("close");
-}
-
-fn signal(child: &tokio::process::Child, name: &str) {
-    let pid = child.id().expect("running").to_string();
-    assert!(
-        Command::new("kill")
-            .args([name, &pid])
-            .status()
-            .expect("kill")
-            .success()
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1200,29 +930,36 @@ async fn metric(client: &reqwest::Client, base: &str, name: &str) -> f64 {
         .map_or(0.0, |v| v.trim().parse().expect("metric value"))
 }
 
-/// The journal stops taking writes (a file-size limit of 0 on the process: every write
-/// that grows a file fails, as on a full disk) while a call is in flight: its row goes
-/// straight to the database, billable requests get 503 `usage_journal_unavailable`
-/// without reaching the provider, `/readyz` says why, and lifting the limit brings it
-/// all back without a restart.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unwritable_journal_stops_billable_requests_until_it_recovers() {
-    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
-    provider.set_delay(Duration::from_millis(1500));
-    let dir = tempfile::tempdir().expect("tempdir");
-    // Postgres: a SQLite file would be under the same file-size limit as the journal.
-    let (store, database_url) = crate::db::fresh_postgres().await;
-    let config = standin_config(dir.path(), &database_url, &provider.base_url());
+/// `imagegate serve` on `database_url` (with a key made in `store`) in front of `provider`,
+/// left with its file-size limit dropped to 0 while one call is in flight: no write can grow
+/// a file (as on a full disk), and that call's row cannot be journaled at its end.
+struct UnwritableJournal {
+    config: PathBuf,
+    child: tokio::process::Child,
+    base: String,
+    url: String,
+    log: tokio::task::JoinHandle<String>,
+    key: String,
+    client: reqwest::Client,
+    /// What the call in flight saw.
+    in_flight: Sent,
+}
+
+async fn fill_the_disk_mid_call(
+    dir: &Path,
+    store: &dyn Store,
+    database_url: &str,
+    provider: &StandIn,
+) -> UnwritableJournal {
     let issued = imagegate::auth::issue_key("svc");
     store.create_key(issued.new.clone()).await.expect("key");
     let key = issued.key;
+    let config = standin_config(dir, database_url, &provider.base_url());
+    let env = [("TEST_PIAPI_KEY", crate::support::PROVIDER_KEY)];
     let client = reqwest::Client::new();
-    let (mut child, addr, log) =
-        spawn_serve_with(&config, &[("TEST_PIAPI_KEY", crate::helpers::PROVIDER_KEY)]).await;
+    let (child, addr, log) = spawn_serve_with(&config, &env).await;
     let base = format!("http://{addr}");
     let url = format!("{base}/v1/images/generations");
-
-    // A call in flight when the journal fails: its row cannot be journaled at the end.
     let in_flight = {
         let (client, url, key) = (client.clone(), url.clone(), key.clone());
         #[expect(clippy::disallowed_methods, reason = "joined below")]
@@ -1235,6 +972,40 @@ async fn an_unwritable_journal_stops_billable_requests_until_it_recovers() {
     }
     limit_file_size(&child, "0");
     let a = in_flight.await.expect("join");
+    UnwritableJournal {
+        config,
+        child,
+        base,
+        url,
+        log,
+        key,
+        client,
+        in_flight: a,
+    }
+}
+
+/// The journal stops taking writes (a file-size limit of 0 on the process: every write
+/// that grows a file fails, as on a full disk) while a call is in flight: its row goes
+/// straight to the database, billable requests get 503 `usage_journal_unavailable`
+/// without reaching the provider, `/readyz` says why, and lifting the limit brings it
+/// all back without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_journal_stops_billable_requests_until_it_recovers() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    provider.set_delay(Duration::from_millis(1500));
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Postgres: a SQLite file would be under the same file-size limit as the journal.
+    let (store, database_url) = crate::support::db::fresh_postgres().await;
+    let UnwritableJournal {
+        mut child,
+        base,
+        url,
+        log,
+        key,
+        client,
+        in_flight: a,
+        ..
+    } = fill_the_disk_mid_call(dir.path(), &*store, &database_url, &provider).await;
     assert!(a.complete, "the call in flight is answered: {a:?}");
     let a_id = a.request_id.expect("x-request-id");
 
@@ -1353,28 +1124,16 @@ async fn a_row_neither_the_journal_nor_the_database_takes_is_counted_logged_and_
         .await
         .expect("store");
     store.migrate().await.expect("migrate");
-    let issued = imagegate::auth::issue_key("svc");
-    store.create_key(issued.new.clone()).await.expect("key");
-    let key = issued.key;
-    let config = standin_config(dir.path(), &database_url, &provider.base_url());
-    let env = [("TEST_PIAPI_KEY", crate::helpers::PROVIDER_KEY)];
-    let client = reqwest::Client::new();
-    let (mut child, addr, log) = spawn_serve_with(&config, &env).await;
-    let base = format!("http://{addr}");
-    let url = format!("{base}/v1/images/generations");
-
-    let in_flight = {
-        let (client, url, key) = (client.clone(), url.clone(), key.clone());
-        #[expect(clippy::disallowed_methods, reason = "joined below")]
-        tokio::spawn(async move { send_one(&client, &url, &key).await })
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while provider.requests().is_empty() {
-        assert!(Instant::now() < deadline, "the call reaches the provider");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    limit_file_size(&child, "0");
-    let a = in_flight.await.expect("join");
+    let UnwritableJournal {
+        config,
+        mut child,
+        base,
+        log,
+        client,
+        in_flight: a,
+        ..
+    } = fill_the_disk_mid_call(dir.path(), &*store, &database_url, &provider).await;
+    let env = [("TEST_PIAPI_KEY", crate::support::PROVIDER_KEY)];
     assert!(a.complete, "{a:?}");
     let a_id = a.request_id.expect("x-request-id");
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -1439,7 +1198,7 @@ async fn kill_9_with_calls_in_flight_leaves_one_interrupted_row_per_call_cut() {
     store.create_key(issued.new.clone()).await.expect("key");
     let key = issued.key;
     let config = standin_config(dir.path(), &database_url, &provider.base_url());
-    let env = [("TEST_PIAPI_KEY", crate::helpers::PROVIDER_KEY)];
+    let env = [("TEST_PIAPI_KEY", crate::support::PROVIDER_KEY)];
     let client = reqwest::Client::new();
 
     let (mut child, addr, _) = spawn_serve_with(&config, &env).await;

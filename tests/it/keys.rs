@@ -14,7 +14,7 @@ use sqlx::postgres::PgConnectOptions;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::*;
+use crate::support::*;
 
 /// A TCP proxy to the test Postgres that can be taken down and brought back.
 struct DbProxy {
@@ -62,7 +62,7 @@ impl DbProxy {
 
     /// A fresh test database reached through a new proxy, and its URL through the proxy.
     async fn fresh() -> (DbProxy, String) {
-        let url = crate::db::fresh_postgres().await.1;
+        let url = crate::support::db::fresh_postgres().await.1;
         let options = PgConnectOptions::from_str(&url).expect("a Postgres URL");
         let server = format!("{}:{}", options.get_host(), options.get_port());
         let proxy = DbProxy::start(server.clone()).await;

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::*;
+use crate::support::*;
 
 fn prompt(p: &str) -> String {
     format!(r#"{{"model":"gpt-image-1","prompt":"{p}"}}"#)

@@ -2,17 +2,18 @@
 
 mod cli;
 mod connections;
-mod db;
 mod dedupe;
 mod edits;
+mod extract;
 mod failover;
 mod faults;
 mod generations;
-mod helpers;
 mod hostile;
 mod journal;
 mod keys;
 mod limits;
+mod router;
 mod sdk;
 mod store;
+mod support;
 mod upstream;

@@ -7,7 +7,7 @@ use std::process::Command;
 use axum::response::Response;
 use serde_json::Value;
 
-use crate::helpers::*;
+use crate::support::*;
 
 /// A virtualenv with the pinned SDK, made once under the target directory. Fails the test,
 /// with what to do, when python3 or PyPI is missing: the suite never skips silently.

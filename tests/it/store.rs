@@ -6,6 +6,8 @@ use chrono::{DateTime, TimeDelta, Utc};
 use imagegate::store::{GroupBy, NewKey, Store, StoreError, UsageFilter, UsageTotals};
 use imagegate::usage::{Outcome, UsageRow};
 
+use crate::support::rows;
+
 /// Runs each listed `async fn(Arc<dyn Store>)` once per backend, as
 /// `store::postgres::<name>` and `store::sqlite::<name>`.
 macro_rules! on_both_backends {
@@ -14,7 +16,7 @@ macro_rules! on_both_backends {
             $(
                 #[tokio::test]
                 async fn $test() {
-                    let (store, _url) = crate::db::fresh_postgres().await;
+                    let (store, _url) = crate::support::db::fresh_postgres().await;
                     super::$test(store).await;
                 }
             )*
@@ -24,7 +26,7 @@ macro_rules! on_both_backends {
             $(
                 #[tokio::test]
                 async fn $test() {
-                    let (store, _dir) = crate::db::fresh_sqlite().await;
+                    let (store, _dir) = crate::support::db::fresh_sqlite().await;
                     super::$test(store).await;
                 }
             )*
@@ -60,33 +62,8 @@ fn at(rfc3339: &str) -> DateTime<Utc> {
 
 fn usage_row(request_id: &str, created_at: DateTime<Utc>) -> UsageRow {
     UsageRow {
-        request_id: request_id.to_owned(),
-        key_id: 1,
-        key_name: "alice".to_owned(),
-        model: "gpt-image-1".to_owned(),
-        provider: "openai".to_owned(),
-        upstream_model: "gpt-image-1".to_owned(),
-        endpoint: "generations".to_owned(),
-        status: 200,
-        outcome: Outcome::Completed,
-        streamed: false,
-        n: Some(1),
-        size: Some("1024x1024".to_owned()),
-        quality: Some("high".to_owned()),
-        images: 1,
-        text_input_tokens: 10,
-        image_input_tokens: 0,
-        cached_text_input_tokens: 0,
-        cached_image_input_tokens: 0,
-        input_tokens: 10,
-        output_tokens: 100,
-        total_tokens: 110,
-        cost_nanousd: 1_000,
-        latency_ms: 1_234,
         created_at,
-        raw_usage: None,
-        usage_suspect: false,
-        cost_estimated: false,
+        ..rows::usage_row(request_id)
     }
 }
 
@@ -294,34 +271,27 @@ async fn usage_round_trips_every_field(store: Arc<dyn Store>) {
         usage_suspect: true,
         cost_estimated: true,
     };
+    // Every field at its zero or none.
     let bare = UsageRow {
-        request_id: "req-bare".to_owned(),
         key_id: 0,
         key_name: "bob".to_owned(),
         model: "dall-e-3".to_owned(),
-        provider: "openai".to_owned(),
         upstream_model: "dall-e-3".to_owned(),
         endpoint: "variations".to_owned(),
         status: 0,
         outcome: Outcome::Failed,
-        streamed: false,
         n: None,
         size: None,
         quality: None,
         images: 0,
         text_input_tokens: 0,
-        image_input_tokens: 0,
-        cached_text_input_tokens: 0,
-        cached_image_input_tokens: 0,
         input_tokens: 0,
         output_tokens: 0,
         total_tokens: 0,
         cost_nanousd: 0,
         latency_ms: 0,
         created_at: at("1999-12-31T23:59:59.000001Z"),
-        raw_usage: None,
-        usage_suspect: false,
-        cost_estimated: false,
+        ..rows::usage_row("req-bare")
     };
     let completed = UsageRow {
         request_id: "req-completed".to_owned(),

@@ -11,7 +11,7 @@ use serde_json::Value;
 use tokio::sync::Notify;
 
 use crate::generations::expect_error;
-use crate::helpers::*;
+use crate::support::*;
 use imagegate::usage::Outcome;
 
 const GEN: &str = "/v1/images/generations";
@@ -100,10 +100,7 @@ async fn provider_errors_become_openai_errors_with_one_row_each() {
 
 #[tokio::test]
 async fn unreachable_and_slow_providers_get_502_and_504() {
-    // A port with nothing listening: bind, note the port, close.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let dead = format!("http://{}/v1", closed.local_addr().expect("addr"));
-    drop(closed);
+    let dead = dead_url();
     let slow = StandIn::json(200, &image_response(1, USAGE)).await;
     slow.set_delay(Duration::from_secs(3));
     let extra = format!(
@@ -317,28 +314,12 @@ async fn health_readiness_and_metrics() {
         .await
         .expect("send");
     assert_eq!(healthz.status(), 200);
-    let readyz: Value = gw
-        .client
-        .get(gw.url("/readyz"))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let readyz = gw.readyz().await;
     assert_eq!(readyz["status"], "ready");
     assert_eq!(readyz["checks"]["database"], "ok");
     gw.post_json(GEN, BODY).await.bytes().await.expect("body");
     gw.usage_rows(1).await;
-    let metrics = gw
-        .client
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .expect("send")
-        .text()
-        .await
-        .expect("text");
+    let metrics = gw.metrics().await;
     for needle in [
         "imagegate_upstream_requests_total{model=\"gpt-image-1\",provider=\"piapi\",status=\"200\"}",
         "imagegate_upstream_duration_seconds_bucket{model=\"gpt-image-1\",provider=\"piapi\"",

@@ -1,0 +1,138 @@
+//! The `imagegate` binary as a test runs it: one way to build its command line, one way to
+//! start `serve` with its log piped back, signals, and a config on the mock provider.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_imagegate");
+/// The provider key the [`write_config`] config names (never sent: that provider is not called).
+pub const SECRET: &str = "pk-live-very-secret-provider-key";
+
+/// `imagegate --config <config>`, blind to an `IMAGEGATE_CONFIG` in the test's environment.
+pub fn command(config: &Path) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .arg("--config")
+        .arg(config)
+        .env_remove("IMAGEGATE_CONFIG");
+    command
+}
+
+/// A running `imagegate serve`: its address, the log up to the line that named it, and a task
+/// that collects the whole log (those lines too) until the process exits.
+pub struct Serving {
+    pub child: tokio::process::Child,
+    pub addr: String,
+    pub startup_log: String,
+    pub log: tokio::task::JoinHandle<String>,
+}
+
+/// A [`Serving`] as the tests take it apart: the child, its address and its log.
+pub type Served = (
+    tokio::process::Child,
+    String,
+    tokio::task::JoinHandle<String>,
+);
+
+impl Serving {
+    pub fn into_parts(self) -> Served {
+        (self.child, self.addr, self.log)
+    }
+}
+
+/// Starts `command` (an `imagegate serve` command line) with its log on a pipe and waits until
+/// it says where it listens.
+pub async fn serve(command: Command) -> Serving {
+    let mut child = tokio::process::Command::from(command)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn imagegate serve");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let mut log = String::new();
+    let addr = loop {
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("imagegate starts")
+            .expect("read")
+            .unwrap_or_else(|| panic!("imagegate exited before listening:\n{log}"));
+        log.push_str(&line);
+        log.push('\n');
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest.split_whitespace().next().expect("address").to_owned();
+        }
+    };
+    let startup_log = log.clone();
+    // Keep reading, so the child never blocks on a full pipe.
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "ends with the child's stderr; joined by tests that want the log"
+    )]
+    let log = tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            log.push_str(&line);
+            log.push('\n');
+        }
+        log
+    });
+    Serving {
+        child,
+        addr,
+        startup_log,
+        log,
+    }
+}
+
+/// Sends the signal `name` (`-TERM`, `-HUP`, `-9`) to `child`.
+pub fn signal(child: &tokio::process::Child, name: &str) {
+    let pid = child.id().expect("running").to_string();
+    assert!(
+        Command::new("kill")
+            .args([name, &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+}
+
+/// A config on a SQLite file in `dir`: the mock provider serves `models`; a real-looking
+/// provider (never called) holds a secret key.
+pub fn write_config(dir: &Path, models: &[&str]) -> PathBuf {
+    let mut toml = format!(
+        r#"
+default_model = "gpt-image-1"
+[server]
+listen = "127.0.0.1:0"
+shutdown_grace = "5s"
+journal_dir = "{}"
+[database]
+url = "sqlite:{}"
+[providers.mock]
+kind = "mock"
+delay = "10ms"
+[providers.real]
+base_url = "http://127.0.0.1:9/v1"
+api_key_env = "CLI_TEST_PROVIDER_KEY"
+[models."real-model"]
+routes = [{{ provider = "real", model = "x" }}]
+[pricing.real.x]
+per_image = 0.5
+"#,
+        dir.join("journal").display(),
+        dir.join("imagegate.db").display()
+    );
+    for model in models {
+        toml.push_str(&format!(
+            "[models.\"{model}\"]\nroutes = [{{ provider = \"mock\", model = \"{model}\" }}]\n\
+             [pricing.mock.\"{model}\"]\ntext_input = 5.0\ncached_text_input = 1.25\nimage_input = 10.0\n\
+             cached_image_input = 1.25\nimage_output = 40.0\n"
+        ));
+    }
+    let path = dir.join("imagegate.toml");
+    std::fs::write(&path, toml).expect("write config");
+    path
+}
