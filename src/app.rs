@@ -327,9 +327,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(admin)
         .merge(routes::public())
         .fallback(|| async { ApiError::NotFound })
-        .method_not_allowed_fallback(|| async {
-            ApiError::invalid("This method is not allowed on this route.", None)
-        })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(
             ServiceBuilder::new()
                 .layer(middleware::from_fn_with_state(

@@ -24,6 +24,8 @@ pub enum ApiError {
     ModelNotFound(String),
     #[error("route not found")]
     NotFound,
+    #[error("This method is not allowed on this route.")]
+    MethodNotAllowed,
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
     /// An upload part (or the whole upload) over its limit.
@@ -119,6 +121,7 @@ impl ApiError {
             }
             ApiError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::ReloadRefused(_) => StatusCode::BAD_REQUEST,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::NotReady
             | ApiError::CircuitOpen { .. }
             | ApiError::SpoolFull
@@ -143,6 +146,9 @@ impl ApiError {
                 Some("model".into()),
             ),
             ApiError::NotFound => ("invalid_request_error", Some("not_found"), None),
+            ApiError::MethodNotAllowed => {
+                ("invalid_request_error", Some("method_not_allowed"), None)
+            }
             ApiError::PayloadTooLarge { .. } | ApiError::PartTooLarge(_) => {
                 ("invalid_request_error", Some("payload_too_large"), None)
             }

@@ -89,16 +89,18 @@ fn cases() -> Vec<Case> {
             code: Some("not_found"),
             ..generation("", None, Vec::new())
         },
-        // A wrong method answers 400 today (the router's method-not-allowed fallback is an
-        // invalid request), not 405: asserted as the server gives it.
         Case {
             name: "wrong method",
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            code: Some("method_not_allowed"),
             method: Method::GET,
             content_type: None,
             ..generation("", None, Vec::new())
         },
         Case {
             name: "wrong method on a public route",
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            code: Some("method_not_allowed"),
             method: Method::POST,
             path: "/healthz",
             content_type: None,
