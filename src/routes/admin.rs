@@ -8,8 +8,8 @@ use axum::extract::State;
 use axum::routing::post;
 use serde_json::json;
 
-use crate::app::AppState;
 use crate::error::ApiError;
+use crate::state::AppState;
 
 pub fn router() -> Router<Arc<AppState>> {
     Router::new().route("/admin/reload", post(reload))

@@ -11,15 +11,15 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
-use crate::app::{AppState, RequestId, Runtime};
 use crate::auth::Principal;
 use crate::body_timeout::{BodyTimeouts, timeout_in, with_timeouts};
 use crate::config::{Model, Route};
+use crate::dedupe::{self, Claim, Dedupe, Fingerprint, KeepTicket};
 use crate::error::ApiError;
 use crate::multipart::{SpoolArea, Upload};
 use crate::openai::generation::GenerationRequest;
-use crate::routing::dedupe::{self, Claim, Dedupe, Fingerprint, KeepTicket};
 use crate::routing::{Call, Prepared, RequestSource};
+use crate::state::{AppState, RequestId, Runtime};
 use crate::upstream::{Endpoint, RequestSummary, UpstreamBody, UpstreamRequest, summary_slot};
 
 pub async fn generations(

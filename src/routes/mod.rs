@@ -10,7 +10,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::routing::{get, post};
 
-use crate::app::AppState;
+use crate::state::AppState;
 
 /// The only routes that need no key. Everything else is behind authentication.
 pub const PUBLIC: &[&str] = &["/healthz", "/readyz", "/metrics"];

@@ -1,25 +1,21 @@
 //! From a model to a provider call: pick the route, send, and turn the provider's answer
 //! into the client's response with its usage metered on the way.
 
-mod breaker;
-pub mod dedupe;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-pub use breaker::{BreakerState, Breakers};
-use dedupe::KeepTicket;
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use http::{HeaderValue, StatusCode, header};
 
-use crate::app::{AppState, Forwarded, RequestId, Runtime};
 use crate::auth::Principal;
+pub use crate::breaker::{BreakerState, Breakers};
 use crate::config::{Model, ProviderKind, Route};
+use crate::dedupe::{self, KeepTicket};
 use crate::error::ApiError;
 use crate::openai::ErrorBody;
+use crate::state::{AppState, Forwarded, RequestId, Runtime};
 use crate::upstream::{Endpoint, UpstreamError, UpstreamRequest, read_capped, read_summary};
 use crate::usage::extract::{BodyKind, Extracted};
 use crate::usage::meter::{Metered, UsageTicket};

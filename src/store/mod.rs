@@ -22,7 +22,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::usage::UsageRow;
+use crate::records::UsageRow;
 
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;

@@ -10,7 +10,7 @@ use super::{
     GroupBy, KeyRecord, NewKey, Store, StoreError, StoreResult, USAGE_COLUMNS, UsageFilter,
     UsageTotals,
 };
-use crate::usage::{Outcome, UsageRow};
+use crate::records::{Outcome, UsageRow};
 
 /// The pool is shared by every request and the usage writer; a handful of connections is
 /// plenty, and a short acquire timeout turns an exhausted or dead database into a quick

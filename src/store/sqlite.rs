@@ -14,7 +14,7 @@ use super::{
     GroupBy, KeyRecord, NewKey, Store, StoreError, StoreResult, USAGE_COLUMNS, UsageFilter,
     UsageTotals,
 };
-use crate::usage::{Outcome, UsageRow};
+use crate::records::{Outcome, UsageRow};
 
 /// SQLite takes one writer at a time; a few connections let reads (key lookups, reports)
 /// go on beside the usage writer, and the busy timeout makes writers queue instead of
