@@ -193,28 +193,16 @@ fn next_request_id() -> Arc<str> {
 /// 1. `access_log`: gives the request its id (`x-request-id`), times it, counts it, and logs
 ///    one line for requests that did not reach a provider (the usage meter logs the others);
 /// 2. `CatchPanicLayer`: a panic becomes a 500 in OpenAI's shape, the server stays up;
-/// 3. per group of routes, authentication: `/v1/*` needs a client key, `/admin/*` the admin
-///    token; [`routes::PUBLIC`] lists the only routes that need neither;
-/// 4. on `/v1/*`, the key's cap on requests in flight (`limits.max_in_flight_per_key`): over
-///    it, 429 before anything is forwarded; the slot is held until the response body ends.
+/// 3. on every route (not on 404 and 405 answers), [`gate::authenticate`]: a client key by
+///    default, the admin token on [`routes::ADMIN`], nothing on [`routes::PUBLIC`] only;
+///    then the key's cap on requests in flight (`limits.max_in_flight_per_key`): over it, 429
+///    before anything is forwarded; the slot is held until the response body ends.
 pub fn router(state: Arc<AppState>) -> Router {
-    let v1 = routes::v1()
+    routes::router()
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
-            gate::per_key_in_flight,
+            gate::authenticate,
         ))
-        .route_layer(middleware::from_fn_with_state(
-            Arc::clone(&state),
-            gate::require_key,
-        ));
-    let admin = routes::admin::router().route_layer(middleware::from_fn_with_state(
-        Arc::clone(&state),
-        gate::require_admin,
-    ));
-    Router::new()
-        .merge(v1)
-        .merge(admin)
-        .merge(routes::public())
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async {
             ApiError::invalid("This method is not allowed on this route.", None)

@@ -1,12 +1,13 @@
-//! The door every routed request passes: a client key, or the admin token, or one of the
-//! public routes; then the key's cap on requests in flight.
+//! The door every routed request passes: authentication is on by default (a client key),
+//! the admin routes take the admin token instead, and only the listed public routes need
+//! neither; then a key's cap on requests in flight.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use bytes::Bytes;
@@ -15,11 +16,32 @@ use http_body::{Frame, SizeHint};
 use crate::auth::{Principal, bearer, hash_key, well_formed};
 use crate::error::ApiError;
 use crate::limits::Slot;
+use crate::routes;
 use crate::state::AppState;
 
-/// Every `/v1` route: a valid, unrevoked key, or 401 before anything else happens.
-pub async fn require_key(
+/// Every routed request, before its handler: the routes [`routes::PUBLIC`] lists pass as
+/// they are, those [`routes::ADMIN`] lists need the admin token, and every other route (any
+/// route added later included) needs a valid, unrevoked client key, or gets 401 before
+/// anything else happens; a key's request then takes one of its slots in flight.
+pub async fn authenticate(
     State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let path = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str);
+    match path {
+        Some(path) if routes::PUBLIC.contains(&path) => Ok(next.run(request).await),
+        Some(path) if routes::ADMIN.contains(&path) => require_admin(&state, request, next).await,
+        _ => require_key(&state, request, next).await,
+    }
+}
+
+/// A valid, unrevoked key, or 401.
+async fn require_key(
+    state: &AppState,
     mut request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
@@ -40,15 +62,15 @@ pub async fn require_key(
             "Incorrect API key provided, or the key was revoked.",
         ))?;
     request.extensions_mut().insert(Arc::clone(&principal));
-    let mut response = next.run(request).await;
+    let mut response = per_key_in_flight(state, &principal, request, next).await?;
     // For the access log's key name.
     response.extensions_mut().insert(principal);
     Ok(response)
 }
 
 /// Admin routes: the admin token from the environment; none configured means no admin API.
-pub async fn require_admin(
-    State(state): State<Arc<AppState>>,
+async fn require_admin(
+    state: &AppState,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
@@ -63,18 +85,16 @@ pub async fn require_admin(
     }
 }
 
-/// Every `/v1` route, after authentication: at most `limits.max_in_flight_per_key`
-/// requests of one key at once, counted until the response body has been sent or its
-/// client has left (a streamed answer counts for as long as it streams). One more gets
-/// 429 before it is forwarded, so it is neither sent to a provider nor billed.
-pub async fn per_key_in_flight(
-    State(state): State<Arc<AppState>>,
+/// After authentication: at most `limits.max_in_flight_per_key` requests of one key at
+/// once, counted until the response body has been sent or its client has left (a streamed
+/// answer counts for as long as it streams). One more gets 429 before it is forwarded, so
+/// it is neither sent to a provider nor billed.
+async fn per_key_in_flight(
+    state: &AppState,
+    principal: &Principal,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let Some(principal) = request.extensions().get::<Arc<Principal>>() else {
-        return Ok(next.run(request).await);
-    };
     let cap = state.runtime.load().config.limits.max_in_flight_per_key;
     let Some(slot) = state.in_flight.try_enter(principal.key_id, cap) else {
         metrics::counter!("imagegate_key_in_flight_refused_total").increment(1);

@@ -1,6 +1,6 @@
-//! Thin handlers, one module per group of routes; the app merges them.
+//! Thin handlers, one module per group of routes, and the one table of every route.
 
-pub mod admin;
+mod admin;
 mod health;
 mod images;
 mod models;
@@ -8,26 +8,54 @@ mod models;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
+use http::Method;
 
 use crate::state::AppState;
 
-/// The only routes that need no key. Everything else is behind authentication.
+/// The only routes that need no key. Every other route is behind authentication.
 pub const PUBLIC: &[&str] = &["/healthz", "/readyz", "/metrics"];
 
-pub fn public() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(health::metrics))
+/// The routes behind the admin token instead of a client key.
+pub const ADMIN: &[&str] = &["/admin/reload"];
+
+/// Every route: its method, its path template, and its handler. The router is built from
+/// this list and nothing else, so that a test can call each route.
+fn table() -> Vec<(Method, &'static str, MethodRouter<Arc<AppState>>)> {
+    vec![
+        (Method::GET, "/healthz", get(health::healthz)),
+        (Method::GET, "/readyz", get(health::readyz)),
+        (Method::GET, "/metrics", get(health::metrics)),
+        (
+            Method::POST,
+            "/v1/images/generations",
+            post(images::generations),
+        ),
+        (Method::POST, "/v1/images/edits", post(images::edits)),
+        (
+            Method::POST,
+            "/v1/images/variations",
+            post(images::variations),
+        ),
+        (Method::GET, "/v1/models", get(models::list)),
+        (Method::GET, "/v1/models/{model}", get(models::retrieve)),
+        (Method::POST, "/admin/reload", post(admin::reload)),
+    ]
 }
 
-/// The OpenAI-compatible API.
-pub fn v1() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/v1/images/generations", post(images::generations))
-        .route("/v1/images/edits", post(images::edits))
-        .route("/v1/images/variations", post(images::variations))
-        .route("/v1/models", get(models::list))
-        .route("/v1/models/{model}", get(models::retrieve))
+/// Each route's method and path template, in the order the router is built.
+pub fn list() -> Vec<(Method, &'static str)> {
+    table()
+        .into_iter()
+        .map(|(method, path, _)| (method, path))
+        .collect()
+}
+
+/// Every route. Authentication is the app's one layer over all of them.
+pub fn router() -> Router<Arc<AppState>> {
+    table()
+        .into_iter()
+        .fold(Router::new(), |router, (_, path, handler)| {
+            router.route(path, handler)
+        })
 }

@@ -8,6 +8,7 @@ mod dedupe;
 mod edits;
 mod failover;
 mod faults;
+mod gate;
 mod generations;
 mod helpers;
 mod hostile;
