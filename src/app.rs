@@ -196,9 +196,10 @@ fn next_request_id() -> Arc<str> {
 /// 3. on every route (not on 404 and 405 answers), [`gate::authenticate`]: a client key by
 ///    default, the admin token on [`routes::ADMIN`], nothing on [`routes::PUBLIC`] only;
 ///    then the key's cap on requests in flight (`limits.max_in_flight_per_key`): over it, 429
-///    before anything is forwarded; the slot is held until the response body ends.
+///    before anything is forwarded; the slot is held until the response body ends;
+/// 4. on the image routes, the request body's timeouts (`routes::images::body_timeouts`).
 pub fn router(state: Arc<AppState>) -> Router {
-    routes::router()
+    routes::router(&state)
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             gate::authenticate,

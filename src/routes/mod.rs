@@ -7,14 +7,19 @@ mod models;
 
 use std::sync::Arc;
 
-use axum::Router;
+use axum::middleware;
 use axum::routing::{MethodRouter, get, post};
+use axum::{Extension, Router};
 use http::Method;
 
 use crate::state::AppState;
+use crate::upstream::Endpoint;
 
 /// The only routes that need no key. Every other route is behind authentication.
 pub const PUBLIC: &[&str] = &["/healthz", "/readyz", "/metrics"];
+
+/// The image routes, whose request bodies are timed (see [`images::body_timeouts`]).
+const IMAGES: &str = "/v1/images/";
 
 /// The routes behind the admin token instead of a client key.
 pub const ADMIN: &[&str] = &["/admin/reload"];
@@ -22,25 +27,27 @@ pub const ADMIN: &[&str] = &["/admin/reload"];
 /// Every route: its method, its path template, and its handler. The router is built from
 /// this list and nothing else, so that a test can call each route.
 fn table() -> Vec<(Method, &'static str, MethodRouter<Arc<AppState>>)> {
+    use Method as M;
     vec![
-        (Method::GET, "/healthz", get(health::healthz)),
-        (Method::GET, "/readyz", get(health::readyz)),
-        (Method::GET, "/metrics", get(health::metrics)),
+        (M::GET, "/healthz", get(health::healthz)),
+        (M::GET, "/readyz", get(health::readyz)),
+        (M::GET, "/metrics", get(health::metrics)),
+        (M::POST, "/v1/images/generations", post(images::generations)),
+        (M::POST, "/v1/images/edits", uploads(Endpoint::Edits)),
         (
-            Method::POST,
-            "/v1/images/generations",
-            post(images::generations),
-        ),
-        (Method::POST, "/v1/images/edits", post(images::edits)),
-        (
-            Method::POST,
+            M::POST,
             "/v1/images/variations",
-            post(images::variations),
+            uploads(Endpoint::Variations),
         ),
-        (Method::GET, "/v1/models", get(models::list)),
-        (Method::GET, "/v1/models/{model}", get(models::retrieve)),
-        (Method::POST, "/admin/reload", post(admin::reload)),
+        (M::GET, "/v1/models", get(models::list)),
+        (M::GET, "/v1/models/{model}", get(models::retrieve)),
+        (M::POST, "/admin/reload", post(admin::reload)),
     ]
+}
+
+/// Edits and variations share their handler; the route tells it which endpoint it serves.
+fn uploads(endpoint: Endpoint) -> MethodRouter<Arc<AppState>> {
+    post(images::uploads).layer(Extension(endpoint))
 }
 
 /// Each route's method and path template, in the order the router is built.
@@ -51,11 +58,20 @@ pub fn list() -> Vec<(Method, &'static str)> {
         .collect()
 }
 
-/// Every route. Authentication is the app's one layer over all of them.
-pub fn router() -> Router<Arc<AppState>> {
+/// Every route. Authentication is the app's one layer over all of them; the image routes,
+/// which read request bodies, have the body timeouts' layer too.
+pub fn router(state: &Arc<AppState>) -> Router<Arc<AppState>> {
     table()
         .into_iter()
         .fold(Router::new(), |router, (_, path, handler)| {
+            let handler = if path.starts_with(IMAGES) {
+                handler.route_layer(middleware::from_fn_with_state(
+                    Arc::clone(state),
+                    images::body_timeouts,
+                ))
+            } else {
+                handler
+            };
             router.route(path, handler)
         })
 }
