@@ -34,7 +34,7 @@ fn the_module_graph_names_a_cycle() {
     std::fs::write(src.join("a.rs"), "use crate::b::X;\n").expect("write");
     std::fs::write(
         src.join("b/mod.rs"),
-        "//! see crate::c\npub fn f() { let _ = \"crate::c\"; }\n",
+        "//! see crate::c\npub fn f() { let _ = (\"crate::c\", br#\"{\"k\":\"crate::c\"}\"#, '\"'); }\n",
     )
     .expect("write");
     std::fs::write(src.join("b/x.rs"), "fn g() { super::super::a::h() }\n").expect("write");
