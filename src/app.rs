@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use axum::Router;
@@ -16,121 +16,18 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 
-use crate::auth::{self, KeyCache, Principal};
-use crate::config::{Config, ConfigError, EnvLookup};
+use crate::auth::{KeyCache, Principal};
+use crate::breaker::Breakers;
+use crate::config::{Config, EnvLookup};
+use crate::dedupe::Dedupe;
 use crate::error::ApiError;
-use crate::limits::{self, InFlight};
-use crate::multipart::SpoolUsage;
+use crate::gate;
 use crate::routes;
-use crate::routing::Breakers;
-use crate::routing::dedupe::Dedupe;
 use crate::server::Listeners;
+use crate::spool::SpoolUsage;
+pub use crate::state::{AppState, Forwarded, ReloadError, RequestId, Runtime};
 use crate::store::Store;
-use crate::upstream::Upstreams;
-use crate::usage::meter::RouteMetrics;
-use crate::usage::writer::{UsageSink, UsageWriter};
-
-/// What a configuration turns into: replaced whole on reload, so that a request keeps the
-/// table it started with.
-pub struct Runtime {
-    pub config: Arc<Config>,
-    pub upstreams: Upstreams,
-    /// Per model, one per route, in the order of its routes.
-    route_metrics: HashMap<String, Vec<Arc<RouteMetrics>>>,
-    /// Unix seconds when this table was loaded (the `created` of `/v1/models`).
-    pub loaded_at: i64,
-}
-
-impl Runtime {
-    pub fn new(config: Config) -> anyhow::Result<Self> {
-        let route_metrics = config
-            .models
-            .values()
-            .map(|model| {
-                let routes = model
-                    .routes
-                    .iter()
-                    .map(|r| Arc::new(RouteMetrics::new(&model.name, &r.provider.name)))
-                    .collect();
-                (model.name.clone(), routes)
-            })
-            .collect();
-        Ok(Runtime {
-            route_metrics,
-            upstreams: Upstreams::build(&config)?,
-            config: Arc::new(config),
-            loaded_at: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0)),
-        })
-    }
-}
-
-pub struct AppState {
-    pub runtime: ArcSwap<Runtime>,
-    pub env: EnvLookup,
-    pub store: Arc<dyn Store>,
-    pub usage: UsageSink,
-    pub keys: KeyCache,
-    /// Work that must finish even when its client has gone; shutdown waits for it.
-    pub tasks: TaskTracker,
-    pub metrics: PrometheusHandle,
-    /// Per provider, kept across reloads.
-    pub breakers: Breakers,
-    pub dedupe: Arc<Dedupe>,
-    /// What the upload spool files hold together, against `server.spool_max_bytes`.
-    pub spool: SpoolUsage,
-    /// Requests in flight per key, for `limits.max_in_flight_per_key`.
-    pub in_flight: Arc<InFlight>,
-    reload_lock: std::sync::Mutex<()>,
-}
-
-/// Why a reload was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum ReloadError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error("{0}")]
-    Build(String),
-}
-
-impl AppState {
-    /// Re-reads the configuration file. A valid one replaces the routing table at once; an
-    /// invalid one is refused and the table in force stays.
-    pub fn reload(&self) -> Result<Arc<Runtime>, ReloadError> {
-        let _one_at_a_time = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let current = self.runtime.load_full();
-        let config = Config::load(&current.config.source, &self.env)?;
-        if config.database_url != current.config.database_url
-            || config.server.listen != current.config.server.listen
-            || config.server.journal_dir != current.config.server.journal_dir
-            || config.server.workers != current.config.server.workers
-            || config.server.header_read_timeout != current.config.server.header_read_timeout
-            || config.server.http2_keep_alive_interval
-                != current.config.server.http2_keep_alive_interval
-            || config.server.max_connections != current.config.server.max_connections
-        {
-            tracing::warn!(
-                "database.url, server.listen, server.journal_dir, server.workers, server.header_read_timeout, server.http2_keep_alive_interval and server.max_connections changes take effect at the next restart"
-            );
-        }
-        let runtime =
-            Arc::new(Runtime::new(config).map_err(|e| ReloadError::Build(e.to_string()))?);
-        self.runtime.store(Arc::clone(&runtime));
-        metrics::counter!("imagegate_config_reloads_total").increment(1);
-        Ok(runtime)
-    }
-}
-
-impl Runtime {
-    /// The metric handles of a model's route (by its place in the model's routes).
-    pub fn route_metrics(&self, model: &str, route: usize, provider: &str) -> Arc<RouteMetrics> {
-        match self.route_metrics.get(model).and_then(|r| r.get(route)) {
-            Some(metrics) => Arc::clone(metrics),
-            None => Arc::new(RouteMetrics::new(model, provider)),
-        }
-    }
-}
+use crate::usage::writer::UsageWriter;
 
 /// The running gateway: state plus the usage writer, which outlives the server so that
 /// shutdown can flush it last.
@@ -143,7 +40,7 @@ impl Gateway {
     /// Connects the store, applies migrations, opens the usage journal and starts shipping
     /// it (first what an earlier run left).
     pub async fn start(config: Config, env: EnvLookup) -> anyhow::Result<Gateway> {
-        let stale = crate::multipart::clean_spool_dir(&config.server.spool_dir).map_err(|e| {
+        let stale = crate::spool::clean_spool_dir(&config.server.spool_dir).map_err(|e| {
             anyhow::anyhow!(
                 "server.spool_dir {}: {e}",
                 config.server.spool_dir.display()
@@ -169,7 +66,7 @@ impl Gateway {
             );
             usage.discarding()
         };
-        let results = crate::routing::dedupe::results_dir(&config.server.spool_dir);
+        let results = crate::dedupe::results_dir(&config.server.spool_dir);
         let dedupe = Arc::new(
             Dedupe::new(
                 config.server.duplicate_protection,
@@ -290,42 +187,23 @@ fn next_request_id() -> Arc<str> {
     format!("req_{prefix:016x}{n:012x}").into()
 }
 
-/// The request's id, made at the door and echoed in `x-request-id`.
-#[derive(Debug, Clone)]
-pub struct RequestId(pub Arc<str>);
-
-/// Set on responses whose log line the usage meter writes (the request reached a provider).
-#[derive(Debug, Clone, Copy)]
-pub struct Forwarded;
-
 /// The whole HTTP surface.
 ///
 /// Every request passes, outermost first:
 /// 1. `access_log`: gives the request its id (`x-request-id`), times it, counts it, and logs
 ///    one line for requests that did not reach a provider (the usage meter logs the others);
 /// 2. `CatchPanicLayer`: a panic becomes a 500 in OpenAI's shape, the server stays up;
-/// 3. per group of routes, authentication: `/v1/*` needs a client key, `/admin/*` the admin
-///    token; [`routes::PUBLIC`] lists the only routes that need neither;
-/// 4. on `/v1/*`, the key's cap on requests in flight (`limits.max_in_flight_per_key`): over
-///    it, 429 before anything is forwarded; the slot is held until the response body ends.
+/// 3. on every route (not on 404 and 405 answers), [`gate::authenticate`]: a client key by
+///    default, the admin token on [`routes::ADMIN`], nothing on [`routes::PUBLIC`] only;
+///    then the key's cap on requests in flight (`limits.max_in_flight_per_key`): over it, 429
+///    before anything is forwarded; the slot is held until the response body ends;
+/// 4. on the image routes, the request body's timeouts (`routes::images::body_timeouts`).
 pub fn router(state: Arc<AppState>) -> Router {
-    let v1 = routes::v1()
+    routes::router(&state)
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
-            limits::per_key_in_flight,
+            gate::authenticate,
         ))
-        .route_layer(middleware::from_fn_with_state(
-            Arc::clone(&state),
-            auth::require_key,
-        ));
-    let admin = routes::admin::router().route_layer(middleware::from_fn_with_state(
-        Arc::clone(&state),
-        auth::require_admin,
-    ));
-    Router::new()
-        .merge(v1)
-        .merge(admin)
-        .merge(routes::public())
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(

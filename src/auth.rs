@@ -7,17 +7,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use axum::extract::{Request, State};
-use axum::middleware::Next;
-use axum::response::Response;
+use axum::extract::Request;
 use http::header;
 use rand::distr::{Alphanumeric, SampleString};
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::task::TaskTracker;
 
-use crate::app::AppState;
-use crate::error::ApiError;
 use crate::store::{KeyRecord, NewKey, Store, StoreError, StoreResult};
 
 const KEY_PREFIX: &str = "ig-";
@@ -58,7 +54,7 @@ pub fn hash_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
 
-fn well_formed(key: &str) -> bool {
+pub fn well_formed(key: &str) -> bool {
     key.len() == KEY_PREFIX.len() + KEY_RANDOM_CHARS
         && key.starts_with(KEY_PREFIX)
         && key[KEY_PREFIX.len()..]
@@ -312,52 +308,6 @@ pub fn bearer(request: &Request) -> Option<&str> {
         .ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-}
-
-/// Every `/v1` route: a valid, unrevoked key, or 401 before anything else happens.
-pub async fn require_key(
-    State(state): State<Arc<AppState>>,
-    mut request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    let Some(key) = bearer(&request) else {
-        return Err(ApiError::Unauthorized(
-            "Missing API key: send it as 'Authorization: Bearer <key>'.",
-        ));
-    };
-    if !well_formed(key) {
-        return Err(ApiError::Unauthorized("Incorrect API key provided."));
-    }
-    let principal = state
-        .keys
-        .lookup(key)
-        .await
-        .map_err(|_| ApiError::KeyLookupUnavailable)?
-        .ok_or(ApiError::Unauthorized(
-            "Incorrect API key provided, or the key was revoked.",
-        ))?;
-    request.extensions_mut().insert(Arc::clone(&principal));
-    let mut response = next.run(request).await;
-    // For the access log's key name.
-    response.extensions_mut().insert(principal);
-    Ok(response)
-}
-
-/// Admin routes: the admin token from the environment; none configured means no admin API.
-pub async fn require_admin(
-    State(state): State<Arc<AppState>>,
-    request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    let expected = state.runtime.load().config.admin_token.clone();
-    let given = bearer(&request);
-    match (expected, given) {
-        // Comparing hashes keeps the comparison's time independent of where they differ.
-        (Some(expected), Some(given)) if hash_key(expected.expose()) == hash_key(given) => {
-            Ok(next.run(request).await)
-        }
-        _ => Err(ApiError::AdminForbidden),
-    }
 }
 
 #[cfg(test)]

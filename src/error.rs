@@ -5,6 +5,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::body_timeout::BodyTimeout;
 use crate::openai::ErrorBody;
+use crate::openai::generation::Invalid;
 
 /// Everything a request can fail with. Turning it into a response has no side effects:
 /// the access log reads it back from the response's extensions.
@@ -184,6 +185,16 @@ impl ApiError {
             other => other.to_string(),
         };
         ErrorBody::new(message, kind, param, code)
+    }
+}
+
+impl From<Invalid> for ApiError {
+    fn from(invalid: Invalid) -> Self {
+        ApiError::InvalidRequest {
+            message: invalid.message,
+            param: invalid.param,
+            code: None,
+        }
     }
 }
 

@@ -1,20 +1,7 @@
 //! Limits per client key: how many of its requests are answered at once.
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
-
-use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::middleware::Next;
-use axum::response::Response;
-use bytes::Bytes;
-use http_body::{Frame, SizeHint};
-
-use crate::app::AppState;
-use crate::auth::Principal;
-use crate::error::ApiError;
 
 /// Requests in flight per key id. A key's count goes when its last request ends, so the
 /// map holds only keys with requests in flight.
@@ -59,68 +46,6 @@ impl Drop for Slot {
                 counts.remove(&self.key_id);
             }
         }
-    }
-}
-
-/// Every `/v1` route, after authentication: at most `limits.max_in_flight_per_key`
-/// requests of one key at once, counted until the response body has been sent or its
-/// client has left (a streamed answer counts for as long as it streams). One more gets
-/// 429 before it is forwarded, so it is neither sent to a provider nor billed.
-pub async fn per_key_in_flight(
-    State(state): State<Arc<AppState>>,
-    request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    let Some(principal) = request.extensions().get::<Arc<Principal>>() else {
-        return Ok(next.run(request).await);
-    };
-    let cap = state
-        .runtime
-        .load()
-        .config
-        .limits
-        .max_in_flight_per_key
-        .get();
-    let Some(slot) = state.in_flight.try_enter(principal.key_id, cap) else {
-        metrics::counter!("imagegate_key_in_flight_refused_total").increment(1);
-        return Err(ApiError::KeyInFlightLimit { limit: cap });
-    };
-    let response = next.run(request).await;
-    Ok(response.map(|body| {
-        Body::new(HoldSlot {
-            inner: body,
-            slot: Some(slot),
-        })
-    }))
-}
-
-/// A response body that holds its request's slot until it ends or is dropped.
-struct HoldSlot {
-    inner: Body,
-    slot: Option<Slot>,
-}
-
-impl http_body::Body for HoldSlot {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(None) = polled {
-            self.slot.take();
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

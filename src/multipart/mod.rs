@@ -4,7 +4,6 @@
 
 mod encode;
 mod guard;
-mod spool;
 
 use std::sync::Arc;
 
@@ -20,8 +19,8 @@ use crate::upstream::{
     BodySender, Endpoint, RequestSummary, SummarySlot, UpstreamRequest, body_channel, summary_slot,
 };
 
+pub use crate::spool::{Spool, SpoolArea, SpoolUsage, clean_spool_dir};
 pub use encode::Encoder;
-pub use spool::{Spool, SpoolArea, SpoolUsage, clean_spool_dir};
 
 /// The longest text field accepted (a prompt of 32,000 characters fits).
 const MAX_TEXT_BYTES: usize = 256 * 1024;

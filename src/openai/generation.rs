@@ -2,7 +2,22 @@
 
 use serde_json::{Map, Value};
 
-use crate::error::ApiError;
+/// Why a request was refused before it was forwarded: a 400 in OpenAI's shape, naming the
+/// offending parameter when there is one (the error module turns it into its response).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub message: String,
+    pub param: Option<String>,
+}
+
+impl Invalid {
+    fn new(message: impl Into<String>, param: Option<&str>) -> Self {
+        Invalid {
+            message: message.into(),
+            param: param.map(str::to_owned),
+        }
+    }
+}
 
 /// A generation request as received: the whole JSON object, kept in its key order so that
 /// fields imagegate does not know are passed on untouched.
@@ -26,9 +41,9 @@ const STRING_FIELDS: &[&str] = &[
 impl GenerationRequest {
     /// Parses and checks a body. Python's SDK sends `null` for fields the caller left as
     /// `None`, so null counts as absent everywhere.
-    pub fn parse(bytes: &[u8]) -> Result<Self, ApiError> {
+    pub fn parse(bytes: &[u8]) -> Result<Self, Invalid> {
         let value: Value = serde_json::from_slice(bytes).map_err(|err| {
-            ApiError::invalid(
+            Invalid::new(
                 format!(
                     "We could not parse the JSON body of your request ({err}). \
                      The body must be a JSON object."
@@ -37,7 +52,7 @@ impl GenerationRequest {
             )
         })?;
         let Value::Object(body) = value else {
-            return Err(ApiError::invalid(
+            return Err(Invalid::new(
                 "The body of your request must be a JSON object.",
                 None,
             ));
@@ -47,16 +62,16 @@ impl GenerationRequest {
         Ok(request)
     }
 
-    fn check(&self) -> Result<(), ApiError> {
+    fn check(&self) -> Result<(), Invalid> {
         match self.body.get("prompt") {
             None | Some(Value::Null) => {
-                return Err(ApiError::invalid(
+                return Err(Invalid::new(
                     "Missing required parameter: 'prompt'.",
                     Some("prompt"),
                 ));
             }
             Some(Value::String(prompt)) if prompt.trim().is_empty() => {
-                return Err(ApiError::invalid(
+                return Err(Invalid::new(
                     "Invalid 'prompt': it must not be empty.",
                     Some("prompt"),
                 ));
@@ -107,18 +122,18 @@ impl GenerationRequest {
     }
 }
 
-fn wrong_type(field: &str, expected: &str) -> ApiError {
-    ApiError::invalid(
+fn wrong_type(field: &str, expected: &str) -> Invalid {
+    Invalid::new(
         format!("Invalid type for '{field}': expected {expected}."),
         Some(field),
     )
 }
 
-fn check_int_range(value: Option<&Value>, field: &str, min: i64, max: i64) -> Result<(), ApiError> {
+fn check_int_range(value: Option<&Value>, field: &str, min: i64, max: i64) -> Result<(), Invalid> {
     let Some(value) = value else { return Ok(()) };
     match value.as_i64() {
         Some(v) if (min..=max).contains(&v) => Ok(()),
-        Some(v) => Err(ApiError::invalid(
+        Some(v) => Err(Invalid::new(
             format!("Invalid '{field}': {v} is out of range; it must be between {min} and {max}."),
             Some(field),
         )),
@@ -132,7 +147,7 @@ mod tests {
 
     fn param_of(body: &str) -> Option<String> {
         match GenerationRequest::parse(body.as_bytes()) {
-            Err(ApiError::InvalidRequest { param, .. }) => param,
+            Err(Invalid { param, .. }) => param,
             other => panic!("expected a 400 for {body}, got {other:?}"),
         }
     }

@@ -3,20 +3,16 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::Router;
 use axum::extract::State;
-use axum::routing::post;
 use serde_json::json;
 
-use crate::app::AppState;
 use crate::error::ApiError;
-
-pub fn router() -> Router<Arc<AppState>> {
-    Router::new().route("/admin/reload", post(reload))
-}
+use crate::state::AppState;
 
 /// Re-reads the configuration file; the answer lists the models now routed.
-async fn reload(State(state): State<Arc<AppState>>) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn reload(
+    State(state): State<Arc<AppState>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let runtime = state
         .reload()
         .map_err(|err| ApiError::ReloadRefused(err.to_string()))?;

@@ -5,21 +5,22 @@ use std::time::Duration;
 
 use axum::Extension;
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Request, State};
+use axum::middleware::Next;
 use axum::response::Response;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
-use crate::app::{AppState, RequestId, Runtime};
 use crate::auth::Principal;
 use crate::body_timeout::{BodyTimeouts, timeout_in, with_timeouts};
 use crate::config::{Model, Route};
+use crate::dedupe::{self, Claim, Dedupe, Fingerprint, KeepTicket};
 use crate::error::ApiError;
 use crate::multipart::{SpoolArea, Upload};
 use crate::openai::generation::GenerationRequest;
-use crate::routing::dedupe::{self, Claim, Dedupe, Fingerprint, KeepTicket};
 use crate::routing::{Call, Prepared, RequestSource};
+use crate::state::{AppState, RequestId, Runtime};
 use crate::upstream::{Endpoint, RequestSummary, UpstreamBody, UpstreamRequest, summary_slot};
 
 pub async fn generations(
@@ -32,7 +33,6 @@ pub async fn generations(
     recording(&state)?;
     let runtime = state.runtime.load_full();
     let server = &runtime.config.server;
-    let body = with_timeouts(body, body_timeouts(server));
     let bytes = read_json(&headers, body, server.max_json_body_bytes.get()).await?;
     let request = GenerationRequest::parse(&bytes)?;
     let model = resolve(&runtime, request.model())?;
@@ -70,11 +70,24 @@ fn recording(state: &AppState) -> Result<(), ApiError> {
     }
 }
 
-fn body_timeouts(server: &crate::config::ServerConfig) -> BodyTimeouts {
-    BodyTimeouts {
-        idle: server.request_body_idle_timeout,
-        total: server.request_body_timeout,
-    }
+/// The image routes' layer: their request bodies fail with 408 when the client stops
+/// sending (`server.request_body_idle_timeout`) or takes too long in all
+/// (`server.request_body_timeout`), and what a handler leaves unread is discarded after it
+/// (see [`crate::body_timeout`]). Timed from when the request passed authentication.
+pub async fn body_timeouts(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let limits = {
+        let server = &state.runtime.load().config.server;
+        BodyTimeouts {
+            idle: server.request_body_idle_timeout,
+            total: server.request_body_timeout,
+        }
+    };
+    next.run(request.map(|body| with_timeouts(body, limits)))
+        .await
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Option<&str> {
@@ -154,48 +167,20 @@ impl RequestSource for JsonSource {
     }
 }
 
-pub async fn edits(
-    state: State<Arc<AppState>>,
-    principal: Extension<Arc<Principal>>,
-    request_id: Extension<RequestId>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
-    multipart(state, principal, request_id, headers, body, Endpoint::Edits).await
-}
-
-pub async fn variations(
-    state: State<Arc<AppState>>,
-    principal: Extension<Arc<Principal>>,
-    request_id: Extension<RequestId>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
-    multipart(
-        state,
-        principal,
-        request_id,
-        headers,
-        body,
-        Endpoint::Variations,
-    )
-    .await
-}
-
-/// Edits and variations: read the upload up to `model` (holding earlier parts on disk),
-/// route, then stream the rest through to the provider while it arrives.
-async fn multipart(
+/// Edits and variations, one handler (the route's [`Endpoint`] extension says which): read
+/// the upload up to `model` (holding earlier parts on disk), route, then stream the rest
+/// through to the provider while it arrives.
+pub async fn uploads(
     State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Arc<Principal>>,
     Extension(request_id): Extension<RequestId>,
+    Extension(endpoint): Extension<Endpoint>,
     headers: HeaderMap,
     body: Body,
-    endpoint: Endpoint,
 ) -> Result<Response, ApiError> {
     recording(&state)?;
     let runtime = state.runtime.load_full();
     let server = &runtime.config.server;
-    let body = with_timeouts(body, body_timeouts(server));
     let mut upload = Upload::new(&headers, body, endpoint, server.uploads)?;
     let spool = SpoolArea {
         dir: server.spool_dir.clone(),

@@ -1,33 +1,77 @@
-//! Thin handlers, one module per group of routes; the app merges them.
+//! Thin handlers, one module per group of routes, and the one table of every route.
 
-pub mod admin;
+mod admin;
 mod health;
 mod images;
 mod models;
 
 use std::sync::Arc;
 
-use axum::Router;
-use axum::routing::{get, post};
+use axum::middleware;
+use axum::routing::{MethodRouter, get, post};
+use axum::{Extension, Router};
+use http::Method;
 
-use crate::app::AppState;
+use crate::state::AppState;
+use crate::upstream::Endpoint;
 
-/// The only routes that need no key. Everything else is behind authentication.
+/// The only routes that need no key. Every other route is behind authentication.
 pub const PUBLIC: &[&str] = &["/healthz", "/readyz", "/metrics"];
 
-pub fn public() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(health::metrics))
+/// The image routes, whose request bodies are timed (see [`images::body_timeouts`]).
+const IMAGES: &str = "/v1/images/";
+
+/// The routes behind the admin token instead of a client key.
+pub const ADMIN: &[&str] = &["/admin/reload"];
+
+/// Every route: its method, its path template, and its handler. The router is built from
+/// this list and nothing else, so that a test can call each route.
+fn table() -> Vec<(Method, &'static str, MethodRouter<Arc<AppState>>)> {
+    use Method as M;
+    vec![
+        (M::GET, "/healthz", get(health::healthz)),
+        (M::GET, "/readyz", get(health::readyz)),
+        (M::GET, "/metrics", get(health::metrics)),
+        (M::POST, "/v1/images/generations", post(images::generations)),
+        (M::POST, "/v1/images/edits", uploads(Endpoint::Edits)),
+        (
+            M::POST,
+            "/v1/images/variations",
+            uploads(Endpoint::Variations),
+        ),
+        (M::GET, "/v1/models", get(models::list)),
+        (M::GET, "/v1/models/{model}", get(models::retrieve)),
+        (M::POST, "/admin/reload", post(admin::reload)),
+    ]
 }
 
-/// The OpenAI-compatible API.
-pub fn v1() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/v1/images/generations", post(images::generations))
-        .route("/v1/images/edits", post(images::edits))
-        .route("/v1/images/variations", post(images::variations))
-        .route("/v1/models", get(models::list))
-        .route("/v1/models/{model}", get(models::retrieve))
+/// Edits and variations share their handler; the route tells it which endpoint it serves.
+fn uploads(endpoint: Endpoint) -> MethodRouter<Arc<AppState>> {
+    post(images::uploads).layer(Extension(endpoint))
+}
+
+/// Each route's method and path template, in the order the router is built.
+pub fn list() -> Vec<(Method, &'static str)> {
+    table()
+        .into_iter()
+        .map(|(method, path, _)| (method, path))
+        .collect()
+}
+
+/// Every route. Authentication is the app's one layer over all of them; the image routes,
+/// which read request bodies, have the body timeouts' layer too.
+pub fn router(state: &Arc<AppState>) -> Router<Arc<AppState>> {
+    table()
+        .into_iter()
+        .fold(Router::new(), |router, (_, path, handler)| {
+            let handler = if path.starts_with(IMAGES) {
+                handler.route_layer(middleware::from_fn_with_state(
+                    Arc::clone(state),
+                    images::body_timeouts,
+                ))
+            } else {
+                handler
+            };
+            router.route(path, handler)
+        })
 }

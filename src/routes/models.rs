@@ -5,9 +5,9 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Path, State};
 
-use crate::app::{AppState, Runtime};
 use crate::error::ApiError;
 use crate::openai::{Model, ModelList};
+use crate::state::{AppState, Runtime};
 
 fn entry(runtime: &Runtime, id: &str) -> Model {
     Model {

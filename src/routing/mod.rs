@@ -1,24 +1,20 @@
 //! From a model to a provider call: pick the route, send, and turn the provider's answer
 //! into the client's response with its usage metered on the way.
 
-mod breaker;
-pub mod dedupe;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-pub use breaker::{BreakerState, Breakers};
-use dedupe::KeepTicket;
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use http::{HeaderValue, StatusCode, header};
 
-use crate::app::{AppState, Forwarded, RequestId, Runtime};
 use crate::auth::Principal;
+pub use crate::breaker::{BreakerState, Breakers};
 use crate::config::{Model, Provider, Route};
+use crate::dedupe::{self, KeepTicket};
 use crate::error::ApiError;
+use crate::state::{AppState, Forwarded, RequestId, Runtime};
 use crate::upstream::{
     Endpoint, RequestSummary, UpstreamError, UpstreamRequest, UpstreamResponse, read_summary,
 };

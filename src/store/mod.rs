@@ -53,7 +53,7 @@ pub struct NewKey {
 }
 
 /// How usage totals are grouped in a report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GroupBy {
     Key,
     Model,

@@ -15,7 +15,7 @@ use metrics::{Counter, Histogram};
 use tokio::io::AsyncWriteExt;
 use tokio_util::task::TaskTracker;
 
-use crate::routing::dedupe::{KeepTicket, write_chunk};
+use crate::dedupe::{KeepTicket, write_chunk};
 
 use crate::auth::Principal;
 use crate::config::Price;

@@ -1,5 +1,6 @@
 //! One integration-test binary: real imagegate on port 0, stand-in providers, real databases.
 
+mod architecture;
 mod cli;
 mod connections;
 mod dedupe;
@@ -7,6 +8,7 @@ mod edits;
 mod extract;
 mod failover;
 mod faults;
+mod gate;
 mod generations;
 mod hostile;
 mod journal;

@@ -1,0 +1,113 @@
+//! `imagegate config check`: the routing table a configuration makes, secrets redacted.
+
+use imagegate::config::{Config, Price, ProviderKind};
+use imagegate::usage::price::format_usd;
+
+/// Prints the validated configuration: database (password hidden), admin API, providers,
+/// and each model's routes in failover order with their price and parameter policy.
+pub fn print_routing_table(config: &Config) {
+    println!("configuration {} is valid", config.source.display());
+    println!("database: {}", redact_url(config.database_url.as_str()));
+    println!(
+        "admin API: {}",
+        if config.admin_token.is_some() {
+            format!("on (token from ${})", config.admin_token_env)
+        } else {
+            format!("off (set ${} to enable)", config.admin_token_env)
+        }
+    );
+    println!(
+        "default model: {}",
+        config
+            .default_model
+            .as_deref()
+            .unwrap_or("(none: requests must name a model)")
+    );
+    println!();
+    println!("providers:");
+    for provider in config.providers.values() {
+        match &provider.kind {
+            ProviderKind::OpenAi {
+                base_url,
+                api_key_env,
+                ..
+            } => println!(
+                "  {:<10} {base_url}  key from ${api_key_env} [redacted]  connect {:?}, total {:?}",
+                provider.name, provider.connect_timeout, provider.total_timeout
+            ),
+            ProviderKind::Mock { delay } => {
+                println!(
+                    "  {:<10} built-in mock, answers after {delay:?}",
+                    provider.name
+                )
+            }
+        }
+    }
+    println!();
+    println!("models (routes in failover order):");
+    for model in config.models.values() {
+        let aliases = if model.aliases.is_empty() {
+            String::new()
+        } else {
+            format!(" (aliases: {})", model.aliases.join(", "))
+        };
+        println!("  {}{aliases}", model.name);
+        for (i, route) in model.routes.iter().enumerate() {
+            let price = match route.price {
+                Price::PerImage(n) => format!("${} per image", format_usd(n)),
+                Price::Tokens {
+                    text_input,
+                    image_input,
+                    image_output,
+                    ..
+                } => format!(
+                    "per 1M tokens: text in ${}, image in ${}, image out ${}",
+                    format_usd(text_input * 1_000_000),
+                    format_usd(image_input * 1_000_000),
+                    format_usd(image_output * 1_000_000)
+                ),
+            };
+            let mut policy = Vec::new();
+            if !route.policy.defaults.is_empty() {
+                policy.push(format!(
+                    "defaults {}",
+                    serde_json::Value::Object(route.policy.defaults.clone())
+                ));
+            }
+            if !route.policy.force.is_empty() {
+                policy.push(format!(
+                    "force {}",
+                    serde_json::Value::Object(route.policy.force.clone())
+                ));
+            }
+            if !route.policy.drop.is_empty() {
+                policy.push(format!("drop {:?}", route.policy.drop));
+            }
+            if route.strip_b64_prefix {
+                policy.push("strip data: prefix from b64_json".into());
+            }
+            println!(
+                "    {}. {} -> {}  [{price}]{}",
+                i + 1,
+                route.provider.name,
+                route.upstream_model,
+                if policy.is_empty() {
+                    String::new()
+                } else {
+                    format!("  {}", policy.join("; "))
+                }
+            );
+        }
+    }
+}
+
+/// Hides a password in a database URL.
+fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("redacted"));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}

@@ -1,0 +1,137 @@
+//! `imagegate usage`: usage totals as a table, JSON or CSV.
+
+use std::io::Write;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use clap::ValueEnum;
+use imagegate::store::{GroupBy, UsageTotals};
+use imagegate::usage::price::format_usd_sum;
+
+/// How usage totals are grouped: the command line's names for [`GroupBy`].
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Group {
+    Key,
+    Model,
+    Provider,
+    Day,
+}
+
+impl From<Group> for GroupBy {
+    fn from(group: Group) -> Self {
+        match group {
+            Group::Key => GroupBy::Key,
+            Group::Model => GroupBy::Model,
+            Group::Provider => GroupBy::Provider,
+            Group::Day => GroupBy::Day,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+    Csv,
+}
+
+/// A `--since` value: an RFC 3339 time, or a duration back from now.
+pub fn parse_since(text: &str) -> anyhow::Result<DateTime<Utc>> {
+    if let Ok(at) = DateTime::parse_from_rfc3339(text) {
+        return Ok(at.with_timezone(&Utc));
+    }
+    let ago = humantime::parse_duration(text).with_context(|| {
+        format!("--since {text:?}: expected a duration like 24h or 7d, or an RFC 3339 time")
+    })?;
+    Ok(Utc::now() - chrono::Duration::from_std(ago)?)
+}
+
+pub fn print_usage(rows: &[UsageTotals], group_by: GroupBy, format: Format) -> anyhow::Result<()> {
+    let group = match group_by {
+        GroupBy::Key => "key",
+        GroupBy::Model => "model",
+        GroupBy::Provider => "provider",
+        GroupBy::Day => "day",
+    };
+    let mut out = std::io::stdout().lock();
+    match format {
+        Format::Json => {
+            let items: Vec<_> = rows
+                .iter()
+                .map(|r| {
+                    serde_json::json!({
+                        group: r.group, "requests": r.requests, "images": r.images,
+                        "input_tokens": r.input_tokens, "output_tokens": r.output_tokens,
+                        "total_tokens": r.total_tokens, "cost_usd": format_usd_sum(r.cost_nanousd),
+                    })
+                })
+                .collect();
+            writeln!(out, "{}", serde_json::to_string_pretty(&items)?)?;
+        }
+        Format::Csv => {
+            let mut csv = csv::Writer::from_writer(&mut out);
+            csv.write_record([
+                group,
+                "requests",
+                "images",
+                "input_tokens",
+                "output_tokens",
+                "total_tokens",
+                "cost_usd",
+            ])?;
+            for r in rows {
+                csv.write_record([
+                    r.group.clone(),
+                    r.requests.to_string(),
+                    r.images.to_string(),
+                    r.input_tokens.to_string(),
+                    r.output_tokens.to_string(),
+                    r.total_tokens.to_string(),
+                    format_usd_sum(r.cost_nanousd),
+                ])?;
+            }
+            csv.flush()?;
+        }
+        Format::Table => {
+            writeln!(
+                out,
+                "{group:<24} {:>9} {:>7} {:>13} {:>13} {:>13} {:>16}",
+                "requests", "images", "input_tok", "output_tok", "total_tok", "cost_usd"
+            )?;
+            let mut total = UsageTotals {
+                group: "TOTAL".into(),
+                requests: 0,
+                images: 0,
+                input_tokens: 0,
+                output_tokens: 0,
+                total_tokens: 0,
+                cost_nanousd: 0,
+            };
+            for r in rows.iter() {
+                total.requests = total.requests.saturating_add(r.requests);
+                total.images = total.images.saturating_add(r.images);
+                total.input_tokens = total.input_tokens.saturating_add(r.input_tokens);
+                total.output_tokens = total.output_tokens.saturating_add(r.output_tokens);
+                total.total_tokens = total.total_tokens.saturating_add(r.total_tokens);
+                total.cost_nanousd = total.cost_nanousd.saturating_add(r.cost_nanousd);
+            }
+            for r in rows.iter().chain(std::iter::once(&total)) {
+                writeln!(
+                    out,
+                    "{:<24} {:>9} {:>7} {:>13} {:>13} {:>13} {:>16}",
+                    r.group,
+                    r.requests,
+                    r.images,
+                    r.input_tokens,
+                    r.output_tokens,
+                    r.total_tokens,
+                    format_usd_sum(r.cost_nanousd)
+                )?;
+            }
+            if rows.is_empty() {
+                eprintln!("no usage recorded for this selection");
+            }
+        }
+    }
+    Ok(())
+}

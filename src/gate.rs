@@ -1,0 +1,146 @@
+//! The door every routed request passes: authentication is on by default (a client key),
+//! the admin routes take the admin token instead, and only the listed public routes need
+//! neither; then a key's cap on requests in flight.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+
+use crate::auth::{Principal, bearer, hash_key, well_formed};
+use crate::error::ApiError;
+use crate::limits::Slot;
+use crate::routes;
+use crate::state::AppState;
+
+/// Every routed request, before its handler: the routes [`routes::PUBLIC`] lists pass as
+/// they are, those [`routes::ADMIN`] lists need the admin token, and every other route (any
+/// route added later included) needs a valid, unrevoked client key, or gets 401 before
+/// anything else happens; a key's request then takes one of its slots in flight.
+pub async fn authenticate(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let path = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str);
+    match path {
+        Some(path) if routes::PUBLIC.contains(&path) => Ok(next.run(request).await),
+        Some(path) if routes::ADMIN.contains(&path) => require_admin(&state, request, next).await,
+        _ => require_key(&state, request, next).await,
+    }
+}
+
+/// A valid, unrevoked key, or 401.
+async fn require_key(
+    state: &AppState,
+    mut request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let Some(key) = bearer(&request) else {
+        return Err(ApiError::Unauthorized(
+            "Missing API key: send it as 'Authorization: Bearer <key>'.",
+        ));
+    };
+    if !well_formed(key) {
+        return Err(ApiError::Unauthorized("Incorrect API key provided."));
+    }
+    let principal = state
+        .keys
+        .lookup(key)
+        .await
+        .map_err(|_| ApiError::KeyLookupUnavailable)?
+        .ok_or(ApiError::Unauthorized(
+            "Incorrect API key provided, or the key was revoked.",
+        ))?;
+    request.extensions_mut().insert(Arc::clone(&principal));
+    let mut response = per_key_in_flight(state, &principal, request, next).await?;
+    // For the access log's key name.
+    response.extensions_mut().insert(principal);
+    Ok(response)
+}
+
+/// Admin routes: the admin token from the environment; none configured means no admin API.
+async fn require_admin(
+    state: &AppState,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let expected = state.runtime.load().config.admin_token.clone();
+    let given = bearer(&request);
+    match (expected, given) {
+        // Comparing hashes keeps the comparison's time independent of where they differ.
+        (Some(expected), Some(given)) if hash_key(expected.expose()) == hash_key(given) => {
+            Ok(next.run(request).await)
+        }
+        _ => Err(ApiError::AdminForbidden),
+    }
+}
+
+/// After authentication: at most `limits.max_in_flight_per_key` requests of one key at
+/// once, counted until the response body has been sent or its client has left (a streamed
+/// answer counts for as long as it streams). One more gets 429 before it is forwarded, so
+/// it is neither sent to a provider nor billed.
+async fn per_key_in_flight(
+    state: &AppState,
+    principal: &Principal,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let cap = state
+        .runtime
+        .load()
+        .config
+        .limits
+        .max_in_flight_per_key
+        .get();
+    let Some(slot) = state.in_flight.try_enter(principal.key_id, cap) else {
+        metrics::counter!("imagegate_key_in_flight_refused_total").increment(1);
+        return Err(ApiError::KeyInFlightLimit { limit: cap });
+    };
+    let response = next.run(request).await;
+    Ok(response.map(|body| {
+        Body::new(HoldSlot {
+            inner: body,
+            slot: Some(slot),
+        })
+    }))
+}
+
+/// A response body that holds its request's slot until it ends or is dropped.
+struct HoldSlot {
+    inner: Body,
+    slot: Option<Slot>,
+}
+
+impl http_body::Body for HoldSlot {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            self.slot.take();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

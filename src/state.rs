@@ -1,0 +1,133 @@
+//! What every request can reach: the state the gateway shares (store, usage sink, key
+//! cache, breakers, the routing table in force) and the ids a request carries. Below the
+//! routing and the routes that use it, above everything it holds.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::KeyCache;
+use crate::breaker::Breakers;
+use crate::config::{Config, ConfigError, EnvLookup};
+use crate::dedupe::Dedupe;
+use crate::limits::InFlight;
+use crate::spool::SpoolUsage;
+use crate::store::Store;
+use crate::upstream::Upstreams;
+use crate::usage::meter::RouteMetrics;
+use crate::usage::writer::UsageSink;
+
+/// What a configuration turns into: replaced whole on reload, so that a request keeps the
+/// table it started with.
+pub struct Runtime {
+    pub config: Arc<Config>,
+    pub upstreams: Upstreams,
+    /// Per model, one per route, in the order of its routes.
+    route_metrics: HashMap<String, Vec<Arc<RouteMetrics>>>,
+    /// Unix seconds when this table was loaded (the `created` of `/v1/models`).
+    pub loaded_at: i64,
+}
+
+impl Runtime {
+    pub fn new(config: Config) -> anyhow::Result<Self> {
+        let route_metrics = config
+            .models
+            .values()
+            .map(|model| {
+                let routes = model
+                    .routes
+                    .iter()
+                    .map(|r| Arc::new(RouteMetrics::new(&model.name, &r.provider.name)))
+                    .collect();
+                (model.name.clone(), routes)
+            })
+            .collect();
+        Ok(Runtime {
+            route_metrics,
+            upstreams: Upstreams::build(&config)?,
+            config: Arc::new(config),
+            loaded_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0)),
+        })
+    }
+}
+
+pub struct AppState {
+    pub runtime: ArcSwap<Runtime>,
+    pub env: EnvLookup,
+    pub store: Arc<dyn Store>,
+    pub usage: UsageSink,
+    pub keys: KeyCache,
+    /// Work that must finish even when its client has gone; shutdown waits for it.
+    pub tasks: TaskTracker,
+    pub metrics: PrometheusHandle,
+    /// Per provider, kept across reloads.
+    pub breakers: Breakers,
+    pub dedupe: Arc<Dedupe>,
+    /// What the upload spool files hold together, against `server.spool_max_bytes`.
+    pub spool: SpoolUsage,
+    /// Requests in flight per key, for `limits.max_in_flight_per_key`.
+    pub in_flight: Arc<InFlight>,
+    /// Reloads happen one at a time.
+    pub(crate) reload_lock: std::sync::Mutex<()>,
+}
+
+/// Why a reload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Build(String),
+}
+
+impl AppState {
+    /// Re-reads the configuration file. A valid one replaces the routing table at once; an
+    /// invalid one is refused and the table in force stays.
+    pub fn reload(&self) -> Result<Arc<Runtime>, ReloadError> {
+        let _one_at_a_time = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.runtime.load_full();
+        let config = Config::load(&current.config.source, &self.env)?;
+        if config.database_url != current.config.database_url
+            || config.server.listen != current.config.server.listen
+            || config.server.journal_dir != current.config.server.journal_dir
+            || config.server.workers != current.config.server.workers
+            || config.server.header_read_timeout != current.config.server.header_read_timeout
+            || config.server.http2_keep_alive_interval
+                != current.config.server.http2_keep_alive_interval
+            || config.server.max_connections != current.config.server.max_connections
+        {
+            tracing::warn!(
+                "database.url, server.listen, server.journal_dir, server.workers, server.header_read_timeout, server.http2_keep_alive_interval and server.max_connections changes take effect at the next restart"
+            );
+        }
+        let runtime =
+            Arc::new(Runtime::new(config).map_err(|e| ReloadError::Build(e.to_string()))?);
+        self.runtime.store(Arc::clone(&runtime));
+        metrics::counter!("imagegate_config_reloads_total").increment(1);
+        Ok(runtime)
+    }
+}
+
+impl Runtime {
+    /// The metric handles of a model's route (by its place in the model's routes).
+    pub fn route_metrics(&self, model: &str, route: usize, provider: &str) -> Arc<RouteMetrics> {
+        match self.route_metrics.get(model).and_then(|r| r.get(route)) {
+            Some(metrics) => Arc::clone(metrics),
+            None => Arc::new(RouteMetrics::new(model, provider)),
+        }
+    }
+}
+
+/// The request's id, made at the door and echoed in `x-request-id`.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub Arc<str>);
+
+/// Set on responses whose log line the usage meter writes (the request reached a provider).
+#[derive(Debug, Clone, Copy)]
+pub struct Forwarded;
