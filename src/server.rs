@@ -155,67 +155,142 @@ pub async fn serve_workers(
     limits: ConnectionLimits,
     tasks: TaskTracker,
 ) -> anyhow::Result<()> {
-    // One count for all workers: the cap holds however the kernel spreads connections.
-    let permits = Arc::new(Semaphore::new(
-        limits.max_connections.min(Semaphore::MAX_PERMITS),
-    ));
-    let stop = CancellationToken::new();
-    let abandon = CancellationToken::new();
-    // Dropped (the caller gave up on this future): the workers stop too, at once.
-    let _stop_workers = (stop.clone().drop_guard(), abandon.clone().drop_guard());
     let (served_tx, mut served) = mpsc::unbounded_channel::<io::Result<()>>();
+    let worker = WorkerContext {
+        app,
+        grace,
+        limits,
+        // One count for all workers: the cap holds however the kernel spreads connections.
+        permits: Arc::new(Semaphore::new(
+            limits.max_connections.min(Semaphore::MAX_PERMITS),
+        )),
+        tasks: tasks.clone(),
+        stop: CancellationToken::new(),
+        abandon: CancellationToken::new(),
+        served: served_tx,
+    };
+    // Dropped (the caller gave up on this future): the workers stop too, at once.
+    let _stop_workers = (
+        worker.stop.clone().drop_guard(),
+        worker.abandon.clone().drop_guard(),
+    );
     let mut threads = Vec::new();
     for (index, socket) in listeners.sockets.into_iter().enumerate() {
-        let (app, stop, abandon, tasks, served_tx, permits) = (
-            app.clone(),
-            stop.clone(),
-            abandon.clone(),
-            tasks.clone(),
-            served_tx.clone(),
-            Arc::clone(&permits),
-        );
-        let (done_tx, done) = tokio::sync::oneshot::channel::<()>();
-        std::thread::Builder::new()
-            .name(format!("imagegate-worker-{index}"))
-            .spawn(move || {
-                WORKER.with(|w| w.set(index));
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime,
-                    Err(err) => {
-                        let _ = served_tx.send(Err(err));
-                        return;
-                    }
-                };
-                runtime.block_on(async move {
-                    #[expect(
-                        deprecated,
-                        reason = "the safe constructor is deprecated for types that may close or swap their descriptor while registered (tokio#8587); std's listener owns its descriptor and keeps it until the AsyncFd drops it, and `unsafe` is forbidden here"
-                    )]
-                    let registered = AsyncFd::new(socket);
-                    let result = match registered {
-                        Ok(listener) => {
-                            let shutdown = stop.cancelled_owned();
-                            serve(listener, app, shutdown, grace, limits, permits).await
-                        }
-                        Err(err) => Err(err),
-                    };
-                    let _ = served_tx.send(result);
-                    // The tasks this thread started run only while it drives them.
-                    tokio::select! {
-                        () = tasks.wait() => {}
-                        () = abandon.cancelled() => {}
-                    }
-                });
-                drop(runtime);
-                let _ = done_tx.send(());
-            })?;
-        threads.push(done);
+        threads.push(spawn_worker(index, socket, worker.clone())?);
     }
+    let WorkerContext {
+        stop,
+        abandon,
+        served: served_tx,
+        ..
+    } = worker;
     drop(served_tx);
-    let workers = threads.len();
+    let failure = stop_workers(shutdown, &mut served, threads.len(), &stop, grace).await;
+    tasks.close();
+    if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+        tracing::warn!(
+            tasks = tasks.len(),
+            "tracked work still running after the grace"
+        );
+        abandon.cancel();
+    }
+    for done in threads {
+        let _ = done.await;
+    }
+    match failure {
+        Some(err) => Err(anyhow::anyhow!("a server worker failed: {err}")),
+        None => Ok(()),
+    }
+}
+
+/// What each worker thread is handed: a clone per worker, all sharing the same cap, tasks
+/// and signals.
+#[derive(Clone)]
+struct WorkerContext {
+    app: Router,
+    grace: Duration,
+    limits: ConnectionLimits,
+    /// The connection cap shared by all workers.
+    permits: Arc<Semaphore>,
+    tasks: TaskTracker,
+    /// Cancelled: stop accepting and drain the connections.
+    stop: CancellationToken,
+    /// Cancelled: stop waiting for the tracked tasks still running.
+    abandon: CancellationToken,
+    /// Where a worker reports how its serving ended.
+    served: mpsc::UnboundedSender<io::Result<()>>,
+}
+
+/// Starts worker `index` on its own thread with its own single-threaded runtime; the
+/// returned receiver resolves once that thread has dropped its runtime.
+fn spawn_worker(
+    index: usize,
+    socket: std::net::TcpListener,
+    worker: WorkerContext,
+) -> io::Result<tokio::sync::oneshot::Receiver<()>> {
+    let (done_tx, done) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name(format!("imagegate-worker-{index}"))
+        .spawn(move || {
+            WORKER.with(|w| w.set(index));
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    let _ = worker.served.send(Err(err));
+                    return;
+                }
+            };
+            runtime.block_on(run_worker(socket, worker));
+            drop(runtime);
+            let _ = done_tx.send(());
+        })?;
+    Ok(done)
+}
+
+/// One worker thread's work: serves its socket until told to stop, reports how that
+/// ended, then keeps driving the tracked tasks it started.
+async fn run_worker(socket: std::net::TcpListener, worker: WorkerContext) {
+    #[expect(
+        deprecated,
+        reason = "the safe constructor is deprecated for types that may close or swap their descriptor while registered (tokio#8587); std's listener owns its descriptor and keeps it until the AsyncFd drops it, and `unsafe` is forbidden here"
+    )]
+    let registered = AsyncFd::new(socket);
+    let result = match registered {
+        Ok(listener) => {
+            let shutdown = worker.stop.cancelled_owned();
+            serve(
+                listener,
+                worker.app,
+                shutdown,
+                worker.grace,
+                worker.limits,
+                worker.permits,
+            )
+            .await
+        }
+        Err(err) => Err(err),
+    };
+    let _ = worker.served.send(result);
+    // The tasks this thread started run only while it drives them.
+    tokio::select! {
+        () = worker.tasks.wait() => {}
+        () = worker.abandon.cancelled() => {}
+    }
+}
+
+/// Waits for `shutdown` or for a worker to stop on its own, whichever comes first, then
+/// tells every worker to stop and waits until all `workers` have reported. Returns the
+/// first failure reported.
+async fn stop_workers(
+    shutdown: impl Future<Output = ()>,
+    served: &mut mpsc::UnboundedReceiver<io::Result<()>>,
+    workers: usize,
+    stop: &CancellationToken,
+    grace: Duration,
+) -> Option<io::Error> {
     let mut failure = None;
     let mut stopped = 0;
     tokio::select! {
@@ -243,21 +318,7 @@ pub async fn serve_workers(
             None => break,
         }
     }
-    tasks.close();
-    if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
-        tracing::warn!(
-            tasks = tasks.len(),
-            "tracked work still running after the grace"
-        );
-        abandon.cancel();
-    }
-    for done in threads {
-        let _ = done.await;
-    }
-    match failure {
-        Some(err) => Err(anyhow::anyhow!("a server worker failed: {err}")),
-        None => Ok(()),
-    }
+    failure
 }
 
 /// One worker: serves `app` until `shutdown` resolves, then stops accepting and gives the
@@ -270,19 +331,7 @@ async fn serve(
     limits: ConnectionLimits,
     permits: Arc<Semaphore>,
 ) -> std::io::Result<()> {
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .max_buf_size(READ_BUFFER)
-        .timer(TokioTimer::new())
-        // hyper's own timer for a request head once the protocol is known, and between
-        // requests on a kept-alive connection; the watchdog covers the rest.
-        .header_read_timeout(limits.header_read_timeout);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(limits.http2_keep_alive_interval)
-        .keep_alive_timeout(KEEP_ALIVE_ACK_TIMEOUT);
+    let builder = connection_builder(limits);
     let drain = CancellationToken::new();
     let connections = TaskTracker::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -299,40 +348,7 @@ async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let _ = stream.set_nodelay(true);
-        let activity = Arc::new(Activity::new());
-        let app = app.clone();
-        let requests = Arc::clone(&activity);
-        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-            let in_flight = InFlight::new(&requests);
-            let mut app = app.clone();
-            async move {
-                let response = app.call(request.map(axum::body::Body::new)).await?;
-                Ok::<_, std::convert::Infallible>(response.map(|inner| Tracked {
-                    inner,
-                    _in_flight: in_flight,
-                }))
-            }
-        });
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = Watched {
-            timer: tokio::time::sleep(limits.header_read_timeout),
-            connection,
-            graceful_shutdown: |connection| connection.graceful_shutdown(),
-            drain: drain.clone().cancelled_owned(),
-            activity,
-            idle: limits.header_read_timeout,
-            state: WatchState::Open,
-        };
-        connections.spawn(async move {
-            // Held while the connection lives: it counts against max_connections.
-            let _permit = permit;
-            if let Err(err) = connection.await {
-                tracing::debug!(%err, "connection ended with an error");
-            }
-        });
+        serve_connection(&builder, stream, permit, &app, limits, &drain, &connections);
     }
     drop(listener);
     drain.cancel();
@@ -344,6 +360,71 @@ async fn serve(
         tracing::warn!("shutdown grace elapsed; closing the connections still open");
     }
     Ok(())
+}
+
+/// hyper's connection builder with the server's buffers and timers.
+fn connection_builder(limits: ConnectionLimits) -> Builder<TokioExecutor> {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .max_buf_size(READ_BUFFER)
+        .timer(TokioTimer::new())
+        // hyper's own timer for a request head once the protocol is known, and between
+        // requests on a kept-alive connection; the watchdog covers the rest.
+        .header_read_timeout(limits.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(limits.http2_keep_alive_interval)
+        .keep_alive_timeout(KEEP_ALIVE_ACK_TIMEOUT);
+    builder
+}
+
+/// Serves `app` on one accepted connection, under the watchdog, as a task on
+/// `connections`; the connection holds `permit` until it ends.
+fn serve_connection(
+    builder: &Builder<TokioExecutor>,
+    stream: TcpStream,
+    permit: OwnedSemaphorePermit,
+    app: &Router,
+    limits: ConnectionLimits,
+    drain: &CancellationToken,
+    connections: &TaskTracker,
+) {
+    let _ = stream.set_nodelay(true);
+    let activity = Arc::new(Activity::new());
+    let app = app.clone();
+    let requests = Arc::clone(&activity);
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let in_flight = InFlight::new(&requests);
+        let mut app = app.clone();
+        async move {
+            let response = app.call(request.map(axum::body::Body::new)).await?;
+            Ok::<_, std::convert::Infallible>(response.map(|inner| Tracked {
+                inner,
+                _in_flight: in_flight,
+            }))
+        }
+    });
+    let connection = builder
+        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+        .into_owned();
+    let connection = Watched {
+        timer: tokio::time::sleep(limits.header_read_timeout),
+        connection,
+        graceful_shutdown: |connection| connection.graceful_shutdown(),
+        drain: drain.clone().cancelled_owned(),
+        activity,
+        idle: limits.header_read_timeout,
+        state: WatchState::Open,
+    };
+    connections.spawn(async move {
+        // Held while the connection lives: it counts against max_connections.
+        let _permit = permit;
+        if let Err(err) = connection.await {
+            tracing::debug!(%err, "connection ended with an error");
+        }
+    });
 }
 
 /// Takes the next connection off the listening socket once one is waiting there and the

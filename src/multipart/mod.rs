@@ -319,58 +319,12 @@ impl Upload {
                     }
                     file_role if !encoder.keeps(&name) => {
                         self.note_file(file_role)?;
-                        let mut len = 0u64;
-                        while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
-                            len += chunk.len() as u64;
-                            check_file_size(&self.limits, file_role, &name, len)?;
-                        }
+                        self.skip_file(&mut field, &name, file_role).await?;
                     }
                     file_role => {
                         self.note_file(file_role)?;
-                        let mut sniffer =
-                            Sniffer::new(field.content_type().map(|m| m.essence_str().to_owned()));
-                        let filename = field.file_name().map(str::to_owned);
-                        let mut pending = Vec::new();
-                        let mut len = 0u64;
-                        let mut started = false;
-                        loop {
-                            let chunk = field.chunk().await.map_err(multipart_error)?;
-                            if let Some(chunk) = &chunk {
-                                len += chunk.len() as u64;
-                                check_file_size(&self.limits, file_role, &name, len)?;
-                            }
-                            if started {
-                                match chunk {
-                                    Some(chunk) => out.send(chunk).await?,
-                                    None => break,
-                                }
-                                continue;
-                            }
-                            // The part's type may have to be read from its first bytes, so
-                            // its header waits for them (or for its end).
-                            let ended = chunk.is_none();
-                            if let Some(chunk) = chunk {
-                                sniffer.feed(&chunk);
-                                pending.push(chunk);
-                            }
-                            if sniffer.decided() || ended {
-                                started = true;
-                                out.send(encoder.file_header(
-                                    &name,
-                                    file_role == Role::Image,
-                                    filename.as_deref(),
-                                    &sniffer.content_type(),
-                                ))
-                                .await?;
-                                for chunk in pending.drain(..) {
-                                    out.send(chunk).await?;
-                                }
-                            }
-                            if ended {
-                                break;
-                            }
-                        }
-                        out.send(Encoder::part_end()).await?;
+                        self.stream_file(&encoder, &out, &mut field, &name, file_role)
+                            .await?;
                     }
                 }
             }
@@ -378,6 +332,78 @@ impl Upload {
         self.check_complete()?;
         out.send(encoder.finish()).await?;
         out.tx.finish();
+        Ok(())
+    }
+
+    /// Reads a file part this provider does not take to its end, sending nothing, while
+    /// still holding it to its size limit.
+    async fn skip_file(
+        &self,
+        field: &mut multer::Field<'static>,
+        name: &str,
+        file_role: Role,
+    ) -> Result<(), ApiError> {
+        let mut len = 0u64;
+        while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+            len += chunk.len() as u64;
+            check_file_size(&self.limits, file_role, name, len)?;
+        }
+        Ok(())
+    }
+
+    /// Sends a file part to the provider as it arrives: its header once its type is known,
+    /// then its bytes, then the part's end.
+    async fn stream_file(
+        &self,
+        encoder: &Encoder,
+        out: &Out,
+        field: &mut multer::Field<'static>,
+        name: &str,
+        file_role: Role,
+    ) -> Result<(), ApiError> {
+        let mut sniffer = Sniffer::new(field.content_type().map(|m| m.essence_str().to_owned()));
+        let filename = field.file_name().map(str::to_owned);
+        let mut pending = Vec::new();
+        let mut len = 0u64;
+        let mut started = false;
+        loop {
+            let chunk = field.chunk().await.map_err(multipart_error)?;
+            if let Some(chunk) = &chunk {
+                len += chunk.len() as u64;
+                check_file_size(&self.limits, file_role, name, len)?;
+            }
+            if started {
+                match chunk {
+                    Some(chunk) => out.send(chunk).await?,
+                    None => break,
+                }
+                continue;
+            }
+            // The part's type may have to be read from its first bytes, so
+            // its header waits for them (or for its end).
+            let ended = chunk.is_none();
+            if let Some(chunk) = chunk {
+                sniffer.feed(&chunk);
+                pending.push(chunk);
+            }
+            if sniffer.decided() || ended {
+                started = true;
+                out.send(encoder.file_header(
+                    name,
+                    file_role == Role::Image,
+                    filename.as_deref(),
+                    &sniffer.content_type(),
+                ))
+                .await?;
+                for chunk in pending.drain(..) {
+                    out.send(chunk).await?;
+                }
+            }
+            if ended {
+                break;
+            }
+        }
+        out.send(Encoder::part_end()).await?;
         Ok(())
     }
 

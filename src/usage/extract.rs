@@ -775,71 +775,9 @@ impl SseState {
                 }
             }
             match self.line {
-                Line::Start => {
-                    let b = chunk[i];
-                    if b == b'\n' || b == b'\r' {
-                        self.dispatch(json);
-                        self.end_line(b);
-                        i += 1;
-                    } else if b == b':' {
-                        self.line = Line::Skip;
-                        i += 1;
-                    } else {
-                        self.line = Line::Name;
-                        self.name_len = 0;
-                        self.name_over = false;
-                    }
-                }
-                Line::Name => {
-                    let rest = &chunk[i..];
-                    let Some(k) = memchr3(b':', b'\r', b'\n', rest) else {
-                        self.note_name(rest);
-                        i = len;
-                        continue;
-                    };
-                    self.note_name(&rest[..k]);
-                    let field = self.field();
-                    i += k + 1;
-                    if rest[k] == b':' {
-                        self.begin_field(field);
-                        self.line = Line::Value(field);
-                        self.value_start = true;
-                    } else {
-                        // A name alone is the field with an empty value.
-                        self.begin_field(field);
-                        if field == Field::Data {
-                            json.end_line(out, len);
-                        }
-                        self.end_line(rest[k]);
-                    }
-                }
-                Line::Value(field) => {
-                    if self.value_start {
-                        self.value_start = false;
-                        if chunk[i] == b' ' {
-                            i += 1;
-                            continue;
-                        }
-                    }
-                    let end = memchr2(b'\r', b'\n', &chunk[i..]).map_or(len, |k| i + k);
-                    match field {
-                        Field::Data => json.scan(chunk, i, end, out),
-                        Field::Event => {
-                            let room = EVENT_NAME_CAP.saturating_sub(self.event_name.len());
-                            let take = (end - i).min(room);
-                            self.event_name.extend_from_slice(&chunk[i..i + take]);
-                        }
-                        Field::Other => {}
-                    }
-                    i = end;
-                    if end < len {
-                        if field == Field::Data {
-                            json.end_line(out, len);
-                        }
-                        self.end_line(chunk[end]);
-                        i += 1;
-                    }
-                }
+                Line::Start => i = self.start_line(json, chunk[i], i),
+                Line::Name => i = self.read_name(json, chunk, i, out),
+                Line::Value(field) => i = self.read_value(json, chunk, i, field, out),
                 Line::Skip => match memchr2(b'\r', b'\n', &chunk[i..]) {
                     None => i = len,
                     Some(k) => {
@@ -849,6 +787,91 @@ impl SseState {
                 },
             }
         }
+    }
+
+    /// At the first byte `b` (at `i`) of a line: a blank line ends the event, a colon
+    /// starts a comment, anything else a field name. Returns where to go on.
+    fn start_line(&mut self, json: &mut JsonScanner, b: u8, i: usize) -> usize {
+        if b == b'\n' || b == b'\r' {
+            self.dispatch(json);
+            self.end_line(b);
+            i + 1
+        } else if b == b':' {
+            self.line = Line::Skip;
+            i + 1
+        } else {
+            self.line = Line::Name;
+            self.name_len = 0;
+            self.name_over = false;
+            i
+        }
+    }
+
+    /// Reads a field name from `i` up to its colon or line end. Returns where to go on.
+    fn read_name(
+        &mut self,
+        json: &mut JsonScanner,
+        chunk: &[u8],
+        i: usize,
+        out: &mut Out,
+    ) -> usize {
+        let len = chunk.len();
+        let rest = &chunk[i..];
+        let Some(k) = memchr3(b':', b'\r', b'\n', rest) else {
+            self.note_name(rest);
+            return len;
+        };
+        self.note_name(&rest[..k]);
+        let field = self.field();
+        self.begin_field(field);
+        if rest[k] == b':' {
+            self.line = Line::Value(field);
+            self.value_start = true;
+        } else {
+            // A name alone is the field with an empty value.
+            if field == Field::Data {
+                json.end_line(out, len);
+            }
+            self.end_line(rest[k]);
+        }
+        i + k + 1
+    }
+
+    /// Reads `field`'s value from `i` up to its line end: data goes through `json`, an
+    /// event name is kept (up to its cap). Returns where to go on.
+    fn read_value(
+        &mut self,
+        json: &mut JsonScanner,
+        chunk: &[u8],
+        i: usize,
+        field: Field,
+        out: &mut Out,
+    ) -> usize {
+        let len = chunk.len();
+        if self.value_start {
+            self.value_start = false;
+            if chunk[i] == b' ' {
+                return i + 1;
+            }
+        }
+        let end = memchr2(b'\r', b'\n', &chunk[i..]).map_or(len, |k| i + k);
+        match field {
+            Field::Data => json.scan(chunk, i, end, out),
+            Field::Event => {
+                let room = EVENT_NAME_CAP.saturating_sub(self.event_name.len());
+                let take = (end - i).min(room);
+                self.event_name.extend_from_slice(&chunk[i..i + take]);
+            }
+            Field::Other => {}
+        }
+        if end == len {
+            return end;
+        }
+        if field == Field::Data {
+            json.end_line(out, len);
+        }
+        self.end_line(chunk[end]);
+        end + 1
     }
 
     fn note_name(&mut self, bytes: &[u8]) {

@@ -176,6 +176,104 @@ pub struct Journal {
     _lock: File,
 }
 
+/// Reads the lines of segment `path` from `reader` into `batch`, moving `at` past each,
+/// until the batch holds `max_lines` lines, the reader ends, or a torn last line is found
+/// (skipped, and logged); a line that is not a row is counted and logged too.
+fn read_segment_lines(
+    reader: &mut impl BufRead,
+    path: &Path,
+    at: &mut Position,
+    max_lines: usize,
+    batch: &mut Batch,
+) -> io::Result<()> {
+    let mut line = Vec::new();
+    while batch.lines < max_lines as u64 {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line)?;
+        if n == 0 {
+            break;
+        }
+        at.offset += n as u64;
+        if line.last() != Some(&b'\n') {
+            tracing::warn!(
+                segment = %path.display(),
+                bytes = n,
+                "skipping a torn last line in the usage journal (a write cut short by a crash)"
+            );
+            break;
+        }
+        batch.lines += 1;
+        if is_marker(&line) {
+            batch.markers += 1;
+        }
+        match parse_line(&line) {
+            Ok(Line::Row(row)) => batch.rows.push(*row),
+            Ok(Line::Intent(intent)) => batch.intents.push(*intent),
+            Ok(Line::Cancel(id)) => batch.cancels.push(id),
+            Err(err) => tracing::error!(
+                %err,
+                segment = %path.display(),
+                line = %String::from_utf8_lossy(&line).trim_end(),
+                "skipping a usage journal line that is not a usage row"
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// The saved cursor's position and the intents it carries; nothing when there is no
+/// cursor or it cannot be read.
+fn load_cursor(dir: &Path) -> (Option<Position>, Vec<Intent>) {
+    match read_cursor(dir) {
+        Ok(Some(saved)) => (Some(saved.at), saved.pending),
+        Ok(None) => (None, Vec::new()),
+        Err(err) => {
+            // Harmless for rows: those already stored are skipped when written again.
+            // Intents carried in it are lost (those still in segments are not).
+            tracing::warn!(%err, dir = %dir.display(), "usage journal cursor unreadable; replaying every segment");
+            (None, Vec::new())
+        }
+    }
+}
+
+/// Where a journal opened over `segments` starts: the new segment it appends to (after
+/// every segment on disk and the saved cursor's), and where reading resumes.
+fn resume_points(segments: &[u64], saved: Option<Position>) -> (u64, Position) {
+    let active_segment = segments
+        .last()
+        .map(|s| s + 1)
+        .into_iter()
+        .chain(saved.map(|c| c.segment + 1))
+        .max()
+        .unwrap_or(0);
+    let cursor = match saved {
+        Some(c) if segments.contains(&c.segment) => c,
+        // Its segment is gone (fully shipped) or there was no cursor: the next segment.
+        saved => Position {
+            segment: segments
+                .iter()
+                .copied()
+                .find(|&s| saved.is_none_or(|c| s > c.segment))
+                .unwrap_or(active_segment),
+            offset: 0,
+        },
+    };
+    (active_segment, cursor)
+}
+
+/// Calls the last run died during: their intent is here (carried in the cursor or read
+/// from a segment), their row nowhere. One per request id.
+fn interrupted_calls<'a>(pending: &'a [Intent], scan: &'a Scan) -> Vec<&'a Intent> {
+    let mut interrupted: Vec<&Intent> = pending
+        .iter()
+        .chain(scan.intents.iter())
+        .filter(|i| !scan.resolved.contains(&i.request_id))
+        .collect();
+    interrupted.sort_by(|a, b| a.request_id.cmp(&b.request_id));
+    interrupted.dedup_by(|a, b| a.request_id == b.request_id);
+    interrupted
+}
+
 impl Journal {
     /// Opens (or creates) the journal in `dir` and starts a new segment. Rows an earlier run
     /// left unshipped are counted in the backlog and read first.
@@ -189,35 +287,8 @@ impl Journal {
         take_lock(&lock_file, dir)?;
 
         let segments = list_segments(dir)?;
-        let (saved, pending) = match read_cursor(dir) {
-            Ok(Some(saved)) => (Some(saved.at), saved.pending),
-            Ok(None) => (None, Vec::new()),
-            Err(err) => {
-                // Harmless for rows: those already stored are skipped when written again.
-                // Intents carried in it are lost (those still in segments are not).
-                tracing::warn!(%err, dir = %dir.display(), "usage journal cursor unreadable; replaying every segment");
-                (None, Vec::new())
-            }
-        };
-        let active_segment = segments
-            .last()
-            .map(|s| s + 1)
-            .into_iter()
-            .chain(saved.map(|c| c.segment + 1))
-            .max()
-            .unwrap_or(0);
-        let cursor = match saved {
-            Some(c) if segments.contains(&c.segment) => c,
-            // Its segment is gone (fully shipped) or there was no cursor: the next segment.
-            saved => Position {
-                segment: segments
-                    .iter()
-                    .copied()
-                    .find(|&s| saved.is_none_or(|c| s > c.segment))
-                    .unwrap_or(active_segment),
-                offset: 0,
-            },
-        };
+        let (saved, pending) = load_cursor(dir);
+        let (active_segment, cursor) = resume_points(&segments, saved);
         // Left by a crash between saving the cursor and deleting what it had passed.
         for &segment in segments.iter().filter(|&&s| s < cursor.segment) {
             remove_segment(dir, segment);
@@ -232,14 +303,7 @@ impl Journal {
             scan.read(&segment_path(dir, segment), from)?;
         }
         let backlog = scan.rows;
-        // Calls the last run died during: their intent is here, their row nowhere.
-        let mut interrupted: Vec<&Intent> = pending
-            .iter()
-            .chain(scan.intents.iter())
-            .filter(|i| !scan.resolved.contains(&i.request_id))
-            .collect();
-        interrupted.sort_by(|a, b| a.request_id.cmp(&b.request_id));
-        interrupted.dedup_by(|a, b| a.request_id == b.request_id);
+        let interrupted = interrupted_calls(&pending, &scan);
 
         let file = create_segment(dir, active_segment)?;
         add_to_gauge(i64::try_from(backlog).unwrap_or(i64::MAX));
@@ -263,17 +327,24 @@ impl Journal {
             backlog: AtomicU64::new(backlog),
             _lock: lock_file,
         };
-        if !interrupted.is_empty() {
-            for intent in &interrupted {
-                journal.append(&intent.interrupted())?;
-            }
-            journal.sync()?;
-            tracing::warn!(
-                calls = interrupted.len(),
-                "provider calls cut off by the end of the last run: each is recorded as an interrupted row at its worst-case cost"
-            );
-        }
+        journal.record_interrupted(&interrupted)?;
         Ok(journal)
+    }
+
+    /// Appends an interrupted row for each of `interrupted`, and syncs them.
+    fn record_interrupted(&self, interrupted: &[&Intent]) -> io::Result<()> {
+        if interrupted.is_empty() {
+            return Ok(());
+        }
+        for intent in interrupted {
+            self.append(&intent.interrupted())?;
+        }
+        self.sync()?;
+        tracing::warn!(
+            calls = interrupted.len(),
+            "provider calls cut off by the end of the last run: each is recorded as an interrupted row at its worst-case cost"
+        );
+        Ok(())
     }
 
     pub fn dir(&self) -> &Path {
@@ -409,13 +480,16 @@ impl Journal {
     /// line that is not a row are skipped, and logged.
     pub fn read_batch(&self, max_lines: usize) -> io::Result<Batch> {
         let start = self.cursor();
+        let mut batch = Batch {
+            rows: Vec::new(),
+            intents: Vec::new(),
+            cancels: Vec::new(),
+            lines: 0,
+            markers: 0,
+            start,
+            end: start,
+        };
         let mut at = start;
-        let mut rows = Vec::new();
-        let mut intents = Vec::new();
-        let mut cancels = Vec::new();
-        let mut lines = 0u64;
-        let mut markers = 0u64;
-        let mut line = Vec::new();
         loop {
             let (active_segment, committed) = {
                 let active = lock(&self.active);
@@ -442,52 +516,15 @@ impl Journal {
                 let mut file = file;
                 file.seek(SeekFrom::Start(at.offset))?;
                 let mut reader = BufReader::new(file).take(end - at.offset);
-                while lines < max_lines as u64 {
-                    line.clear();
-                    let n = reader.read_until(b'\n', &mut line)?;
-                    if n == 0 {
-                        break;
-                    }
-                    at.offset += n as u64;
-                    if line.last() != Some(&b'\n') {
-                        tracing::warn!(
-                            segment = %path.display(),
-                            bytes = n,
-                            "skipping a torn last line in the usage journal (a write cut short by a crash)"
-                        );
-                        break;
-                    }
-                    lines += 1;
-                    if is_marker(&line) {
-                        markers += 1;
-                    }
-                    match parse_line(&line) {
-                        Ok(Line::Row(row)) => rows.push(*row),
-                        Ok(Line::Intent(intent)) => intents.push(*intent),
-                        Ok(Line::Cancel(id)) => cancels.push(id),
-                        Err(err) => tracing::error!(
-                            %err,
-                            segment = %path.display(),
-                            line = %String::from_utf8_lossy(&line).trim_end(),
-                            "skipping a usage journal line that is not a usage row"
-                        ),
-                    }
-                }
+                read_segment_lines(&mut reader, &path, &mut at, max_lines, &mut batch)?;
             }
-            if lines >= max_lines as u64 || !closed || at.offset < end {
+            if batch.lines >= max_lines as u64 || !closed || at.offset < end {
                 break;
             }
             at = self.next_segment(at.segment, active_segment)?;
         }
-        Ok(Batch {
-            rows,
-            intents,
-            cancels,
-            lines,
-            markers,
-            start,
-            end: at,
-        })
+        batch.end = at;
+        Ok(batch)
     }
 
     /// The first segment after `segment`: the next file on disk, or the active segment.

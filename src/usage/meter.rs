@@ -100,61 +100,16 @@ impl UsageTicket {
     /// Writes the row (through the sink, never waiting on the database), counts it in the
     /// metrics and logs the request's one line.
     pub fn finish(self, status: u16, outcome: Outcome, extracted: &Extracted) {
-        // Counts and cost come from the capped usage: an absurd count is flagged, not summed.
-        let capped = extracted.usage.as_ref().map(TokenUsage::capped);
-        let usage_suspect = capped.as_ref().is_some_and(|(_, suspect)| *suspect);
-        if usage_suspect {
-            tracing::warn!(
-                request_id = %self.request_id,
-                provider = %self.provider,
-                raw_usage = extracted.raw_usage.as_deref().unwrap_or_default(),
-                "the provider reported more tokens than one call can use; counts capped and the row flagged usage_suspect"
-            );
-        }
-        let capped = capped.map(|(usage, _)| usage);
-        let usage = capped.clone().unwrap_or_default();
-        let images = if outcome == Outcome::UpstreamError {
-            0
-        } else {
-            extracted.images
-        };
-        let cost = cost_nanousd(&self.price, capped.as_ref(), images);
-        let latency = self.started.elapsed();
-        let m = &self.metrics;
-        m.requests(status).increment(1);
-        m.duration.record(latency.as_secs_f64());
-        m.input_tokens.increment(usage.input_tokens.max(0) as u64);
-        m.output_tokens.increment(usage.output_tokens.max(0) as u64);
-        m.images.increment(u64::from(images));
-        m.cost.increment(cost.max(0) as u64);
-        if outcome != Outcome::Completed {
-            metrics::counter!(
-                "imagegate_upstream_errors_total",
-                &[
-                    ("provider", self.provider.clone()),
-                    ("kind", outcome.as_str().to_owned()),
-                ]
-            )
-            .increment(1);
-        }
-        tracing::info!(
-            target: "imagegate::access",
-            request_id = %self.request_id,
-            key = %self.principal.name,
-            model = %self.model,
-            provider = %self.provider,
-            upstream_model = %self.upstream_model,
-            endpoint = self.endpoint.as_str(),
-            status,
-            outcome = outcome.as_str(),
-            streamed = self.summary.stream,
+        let tally = self.tally(outcome, extracted);
+        self.count(status, outcome, &tally);
+        self.log_request(status, outcome, &tally);
+        let Tally {
+            usage,
             images,
-            input_tokens = usage.input_tokens,
-            output_tokens = usage.output_tokens,
-            cost_usd = %format_usd(cost),
-            latency_ms = latency.as_millis() as u64,
-            "request"
-        );
+            cost,
+            latency,
+            usage_suspect,
+        } = tally;
         self.sink.record(UsageRow {
             request_id: self.request_id,
             key_id: self.principal.key_id,
@@ -185,6 +140,90 @@ impl UsageTicket {
             cost_estimated: false,
         });
     }
+
+    /// What the request used and cost, from the usage the provider reported (capped: an
+    /// absurd count is flagged, not summed, and warned of).
+    fn tally(&self, outcome: Outcome, extracted: &Extracted) -> Tally {
+        let capped = extracted.usage.as_ref().map(TokenUsage::capped);
+        let usage_suspect = capped.as_ref().is_some_and(|(_, suspect)| *suspect);
+        if usage_suspect {
+            tracing::warn!(
+                request_id = %self.request_id,
+                provider = %self.provider,
+                raw_usage = extracted.raw_usage.as_deref().unwrap_or_default(),
+                "the provider reported more tokens than one call can use; counts capped and the row flagged usage_suspect"
+            );
+        }
+        let capped = capped.map(|(usage, _)| usage);
+        let images = if outcome == Outcome::UpstreamError {
+            0
+        } else {
+            extracted.images
+        };
+        Tally {
+            usage: capped.clone().unwrap_or_default(),
+            images,
+            cost: cost_nanousd(&self.price, capped.as_ref(), images),
+            latency: self.started.elapsed(),
+            usage_suspect,
+        }
+    }
+
+    /// Counts the request in the metrics.
+    fn count(&self, status: u16, outcome: Outcome, tally: &Tally) {
+        let m = &self.metrics;
+        m.requests(status).increment(1);
+        m.duration.record(tally.latency.as_secs_f64());
+        m.input_tokens
+            .increment(tally.usage.input_tokens.max(0) as u64);
+        m.output_tokens
+            .increment(tally.usage.output_tokens.max(0) as u64);
+        m.images.increment(u64::from(tally.images));
+        m.cost.increment(tally.cost.max(0) as u64);
+        if outcome != Outcome::Completed {
+            metrics::counter!(
+                "imagegate_upstream_errors_total",
+                &[
+                    ("provider", self.provider.clone()),
+                    ("kind", outcome.as_str().to_owned()),
+                ]
+            )
+            .increment(1);
+        }
+    }
+
+    /// Logs the request's one access line.
+    fn log_request(&self, status: u16, outcome: Outcome, tally: &Tally) {
+        tracing::info!(
+            target: "imagegate::access",
+            request_id = %self.request_id,
+            key = %self.principal.name,
+            model = %self.model,
+            provider = %self.provider,
+            upstream_model = %self.upstream_model,
+            endpoint = self.endpoint.as_str(),
+            status,
+            outcome = outcome.as_str(),
+            streamed = self.summary.stream,
+            images = tally.images,
+            input_tokens = tally.usage.input_tokens,
+            output_tokens = tally.usage.output_tokens,
+            cost_usd = %format_usd(tally.cost),
+            latency_ms = tally.latency.as_millis() as u64,
+            "request"
+        );
+    }
+}
+
+/// What one request used and cost, as counted, logged and stored.
+struct Tally {
+    /// The usage reported, capped; zero when none was.
+    usage: TokenUsage,
+    images: u32,
+    cost: i64,
+    latency: Duration,
+    /// The reported usage had to be capped.
+    usage_suspect: bool,
 }
 
 /// A provider's body on its way to the client.
