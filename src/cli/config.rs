@@ -1,6 +1,6 @@
 //! `imagegate config check`: the routing table a configuration makes, secrets redacted.
 
-use imagegate::config::{Config, Price, ProviderKind};
+use imagegate::config::{Config, Price, ProviderKind, Route};
 use imagegate::usage::price::format_usd;
 
 /// Prints the validated configuration: database (password hidden), admin API, providers,
@@ -53,44 +53,13 @@ pub fn print_routing_table(config: &Config) {
         };
         println!("  {}{aliases}", model.name);
         for (i, route) in model.routes.iter().enumerate() {
-            let price = match route.price {
-                Price::PerImage(n) => format!("${} per image", format_usd(n)),
-                Price::Tokens {
-                    text_input,
-                    image_input,
-                    image_output,
-                    ..
-                } => format!(
-                    "per 1M tokens: text in ${}, image in ${}, image out ${}",
-                    format_usd(text_input * 1_000_000),
-                    format_usd(image_input * 1_000_000),
-                    format_usd(image_output * 1_000_000)
-                ),
-            };
-            let mut policy = Vec::new();
-            if !route.policy.defaults.is_empty() {
-                policy.push(format!(
-                    "defaults {}",
-                    serde_json::Value::Object(route.policy.defaults.clone())
-                ));
-            }
-            if !route.policy.force.is_empty() {
-                policy.push(format!(
-                    "force {}",
-                    serde_json::Value::Object(route.policy.force.clone())
-                ));
-            }
-            if !route.policy.drop.is_empty() {
-                policy.push(format!("drop {:?}", route.policy.drop));
-            }
-            if route.strip_b64_prefix {
-                policy.push("strip data: prefix from b64_json".into());
-            }
+            let policy = describe_policy(route);
             println!(
-                "    {}. {} -> {}  [{price}]{}",
+                "    {}. {} -> {}  [{}]{}",
                 i + 1,
                 route.provider.name,
                 route.upstream_model,
+                describe_price(&route.price),
                 if policy.is_empty() {
                     String::new()
                 } else {
@@ -99,6 +68,47 @@ pub fn print_routing_table(config: &Config) {
             );
         }
     }
+}
+
+fn describe_price(price: &Price) -> String {
+    match *price {
+        Price::PerImage(n) => format!("${} per image", format_usd(n)),
+        Price::Tokens {
+            text_input,
+            image_input,
+            image_output,
+            ..
+        } => format!(
+            "per 1M tokens: text in ${}, image in ${}, image out ${}",
+            format_usd(text_input * 1_000_000),
+            format_usd(image_input * 1_000_000),
+            format_usd(image_output * 1_000_000)
+        ),
+    }
+}
+
+/// What a route changes in the requests it sends, one phrase per rule.
+fn describe_policy(route: &Route) -> Vec<String> {
+    let mut policy = Vec::new();
+    if !route.policy.defaults.is_empty() {
+        policy.push(format!(
+            "defaults {}",
+            serde_json::Value::Object(route.policy.defaults.clone())
+        ));
+    }
+    if !route.policy.force.is_empty() {
+        policy.push(format!(
+            "force {}",
+            serde_json::Value::Object(route.policy.force.clone())
+        ));
+    }
+    if !route.policy.drop.is_empty() {
+        policy.push(format!("drop {:?}", route.policy.drop));
+    }
+    if route.strip_b64_prefix {
+        policy.push("strip data: prefix from b64_json".into());
+    }
+    policy
 }
 
 /// Hides a password in a database URL.

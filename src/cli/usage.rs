@@ -55,83 +55,96 @@ pub fn print_usage(rows: &[UsageTotals], group_by: GroupBy, format: Format) -> a
     };
     let mut out = std::io::stdout().lock();
     match format {
-        Format::Json => {
-            let items: Vec<_> = rows
-                .iter()
-                .map(|r| {
-                    serde_json::json!({
-                        group: r.group, "requests": r.requests, "images": r.images,
-                        "input_tokens": r.input_tokens, "output_tokens": r.output_tokens,
-                        "total_tokens": r.total_tokens, "cost_usd": format_usd_sum(r.cost_nanousd),
-                    })
-                })
-                .collect();
-            writeln!(out, "{}", serde_json::to_string_pretty(&items)?)?;
-        }
-        Format::Csv => {
-            let mut csv = csv::Writer::from_writer(&mut out);
-            csv.write_record([
-                group,
-                "requests",
-                "images",
-                "input_tokens",
-                "output_tokens",
-                "total_tokens",
-                "cost_usd",
-            ])?;
-            for r in rows {
-                csv.write_record([
-                    r.group.clone(),
-                    r.requests.to_string(),
-                    r.images.to_string(),
-                    r.input_tokens.to_string(),
-                    r.output_tokens.to_string(),
-                    r.total_tokens.to_string(),
-                    format_usd_sum(r.cost_nanousd),
-                ])?;
-            }
-            csv.flush()?;
-        }
-        Format::Table => {
-            writeln!(
-                out,
-                "{group:<24} {:>9} {:>7} {:>13} {:>13} {:>13} {:>16}",
-                "requests", "images", "input_tok", "output_tok", "total_tok", "cost_usd"
-            )?;
-            let mut total = UsageTotals {
-                group: "TOTAL".into(),
-                requests: 0,
-                images: 0,
-                input_tokens: 0,
-                output_tokens: 0,
-                total_tokens: 0,
-                cost_nanousd: 0,
-            };
-            for r in rows.iter() {
-                total.requests = total.requests.saturating_add(r.requests);
-                total.images = total.images.saturating_add(r.images);
-                total.input_tokens = total.input_tokens.saturating_add(r.input_tokens);
-                total.output_tokens = total.output_tokens.saturating_add(r.output_tokens);
-                total.total_tokens = total.total_tokens.saturating_add(r.total_tokens);
-                total.cost_nanousd = total.cost_nanousd.saturating_add(r.cost_nanousd);
-            }
-            for r in rows.iter().chain(std::iter::once(&total)) {
-                writeln!(
-                    out,
-                    "{:<24} {:>9} {:>7} {:>13} {:>13} {:>13} {:>16}",
-                    r.group,
-                    r.requests,
-                    r.images,
-                    r.input_tokens,
-                    r.output_tokens,
-                    r.total_tokens,
-                    format_usd_sum(r.cost_nanousd)
-                )?;
-            }
-            if rows.is_empty() {
-                eprintln!("no usage recorded for this selection");
-            }
-        }
+        Format::Json => print_json(&mut out, rows, group),
+        Format::Csv => print_csv(&mut out, rows, group),
+        Format::Table => print_table(&mut out, rows, group),
+    }
+}
+
+/// One object per group, the group's name under the grouping's own key.
+fn print_json(out: &mut impl Write, rows: &[UsageTotals], group: &str) -> anyhow::Result<()> {
+    let items: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                group: r.group, "requests": r.requests, "images": r.images,
+                "input_tokens": r.input_tokens, "output_tokens": r.output_tokens,
+                "total_tokens": r.total_tokens, "cost_usd": format_usd_sum(r.cost_nanousd),
+            })
+        })
+        .collect();
+    writeln!(out, "{}", serde_json::to_string_pretty(&items)?)?;
+    Ok(())
+}
+
+fn print_csv(out: &mut impl Write, rows: &[UsageTotals], group: &str) -> anyhow::Result<()> {
+    let mut csv = csv::Writer::from_writer(out);
+    csv.write_record([
+        group,
+        "requests",
+        "images",
+        "input_tokens",
+        "output_tokens",
+        "total_tokens",
+        "cost_usd",
+    ])?;
+    for r in rows {
+        csv.write_record([
+            r.group.clone(),
+            r.requests.to_string(),
+            r.images.to_string(),
+            r.input_tokens.to_string(),
+            r.output_tokens.to_string(),
+            r.total_tokens.to_string(),
+            format_usd_sum(r.cost_nanousd),
+        ])?;
+    }
+    csv.flush()?;
+    Ok(())
+}
+
+/// Aligned columns and a TOTAL line (sums saturate rather than wrap; they are i128).
+fn print_table(out: &mut impl Write, rows: &[UsageTotals], group: &str) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "{group:<24} {:>9} {:>7} {:>13} {:>13} {:>13} {:>16}",
+        "requests", "images", "input_tok", "output_tok", "total_tok", "cost_usd"
+    )?;
+    let total = rows.iter().fold(
+        UsageTotals {
+            group: "TOTAL".into(),
+            requests: 0,
+            images: 0,
+            input_tokens: 0,
+            output_tokens: 0,
+            total_tokens: 0,
+            cost_nanousd: 0,
+        },
+        |mut total, r| {
+            total.requests = total.requests.saturating_add(r.requests);
+            total.images = total.images.saturating_add(r.images);
+            total.input_tokens = total.input_tokens.saturating_add(r.input_tokens);
+            total.output_tokens = total.output_tokens.saturating_add(r.output_tokens);
+            total.total_tokens = total.total_tokens.saturating_add(r.total_tokens);
+            total.cost_nanousd = total.cost_nanousd.saturating_add(r.cost_nanousd);
+            total
+        },
+    );
+    for r in rows.iter().chain(std::iter::once(&total)) {
+        writeln!(
+            out,
+            "{:<24} {:>9} {:>7} {:>13} {:>13} {:>13} {:>16}",
+            r.group,
+            r.requests,
+            r.images,
+            r.input_tokens,
+            r.output_tokens,
+            r.total_tokens,
+            format_usd_sum(r.cost_nanousd)
+        )?;
+    }
+    if rows.is_empty() {
+        eprintln!("no usage recorded for this selection");
     }
     Ok(())
 }
