@@ -23,5 +23,6 @@ pub mod state;
 pub mod store;
 pub mod upstream;
 pub mod usage;
+pub mod worker;
 
 pub use app::Gateway;

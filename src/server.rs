@@ -5,7 +5,6 @@
 //! connections shared by all workers; a watchdog that ends connections that wait too long
 //! for a request; a graceful drain. (axum::serve does not let the read buffer be set.)
 
-use std::cell::Cell;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -87,16 +86,6 @@ pub fn raise_open_files_limit() -> io::Result<(Option<u64>, Option<u64>)> {
         },
     )?;
     Ok((before, Some(hard)))
-}
-
-thread_local! {
-    static WORKER: Cell<usize> = const { Cell::new(0) };
-}
-
-/// The serving thread this code runs on, from 0 (also 0 outside them). Provider clients are
-/// kept per worker, so that a provider connection is used by the thread that opened it.
-pub fn worker_index() -> usize {
-    WORKER.with(Cell::get)
 }
 
 /// One listening socket per worker, all on the same address.
@@ -232,7 +221,7 @@ fn spawn_worker(
     std::thread::Builder::new()
         .name(format!("imagegate-worker-{index}"))
         .spawn(move || {
-            WORKER.with(|w| w.set(index));
+            crate::worker::set_index(index);
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

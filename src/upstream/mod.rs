@@ -14,7 +14,6 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use tokio::sync::mpsc;
 
 use crate::config::{Config, Provider, ProviderKind};
-use crate::server::worker_index;
 
 /// The image endpoints imagegate forwards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,7 +190,7 @@ pub struct Upstreams {
 /// A provider's clients with what every request to it repeats, worked out once: the
 /// endpoints' URLs and the `Authorization` header.
 struct Client {
-    /// One per serving thread ([`worker_index`]): a connection in a client's pool is served
+    /// One per serving thread ([`crate::worker::index`]): a connection in a client's pool is served
     /// by the thread that opened it, so sharing one pool between threads would have every
     /// request wake another thread.
     per_worker: Vec<reqwest::Client>,
@@ -257,7 +256,7 @@ impl Upstreams {
         let client = self.clients.get(&provider.name).ok_or_else(|| {
             UpstreamError::Other(format!("no client for provider {}", provider.name))
         })?;
-        let http = &client.per_worker[worker_index() % client.per_worker.len()];
+        let http = &client.per_worker[crate::worker::index() % client.per_worker.len()];
         let response = http
             .post(client.urls[request.endpoint.index()].clone())
             .header(header::AUTHORIZATION, client.authorization.clone())
