@@ -222,7 +222,8 @@ fn open_files(max_connections: usize) {
                 tracing::warn!(
                     limit = %show(after),
                     max_connections,
-                    "the open files limit leaves little room beyond server.max_connections (provider connections, the database and spool files need files too); raise the hard limit (ulimit -Hn, LimitNOFILE=) or lower max_connections"
+                    needed,
+                    "the open files limit is below what server.max_connections may need (a client connection and its provider connection each, plus the database and spool files); raise the hard limit (ulimit -Hn, LimitNOFILE=) or lower max_connections"
                 );
             }
         }
