@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
+use axum::extract::FromRef;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::task::TaskTracker;
 
@@ -75,6 +76,27 @@ pub struct AppState {
     pub in_flight: Arc<InFlight>,
     /// Reloads happen one at a time.
     pub(crate) reload_lock: std::sync::Mutex<()>,
+}
+
+/// The routing table in force when a request arrived, for handlers that need nothing else
+/// (a reload while the request is served does not change it under the handler).
+#[derive(Clone)]
+pub struct RoutingTable(pub Arc<Runtime>);
+
+impl FromRef<Arc<AppState>> for RoutingTable {
+    fn from_ref(state: &Arc<AppState>) -> Self {
+        RoutingTable(state.runtime.load_full())
+    }
+}
+
+/// The Prometheus recorder's handle, for the metrics endpoint.
+#[derive(Clone)]
+pub struct MetricsHandle(pub PrometheusHandle);
+
+impl FromRef<Arc<AppState>> for MetricsHandle {
+    fn from_ref(state: &Arc<AppState>) -> Self {
+        MetricsHandle(state.metrics.clone())
+    }
 }
 
 /// Why a reload was refused.

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use serde_json::json;
 
-use crate::state::AppState;
+use crate::state::{AppState, MetricsHandle};
 
 pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
@@ -58,9 +58,9 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     (status, Json(body)).into_response()
 }
 
-pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+pub async fn metrics(State(MetricsHandle(metrics)): State<MetricsHandle>) -> impl IntoResponse {
     (
         [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
+        metrics.render(),
     )
 }

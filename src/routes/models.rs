@@ -1,13 +1,11 @@
 //! `GET /v1/models`: the public model names of the routing table in force.
 
-use std::sync::Arc;
-
 use axum::Json;
 use axum::extract::{Path, State};
 
 use crate::error::ApiError;
 use crate::openai::{Model, ModelList};
-use crate::state::{AppState, Runtime};
+use crate::state::{RoutingTable, Runtime};
 
 fn entry(runtime: &Runtime, id: &str) -> Model {
     Model {
@@ -18,8 +16,7 @@ fn entry(runtime: &Runtime, id: &str) -> Model {
     }
 }
 
-pub async fn list(State(state): State<Arc<AppState>>) -> Json<ModelList> {
-    let runtime = state.runtime.load();
+pub async fn list(State(RoutingTable(runtime)): State<RoutingTable>) -> Json<ModelList> {
     let data = runtime
         .config
         .public_names()
@@ -33,10 +30,9 @@ pub async fn list(State(state): State<Arc<AppState>>) -> Json<ModelList> {
 }
 
 pub async fn retrieve(
-    State(state): State<Arc<AppState>>,
+    State(RoutingTable(runtime)): State<RoutingTable>,
     Path(model): Path<String>,
 ) -> Result<Json<Model>, ApiError> {
-    let runtime = state.runtime.load();
     runtime
         .config
         .resolve_model(Some(&model))
