@@ -132,13 +132,7 @@ fn row(id: &str, key: &str, model: &str, cost: i64, tokens: i64) -> UsageRow {
 async fn usage_reports_group_filter_and_format() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = write_config(dir.path(), &["gpt-image-1"]);
-    let store = imagegate::store::connect(&format!(
-        "sqlite:{}",
-        dir.path().join("imagegate.db").display()
-    ))
-    .await
-    .expect("store");
-    store.migrate().await.expect("migrate");
+    let store = crate::support::db::open_sqlite(&dir.path().join("imagegate.db")).await;
     let mut old = row("r0", "a", "m1", 1, 1);
     old.created_at = Utc::now() - chrono::Duration::days(3);
     store
@@ -196,13 +190,7 @@ async fn usage_reports_group_filter_and_format() {
 async fn usage_totals_past_i64_are_printed_exactly() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = write_config(dir.path(), &["gpt-image-1"]);
-    let store = imagegate::store::connect(&format!(
-        "sqlite:{}",
-        dir.path().join("imagegate.db").display()
-    ))
-    .await
-    .expect("store");
-    store.migrate().await.expect("migrate");
+    let store = crate::support::db::open_sqlite(&dir.path().join("imagegate.db")).await;
     // Three rows at i64's largest cost and tokens, in two groups.
     let max = i64::MAX;
     store
@@ -332,12 +320,7 @@ async fn serve_reloads_on_sighup_and_drains_on_sigterm() {
             "a secret or image bytes reached the log:\n{log}"
         );
     }
-    let store = imagegate::store::connect(&format!(
-        "sqlite:{}",
-        dir.path().join("imagegate.db").display()
-    ))
-    .await
-    .expect("store");
+    let store = crate::support::db::open_sqlite(&dir.path().join("imagegate.db")).await;
     let rows = store.recent_usage(10).await.expect("rows");
     assert_eq!(rows.len(), 1);
     assert_eq!(

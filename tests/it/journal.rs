@@ -775,12 +775,7 @@ async fn kill_9_mid_stream_loses_no_row_of_a_response_sent() {
     let sent = traffic.finish().await;
     unlock_writes(locker).await;
 
-    let store = imagegate::store::connect(&format!(
-        "sqlite:{}",
-        dir.path().join("imagegate.db").display()
-    ))
-    .await
-    .expect("store");
+    let store = crate::support::db::open_sqlite(&dir.path().join("imagegate.db")).await;
     let rows_before_restart = all_rows(&*store).await.len();
 
     let (mut child, addr, _) = spawn_serve(&config).await;
@@ -862,9 +857,7 @@ async fn sigterm_with_the_database_busy_leaves_the_backlog_for_the_next_start() 
     wait_until_shipped(&client, &format!("http://{addr}"), Duration::from_secs(30)).await;
     signal(&child, "-TERM");
     child.wait().await.expect("exits");
-    let store = imagegate::store::connect(&format!("sqlite:{}", db.display()))
-        .await
-        .expect("store");
+    let store = crate::support::db::open_sqlite(&db).await;
     let rows = all_rows(&*store).await;
     assert_one_row_each(&rows, &answered);
     assert_eq!(rows.len(), 5);

@@ -72,12 +72,19 @@ fn with_database(url: &str, database: &str) -> String {
 /// A new SQLite file, migrated, in a temporary directory that lives as long as the guard.
 pub async fn fresh_sqlite() -> (Arc<dyn Store>, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("creating a temporary directory");
-    let url = format!("sqlite:{}", dir.path().join("imagegate.db").display());
+    let store = open_sqlite(&dir.path().join("imagegate.db")).await;
+    (store, dir)
+}
+
+/// The SQLite database at `path` (created if missing), migrated: the one a spawned
+/// imagegate writes, opened to read what it stored.
+pub async fn open_sqlite(path: &std::path::Path) -> Arc<dyn Store> {
+    let url = format!("sqlite:{}", path.display());
     let store = SqliteStore::connect(&url)
         .await
         .unwrap_or_else(|err| panic!("opening {url}: {err:#}"));
     store.migrate().await.expect("migrating the test database");
-    (Arc::new(store), dir)
+    Arc::new(store)
 }
 
 #[test]
