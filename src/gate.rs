@@ -2,20 +2,16 @@
 //! the admin routes take the admin token instead, and only the listed public routes need
 //! neither; then a key's cap on requests in flight.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
-use bytes::Bytes;
-use http_body::{Frame, SizeHint};
 
 use crate::auth::{Principal, bearer, hash_key, well_formed};
 use crate::error::ApiError;
-use crate::limits::Slot;
+use crate::held::Held;
 use crate::routes;
 use crate::state::AppState;
 
@@ -107,40 +103,5 @@ async fn per_key_in_flight(
         return Err(ApiError::KeyInFlightLimit { limit: cap });
     };
     let response = next.run(request).await;
-    Ok(response.map(|body| {
-        Body::new(HoldSlot {
-            inner: body,
-            slot: Some(slot),
-        })
-    }))
-}
-
-/// A response body that holds its request's slot until it ends or is dropped.
-struct HoldSlot {
-    inner: Body,
-    slot: Option<Slot>,
-}
-
-impl http_body::Body for HoldSlot {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(None) = polled {
-            self.slot.take();
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
+    Ok(response.map(|body| Body::new(Held::new(body, slot))))
 }

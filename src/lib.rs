@@ -12,6 +12,7 @@ pub mod config;
 pub mod dedupe;
 pub mod error;
 pub mod gate;
+pub mod held;
 pub mod limits;
 pub mod multipart;
 pub mod openai;

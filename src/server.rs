@@ -16,8 +16,6 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::Request;
-use bytes::Bytes;
-use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
@@ -32,6 +30,7 @@ use tokio_util::task::TaskTracker;
 use tower::Service;
 
 use crate::config::ServerConfig;
+use crate::held::Held;
 
 /// The most a connection reads ahead of its handler. hyper's default (~400 KiB) would let
 /// each upload in flight hold that much between the client's socket and the provider's.
@@ -389,10 +388,7 @@ fn serve_connection(
         let mut app = app.clone();
         async move {
             let response = app.call(request.map(axum::body::Body::new)).await?;
-            Ok::<_, std::convert::Infallible>(response.map(|inner| Tracked {
-                inner,
-                _in_flight: in_flight,
-            }))
+            Ok::<_, std::convert::Infallible>(response.map(|inner| Held::new(inner, in_flight)))
         }
     });
     let connection = builder
@@ -481,38 +477,6 @@ impl Drop for InFlight {
         let ms = u64::try_from(activity.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         activity.idle_since_ms.store(ms, Ordering::Release);
         activity.open.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-pin_project! {
-    /// A response body that keeps its request counted as in flight until it is dropped.
-    struct Tracked<B> {
-        #[pin]
-        inner: B,
-        _in_flight: InFlight,
-    }
-}
-
-impl<B> http_body::Body for Tracked<B>
-where
-    B: http_body::Body<Data = Bytes>,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        self.project().inner.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 
