@@ -17,7 +17,6 @@ use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::auth::{KeyCache, Principal};
-use crate::breaker::Breakers;
 use crate::config::{Config, EnvLookup};
 use crate::dedupe::Dedupe;
 use crate::error::ApiError;
@@ -91,7 +90,7 @@ impl Gateway {
             keys,
             tasks,
             metrics,
-            breakers: Breakers::default(),
+            breakers: Arc::default(),
             dedupe,
             spool: SpoolUsage::default(),
             in_flight: Arc::default(),

@@ -68,7 +68,7 @@ pub struct AppState {
     pub tasks: TaskTracker,
     pub metrics: PrometheusHandle,
     /// Per provider, kept across reloads.
-    pub breakers: Breakers,
+    pub breakers: Arc<Breakers>,
     pub dedupe: Arc<Dedupe>,
     /// What the upload spool files hold together, against `server.spool_max_bytes`.
     pub spool: SpoolUsage,
