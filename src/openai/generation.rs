@@ -11,7 +11,7 @@ pub struct Invalid {
 }
 
 impl Invalid {
-    fn new(message: impl Into<String>, param: Option<&str>) -> Self {
+    pub(super) fn new(message: impl Into<String>, param: Option<&str>) -> Self {
         Invalid {
             message: message.into(),
             param: param.map(str::to_owned),
@@ -26,76 +26,20 @@ pub struct GenerationRequest {
     pub body: Map<String, Value>,
 }
 
-/// String fields OpenAI defines; each must be a string or null when present.
-const STRING_FIELDS: &[&str] = &[
-    "size",
-    "quality",
-    "response_format",
-    "output_format",
-    "background",
-    "moderation",
-    "style",
-    "user",
-];
+/// Fields imagegate reads itself, each a string or null when present: `model` routes the
+/// request, `size` and `quality` go into its usage row. Their values are not checked:
+/// a provider may take sizes, qualities or models imagegate has never heard of. Every other
+/// field (`output_format`, `background`, `moderation`, `style`, `complexity`, ...) passes
+/// through as the client sent it, for the provider to judge.
+const STRING_FIELDS: &[&str] = &["model", "size", "quality"];
 
 impl GenerationRequest {
     /// Parses and checks a body. Python's SDK sends `null` for fields the caller left as
     /// `None`, so null counts as absent everywhere.
     pub fn parse(bytes: &[u8]) -> Result<Self, Invalid> {
-        let value: Value = serde_json::from_slice(bytes).map_err(|err| {
-            Invalid::new(
-                format!(
-                    "We could not parse the JSON body of your request ({err}). \
-                     The body must be a JSON object."
-                ),
-                None,
-            )
-        })?;
-        let Value::Object(body) = value else {
-            return Err(Invalid::new(
-                "The body of your request must be a JSON object.",
-                None,
-            ));
-        };
-        let request = GenerationRequest { body };
-        request.check()?;
-        Ok(request)
-    }
-
-    fn check(&self) -> Result<(), Invalid> {
-        match self.body.get("prompt") {
-            None | Some(Value::Null) => {
-                return Err(Invalid::new(
-                    "Missing required parameter: 'prompt'.",
-                    Some("prompt"),
-                ));
-            }
-            Some(Value::String(prompt)) if prompt.trim().is_empty() => {
-                return Err(Invalid::new(
-                    "Invalid 'prompt': it must not be empty.",
-                    Some("prompt"),
-                ));
-            }
-            Some(Value::String(_)) => {}
-            Some(_) => return Err(wrong_type("prompt", "a string")),
-        }
-        for field in ["model"].iter().chain(STRING_FIELDS) {
-            if !matches!(self.field(field), None | Some(Value::String(_))) {
-                return Err(wrong_type(field, "a string"));
-            }
-        }
-        if !matches!(self.field("stream"), None | Some(Value::Bool(_))) {
-            return Err(wrong_type("stream", "a boolean"));
-        }
-        check_int_range(self.field("n"), "n", 1, 10)?;
-        check_int_range(
-            self.field("output_compression"),
-            "output_compression",
-            0,
-            100,
-        )?;
-        check_int_range(self.field("partial_images"), "partial_images", 0, 3)?;
-        Ok(())
+        let body = parse_object(bytes)?;
+        check_common(&body)?;
+        Ok(GenerationRequest { body })
     }
 
     /// A field's value, with null read as absent.
@@ -122,7 +66,60 @@ impl GenerationRequest {
     }
 }
 
-fn wrong_type(field: &str, expected: &str) -> Invalid {
+/// A request body that must be a JSON object.
+pub(super) fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, Invalid> {
+    let value: Value = serde_json::from_slice(bytes).map_err(|err| {
+        Invalid::new(
+            format!(
+                "We could not parse the JSON body of your request ({err}). \
+                 The body must be a JSON object."
+            ),
+            None,
+        )
+    })?;
+    match value {
+        Value::Object(body) => Ok(body),
+        _ => Err(Invalid::new(
+            "The body of your request must be a JSON object.",
+            None,
+        )),
+    }
+}
+
+/// The checks generations and JSON edits share: a prompt, and the fields imagegate itself
+/// reads in the types it reads them as (`n` bounds the most a call can cost).
+pub(super) fn check_common(body: &Map<String, Value>) -> Result<(), Invalid> {
+    let field = |name: &str| body.get(name).filter(|v| !v.is_null());
+    match field("prompt") {
+        None => {
+            return Err(Invalid::new(
+                "Missing required parameter: 'prompt'.",
+                Some("prompt"),
+            ));
+        }
+        Some(Value::String(prompt)) if prompt.trim().is_empty() => {
+            return Err(Invalid::new(
+                "Invalid 'prompt': it must not be empty.",
+                Some("prompt"),
+            ));
+        }
+        Some(Value::String(_)) => {}
+        Some(_) => return Err(wrong_type("prompt", "a string")),
+    }
+    for name in STRING_FIELDS {
+        if !matches!(field(name), None | Some(Value::String(_))) {
+            return Err(wrong_type(name, "a string"));
+        }
+    }
+    if !matches!(field("stream"), None | Some(Value::Bool(_))) {
+        return Err(wrong_type("stream", "a boolean"));
+    }
+    check_int_range(field("n"), "n", 1, 10)?;
+    check_int_range(field("partial_images"), "partial_images", 0, i64::MAX)?;
+    Ok(())
+}
+
+pub(super) fn wrong_type(field: &str, expected: &str) -> Invalid {
     Invalid::new(
         format!("Invalid type for '{field}': expected {expected}."),
         Some(field),
@@ -133,6 +130,10 @@ fn check_int_range(value: Option<&Value>, field: &str, min: i64, max: i64) -> Re
     let Some(value) = value else { return Ok(()) };
     match value.as_i64() {
         Some(v) if (min..=max).contains(&v) => Ok(()),
+        Some(v) if max == i64::MAX => Err(Invalid::new(
+            format!("Invalid '{field}': {v} is out of range; it must be at least {min}."),
+            Some(field),
+        )),
         Some(v) => Err(Invalid::new(
             format!("Invalid '{field}': {v} is out of range; it must be between {min} and {max}."),
             Some(field),
@@ -167,6 +168,15 @@ mod tests {
     }
 
     #[test]
+    fn values_imagegate_does_not_read_are_the_providers_to_judge() {
+        // Values and shapes no OpenAI model took when imagegate was written: they pass on
+        // as sent, in their order, for the provider to accept or refuse.
+        let body = r#"{"prompt":"fox","quality":"xhigh","size":"2880x1616","output_format":"svg","background":{"kind":"blur"},"moderation":2,"style":["a"],"user":7,"output_compression":150,"partial_images":5,"complexity":"high","frame_count":12,"safety_identifier":"u-1"}"#;
+        let req = GenerationRequest::parse(body.as_bytes()).expect("valid");
+        assert_eq!(Value::Object(req.body).to_string(), body);
+    }
+
+    #[test]
     fn names_the_offending_parameter() {
         assert_eq!(param_of(r#"{"model":"x"}"#), Some("prompt".into()));
         assert_eq!(param_of(r#"{"prompt":"  "}"#), Some("prompt".into()));
@@ -188,7 +198,11 @@ mod tests {
             Some("size".into())
         );
         assert_eq!(
-            param_of(r#"{"prompt":"a","partial_images":4}"#),
+            param_of(r#"{"prompt":"a","partial_images":-1}"#),
+            Some("partial_images".into())
+        );
+        assert_eq!(
+            param_of(r#"{"prompt":"a","partial_images":"2"}"#),
             Some("partial_images".into())
         );
         assert_eq!(param_of("[1]"), None);
