@@ -38,6 +38,7 @@ pub(super) struct RawConfig {
 pub(super) struct RawServer {
     pub listen: String,
     pub max_json_body_bytes: u64,
+    pub max_json_edit_body_bytes: u64,
     #[serde(with = "humantime_serde")]
     pub upstream_connect_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -79,6 +80,8 @@ impl Default for RawServer {
         RawServer {
             listen: "127.0.0.1:8080".into(),
             max_json_body_bytes: MIB,
+            // One data: URL at OpenAI's limit for an image reference (20 MiB), and the rest.
+            max_json_edit_body_bytes: 21 * MIB,
             upstream_connect_timeout: Duration::from_secs(10),
             upstream_total_timeout: Duration::from_secs(600),
             shutdown_grace: Duration::from_secs(30),

@@ -15,6 +15,8 @@ const MAX_WORKERS: usize = 1024;
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub max_json_body_bytes: NonZeroUsize,
+    /// Largest JSON edit: its images are references, but a data: URL carries one inline.
+    pub max_json_edit_body_bytes: NonZeroUsize,
     pub shutdown_grace: Duration,
     pub key_cache_ttl: Duration,
     /// How long a request waits for the database to check its key.
@@ -110,12 +112,12 @@ impl Validator<'_> {
                 format!("{:?} is not an address like 127.0.0.1:8080", s.listen),
             )
         })?;
-        let max_json_body_bytes = usize::try_from(
-            self.at_least_one("server.max_json_body_bytes", s.max_json_body_bytes)?,
-        )
-        .ok()
-        .and_then(NonZeroUsize::new)
-        .ok_or_else(|| self.err("server.max_json_body_bytes", "is too large"))?;
+        let max_json_body_bytes =
+            self.body_limit("server.max_json_body_bytes", s.max_json_body_bytes)?;
+        let max_json_edit_body_bytes = self.body_limit(
+            "server.max_json_edit_body_bytes",
+            s.max_json_edit_body_bytes,
+        )?;
         let uploads = self.uploads(&s)?;
         self.spool_and_journal(&s)?;
         let max_connections = NonZeroUsize::new(s.max_connections)
@@ -123,6 +125,7 @@ impl Validator<'_> {
         Ok(ServerConfig {
             listen,
             max_json_body_bytes,
+            max_json_edit_body_bytes,
             shutdown_grace: self.positive("server.shutdown_grace", s.shutdown_grace)?,
             key_cache_ttl: self.positive("server.key_cache_ttl", s.key_cache_ttl)?,
             key_lookup_timeout: self.positive("server.key_lookup_timeout", s.key_lookup_timeout)?,
@@ -213,6 +216,14 @@ impl Validator<'_> {
         Ok(Limits {
             max_in_flight_per_key,
         })
+    }
+
+    /// A body size limit in bytes: at least one, and one this machine can address.
+    fn body_limit(&self, key: &str, value: u64) -> Result<NonZeroUsize, ConfigError> {
+        usize::try_from(self.at_least_one(key, value)?)
+            .ok()
+            .and_then(NonZeroUsize::new)
+            .ok_or_else(|| self.err(key, "is too large"))
     }
 
     fn at_least_one<T: Copy + PartialEq + From<u8>>(

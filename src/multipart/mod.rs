@@ -121,7 +121,10 @@ impl Upload {
             .starts_with("multipart/form-data")
         {
             return Err(ApiError::UnsupportedMediaType {
-                expected: "multipart/form-data",
+                expected: match endpoint {
+                    Endpoint::Edits => "multipart/form-data or application/json",
+                    _ => "multipart/form-data",
+                },
             });
         }
         let boundary = multer::parse_boundary(content_type).map_err(|_| {

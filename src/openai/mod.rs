@@ -1,5 +1,6 @@
 //! OpenAI wire types for the image endpoints. No I/O here.
 
+pub mod edit;
 pub mod generation;
 
 use serde::{Deserialize, Serialize};

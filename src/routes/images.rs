@@ -18,6 +18,7 @@ use crate::config::{Model, Route};
 use crate::dedupe::{self, Claim, Dedupe, Fingerprint, KeepTicket};
 use crate::error::ApiError;
 use crate::multipart::{SpoolArea, Upload};
+use crate::openai::edit::parse_json_edit;
 use crate::openai::generation::GenerationRequest;
 use crate::routing::{Call, Prepared, RequestSource};
 use crate::state::{AppState, RequestId, Runtime};
@@ -30,19 +31,43 @@ pub async fn generations(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    json_call(
+        state,
+        principal,
+        request_id,
+        Endpoint::Generations,
+        &headers,
+        body,
+    )
+    .await
+}
+
+/// A generation, or an edit sent as JSON (its images are references, not uploads): the
+/// whole body is read, checked, routed by its `model`, and rewritten for each route.
+async fn json_call(
+    state: Arc<AppState>,
+    principal: Arc<Principal>,
+    request_id: RequestId,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     recording(&state)?;
     let runtime = state.runtime.load_full();
     let server = &runtime.config.server;
-    let bytes = read_json(&headers, body, server.max_json_body_bytes.get()).await?;
-    let request = GenerationRequest::parse(&bytes)?;
+    let limit = match endpoint {
+        Endpoint::Edits => server.max_json_edit_body_bytes,
+        _ => server.max_json_body_bytes,
+    };
+    let bytes = read_json(headers, body, limit.get()).await?;
+    let request = match endpoint {
+        Endpoint::Edits => parse_json_edit(&bytes, server.uploads.max_images)?,
+        _ => GenerationRequest::parse(&bytes)?,
+    };
     let model = resolve(&runtime, request.model())?;
-    let fingerprint = Dedupe::fingerprint(
-        principal.key_id,
-        Endpoint::Generations,
-        idempotency_key(&headers),
-        &bytes,
-    );
-    let keep = match claim(&state, &model, &headers, fingerprint).await {
+    let fingerprint =
+        Dedupe::fingerprint(principal.key_id, endpoint, idempotency_key(headers), &bytes);
+    let keep = match claim(&state, &model, headers, fingerprint).await {
         Ok(keep) => keep,
         Err(kept) => return Ok(kept),
     };
@@ -52,10 +77,14 @@ pub async fn generations(
         principal,
         request_id,
         model,
-        endpoint: Endpoint::Generations,
+        endpoint,
         keep,
     };
-    detached(call, JsonSource { body: request.body }).await
+    let source = JsonSource {
+        endpoint,
+        body: request.body,
+    };
+    detached(call, source).await
 }
 
 /// Refuses a billable request while its usage could not be journaled: it would be a
@@ -133,8 +162,9 @@ async fn detached(
         .map_err(ApiError::internal)?
 }
 
-/// A generation's JSON body, rewritten for each route it is sent to.
+/// A generation's or JSON edit's body, rewritten for each route it is sent to.
 struct JsonSource {
+    endpoint: Endpoint,
     body: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -157,7 +187,7 @@ impl RequestSource for JsonSource {
         let bytes = serde_json::to_vec(&upstream.body).map_err(ApiError::internal)?;
         Ok(Prepared {
             request: UpstreamRequest {
-                endpoint: Endpoint::Generations,
+                endpoint: self.endpoint,
                 content_type: HeaderValue::from_static("application/json"),
                 body: UpstreamBody::Full(bytes.into()),
                 summary: summary_slot(summary),
@@ -169,7 +199,8 @@ impl RequestSource for JsonSource {
 
 /// Edits and variations, one handler (the route's [`Endpoint`] extension says which): read
 /// the upload up to `model` (holding earlier parts on disk), route, then stream the rest
-/// through to the provider while it arrives.
+/// through to the provider while it arrives. An edit sent as JSON goes the way of a
+/// generation instead.
 pub async fn uploads(
     State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Arc<Principal>>,
@@ -178,6 +209,9 @@ pub async fn uploads(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    if endpoint == Endpoint::Edits && is_json(&headers) {
+        return json_call(state, principal, request_id, endpoint, &headers, body).await;
+    }
     recording(&state)?;
     let runtime = state.runtime.load_full();
     let server = &runtime.config.server;
@@ -226,6 +260,18 @@ fn resolve(runtime: &Runtime, requested: Option<&str>) -> Result<Arc<Model>, Api
             ),
         }),
     }
+}
+
+/// True when the body is declared as JSON (`application/json`, or a `+json` type).
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            let essence = ct.split(';').next().unwrap_or_default().trim();
+            essence.eq_ignore_ascii_case("application/json")
+                || essence.to_ascii_lowercase().ends_with("+json")
+        })
 }
 
 /// Reads a JSON body up to `limit` bytes: 413 beyond it (at once when Content-Length says

@@ -375,8 +375,21 @@ async fn limits_and_malformed_uploads_get_clear_errors_and_nothing_billed() {
         400,
     )
     .await;
-    expect_error(
+    // JSON is an edit by reference (see json_edits), never a variation.
+    let error = expect_error(
         post_form(&gw, path, "application/json", b"{}".to_vec()).await,
+        400,
+    )
+    .await;
+    assert_eq!(error["param"], "images");
+    expect_error(
+        post_form(
+            &gw,
+            "/v1/images/variations",
+            "application/json",
+            b"{}".to_vec(),
+        )
+        .await,
         415,
     )
     .await;

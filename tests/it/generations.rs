@@ -19,7 +19,7 @@ crate::on_both_databases!(
 
 /// The body the stand-in must have received for a captured body: model rewritten, the
 /// route's policy applied, everything else as the SDK sent it, in its order.
-fn expected_upstream_body(sent: &Value) -> Value {
+pub fn expected_upstream_body(sent: &Value) -> Value {
     let mut body = sent.as_object().expect("object").clone();
     match sent["model"].as_str() {
         Some("gpt-image-1") | None => {

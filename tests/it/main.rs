@@ -12,6 +12,7 @@ mod gate;
 mod generations;
 mod hostile;
 mod journal;
+mod json_edits;
 mod keys;
 mod limits;
 mod router;
