@@ -15,6 +15,7 @@ mod journal;
 mod json_edits;
 mod keys;
 mod limits;
+mod mock;
 mod passthrough;
 mod router;
 mod sdk;
