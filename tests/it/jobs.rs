@@ -532,3 +532,72 @@ async fn a_job_in_flight_at_kill_9_is_reported_failed_after_the_restart() {
     assert!(log.contains("async jobs cut off"), "{log}");
     assert_eq!(provider.requests().len(), 1, "not sent again");
 }
+
+#[tokio::test]
+async fn an_edit_job_is_answered_only_once_its_whole_upload_is_on_disk() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    let config = test_config(&provider.base_url(), "").replacen(
+        "[server]\n",
+        "[server]\nspool_max_bytes = 4096\n",
+        1,
+    );
+    let gw = TestGateway::start(Db::Sqlite, &config).await;
+    let body = Form::edit("gpt-image-1", "add a hat").body();
+    let (head, tail) = body.split_at(body.len() / 2);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(2);
+    tx.send(Ok(head.to_vec())).await.expect("first half");
+    let sending = gw
+        .client
+        .post(gw.url("/v1/images/edits"))
+        .bearer_auth(&gw.key)
+        .header("content-type", crate::support::forms::content_type())
+        .header("prefer", "respond-async")
+        .body(reqwest::Body::wrap_stream(tokio_stream_from(rx)))
+        .send();
+    tokio::pin!(sending);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(400), &mut sending)
+            .await
+            .is_err(),
+        "no answer while half the upload is missing"
+    );
+    assert!(provider.requests().is_empty(), "nothing sent yet");
+    tx.send(Ok(tail.to_vec())).await.expect("second half");
+    drop(tx);
+    let (id, _) = accepted(sending.await.expect("answer")).await;
+    let (job, _) = wait_finished(&gw.client, &base(&gw), &gw.key, &id).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+
+    // An upload the spool quota cannot hold gets 503 and makes no job.
+    let big = Form::new()
+        .text("model", "gpt-image-1")
+        .text("prompt", "add a hat")
+        .file("image", &vec![b'x'; 8192])
+        .body();
+    let refused = gw
+        .client
+        .post(gw.url("/v1/images/edits"))
+        .bearer_auth(&gw.key)
+        .header("content-type", crate::support::forms::content_type())
+        .header("prefer", "respond-async")
+        .body(big)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(refused.status(), 503);
+    let error: Value = refused.json().await.expect("json");
+    assert_eq!(error["error"]["code"], "spool_full");
+    let jobs = std::fs::read_dir(gw.jobs_dir()).expect("jobs dir").count();
+    assert_eq!(jobs, 2, "the first job's record and result only");
+    assert_eq!(provider.requests().len(), 1);
+    gw.shutdown().await;
+}
+
+/// The receiving half of a channel as a stream of body chunks.
+fn tokio_stream_from(
+    rx: tokio::sync::mpsc::Receiver<Result<Vec<u8>, std::io::Error>>,
+) -> impl futures_util::Stream<Item = Result<Vec<u8>, std::io::Error>> {
+    futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
+}
