@@ -43,26 +43,35 @@ pub async fn generations(
         idempotency_key(&headers),
         &bytes,
     );
-    let mut call = Call {
-        state,
-        runtime,
-        principal,
-        request_id,
-        model,
-        endpoint: Endpoint::Generations,
-        keep: None,
-    };
     if jobs::prefers_async(&headers) {
         let job = JobRequest {
             fingerprint: Some(fingerprint),
             retry: Dedupe::is_retry(&headers),
             stream: request.stream(),
         };
+        let call = Call {
+            state,
+            runtime,
+            principal,
+            request_id,
+            model,
+            endpoint: Endpoint::Generations,
+            keep: None,
+        };
         return jobs::submit(call, JsonSource { body: request.body }, job).await;
     }
-    call.keep = match claim(&call.state, &call.model, &headers, fingerprint).await {
+    let keep = match claim(&state, &model, &headers, fingerprint).await {
         Ok(keep) => keep,
         Err(kept) => return Ok(kept),
+    };
+    let call = Call {
+        state,
+        runtime,
+        principal,
+        request_id,
+        model,
+        endpoint: Endpoint::Generations,
+        keep,
     };
     detached(call, JsonSource { body: request.body }).await
 }

@@ -277,3 +277,42 @@ pub async fn retrieve(
     );
     Ok(response)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prefer(values: &[&str]) -> bool {
+        let mut headers = HeaderMap::new();
+        for value in values {
+            headers.append("prefer", HeaderValue::from_str(value).expect("value"));
+        }
+        prefers_async(&headers)
+    }
+
+    #[test]
+    fn respond_async_is_read_from_well_formed_preferences_only() {
+        assert!(prefer(&["respond-async"]));
+        assert!(prefer(&["wait=100, Respond-Async"]));
+        assert!(prefer(&[
+            "return=minimal; foo=\"some parameter\"",
+            "respond-async"
+        ]));
+        assert!(!prefer(&[]));
+        assert!(!prefer(&["wait=10"]));
+        assert!(!prefer(&["respond-asynchronously"]));
+        // Malformed: the whole header counts as absent.
+        for malformed in [
+            "respond-async, @",
+            "respond-async;",
+            "=x, respond-async",
+            "respond-async=\"x",
+        ] {
+            assert!(!prefer(&[malformed]), "{malformed}");
+        }
+        assert!(
+            !prefer(&["respond-async", "a b"]),
+            "one malformed value of several"
+        );
+    }
+}
