@@ -10,11 +10,12 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::limits::InFlight;
 use crate::openai::ErrorDetail;
 
 /// Every job id starts with it.
@@ -33,7 +34,7 @@ const TEMP: &str = "tmp";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
-    /// Accepted, waiting for one of its key's slots in flight.
+    /// Accepted, waiting for its turn (see [`Jobs::running`]).
     Queued,
     /// Its provider call is running.
     InProgress,
@@ -113,6 +114,10 @@ pub enum Finished {
 pub struct Jobs {
     dir: PathBuf,
     table: Mutex<Table>,
+    /// Each key's jobs whose call is running: at most `limits.max_in_flight_per_key` at
+    /// once, the others wait (queued). Counted apart from the key's requests, so that
+    /// running jobs never get the key's own polling refused.
+    pub running: Arc<InFlight>,
 }
 
 #[derive(Default)]
@@ -171,6 +176,7 @@ impl Jobs {
         let jobs = Jobs {
             dir: dir.to_owned(),
             table: Mutex::new(Table::default()),
+            running: Arc::default(),
         };
         let mut interrupted = 0;
         let entries = match std::fs::read_dir(dir) {

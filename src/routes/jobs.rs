@@ -146,12 +146,12 @@ fn summary(record: &Record) -> serde_json::Value {
     job
 }
 
-/// The job's life: wait for one of its key's slots in flight (it counts against
-/// `limits.max_in_flight_per_key` like a request), send the call, keep what came back.
+/// The job's life: wait for its turn (a key runs at most `limits.max_in_flight_per_key`
+/// jobs at once), send the call, keep what came back.
 async fn run(call: Call, mut source: impl RequestSource, id: String) {
     let state = Arc::clone(&call.state);
     let cap = call.runtime.config.limits.max_in_flight_per_key.get();
-    let _slot = state.in_flight.enter(call.principal.key_id, cap).await;
+    let _turn = state.jobs.running.enter(call.principal.key_id, cap).await;
     if let Err(err) = state.jobs.started(&id).await {
         tracing::error!(job = %id, %err, "could not record that a job started");
     }

@@ -601,3 +601,34 @@ fn tokio_stream_from(
         rx.recv().await.map(|item| (item, rx))
     })
 }
+
+#[tokio::test]
+async fn a_keys_jobs_run_at_most_max_in_flight_at_once_and_polling_is_never_refused() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    provider.set_delay(Duration::from_millis(600));
+    let config = test_config(
+        &provider.base_url(),
+        "[limits]\nmax_in_flight_per_key = 1\n",
+    );
+    let gw = TestGateway::start(Db::Sqlite, &config).await;
+    let first = accepted(post_job(&gw, GENERATION, &[]).await).await.0;
+    // The first job's call holds the key's one turn; the key's requests still get in.
+    let (second, _) = accepted(post_job(&gw, &GENERATION.replace("fox", "cat"), &[]).await).await;
+    assert!(provider.wait_for_requests(1).await);
+    for (id, expected) in [(&first, "in_progress"), (&second, "queued")] {
+        let (status, text) = get_job(&gw.client, &base(&gw), &gw.key, id).await;
+        assert_eq!(status, 200, "{text}");
+        let job: Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(job["status"], expected, "{job}");
+    }
+    assert_eq!(
+        provider.requests().len(),
+        1,
+        "the second waits for its turn"
+    );
+    let (job, _) = wait_finished(&gw.client, &base(&gw), &gw.key, &second).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(provider.requests().len(), 2);
+    gw.usage_rows(2).await;
+    gw.shutdown().await;
+}
