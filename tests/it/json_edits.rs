@@ -296,3 +296,55 @@ async fn a_retried_json_edit_collects_the_original() {
     assert_eq!((rows[0].endpoint.as_str(), rows[0].status), ("edits", 200));
     gw.shutdown().await;
 }
+
+/// `Prefer: respond-async` makes a JSON edit a job, as it does a generation: 202 at once,
+/// then the result the synchronous edit would have had, billed as an edit.
+#[tokio::test]
+async fn a_json_edit_can_be_an_async_job() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    let gw = TestGateway::start(Db::Sqlite, &test_config(&provider.base_url(), "")).await;
+    let body = r#"{"model":"gpt-image-1","prompt":"a fox","images":[{"image_url":"https://example.com/a.png"}]}"#;
+    let response = gw
+        .client
+        .post(gw.url(EDITS))
+        .bearer_auth(&gw.key)
+        .header("content-type", "application/json")
+        .header("prefer", "respond-async")
+        .body(body)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 202);
+    let job: Value = response.json().await.expect("json");
+    let id = job["id"].as_str().expect("id").to_owned();
+    let mut job = job;
+    for _ in 0..200 {
+        job = gw
+            .client
+            .get(gw.url(&format!("/v1/images/jobs/{id}")))
+            .bearer_auth(&gw.key)
+            .send()
+            .await
+            .expect("poll")
+            .json()
+            .await
+            .expect("json");
+        if job["status"] == "succeeded" || job["status"] == "failed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let expected: Value = serde_json::from_str(&image_response(1, USAGE)).expect("json");
+    assert_eq!(job["result"], expected);
+    let sent = provider.requests();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].path, "/v1/images/edits");
+    assert_eq!(
+        sent[0].json()["images"],
+        json!([{"image_url": "https://example.com/a.png"}])
+    );
+    let rows = gw.usage_rows(1).await;
+    assert_eq!((rows[0].endpoint.as_str(), rows[0].status), ("edits", 200));
+    gw.shutdown().await;
+}

@@ -11,6 +11,7 @@ mod faults;
 mod gate;
 mod generations;
 mod hostile;
+mod jobs;
 mod journal;
 mod json_edits;
 mod keys;
