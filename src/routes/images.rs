@@ -22,7 +22,7 @@ use crate::openai::generation::GenerationRequest;
 use crate::routes::jobs::{self, JobRequest};
 use crate::routing::{Call, Prepared, RequestSource};
 use crate::state::{AppState, RequestId, Runtime};
-use crate::upstream::{Endpoint, RequestSummary, UpstreamBody, UpstreamRequest, summary_slot};
+use crate::upstream::{Endpoint, RequestSummary, UpstreamBody, UpstreamRequest};
 
 pub async fn generations(
     State(state): State<Arc<AppState>>,
@@ -178,7 +178,7 @@ impl RequestSource for JsonSource {
                 endpoint: Endpoint::Generations,
                 content_type: HeaderValue::from_static("application/json"),
                 body: UpstreamBody::Full(bytes.into()),
-                summary: summary_slot(summary),
+                summary,
             },
             pump: None,
         })
