@@ -1,6 +1,6 @@
 //! `imagegate config check`: the routing table a configuration makes, secrets redacted.
 
-use imagegate::config::{Config, Price, ProviderKind, Route};
+use imagegate::config::{Config, Endpoint, Price, ProviderKind, Route};
 use imagegate::usage::price::format_usd;
 
 /// Prints the validated configuration: database (password hidden), admin API, providers,
@@ -107,6 +107,10 @@ fn describe_policy(route: &Route) -> Vec<String> {
     }
     if route.strip_b64_prefix {
         policy.push("strip data: prefix from b64_json".into());
+    }
+    if route.endpoints.len() < Endpoint::ALL.len() {
+        let names: Vec<&str> = route.endpoints.iter().map(|e| e.as_str()).collect();
+        policy.push(format!("only {}", names.join(", ")));
     }
     policy
 }

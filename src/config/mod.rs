@@ -4,6 +4,7 @@
 //! `raw` is the file as written, with every default; `server`, `providers`, `models` and
 //! `pricing` each validate their own sections. Every refusal names the file and the key.
 
+mod endpoints;
 mod models;
 mod pricing;
 mod providers;
@@ -20,6 +21,7 @@ use figment::Figment;
 use figment::error::{Actual, Kind};
 use figment::providers::{Env, Format, Toml};
 
+pub use endpoints::Endpoint;
 pub use models::{Failover, Model, ParamPolicy, Route};
 pub use pricing::Price;
 pub use providers::{BreakerConfig, Provider, ProviderKind};
@@ -399,6 +401,17 @@ mod tests {
                 (
                     format!("{GOOD}\n[limits]\nmax_in_flight_per_key = 0"),
                     "limits.max_in_flight_per_key",
+                ),
+                (
+                    GOOD.replace(
+                        "drop = [",
+                        "endpoints = [\"generations\", \"edit\"], drop = [",
+                    ),
+                    "models.gpt-image-1.routes[0].endpoints: unknown endpoint \"edit\"",
+                ),
+                (
+                    GOOD.replace("drop = [", "endpoints = [], drop = ["),
+                    "models.gpt-image-1.routes[0].endpoints: needs at least one",
                 ),
             ];
             for (text, key) in cases {

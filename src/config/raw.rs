@@ -239,6 +239,8 @@ pub(super) struct RawRoute {
     pub drop: Vec<String>,
     #[serde(default)]
     pub strip_b64_prefix: bool,
+    /// Unset: every endpoint.
+    pub endpoints: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -35,7 +35,7 @@ pub async fn generations(
     let server = &runtime.config.server;
     let bytes = read_json(&headers, body, server.max_json_body_bytes.get()).await?;
     let request = GenerationRequest::parse(&bytes)?;
-    let model = resolve(&runtime, request.model())?;
+    let model = resolve(&runtime, request.model(), Endpoint::Generations)?;
     let fingerprint = Dedupe::fingerprint(
         principal.key_id,
         Endpoint::Generations,
@@ -188,8 +188,9 @@ pub async fn uploads(
         usage: state.spool.clone(),
     };
     let requested = upload.read_until_model(&spool).await?;
-    let model = resolve(&runtime, requested.as_deref())?;
-    let attempts = model.routes.len().min(model.failover.max_attempts.get());
+    let model = resolve(&runtime, requested.as_deref(), endpoint)?;
+    let serving = model.routes.iter().filter(|r| r.serves(endpoint)).count();
+    let attempts = serving.min(model.failover.max_attempts.get());
     let keep = match idempotency_key(&headers) {
         // An upload's body is only known once it has streamed through, so edits are
         // matched by their idempotency key alone.
@@ -215,9 +216,24 @@ pub async fn uploads(
     detached(call, source).await
 }
 
-fn resolve(runtime: &Runtime, requested: Option<&str>) -> Result<Arc<Model>, ApiError> {
+/// The model a request names, when one of its routes serves `endpoint`: a model none of
+/// whose routes does is refused before any provider is called.
+fn resolve(
+    runtime: &Runtime,
+    requested: Option<&str>,
+    endpoint: Endpoint,
+) -> Result<Arc<Model>, ApiError> {
     match runtime.config.resolve_model(requested) {
-        Some(model) => Ok(Arc::clone(model)),
+        Some(model) if model.serves(endpoint) => Ok(Arc::clone(model)),
+        Some(model) => Err(ApiError::InvalidRequest {
+            message: format!(
+                "The model `{}` does not support the `{}` endpoint here.",
+                requested.unwrap_or(&model.name),
+                endpoint.as_str()
+            ),
+            param: Some("model".into()),
+            code: Some("unsupported_endpoint"),
+        }),
         None => Err(match requested {
             Some(name) => ApiError::ModelNotFound(name.to_owned()),
             None => ApiError::invalid(

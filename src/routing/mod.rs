@@ -74,6 +74,9 @@ impl Call {
             if attempt == self.model.failover.max_attempts.get() {
                 break;
             }
+            if !route.serves(self.endpoint) {
+                continue;
+            }
             if let Err(wait) = self.state.breakers.admit(&route.provider.name) {
                 skipped.get_or_insert((route.provider.name.clone(), wait));
                 continue;

@@ -5,6 +5,7 @@ mod cli;
 mod connections;
 mod dedupe;
 mod edits;
+mod endpoints;
 mod extract;
 mod failover;
 mod faults;
