@@ -44,6 +44,8 @@ pub struct Route {
     /// The provider prefixes `b64_json` with `data:image/...;base64,`; remove it on the way.
     pub strip_b64_prefix: bool,
     pub price: Price,
+    /// The page (and its date) the price comes from, as the entry's `source` names it.
+    pub price_source: Option<String>,
     /// The endpoints the provider serves this model on (`endpoints`; default: all).
     pub endpoints: Vec<Endpoint>,
 }
@@ -160,7 +162,7 @@ impl Validator<'_> {
             )
         })?;
         let upstream_model = r.model.unwrap_or_else(|| model.to_owned());
-        let price = *prices
+        let entry = prices
             .get(&(r.provider.clone(), upstream_model.clone()))
             .ok_or_else(|| {
                 self.err(
@@ -189,7 +191,8 @@ impl Validator<'_> {
                 drop: r.drop,
             },
             strip_b64_prefix: r.strip_b64_prefix,
-            price,
+            price: entry.price.clone(),
+            price_source: entry.source.clone(),
             endpoints,
         })
     }

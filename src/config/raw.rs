@@ -251,5 +251,11 @@ pub(super) struct RawPrice {
     pub image_input: Option<f64>,
     pub cached_image_input: Option<f64>,
     pub image_output: Option<f64>,
+    pub text_output: Option<f64>,
     pub per_image: Option<f64>,
+    /// quality -> size -> USD per image.
+    pub table: Option<BTreeMap<String, BTreeMap<String, f64>>>,
+    pub min_of: Option<Vec<String>>,
+    pub unpriced: Option<bool>,
+    pub source: Option<String>,
 }

@@ -233,7 +233,7 @@ impl Call {
             upstream_model: route.upstream_model.clone(),
             endpoint: self.endpoint,
             summary,
-            price: route.price,
+            price: route.price.clone(),
             started,
             created_at,
             metrics: self

@@ -50,6 +50,9 @@ pub struct TokenUsage {
     pub image_input_tokens: i64,
     pub cached_text_input_tokens: i64,
     pub cached_image_input_tokens: i64,
+    /// Output tokens reported as text (`output_tokens_details.text_tokens`, at most
+    /// `output_tokens`); the rest of the output is image output. 0 without details.
+    pub text_output_tokens: i64,
 }
 
 impl TokenUsage {
@@ -83,6 +86,11 @@ impl TokenUsage {
             },
         };
 
+        let text_output = obj
+            .get("output_tokens_details")
+            .and_then(Value::as_object)
+            .map_or(0, |d| count(d.get("text_tokens")).min(output));
+
         Some(TokenUsage {
             input_tokens: input,
             output_tokens: output,
@@ -91,6 +99,7 @@ impl TokenUsage {
             image_input_tokens: image,
             cached_text_input_tokens: cached_text,
             cached_image_input_tokens: cached_image,
+            text_output_tokens: text_output,
         })
     }
 
@@ -104,6 +113,7 @@ impl TokenUsage {
             self.image_input_tokens,
             self.cached_text_input_tokens,
             self.cached_image_input_tokens,
+            self.text_output_tokens,
         ];
         let suspect = fields.iter().any(|&n| n > MAX_TOKENS_PER_CALL);
         let cap = |n: i64| n.min(MAX_TOKENS_PER_CALL);
@@ -115,6 +125,7 @@ impl TokenUsage {
             image_input_tokens: cap(self.image_input_tokens),
             cached_text_input_tokens: cap(self.cached_text_input_tokens),
             cached_image_input_tokens: cap(self.cached_image_input_tokens),
+            text_output_tokens: cap(self.text_output_tokens),
         };
         (capped, suspect)
     }
@@ -135,6 +146,9 @@ impl TokenUsage {
         self.cached_image_input_tokens = self
             .cached_image_input_tokens
             .saturating_add(other.cached_image_input_tokens);
+        self.text_output_tokens = self
+            .text_output_tokens
+            .saturating_add(other.text_output_tokens);
     }
 }
 
@@ -1105,6 +1119,7 @@ mod tests {
         let want_usage = TokenUsage {
             cached_text_input_tokens: 60,
             cached_image_input_tokens: 150,
+            text_output_tokens: 160,
             ..usage(300, 4160, 4460, 100, 200)
         };
         let want = want(Some(want_usage), Some(raw), 1, false);

@@ -18,6 +18,7 @@ fn tokens(t: [i64; 7]) -> TokenUsage {
         image_input_tokens: image,
         cached_text_input_tokens: cached_text,
         cached_image_input_tokens: cached_image,
+        text_output_tokens: 0,
     }
 }
 
