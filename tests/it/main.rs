@@ -15,6 +15,7 @@ mod hostile;
 mod journal;
 mod keys;
 mod limits;
+mod pricing;
 mod router;
 mod sdk;
 mod store;
