@@ -41,6 +41,18 @@ fn config_check_prints_the_table_without_secrets_and_fails_on_errors() {
         "{stdout}"
     );
     assert!(!stdout.contains(SECRET));
+    // Each price's kind and source, and a warning for the unpriced one.
+    assert!(
+        stdout.contains("[tokens: per 1M tokens: text in $5.00")
+            && stdout.contains("[unpriced: rows record tokens, no cost]")
+            && stdout.contains("price source: PiAPI page")
+            && stdout.contains("price source: no page"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("warning: pricing.real.x is unpriced"),
+        "{stdout}"
+    );
 
     std::fs::write(&config, "[server]\nlisten = \"nowhere\"\n").expect("write");
     let out = imagegate(&config, &["config", "check"]);
@@ -367,6 +379,10 @@ async fn serve_reloads_on_sighup_and_drains_on_sigterm() {
     assert!(status.success(), "SIGTERM exits 0");
     let log = log.await.expect("log");
     assert!(log.contains("configuration refused"), "{log}");
+    assert!(
+        log.contains("pricing.real.x is unpriced"),
+        "the start warns of unpriced routes:\n{log}"
+    );
     assert!(
         log.contains("request_id") && log.contains("cost_usd"),
         "one line per request:\n{log}"
