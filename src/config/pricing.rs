@@ -50,7 +50,8 @@ pub struct TokenRates {
     pub text_output: i64,
 }
 
-/// Per-image prices: quality -> size -> nano-USD.
+/// Per-image prices: quality -> size -> nano-USD. Looked up with the quality and size the
+/// provider's answer reports, else the request's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageTable(pub BTreeMap<String, BTreeMap<String, i64>>);
 

@@ -170,6 +170,10 @@ pub struct Extracted {
     /// Elements of `data` (JSON) or `.completed` events (SSE).
     pub images: u32,
     pub saw_error: bool,
+    /// The top-level `size` and `quality` the provider reported for the images it made (the
+    /// last `.completed` event's, for SSE), when it did: what a per-image table is read with.
+    pub size: Option<String>,
+    pub quality: Option<String>,
 }
 
 /// Scans a body chunk by chunk; see the module docs.
@@ -232,6 +236,8 @@ impl Extractor {
                 raw_usage: self.json.usage.as_ref().map(|(_, raw)| raw.clone()),
                 images: self.json.images,
                 saw_error: self.json.saw_error,
+                size: self.json.size.clone(),
+                quality: self.json.quality.clone(),
             },
             BodyKind::Sse => {
                 let raw_usage = match self.sse.raws.as_slice() {
@@ -244,6 +250,8 @@ impl Extractor {
                     raw_usage,
                     images: self.sse.images,
                     saw_error: self.sse.saw_error,
+                    size: self.sse.size.clone(),
+                    quality: self.sse.quality.clone(),
                 }
             }
         }
@@ -300,6 +308,8 @@ enum Key {
     Data,
     Error,
     Type,
+    Size,
+    Quality,
     B64Json,
 }
 
@@ -310,6 +320,8 @@ impl Key {
             b"data" => Key::Data,
             b"error" => Key::Error,
             b"type" => Key::Type,
+            b"size" => Key::Size,
+            b"quality" => Key::Quality,
             b"b64_json" => Key::B64Json,
             _ => Key::Other,
         }
@@ -324,6 +336,8 @@ enum Capture {
     None,
     Usage,
     Type,
+    Size,
+    Quality,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -403,6 +417,9 @@ struct JsonScanner {
 
     usage: Option<(TokenUsage, String)>,
     type_value: Option<String>,
+    /// Top-level `size` and `quality` strings.
+    size: Option<String>,
+    quality: Option<String>,
     saw_error: bool,
 
     prefix: Prefix,
@@ -431,6 +448,8 @@ impl JsonScanner {
             capture_over: false,
             usage: None,
             type_value: None,
+            size: None,
+            quality: None,
             saw_error: false,
             prefix: Prefix::default(),
         }
@@ -526,6 +545,8 @@ impl JsonScanner {
         match std::mem::replace(&mut self.pending, Key::Other) {
             Key::Usage => self.start_capture(Capture::Usage, i),
             Key::Type if self.capture_type => self.start_capture(Capture::Type, i),
+            Key::Size if b == b'"' => self.start_capture(Capture::Size, i),
+            Key::Quality if b == b'"' => self.start_capture(Capture::Quality, i),
             Key::Data if b == b'[' => {
                 // A repeated key replaces the earlier value, as in serde_json.
                 self.in_data = true;
@@ -708,6 +729,8 @@ impl JsonScanner {
                 }
             }
             Capture::Type => self.type_value = serde_json::from_slice::<String>(text).ok(),
+            Capture::Size => self.size = serde_json::from_slice::<String>(text).ok(),
+            Capture::Quality => self.quality = serde_json::from_slice::<String>(text).ok(),
             Capture::None => {}
         }
         self.capture_buf.clear();
@@ -751,6 +774,8 @@ struct SseState {
     images: u32,
     saw_error: bool,
     usage: Option<TokenUsage>,
+    size: Option<String>,
+    quality: Option<String>,
     raws: Vec<String>,
     raw_total: usize,
 }
@@ -770,6 +795,8 @@ impl Default for SseState {
             images: 0,
             saw_error: false,
             usage: None,
+            size: None,
+            quality: None,
             raws: Vec::new(),
             raw_total: 0,
         }
@@ -946,6 +973,12 @@ impl SseState {
             }
             if completed {
                 self.images = self.images.saturating_add(1);
+                if let Some(size) = json.size.take() {
+                    self.size = Some(size);
+                }
+                if let Some(quality) = json.quality.take() {
+                    self.quality = Some(quality);
+                }
                 if let Some((usage, raw)) = json.usage.take() {
                     self.usage
                         .get_or_insert_with(TokenUsage::default)
@@ -1004,7 +1037,23 @@ mod tests {
 
     /// Feeds `body` whole, split at every boundary, and one byte at a time; every way
     /// must give `want_out` and `want`.
+    /// Runs `body` whole, split at every byte and byte by byte. The reported size and
+    /// quality are compared only when `want` expects some (their own tests below).
     fn check(kind: BodyKind, strip: bool, body: &[u8], want_out: &[u8], want: &Extracted) {
+        let sized = want.size.is_some() || want.quality.is_some();
+        let run = |kind, strip, parts: &[&[u8]]| {
+            let (out, got) = run(kind, strip, parts);
+            let got = if sized {
+                got
+            } else {
+                Extracted {
+                    size: None,
+                    quality: None,
+                    ..got
+                }
+            };
+            (out, got)
+        };
         let (out, got) = run(kind, strip, &[body]);
         assert_eq!(
             String::from_utf8_lossy(&out),
@@ -1048,6 +1097,7 @@ mod tests {
             raw_usage: raw.map(str::to_owned),
             images,
             saw_error,
+            ..Extracted::default()
         }
     }
 
@@ -1109,6 +1159,49 @@ mod tests {
             body.as_bytes(),
             body.as_bytes(),
             &want,
+        );
+    }
+
+    #[test]
+    fn the_reported_size_and_quality_are_read_at_the_top_level_only() {
+        let body = format!(
+            r#"{{"created": 1, "data": [{{"b64_json": "{PNG}", "size": "9x9", "quality": "no"}}], "quality": "high", "usage": {USAGE}, "size": "1536x1024"}}"#
+        );
+        let wanted = Extracted {
+            size: Some("1536x1024".into()),
+            quality: Some("high".into()),
+            ..want(Some(usage_50_50()), Some(USAGE), 1, false)
+        };
+        check(
+            BodyKind::Json,
+            false,
+            body.as_bytes(),
+            body.as_bytes(),
+            &wanted,
+        );
+        // SSE: the completed event's, not a partial image's.
+        let partial = format!(
+            r#"{{"type": "image_generation.partial_image", "b64_json": "{PNG}", "size": "1024x1024", "quality": "low"}}"#
+        );
+        let completed = format!(
+            r#"{{"type": "image_generation.completed", "b64_json": "{PNG}", "size": "1024x1536", "quality": "medium", "usage": {USAGE}}}"#
+        );
+        let body = format!(
+            "{}{}",
+            sse_event("image_generation.partial_image", &partial, "\n"),
+            sse_event("image_generation.completed", &completed, "\n")
+        );
+        let wanted = Extracted {
+            size: Some("1024x1536".into()),
+            quality: Some("medium".into()),
+            ..want(Some(usage_50_50()), Some(USAGE), 1, false)
+        };
+        check(
+            BodyKind::Sse,
+            false,
+            body.as_bytes(),
+            body.as_bytes(),
+            &wanted,
         );
     }
 

@@ -168,8 +168,12 @@ impl UsageTicket {
                 &Billed {
                     usage: capped.as_ref(),
                     images,
-                    quality: self.summary.quality.as_deref(),
-                    size: self.summary.size.as_deref(),
+                    // The provider's word on what it made, else what was asked for.
+                    quality: extracted
+                        .quality
+                        .as_deref()
+                        .or(self.summary.quality.as_deref()),
+                    size: extracted.size.as_deref().or(self.summary.size.as_deref()),
                 },
             ),
             latency: self.started.elapsed(),

@@ -50,13 +50,23 @@ api_key_env = "TEST_PIAPI_KEY"
     )
 }
 
-/// A stand-in that answers `n` images with the usage the request's prompt holds.
+/// A stand-in that answers `n` images with the usage the request's prompt holds, and
+/// reports the `reported_size` and `reported_quality` the request names (none otherwise).
 async fn echoing_standin() -> StandIn {
     StandIn::start(|received| {
         let body = received.json();
         let n = body["n"].as_u64().unwrap_or(1) as usize;
         let usage = body["prompt"].as_str().expect("prompt").to_owned();
-        respond(200, "application/json", image_response(n, &usage))
+        let mut answer: serde_json::Value =
+            serde_json::from_str(&image_response(n, &usage)).expect("JSON");
+        for field in ["size", "quality"] {
+            let answer = answer.as_object_mut().expect("object");
+            match &body[format!("reported_{field}")] {
+                serde_json::Value::Null => answer.remove(field),
+                reported => answer.insert(field.to_owned(), reported.clone()),
+            };
+        }
+        respond(200, "application/json", answer.to_string())
     })
     .await
 }
@@ -78,6 +88,8 @@ struct Case {
     n: u32,
     usage: String,
     cost: Option<i64>,
+    /// The quality and size the provider says it made, if it says.
+    reported: Option<(&'static str, &'static str)>,
 }
 
 fn cases() -> Vec<Case> {
@@ -89,6 +101,7 @@ fn cases() -> Vec<Case> {
         n,
         usage,
         cost,
+        reported: None,
     };
     vec![
         // APIYI gpt-image-1: $2.50/M in, $8.00/M out, or the table, whichever is cheaper.
@@ -165,6 +178,18 @@ fn cases() -> Vec<Case> {
             usage(100, 30_000, 6240),
             Some(200_000_000),
         ),
+        Case {
+            reported: Some(("low", "1024x1024")),
+            ..case(
+                "APIYI 1.5, asked auto, the answer says low 1024x1024: $0.009",
+                "apiyi-1.5",
+                "auto",
+                "auto",
+                1,
+                usage(100, 30_000, 6240),
+                Some(9_000_000),
+            )
+        },
         // PiAPI: token rates per model; PiAPI's own sample usage (19 + 1105 in, 765 out).
         case(
             "PiAPI 1",
@@ -238,10 +263,14 @@ async fn shipped_prices_cost_what_the_seeds_say(db: Db) {
     let gw = TestGateway::start(db, &config(&standin.base_url())).await;
     let cases = cases();
     for case in &cases {
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "model": case.model, "prompt": case.usage, "n": case.n,
             "quality": case.quality, "size": case.size,
         });
+        if let Some((quality, size)) = case.reported {
+            body["reported_quality"] = quality.into();
+            body["reported_size"] = size.into();
+        }
         let response = gw
             .post_json("/v1/images/generations", &body.to_string())
             .await;
