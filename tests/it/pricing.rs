@@ -26,6 +26,7 @@ fn config(standin: &str) -> String {
         ("piapi-1.5", "piapi", "gpt-image-1.5"),
         ("piapi-2", "piapi", "gpt-image-2"),
         ("piapi-2-preview", "piapi", "gpt-image-2-preview"),
+        ("text-rated", "piapi", "text-rated"),
     ]
     .map(|(name, provider, model)| {
         format!(
@@ -44,6 +45,14 @@ api_key_env = "TEST_PIAPI_KEY"
 base_url = "{standin}"
 api_key_env = "TEST_PIAPI_KEY"
 {routes}
+# Not shipped: PiAPI's gpt-image-1 rates with a text output rate of its own.
+[pricing.piapi."text-rated"]
+text_input = 5.00
+cached_text_input = 1.25
+image_input = 10.00
+cached_image_input = 1.25
+image_output = 40.00
+text_output = 10.00
 {prices}
 "#,
         prices = shipped_prices()
@@ -77,6 +86,15 @@ fn usage(text: i64, image: i64, output: i64) -> String {
         r#"{{"input_tokens":{},"input_tokens_details":{{"text_tokens":{text},"image_tokens":{image}}},"output_tokens":{output},"total_tokens":{}}}"#,
         text + image,
         text + image + output
+    )
+}
+
+/// Text input and output tokens, `text_output` of the output reported as text.
+fn usage_with_text_output(text: i64, output: i64, text_output: i64) -> String {
+    format!(
+        r#"{{"input_tokens":{text},"input_tokens_details":{{"text_tokens":{text},"image_tokens":0}},"output_tokens":{output},"output_tokens_details":{{"text_tokens":{text_output},"image_tokens":{}}},"total_tokens":{}}}"#,
+        output - text_output,
+        text + output
     )
 }
 
@@ -199,6 +217,24 @@ fn cases() -> Vec<Case> {
             1,
             usage(19, 1105, 765),
             Some(19 * 5_000 + 1105 * 10_000 + 765 * 40_000),
+        ),
+        case(
+            "PiAPI 1, output_tokens_details but no text output rate: all output as image",
+            "piapi-1",
+            "high",
+            "1024x1024",
+            1,
+            usage_with_text_output(19, 4160, 160),
+            Some(19 * 5_000 + 4160 * 40_000),
+        ),
+        case(
+            "a text output rate: the text part of the output at $10/M",
+            "text-rated",
+            "high",
+            "1024x1024",
+            1,
+            usage_with_text_output(19, 4160, 160),
+            Some(19 * 5_000 + 4000 * 40_000 + 160 * 10_000),
         ),
         case(
             "PiAPI 1.5",
