@@ -109,6 +109,8 @@ default_model = "gpt-image-1"
 listen = "127.0.0.1:0"
 shutdown_grace = "5s"
 journal_dir = "{}"
+[jobs]
+dir = "{}"
 [database]
 url = "sqlite:{}"
 [providers.mock]
@@ -124,6 +126,7 @@ unpriced = true
 source = "no page"
 "#,
         dir.join("journal").display(),
+        dir.join("jobs").display(),
         dir.join("imagegate.db").display()
     );
     for model in models {
