@@ -60,7 +60,7 @@ pub async fn generations(
         };
         return jobs::submit(call, JsonSource { body: request.body }, job).await;
     }
-    let keep = match claim(&state, &model, &headers, fingerprint).await {
+    let keep = match claim(&state, &model, Endpoint::Generations, &headers, fingerprint).await {
         Ok(keep) => keep,
         Err(kept) => return Ok(kept),
     };
@@ -117,15 +117,18 @@ fn idempotency_key(headers: &HeaderMap) -> Option<&str> {
 async fn claim(
     state: &Arc<AppState>,
     model: &Model,
+    endpoint: Endpoint,
     headers: &HeaderMap,
     fingerprint: Fingerprint,
 ) -> Result<Option<KeepTicket>, Response> {
     match state.dedupe.claim(fingerprint, Dedupe::is_retry(headers)) {
         Claim::Original(keep) => Ok(keep),
         Claim::Attach(rx) => {
+            // As long as the first route that serves the endpoint may take.
             let wait = model
                 .routes
-                .first()
+                .iter()
+                .find(|r| r.serves(endpoint))
                 .map_or(Duration::from_secs(600), |r| r.provider.total_timeout);
             if let Some(response) = dedupe::collect(rx, wait).await {
                 return Err(response);
@@ -226,7 +229,7 @@ pub async fn uploads(
         // matched by their idempotency key alone.
         Some(key) => {
             let fingerprint = Dedupe::fingerprint(principal.key_id, endpoint, Some(key), b"");
-            match claim(&state, &model, &headers, fingerprint).await {
+            match claim(&state, &model, endpoint, &headers, fingerprint).await {
                 Ok(keep) => keep,
                 Err(kept) => return Ok(kept),
             }
