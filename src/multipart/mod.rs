@@ -818,6 +818,8 @@ mod tests {
             },
             strip_b64_prefix: false,
             price: Price::PerImage(1),
+            price_source: None,
+            endpoints: crate::config::Endpoint::ALL.to_vec(),
         }
     }
 

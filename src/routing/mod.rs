@@ -75,6 +75,9 @@ impl Call {
             if attempt == self.model.failover.max_attempts.get() {
                 break;
             }
+            if !route.serves(self.endpoint) {
+                continue;
+            }
             if let Err(wait) = self.state.breakers.admit(&route.provider.name) {
                 skipped.get_or_insert((route.provider.name.clone(), wait));
                 continue;
@@ -242,7 +245,7 @@ impl Call {
             upstream_model: route.upstream_model.clone(),
             endpoint: self.endpoint,
             summary,
-            price: route.price,
+            price: route.price.clone(),
             started,
             created_at,
             metrics: self

@@ -15,23 +15,9 @@ use tokio::sync::mpsc;
 
 use crate::config::{Config, Provider, ProviderKind};
 
-/// The image endpoints imagegate forwards.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
-    Generations,
-    Edits,
-    Variations,
-}
+pub use crate::config::Endpoint;
 
 impl Endpoint {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Endpoint::Generations => "generations",
-            Endpoint::Edits => "edits",
-            Endpoint::Variations => "variations",
-        }
-    }
-
     /// Its place in per-endpoint tables.
     fn index(self) -> usize {
         match self {
