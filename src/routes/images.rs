@@ -23,7 +23,7 @@ use crate::openai::generation::GenerationRequest;
 use crate::routes::jobs::{self, JobRequest};
 use crate::routing::{Call, Prepared, RequestSource};
 use crate::state::{AppState, RequestId, Runtime};
-use crate::upstream::{Endpoint, RequestSummary, UpstreamBody, UpstreamRequest, summary_slot};
+use crate::upstream::{Endpoint, RequestSummary, UpstreamBody, UpstreamRequest};
 
 pub async fn generations(
     State(state): State<Arc<AppState>>,
@@ -65,7 +65,7 @@ async fn json_call(
         Endpoint::Edits => parse_json_edit(&bytes, server.uploads.max_images)?,
         _ => GenerationRequest::parse(&bytes)?,
     };
-    let model = resolve(&runtime, request.model())?;
+    let model = resolve(&runtime, request.model(), endpoint)?;
     let fingerprint =
         Dedupe::fingerprint(principal.key_id, endpoint, idempotency_key(headers), &bytes);
     if jobs::prefers_async(headers) {
@@ -89,7 +89,7 @@ async fn json_call(
         };
         return jobs::submit(call, source, job).await;
     }
-    let keep = match claim(&state, &model, headers, fingerprint).await {
+    let keep = match claim(&state, &model, endpoint, headers, fingerprint).await {
         Ok(keep) => keep,
         Err(kept) => return Ok(kept),
     };
@@ -150,15 +150,18 @@ fn idempotency_key(headers: &HeaderMap) -> Option<&str> {
 async fn claim(
     state: &Arc<AppState>,
     model: &Model,
+    endpoint: Endpoint,
     headers: &HeaderMap,
     fingerprint: Fingerprint,
 ) -> Result<Option<KeepTicket>, Response> {
     match state.dedupe.claim(fingerprint, Dedupe::is_retry(headers)) {
         Claim::Original(keep) => Ok(keep),
         Claim::Attach(rx) => {
+            // As long as the first route that serves the endpoint may take.
             let wait = model
                 .routes
-                .first()
+                .iter()
+                .find(|r| r.serves(endpoint))
                 .map_or(Duration::from_secs(600), |r| r.provider.total_timeout);
             if let Some(response) = dedupe::collect(rx, wait).await {
                 return Err(response);
@@ -212,7 +215,7 @@ impl RequestSource for JsonSource {
                 endpoint: self.endpoint,
                 content_type: HeaderValue::from_static("application/json"),
                 body: UpstreamBody::Full(bytes.into()),
-                summary: summary_slot(summary),
+                summary,
             },
             pump: None,
         })
@@ -244,7 +247,7 @@ pub async fn uploads(
         usage: state.spool.clone(),
     };
     let requested = upload.read_until_model(&spool).await?;
-    let model = resolve(&runtime, requested.as_deref())?;
+    let model = resolve(&runtime, requested.as_deref(), endpoint)?;
     if jobs::prefers_async(&headers) {
         let call = Call {
             state,
@@ -257,13 +260,14 @@ pub async fn uploads(
         };
         return upload_job(call, &headers, upload, &spool).await;
     }
-    let attempts = model.routes.len().min(model.failover.max_attempts.get());
+    let serving = model.routes.iter().filter(|r| r.serves(endpoint)).count();
+    let attempts = serving.min(model.failover.max_attempts.get());
     let keep = match idempotency_key(&headers) {
         // An upload's body is only known once it has streamed through, so edits are
         // matched by their idempotency key alone.
         Some(key) => {
             let fingerprint = Dedupe::fingerprint(principal.key_id, endpoint, Some(key), b"");
-            match claim(&state, &model, &headers, fingerprint).await {
+            match claim(&state, &model, endpoint, &headers, fingerprint).await {
                 Ok(keep) => keep,
                 Err(kept) => return Ok(kept),
             }
@@ -303,9 +307,24 @@ async fn upload_job(
     jobs::submit(call, source, job).await
 }
 
-fn resolve(runtime: &Runtime, requested: Option<&str>) -> Result<Arc<Model>, ApiError> {
+/// The model a request names, when one of its routes serves `endpoint`: a model none of
+/// whose routes does is refused before any provider is called.
+fn resolve(
+    runtime: &Runtime,
+    requested: Option<&str>,
+    endpoint: Endpoint,
+) -> Result<Arc<Model>, ApiError> {
     match runtime.config.resolve_model(requested) {
-        Some(model) => Ok(Arc::clone(model)),
+        Some(model) if model.serves(endpoint) => Ok(Arc::clone(model)),
+        Some(model) => Err(ApiError::InvalidRequest {
+            message: format!(
+                "The model `{}` does not support the `{}` endpoint here.",
+                requested.unwrap_or(&model.name),
+                endpoint.as_str()
+            ),
+            param: Some("model".into()),
+            code: Some("unsupported_endpoint"),
+        }),
         None => Err(match requested {
             Some(name) => ApiError::ModelNotFound(name.to_owned()),
             None => ApiError::invalid(

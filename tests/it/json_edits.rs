@@ -115,7 +115,7 @@ async fn replays_every_json_edit_capture(db: Db) {
             "gpt-image-1.5" => (19 + 1105) * 5000 + 765 * 10000,
             other => panic!("{other}"),
         };
-        assert_eq!(row.cost_nanousd, expected, "{name}");
+        assert_eq!(row.cost_nanousd, Some(expected), "{name}");
     }
     gw.shutdown().await;
 }
@@ -246,7 +246,7 @@ per_image = 0.03
         [("edits", "first", 502), ("edits", "piapi", 200)]
     );
     assert_eq!(rows[1].model, "duo");
-    assert_eq!(rows[1].cost_nanousd, 30_000_000);
+    assert_eq!(rows[1].cost_nanousd, Some(30_000_000));
 
     // A data: URL larger than the JSON edit limit: 413, nothing sent.
     let big = format!(

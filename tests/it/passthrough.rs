@@ -84,7 +84,7 @@ async fn new_values_and_fields_reach_the_provider_byte_for_byte() {
     for row in &rows {
         assert_eq!(
             (row.model.as_str(), row.status, row.cost_nanousd),
-            ("gpt-image-2.5-2026-05-12", 200, 50_000_000)
+            ("gpt-image-2.5-2026-05-12", 200, Some(50_000_000))
         );
     }
     assert_eq!(rows[0].quality.as_deref(), Some("xhigh"));
