@@ -348,3 +348,49 @@ async fn a_json_edit_can_be_an_async_job() {
     assert_eq!((rows[0].endpoint.as_str(), rows[0].status), ("edits", 200));
     gw.shutdown().await;
 }
+
+/// A route declared without edits serves no JSON edit either: the edit skips it for the
+/// next route, and a model with no route for edits is refused before any call.
+#[tokio::test]
+async fn json_edits_skip_routes_that_do_not_serve_edits() {
+    let legacy = StandIn::json(200, &image_response(1, USAGE)).await;
+    let other = StandIn::json(200, &image_response(1, USAGE)).await;
+    let extra = format!(
+        r#"
+[providers.legacy]
+base_url = "{}"
+api_key_env = "TEST_PIAPI_KEY"
+[models.mixed]
+routes = [
+  {{ provider = "legacy", model = "m", endpoints = ["generations"] }},
+  {{ provider = "piapi", model = "m" }},
+]
+[models.genonly]
+routes = [{{ provider = "legacy", model = "m", endpoints = ["generations"] }}]
+[pricing.legacy.m]
+per_image = 0.01
+[pricing.piapi.m]
+per_image = 0.02
+"#,
+        legacy.base_url()
+    );
+    let gw = TestGateway::start(Db::Sqlite, &test_config(&other.base_url(), &extra)).await;
+    let edit = |model: &str| {
+        json!({"model": model, "prompt": "p", "images": [{"file_id": "file-1"}]}).to_string()
+    };
+    let response = gw.post_json(EDITS, &edit("mixed")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-imagegate-provider"], "piapi");
+    response.bytes().await.expect("body");
+    let error = expect_error(gw.post_json(EDITS, &edit("genonly")).await, 400).await;
+    assert_eq!(
+        (error["code"].as_str(), error["param"].as_str()),
+        (Some("unsupported_endpoint"), Some("model"))
+    );
+    assert!(
+        legacy.requests().is_empty(),
+        "the generations-only route is never called"
+    );
+    assert_eq!(other.requests().len(), 1);
+    gw.shutdown().await;
+}
