@@ -3,7 +3,10 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use imagegate::store::{GroupBy, NewKey, Store, StoreError, UsageFilter, UsageTotals};
+use imagegate::store::{
+    GroupBy, KeyChanges, KeyLimits, NewKey, RATE_WINDOW_NANOS, Store, StoreError, UsageFilter,
+    UsageTotals,
+};
 use imagegate::usage::{Outcome, UsageRow};
 
 use crate::support::rows;
@@ -43,6 +46,8 @@ on_both_backends!(
     usage_round_trips_every_field,
     usage_report_groups_and_filters,
     usage_report_sums_past_i64,
+    key_limits_round_trip_and_change,
+    rate_limit_allows_rpm_requests_at_once_then_refuses,
 );
 
 fn new_key(name: &str, hash: &str) -> NewKey {
@@ -50,6 +55,7 @@ fn new_key(name: &str, hash: &str) -> NewKey {
         name: name.to_owned(),
         prefix: format!("ig_{name}"),
         hash: hash.to_owned(),
+        limits: Default::default(),
     }
 }
 
@@ -517,4 +523,87 @@ async fn usage_report_sums_past_i64(store: Arc<dyn Store>) {
             cost_nanousd: 3 * max - 5,
         }]
     );
+}
+
+async fn key_limits_round_trip_and_change(store: Arc<dyn Store>) {
+    let metadata = serde_json::json!({"team": "search", "ticket": 42});
+    let limits = KeyLimits {
+        budget_nanousd: Some(12_500_000_000),
+        budget_period: Some("month".into()),
+        rpm: Some(60),
+        max_in_flight: Some(4),
+        models: Some(vec!["gpt-image-1".into(), "img".into()]),
+        expires_at: Some(at("2031-01-02T03:04:05.000006Z")),
+        metadata: metadata.as_object().cloned(),
+    };
+    let alice = store
+        .create_key(NewKey {
+            limits: limits.clone(),
+            ..new_key("alice", "aa11")
+        })
+        .await
+        .expect("create alice");
+    assert_eq!(alice.limits, limits);
+    let found = store.find_key_by_hash("aa11").await.expect("find");
+    assert_eq!(found.as_ref(), Some(&alice));
+
+    // Changed fields change, cleared ones clear, the others stay.
+    let changes = KeyChanges {
+        rpm: Some(Some(5)),
+        models: Some(None),
+        budget: Some(None),
+        ..KeyChanges::default()
+    };
+    let changed = store
+        .update_key("alice", &changes)
+        .await
+        .expect("update")
+        .expect("alice is active");
+    let expected = KeyLimits {
+        rpm: Some(5),
+        models: None,
+        budget_nanousd: None,
+        budget_period: None,
+        ..limits.clone()
+    };
+    assert_eq!(changed.limits, expected);
+    assert_eq!((changed.id, &changed.hash), (alice.id, &alice.hash));
+    assert_eq!(
+        store.list_keys().await.expect("list"),
+        vec![changed.clone()]
+    );
+
+    // No change at all still answers with the key.
+    let same = store
+        .update_key("alice", &KeyChanges::default())
+        .await
+        .expect("empty update");
+    assert_eq!(same, Some(changed));
+
+    // Unknown and revoked keys are not changed.
+    let unknown = store.update_key("nobody", &changes).await.expect("update");
+    assert_eq!(unknown, None);
+    assert!(store.revoke_key("alice").await.expect("revoke"));
+    let revoked = store.update_key("alice", &changes).await.expect("update");
+    assert_eq!(revoked, None);
+}
+
+async fn rate_limit_allows_rpm_requests_at_once_then_refuses(store: Arc<dyn Store>) {
+    let interval = RATE_WINDOW_NANOS / 3;
+    let mut states = Vec::new();
+    for _ in 0..5 {
+        states.push(store.take_request(7, 3).await.expect("take"));
+    }
+    let allowed: Vec<bool> = states.iter().map(|s| s.allowed).collect();
+    assert_eq!(allowed, [true, true, true, false, false], "{states:?}");
+    // Each request allowed moved the theoretical arrival time one interval on; refusals
+    // left it where it was.
+    let first = states[0];
+    assert_eq!(first.tat_ns, first.at_ns + interval, "{states:?}");
+    assert_eq!(states[2].tat_ns, first.at_ns + 3 * interval, "{states:?}");
+    assert_eq!(states[3].tat_ns, states[2].tat_ns);
+    assert_eq!(states[4].tat_ns, states[2].tat_ns);
+    assert!(states[4].at_ns >= first.at_ns);
+    // Another key has its own limit.
+    assert!(store.take_request(8, 3).await.expect("take").allowed);
 }
