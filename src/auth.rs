@@ -2,6 +2,8 @@
 //! a principal (cached, so revocation takes effect within the cache TTL and a database
 //! outage does not stop keys seen before).
 
+pub mod settings;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};

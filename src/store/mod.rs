@@ -103,8 +103,9 @@ pub struct NewKey {
 /// Changes to a key's limits: `None` leaves a field as it is, `Some(None)` clears it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KeyChanges {
-    /// The budget and its period change together.
-    pub budget: Option<Option<(i64, String)>>,
+    /// A new budget, with its period (none: the period it had, or `total` if it had none);
+    /// cleared, the period goes with it.
+    pub budget: Option<Option<(i64, Option<String>)>>,
     pub rpm: Option<Option<i64>>,
     pub max_in_flight: Option<Option<i64>>,
     pub models: Option<Option<Vec<String>>>,
@@ -113,7 +114,7 @@ pub struct KeyChanges {
 }
 
 impl KeyChanges {
-    /// The changed columns' new values as JSON-or-text, for the update statements.
+    /// The changed columns' new values as JSON text, for the update statements.
     fn models_json(&self) -> Option<Option<String>> {
         self.models.as_ref().map(|m| {
             m.as_ref()
@@ -125,6 +126,15 @@ impl KeyChanges {
         self.metadata.as_ref().map(|m| {
             m.as_ref()
                 .map(|m| serde_json::Value::Object(m.clone()).to_string())
+        })
+    }
+
+    /// The budget's columns as an update sets them: the amount, and the new period or null
+    /// to keep the old one (`coalesce(new, old, 'total')`).
+    fn budget_columns(&self) -> Option<(Option<i64>, Option<String>, bool)> {
+        self.budget.as_ref().map(|budget| match budget {
+            Some((nanousd, period)) => (Some(*nanousd), period.clone(), false),
+            None => (None, None, true),
         })
     }
 }

@@ -219,10 +219,16 @@ impl Store for SqliteStore {
     async fn update_key(&self, name: &str, changes: &KeyChanges) -> StoreResult<Option<KeyRecord>> {
         // Only the columns that change are named; `name = name` keeps the list non-empty.
         let mut query = QueryBuilder::<Sqlite>::new("update api_keys set name = name");
-        if let Some(budget) = &changes.budget {
-            let (nanousd, period) = budget.clone().unzip();
+        if let Some((nanousd, period, clear)) = changes.budget_columns() {
             query.push(", budget_nanousd = ").push_bind(nanousd);
-            query.push(", budget_period = ").push_bind(period);
+            if clear {
+                query.push(", budget_period = null");
+            } else {
+                query
+                    .push(", budget_period = coalesce(")
+                    .push_bind(period)
+                    .push(", budget_period, 'total')");
+            }
         }
         if let Some(rpm) = changes.rpm {
             query.push(", rpm = ").push_bind(rpm);

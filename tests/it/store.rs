@@ -580,6 +580,34 @@ async fn key_limits_round_trip_and_change(store: Arc<dyn Store>) {
         .expect("empty update");
     assert_eq!(same, Some(changed));
 
+    // A budget without a period keeps the one the key has, or is a total.
+    let budget = |nanousd, period: Option<&str>| KeyChanges {
+        budget: Some(Some((nanousd, period.map(str::to_owned)))),
+        ..KeyChanges::default()
+    };
+    let set = store
+        .update_key("alice", &budget(5, None))
+        .await
+        .expect("update");
+    let set = set.expect("alice").limits;
+    assert_eq!(
+        (set.budget_nanousd, set.budget_period.as_deref()),
+        (Some(5), Some("total"))
+    );
+    store
+        .update_key("alice", &budget(6, Some("day")))
+        .await
+        .expect("update");
+    let set = store
+        .update_key("alice", &budget(7, None))
+        .await
+        .expect("update");
+    let set = set.expect("alice").limits;
+    assert_eq!(
+        (set.budget_nanousd, set.budget_period.as_deref()),
+        (Some(7), Some("day"))
+    );
+
     // Unknown and revoked keys are not changed.
     let unknown = store.update_key("nobody", &changes).await.expect("update");
     assert_eq!(unknown, None);
