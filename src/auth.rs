@@ -10,6 +10,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::Request;
+use chrono::{DateTime, Utc};
 use http::header;
 use rand::distr::{Alphanumeric, SampleString};
 use sha2::{Digest, Sha256};
@@ -23,11 +24,45 @@ const KEY_RANDOM_CHARS: usize = 40;
 /// How much of a key listings show.
 const VISIBLE_CHARS: usize = 10;
 
-/// The key a request was made with.
+/// The key a request was made with, and its limits as last read from the database.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
     pub key_id: i64,
     pub name: String,
+    pub limits: KeyLimits,
+}
+
+impl Principal {
+    /// Past its `expires_at`: checked on every request, so that a cached key stops at once.
+    pub fn expired(&self, now: DateTime<Utc>) -> bool {
+        self.limits.expires_at.is_some_and(|at| at <= now)
+    }
+
+    /// Whether the key may use the model `canonical` (a model's own name, aliases resolved).
+    /// The allowlist is matched by model, not by the name a request used: an alias in the
+    /// list allows its model under any of its names, and a model in the list allows its
+    /// aliases, since each name reaches the same routes at the same price.
+    pub fn allows(&self, canonical: &str, aliases: &HashMap<String, String>) -> bool {
+        self.limits.models.as_ref().is_none_or(|models| {
+            models
+                .iter()
+                .any(|name| aliases.get(name).map_or(name.as_str(), String::as_str) == canonical)
+        })
+    }
+
+    /// The key's requests per minute, when it has a limit.
+    pub fn rpm(&self) -> Option<u32> {
+        self.limits
+            .rpm
+            .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    /// The key's own cap on requests in flight, when it has one.
+    pub fn max_in_flight(&self) -> Option<u32> {
+        self.limits
+            .max_in_flight
+            .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+    }
 }
 
 /// A freshly made key: the only moment the whole key exists outside the client.
@@ -275,6 +310,7 @@ impl KeyCache {
                 Arc::new(Principal {
                     key_id: record.id,
                     name: record.name,
+                    limits: record.limits,
                 })
             });
         let mut known = inner.known.write().unwrap_or_else(|e| e.into_inner());

@@ -35,7 +35,7 @@ pub async fn generations(
     let server = &runtime.config.server;
     let bytes = read_json(&headers, body, server.max_json_body_bytes.get()).await?;
     let request = GenerationRequest::parse(&bytes)?;
-    let model = resolve(&runtime, request.model())?;
+    let model = resolve(&runtime, &principal, request.model())?;
     let fingerprint = Dedupe::fingerprint(
         principal.key_id,
         Endpoint::Generations,
@@ -188,7 +188,7 @@ pub async fn uploads(
         usage: state.spool.clone(),
     };
     let requested = upload.read_until_model(&spool).await?;
-    let model = resolve(&runtime, requested.as_deref())?;
+    let model = resolve(&runtime, &principal, requested.as_deref())?;
     let attempts = model.routes.len().min(model.failover.max_attempts.get());
     let keep = match idempotency_key(&headers) {
         // An upload's body is only known once it has streamed through, so edits are
@@ -215,8 +215,17 @@ pub async fn uploads(
     detached(call, source).await
 }
 
-fn resolve(runtime: &Runtime, requested: Option<&str>) -> Result<Arc<Model>, ApiError> {
+/// The model a request names (or the default), if the key may use it: refused before
+/// anything is forwarded or billed.
+fn resolve(
+    runtime: &Runtime,
+    principal: &Principal,
+    requested: Option<&str>,
+) -> Result<Arc<Model>, ApiError> {
     match runtime.config.resolve_model(requested) {
+        Some(model) if !principal.allows(&model.name, &runtime.config.aliases) => Err(
+            ApiError::ModelNotAllowed(requested.unwrap_or(&model.name).to_owned()),
+        ),
         Some(model) => Ok(Arc::clone(model)),
         None => Err(match requested {
             Some(name) => ApiError::ModelNotFound(name.to_owned()),

@@ -19,7 +19,7 @@ use crate::upstream::Endpoint;
 pub const PUBLIC: &[&str] = &["/healthz", "/readyz", "/metrics"];
 
 /// The image routes, whose request bodies are timed (see [`images::body_timeouts`]).
-const IMAGES: &str = "/v1/images/";
+pub const IMAGES: &str = "/v1/images/";
 
 /// The routes behind the admin token instead of a client key.
 pub const ADMIN: &[&str] = &["/admin/reload", "/admin/keys", "/admin/keys/{name}"];

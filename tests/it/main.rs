@@ -13,6 +13,7 @@ mod gate;
 mod generations;
 mod hostile;
 mod journal;
+mod key_limits;
 mod keys;
 mod limits;
 mod router;
