@@ -257,6 +257,10 @@ async fn access_log(
     let elapsed = started.elapsed();
     http_metrics(path, status, elapsed);
     let principal = response.extensions().get::<Arc<Principal>>();
+    if let Some(principal) = principal {
+        // Key names, never keys: a name is what the operator chose to see in reports.
+        metrics::counter!("imagegate_key_requests_total", "key" => principal.name.clone(), "status" => status.to_string()).increment(1);
+    }
     if response.extensions().get::<Forwarded>().is_some() {
         return response;
     }

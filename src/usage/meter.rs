@@ -180,6 +180,8 @@ impl UsageTicket {
             .increment(tally.usage.output_tokens.max(0) as u64);
         m.images.increment(u64::from(tally.images));
         m.cost.increment(tally.cost.max(0) as u64);
+        metrics::counter!("imagegate_key_cost_nanousd_total", "key" => self.principal.name.clone())
+            .increment(tally.cost.max(0) as u64);
         if outcome != Outcome::Completed {
             metrics::counter!(
                 "imagegate_upstream_errors_total",

@@ -249,3 +249,47 @@ async fn rpm_holds_across_two_gateways_on_one_postgres_database() {
     one.shutdown().await;
     two.shutdown().await;
 }
+
+/// `imagegate_key_requests_total{key,status}` and `imagegate_key_cost_nanousd_total{key}`,
+/// by key name: never the key.
+#[tokio::test]
+async fn per_key_metrics_count_requests_and_cost_by_key_name() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    let gw = TestGateway::start(Db::Sqlite, &test_config(&provider.base_url(), "")).await;
+    // The recorder is the process's: a name no other test uses.
+    let name = format!("metered-{}", uuid::Uuid::now_v7().simple());
+    let key = create_key(&gw, json!({"name": name, "models": ["gpt-image-1"]})).await;
+    for _ in 0..2 {
+        assert_eq!(generate_model(&gw, &key, "gpt-image-1").await.0, 200);
+    }
+    assert_eq!(generate_model(&gw, &key, "dall-e-3").await.0, 403);
+    let rows = gw.usage_rows(2).await;
+    let cost: i64 = rows.iter().map(|r| r.cost_nanousd).sum();
+    assert!(cost > 0);
+    let metrics = gw.metrics().await;
+    let line = |prefix: String| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in:\n{metrics}"))
+            .rsplit(' ')
+            .next()
+            .expect("value")
+            .to_owned()
+    };
+    let requests = |status: &str| {
+        line(format!(
+            "imagegate_key_requests_total{{key=\"{name}\",status=\"{status}\"}}"
+        ))
+    };
+    assert_eq!(requests("200"), "2");
+    assert_eq!(requests("403"), "1");
+    assert_eq!(
+        line(format!(
+            "imagegate_key_cost_nanousd_total{{key=\"{name}\"}}"
+        )),
+        cost.to_string()
+    );
+    assert!(!metrics.contains(&key), "no key in /metrics");
+    gw.shutdown().await;
+}
