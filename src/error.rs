@@ -93,6 +93,15 @@ pub enum ApiError {
         "Rate limit reached: this API key may make {rpm} requests per minute. Retry after {retry_after} s."
     )]
     KeyRateLimit { rpm: u32, retry_after: u64 },
+    /// An async job that does not exist, has expired, or belongs to another key: the
+    /// same answer for all three, so that a key cannot learn of another's jobs.
+    #[error("No image job found with id '{0}'.")]
+    JobNotFound(String),
+    /// The key has `limit` async jobs not finished already.
+    #[error(
+        "Too many jobs: this API key has {limit} async jobs queued or running, the most it may have at once. Retry when one has finished."
+    )]
+    JobQueueFull { limit: u32 },
     /// A key never seen before, and the database did not answer in time to check it.
     #[error(
         "The API key could not be checked right now (the key database is not answering). Please retry shortly."
@@ -120,17 +129,18 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) | ApiError::AdminForbidden => StatusCode::UNAUTHORIZED,
-            ApiError::ModelNotFound(_) | ApiError::NotFound | ApiError::KeyNotFound(_) => {
-                StatusCode::NOT_FOUND
-            }
+            ApiError::ModelNotFound(_)
+            | ApiError::NotFound
+            | ApiError::KeyNotFound(_)
+            | ApiError::JobNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             ApiError::PayloadTooLarge { .. } | ApiError::PartTooLarge(_) => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            ApiError::KeyInFlightLimit { .. } | ApiError::KeyRateLimit { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            ApiError::KeyInFlightLimit { .. }
+            | ApiError::KeyRateLimit { .. }
+            | ApiError::JobQueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Upstream { status, .. } => *status,
             ApiError::UpstreamUnreachable { .. } | ApiError::UpstreamClosedBody => {
@@ -173,6 +183,8 @@ impl ApiError {
                 Some("model_not_allowed"),
                 Some("model".into()),
             ),
+            ApiError::JobNotFound(_) => ("invalid_request_error", Some("job_not_found"), None),
+            ApiError::JobQueueFull { .. } => ("requests", Some("job_queue_full"), None),
             ApiError::MethodNotAllowed => {
                 ("invalid_request_error", Some("method_not_allowed"), None)
             }

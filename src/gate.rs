@@ -9,6 +9,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
+use http::Method;
 
 use crate::auth::{Principal, bearer, hash_key, well_formed};
 use crate::error::ApiError;
@@ -92,7 +93,7 @@ async fn require_admin(
 /// After authentication: at most the key's `max_in_flight` (else
 /// `limits.max_in_flight_per_key`) requests of one key at once, counted until the response
 /// body has been sent or its client has left (a streamed answer counts for as long as it
-/// streams); then, on the image routes, the key's `rpm`. Over either, 429 before anything
+/// streams); then, on the image calls (POST), the key's `rpm`. Over either, 429 before anything
 /// is forwarded, so the request is neither sent to a provider nor billed.
 async fn within_limits(
     state: &AppState,
@@ -113,8 +114,11 @@ async fn within_limits(
         metrics::counter!("imagegate_key_in_flight_refused_total").increment(1);
         return Err(ApiError::KeyInFlightLimit { limit: cap });
     };
+    // Image calls only: a job's polls (GET) and the model list are not counted.
     let rate = match request.extensions().get::<MatchedPath>() {
-        Some(path) if path.as_str().starts_with(routes::IMAGES) => {
+        Some(path)
+            if request.method() == Method::POST && path.as_str().starts_with(routes::IMAGES) =>
+        {
             per_key_rate(state, principal).await
         }
         _ => None,

@@ -4,6 +4,7 @@
 //! `raw` is the file as written, with every default; `server`, `providers`, `models` and
 //! `pricing` each validate their own sections. Every refusal names the file and the key.
 
+mod jobs;
 mod models;
 mod pricing;
 mod providers;
@@ -20,6 +21,7 @@ use figment::Figment;
 use figment::error::{Actual, Kind};
 use figment::providers::{Env, Format, Toml};
 
+pub use jobs::JobsConfig;
 pub use models::{Failover, Model, ParamPolicy, Route};
 pub use pricing::Price;
 pub use providers::{BreakerConfig, Provider, ProviderKind};
@@ -67,6 +69,8 @@ pub struct Config {
     pub admin_token: Option<Secret>,
     pub admin_token_env: String,
     pub limits: Limits,
+    /// Asynchronous jobs (`Prefer: respond-async`), imagegate's own extension.
+    pub jobs: JobsConfig,
     pub default_model: Option<String>,
     pub providers: BTreeMap<String, Arc<Provider>>,
     /// Public model name -> model, one entry per canonical name.
@@ -231,6 +235,7 @@ impl Validator<'_> {
 
     fn validate(&self, raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         let upstream = self.upstream_timeouts(&raw.server)?;
+        let jobs = self.jobs(raw.jobs, &raw.server)?;
         let server = self.server(raw.server)?;
         let database_url = self.database_url(&raw.database.url)?;
         let admin_token = (self.env)(&raw.admin.token_env).map(Secret::new);
@@ -254,6 +259,7 @@ impl Validator<'_> {
             admin_token,
             admin_token_env: raw.admin.token_env,
             limits,
+            jobs,
             default_model: raw.default_model,
             providers,
             models: models.models,
@@ -413,6 +419,26 @@ mod tests {
                     format!("{GOOD}\n[limits]\nmax_in_flight_per_key = 0"),
                     "limits.max_in_flight_per_key",
                 ),
+                (
+                    format!("{GOOD}\n[jobs]\nmax_queued_per_key = 0"),
+                    "jobs.max_queued_per_key",
+                ),
+                (
+                    format!("{GOOD}\n[jobs]\nretention = \"0s\""),
+                    "jobs.retention",
+                ),
+                (
+                    format!("{GOOD}\n[jobs]\nretention = \"a day\""),
+                    "jobs.retention",
+                ),
+                (
+                    format!("{GOOD}\n[server]\nspool_dir = \"s\"\n[jobs]\ndir = \"s/jobs\""),
+                    "jobs.dir",
+                ),
+                (
+                    format!("{GOOD}\n[jobs]\ndir = \"data/journal\""),
+                    "jobs.dir",
+                ),
             ];
             for (text, key) in cases {
                 let err = load(jail, &text, &env).expect_err(key).to_string();
@@ -441,6 +467,9 @@ mod tests {
             assert_eq!(three.server.workers, 3);
             let defaults = load(jail, GOOD, &env).expect("defaults");
             assert_eq!(defaults.limits.max_in_flight_per_key.get(), 64);
+            assert_eq!(defaults.jobs.dir, PathBuf::from("data/jobs"));
+            assert_eq!(defaults.jobs.retention, Duration::from_secs(86_400));
+            assert_eq!(defaults.jobs.max_queued_per_key.get(), 100);
             assert_eq!(
                 defaults.server.key_lookup_timeout,
                 Duration::from_millis(500)

@@ -26,6 +26,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub limits: RawLimits,
     #[serde(default)]
+    pub jobs: RawJobs,
+    #[serde(default)]
     pub providers: BTreeMap<String, RawProvider>,
     #[serde(default)]
     pub models: BTreeMap<String, RawModel>,
@@ -144,6 +146,25 @@ impl Default for RawLimits {
     fn default() -> Self {
         RawLimits {
             max_in_flight_per_key: 64,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawJobs {
+    pub dir: PathBuf,
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    pub max_queued_per_key: u32,
+}
+
+impl Default for RawJobs {
+    fn default() -> Self {
+        RawJobs {
+            dir: PathBuf::from("data/jobs"),
+            retention: Duration::from_secs(24 * 60 * 60),
+            max_queued_per_key: 100,
         }
     }
 }

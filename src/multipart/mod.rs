@@ -253,13 +253,20 @@ impl Upload {
     /// spool first, so that every attempt sends the same bytes without holding them in
     /// memory.
     pub async fn into_source(
-        mut self,
+        self,
         spool: &SpoolArea,
         attempts: usize,
     ) -> Result<UploadSource, ApiError> {
         if attempts <= 1 {
             return Ok(UploadSource::Live(Some(Box::new(self))));
         }
+        self.into_recorded(spool).await
+    }
+
+    /// Reads the rest of the upload into the spool (within its quota) and checks that it is
+    /// complete: for calls that need the whole request before they start (failover's
+    /// replays, async jobs answered before their call is sent).
+    pub async fn into_recorded(mut self, spool: &SpoolArea) -> Result<UploadSource, ApiError> {
         while !self.ended {
             self.hold_next(spool).await?;
         }
@@ -499,6 +506,22 @@ impl Upload {
             ));
         }
         Ok(())
+    }
+}
+
+impl UploadSource {
+    /// Whether the upload asks for a streamed answer (known for a recorded upload only).
+    pub fn streamed(&self) -> bool {
+        match self {
+            UploadSource::Live(_) => false,
+            UploadSource::Replay(recorded) => {
+                recorded
+                    .summary
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .stream
+            }
+        }
     }
 }
 

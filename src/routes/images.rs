@@ -19,6 +19,7 @@ use crate::dedupe::{self, Claim, Dedupe, Fingerprint, KeepTicket};
 use crate::error::ApiError;
 use crate::multipart::{SpoolArea, Upload};
 use crate::openai::generation::GenerationRequest;
+use crate::routes::jobs::{self, JobRequest};
 use crate::routing::{Call, Prepared, RequestSource};
 use crate::state::{AppState, RequestId, Runtime};
 use crate::upstream::{Endpoint, RequestSummary, UpstreamBody, UpstreamRequest, summary_slot};
@@ -42,6 +43,23 @@ pub async fn generations(
         idempotency_key(&headers),
         &bytes,
     );
+    if jobs::prefers_async(&headers) {
+        let job = JobRequest {
+            fingerprint: Some(fingerprint),
+            retry: Dedupe::is_retry(&headers),
+            stream: request.stream(),
+        };
+        let call = Call {
+            state,
+            runtime,
+            principal,
+            request_id,
+            model,
+            endpoint: Endpoint::Generations,
+            keep: None,
+        };
+        return jobs::submit(call, JsonSource { body: request.body }, job).await;
+    }
     let keep = match claim(&state, &model, &headers, fingerprint).await {
         Ok(keep) => keep,
         Err(kept) => return Ok(kept),
@@ -189,6 +207,18 @@ pub async fn uploads(
     };
     let requested = upload.read_until_model(&spool).await?;
     let model = resolve(&runtime, &principal, requested.as_deref())?;
+    if jobs::prefers_async(&headers) {
+        let call = Call {
+            state,
+            runtime,
+            principal,
+            request_id,
+            model,
+            endpoint,
+            keep: None,
+        };
+        return upload_job(call, &headers, upload, &spool).await;
+    }
     let attempts = model.routes.len().min(model.failover.max_attempts.get());
     let keep = match idempotency_key(&headers) {
         // An upload's body is only known once it has streamed through, so edits are
@@ -213,6 +243,26 @@ pub async fn uploads(
         keep,
     };
     detached(call, source).await
+}
+
+/// An upload sent with `Prefer: respond-async`: received whole (into the spool, within
+/// its quota) before the job is created and answered 202.
+async fn upload_job(
+    call: Call,
+    headers: &HeaderMap,
+    upload: Upload,
+    spool: &SpoolArea,
+) -> Result<Response, ApiError> {
+    let source = upload.into_recorded(spool).await?;
+    // As for the synchronous call, an upload is matched by its idempotency key alone.
+    let fingerprint = idempotency_key(headers)
+        .map(|key| Dedupe::fingerprint(call.principal.key_id, call.endpoint, Some(key), b""));
+    let job = JobRequest {
+        fingerprint,
+        retry: Dedupe::is_retry(headers),
+        stream: source.streamed(),
+    };
+    jobs::submit(call, source, job).await
 }
 
 /// The model a request names (or the default), if the key may use it: refused before

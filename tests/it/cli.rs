@@ -541,13 +541,18 @@ async fn the_demo_banner_names_the_key_it_created() {
         .spawn()
         .expect("spawn demo");
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let (mut key, mut name) = (None, None);
+    let (mut key, mut name, mut base, mut banner) = (None, None, None, String::new());
     while name.is_none() {
         let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
             .await
             .expect("the banner is printed")
             .expect("read")
             .expect("a banner line before exit");
+        banner.push_str(&line);
+        banner.push('\n');
+        if let Some(rest) = line.trim().strip_prefix("Base URL :") {
+            base = Some(rest.trim().to_owned());
+        }
         if let Some(rest) = line.trim().strip_prefix("API key  :") {
             key = Some(rest.trim().to_owned());
         }
@@ -557,6 +562,18 @@ async fn the_demo_banner_names_the_key_it_created() {
     }
     let (key, name) = (key.expect("key line"), name.expect("name"));
     assert!(key.starts_with("ig-"), "{key}");
+    // The rest of the banner, with its async job example, which the mock serves.
+    while let Ok(Ok(Some(line))) =
+        tokio::time::timeout(Duration::from_millis(500), lines.next_line()).await
+    {
+        banner.push_str(&line);
+        banner.push('\n');
+    }
+    assert!(
+        banner.contains("-H \"Prefer: respond-async\"") && banner.contains("/v1/images/jobs/"),
+        "{banner}"
+    );
+    demo_job(&base.expect("base URL line"), &key).await;
     signal(&child, "-TERM");
     child.wait().await.expect("exits");
     let list = text(&imagegate(&config, &["keys", "list"]).stdout);
@@ -565,6 +582,41 @@ async fn the_demo_banner_names_the_key_it_created() {
             .any(|line| line.starts_with(&name) && line.contains(&key[..10])),
         "the banner's name is the key's:\n{list}"
     );
+}
+
+/// Creates an async job on the demo's mock provider and collects it, as the banner shows.
+async fn demo_job(base: &str, key: &str) {
+    let client = reqwest::Client::new();
+    let created: serde_json::Value = client
+        .post(format!("{base}/images/generations"))
+        .bearer_auth(key)
+        .header("prefer", "respond-async")
+        .json(&serde_json::json!({"model": "gpt-image-1", "prompt": "a red fox"}))
+        .send()
+        .await
+        .expect("create")
+        .json()
+        .await
+        .expect("json");
+    let id = created["id"].as_str().expect("a job id");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let job: serde_json::Value = client
+            .get(format!("{base}/images/jobs/{id}"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("get")
+            .json()
+            .await
+            .expect("json");
+        if job["status"] == "succeeded" {
+            assert!(job["result"]["data"][0]["b64_json"].is_string(), "{job}");
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{job}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn helpers_png() -> String {

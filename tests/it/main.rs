@@ -12,6 +12,7 @@ mod faults;
 mod gate;
 mod generations;
 mod hostile;
+mod jobs;
 mod journal;
 mod key_limits;
 mod keys;

@@ -213,3 +213,33 @@ async fn the_python_sdk_generates_through_imagegate_and_usage_matches() {
     assert_eq!(streamed.cost_nanousd, gpt_image_1_cost(12, 8, 280));
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_python_sdk_creates_and_collects_a_job_and_its_retry_is_billed_once() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    provider.set_delay(std::time::Duration::from_millis(200));
+    let gw = TestGateway::start(Db::Sqlite, &test_config(&provider.base_url(), "")).await;
+    let steps = run_sdk_script(&gw, "jobs.py").await;
+    assert_eq!(steps.len(), 4, "{steps:?}");
+    let (create, retry, collect, sync) = (&steps[0], &steps[1], &steps[2], &steps[3]);
+    assert_eq!(create["status"], 202, "{create}");
+    assert_eq!(create["job"]["status"], "queued");
+    assert_eq!(retry["status"], 202, "{retry}");
+    assert_eq!(
+        retry["job"]["id"], create["job"]["id"],
+        "the retry gets the same job"
+    );
+    assert_eq!(collect["job"]["status"], "succeeded", "{collect}");
+    assert_eq!(
+        collect["job"]["result"], sync["body"],
+        "the job's result is the sync answer"
+    );
+    // One call for the job (its retry attached to it), one for the synchronous request.
+    assert_eq!(provider.requests().len(), 2);
+    let rows = gw.usage_rows(2).await;
+    assert!(
+        rows.iter()
+            .all(|r| r.cost_nanousd == gpt_image_1_cost(19, 1105, 765))
+    );
+    gw.shutdown().await;
+}

@@ -109,6 +109,8 @@ default_model = "gpt-image-1"
 listen = "127.0.0.1:0"
 shutdown_grace = "5s"
 journal_dir = "{}"
+[jobs]
+dir = "{}"
 [database]
 url = "sqlite:{}"
 [providers.mock]
@@ -123,6 +125,7 @@ routes = [{{ provider = "real", model = "x" }}]
 per_image = 0.5
 "#,
         dir.join("journal").display(),
+        dir.join("jobs").display(),
         dir.join("imagegate.db").display()
     );
     for model in models {
