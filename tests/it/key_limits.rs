@@ -293,3 +293,55 @@ async fn per_key_metrics_count_requests_and_cost_by_key_name() {
     assert!(!metrics.contains(&key), "no key in /metrics");
     gw.shutdown().await;
 }
+
+/// A job's creation is an image call (counted against rpm, checked against the allowlist);
+/// polling it is not counted.
+#[tokio::test]
+async fn async_jobs_are_counted_and_checked_when_created_not_when_polled() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    let gw = TestGateway::start(Db::Sqlite, &test_config(&provider.base_url(), "")).await;
+    let key = create_key(
+        &gw,
+        json!({"name": "jobs-svc", "rpm": 3, "models": ["dall-e-3"]}),
+    )
+    .await;
+    let submit = |model: &'static str| {
+        gw.client
+            .post(gw.url("/v1/images/generations"))
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .header("prefer", "respond-async")
+            .body(json!({"model": model, "prompt": "fox"}).to_string())
+            .send()
+    };
+    let created = submit("dall-e-3").await.expect("send");
+    assert_eq!(created.status(), 202);
+    assert_eq!(created.headers()["x-ratelimit-remaining-requests"], "2");
+    let job: Value = created.json().await.expect("json");
+    let id = job["id"].as_str().expect("id").to_owned();
+    for _ in 0..5 {
+        let poll = gw
+            .client
+            .get(gw.url(&format!("/v1/images/jobs/{id}")))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(poll.status(), 200);
+        assert!(poll.headers().get("x-ratelimit-limit-requests").is_none());
+    }
+    let refused = submit("gpt-image-1").await.expect("send");
+    assert_eq!(refused.status(), 403);
+    let second = submit("dall-e-3").await.expect("send");
+    assert_eq!(second.status(), 202);
+    assert_eq!(second.headers()["x-ratelimit-remaining-requests"], "0");
+    assert_eq!(submit("dall-e-3").await.expect("send").status(), 429);
+    gw.usage_rows(2).await;
+    assert!(
+        provider
+            .requests()
+            .iter()
+            .all(|r| r.json()["model"] == "dall-e-3")
+    );
+    gw.shutdown().await;
+}
