@@ -227,6 +227,13 @@ async fn admin_key_calls_are_logged_by_name_without_the_key_or_the_token() {
         .await
         .expect("json");
     let key = created["key"].as_str().expect("key").to_owned();
+    let listed = client
+        .get(format!("http://{addr}/admin/keys"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(listed.status(), 200);
     for (method, body) in [
         (reqwest::Method::PATCH, Some(r#"{"rpm": 20}"#)),
         (reqwest::Method::DELETE, None),
@@ -245,7 +252,10 @@ async fn admin_key_calls_are_logged_by_name_without_the_key_or_the_token() {
         .expect("exits")
         .expect("status");
     let log = log.await.expect("log");
-    let audit: Vec<&str> = log.lines().filter(|l| l.contains("admin call")).collect();
+    let audit: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("admin call") && l.contains("audited-svc"))
+        .collect();
     assert_eq!(audit.len(), 3, "{log}");
     for (line, what) in audit.iter().zip([
         "POST /admin/keys",
@@ -257,6 +267,11 @@ async fn admin_key_calls_are_logged_by_name_without_the_key_or_the_token() {
             "{line}"
         );
     }
+    assert!(
+        log.lines()
+            .any(|l| l.contains("admin call") && l.contains("GET /admin/keys")),
+        "{log}"
+    );
     assert!(
         !log.contains(&key) && !log.contains(TOKEN),
         "a key or the token in the log:\n{log}"

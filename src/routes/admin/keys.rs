@@ -106,6 +106,7 @@ pub async fn create(
 /// `GET /admin/keys`: every key, revoked ones too, oldest first.
 pub async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
     let keys = state.store.list_keys().await.map_err(ApiError::internal)?;
+    audit("GET /admin/keys", "");
     let data: Vec<KeyView> = keys.into_iter().map(KeyView::of).collect();
     Ok(Json(serde_json::json!({ "object": "list", "data": data })))
 }
@@ -152,7 +153,7 @@ pub async fn revoke(
     ))
 }
 
-/// One line per admin change: who, what, which key (by name).
+/// One line per admin call: who, what, which key (by name; none for the list).
 fn audit(what: &str, name: &str) {
     // Debug-formatted: a name written before names were checked may hold a line break.
     tracing::info!(target: "imagegate::admin", who = "admin", what, key = ?name, "admin call");
