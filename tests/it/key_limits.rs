@@ -121,6 +121,35 @@ async fn a_model_outside_the_allowlist_gets_403_and_nothing_is_forwarded(db: Db)
     let rows = gw.usage_rows(3).await;
     assert!(rows.iter().all(|r| r.model == "gpt-image-1"), "{rows:#?}");
 
+    // The model list shows the key what it may use.
+    let models: Value = gw
+        .client
+        .get(gw.url("/v1/models"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|m| m["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(ids, ["gpt-image-1", "img-default"], "{models}");
+    for (model, status) in [("dall-e-3", 404), ("gpt-image-1", 200)] {
+        let response = gw
+            .client
+            .get(gw.url(&format!("/v1/models/{model}")))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(response.status(), status, "{model}");
+    }
+
     // Cleared by PATCH: every model, within key_cache_ttl (1 s).
     let (status, _) = admin(
         &gw,
