@@ -93,8 +93,8 @@ async fn require_admin(
 /// After authentication: at most the key's `max_in_flight` (else
 /// `limits.max_in_flight_per_key`) requests of one key at once, counted until the response
 /// body has been sent or its client has left (a streamed answer counts for as long as it
-/// streams); then, on the image calls (POST), the key's `rpm`. Over either, 429 before anything
-/// is forwarded, so the request is neither sent to a provider nor billed.
+/// streams); then, on the image calls (POST), the key's `rpm`. Over either, 429 before
+/// anything is forwarded, so the request is neither sent to a provider nor billed.
 async fn within_limits(
     state: &AppState,
     principal: &Principal,
@@ -134,11 +134,15 @@ async fn within_limits(
             retry_after,
         }
         .into_response();
-        rate.iter().for_each(|r| r.write(refused.headers_mut()));
+        if let Some(rate) = rate {
+            rate.write(refused.headers_mut());
+        }
         return Ok(refused);
     }
     let mut response = next.run(request).await;
-    rate.iter().for_each(|r| r.write(response.headers_mut()));
+    if let Some(rate) = rate {
+        rate.write(response.headers_mut());
+    }
     Ok(response.map(|body| Body::new(Held::new(body, slot))))
 }
 
