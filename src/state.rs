@@ -35,7 +35,11 @@ pub struct Runtime {
 }
 
 impl Runtime {
+    /// Built at start and on each reload: the configuration's warnings are logged here.
     pub fn new(config: Config) -> anyhow::Result<Self> {
+        for warning in &config.warnings {
+            tracing::warn!(source = %config.source.display(), "{warning}");
+        }
         let route_metrics = config
             .models
             .values()

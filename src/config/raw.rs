@@ -260,6 +260,8 @@ pub(super) struct RawRoute {
     pub drop: Vec<String>,
     #[serde(default)]
     pub strip_b64_prefix: bool,
+    /// Unset: every endpoint.
+    pub endpoints: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -270,5 +272,11 @@ pub(super) struct RawPrice {
     pub image_input: Option<f64>,
     pub cached_image_input: Option<f64>,
     pub image_output: Option<f64>,
+    pub text_output: Option<f64>,
     pub per_image: Option<f64>,
+    /// quality -> size -> USD per image.
+    pub table: Option<BTreeMap<String, BTreeMap<String, f64>>>,
+    pub min_of: Option<Vec<String>>,
+    pub unpriced: Option<bool>,
+    pub source: Option<String>,
 }

@@ -22,7 +22,7 @@ use crate::openai::generation::GenerationRequest;
 use crate::routes::jobs::{self, JobRequest};
 use crate::routing::{Call, Prepared, RequestSource};
 use crate::state::{AppState, RequestId, Runtime};
-use crate::upstream::{Endpoint, RequestSummary, UpstreamBody, UpstreamRequest, summary_slot};
+use crate::upstream::{Endpoint, RequestSummary, UpstreamBody, UpstreamRequest};
 
 pub async fn generations(
     State(state): State<Arc<AppState>>,
@@ -36,7 +36,7 @@ pub async fn generations(
     let server = &runtime.config.server;
     let bytes = read_json(&headers, body, server.max_json_body_bytes.get()).await?;
     let request = GenerationRequest::parse(&bytes)?;
-    let model = resolve(&runtime, &principal, request.model())?;
+    let model = resolve(&runtime, &principal, request.model(), Endpoint::Generations)?;
     let fingerprint = Dedupe::fingerprint(
         principal.key_id,
         Endpoint::Generations,
@@ -60,7 +60,7 @@ pub async fn generations(
         };
         return jobs::submit(call, JsonSource { body: request.body }, job).await;
     }
-    let keep = match claim(&state, &model, &headers, fingerprint).await {
+    let keep = match claim(&state, &model, Endpoint::Generations, &headers, fingerprint).await {
         Ok(keep) => keep,
         Err(kept) => return Ok(kept),
     };
@@ -117,15 +117,18 @@ fn idempotency_key(headers: &HeaderMap) -> Option<&str> {
 async fn claim(
     state: &Arc<AppState>,
     model: &Model,
+    endpoint: Endpoint,
     headers: &HeaderMap,
     fingerprint: Fingerprint,
 ) -> Result<Option<KeepTicket>, Response> {
     match state.dedupe.claim(fingerprint, Dedupe::is_retry(headers)) {
         Claim::Original(keep) => Ok(keep),
         Claim::Attach(rx) => {
+            // As long as the first route that serves the endpoint may take.
             let wait = model
                 .routes
-                .first()
+                .iter()
+                .find(|r| r.serves(endpoint))
                 .map_or(Duration::from_secs(600), |r| r.provider.total_timeout);
             if let Some(response) = dedupe::collect(rx, wait).await {
                 return Err(response);
@@ -178,7 +181,7 @@ impl RequestSource for JsonSource {
                 endpoint: Endpoint::Generations,
                 content_type: HeaderValue::from_static("application/json"),
                 body: UpstreamBody::Full(bytes.into()),
-                summary: summary_slot(summary),
+                summary,
             },
             pump: None,
         })
@@ -206,7 +209,7 @@ pub async fn uploads(
         usage: state.spool.clone(),
     };
     let requested = upload.read_until_model(&spool).await?;
-    let model = resolve(&runtime, &principal, requested.as_deref())?;
+    let model = resolve(&runtime, &principal, requested.as_deref(), endpoint)?;
     if jobs::prefers_async(&headers) {
         let call = Call {
             state,
@@ -219,13 +222,14 @@ pub async fn uploads(
         };
         return upload_job(call, &headers, upload, &spool).await;
     }
-    let attempts = model.routes.len().min(model.failover.max_attempts.get());
+    let serving = model.routes.iter().filter(|r| r.serves(endpoint)).count();
+    let attempts = serving.min(model.failover.max_attempts.get());
     let keep = match idempotency_key(&headers) {
         // An upload's body is only known once it has streamed through, so edits are
         // matched by their idempotency key alone.
         Some(key) => {
             let fingerprint = Dedupe::fingerprint(principal.key_id, endpoint, Some(key), b"");
-            match claim(&state, &model, &headers, fingerprint).await {
+            match claim(&state, &model, endpoint, &headers, fingerprint).await {
                 Ok(keep) => keep,
                 Err(kept) => return Ok(kept),
             }
@@ -265,18 +269,29 @@ async fn upload_job(
     jobs::submit(call, source, job).await
 }
 
-/// The model a request names (or the default), if the key may use it: refused before
-/// anything is forwarded or billed.
+/// The model a request names (or the default), when the key may use it and one of its
+/// routes serves `endpoint`: refused otherwise before any provider is called or anything
+/// is billed.
 fn resolve(
     runtime: &Runtime,
     principal: &Principal,
     requested: Option<&str>,
+    endpoint: Endpoint,
 ) -> Result<Arc<Model>, ApiError> {
     match runtime.config.resolve_model(requested) {
         Some(model) if !principal.allows(&model.name, &runtime.config.aliases) => Err(
             ApiError::ModelNotAllowed(requested.unwrap_or(&model.name).to_owned()),
         ),
-        Some(model) => Ok(Arc::clone(model)),
+        Some(model) if model.serves(endpoint) => Ok(Arc::clone(model)),
+        Some(model) => Err(ApiError::InvalidRequest {
+            message: format!(
+                "The model `{}` does not support the `{}` endpoint here.",
+                requested.unwrap_or(&model.name),
+                endpoint.as_str()
+            ),
+            param: Some("model".into()),
+            code: Some("unsupported_endpoint"),
+        }),
         None => Err(match requested {
             Some(name) => ApiError::ModelNotFound(name.to_owned()),
             None => ApiError::invalid(

@@ -326,7 +326,8 @@ impl Store for PostgresStore {
              coalesce(sum(input_tokens), 0)::text as input_tokens, \
              coalesce(sum(output_tokens), 0)::text as output_tokens, \
              coalesce(sum(total_tokens), 0)::text as total_tokens, \
-             coalesce(sum(cost_nanousd), 0)::text as cost_nanousd \
+             coalesce(sum(cost_nanousd), 0)::text as cost_nanousd, \
+             count(case when cost_nanousd is null then 1 end) as unpriced \
              from usage where true"
         ));
         if let Some(key_name) = &filter.key_name {

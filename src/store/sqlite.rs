@@ -356,7 +356,8 @@ impl Store for SqliteStore {
         .map(split_sum)
         .join(", ");
         let mut query = QueryBuilder::<Sqlite>::new(format!(
-            "select {group} as grp, count(*) as requests, {sums} from usage where true"
+            "select {group} as grp, count(*) as requests, {sums}, \
+             count(case when cost_nanousd is null then 1 end) as unpriced from usage where true"
         ));
         if let Some(key_name) = &filter.key_name {
             query.push(" and key_name = ").push_bind(key_name);
