@@ -2,6 +2,8 @@
 //! a principal (cached, so revocation takes effect within the cache TTL and a database
 //! outage does not stop keys seen before).
 
+pub mod settings;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -14,7 +16,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::task::TaskTracker;
 
-use crate::store::{KeyRecord, NewKey, Store, StoreError, StoreResult};
+use crate::store::{KeyLimits, KeyRecord, NewKey, Store, StoreError, StoreResult};
 
 const KEY_PREFIX: &str = "ig-";
 const KEY_RANDOM_CHARS: usize = 40;
@@ -44,6 +46,7 @@ pub fn issue_key(name: &str) -> IssuedKey {
             name: name.to_owned(),
             prefix: key[..VISIBLE_CHARS].to_owned(),
             hash: hash_key(&key),
+            limits: KeyLimits::default(),
         },
         key,
     }

@@ -25,6 +25,12 @@ pub enum ApiError {
     ModelNotFound(String),
     #[error("route not found")]
     NotFound,
+    /// An admin call named a key that is not there (or not active).
+    #[error("No active key is named {0:?}.")]
+    KeyNotFound(String),
+    /// The key's model allowlist does not hold the model asked for.
+    #[error("This API key is not allowed to use the model `{0}`.")]
+    ModelNotAllowed(String),
     #[error("This method is not allowed on this route.")]
     MethodNotAllowed,
     #[error("request body is larger than the limit of {limit} bytes")]
@@ -82,6 +88,11 @@ pub enum ApiError {
         "Rate limit reached: this API key has {limit} requests in flight, the most it may have at once. Retry when one has finished."
     )]
     KeyInFlightLimit { limit: u32 },
+    /// The key's `rpm` is used up; one more request is allowed after `retry_after` seconds.
+    #[error(
+        "Rate limit reached: this API key may make {rpm} requests per minute. Retry after {retry_after} s."
+    )]
+    KeyRateLimit { rpm: u32, retry_after: u64 },
     /// A key never seen before, and the database did not answer in time to check it.
     #[error(
         "The API key could not be checked right now (the key database is not answering). Please retry shortly."
@@ -109,12 +120,17 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) | ApiError::AdminForbidden => StatusCode::UNAUTHORIZED,
-            ApiError::ModelNotFound(_) | ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::ModelNotFound(_) | ApiError::NotFound | ApiError::KeyNotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
+            ApiError::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             ApiError::PayloadTooLarge { .. } | ApiError::PartTooLarge(_) => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            ApiError::KeyInFlightLimit { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::KeyInFlightLimit { .. } | ApiError::KeyRateLimit { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Upstream { status, .. } => *status,
             ApiError::UpstreamUnreachable { .. } | ApiError::UpstreamClosedBody => {
@@ -147,6 +163,16 @@ impl ApiError {
                 Some("model".into()),
             ),
             ApiError::NotFound => ("invalid_request_error", Some("not_found"), None),
+            ApiError::KeyNotFound(_) => (
+                "invalid_request_error",
+                Some("key_not_found"),
+                Some("name".into()),
+            ),
+            ApiError::ModelNotAllowed(_) => (
+                "invalid_request_error",
+                Some("model_not_allowed"),
+                Some("model".into()),
+            ),
             ApiError::MethodNotAllowed => {
                 ("invalid_request_error", Some("method_not_allowed"), None)
             }
@@ -155,7 +181,9 @@ impl ApiError {
             }
             ApiError::RequestTimeout(_) => ("invalid_request_error", Some("request_timeout"), None),
             // OpenAI's own rate-limit errors have this type and code.
-            ApiError::KeyInFlightLimit { .. } => ("requests", Some("rate_limit_exceeded"), None),
+            ApiError::KeyInFlightLimit { .. } | ApiError::KeyRateLimit { .. } => {
+                ("requests", Some("rate_limit_exceeded"), None)
+            }
             ApiError::UnsupportedMediaType { .. } => (
                 "invalid_request_error",
                 Some("unsupported_media_type"),
@@ -214,6 +242,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let ApiError::KeyRateLimit { retry_after, .. } = &self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
         }
         if let ApiError::CircuitOpen { retry_after, .. } = &self {
             let secs = retry_after.as_secs().max(1);

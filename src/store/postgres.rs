@@ -12,8 +12,8 @@ use sqlx::{Decode, FromRow, Postgres, QueryBuilder, Type};
 use super::budget::{BudgetState, Reservation, Reserved, Settlement, verdict};
 use super::rows::{Sum, Timestamp};
 use super::{
-    GroupBy, KeyRecord, NewKey, Store, StoreError, StoreResult, USAGE_COLUMNS, UsageFilter,
-    UsageRow, UsageTotals,
+    GroupBy, KEY_COLUMNS, KeyChanges, KeyRecord, NewKey, RATE_WINDOW_NANOS, RateState, Store,
+    StoreError, StoreResult, USAGE_COLUMNS, UsageFilter, UsageRow, UsageTotals,
 };
 
 /// The pool is shared by every request and the usage writer; a handful of connections is
@@ -22,7 +22,20 @@ use super::{
 const MAX_CONNECTIONS: u32 = 10;
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
-const KEY_COLUMNS: &str = "id, name, prefix, hash, created_at, revoked_at";
+/// One request of a key against its rpm: the GCRA of the migration `0004_key_limits`, in
+/// one upsert. `$2` is the emission interval (the window over rpm) and `$3` the window, in
+/// nanoseconds; now is the database's clock, the same for every replica (`excluded.at_ns`
+/// in the update). Concurrent requests of one key queue on its row, each seeing the last
+/// one's result.
+const TAKE_REQUEST: &str = "insert into key_rate_limits as r (key_id, tat_ns, at_ns, allowed) \
+     select $1, now_ns + $2, now_ns, true \
+     from (select (extract(epoch from clock_timestamp()) * 1000000000)::bigint as now_ns) c \
+     on conflict (key_id) do update set \
+     allowed = greatest(r.tat_ns, excluded.at_ns) + $2 <= excluded.at_ns + $3, \
+     tat_ns = case when greatest(r.tat_ns, excluded.at_ns) + $2 <= excluded.at_ns + $3 \
+     then greatest(r.tat_ns, excluded.at_ns) + $2 else r.tat_ns end, \
+     at_ns = excluded.at_ns \
+     returning allowed, tat_ns, at_ns";
 
 /// Usage rows as column arrays (see `insert_usage`), in [`USAGE_COLUMNS`]' order.
 const INSERT_USAGE: &str = concat!(
@@ -122,13 +135,23 @@ impl Store for PostgresStore {
         // `on conflict (name)` rather than catching the error: it names the one constraint
         // that means "duplicate name", and a clash on the hash still surfaces as an error.
         let sql = format!(
-            "insert into api_keys (name, prefix, hash) values ($1, $2, $3) \
+            "insert into api_keys (name, prefix, hash, budget_nanousd, budget_period, rpm, \
+             max_in_flight, models, expires_at, metadata) \
+             values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
              on conflict (name) where revoked_at is null do nothing returning {KEY_COLUMNS}"
         );
+        let limits = &key.limits;
         let row = sqlx::query(&sql)
             .bind(&key.name)
             .bind(&key.prefix)
             .bind(&key.hash)
+            .bind(limits.budget_nanousd)
+            .bind(&limits.budget_period)
+            .bind(limits.rpm)
+            .bind(limits.max_in_flight)
+            .bind(limits.models_json())
+            .bind(limits.expires_at)
+            .bind(limits.metadata_json())
             .fetch_optional(&self.pool)
             .await?;
         match row {
@@ -166,6 +189,59 @@ impl Store for PostgresStore {
             .fetch_optional(&self.pool)
             .await?;
         Ok(row.as_ref().map(KeyRecord::from_row).transpose()?)
+    }
+
+    #[tracing::instrument(skip_all, fields(name = %name))]
+    async fn update_key(&self, name: &str, changes: &KeyChanges) -> StoreResult<Option<KeyRecord>> {
+        // Only the columns that change are named; `name = name` keeps the list non-empty.
+        let mut query = QueryBuilder::<Postgres>::new("update api_keys set name = name");
+        if let Some((nanousd, period, clear)) = changes.budget_columns() {
+            query.push(", budget_nanousd = ").push_bind(nanousd);
+            if clear {
+                query.push(", budget_period = null");
+            } else {
+                query
+                    .push(", budget_period = coalesce(")
+                    .push_bind(period)
+                    .push(", budget_period, 'total')");
+            }
+        }
+        if let Some(rpm) = changes.rpm {
+            query.push(", rpm = ").push_bind(rpm);
+        }
+        if let Some(max_in_flight) = changes.max_in_flight {
+            query.push(", max_in_flight = ").push_bind(max_in_flight);
+        }
+        if let Some(models) = changes.models_json() {
+            query.push(", models = ").push_bind(models);
+        }
+        if let Some(expires_at) = changes.expires_at {
+            query.push(", expires_at = ").push_bind(expires_at);
+        }
+        if let Some(metadata) = changes.metadata_json() {
+            query.push(", metadata = ").push_bind(metadata);
+        }
+        query
+            .push(" where revoked_at is null and name = ")
+            .push_bind(name);
+        query.push(format!(" returning {KEY_COLUMNS}"));
+        let row = query.build().fetch_optional(&self.pool).await?;
+        Ok(row.as_ref().map(KeyRecord::from_row).transpose()?)
+    }
+
+    #[tracing::instrument(skip_all, fields(key_id = key_id))]
+    async fn take_request(&self, key_id: i64, rpm: u32) -> StoreResult<RateState> {
+        let (allowed, tat_ns, at_ns) = sqlx::query_as(TAKE_REQUEST)
+            .bind(key_id)
+            .bind(RATE_WINDOW_NANOS / i64::from(rpm.max(1)))
+            .bind(RATE_WINDOW_NANOS)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(RateState {
+            allowed,
+            tat_ns,
+            at_ns,
+        })
     }
 
     #[tracing::instrument(skip_all, fields(rows = rows.len()))]

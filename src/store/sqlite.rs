@@ -16,8 +16,8 @@ use sqlx::{Decode, FromRow, QueryBuilder, Sqlite, Type};
 use super::budget::{BudgetState, Reservation, Reserved, Settlement, verdict};
 use super::rows::{Sum, Timestamp};
 use super::{
-    GroupBy, KeyRecord, NewKey, Store, StoreError, StoreResult, USAGE_COLUMNS, UsageFilter,
-    UsageRow, UsageTotals,
+    GroupBy, KEY_COLUMNS, KeyChanges, KeyRecord, NewKey, RATE_WINDOW_NANOS, RateState, Store,
+    StoreError, StoreResult, USAGE_COLUMNS, UsageFilter, UsageRow, UsageTotals,
 };
 
 /// SQLite takes one writer at a time; a few connections let reads (key lookups, reports)
@@ -33,7 +33,15 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// characters are the UTC day. Six digits is what Postgres keeps too.
 const TIME_FORMAT: &str = "%Y-%m-%d %H:%M:%S%.6f";
 
-const KEY_COLUMNS: &str = "id, name, prefix, hash, created_at, revoked_at";
+/// Postgres's statement (see there), with now as `$4` from this process's clock: one node.
+const TAKE_REQUEST: &str = "insert into key_rate_limits as r (key_id, tat_ns, at_ns, allowed) \
+     values ($1, $4 + $2, $4, true) \
+     on conflict (key_id) do update set \
+     allowed = max(r.tat_ns, excluded.at_ns) + $2 <= excluded.at_ns + $3, \
+     tat_ns = case when max(r.tat_ns, excluded.at_ns) + $2 <= excluded.at_ns + $3 \
+     then max(r.tat_ns, excluded.at_ns) + $2 else r.tat_ns end, \
+     at_ns = excluded.at_ns \
+     returning allowed, tat_ns, at_ns";
 
 /// Rows per insert statement: 27 columns each stays far below the bind-parameter limit.
 const INSERT_ROWS: usize = 256;
@@ -156,14 +164,24 @@ impl Store for SqliteStore {
         // `on conflict (name)` rather than catching the error: SQLite reports no constraint
         // name, only a message, and a clash on the hash must still surface as an error.
         let sql = format!(
-            "insert into api_keys (name, prefix, hash, created_at) values ($1, $2, $3, $4) \
+            "insert into api_keys (name, prefix, hash, created_at, budget_nanousd, \
+             budget_period, rpm, max_in_flight, models, expires_at, metadata) \
+             values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
              on conflict (name) where revoked_at is null do nothing returning {KEY_COLUMNS}"
         );
+        let limits = &key.limits;
         let row = sqlx::query(&sql)
             .bind(&key.name)
             .bind(&key.prefix)
             .bind(&key.hash)
             .bind(encode_time(Utc::now()))
+            .bind(limits.budget_nanousd)
+            .bind(&limits.budget_period)
+            .bind(limits.rpm)
+            .bind(limits.max_in_flight)
+            .bind(limits.models_json())
+            .bind(limits.expires_at.map(encode_time))
+            .bind(limits.metadata_json())
             .fetch_optional(&self.pool)
             .await?;
         match row {
@@ -202,6 +220,63 @@ impl Store for SqliteStore {
             .fetch_optional(&self.pool)
             .await?;
         Ok(row.as_ref().map(KeyRecord::from_row).transpose()?)
+    }
+
+    #[tracing::instrument(skip_all, fields(name = %name))]
+    async fn update_key(&self, name: &str, changes: &KeyChanges) -> StoreResult<Option<KeyRecord>> {
+        // Only the columns that change are named; `name = name` keeps the list non-empty.
+        let mut query = QueryBuilder::<Sqlite>::new("update api_keys set name = name");
+        if let Some((nanousd, period, clear)) = changes.budget_columns() {
+            query.push(", budget_nanousd = ").push_bind(nanousd);
+            if clear {
+                query.push(", budget_period = null");
+            } else {
+                query
+                    .push(", budget_period = coalesce(")
+                    .push_bind(period)
+                    .push(", budget_period, 'total')");
+            }
+        }
+        if let Some(rpm) = changes.rpm {
+            query.push(", rpm = ").push_bind(rpm);
+        }
+        if let Some(max_in_flight) = changes.max_in_flight {
+            query.push(", max_in_flight = ").push_bind(max_in_flight);
+        }
+        if let Some(models) = changes.models_json() {
+            query.push(", models = ").push_bind(models);
+        }
+        if let Some(expires_at) = changes.expires_at {
+            query
+                .push(", expires_at = ")
+                .push_bind(expires_at.map(encode_time));
+        }
+        if let Some(metadata) = changes.metadata_json() {
+            query.push(", metadata = ").push_bind(metadata);
+        }
+        query
+            .push(" where revoked_at is null and name = ")
+            .push_bind(name);
+        query.push(format!(" returning {KEY_COLUMNS}"));
+        let row = query.build().fetch_optional(&self.pool).await?;
+        Ok(row.as_ref().map(KeyRecord::from_row).transpose()?)
+    }
+
+    #[tracing::instrument(skip_all, fields(key_id = key_id))]
+    async fn take_request(&self, key_id: i64, rpm: u32) -> StoreResult<RateState> {
+        let now_ns = Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX);
+        let (allowed, tat_ns, at_ns) = sqlx::query_as(TAKE_REQUEST)
+            .bind(key_id)
+            .bind(RATE_WINDOW_NANOS / i64::from(rpm.max(1)))
+            .bind(RATE_WINDOW_NANOS)
+            .bind(now_ns)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(RateState {
+            allowed,
+            tat_ns,
+            at_ns,
+        })
     }
 
     #[tracing::instrument(skip_all, fields(rows = rows.len()))]

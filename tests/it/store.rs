@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use imagegate::store::{
-    BudgetPeriod, BudgetState, GroupBy, NewKey, Reservation, Reserved, Store, StoreError,
-    UsageFilter, UsageTotals,
+    BudgetPeriod, BudgetState, GroupBy, KeyChanges, KeyLimits, NewKey, RATE_WINDOW_NANOS,
+    Reservation, Reserved, Store, StoreError, UsageFilter, UsageTotals,
 };
 use imagegate::usage::{Outcome, UsageRow};
 
@@ -49,6 +49,8 @@ on_both_backends!(
     budget_reservations_never_grant_past_the_budget,
     budget_settles_once_at_the_real_cost,
     budget_holds_of_dead_calls_expire_and_periods_roll,
+    key_limits_round_trip_and_change,
+    rate_limit_allows_rpm_requests_at_once_then_refuses,
 );
 
 fn new_key(name: &str, hash: &str) -> NewKey {
@@ -56,6 +58,7 @@ fn new_key(name: &str, hash: &str) -> NewKey {
         name: name.to_owned(),
         prefix: format!("ig_{name}"),
         hash: hash.to_owned(),
+        limits: Default::default(),
     }
 }
 
@@ -670,4 +673,115 @@ async fn budget_holds_of_dead_calls_expire_and_periods_roll(store: Arc<dyn Store
     let rolled = state(&store).await;
     assert_eq!(rolled.period_start, at("2026-12-07T00:00:00.000000Z"));
     assert_eq!((rolled.spent_nanousd, rolled.reserved_nanousd), (0, CALL));
+}
+
+async fn key_limits_round_trip_and_change(store: Arc<dyn Store>) {
+    let metadata = serde_json::json!({"team": "search", "ticket": 42});
+    let limits = KeyLimits {
+        budget_nanousd: Some(12_500_000_000),
+        budget_period: Some("month".into()),
+        rpm: Some(60),
+        max_in_flight: Some(4),
+        models: Some(vec!["gpt-image-1".into(), "img".into()]),
+        expires_at: Some(at("2031-01-02T03:04:05.000006Z")),
+        metadata: metadata.as_object().cloned(),
+    };
+    let alice = store
+        .create_key(NewKey {
+            limits: limits.clone(),
+            ..new_key("alice", "aa11")
+        })
+        .await
+        .expect("create alice");
+    assert_eq!(alice.limits, limits);
+    let found = store.find_key_by_hash("aa11").await.expect("find");
+    assert_eq!(found.as_ref(), Some(&alice));
+
+    // Changed fields change, cleared ones clear, the others stay.
+    let changes = KeyChanges {
+        rpm: Some(Some(5)),
+        models: Some(None),
+        budget: Some(None),
+        ..KeyChanges::default()
+    };
+    let changed = store
+        .update_key("alice", &changes)
+        .await
+        .expect("update")
+        .expect("alice is active");
+    let expected = KeyLimits {
+        rpm: Some(5),
+        models: None,
+        budget_nanousd: None,
+        budget_period: None,
+        ..limits.clone()
+    };
+    assert_eq!(changed.limits, expected);
+    assert_eq!((changed.id, &changed.hash), (alice.id, &alice.hash));
+    assert_eq!(
+        store.list_keys().await.expect("list"),
+        vec![changed.clone()]
+    );
+
+    // No change at all still answers with the key.
+    let same = store
+        .update_key("alice", &KeyChanges::default())
+        .await
+        .expect("empty update");
+    assert_eq!(same, Some(changed));
+
+    // A budget without a period keeps the one the key has, or is a total.
+    let budget = |nanousd, period: Option<&str>| KeyChanges {
+        budget: Some(Some((nanousd, period.map(str::to_owned)))),
+        ..KeyChanges::default()
+    };
+    let set = store
+        .update_key("alice", &budget(5, None))
+        .await
+        .expect("update");
+    let set = set.expect("alice").limits;
+    assert_eq!(
+        (set.budget_nanousd, set.budget_period.as_deref()),
+        (Some(5), Some("total"))
+    );
+    store
+        .update_key("alice", &budget(6, Some("day")))
+        .await
+        .expect("update");
+    let set = store
+        .update_key("alice", &budget(7, None))
+        .await
+        .expect("update");
+    let set = set.expect("alice").limits;
+    assert_eq!(
+        (set.budget_nanousd, set.budget_period.as_deref()),
+        (Some(7), Some("day"))
+    );
+
+    // Unknown and revoked keys are not changed.
+    let unknown = store.update_key("nobody", &changes).await.expect("update");
+    assert_eq!(unknown, None);
+    assert!(store.revoke_key("alice").await.expect("revoke"));
+    let revoked = store.update_key("alice", &changes).await.expect("update");
+    assert_eq!(revoked, None);
+}
+
+async fn rate_limit_allows_rpm_requests_at_once_then_refuses(store: Arc<dyn Store>) {
+    let interval = RATE_WINDOW_NANOS / 3;
+    let mut states = Vec::new();
+    for _ in 0..5 {
+        states.push(store.take_request(7, 3).await.expect("take"));
+    }
+    let allowed: Vec<bool> = states.iter().map(|s| s.allowed).collect();
+    assert_eq!(allowed, [true, true, true, false, false], "{states:?}");
+    // Each request allowed moved the theoretical arrival time one interval on; refusals
+    // left it where it was.
+    let first = states[0];
+    assert_eq!(first.tat_ns, first.at_ns + interval, "{states:?}");
+    assert_eq!(states[2].tat_ns, first.at_ns + 3 * interval, "{states:?}");
+    assert_eq!(states[3].tat_ns, states[2].tat_ns);
+    assert_eq!(states[4].tat_ns, states[2].tat_ns);
+    assert!(states[4].at_ns >= first.at_ns);
+    // Another key has its own limit.
+    assert!(store.take_request(8, 3).await.expect("take").allowed);
 }
