@@ -28,6 +28,7 @@ const VISIBLE_CHARS: usize = 10;
 pub struct Principal {
     pub key_id: i64,
     pub name: String,
+    pub limits: KeyLimits,
 }
 
 /// A freshly made key: the only moment the whole key exists outside the client.
@@ -275,6 +276,7 @@ impl KeyCache {
                 Arc::new(Principal {
                     key_id: record.id,
                     name: record.name,
+                    limits: record.limits,
                 })
             });
         let mut known = inner.known.write().unwrap_or_else(|e| e.into_inner());

@@ -93,6 +93,21 @@ pub enum ApiError {
         "Rate limit reached: this API key may make {rpm} requests per minute. Retry after {retry_after} s."
     )]
     KeyRateLimit { rpm: u32, retry_after: u64 },
+    /// The key's budget cannot hold the call's worst-case cost (OpenAI's quota error).
+    #[error(
+        "You exceeded this API key's budget: the request could cost up to ${cost}, and ${remaining} of the budget is left for this {period}. Ask the gateway's operators to raise it."
+    )]
+    InsufficientQuota {
+        /// In dollars, as text.
+        cost: String,
+        remaining: String,
+        period: &'static str,
+    },
+    /// The key has a budget, and the database that holds it did not answer in time.
+    #[error(
+        "This API key's budget could not be checked right now (the database is not answering), so the request was not sent. Please retry shortly."
+    )]
+    BudgetUnavailable,
     /// A key never seen before, and the database did not answer in time to check it.
     #[error(
         "The API key could not be checked right now (the key database is not answering). Please retry shortly."
@@ -128,9 +143,9 @@ impl ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            ApiError::KeyInFlightLimit { .. } | ApiError::KeyRateLimit { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            ApiError::KeyInFlightLimit { .. }
+            | ApiError::KeyRateLimit { .. }
+            | ApiError::InsufficientQuota { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Upstream { status, .. } => *status,
             ApiError::UpstreamUnreachable { .. } | ApiError::UpstreamClosedBody => {
@@ -143,7 +158,8 @@ impl ApiError {
             | ApiError::CircuitOpen { .. }
             | ApiError::SpoolFull
             | ApiError::UsageJournalUnavailable
-            | ApiError::KeyLookupUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            | ApiError::KeyLookupUnavailable
+            | ApiError::BudgetUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -203,6 +219,10 @@ impl ApiError {
             ApiError::KeyLookupUnavailable => {
                 ("server_error", Some("key_lookup_unavailable"), None)
             }
+            ApiError::InsufficientQuota { .. } => {
+                ("insufficient_quota", Some("insufficient_quota"), None)
+            }
+            ApiError::BudgetUnavailable => ("server_error", Some("budget_unavailable"), None),
             ApiError::CircuitOpen { .. } => ("upstream_error", Some("provider_unavailable"), None),
             ApiError::Internal(_) => ("server_error", None, None),
         };
@@ -238,7 +258,10 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, value.clone());
         }
-        if let ApiError::KeyLookupUnavailable | ApiError::KeyInFlightLimit { .. } = &self {
+        if let ApiError::KeyLookupUnavailable
+        | ApiError::KeyInFlightLimit { .. }
+        | ApiError::BudgetUnavailable = &self
+        {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -254,9 +277,11 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
-        // The SDKs retry 408, 409, 429 and 5xx; any other error will fail again as it is.
+        // The SDKs retry 408, 409, 429 and 5xx; any other error will fail again as it is,
+        // and so will a spent budget, until its operators raise it or its period ends.
         let status = response.status();
-        if status.is_client_error() && !matches!(status.as_u16(), 408 | 409 | 429) {
+        let exhausted = matches!(self, ApiError::InsufficientQuota { .. });
+        if exhausted || status.is_client_error() && !matches!(status.as_u16(), 408 | 409 | 429) {
             response
                 .headers_mut()
                 .insert("x-should-retry", HeaderValue::from_static("false"));
