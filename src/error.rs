@@ -103,11 +103,26 @@ pub enum ApiError {
         remaining: String,
         period: &'static str,
     },
+    /// The key has a budget and the model's route has no price: its cost could not be
+    /// counted against the budget.
+    #[error(
+        "The model `{0}` has no price at the provider serving it, and this API key has a budget that its cost could not be counted against. Use a priced model, or ask the gateway's operators."
+    )]
+    UnpricedOverBudget(String),
     /// The key has a budget, and the database that holds it did not answer in time.
     #[error(
         "This API key's budget could not be checked right now (the database is not answering), so the request was not sent. Please retry shortly."
     )]
     BudgetUnavailable,
+    /// An async job that does not exist, has expired, or belongs to another key: the
+    /// same answer for all three, so that a key cannot learn of another's jobs.
+    #[error("No image job found with id '{0}'.")]
+    JobNotFound(String),
+    /// The key has `limit` async jobs not finished already.
+    #[error(
+        "Too many jobs: this API key has {limit} async jobs queued or running, the most it may have at once. Retry when one has finished."
+    )]
+    JobQueueFull { limit: u32 },
     /// A key never seen before, and the database did not answer in time to check it.
     #[error(
         "The API key could not be checked right now (the key database is not answering). Please retry shortly."
@@ -135,17 +150,19 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) | ApiError::AdminForbidden => StatusCode::UNAUTHORIZED,
-            ApiError::ModelNotFound(_) | ApiError::NotFound | ApiError::KeyNotFound(_) => {
-                StatusCode::NOT_FOUND
-            }
-            ApiError::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
+            ApiError::ModelNotFound(_)
+            | ApiError::NotFound
+            | ApiError::KeyNotFound(_)
+            | ApiError::JobNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::ModelNotAllowed(_) | ApiError::UnpricedOverBudget(_) => StatusCode::FORBIDDEN,
             ApiError::PayloadTooLarge { .. } | ApiError::PartTooLarge(_) => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::KeyInFlightLimit { .. }
             | ApiError::KeyRateLimit { .. }
-            | ApiError::InsufficientQuota { .. } => StatusCode::TOO_MANY_REQUESTS,
+            | ApiError::InsufficientQuota { .. }
+            | ApiError::JobQueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Upstream { status, .. } => *status,
             ApiError::UpstreamUnreachable { .. } | ApiError::UpstreamClosedBody => {
@@ -189,6 +206,8 @@ impl ApiError {
                 Some("model_not_allowed"),
                 Some("model".into()),
             ),
+            ApiError::JobNotFound(_) => ("invalid_request_error", Some("job_not_found"), None),
+            ApiError::JobQueueFull { .. } => ("requests", Some("job_queue_full"), None),
             ApiError::MethodNotAllowed => {
                 ("invalid_request_error", Some("method_not_allowed"), None)
             }
@@ -223,6 +242,11 @@ impl ApiError {
                 ("insufficient_quota", Some("insufficient_quota"), None)
             }
             ApiError::BudgetUnavailable => ("server_error", Some("budget_unavailable"), None),
+            ApiError::UnpricedOverBudget(_) => (
+                "invalid_request_error",
+                Some("model_unpriced"),
+                Some("model".into()),
+            ),
             ApiError::CircuitOpen { .. } => ("upstream_error", Some("provider_unavailable"), None),
             ApiError::Internal(_) => ("server_error", None, None),
         };

@@ -69,7 +69,8 @@ fn print_json(out: &mut impl Write, rows: &[UsageTotals], group: &str) -> anyhow
             serde_json::json!({
                 group: r.group, "requests": r.requests, "images": r.images,
                 "input_tokens": r.input_tokens, "output_tokens": r.output_tokens,
-                "total_tokens": r.total_tokens, "cost_usd": format_usd_sum(r.cost_nanousd),
+                "total_tokens": r.total_tokens, "cost_usd": priced_cost(r),
+                "unpriced_requests": r.unpriced,
             })
         })
         .collect();
@@ -87,6 +88,7 @@ fn print_csv(out: &mut impl Write, rows: &[UsageTotals], group: &str) -> anyhow:
         "output_tokens",
         "total_tokens",
         "cost_usd",
+        "unpriced_requests",
     ])?;
     for r in rows {
         csv.write_record([
@@ -96,18 +98,35 @@ fn print_csv(out: &mut impl Write, rows: &[UsageTotals], group: &str) -> anyhow:
             r.input_tokens.to_string(),
             r.output_tokens.to_string(),
             r.total_tokens.to_string(),
-            format_usd_sum(r.cost_nanousd),
+            priced_cost(r).unwrap_or_default(),
+            r.unpriced.to_string(),
         ])?;
     }
     csv.flush()?;
     Ok(())
 }
 
+/// The cost of a group's priced rows; none when every row is unpriced (JSON null, an
+/// empty CSV field: never $0). `unpriced_requests` counts the rows left out.
+fn priced_cost(r: &UsageTotals) -> Option<String> {
+    (r.unpriced < r.requests).then(|| format_usd_sum(r.cost_nanousd))
+}
+
+/// A group's cost in the table: unpriced rows are never shown as $0, nor silently left
+/// out of a sum ("0.04 + 3 unpriced").
+fn table_cost(r: &UsageTotals) -> String {
+    match r.unpriced {
+        0 => format_usd_sum(r.cost_nanousd),
+        n if n == r.requests => "unpriced".into(),
+        n => format!("{} + {n} unpriced", format_usd_sum(r.cost_nanousd)),
+    }
+}
+
 /// Aligned columns and a TOTAL line (sums saturate rather than wrap; they are i128).
 fn print_table(out: &mut impl Write, rows: &[UsageTotals], group: &str) -> anyhow::Result<()> {
     writeln!(
         out,
-        "{group:<24} {:>9} {:>7} {:>13} {:>13} {:>13} {:>16}",
+        "{group:<24} {:>9} {:>7} {:>13} {:>13} {:>13} {:>24}",
         "requests", "images", "input_tok", "output_tok", "total_tok", "cost_usd"
     )?;
     let total = rows.iter().fold(
@@ -119,6 +138,7 @@ fn print_table(out: &mut impl Write, rows: &[UsageTotals], group: &str) -> anyho
             output_tokens: 0,
             total_tokens: 0,
             cost_nanousd: 0,
+            unpriced: 0,
         },
         |mut total, r| {
             total.requests = total.requests.saturating_add(r.requests);
@@ -127,20 +147,21 @@ fn print_table(out: &mut impl Write, rows: &[UsageTotals], group: &str) -> anyho
             total.output_tokens = total.output_tokens.saturating_add(r.output_tokens);
             total.total_tokens = total.total_tokens.saturating_add(r.total_tokens);
             total.cost_nanousd = total.cost_nanousd.saturating_add(r.cost_nanousd);
+            total.unpriced = total.unpriced.saturating_add(r.unpriced);
             total
         },
     );
     for r in rows.iter().chain(std::iter::once(&total)) {
         writeln!(
             out,
-            "{:<24} {:>9} {:>7} {:>13} {:>13} {:>13} {:>16}",
+            "{:<24} {:>9} {:>7} {:>13} {:>13} {:>13} {:>24}",
             r.group,
             r.requests,
             r.images,
             r.input_tokens,
             r.output_tokens,
             r.total_tokens,
-            format_usd_sum(r.cost_nanousd)
+            table_cost(r)
         )?;
     }
     if rows.is_empty() {

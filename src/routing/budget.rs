@@ -27,19 +27,23 @@ pub(super) fn budget_of(principal: &Principal) -> Option<(i64, BudgetPeriod)> {
     Some((limit, period))
 }
 
-/// Reserves `amount` (the call's worst case) for `request_id` against the key's budget;
+/// Reserves `amount` (the call's worst case; none for an unpriced route, which a key with a
+/// budget may not use) for `request_id` against the key's budget;
 /// the reservation ends with the call's usage row, or `hold_for` from now at the latest.
 /// A key without a budget costs no database call.
 pub(super) async fn hold(
     store: &dyn Store,
     principal: &Principal,
     request_id: &str,
-    amount: i64,
+    model: &str,
+    amount: Option<i64>,
     hold_for: Duration,
 ) -> Result<(), ApiError> {
     let Some((limit, period)) = budget_of(principal) else {
         return Ok(());
     };
+    // A route without a price could spend anything: a budget cannot hold it.
+    let amount = amount.ok_or_else(|| ApiError::UnpricedOverBudget(model.to_owned()))?;
     let now = Utc::now();
     let reservation = Reservation {
         request_id: request_id.to_owned(),

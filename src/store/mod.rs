@@ -182,8 +182,11 @@ pub struct UsageTotals {
     pub output_tokens: i128,
     #[sqlx(try_from = "Sum")]
     pub total_tokens: i128,
+    /// The cost of the group's priced rows.
     #[sqlx(try_from = "Sum")]
     pub cost_nanousd: i128,
+    /// Rows with no cost (unpriced routes): not in `cost_nanousd`, and reports say so.
+    pub unpriced: i64,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -447,7 +447,8 @@ impl Store for PostgresStore {
              coalesce(sum(input_tokens), 0)::text as input_tokens, \
              coalesce(sum(output_tokens), 0)::text as output_tokens, \
              coalesce(sum(total_tokens), 0)::text as total_tokens, \
-             coalesce(sum(cost_nanousd), 0)::text as cost_nanousd \
+             coalesce(sum(cost_nanousd), 0)::text as cost_nanousd, \
+             count(case when cost_nanousd is null then 1 end) as unpriced \
              from usage where true"
         ));
         if let Some(key_name) = &filter.key_name {
@@ -471,7 +472,8 @@ impl Store for PostgresStore {
 struct Inserted {
     key_id: i64,
     request_id: String,
-    cost_nanousd: i64,
+    /// None for an unpriced route's row: it adds nothing to a budget.
+    cost_nanousd: Option<i64>,
     created_at: DateTime<Utc>,
 }
 
@@ -485,7 +487,7 @@ async fn settle(tx: &mut sqlx::PgConnection, inserted: &[Inserted]) -> StoreResu
     let mut keys: BTreeMap<i64, Settlement> = BTreeMap::new();
     for row in inserted {
         let costs = &mut keys.entry(row.key_id).or_default().costs;
-        costs.push((row.cost_nanousd, row.created_at));
+        costs.push((row.cost_nanousd.unwrap_or(0), row.created_at));
     }
     // Budget rows first, in key order, as reservations lock them: no deadlock between a
     // settlement and a reservation releasing expired holds.

@@ -321,7 +321,7 @@ impl Store for SqliteStore {
                 " on conflict (request_id) do nothing \
                  returning key_id, request_id, cost_nanousd, created_at",
             );
-            let rows: Vec<(i64, String, i64, String)> =
+            let rows: Vec<(i64, String, Option<i64>, String)> =
                 query.build_query_as().fetch_all(&mut *tx).await?;
             inserted.extend(rows);
         }
@@ -484,7 +484,8 @@ impl Store for SqliteStore {
         .map(split_sum)
         .join(", ");
         let mut query = QueryBuilder::<Sqlite>::new(format!(
-            "select {group} as grp, count(*) as requests, {sums} from usage where true"
+            "select {group} as grp, count(*) as requests, {sums}, \
+             count(case when cost_nanousd is null then 1 end) as unpriced from usage where true"
         ));
         if let Some(key_name) = &filter.key_name {
             query.push(" and key_name = ").push_bind(key_name);
@@ -508,7 +509,7 @@ impl Store for SqliteStore {
 /// cost added to its key's spending in the period it started in.
 async fn settle(
     tx: &mut sqlx::SqliteConnection,
-    inserted: &[(i64, String, i64, String)],
+    inserted: &[(i64, String, Option<i64>, String)],
 ) -> StoreResult<()> {
     let mut keys: BTreeMap<i64, Settlement> = BTreeMap::new();
     for (key_id, request_id, cost, created_at) in inserted {
@@ -521,7 +522,8 @@ async fn settle(
         let created_at = stored_time(created_at)?;
         let settlement = keys.entry(*key_id).or_default();
         settlement.released += gone.map_or(0, |(amount,)| amount);
-        settlement.costs.push((*cost, created_at));
+        // An unpriced route's row (no cost) adds nothing.
+        settlement.costs.push((cost.unwrap_or(0), created_at));
     }
     for (key_id, settlement) in keys {
         let Some((period_start,)): Option<(String,)> =

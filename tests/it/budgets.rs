@@ -23,6 +23,7 @@ const BODY: &str = r#"{"model":"dall-e-3","prompt":"a lighthouse at dusk"}"#;
 crate::on_both_databases!(
     a_key_over_its_budget_gets_insufficient_quota_and_nothing_is_forwarded,
     a_failed_call_gives_its_hold_back,
+    a_key_with_a_budget_may_not_use_an_unpriced_model,
 );
 
 fn ok_standin_handler() -> impl Fn(&crate::support::standin::Received) -> axum::response::Response {
@@ -103,7 +104,10 @@ async fn a_key_over_its_budget_gets_insufficient_quota_and_nothing_is_forwarded(
         "the refused call reached no provider"
     );
     let rows = gw.usage_rows(2).await;
-    assert!(rows.iter().all(|r| r.cost_nanousd == CALL), "{rows:#?}");
+    assert!(
+        rows.iter().all(|r| r.cost_nanousd == Some(CALL)),
+        "{rows:#?}"
+    );
     let state = settled(&*gw.store, key_id).await;
     assert_eq!((state.spent_nanousd, state.reserved_nanousd), (2 * CALL, 0));
     // The test gateway's own key has no budget: it is not limited.
@@ -138,6 +142,40 @@ async fn a_failed_call_gives_its_hold_back(db: Db) {
     gw.usage_rows(2).await;
     let state = settled(&*gw.store, key_id).await;
     assert_eq!((state.spent_nanousd, state.reserved_nanousd), (CALL, 0));
+    gw.shutdown().await;
+}
+
+async fn a_key_with_a_budget_may_not_use_an_unpriced_model(db: Db) {
+    let provider = StandIn::start(ok_standin_handler()).await;
+    let unpriced = r#"
+[models."no-price"]
+routes = [{ provider = "piapi", model = "no-price" }]
+
+[pricing.piapi."no-price"]
+unpriced = true
+"#;
+    let gw = TestGateway::start(db, &test_config(&provider.base_url(), unpriced)).await;
+    let (key, _) = budgeted_key(&*gw.store, "capped", 100, "total").await;
+    let body = r#"{"model":"no-price","prompt":"a lighthouse"}"#;
+    let refused = gw
+        .client
+        .post(gw.url("/v1/images/generations"))
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(refused.status(), 403);
+    let error: Value = refused.json().await.expect("json");
+    assert_eq!(error["error"]["code"], "model_unpriced", "{error}");
+    assert_eq!(error["error"]["param"], "model", "{error}");
+    assert!(provider.requests().is_empty(), "nothing forwarded");
+    // A key without a budget uses it, and its row has no cost.
+    let served = gw.post_json("/v1/images/generations", body).await;
+    assert_eq!(served.status(), 200);
+    let rows = gw.usage_rows(1).await;
+    assert_eq!(rows[0].cost_nanousd, None);
     gw.shutdown().await;
 }
 
@@ -218,7 +256,7 @@ async fn two_replicas_on_one_postgres_grant_exactly_the_budget() {
 
     let state = settled(&*store, key_id).await;
     let rows = all_rows(&*store).await;
-    let billed: i64 = rows.iter().map(|r| r.cost_nanousd).sum();
+    let billed: i64 = rows.iter().filter_map(|r| r.cost_nanousd).sum();
     eprintln!(
         "settled: spent {} nano-USD, reserved {}, rows billed {billed}, budget {}",
         state.spent_nanousd,
