@@ -93,6 +93,27 @@ pub enum ApiError {
         "Rate limit reached: this API key may make {rpm} requests per minute. Retry after {retry_after} s."
     )]
     KeyRateLimit { rpm: u32, retry_after: u64 },
+    /// The key's budget cannot hold the call's worst-case cost (OpenAI's quota error).
+    #[error(
+        "You exceeded this API key's budget: the request could cost up to ${cost}, and ${remaining} of the budget is left for this {period}. Ask the gateway's operators to raise it."
+    )]
+    InsufficientQuota {
+        /// In dollars, as text.
+        cost: String,
+        remaining: String,
+        period: &'static str,
+    },
+    /// The key has a budget and the model's route has no price: its cost could not be
+    /// counted against the budget.
+    #[error(
+        "The model `{0}` has no price at the provider serving it, and this API key has a budget that its cost could not be counted against. Use a priced model, or ask the gateway's operators."
+    )]
+    UnpricedOverBudget(String),
+    /// The key has a budget, and the database that holds it did not answer in time.
+    #[error(
+        "This API key's budget could not be checked right now (the database is not answering), so the request was not sent. Please retry shortly."
+    )]
+    BudgetUnavailable,
     /// An async job that does not exist, has expired, or belongs to another key: the
     /// same answer for all three, so that a key cannot learn of another's jobs.
     #[error("No image job found with id '{0}'.")]
@@ -133,13 +154,14 @@ impl ApiError {
             | ApiError::NotFound
             | ApiError::KeyNotFound(_)
             | ApiError::JobNotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
+            ApiError::ModelNotAllowed(_) | ApiError::UnpricedOverBudget(_) => StatusCode::FORBIDDEN,
             ApiError::PayloadTooLarge { .. } | ApiError::PartTooLarge(_) => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::KeyInFlightLimit { .. }
             | ApiError::KeyRateLimit { .. }
+            | ApiError::InsufficientQuota { .. }
             | ApiError::JobQueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Upstream { status, .. } => *status,
@@ -153,7 +175,8 @@ impl ApiError {
             | ApiError::CircuitOpen { .. }
             | ApiError::SpoolFull
             | ApiError::UsageJournalUnavailable
-            | ApiError::KeyLookupUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            | ApiError::KeyLookupUnavailable
+            | ApiError::BudgetUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -215,6 +238,15 @@ impl ApiError {
             ApiError::KeyLookupUnavailable => {
                 ("server_error", Some("key_lookup_unavailable"), None)
             }
+            ApiError::InsufficientQuota { .. } => {
+                ("insufficient_quota", Some("insufficient_quota"), None)
+            }
+            ApiError::BudgetUnavailable => ("server_error", Some("budget_unavailable"), None),
+            ApiError::UnpricedOverBudget(_) => (
+                "invalid_request_error",
+                Some("model_unpriced"),
+                Some("model".into()),
+            ),
             ApiError::CircuitOpen { .. } => ("upstream_error", Some("provider_unavailable"), None),
             ApiError::Internal(_) => ("server_error", None, None),
         };
@@ -250,7 +282,10 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, value.clone());
         }
-        if let ApiError::KeyLookupUnavailable | ApiError::KeyInFlightLimit { .. } = &self {
+        if let ApiError::KeyLookupUnavailable
+        | ApiError::KeyInFlightLimit { .. }
+        | ApiError::BudgetUnavailable = &self
+        {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -266,9 +301,11 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
-        // The SDKs retry 408, 409, 429 and 5xx; any other error will fail again as it is.
+        // The SDKs retry 408, 409, 429 and 5xx; any other error will fail again as it is,
+        // and so will a spent budget, until its operators raise it or its period ends.
         let status = response.status();
-        if status.is_client_error() && !matches!(status.as_u16(), 408 | 409 | 429) {
+        let exhausted = matches!(self, ApiError::InsufficientQuota { .. });
+        if exhausted || status.is_client_error() && !matches!(status.as_u16(), 408 | 409 | 429) {
             response
                 .headers_mut()
                 .insert("x-should-retry", HeaderValue::from_static("false"));

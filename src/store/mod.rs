@@ -12,6 +12,7 @@ macro_rules! usage_columns {
     };
 }
 
+mod budget;
 mod postgres;
 mod rows;
 mod sqlite;
@@ -33,6 +34,7 @@ use chrono::{DateTime, Utc};
 
 use rows::{JsonText, MaybeTimestamp, Sum, Timestamp};
 
+pub use budget::{BudgetPeriod, BudgetState, Reservation, Reserved};
 pub use postgres::PostgresStore;
 pub use rows::{Outcome, UsageRow};
 pub use sqlite::SqliteStore;
@@ -236,8 +238,18 @@ pub trait Store: Send + Sync + 'static {
     /// statement shared by every replica (a GCRA; see the migration `0004_key_limits`).
     async fn take_request(&self, key_id: i64, rpm: u32) -> StoreResult<RateState>;
     /// Writes rows in one transaction; a row whose request id is already stored is skipped,
-    /// so replaying a batch never counts twice. Returns how many rows were new.
+    /// so replaying a batch never counts twice. Returns how many rows were new. The same
+    /// transaction settles the new rows' budget reservations (see [`Store::reserve`]).
     async fn insert_usage(&self, rows: &[UsageRow]) -> StoreResult<u64>;
+    /// Holds a call's worst-case cost against its key's budget, atomically across every
+    /// process sharing the database; first releases the key's reservations past their
+    /// `expires_at` (calls whose process died). Granted holds are settled by the call's
+    /// usage row, or released by [`Store::release`].
+    async fn reserve(&self, reservation: &Reservation) -> StoreResult<Reserved>;
+    /// Releases the reservation of a call that was never sent; false when there was none.
+    async fn release(&self, request_id: &str) -> StoreResult<bool>;
+    /// A key's spending in its current period; none before its first reservation.
+    async fn budget_state(&self, key_id: i64) -> StoreResult<Option<BudgetState>>;
     /// Every stored row of one request id, oldest first (tests and audits).
     async fn usage_for_request(&self, request_id: &str) -> StoreResult<Vec<UsageRow>>;
     /// The newest `limit` rows, newest first (audits, `imagegate usage --rows`, tests).
@@ -325,6 +337,19 @@ impl Store for OnRuntime {
     async fn insert_usage(&self, rows: &[UsageRow]) -> StoreResult<u64> {
         let rows = rows.to_vec();
         self.run(|s| async move { s.insert_usage(&rows).await })
+            .await
+    }
+    async fn reserve(&self, reservation: &Reservation) -> StoreResult<Reserved> {
+        let reservation = reservation.clone();
+        self.run(|s| async move { s.reserve(&reservation).await })
+            .await
+    }
+    async fn release(&self, request_id: &str) -> StoreResult<bool> {
+        let id = request_id.to_owned();
+        self.run(|s| async move { s.release(&id).await }).await
+    }
+    async fn budget_state(&self, key_id: i64) -> StoreResult<Option<BudgetState>> {
+        self.run(|s| async move { s.budget_state(key_id).await })
             .await
     }
     async fn usage_for_request(&self, request_id: &str) -> StoreResult<Vec<UsageRow>> {

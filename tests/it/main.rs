@@ -2,6 +2,7 @@
 
 mod admin_keys;
 mod architecture;
+mod budgets;
 mod cli;
 mod connections;
 mod dedupe;
