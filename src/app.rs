@@ -26,7 +26,7 @@ use crate::jobs::Jobs;
 use crate::routes;
 use crate::server::Listeners;
 use crate::spool::SpoolUsage;
-pub use crate::state::{AppState, Forwarded, ReloadError, RequestId, Runtime};
+pub use crate::state::{AppState, ReloadError, RequestId, Runtime};
 use crate::store::Store;
 use crate::usage::writer::UsageWriter;
 
@@ -233,7 +233,7 @@ fn next_request_id() -> Arc<str> {
 ///
 /// Every request passes, outermost first:
 /// 1. `access_log`: gives the request its id (`x-request-id`), times it, counts it, and logs
-///    one line for requests that did not reach a provider (the usage meter logs the others);
+///    its one line (the usage meter logs a line per provider call besides);
 /// 2. `CatchPanicLayer`: a panic becomes a 500 in OpenAI's shape, the server stays up;
 /// 3. on every route (not on 404 and 405 answers), [`gate::authenticate`]: a client key by
 ///    default, the admin token on [`routes::ADMIN`], nothing on [`routes::PUBLIC`] only;
@@ -302,9 +302,6 @@ async fn access_log(
     if let Some(principal) = principal {
         // Key names, never keys: a name is what the operator chose to see in reports.
         metrics::counter!("imagegate_key_requests_total", "key" => principal.name.clone(), "status" => status.to_string()).increment(1);
-    }
-    if response.extensions().get::<Forwarded>().is_some() {
-        return response;
     }
     let key = principal.map(|p| p.name.clone());
     let latency_ms = elapsed.as_millis() as u64;

@@ -16,7 +16,7 @@ pub use crate::breaker::{BreakerState, Breakers};
 use crate::config::{Model, Provider, Route};
 use crate::dedupe::{self, KeepTicket};
 use crate::error::ApiError;
-use crate::state::{AppState, Forwarded, RequestId, Runtime};
+use crate::state::{AppState, RequestId, Runtime};
 use crate::upstream::{Endpoint, RequestSummary, UpstreamError, UpstreamRequest, UpstreamResponse};
 use crate::usage::extract::{BodyKind, Extracted};
 use crate::usage::meter::{Metered, UsageTicket};
@@ -387,11 +387,10 @@ impl Call {
     }
 }
 
-/// Marks a response as having reached a provider, and names the provider.
+/// Names the provider that answered a response.
 fn forwarded(mut response: Response, provider: &str) -> Response {
     if let Ok(value) = HeaderValue::from_str(provider) {
         response.headers_mut().insert("x-imagegate-provider", value);
     }
-    response.extensions_mut().insert(Forwarded);
     response
 }

@@ -102,7 +102,7 @@ impl UsageTicket {
     pub fn finish(self, status: u16, outcome: Outcome, extracted: &Extracted) {
         let tally = self.tally(outcome, extracted);
         self.count(status, outcome, &tally);
-        self.log_request(status, outcome, &tally);
+        self.log_call(status, outcome, &tally);
         let Tally {
             usage,
             images,
@@ -208,9 +208,11 @@ impl UsageTicket {
     }
 
     /// Logs the request's one access line.
-    fn log_request(&self, status: u16, outcome: Outcome, tally: &Tally) {
+    fn log_call(&self, status: u16, outcome: Outcome, tally: &Tally) {
+        // The request's own line is the access log's; this one is the provider call's (a
+        // request that failed over has one per call).
         tracing::info!(
-            target: "imagegate::access",
+            target: "imagegate::usage",
             request_id = %self.request_id,
             key = %self.principal.name,
             model = %self.model,
@@ -225,7 +227,7 @@ impl UsageTicket {
             output_tokens = tally.usage.output_tokens,
             cost_usd = %format_cost(tally.cost),
             latency_ms = tally.latency.as_millis() as u64,
-            "request"
+            "provider call"
         );
     }
 }
