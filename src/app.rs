@@ -26,7 +26,7 @@ use crate::jobs::Jobs;
 use crate::routes;
 use crate::server::Listeners;
 use crate::spool::SpoolUsage;
-pub use crate::state::{AppState, Forwarded, ReloadError, RequestId, Runtime};
+pub use crate::state::{AppState, ReloadError, RequestId, Runtime};
 use crate::store::Store;
 use crate::usage::writer::UsageWriter;
 
@@ -233,12 +233,14 @@ fn next_request_id() -> Arc<str> {
 ///
 /// Every request passes, outermost first:
 /// 1. `access_log`: gives the request its id (`x-request-id`), times it, counts it, and logs
-///    one line for requests that did not reach a provider (the usage meter logs the others);
+///    its one line (the usage meter logs a line per provider call besides);
 /// 2. `CatchPanicLayer`: a panic becomes a 500 in OpenAI's shape, the server stays up;
 /// 3. on every route (not on 404 and 405 answers), [`gate::authenticate`]: a client key by
 ///    default, the admin token on [`routes::ADMIN`], nothing on [`routes::PUBLIC`] only;
-///    then the key's cap on requests in flight (`limits.max_in_flight_per_key`): over it, 429
-///    before anything is forwarded; the slot is held until the response body ends;
+///    then the key's expiry (401), its cap on requests in flight (its own `max_in_flight`, or
+///    `limits.max_in_flight_per_key`) and on the image routes its `rpm` (a database-backed
+///    count shared by every replica, with OpenAI's `x-ratelimit-*` headers): over either,
+///    429 before anything is forwarded; the slot is held until the response body ends;
 /// 4. on the image routes, the request body's timeouts (`routes::images::body_timeouts`).
 pub fn router(state: Arc<AppState>) -> Router {
     routes::router(&state)
@@ -296,13 +298,12 @@ async fn access_log(
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
     http_metrics(path, status, elapsed);
-    if response.extensions().get::<Forwarded>().is_some() {
-        return response;
+    let principal = response.extensions().get::<Arc<Principal>>();
+    if let Some(principal) = principal {
+        // Key names, never keys: a name is what the operator chose to see in reports.
+        metrics::counter!("imagegate_key_requests_total", "key" => principal.name.clone(), "status" => status.to_string()).increment(1);
     }
-    let key = response
-        .extensions()
-        .get::<Arc<Principal>>()
-        .map(|p| p.name.clone());
+    let key = principal.map(|p| p.name.clone());
     let latency_ms = elapsed.as_millis() as u64;
     match response.extensions().get::<ApiError>() {
         Some(ApiError::Internal(detail)) => {

@@ -2,30 +2,69 @@
 //! a principal (cached, so revocation takes effect within the cache TTL and a database
 //! outage does not stop keys seen before).
 
+pub mod settings;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::Request;
+use chrono::{DateTime, Utc};
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared, WeakShared};
 use http::header;
 use rand::distr::{Alphanumeric, SampleString};
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::task::TaskTracker;
 
-use crate::store::{KeyRecord, NewKey, Store, StoreError, StoreResult};
+use crate::store::{KeyLimits, KeyRecord, NewKey, Store, StoreError, StoreResult};
 
 const KEY_PREFIX: &str = "ig-";
 const KEY_RANDOM_CHARS: usize = 40;
 /// How much of a key listings show.
 const VISIBLE_CHARS: usize = 10;
 
-/// The key a request was made with.
+/// The key a request was made with, and its limits as last read from the database.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
     pub key_id: i64,
     pub name: String,
+    pub limits: KeyLimits,
+}
+
+impl Principal {
+    /// Past its `expires_at`: checked on every request, so that a cached key stops at once.
+    pub fn expired(&self, now: DateTime<Utc>) -> bool {
+        self.limits.expires_at.is_some_and(|at| at <= now)
+    }
+
+    /// Whether the key may use the model `canonical` (a model's own name, aliases resolved).
+    /// The allowlist is matched by model, not by the name a request used: an alias in the
+    /// list allows its model under any of its names, and a model in the list allows its
+    /// aliases, since each name reaches the same routes at the same price.
+    pub fn allows(&self, canonical: &str, aliases: &HashMap<String, String>) -> bool {
+        self.limits.models.as_ref().is_none_or(|models| {
+            models
+                .iter()
+                .any(|name| aliases.get(name).map_or(name.as_str(), String::as_str) == canonical)
+        })
+    }
+
+    /// The key's requests per minute, when it has a limit.
+    pub fn rpm(&self) -> Option<u32> {
+        self.limits
+            .rpm
+            .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    /// The key's own cap on requests in flight, when it has one.
+    pub fn max_in_flight(&self) -> Option<u32> {
+        self.limits
+            .max_in_flight
+            .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+    }
 }
 
 /// A freshly made key: the only moment the whole key exists outside the client.
@@ -44,6 +83,7 @@ pub fn issue_key(name: &str) -> IssuedKey {
             name: name.to_owned(),
             prefix: key[..VISIBLE_CHARS].to_owned(),
             hash: hash_key(&key),
+            limits: KeyLimits::default(),
         },
         key,
     }
@@ -77,9 +117,13 @@ const UNSEEN_LOOKUPS: usize = 4;
 const REFRESH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a key could not be checked: the database did not answer in time, or failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("the key database did not answer within the key lookup timeout")]
 pub struct LookupUnavailable;
+
+/// A lookup of a key not seen before, shared by the requests that wait on it.
+type LookupFuture = BoxFuture<'static, Result<Option<Arc<Principal>>, LookupUnavailable>>;
+type SharedLookup = Shared<LookupFuture>;
 
 /// A key found active, as of `checked_at`.
 struct Known {
@@ -123,6 +167,8 @@ struct Inner {
     known: RwLock<HashMap<KeyHash, Arc<Known>>>,
     unknown: moka::sync::Cache<KeyHash, ()>,
     unseen_lookups: Arc<Semaphore>,
+    /// Lookups of keys not seen before, by key, while requests wait on them.
+    pending: Mutex<HashMap<KeyHash, WeakShared<LookupFuture>>>,
     /// False after a lookup failed or timed out, true again after one answered.
     store_answers: AtomicBool,
     tasks: TaskTracker,
@@ -148,6 +194,7 @@ impl KeyCache {
                     .time_to_live(ttl)
                     .build(),
                 unseen_lookups: Arc::new(Semaphore::new(UNSEEN_LOOKUPS)),
+                pending: Mutex::new(HashMap::new()),
                 store_answers: AtomicBool::new(true),
                 tasks,
             }),
@@ -191,28 +238,26 @@ impl KeyCache {
         self.lookup_unseen(hash).await
     }
 
-    /// A key not in either cache: asks the database, for at most `lookup_timeout`.
+    /// A key not in either cache: asks the database, for at most `lookup_timeout`. The
+    /// first requests of a new key often come at once (a service starting with many
+    /// workers): they share one lookup instead of each queueing its own.
     async fn lookup_unseen(
         &self,
         hash: KeyHash,
     ) -> Result<Option<Arc<Principal>>, LookupUnavailable> {
         let inner = &self.inner;
-        let asked = tokio::time::timeout(inner.lookup_timeout, async {
-            let permit = Arc::clone(&inner.unseen_lookups)
-                .acquire_owned()
-                .await
-                .map_err(|_| LookupUnavailable)?;
-            let this = self.clone();
-            // The permit is held until the database answers, even once this request has
-            // stopped waiting: at most UNSEEN_LOOKUPS of these hold pool connections.
-            let task = inner.tasks.spawn(async move {
-                let _permit = permit;
-                let found = this.inner.store.find_key_by_hash(&hex::encode(hash)).await;
-                this.settle(hash, found)
-            });
-            task.await.map_err(|_| LookupUnavailable)?
-        })
-        .await;
+        let lookup = self.shared_lookup(hash);
+        let asked = tokio::time::timeout(inner.lookup_timeout, lookup).await;
+        // Once every request waiting on it has gone, its entry goes too (a flood of made-up
+        // keys leaves nothing behind).
+        let mut pending = inner.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending
+            .get(&hash)
+            .is_some_and(|weak| weak.upgrade().is_none())
+        {
+            pending.remove(&hash);
+        }
+        drop(pending);
         match asked {
             Ok(answer) => answer,
             Err(_elapsed) => {
@@ -220,6 +265,37 @@ impl KeyCache {
                 Err(LookupUnavailable)
             }
         }
+    }
+
+    /// The lookup of `hash` that requests are waiting on, or a new one. It takes one of the
+    /// UNSEEN_LOOKUPS permits, then asks the database on a tracked task that holds the
+    /// permit until the database answers, even once every request has stopped waiting. A
+    /// lookup all its requests left before it got a permit is dropped without a query.
+    fn shared_lookup(&self, hash: KeyHash) -> SharedLookup {
+        let inner = &self.inner;
+        let mut pending = inner.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(lookup) = pending.get(&hash).and_then(|weak| weak.upgrade()) {
+            return lookup;
+        }
+        let this = self.clone();
+        let lookup = async move {
+            let permit = Arc::clone(&this.inner.unseen_lookups)
+                .acquire_owned()
+                .await
+                .map_err(|_| LookupUnavailable)?;
+            let task = this.inner.tasks.clone().spawn(async move {
+                let _permit = permit;
+                let found = this.inner.store.find_key_by_hash(&hex::encode(hash)).await;
+                this.settle(hash, found)
+            });
+            task.await.map_err(|_| LookupUnavailable)?
+        }
+        .boxed()
+        .shared();
+        if let Some(weak) = lookup.downgrade() {
+            pending.insert(hash, weak);
+        }
+        lookup
     }
 
     /// Starts a background lookup of a known key, unless one is running.
@@ -272,6 +348,7 @@ impl KeyCache {
                 Arc::new(Principal {
                     key_id: record.id,
                     name: record.name,
+                    limits: record.limits,
                 })
             });
         let mut known = inner.known.write().unwrap_or_else(|e| e.into_inner());

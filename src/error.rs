@@ -25,6 +25,12 @@ pub enum ApiError {
     ModelNotFound(String),
     #[error("route not found")]
     NotFound,
+    /// An admin call named a key that is not there (or not active).
+    #[error("No active key is named {0:?}.")]
+    KeyNotFound(String),
+    /// The key's model allowlist does not hold the model asked for.
+    #[error("This API key is not allowed to use the model `{0}`.")]
+    ModelNotAllowed(String),
     #[error("This method is not allowed on this route.")]
     MethodNotAllowed,
     #[error("request body is larger than the limit of {limit} bytes")]
@@ -82,6 +88,32 @@ pub enum ApiError {
         "Rate limit reached: this API key has {limit} requests in flight, the most it may have at once. Retry when one has finished."
     )]
     KeyInFlightLimit { limit: u32 },
+    /// The key's `rpm` is used up; one more request is allowed after `retry_after` seconds.
+    #[error(
+        "Rate limit reached: this API key may make {rpm} requests per minute. Retry after {retry_after} s."
+    )]
+    KeyRateLimit { rpm: u32, retry_after: u64 },
+    /// The key's budget cannot hold the call's worst-case cost (OpenAI's quota error).
+    #[error(
+        "You exceeded this API key's budget: the request could cost up to ${cost}, and ${remaining} of the budget is left for this {period}. Ask the gateway's operators to raise it."
+    )]
+    InsufficientQuota {
+        /// In dollars, as text.
+        cost: String,
+        remaining: String,
+        period: &'static str,
+    },
+    /// The key has a budget and the model's route has no price: its cost could not be
+    /// counted against the budget.
+    #[error(
+        "The model `{0}` has no price at the provider serving it, and this API key has a budget that its cost could not be counted against. Use a priced model, or ask the gateway's operators."
+    )]
+    UnpricedOverBudget(String),
+    /// The key has a budget, and the database that holds it did not answer in time.
+    #[error(
+        "This API key's budget could not be checked right now (the database is not answering), so the request was not sent. Please retry shortly."
+    )]
+    BudgetUnavailable,
     /// An async job that does not exist, has expired, or belongs to another key: the
     /// same answer for all three, so that a key cannot learn of another's jobs.
     #[error("No image job found with id '{0}'.")]
@@ -118,16 +150,19 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) | ApiError::AdminForbidden => StatusCode::UNAUTHORIZED,
-            ApiError::ModelNotFound(_) | ApiError::NotFound | ApiError::JobNotFound(_) => {
-                StatusCode::NOT_FOUND
-            }
+            ApiError::ModelNotFound(_)
+            | ApiError::NotFound
+            | ApiError::KeyNotFound(_)
+            | ApiError::JobNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::ModelNotAllowed(_) | ApiError::UnpricedOverBudget(_) => StatusCode::FORBIDDEN,
             ApiError::PayloadTooLarge { .. } | ApiError::PartTooLarge(_) => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            ApiError::KeyInFlightLimit { .. } | ApiError::JobQueueFull { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            ApiError::KeyInFlightLimit { .. }
+            | ApiError::KeyRateLimit { .. }
+            | ApiError::InsufficientQuota { .. }
+            | ApiError::JobQueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Upstream { status, .. } => *status,
             ApiError::UpstreamUnreachable { .. } | ApiError::UpstreamClosedBody => {
@@ -140,7 +175,8 @@ impl ApiError {
             | ApiError::CircuitOpen { .. }
             | ApiError::SpoolFull
             | ApiError::UsageJournalUnavailable
-            | ApiError::KeyLookupUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            | ApiError::KeyLookupUnavailable
+            | ApiError::BudgetUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -160,6 +196,16 @@ impl ApiError {
                 Some("model".into()),
             ),
             ApiError::NotFound => ("invalid_request_error", Some("not_found"), None),
+            ApiError::KeyNotFound(_) => (
+                "invalid_request_error",
+                Some("key_not_found"),
+                Some("name".into()),
+            ),
+            ApiError::ModelNotAllowed(_) => (
+                "invalid_request_error",
+                Some("model_not_allowed"),
+                Some("model".into()),
+            ),
             ApiError::JobNotFound(_) => ("invalid_request_error", Some("job_not_found"), None),
             ApiError::JobQueueFull { .. } => ("requests", Some("job_queue_full"), None),
             ApiError::MethodNotAllowed => {
@@ -170,7 +216,9 @@ impl ApiError {
             }
             ApiError::RequestTimeout(_) => ("invalid_request_error", Some("request_timeout"), None),
             // OpenAI's own rate-limit errors have this type and code.
-            ApiError::KeyInFlightLimit { .. } => ("requests", Some("rate_limit_exceeded"), None),
+            ApiError::KeyInFlightLimit { .. } | ApiError::KeyRateLimit { .. } => {
+                ("requests", Some("rate_limit_exceeded"), None)
+            }
             ApiError::UnsupportedMediaType { .. } => (
                 "invalid_request_error",
                 Some("unsupported_media_type"),
@@ -190,6 +238,15 @@ impl ApiError {
             ApiError::KeyLookupUnavailable => {
                 ("server_error", Some("key_lookup_unavailable"), None)
             }
+            ApiError::InsufficientQuota { .. } => {
+                ("insufficient_quota", Some("insufficient_quota"), None)
+            }
+            ApiError::BudgetUnavailable => ("server_error", Some("budget_unavailable"), None),
+            ApiError::UnpricedOverBudget(_) => (
+                "invalid_request_error",
+                Some("model_unpriced"),
+                Some("model".into()),
+            ),
             ApiError::CircuitOpen { .. } => ("upstream_error", Some("provider_unavailable"), None),
             ApiError::Internal(_) => ("server_error", None, None),
         };
@@ -225,10 +282,18 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, value.clone());
         }
-        if let ApiError::KeyLookupUnavailable | ApiError::KeyInFlightLimit { .. } = &self {
+        if let ApiError::KeyLookupUnavailable
+        | ApiError::KeyInFlightLimit { .. }
+        | ApiError::BudgetUnavailable = &self
+        {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let ApiError::KeyRateLimit { retry_after, .. } = &self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
         }
         if let ApiError::CircuitOpen { retry_after, .. } = &self {
             let secs = retry_after.as_secs().max(1);
@@ -236,9 +301,11 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
-        // The SDKs retry 408, 409, 429 and 5xx; any other error will fail again as it is.
+        // The SDKs retry 408, 409, 429 and 5xx; any other error will fail again as it is,
+        // and so will a spent budget, until its operators raise it or its period ends.
         let status = response.status();
-        if status.is_client_error() && !matches!(status.as_u16(), 408 | 409 | 429) {
+        let exhausted = matches!(self, ApiError::InsufficientQuota { .. });
+        if exhausted || status.is_client_error() && !matches!(status.as_u16(), 408 | 409 | 429) {
             response
                 .headers_mut()
                 .insert("x-should-retry", HeaderValue::from_static("false"));

@@ -1,17 +1,20 @@
 //! The door every routed request passes: authentication is on by default (a client key),
 //! the admin routes take the admin token instead, and only the listed public routes need
-//! neither; then a key's cap on requests in flight.
+//! neither; then a key's expiry, its cap on requests in flight and its requests per minute.
 
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use http::Method;
 
 use crate::auth::{Principal, bearer, hash_key, well_formed};
 use crate::error::ApiError;
 use crate::held::Held;
+use crate::limits::RateLimit;
 use crate::routes;
 use crate::state::AppState;
 
@@ -35,7 +38,8 @@ pub async fn authenticate(
     }
 }
 
-/// A valid, unrevoked key, or 401.
+/// A valid, unrevoked, unexpired key, or 401; then the key's limits. The response (an
+/// error too) carries the principal, for the access log and the per-key metrics.
 async fn require_key(
     state: &AppState,
     mut request: Request,
@@ -57,9 +61,14 @@ async fn require_key(
         .ok_or(ApiError::Unauthorized(
             "Incorrect API key provided, or the key was revoked.",
         ))?;
-    request.extensions_mut().insert(Arc::clone(&principal));
-    let mut response = per_key_in_flight(state, &principal, request, next).await?;
-    // For the access log's key name.
+    let mut response = if principal.expired(Utc::now()) {
+        ApiError::Unauthorized("This API key has expired.").into_response()
+    } else {
+        request.extensions_mut().insert(Arc::clone(&principal));
+        within_limits(state, &principal, request, next)
+            .await
+            .unwrap_or_else(IntoResponse::into_response)
+    };
     response.extensions_mut().insert(principal);
     Ok(response)
 }
@@ -81,27 +90,81 @@ async fn require_admin(
     }
 }
 
-/// After authentication: at most `limits.max_in_flight_per_key` requests of one key at
-/// once, counted until the response body has been sent or its client has left (a streamed
-/// answer counts for as long as it streams). One more gets 429 before it is forwarded, so
-/// it is neither sent to a provider nor billed.
-async fn per_key_in_flight(
+/// After authentication: at most the key's `max_in_flight` (else
+/// `limits.max_in_flight_per_key`) requests of one key at once, counted until the response
+/// body has been sent or its client has left (a streamed answer counts for as long as it
+/// streams); then, on the image calls (POST), the key's `rpm`. Over either, 429 before
+/// anything is forwarded, so the request is neither sent to a provider nor billed.
+async fn within_limits(
     state: &AppState,
     principal: &Principal,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let cap = state
-        .runtime
-        .load()
-        .config
-        .limits
-        .max_in_flight_per_key
-        .get();
+    let cap = principal.max_in_flight().unwrap_or_else(|| {
+        state
+            .runtime
+            .load()
+            .config
+            .limits
+            .max_in_flight_per_key
+            .get()
+    });
     let Some(slot) = state.in_flight.try_enter(principal.key_id, cap) else {
         metrics::counter!("imagegate_key_in_flight_refused_total").increment(1);
         return Err(ApiError::KeyInFlightLimit { limit: cap });
     };
-    let response = next.run(request).await;
+    // Image calls only: a job's polls (GET) and the model list are not counted.
+    let rate = match request.extensions().get::<MatchedPath>() {
+        Some(path)
+            if request.method() == Method::POST && path.as_str().starts_with(routes::IMAGES) =>
+        {
+            per_key_rate(state, principal).await
+        }
+        _ => None,
+    };
+    if let Some(RateLimit {
+        limit,
+        retry_after: Some(retry_after),
+        ..
+    }) = rate
+    {
+        let mut refused = ApiError::KeyRateLimit {
+            rpm: limit,
+            retry_after,
+        }
+        .into_response();
+        if let Some(rate) = rate {
+            rate.write(refused.headers_mut());
+        }
+        return Ok(refused);
+    }
+    let mut response = next.run(request).await;
+    if let Some(rate) = rate {
+        rate.write(response.headers_mut());
+    }
     Ok(response.map(|body| Body::new(Held::new(body, slot))))
+}
+
+/// Counts the request against the key's `rpm`, in the database that every replica shares.
+/// None for a key without one, or when the database does not answer within
+/// `key_lookup_timeout`: the request then goes on (as keys seen before do during an outage),
+/// counted in `imagegate_key_rate_limit_unavailable_total`.
+async fn per_key_rate(state: &AppState, principal: &Principal) -> Option<RateLimit> {
+    let rpm = principal.rpm()?;
+    let timeout = state.runtime.load().config.server.key_lookup_timeout;
+    let taken = tokio::time::timeout(timeout, state.store.take_request(principal.key_id, rpm));
+    match taken.await {
+        Ok(Ok(taken)) => Some(RateLimit::of(rpm, taken)),
+        Ok(Err(err)) => {
+            tracing::warn!(%err, key = %principal.name, "rate limit not checked: the database failed; the request goes on");
+            metrics::counter!("imagegate_key_rate_limit_unavailable_total").increment(1);
+            None
+        }
+        Err(_elapsed) => {
+            tracing::warn!(key = %principal.name, "rate limit not checked: the database did not answer in time; the request goes on");
+            metrics::counter!("imagegate_key_rate_limit_unavailable_total").increment(1);
+            None
+        }
+    }
 }

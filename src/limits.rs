@@ -1,7 +1,13 @@
-//! Limits per client key: how many of its requests are answered at once.
+//! Limits per client key: how many of its requests are answered at once, and what its
+//! requests-per-minute limit tells the client (OpenAI's `x-ratelimit-*` headers).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderValue};
+
+use crate::store::{RATE_WINDOW_NANOS, RateState};
 
 /// Requests in flight per key id. A key's count goes when its last request ends, so the
 /// map holds only keys with requests in flight.
@@ -66,9 +72,105 @@ impl Drop for Slot {
     }
 }
 
+/// A key's rate limit as a client sees it, after one of its requests was counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub limit: u32,
+    /// Requests it may still make at once.
+    pub remaining: u32,
+    /// Until the limit is whole again (every request of the minute available).
+    pub reset: Duration,
+    /// For a request refused: whole seconds until one more is allowed.
+    pub retry_after: Option<u64>,
+}
+
+impl RateLimit {
+    /// From the GCRA's state (see the store): the theoretical arrival time runs `ahead` of
+    /// now by one interval (a minute over `rpm`) per request still counted.
+    pub fn of(rpm: u32, state: RateState) -> Self {
+        let interval = RATE_WINDOW_NANOS / i64::from(rpm.max(1));
+        let ahead = (state.tat_ns - state.at_ns).clamp(0, RATE_WINDOW_NANOS);
+        let remaining = ((RATE_WINDOW_NANOS - ahead) / interval).clamp(0, i64::from(rpm));
+        let retry_after = (!state.allowed).then(|| {
+            let wait = (ahead + interval - RATE_WINDOW_NANOS).max(0);
+            // Whole seconds, rounded up, at least one: a retry sooner is refused again.
+            u64::try_from(wait)
+                .map_or(1, |w| w.div_ceil(1_000_000_000))
+                .max(1)
+        });
+        RateLimit {
+            limit: rpm,
+            remaining: u32::try_from(remaining).unwrap_or(0),
+            reset: Duration::from_nanos(u64::try_from(ahead).unwrap_or(0)),
+            retry_after,
+        }
+    }
+
+    /// OpenAI's request headers: `x-ratelimit-limit-requests`,
+    /// `x-ratelimit-remaining-requests`, `x-ratelimit-reset-requests` (a duration such as
+    /// `1s`, `6m0s` or `120ms`).
+    pub fn write(&self, headers: &mut HeaderMap) {
+        headers.insert("x-ratelimit-limit-requests", HeaderValue::from(self.limit));
+        headers.insert(
+            "x-ratelimit-remaining-requests",
+            HeaderValue::from(self.remaining),
+        );
+        if let Ok(reset) = HeaderValue::from_str(&openai_duration(self.reset)) {
+            headers.insert("x-ratelimit-reset-requests", reset);
+        }
+    }
+}
+
+/// A duration as OpenAI writes it in `x-ratelimit-reset-*`: `120ms`, `1.5s`, `6m0s`.
+fn openai_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let (minutes, ms) = (ms / 60_000, ms % 60_000);
+    let seconds = if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!(
+            "{}s",
+            format!("{}.{:03}", ms / 1000, ms % 1000).trim_end_matches('0')
+        )
+    };
+    if minutes > 0 {
+        format!("{minutes}m{seconds}")
+    } else {
+        seconds
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rate_limits_read_as_openai_writes_them() {
+        let interval = RATE_WINDOW_NANOS / 3;
+        let state = |allowed, ahead| RateState {
+            allowed,
+            tat_ns: 1_000 + ahead,
+            at_ns: 1_000,
+        };
+        let first = RateLimit::of(3, state(true, interval));
+        assert_eq!((first.remaining, first.retry_after), (2, None));
+        assert_eq!(first.reset, Duration::from_secs(20));
+        let last = RateLimit::of(3, state(true, 3 * interval));
+        assert_eq!(last.remaining, 0);
+        let refused = RateLimit::of(3, state(false, 3 * interval - 1_500_000_000));
+        assert_eq!((refused.remaining, refused.retry_after), (0, Some(19)));
+        let mut headers = HeaderMap::new();
+        first.write(&mut headers);
+        assert_eq!(headers["x-ratelimit-limit-requests"], "3");
+        assert_eq!(headers["x-ratelimit-remaining-requests"], "2");
+        assert_eq!(headers["x-ratelimit-reset-requests"], "20s");
+        assert_eq!(openai_duration(Duration::from_millis(120)), "120ms");
+        assert_eq!(openai_duration(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(openai_duration(Duration::from_secs(360)), "6m0s");
+    }
 
     #[test]
     fn slots_are_counted_per_key_and_given_back() {

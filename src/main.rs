@@ -132,7 +132,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Keys { command } => {
             let store = open_store(&cli.config).await?;
-            cli::keys::run(&*store, command).await
+            cli::keys::run(&*store, &cli.config, command).await
         }
         Command::Usage {
             key,

@@ -157,7 +157,3 @@ impl Runtime {
 /// The request's id, made at the door and echoed in `x-request-id`.
 #[derive(Debug, Clone)]
 pub struct RequestId(pub Arc<str>);
-
-/// Set on responses whose log line the usage meter writes (the request reached a provider).
-#[derive(Debug, Clone, Copy)]
-pub struct Forwarded;

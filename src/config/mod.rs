@@ -155,6 +155,19 @@ pub fn load_database_url(path: &Path) -> Result<DatabaseUrl, ConfigError> {
     Validator { file, env: &env }.database_url(&url)
 }
 
+/// The public model names (models and aliases) the file at `path` routes, read without
+/// any secret: `imagegate keys create --models` checks its list against them. Provider keys
+/// do not change which models are routed, so every variable reads as set (to nothing).
+pub fn load_public_names(path: &Path) -> Result<Vec<String>, ConfigError> {
+    let env: EnvLookup = Arc::new(|_| Some(String::new()));
+    let config = Config::load(path, &env)?;
+    Ok(config
+        .public_names()
+        .into_iter()
+        .map(str::to_owned)
+        .collect())
+}
+
 /// The file at `path`, then the environment overrides.
 fn read(path: &Path) -> Result<Figment, ConfigError> {
     if !path.is_file() {

@@ -143,12 +143,15 @@ impl Default for RawAdmin {
 #[serde(default, deny_unknown_fields)]
 pub(super) struct RawLimits {
     pub max_in_flight_per_key: u32,
+    #[serde(with = "humantime_serde")]
+    pub budget_hold_grace: Duration,
 }
 
 impl Default for RawLimits {
     fn default() -> Self {
         RawLimits {
             max_in_flight_per_key: 64,
+            budget_hold_grace: Duration::from_secs(60),
         }
     }
 }

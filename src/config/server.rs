@@ -66,6 +66,9 @@ pub struct UploadLimits {
 pub struct Limits {
     /// Requests of one key being answered at once (bodies included); more get 429.
     pub max_in_flight_per_key: NonZeroU32,
+    /// How long past `server.upstream_total_timeout` a budget reservation whose call never
+    /// settled (its process died) keeps holding the key's budget.
+    pub budget_hold_grace: Duration,
 }
 
 /// `database.url`, with the database it names decided once.
@@ -215,6 +218,7 @@ impl Validator<'_> {
             .ok_or_else(|| self.err("limits.max_in_flight_per_key", "must be at least 1"))?;
         Ok(Limits {
             max_in_flight_per_key,
+            budget_hold_grace: raw.budget_hold_grace,
         })
     }
 

@@ -1,4 +1,6 @@
-//! Admin API, behind the admin token: reload the configuration.
+//! Admin API, behind the admin token: reload the configuration; client keys (in [`keys`]).
+
+pub mod keys;
 
 use std::sync::Arc;
 

@@ -65,7 +65,7 @@ async fn json_call(
         Endpoint::Edits => parse_json_edit(&bytes, server.uploads.max_images)?,
         _ => GenerationRequest::parse(&bytes)?,
     };
-    let model = resolve(&runtime, request.model(), endpoint)?;
+    let model = resolve(&runtime, &principal, request.model(), endpoint)?;
     let fingerprint =
         Dedupe::fingerprint(principal.key_id, endpoint, idempotency_key(headers), &bytes);
     if jobs::prefers_async(headers) {
@@ -247,7 +247,7 @@ pub async fn uploads(
         usage: state.spool.clone(),
     };
     let requested = upload.read_until_model(&spool).await?;
-    let model = resolve(&runtime, requested.as_deref(), endpoint)?;
+    let model = resolve(&runtime, &principal, requested.as_deref(), endpoint)?;
     if jobs::prefers_async(&headers) {
         let call = Call {
             state,
@@ -307,14 +307,19 @@ async fn upload_job(
     jobs::submit(call, source, job).await
 }
 
-/// The model a request names, when one of its routes serves `endpoint`: a model none of
-/// whose routes does is refused before any provider is called.
+/// The model a request names (or the default), when the key may use it and one of its
+/// routes serves `endpoint`: refused otherwise before any provider is called or anything
+/// is billed.
 fn resolve(
     runtime: &Runtime,
+    principal: &Principal,
     requested: Option<&str>,
     endpoint: Endpoint,
 ) -> Result<Arc<Model>, ApiError> {
     match runtime.config.resolve_model(requested) {
+        Some(model) if !principal.allows(&model.name, &runtime.config.aliases) => Err(
+            ApiError::ModelNotAllowed(requested.unwrap_or(&model.name).to_owned()),
+        ),
         Some(model) if model.serves(endpoint) => Ok(Arc::clone(model)),
         Some(model) => Err(ApiError::InvalidRequest {
             message: format!(

@@ -146,11 +146,14 @@ fn summary(record: &Record) -> serde_json::Value {
     job
 }
 
-/// The job's life: wait for its turn (a key runs at most `limits.max_in_flight_per_key`
-/// jobs at once), send the call, keep what came back.
+/// The job's life: wait for its turn (a key runs at most its own `max_in_flight`, else
+/// `limits.max_in_flight_per_key`, jobs at once), send the call, keep what came back.
 async fn run(call: Call, mut source: impl RequestSource, id: String) {
     let state = Arc::clone(&call.state);
-    let cap = call.runtime.config.limits.max_in_flight_per_key.get();
+    let cap = call
+        .principal
+        .max_in_flight()
+        .unwrap_or_else(|| call.runtime.config.limits.max_in_flight_per_key.get());
     let _turn = state.jobs.running.enter(call.principal.key_id, cap).await;
     if let Err(err) = state.jobs.started(&id).await {
         tracing::error!(job = %id, %err, "could not record that a job started");

@@ -9,7 +9,7 @@ mod models;
 use std::sync::Arc;
 
 use axum::middleware;
-use axum::routing::{MethodRouter, get, post};
+use axum::routing::{MethodRouter, delete, get, patch, post};
 use axum::{Extension, Router};
 use http::Method;
 
@@ -20,10 +20,10 @@ use crate::upstream::Endpoint;
 pub const PUBLIC: &[&str] = &["/healthz", "/readyz", "/metrics"];
 
 /// The image routes, whose request bodies are timed (see [`images::body_timeouts`]).
-const IMAGES: &str = "/v1/images/";
+pub const IMAGES: &str = "/v1/images/";
 
 /// The routes behind the admin token instead of a client key.
-pub const ADMIN: &[&str] = &["/admin/reload"];
+pub const ADMIN: &[&str] = &["/admin/reload", "/admin/keys", "/admin/keys/{name}"];
 
 /// Every route: its method, its path template, and its handler. The router is built from
 /// this list and nothing else, so that a test can call each route.
@@ -44,6 +44,10 @@ fn table() -> Vec<(Method, &'static str, MethodRouter<Arc<AppState>>)> {
         (M::GET, "/v1/models", get(models::list)),
         (M::GET, "/v1/models/{model}", get(models::retrieve)),
         (M::POST, "/admin/reload", post(admin::reload)),
+        (M::POST, "/admin/keys", post(admin::keys::create)),
+        (M::GET, "/admin/keys", get(admin::keys::list)),
+        (M::PATCH, "/admin/keys/{name}", patch(admin::keys::update)),
+        (M::DELETE, "/admin/keys/{name}", delete(admin::keys::revoke)),
     ]
 }
 

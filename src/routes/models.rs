@@ -1,8 +1,12 @@
-//! `GET /v1/models`: the public model names of the routing table in force.
+//! `GET /v1/models`: the public model names of the routing table in force that the key may
+//! use (all of them, unless it has a model allowlist).
 
-use axum::Json;
+use std::sync::Arc;
+
 use axum::extract::{Path, State};
+use axum::{Extension, Json};
 
+use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::openai::{Model, ModelList};
 use crate::state::{RoutingTable, Runtime};
@@ -16,11 +20,23 @@ fn entry(runtime: &Runtime, id: &str) -> Model {
     }
 }
 
-pub async fn list(State(RoutingTable(runtime)): State<RoutingTable>) -> Json<ModelList> {
+/// Whether `principal` may use the model `name` (a model or an alias) names.
+fn allowed(runtime: &Runtime, principal: &Principal, name: &str) -> bool {
+    let config = &runtime.config;
+    config
+        .resolve_model(Some(name))
+        .is_some_and(|model| principal.allows(&model.name, &config.aliases))
+}
+
+pub async fn list(
+    State(RoutingTable(runtime)): State<RoutingTable>,
+    Extension(principal): Extension<Arc<Principal>>,
+) -> Json<ModelList> {
     let data = runtime
         .config
         .public_names()
         .into_iter()
+        .filter(|id| allowed(&runtime, &principal, id))
         .map(|id| entry(&runtime, id))
         .collect();
     Json(ModelList {
@@ -29,13 +45,16 @@ pub async fn list(State(RoutingTable(runtime)): State<RoutingTable>) -> Json<Mod
     })
 }
 
+/// A model the key may not use is not found, as OpenAI answers for a model a key cannot
+/// access.
 pub async fn retrieve(
     State(RoutingTable(runtime)): State<RoutingTable>,
+    Extension(principal): Extension<Arc<Principal>>,
     Path(model): Path<String>,
 ) -> Result<Json<Model>, ApiError> {
-    runtime
-        .config
-        .resolve_model(Some(&model))
-        .map(|_| Json(entry(&runtime, &model)))
-        .ok_or(ApiError::ModelNotFound(model))
+    if allowed(&runtime, &principal, &model) {
+        Ok(Json(entry(&runtime, &model)))
+    } else {
+        Err(ApiError::ModelNotFound(model))
+    }
 }

@@ -9,12 +9,14 @@ use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use http::{HeaderValue, StatusCode, header};
 
+mod budget;
+
 use crate::auth::Principal;
 pub use crate::breaker::{BreakerState, Breakers};
 use crate::config::{Model, Provider, Route};
 use crate::dedupe::{self, KeepTicket};
 use crate::error::ApiError;
-use crate::state::{AppState, Forwarded, RequestId, Runtime};
+use crate::state::{AppState, RequestId, Runtime};
 use crate::upstream::{Endpoint, RequestSummary, UpstreamError, UpstreamRequest, UpstreamResponse};
 use crate::usage::extract::{BodyKind, Extracted};
 use crate::usage::meter::{Metered, UsageTicket};
@@ -129,10 +131,15 @@ impl Call {
         } else {
             format!("{}-{}", self.request_id.0, attempt + 1)
         };
-        // Journaled before the call, so that a crash during it still leaves a row.
         let intent = self.intent(route, &request_id, &sent_with, created_at);
+        if let Err(err) = self.hold_budget(provider, &intent).await {
+            self.state.breakers.release_probe(&provider.name);
+            return Err(err);
+        }
+        // Journaled before the call, so that a crash during it still leaves a row.
         if self.state.usage.intend(&intent).is_err() {
             self.state.breakers.release_probe(&provider.name);
+            self.release_budget(&request_id);
             return Err(ApiError::UsageJournalUnavailable);
         }
         let (sent, uploaded, whole) = self.send(provider, request, pump, &request_id).await?;
@@ -144,6 +151,30 @@ impl Call {
             Ok(answer) => self.refused(provider, answer, ticket).await,
             Err(err) => self.unanswered(provider, err, uploaded, ticket),
         })
+    }
+
+    /// Reserves the call's worst case against its key's budget, if the key has one.
+    async fn hold_budget(&self, provider: &Provider, intent: &Intent) -> Result<(), ApiError> {
+        let hold_for = provider.total_timeout + self.runtime.config.limits.budget_hold_grace;
+        let store = self.state.store.as_ref();
+        let amount = intent.worst_case_nanousd;
+        let (id, model) = (&intent.request_id, &self.model.name);
+        budget::hold(store, &self.principal, id, model, amount, hold_for).await
+    }
+
+    /// Gives back the reservation of a call that was not sent (none: nothing to do).
+    fn release_budget(&self, request_id: &str) {
+        if budget::budget_of(&self.principal).is_none() {
+            return;
+        }
+        let store = std::sync::Arc::clone(&self.state.store);
+        let request_id = request_id.to_owned();
+        self.state.tasks.spawn(async move {
+            if let Err(err) = store.release(&request_id).await {
+                // Its deadline releases it instead.
+                tracing::warn!(%err, request_id, "budget reservation not released");
+            }
+        });
     }
 
     /// The journal's record of a call about to be sent.
@@ -216,6 +247,7 @@ impl Call {
                         Err(err) => {
                             self.state.breakers.release_probe(&provider.name);
                             self.state.usage.cancel(request_id);
+                            self.release_budget(request_id);
                             return Err(err);
                         }
                     }
@@ -355,11 +387,10 @@ impl Call {
     }
 }
 
-/// Marks a response as having reached a provider, and names the provider.
+/// Names the provider that answered a response.
 fn forwarded(mut response: Response, provider: &str) -> Response {
     if let Ok(value) = HeaderValue::from_str(provider) {
         response.headers_mut().insert("x-imagegate-provider", value);
     }
-    response.extensions_mut().insert(Forwarded);
     response
 }

@@ -12,19 +12,29 @@ macro_rules! usage_columns {
     };
 }
 
+mod budget;
 mod postgres;
 mod rows;
 mod sqlite;
 
 const USAGE_COLUMNS: &str = usage_columns!();
 
+/// The `api_keys` columns in [`KeyRecord`]'s order (its limits flattened in), for both
+/// databases.
+const KEY_COLUMNS: &str = "id, name, prefix, hash, created_at, revoked_at, budget_nanousd, \
+     budget_period, rpm, max_in_flight, models, expires_at, metadata";
+
+/// A per-key rate limit's window: `rpm` requests per this long.
+pub const RATE_WINDOW_NANOS: i64 = 60_000_000_000;
+
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use rows::{MaybeTimestamp, Sum, Timestamp};
+use rows::{JsonText, MaybeTimestamp, Sum, Timestamp};
 
+pub use budget::{BudgetPeriod, BudgetState, Reservation, Reserved};
 pub use postgres::PostgresStore;
 pub use rows::{Outcome, UsageRow};
 pub use sqlite::SqliteStore;
@@ -42,6 +52,45 @@ pub struct KeyRecord {
     pub created_at: DateTime<Utc>,
     #[sqlx(try_from = "MaybeTimestamp")]
     pub revoked_at: Option<DateTime<Utc>>,
+    #[sqlx(flatten)]
+    pub limits: KeyLimits,
+}
+
+/// What a key may do, set when it is created and changed by `PATCH /admin/keys/{name}`.
+/// Every field is optional: none means no limit of that kind. Values are checked before
+/// they reach the store (see `auth::settings`); the database's constraints check again.
+#[derive(Debug, Clone, Default, PartialEq, Eq, sqlx::FromRow)]
+pub struct KeyLimits {
+    /// Spending cap in billionths of a US dollar per `budget_period`.
+    pub budget_nanousd: Option<i64>,
+    /// `day`, `month` or `total` (set whenever `budget_nanousd` is).
+    pub budget_period: Option<String>,
+    /// Requests per minute, across every replica.
+    pub rpm: Option<i64>,
+    /// Requests in flight at once on one replica, instead of `limits.max_in_flight_per_key`.
+    pub max_in_flight: Option<i64>,
+    /// Public model names (models or aliases) the key may use; none: every model.
+    #[sqlx(try_from = "JsonText")]
+    pub models: Option<Vec<String>>,
+    #[sqlx(try_from = "MaybeTimestamp")]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Whatever the operator wants to keep with the key (owner, team, ticket): a JSON object.
+    #[sqlx(try_from = "JsonText")]
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl KeyLimits {
+    fn models_json(&self) -> Option<String> {
+        self.models
+            .as_ref()
+            .map(|m| serde_json::Value::from(m.clone()).to_string())
+    }
+
+    fn metadata_json(&self) -> Option<String> {
+        self.metadata
+            .as_ref()
+            .map(|m| serde_json::Value::Object(m.clone()).to_string())
+    }
 }
 
 /// What `keys create` hands the store.
@@ -50,6 +99,55 @@ pub struct NewKey {
     pub name: String,
     pub prefix: String,
     pub hash: String,
+    pub limits: KeyLimits,
+}
+
+/// Changes to a key's limits: `None` leaves a field as it is, `Some(None)` clears it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyChanges {
+    /// A new budget, with its period (none: the period it had, or `total` if it had none);
+    /// cleared, the period goes with it.
+    pub budget: Option<Option<(i64, Option<String>)>>,
+    pub rpm: Option<Option<i64>>,
+    pub max_in_flight: Option<Option<i64>>,
+    pub models: Option<Option<Vec<String>>>,
+    pub expires_at: Option<Option<DateTime<Utc>>>,
+    pub metadata: Option<Option<serde_json::Map<String, serde_json::Value>>>,
+}
+
+impl KeyChanges {
+    /// The changed columns' new values as JSON text, for the update statements.
+    fn models_json(&self) -> Option<Option<String>> {
+        self.models.as_ref().map(|m| {
+            m.as_ref()
+                .map(|m| serde_json::Value::from(m.clone()).to_string())
+        })
+    }
+
+    fn metadata_json(&self) -> Option<Option<String>> {
+        self.metadata.as_ref().map(|m| {
+            m.as_ref()
+                .map(|m| serde_json::Value::Object(m.clone()).to_string())
+        })
+    }
+
+    /// The budget's columns as an update sets them: the amount, and the new period or null
+    /// to keep the old one (`coalesce(new, old, 'total')`).
+    fn budget_columns(&self) -> Option<(Option<i64>, Option<String>, bool)> {
+        self.budget.as_ref().map(|budget| match budget {
+            Some((nanousd, period)) => (Some(*nanousd), period.clone(), false),
+            None => (None, None, true),
+        })
+    }
+}
+
+/// A key's rate limit after one request was counted (or refused), in nanoseconds of the
+/// database's clock: a GCRA's theoretical arrival time and the time of the check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateState {
+    pub allowed: bool,
+    pub tat_ns: i64,
+    pub at_ns: i64,
 }
 
 /// How usage totals are grouped in a report.
@@ -134,9 +232,24 @@ pub trait Store: Send + Sync + 'static {
     /// Marks the key revoked; false when no active key has that name.
     async fn revoke_key(&self, name: &str) -> StoreResult<bool>;
     async fn find_key_by_hash(&self, hash: &str) -> StoreResult<Option<KeyRecord>>;
+    /// Changes the limits of the active key called `name`; `None` when there is none.
+    async fn update_key(&self, name: &str, changes: &KeyChanges) -> StoreResult<Option<KeyRecord>>;
+    /// Counts one request of `key_id` against `rpm` requests per minute, in one atomic
+    /// statement shared by every replica (a GCRA; see the migration `0004_key_limits`).
+    async fn take_request(&self, key_id: i64, rpm: u32) -> StoreResult<RateState>;
     /// Writes rows in one transaction; a row whose request id is already stored is skipped,
-    /// so replaying a batch never counts twice. Returns how many rows were new.
+    /// so replaying a batch never counts twice. Returns how many rows were new. The same
+    /// transaction settles the new rows' budget reservations (see [`Store::reserve`]).
     async fn insert_usage(&self, rows: &[UsageRow]) -> StoreResult<u64>;
+    /// Holds a call's worst-case cost against its key's budget, atomically across every
+    /// process sharing the database; first releases the key's reservations past their
+    /// `expires_at` (calls whose process died). Granted holds are settled by the call's
+    /// usage row, or released by [`Store::release`].
+    async fn reserve(&self, reservation: &Reservation) -> StoreResult<Reserved>;
+    /// Releases the reservation of a call that was never sent; false when there was none.
+    async fn release(&self, request_id: &str) -> StoreResult<bool>;
+    /// A key's spending in its current period; none before its first reservation.
+    async fn budget_state(&self, key_id: i64) -> StoreResult<Option<BudgetState>>;
     /// Every stored row of one request id, oldest first (tests and audits).
     async fn usage_for_request(&self, request_id: &str) -> StoreResult<Vec<UsageRow>>;
     /// The newest `limit` rows, newest first (audits, `imagegate usage --rows`, tests).
@@ -212,9 +325,31 @@ impl Store for OnRuntime {
         self.run(|s| async move { s.find_key_by_hash(&hash).await })
             .await
     }
+    async fn update_key(&self, name: &str, changes: &KeyChanges) -> StoreResult<Option<KeyRecord>> {
+        let (name, changes) = (name.to_owned(), changes.clone());
+        self.run(|s| async move { s.update_key(&name, &changes).await })
+            .await
+    }
+    async fn take_request(&self, key_id: i64, rpm: u32) -> StoreResult<RateState> {
+        self.run(move |s| async move { s.take_request(key_id, rpm).await })
+            .await
+    }
     async fn insert_usage(&self, rows: &[UsageRow]) -> StoreResult<u64> {
         let rows = rows.to_vec();
         self.run(|s| async move { s.insert_usage(&rows).await })
+            .await
+    }
+    async fn reserve(&self, reservation: &Reservation) -> StoreResult<Reserved> {
+        let reservation = reservation.clone();
+        self.run(|s| async move { s.reserve(&reservation).await })
+            .await
+    }
+    async fn release(&self, request_id: &str) -> StoreResult<bool> {
+        let id = request_id.to_owned();
+        self.run(|s| async move { s.release(&id).await }).await
+    }
+    async fn budget_state(&self, key_id: i64) -> StoreResult<Option<BudgetState>> {
+        self.run(|s| async move { s.budget_state(key_id).await })
             .await
     }
     async fn usage_for_request(&self, request_id: &str) -> StoreResult<Vec<UsageRow>> {

@@ -1,5 +1,6 @@
 //! The Postgres `Store`: the production database.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -8,10 +9,11 @@ use sqlx::error::BoxDynError;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgTypeInfo, PgValueRef};
 use sqlx::{Decode, FromRow, Postgres, QueryBuilder, Type};
 
+use super::budget::{BudgetState, Reservation, Reserved, Settlement, verdict};
 use super::rows::{Sum, Timestamp};
 use super::{
-    GroupBy, KeyRecord, NewKey, Store, StoreError, StoreResult, USAGE_COLUMNS, UsageFilter,
-    UsageRow, UsageTotals,
+    GroupBy, KEY_COLUMNS, KeyChanges, KeyRecord, NewKey, RATE_WINDOW_NANOS, RateState, Store,
+    StoreError, StoreResult, USAGE_COLUMNS, UsageFilter, UsageRow, UsageTotals,
 };
 
 /// The pool is shared by every request and the usage writer; a handful of connections is
@@ -20,7 +22,20 @@ use super::{
 const MAX_CONNECTIONS: u32 = 10;
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
-const KEY_COLUMNS: &str = "id, name, prefix, hash, created_at, revoked_at";
+/// One request of a key against its rpm: the GCRA of the migration `0004_key_limits`, in
+/// one upsert. `$2` is the emission interval (the window over rpm) and `$3` the window, in
+/// nanoseconds; now is the database's clock, the same for every replica (`excluded.at_ns`
+/// in the update). Concurrent requests of one key queue on its row, each seeing the last
+/// one's result.
+const TAKE_REQUEST: &str = "insert into key_rate_limits as r (key_id, tat_ns, at_ns, allowed) \
+     select $1, now_ns + $2, now_ns, true \
+     from (select (extract(epoch from clock_timestamp()) * 1000000000)::bigint as now_ns) c \
+     on conflict (key_id) do update set \
+     allowed = greatest(r.tat_ns, excluded.at_ns) + $2 <= excluded.at_ns + $3, \
+     tat_ns = case when greatest(r.tat_ns, excluded.at_ns) + $2 <= excluded.at_ns + $3 \
+     then greatest(r.tat_ns, excluded.at_ns) + $2 else r.tat_ns end, \
+     at_ns = excluded.at_ns \
+     returning allowed, tat_ns, at_ns";
 
 /// Usage rows as column arrays (see `insert_usage`), in [`USAGE_COLUMNS`]' order.
 const INSERT_USAGE: &str = concat!(
@@ -31,7 +46,8 @@ const INSERT_USAGE: &str = concat!(
      $13::text[], $14::int4[], $15::int8[], $16::int8[], $17::int8[], $18::int8[], $19::int8[], \
      $20::int8[], $21::int8[], $22::int8[], $23::int8[], $24::timestamptz[], $25::text[], \
      $26::bool[], $27::bool[]) \
-     on conflict (request_id) do nothing"
+     on conflict (request_id) do nothing \
+     returning key_id, request_id, cost_nanousd, created_at"
 );
 
 pub struct PostgresStore {
@@ -119,13 +135,23 @@ impl Store for PostgresStore {
         // `on conflict (name)` rather than catching the error: it names the one constraint
         // that means "duplicate name", and a clash on the hash still surfaces as an error.
         let sql = format!(
-            "insert into api_keys (name, prefix, hash) values ($1, $2, $3) \
+            "insert into api_keys (name, prefix, hash, budget_nanousd, budget_period, rpm, \
+             max_in_flight, models, expires_at, metadata) \
+             values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
              on conflict (name) where revoked_at is null do nothing returning {KEY_COLUMNS}"
         );
+        let limits = &key.limits;
         let row = sqlx::query(&sql)
             .bind(&key.name)
             .bind(&key.prefix)
             .bind(&key.hash)
+            .bind(limits.budget_nanousd)
+            .bind(&limits.budget_period)
+            .bind(limits.rpm)
+            .bind(limits.max_in_flight)
+            .bind(limits.models_json())
+            .bind(limits.expires_at)
+            .bind(limits.metadata_json())
             .fetch_optional(&self.pool)
             .await?;
         match row {
@@ -165,6 +191,59 @@ impl Store for PostgresStore {
         Ok(row.as_ref().map(KeyRecord::from_row).transpose()?)
     }
 
+    #[tracing::instrument(skip_all, fields(name = %name))]
+    async fn update_key(&self, name: &str, changes: &KeyChanges) -> StoreResult<Option<KeyRecord>> {
+        // Only the columns that change are named; `name = name` keeps the list non-empty.
+        let mut query = QueryBuilder::<Postgres>::new("update api_keys set name = name");
+        if let Some((nanousd, period, clear)) = changes.budget_columns() {
+            query.push(", budget_nanousd = ").push_bind(nanousd);
+            if clear {
+                query.push(", budget_period = null");
+            } else {
+                query
+                    .push(", budget_period = coalesce(")
+                    .push_bind(period)
+                    .push(", budget_period, 'total')");
+            }
+        }
+        if let Some(rpm) = changes.rpm {
+            query.push(", rpm = ").push_bind(rpm);
+        }
+        if let Some(max_in_flight) = changes.max_in_flight {
+            query.push(", max_in_flight = ").push_bind(max_in_flight);
+        }
+        if let Some(models) = changes.models_json() {
+            query.push(", models = ").push_bind(models);
+        }
+        if let Some(expires_at) = changes.expires_at {
+            query.push(", expires_at = ").push_bind(expires_at);
+        }
+        if let Some(metadata) = changes.metadata_json() {
+            query.push(", metadata = ").push_bind(metadata);
+        }
+        query
+            .push(" where revoked_at is null and name = ")
+            .push_bind(name);
+        query.push(format!(" returning {KEY_COLUMNS}"));
+        let row = query.build().fetch_optional(&self.pool).await?;
+        Ok(row.as_ref().map(KeyRecord::from_row).transpose()?)
+    }
+
+    #[tracing::instrument(skip_all, fields(key_id = key_id))]
+    async fn take_request(&self, key_id: i64, rpm: u32) -> StoreResult<RateState> {
+        let (allowed, tat_ns, at_ns) = sqlx::query_as(TAKE_REQUEST)
+            .bind(key_id)
+            .bind(RATE_WINDOW_NANOS / i64::from(rpm.max(1)))
+            .bind(RATE_WINDOW_NANOS)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(RateState {
+            allowed,
+            tat_ns,
+            at_ns,
+        })
+    }
+
     #[tracing::instrument(skip_all, fields(rows = rows.len()))]
     async fn insert_usage(&self, rows: &[UsageRow]) -> StoreResult<u64> {
         // One statement per batch, whatever its size: each column goes as one array and
@@ -175,7 +254,8 @@ impl Store for PostgresStore {
         fn column<'a, T>(rows: &'a [UsageRow], f: impl Fn(&'a UsageRow) -> T) -> Vec<T> {
             rows.iter().map(f).collect()
         }
-        let inserted = sqlx::query(INSERT_USAGE)
+        let mut tx = self.pool.begin().await?;
+        let inserted: Vec<Inserted> = sqlx::query_as(INSERT_USAGE)
             .bind(column(rows, |r| r.request_id.as_str()))
             .bind(column(rows, |r| r.key_id))
             .bind(column(rows, |r| r.key_name.as_str()))
@@ -207,10 +287,127 @@ impl Store for PostgresStore {
             .bind(column(rows, |r| r.raw_usage.as_deref()))
             .bind(column(rows, |r| r.usage_suspect))
             .bind(column(rows, |r| r.cost_estimated))
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        Ok(inserted)
+            .fetch_all(&mut *tx)
+            .await?;
+        settle(&mut tx, &inserted).await?;
+        tx.commit().await?;
+        Ok(inserted.len() as u64)
+    }
+
+    #[tracing::instrument(skip_all, fields(key_id = reservation.key_id))]
+    async fn reserve(&self, reservation: &Reservation) -> StoreResult<Reserved> {
+        let r = reservation;
+        let mut tx = self.pool.begin().await?;
+        // The key's row first, locked: every reservation and settlement of the key queues
+        // on it, whichever replica makes it.
+        sqlx::query(
+            "insert into budget_state (key_id, period_start) values ($1, $2) \
+             on conflict (key_id) do nothing",
+        )
+        .bind(r.key_id)
+        .bind(r.period_start)
+        .execute(&mut *tx)
+        .await?;
+        let (period_start, spent, reserved): (DateTime<Utc>, i64, i64) = sqlx::query_as(
+            "select period_start, spent_nanousd, reserved_nanousd from budget_state \
+             where key_id = $1 for update",
+        )
+        .bind(r.key_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        // Calls whose replica died never settle: their hold ends with their deadline.
+        let (expired,): (Option<i64>,) = sqlx::query_as(
+            "with gone as (delete from budget_reservations where key_id = $1 and expires_at < $2 \
+             returning amount_nanousd) select sum(amount_nanousd)::int8 from gone",
+        )
+        .bind(r.key_id)
+        .bind(r.now)
+        .fetch_one(&mut *tx)
+        .await?;
+        let spent = if period_start < r.period_start {
+            0
+        } else {
+            spent
+        };
+        let reserved = reserved - expired.unwrap_or(0);
+        let verdict = verdict(r, spent, reserved);
+        let reserved = match verdict {
+            Reserved::Granted { .. } => reserved + r.amount_nanousd,
+            Reserved::Refused { .. } => reserved,
+        };
+        sqlx::query(
+            "update budget_state set period_start = greatest(period_start, $2), \
+             spent_nanousd = $3, reserved_nanousd = $4 where key_id = $1",
+        )
+        .bind(r.key_id)
+        .bind(r.period_start)
+        .bind(spent)
+        .bind(reserved)
+        .execute(&mut *tx)
+        .await?;
+        if let Reserved::Granted { .. } = verdict {
+            sqlx::query(
+                "insert into budget_reservations (request_id, key_id, amount_nanousd, expires_at) \
+                 values ($1, $2, $3, $4)",
+            )
+            .bind(&r.request_id)
+            .bind(r.key_id)
+            .bind(r.amount_nanousd)
+            .bind(r.expires_at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(verdict)
+    }
+
+    #[tracing::instrument(skip_all, fields(request_id = %request_id))]
+    async fn release(&self, request_id: &str) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await?;
+        // The key's budget row is locked before the reservation, in the order a reservation
+        // takes them, so that the two never wait on each other.
+        let Some((key_id,)): Option<(i64,)> =
+            sqlx::query_as("select key_id from budget_reservations where request_id = $1")
+                .bind(request_id)
+                .fetch_optional(&mut *tx)
+                .await?
+        else {
+            return Ok(false);
+        };
+        sqlx::query("select 1 from budget_state where key_id = $1 for update")
+            .bind(key_id)
+            .execute(&mut *tx)
+            .await?;
+        let released = sqlx::query(
+            "with gone as (delete from budget_reservations where request_id = $1 \
+             returning key_id, amount_nanousd) \
+             update budget_state s set reserved_nanousd = s.reserved_nanousd - gone.amount_nanousd \
+             from gone where s.key_id = gone.key_id",
+        )
+        .bind(request_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(released > 0)
+    }
+
+    #[tracing::instrument(skip_all, fields(key_id))]
+    async fn budget_state(&self, key_id: i64) -> StoreResult<Option<BudgetState>> {
+        let row: Option<(DateTime<Utc>, i64, i64)> = sqlx::query_as(
+            "select period_start, spent_nanousd, reserved_nanousd from budget_state \
+             where key_id = $1",
+        )
+        .bind(key_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(
+            |(period_start, spent_nanousd, reserved_nanousd)| BudgetState {
+                period_start,
+                spent_nanousd,
+                reserved_nanousd,
+            },
+        ))
     }
 
     #[tracing::instrument(skip_all, fields(request_id = %request_id))]
@@ -268,4 +465,66 @@ impl Store for PostgresStore {
             .map(UsageTotals::from_row)
             .collect::<Result<_, _>>()?)
     }
+}
+
+/// A usage row just written: what settling its call's budget needs.
+#[derive(sqlx::FromRow)]
+struct Inserted {
+    key_id: i64,
+    request_id: String,
+    /// None for an unpriced route's row: it adds nothing to a budget.
+    cost_nanousd: Option<i64>,
+    created_at: DateTime<Utc>,
+}
+
+/// Settles the reservations of newly written usage rows, in their transaction: each
+/// reservation is released and each row's cost added to its key's spending. A row written
+/// again (a replayed batch) is not new, so nothing is settled twice.
+async fn settle(tx: &mut sqlx::PgConnection, inserted: &[Inserted]) -> StoreResult<()> {
+    if inserted.is_empty() {
+        return Ok(());
+    }
+    let mut keys: BTreeMap<i64, Settlement> = BTreeMap::new();
+    for row in inserted {
+        let costs = &mut keys.entry(row.key_id).or_default().costs;
+        costs.push((row.cost_nanousd.unwrap_or(0), row.created_at));
+    }
+    // Budget rows first, in key order, as reservations lock them: no deadlock between a
+    // settlement and a reservation releasing expired holds.
+    let key_ids: Vec<i64> = keys.keys().copied().collect();
+    let states: Vec<(i64, DateTime<Utc>)> = sqlx::query_as(
+        "select key_id, period_start from budget_state where key_id = any($1) \
+         order by key_id for update",
+    )
+    .bind(&key_ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    if states.is_empty() {
+        // No key of these rows has a budget, so none holds a reservation.
+        return Ok(());
+    }
+    let ids: Vec<&str> = inserted.iter().map(|r| r.request_id.as_str()).collect();
+    let released: Vec<(i64, i64)> = sqlx::query_as(
+        "delete from budget_reservations where request_id = any($1) \
+         returning key_id, amount_nanousd",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    for (key_id, amount) in released {
+        keys.entry(key_id).or_default().released += amount;
+    }
+    for (key_id, period_start) in states {
+        let settlement = &keys[&key_id];
+        sqlx::query(
+            "update budget_state set reserved_nanousd = reserved_nanousd - $2, \
+             spent_nanousd = spent_nanousd + $3 where key_id = $1",
+        )
+        .bind(key_id)
+        .bind(settlement.released)
+        .bind(settlement.spent_since(period_start))
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
 }

@@ -192,3 +192,52 @@ where
         Ok(Tokens(<Option<i64> as Decode<DB>>::decode(value)?))
     }
 }
+
+/// A JSON value kept as text (both databases), null allowed: a key's model list and its
+/// metadata.
+pub struct JsonText(Option<String>);
+
+impl<DB: Database> Type<DB> for JsonText
+where
+    String: Type<DB>,
+{
+    fn type_info() -> DB::TypeInfo {
+        <String as Type<DB>>::type_info()
+    }
+    fn compatible(ty: &DB::TypeInfo) -> bool {
+        <String as Type<DB>>::compatible(ty)
+    }
+}
+
+impl<'r, DB: Database> Decode<'r, DB> for JsonText
+where
+    Option<String>: Decode<'r, DB>,
+{
+    fn decode(value: <DB as Database>::ValueRef<'r>) -> Result<Self, BoxDynError> {
+        Ok(JsonText(<Option<String> as Decode<DB>>::decode(value)?))
+    }
+}
+
+impl JsonText {
+    fn parse<T: serde::de::DeserializeOwned>(self) -> Result<Option<T>, String> {
+        self.0
+            .map(|text| serde_json::from_str(&text).map_err(|err| format!("{text:?}: {err}")))
+            .transpose()
+    }
+}
+
+impl TryFrom<JsonText> for Option<Vec<String>> {
+    type Error = String;
+
+    fn try_from(text: JsonText) -> Result<Self, String> {
+        text.parse()
+    }
+}
+
+impl TryFrom<JsonText> for Option<serde_json::Map<String, serde_json::Value>> {
+    type Error = String;
+
+    fn try_from(text: JsonText) -> Result<Self, String> {
+        text.parse()
+    }
+}

@@ -1,5 +1,6 @@
 //! The SQLite `Store`: one file, for a single instance, a demo or a laptop.
 
+use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -12,10 +13,11 @@ use sqlx::sqlite::{
 };
 use sqlx::{Decode, FromRow, QueryBuilder, Sqlite, Type};
 
+use super::budget::{BudgetState, Reservation, Reserved, Settlement, verdict};
 use super::rows::{Sum, Timestamp};
 use super::{
-    GroupBy, KeyRecord, NewKey, Store, StoreError, StoreResult, USAGE_COLUMNS, UsageFilter,
-    UsageRow, UsageTotals,
+    GroupBy, KEY_COLUMNS, KeyChanges, KeyRecord, NewKey, RATE_WINDOW_NANOS, RateState, Store,
+    StoreError, StoreResult, USAGE_COLUMNS, UsageFilter, UsageRow, UsageTotals,
 };
 
 /// SQLite takes one writer at a time; a few connections let reads (key lookups, reports)
@@ -31,7 +33,15 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// characters are the UTC day. Six digits is what Postgres keeps too.
 const TIME_FORMAT: &str = "%Y-%m-%d %H:%M:%S%.6f";
 
-const KEY_COLUMNS: &str = "id, name, prefix, hash, created_at, revoked_at";
+/// Postgres's statement (see there), with now as `$4` from this process's clock: one node.
+const TAKE_REQUEST: &str = "insert into key_rate_limits as r (key_id, tat_ns, at_ns, allowed) \
+     values ($1, $4 + $2, $4, true) \
+     on conflict (key_id) do update set \
+     allowed = max(r.tat_ns, excluded.at_ns) + $2 <= excluded.at_ns + $3, \
+     tat_ns = case when max(r.tat_ns, excluded.at_ns) + $2 <= excluded.at_ns + $3 \
+     then max(r.tat_ns, excluded.at_ns) + $2 else r.tat_ns end, \
+     at_ns = excluded.at_ns \
+     returning allowed, tat_ns, at_ns";
 
 /// Rows per insert statement: 27 columns each stays far below the bind-parameter limit.
 const INSERT_ROWS: usize = 256;
@@ -64,6 +74,11 @@ impl SqliteStore {
 
 fn encode_time(time: DateTime<Utc>) -> String {
     time.format(TIME_FORMAT).to_string()
+}
+
+/// A timestamp read back as plain text (outside a `FromRow`).
+fn stored_time(text: &str) -> Result<DateTime<Utc>, sqlx::Error> {
+    decode_time(text).map_err(|err| sqlx::Error::Decode(err.into()))
 }
 
 fn decode_time(text: &str) -> Result<DateTime<Utc>, String> {
@@ -149,14 +164,24 @@ impl Store for SqliteStore {
         // `on conflict (name)` rather than catching the error: SQLite reports no constraint
         // name, only a message, and a clash on the hash must still surface as an error.
         let sql = format!(
-            "insert into api_keys (name, prefix, hash, created_at) values ($1, $2, $3, $4) \
+            "insert into api_keys (name, prefix, hash, created_at, budget_nanousd, \
+             budget_period, rpm, max_in_flight, models, expires_at, metadata) \
+             values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
              on conflict (name) where revoked_at is null do nothing returning {KEY_COLUMNS}"
         );
+        let limits = &key.limits;
         let row = sqlx::query(&sql)
             .bind(&key.name)
             .bind(&key.prefix)
             .bind(&key.hash)
             .bind(encode_time(Utc::now()))
+            .bind(limits.budget_nanousd)
+            .bind(&limits.budget_period)
+            .bind(limits.rpm)
+            .bind(limits.max_in_flight)
+            .bind(limits.models_json())
+            .bind(limits.expires_at.map(encode_time))
+            .bind(limits.metadata_json())
             .fetch_optional(&self.pool)
             .await?;
         match row {
@@ -197,12 +222,69 @@ impl Store for SqliteStore {
         Ok(row.as_ref().map(KeyRecord::from_row).transpose()?)
     }
 
+    #[tracing::instrument(skip_all, fields(name = %name))]
+    async fn update_key(&self, name: &str, changes: &KeyChanges) -> StoreResult<Option<KeyRecord>> {
+        // Only the columns that change are named; `name = name` keeps the list non-empty.
+        let mut query = QueryBuilder::<Sqlite>::new("update api_keys set name = name");
+        if let Some((nanousd, period, clear)) = changes.budget_columns() {
+            query.push(", budget_nanousd = ").push_bind(nanousd);
+            if clear {
+                query.push(", budget_period = null");
+            } else {
+                query
+                    .push(", budget_period = coalesce(")
+                    .push_bind(period)
+                    .push(", budget_period, 'total')");
+            }
+        }
+        if let Some(rpm) = changes.rpm {
+            query.push(", rpm = ").push_bind(rpm);
+        }
+        if let Some(max_in_flight) = changes.max_in_flight {
+            query.push(", max_in_flight = ").push_bind(max_in_flight);
+        }
+        if let Some(models) = changes.models_json() {
+            query.push(", models = ").push_bind(models);
+        }
+        if let Some(expires_at) = changes.expires_at {
+            query
+                .push(", expires_at = ")
+                .push_bind(expires_at.map(encode_time));
+        }
+        if let Some(metadata) = changes.metadata_json() {
+            query.push(", metadata = ").push_bind(metadata);
+        }
+        query
+            .push(" where revoked_at is null and name = ")
+            .push_bind(name);
+        query.push(format!(" returning {KEY_COLUMNS}"));
+        let row = query.build().fetch_optional(&self.pool).await?;
+        Ok(row.as_ref().map(KeyRecord::from_row).transpose()?)
+    }
+
+    #[tracing::instrument(skip_all, fields(key_id = key_id))]
+    async fn take_request(&self, key_id: i64, rpm: u32) -> StoreResult<RateState> {
+        let now_ns = Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX);
+        let (allowed, tat_ns, at_ns) = sqlx::query_as(TAKE_REQUEST)
+            .bind(key_id)
+            .bind(RATE_WINDOW_NANOS / i64::from(rpm.max(1)))
+            .bind(RATE_WINDOW_NANOS)
+            .bind(now_ns)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(RateState {
+            allowed,
+            tat_ns,
+            at_ns,
+        })
+    }
+
     #[tracing::instrument(skip_all, fields(rows = rows.len()))]
     async fn insert_usage(&self, rows: &[UsageRow]) -> StoreResult<u64> {
         // One multi-row statement per slice: a round trip per row would cost the database
         // more than imagegate spends on the request itself.
         let mut tx = self.pool.begin().await?;
-        let mut inserted = 0;
+        let mut inserted = Vec::new();
         for slice in rows.chunks(INSERT_ROWS) {
             let mut query =
                 QueryBuilder::<Sqlite>::new(format!("insert into usage ({USAGE_COLUMNS}) "));
@@ -235,11 +317,132 @@ impl Store for SqliteStore {
                     .push_bind(row.usage_suspect)
                     .push_bind(row.cost_estimated);
             });
-            query.push(" on conflict (request_id) do nothing");
-            inserted += query.build().execute(&mut *tx).await?.rows_affected();
+            query.push(
+                " on conflict (request_id) do nothing \
+                 returning key_id, request_id, cost_nanousd, created_at",
+            );
+            let rows: Vec<(i64, String, Option<i64>, String)> =
+                query.build_query_as().fetch_all(&mut *tx).await?;
+            inserted.extend(rows);
+        }
+        settle(&mut tx, &inserted).await?;
+        tx.commit().await?;
+        Ok(inserted.len() as u64)
+    }
+
+    #[tracing::instrument(skip_all, fields(key_id = reservation.key_id))]
+    async fn reserve(&self, reservation: &Reservation) -> StoreResult<Reserved> {
+        let r = reservation;
+        // A write first, so that the transaction holds SQLite's one write lock from its
+        // start: reservations queue instead of reading a state another one is changing.
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "insert into budget_state (key_id, period_start, spent_nanousd, reserved_nanousd) \
+             values ($1, $2, 0, 0) on conflict (key_id) do nothing",
+        )
+        .bind(r.key_id)
+        .bind(encode_time(r.period_start))
+        .execute(&mut *tx)
+        .await?;
+        let (period_start, spent, reserved): (String, i64, i64) = sqlx::query_as(
+            "select period_start, spent_nanousd, reserved_nanousd from budget_state \
+             where key_id = $1",
+        )
+        .bind(r.key_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let (expired,): (Option<i64>,) = sqlx::query_as(
+            "select sum(amount_nanousd) from budget_reservations \
+             where key_id = $1 and expires_at < $2",
+        )
+        .bind(r.key_id)
+        .bind(encode_time(r.now))
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query("delete from budget_reservations where key_id = $1 and expires_at < $2")
+            .bind(r.key_id)
+            .bind(encode_time(r.now))
+            .execute(&mut *tx)
+            .await?;
+        let period_start = stored_time(&period_start)?;
+        let spent = if period_start < r.period_start {
+            0
+        } else {
+            spent
+        };
+        let reserved = reserved - expired.unwrap_or(0);
+        let verdict = verdict(r, spent, reserved);
+        let reserved = match verdict {
+            Reserved::Granted { .. } => reserved + r.amount_nanousd,
+            Reserved::Refused { .. } => reserved,
+        };
+        sqlx::query(
+            "update budget_state set period_start = max(period_start, $2), \
+             spent_nanousd = $3, reserved_nanousd = $4 where key_id = $1",
+        )
+        .bind(r.key_id)
+        .bind(encode_time(r.period_start))
+        .bind(spent)
+        .bind(reserved)
+        .execute(&mut *tx)
+        .await?;
+        if let Reserved::Granted { .. } = verdict {
+            sqlx::query(
+                "insert into budget_reservations (request_id, key_id, amount_nanousd, expires_at) \
+                 values ($1, $2, $3, $4)",
+            )
+            .bind(&r.request_id)
+            .bind(r.key_id)
+            .bind(r.amount_nanousd)
+            .bind(encode_time(r.expires_at))
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
-        Ok(inserted)
+        Ok(verdict)
+    }
+
+    #[tracing::instrument(skip_all, fields(request_id = %request_id))]
+    async fn release(&self, request_id: &str) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await?;
+        let gone: Option<(i64, i64)> = sqlx::query_as(
+            "delete from budget_reservations where request_id = $1 \
+             returning key_id, amount_nanousd",
+        )
+        .bind(request_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some((key_id, amount)) = gone {
+            sqlx::query(
+                "update budget_state set reserved_nanousd = reserved_nanousd - $2 \
+                 where key_id = $1",
+            )
+            .bind(key_id)
+            .bind(amount)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(gone.is_some())
+    }
+
+    #[tracing::instrument(skip_all, fields(key_id))]
+    async fn budget_state(&self, key_id: i64) -> StoreResult<Option<BudgetState>> {
+        let row: Option<(String, i64, i64)> = sqlx::query_as(
+            "select period_start, spent_nanousd, reserved_nanousd from budget_state \
+             where key_id = $1",
+        )
+        .bind(key_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|(period_start, spent_nanousd, reserved_nanousd)| {
+            Ok(BudgetState {
+                period_start: stored_time(&period_start)?,
+                spent_nanousd,
+                reserved_nanousd,
+            })
+        })
+        .transpose()
     }
 
     #[tracing::instrument(skip_all, fields(request_id = %request_id))]
@@ -299,4 +502,48 @@ impl Store for SqliteStore {
             .map(UsageTotals::from_row)
             .collect::<Result<_, _>>()?)
     }
+}
+
+/// Settles the reservations of newly written usage rows (key id, request id, cost, start)
+/// in their transaction, as the Postgres store does: each reservation released, each row's
+/// cost added to its key's spending in the period it started in.
+async fn settle(
+    tx: &mut sqlx::SqliteConnection,
+    inserted: &[(i64, String, Option<i64>, String)],
+) -> StoreResult<()> {
+    let mut keys: BTreeMap<i64, Settlement> = BTreeMap::new();
+    for (key_id, request_id, cost, created_at) in inserted {
+        let gone: Option<(i64,)> = sqlx::query_as(
+            "delete from budget_reservations where request_id = $1 returning amount_nanousd",
+        )
+        .bind(request_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let created_at = stored_time(created_at)?;
+        let settlement = keys.entry(*key_id).or_default();
+        settlement.released += gone.map_or(0, |(amount,)| amount);
+        // An unpriced route's row (no cost) adds nothing.
+        settlement.costs.push((cost.unwrap_or(0), created_at));
+    }
+    for (key_id, settlement) in keys {
+        let Some((period_start,)): Option<(String,)> =
+            sqlx::query_as("select period_start from budget_state where key_id = $1")
+                .bind(key_id)
+                .fetch_optional(&mut *tx)
+                .await?
+        else {
+            continue;
+        };
+        let period_start = stored_time(&period_start)?;
+        sqlx::query(
+            "update budget_state set reserved_nanousd = reserved_nanousd - $2, \
+             spent_nanousd = spent_nanousd + $3 where key_id = $1",
+        )
+        .bind(key_id)
+        .bind(settlement.released)
+        .bind(settlement.spent_since(period_start))
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
 }

@@ -102,7 +102,7 @@ impl UsageTicket {
     pub fn finish(self, status: u16, outcome: Outcome, extracted: &Extracted) {
         let tally = self.tally(outcome, extracted);
         self.count(status, outcome, &tally);
-        self.log_request(status, outcome, &tally);
+        self.log_call(status, outcome, &tally);
         let Tally {
             usage,
             images,
@@ -191,7 +191,10 @@ impl UsageTicket {
         m.output_tokens
             .increment(tally.usage.output_tokens.max(0) as u64);
         m.images.increment(u64::from(tally.images));
-        m.cost.increment(tally.cost.unwrap_or(0).max(0) as u64);
+        let cost = tally.cost.unwrap_or(0).max(0) as u64;
+        m.cost.increment(cost);
+        metrics::counter!("imagegate_key_cost_nanousd_total", "key" => self.principal.name.clone())
+            .increment(cost);
         if outcome != Outcome::Completed {
             metrics::counter!(
                 "imagegate_upstream_errors_total",
@@ -205,9 +208,11 @@ impl UsageTicket {
     }
 
     /// Logs the request's one access line.
-    fn log_request(&self, status: u16, outcome: Outcome, tally: &Tally) {
+    fn log_call(&self, status: u16, outcome: Outcome, tally: &Tally) {
+        // The request's own line is the access log's; this one is the provider call's (a
+        // request that failed over has one per call).
         tracing::info!(
-            target: "imagegate::access",
+            target: "imagegate::usage",
             request_id = %self.request_id,
             key = %self.principal.name,
             model = %self.model,
@@ -222,7 +227,7 @@ impl UsageTicket {
             output_tokens = tally.usage.output_tokens,
             cost_usd = %format_cost(tally.cost),
             latency_ms = tally.latency.as_millis() as u64,
-            "request"
+            "provider call"
         );
     }
 }

@@ -121,6 +121,175 @@ async fn keys_are_shown_once_stored_hashed_and_revocable() {
     );
 }
 
+#[tokio::test]
+async fn keys_take_their_limits_on_create_and_update_with_the_apis_checks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &["gpt-image-1", "dall-e-3"]);
+    // The model list is checked against the config without its secrets.
+    let out = binary::command(&config)
+        .args([
+            "keys",
+            "create",
+            "--name",
+            "search",
+            "--rpm",
+            "60",
+            "--max-in-flight",
+            "4",
+        ])
+        .args(["--models", "gpt-image-1, dall-e-3", "--budget-usd", "12.5"])
+        .args([
+            "--budget-period",
+            "day",
+            "--expires-at",
+            "2031-01-01T00:00:00Z",
+        ])
+        .args(["--metadata", r#"{"team":"search"}"#])
+        .env_remove("CLI_TEST_PROVIDER_KEY")
+        .output()
+        .expect("run imagegate");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    for shown in [
+        "60 requests/min",
+        "4 in flight",
+        "models gpt-image-1,dall-e-3",
+        "budget $12.5 per day",
+        "expires 2031-01-01 00:00:00 UTC",
+        r#"metadata {"team":"search"}"#,
+        "keys update search",
+    ] {
+        assert!(stderr.contains(shown), "{shown:?} in:\n{stderr}");
+    }
+    let list = text(&imagegate(&config, &["keys", "list"]).stdout);
+    assert!(list.contains("60 requests/min"), "{list}");
+
+    let refusals: &[(&[&str], &str)] = &[
+        (&["--models", "midjourney"], "--models"),
+        (&["--rpm", "-1"], "--rpm"),
+        (&["--rpm", "lots"], "--rpm"),
+        (
+            &["--budget-usd", "5", "--budget-period", "week"],
+            "--budget-period",
+        ),
+        (&["--expires-at", "soon"], "--expires-at"),
+        (&["--metadata", "[1]"], "--metadata"),
+    ];
+    for (args, flag) in refusals {
+        let mut all = vec!["keys", "create", "--name", "refused"];
+        all.extend_from_slice(args);
+        let out = imagegate(&config, &all);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            text(&out.stderr).contains(flag),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    let list = text(&imagegate(&config, &["keys", "list"]).stdout);
+    assert!(
+        !list.contains("refused"),
+        "a refused create leaves no key:\n{list}"
+    );
+
+    let out = imagegate(
+        &config,
+        &[
+            "keys", "update", "search", "--rpm", "none", "--models", "none",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        !stdout.contains("requests/min") && !stdout.contains("models"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("4 in flight"), "{stdout}");
+    let out = imagegate(&config, &["keys", "update", "nobody", "--rpm", "3"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no active key"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = imagegate(&config, &["keys", "update", "search"]);
+    assert!(!out.status.success(), "nothing to change is an error");
+}
+
+#[tokio::test]
+async fn admin_key_calls_are_logged_by_name_without_the_key_or_the_token() {
+    const TOKEN: &str = "admin-token-from-the-environment-42";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &["gpt-image-1"]);
+    let mut command = binary::command(&config);
+    command
+        .arg("serve")
+        .env("CLI_TEST_PROVIDER_KEY", SECRET)
+        .env("IMAGEGATE_ADMIN_TOKEN", TOKEN);
+    let (mut child, addr, log) = binary::serve(command).await.into_parts();
+    let client = reqwest::Client::new();
+    let created: Value = client
+        .post(format!("http://{addr}/admin/keys"))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"name": "audited-svc", "rpm": 10}))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    let key = created["key"].as_str().expect("key").to_owned();
+    let listed = client
+        .get(format!("http://{addr}/admin/keys"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(listed.status(), 200);
+    for (method, body) in [
+        (reqwest::Method::PATCH, Some(r#"{"rpm": 20}"#)),
+        (reqwest::Method::DELETE, None),
+    ] {
+        let mut request = client
+            .request(method, format!("http://{addr}/admin/keys/audited-svc"))
+            .bearer_auth(TOKEN);
+        if let Some(body) = body {
+            request = request.body(body);
+        }
+        assert_eq!(request.send().await.expect("send").status(), 200);
+    }
+    signal(&child, "-TERM");
+    tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("exits")
+        .expect("status");
+    let log = log.await.expect("log");
+    let audit: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("admin call") && l.contains("audited-svc"))
+        .collect();
+    assert_eq!(audit.len(), 3, "{log}");
+    for (line, what) in audit.iter().zip([
+        "POST /admin/keys",
+        "PATCH /admin/keys/{name}",
+        "DELETE /admin/keys/{name}",
+    ]) {
+        assert!(
+            line.contains("admin") && line.contains(what) && line.contains("audited-svc"),
+            "{line}"
+        );
+    }
+    assert!(
+        log.lines()
+            .any(|l| l.contains("admin call") && l.contains("GET /admin/keys")),
+        "{log}"
+    );
+    assert!(
+        !log.contains(&key) && !log.contains(TOKEN),
+        "a key or the token in the log:\n{log}"
+    );
+}
+
 fn row(id: &str, key: &str, model: &str, cost: i64, tokens: i64) -> UsageRow {
     UsageRow {
         key_name: key.into(),

@@ -388,3 +388,84 @@ async fn a_timeout_while_the_client_still_uploads_does_not_open_the_circuit() {
     response.bytes().await.expect("body");
     gw.shutdown().await;
 }
+
+/// Starts `imagegate serve` with JSON logs on `config_toml` and a fresh Postgres database;
+/// returns the process, its address and a key it accepts.
+async fn serve_with_json_logs(
+    dir: &std::path::Path,
+    config_toml: &str,
+) -> (crate::support::binary::Served, String) {
+    let (store, url) = crate::support::db::fresh_postgres().await;
+    let config = crate::support::gateway::write_config(dir, &url, config_toml);
+    let mut command = crate::support::binary::command(&config);
+    command
+        .arg("serve")
+        .env("TEST_PIAPI_KEY", PROVIDER_KEY)
+        .env("IMAGEGATE_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info");
+    let served = crate::support::binary::serve(command).await.into_parts();
+    let issued = imagegate::auth::issue_key("logged");
+    store.create_key(issued.new).await.expect("create key");
+    (served, issued.key)
+}
+
+#[tokio::test]
+async fn a_request_has_one_access_line_and_each_provider_call_its_own_line() {
+    let first = StandIn::json(500, "oops").await;
+    let second = StandIn::json(200, &image_response(1, USAGE)).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let config = duo_config(&first.base_url(), &second.base_url(), "");
+    let ((mut child, addr, log), key) = serve_with_json_logs(dir.path(), &config).await;
+    let client = reqwest::Client::new();
+    let post = |model: &'static str| {
+        client
+            .post(format!("http://{addr}{GEN}"))
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .body(format!(r#"{{"model":"{model}","prompt":"fox"}}"#))
+            .send()
+    };
+    // Failed over: one request, two provider calls. Unknown model: no provider call.
+    let failed_over = post("duo").await.expect("answer");
+    assert_eq!(failed_over.status(), 200);
+    let id = failed_over.headers()["x-request-id"]
+        .to_str()
+        .expect("id")
+        .to_owned();
+    failed_over.bytes().await.expect("body");
+    let unknown = post("no-such-model").await.expect("answer");
+    assert_eq!(unknown.status(), 404);
+    let unknown_id = unknown.headers()["x-request-id"]
+        .to_str()
+        .expect("id")
+        .to_owned();
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    crate::support::binary::signal(&child, "-TERM");
+    child.wait().await.expect("exits");
+    let log = log.await.expect("log");
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect();
+    let of = |target: &str, request_id: &str| -> Vec<&serde_json::Value> {
+        lines
+            .iter()
+            .filter(|l| {
+                l["target"] == target
+                    && l["request_id"].as_str().is_some_and(|r| {
+                        r == request_id || r.starts_with(&format!("{request_id}-"))
+                    })
+            })
+            .collect()
+    };
+    let access = of("imagegate::access", &id);
+    assert_eq!(access.len(), 1, "{log}");
+    assert_eq!(access[0]["status"], 200, "{log}");
+    let calls = of("imagegate::usage", &id);
+    // The provider's 500 is the client's 502 (`upstream_error`), as its usage row has it.
+    let statuses: Vec<_> = calls.iter().map(|l| l["status"].clone()).collect();
+    assert_eq!(statuses, [502, 200], "{log}");
+    assert_eq!(of("imagegate::access", &unknown_id).len(), 1, "{log}");
+    assert!(of("imagegate::usage", &unknown_id).is_empty(), "{log}");
+}

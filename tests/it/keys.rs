@@ -6,11 +6,12 @@
 
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use sqlx::postgres::PgConnectOptions;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -20,6 +21,8 @@ use crate::support::*;
 struct DbProxy {
     addr: std::net::SocketAddr,
     down: Arc<AtomicBool>,
+    /// Milliseconds each answer of the database is held back (a slow or distant database).
+    lag_ms: Arc<AtomicU64>,
     /// Cancelled to cut the connections open now; replaced after each cut.
     cut: Arc<std::sync::Mutex<CancellationToken>>,
 }
@@ -29,35 +32,56 @@ impl DbProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy address");
         let down = Arc::new(AtomicBool::new(false));
+        let lag_ms = Arc::new(AtomicU64::new(0));
         let cut = Arc::new(std::sync::Mutex::new(CancellationToken::new()));
-        let (is_down, cuts) = (Arc::clone(&down), Arc::clone(&cut));
+        let (is_down, cuts, lag) = (Arc::clone(&down), Arc::clone(&cut), Arc::clone(&lag_ms));
         #[expect(
             clippy::disallowed_methods,
             reason = "the proxy lives until the test process ends"
         )]
         tokio::spawn(async move {
             let mut swallowed = Vec::new();
-            while let Ok((mut client, _)) = listener.accept().await {
+            while let Ok((client, _)) = listener.accept().await {
                 if is_down.load(Ordering::SeqCst) {
                     // Accepted and never answered, as behind a partition.
                     swallowed.push(client);
                     continue;
                 }
                 let cut = cuts.lock().expect("cut lock").clone();
-                let upstream = upstream.clone();
+                let (upstream, lag) = (upstream.clone(), Arc::clone(&lag));
                 #[expect(clippy::disallowed_methods, reason = "one task per proxied connection")]
                 tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(&upstream).await else {
+                    let Ok(server) = TcpStream::connect(&upstream).await else {
                         return;
                     };
+                    let (mut from_client, mut to_client) = client.into_split();
+                    let (mut from_server, mut to_server) = server.into_split();
+                    let answers = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = from_server.read(&mut buf).await?;
+                            if n == 0 {
+                                return Ok::<_, std::io::Error>(());
+                            }
+                            let lag = lag.load(Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(lag)).await;
+                            to_client.write_all(&buf[..n]).await?;
+                        }
+                    };
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = tokio::io::copy(&mut from_client, &mut to_server) => {}
+                        _ = answers => {}
                         () = cut.cancelled() => {}
                     }
                 });
             }
         });
-        DbProxy { addr, down, cut }
+        DbProxy {
+            addr,
+            down,
+            lag_ms,
+            cut,
+        }
     }
 
     /// A fresh test database reached through a new proxy, and its URL through the proxy.
@@ -81,6 +105,12 @@ impl DbProxy {
 
     fn bring_back(&self) {
         self.down.store(false, Ordering::SeqCst);
+    }
+
+    /// Holds each answer of the database back by `lag` from now on.
+    fn set_lag(&self, lag: Duration) {
+        let ms = u64::try_from(lag.as_millis()).expect("a short lag");
+        self.lag_ms.store(ms, Ordering::SeqCst);
     }
 }
 
@@ -135,6 +165,38 @@ async fn a_known_key_is_served_at_once_after_its_ttl_while_the_database_is_down(
     // Back up: the rows written meanwhile reach the database, none lost.
     proxy.bring_back();
     gw.usage_rows(7).await;
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_burst_of_a_new_key_shares_one_lookup_of_a_slow_database() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    let (proxy, url) = DbProxy::fresh().await;
+    let gw = TestGateway::start_on(&url, &test_config(&provider.base_url(), "")).await;
+    let new = imagegate::auth::issue_key("starting-service");
+    gw.store
+        .create_key(new.new.clone())
+        .await
+        .expect("create key");
+    // Each lookup takes three round trips of at least 60 ms (the pool's check, then the
+    // query's two), and a new key waits 500 ms at most: the 64 requests of a service
+    // starting up pass only if they share their lookups (four at a time, one after the
+    // other, would take 16 x 180 ms).
+    proxy.set_lag(Duration::from_millis(60));
+    let burst = (0..64).map(|_| {
+        gw.client
+            .get(gw.url("/v1/models"))
+            .bearer_auth(&new.key)
+            .send()
+    });
+    let statuses: Vec<u16> = futures_util::future::join_all(burst)
+        .await
+        .into_iter()
+        .map(|r| r.expect("imagegate answers").status().as_u16())
+        .collect();
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(ok, 64, "{statuses:?}");
+    proxy.set_lag(Duration::ZERO);
     gw.shutdown().await;
 }
 

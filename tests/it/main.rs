@@ -1,6 +1,8 @@
 //! One integration-test binary: real imagegate on port 0, stand-in providers, real databases.
 
+mod admin_keys;
 mod architecture;
+mod budgets;
 mod cli;
 mod connections;
 mod dedupe;
@@ -15,6 +17,7 @@ mod hostile;
 mod jobs;
 mod journal;
 mod json_edits;
+mod key_limits;
 mod keys;
 mod limits;
 mod mock;

@@ -3,7 +3,10 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use imagegate::store::{GroupBy, NewKey, Store, StoreError, UsageFilter, UsageTotals};
+use imagegate::store::{
+    BudgetPeriod, BudgetState, GroupBy, KeyChanges, KeyLimits, NewKey, RATE_WINDOW_NANOS,
+    Reservation, Reserved, Store, StoreError, UsageFilter, UsageTotals,
+};
 use imagegate::usage::{Outcome, UsageRow};
 
 use crate::support::rows;
@@ -43,6 +46,11 @@ on_both_backends!(
     usage_round_trips_every_field,
     usage_report_groups_and_filters,
     usage_report_sums_past_i64,
+    budget_reservations_never_grant_past_the_budget,
+    budget_settles_once_at_the_real_cost,
+    budget_holds_of_dead_calls_expire_and_periods_roll,
+    key_limits_round_trip_and_change,
+    rate_limit_allows_rpm_requests_at_once_then_refuses,
 );
 
 fn new_key(name: &str, hash: &str) -> NewKey {
@@ -50,6 +58,7 @@ fn new_key(name: &str, hash: &str) -> NewKey {
         name: name.to_owned(),
         prefix: format!("ig_{name}"),
         hash: hash.to_owned(),
+        limits: Default::default(),
     }
 }
 
@@ -519,4 +528,267 @@ async fn usage_report_sums_past_i64(store: Arc<dyn Store>) {
             unpriced: 0,
         }]
     );
+}
+
+/// 4 US cents: the price of one call in the budget tests.
+const CALL: i64 = 40_000_000;
+
+fn reservation(request_id: &str, limit: i64, now: DateTime<Utc>) -> Reservation {
+    Reservation {
+        request_id: request_id.to_owned(),
+        key_id: 1,
+        limit_nanousd: limit,
+        period_start: BudgetPeriod::Day.start(now),
+        amount_nanousd: CALL,
+        now,
+        expires_at: now + TimeDelta::minutes(11),
+    }
+}
+
+async fn state(store: &Arc<dyn Store>) -> BudgetState {
+    store
+        .budget_state(1)
+        .await
+        .expect("budget state")
+        .expect("a budget row")
+}
+
+async fn budget_reservations_never_grant_past_the_budget(store: Arc<dyn Store>) {
+    let now = Utc::now();
+    let limit = 50 * CALL;
+    let calls = (0..200).map(|i| {
+        let store = Arc::clone(&store);
+        async move {
+            store
+                .reserve(&reservation(&format!("req-{i}"), limit, now))
+                .await
+        }
+    });
+    let verdicts = futures_util::future::join_all(calls).await;
+    let granted = verdicts
+        .iter()
+        .filter(|v| matches!(v, Ok(Reserved::Granted { .. })))
+        .count();
+    let refused = verdicts
+        .iter()
+        .filter(|v| {
+            matches!(
+                v,
+                Ok(Reserved::Refused {
+                    remaining_nanousd: 0
+                })
+            )
+        })
+        .count();
+    assert_eq!((granted, refused), (50, 150), "{verdicts:?}");
+    let held = state(&store).await;
+    assert_eq!((held.spent_nanousd, held.reserved_nanousd), (0, limit));
+}
+
+async fn budget_settles_once_at_the_real_cost(store: Arc<dyn Store>) {
+    let now = Utc::now();
+    let limit = 4 * CALL;
+    for id in ["a", "b", "c", "u"] {
+        let verdict = store
+            .reserve(&reservation(id, limit, now))
+            .await
+            .expect("reserve");
+        assert!(matches!(verdict, Reserved::Granted { .. }), "{verdict:?}");
+    }
+    // "a" cost less than its worst case, "b" exactly that; "c" was never sent; "u" has no
+    // price (its row has no cost, and it releases its hold all the same).
+    let rows = [
+        UsageRow {
+            cost_nanousd: None,
+            ..usage_row("u", now)
+        },
+        UsageRow {
+            cost_nanousd: Some(CALL / 4),
+            ..usage_row("a", now)
+        },
+        UsageRow {
+            cost_nanousd: Some(CALL),
+            ..usage_row("b", now)
+        },
+    ];
+    assert_eq!(store.insert_usage(&rows).await.expect("settle"), 3);
+    assert!(store.release("c").await.expect("release"));
+    assert!(!store.release("c").await.expect("release again"));
+    let settled = state(&store).await;
+    assert_eq!(
+        (settled.spent_nanousd, settled.reserved_nanousd),
+        (CALL / 4 + CALL, 0)
+    );
+    // A replayed batch is not new: it settles nothing again.
+    assert_eq!(store.insert_usage(&rows).await.expect("replay"), 0);
+    assert_eq!(state(&store).await, settled);
+    // What the real costs left is free again: a quarter call short of two calls.
+    let next = store
+        .reserve(&reservation("d", limit, now))
+        .await
+        .expect("d");
+    assert_eq!(
+        next,
+        Reserved::Granted {
+            remaining_nanousd: limit - CALL / 4 - 2 * CALL
+        }
+    );
+}
+
+async fn budget_holds_of_dead_calls_expire_and_periods_roll(store: Arc<dyn Store>) {
+    let now = at("2026-12-06T23:50:00.000000Z");
+    let limit = 2 * CALL;
+    for id in ["dead-1", "dead-2"] {
+        let mut hold = reservation(id, limit, now);
+        hold.expires_at = now + TimeDelta::minutes(5);
+        assert!(matches!(
+            store.reserve(&hold).await.expect("reserve"),
+            Reserved::Granted { .. }
+        ));
+    }
+    // Both holds are live: nothing is left.
+    let soon = now + TimeDelta::minutes(4);
+    assert_eq!(
+        store
+            .reserve(&reservation("x", limit, soon))
+            .await
+            .expect("x"),
+        Reserved::Refused {
+            remaining_nanousd: 0
+        }
+    );
+    // Past their deadline, whoever reserves next releases them.
+    let later = now + TimeDelta::minutes(6);
+    assert!(matches!(
+        store.reserve(&reservation("y", limit, later)).await.expect("y"),
+        Reserved::Granted { remaining_nanousd } if remaining_nanousd == CALL
+    ));
+    assert_eq!(state(&store).await.reserved_nanousd, CALL);
+    // "y" is settled at its full cost: the day's budget has one call left.
+    store
+        .insert_usage(&[usage_row("y", later)])
+        .await
+        .expect("settle y");
+    let spent = state(&store).await;
+    assert_eq!((spent.spent_nanousd, spent.reserved_nanousd), (1_000, 0));
+    // The next UTC day starts from nothing spent.
+    let tomorrow = now + TimeDelta::hours(1);
+    assert!(matches!(
+        store.reserve(&reservation("z", limit, tomorrow)).await.expect("z"),
+        Reserved::Granted { remaining_nanousd } if remaining_nanousd == limit - CALL
+    ));
+    let rolled = state(&store).await;
+    assert_eq!(rolled.period_start, at("2026-12-07T00:00:00.000000Z"));
+    assert_eq!((rolled.spent_nanousd, rolled.reserved_nanousd), (0, CALL));
+}
+
+async fn key_limits_round_trip_and_change(store: Arc<dyn Store>) {
+    let metadata = serde_json::json!({"team": "search", "ticket": 42});
+    let limits = KeyLimits {
+        budget_nanousd: Some(12_500_000_000),
+        budget_period: Some("month".into()),
+        rpm: Some(60),
+        max_in_flight: Some(4),
+        models: Some(vec!["gpt-image-1".into(), "img".into()]),
+        expires_at: Some(at("2031-01-02T03:04:05.000006Z")),
+        metadata: metadata.as_object().cloned(),
+    };
+    let alice = store
+        .create_key(NewKey {
+            limits: limits.clone(),
+            ..new_key("alice", "aa11")
+        })
+        .await
+        .expect("create alice");
+    assert_eq!(alice.limits, limits);
+    let found = store.find_key_by_hash("aa11").await.expect("find");
+    assert_eq!(found.as_ref(), Some(&alice));
+
+    // Changed fields change, cleared ones clear, the others stay.
+    let changes = KeyChanges {
+        rpm: Some(Some(5)),
+        models: Some(None),
+        budget: Some(None),
+        ..KeyChanges::default()
+    };
+    let changed = store
+        .update_key("alice", &changes)
+        .await
+        .expect("update")
+        .expect("alice is active");
+    let expected = KeyLimits {
+        rpm: Some(5),
+        models: None,
+        budget_nanousd: None,
+        budget_period: None,
+        ..limits.clone()
+    };
+    assert_eq!(changed.limits, expected);
+    assert_eq!((changed.id, &changed.hash), (alice.id, &alice.hash));
+    assert_eq!(
+        store.list_keys().await.expect("list"),
+        vec![changed.clone()]
+    );
+
+    // No change at all still answers with the key.
+    let same = store
+        .update_key("alice", &KeyChanges::default())
+        .await
+        .expect("empty update");
+    assert_eq!(same, Some(changed));
+
+    // A budget without a period keeps the one the key has, or is a total.
+    let budget = |nanousd, period: Option<&str>| KeyChanges {
+        budget: Some(Some((nanousd, period.map(str::to_owned)))),
+        ..KeyChanges::default()
+    };
+    let set = store
+        .update_key("alice", &budget(5, None))
+        .await
+        .expect("update");
+    let set = set.expect("alice").limits;
+    assert_eq!(
+        (set.budget_nanousd, set.budget_period.as_deref()),
+        (Some(5), Some("total"))
+    );
+    store
+        .update_key("alice", &budget(6, Some("day")))
+        .await
+        .expect("update");
+    let set = store
+        .update_key("alice", &budget(7, None))
+        .await
+        .expect("update");
+    let set = set.expect("alice").limits;
+    assert_eq!(
+        (set.budget_nanousd, set.budget_period.as_deref()),
+        (Some(7), Some("day"))
+    );
+
+    // Unknown and revoked keys are not changed.
+    let unknown = store.update_key("nobody", &changes).await.expect("update");
+    assert_eq!(unknown, None);
+    assert!(store.revoke_key("alice").await.expect("revoke"));
+    let revoked = store.update_key("alice", &changes).await.expect("update");
+    assert_eq!(revoked, None);
+}
+
+async fn rate_limit_allows_rpm_requests_at_once_then_refuses(store: Arc<dyn Store>) {
+    let interval = RATE_WINDOW_NANOS / 3;
+    let mut states = Vec::new();
+    for _ in 0..5 {
+        states.push(store.take_request(7, 3).await.expect("take"));
+    }
+    let allowed: Vec<bool> = states.iter().map(|s| s.allowed).collect();
+    assert_eq!(allowed, [true, true, true, false, false], "{states:?}");
+    // Each request allowed moved the theoretical arrival time one interval on; refusals
+    // left it where it was.
+    let first = states[0];
+    assert_eq!(first.tat_ns, first.at_ns + interval, "{states:?}");
+    assert_eq!(states[2].tat_ns, first.at_ns + 3 * interval, "{states:?}");
+    assert_eq!(states[3].tat_ns, states[2].tat_ns);
+    assert_eq!(states[4].tat_ns, states[2].tat_ns);
+    assert!(states[4].at_ns >= first.at_ns);
+    // Another key has its own limit.
+    assert!(store.take_request(8, 3).await.expect("take").allowed);
 }

@@ -76,19 +76,26 @@ impl TestGateway {
             Db::Postgres => super::db::fresh_postgres().await.1,
             Db::Sqlite => format!("sqlite:{}", dir.path().join("imagegate.db").display()),
         };
-        Self::start_in(dir, &database_url, config_toml).await
+        Self::start_in(dir, &database_url, config_toml, "svc-test").await
     }
 
     /// A gateway on the database `database_url` names (migrated at start).
     pub async fn start_on(database_url: &str, config_toml: &str) -> TestGateway {
+        Self::start_on_as(database_url, config_toml, "svc-test").await
+    }
+
+    /// A gateway on the database `database_url` names whose key is called `key_name`: one
+    /// replica among several on one database (key names are unique among active keys).
+    pub async fn start_on_as(database_url: &str, config_toml: &str, key_name: &str) -> TestGateway {
         let dir = tempfile::tempdir().expect("tempdir");
-        Self::start_in(dir, database_url, config_toml).await
+        Self::start_in(dir, database_url, config_toml, key_name).await
     }
 
     async fn start_in(
         dir: tempfile::TempDir,
         database_url: &str,
         config_toml: &str,
+        key_name: &str,
     ) -> TestGateway {
         let config_path = write_config(dir.path(), database_url, config_toml);
         let config = Config::load(&config_path, &test_env()).expect("valid test config");
@@ -98,7 +105,7 @@ impl TestGateway {
         )
         .expect("bind imagegate");
         let addr = listeners.local_addr();
-        let (gateway, key) = start_with_key(config, "svc-test").await;
+        let (gateway, key) = start_with_key(config, key_name).await;
         let store = Arc::clone(&gateway.state.store);
         let stop = CancellationToken::new();
         let stopped = stop.clone();

@@ -1,0 +1,246 @@
+//! The admin API for client keys: create (the key shown once), list (never a key or its
+//! hash), change limits, revoke; bad input is refused with the field named and writes
+//! nothing; every call needs the admin token.
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::on_both_databases;
+use crate::support::*;
+
+/// An admin call with the admin token: its status and JSON body (null when it has none).
+pub async fn admin(
+    gw: &TestGateway,
+    method: Method,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, Value) {
+    let mut request = gw
+        .client
+        .request(method, gw.url(path))
+        .bearer_auth(ADMIN_TOKEN);
+    if let Some(body) = body {
+        request = request
+            .header("content-type", "application/json")
+            .body(body.to_owned());
+    }
+    let response = request.send().await.expect("admin call reaches imagegate");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn generate(gw: &TestGateway, key: &str, model: &str) -> u16 {
+    gw.client
+        .post(gw.url("/v1/images/generations"))
+        .bearer_auth(key)
+        .header("content-type", "application/json")
+        .body(json!({"model": model, "prompt": "fox"}).to_string())
+        .send()
+        .await
+        .expect("request reaches imagegate")
+        .status()
+        .as_u16()
+}
+
+on_both_databases!(
+    a_key_is_created_listed_changed_and_revoked,
+    bad_input_is_refused_with_its_field_and_writes_nothing,
+);
+
+async fn a_key_is_created_listed_changed_and_revoked(db: Db) {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    let gw = TestGateway::start(db, &test_config(&provider.base_url(), "")).await;
+    let body = json!({
+        "name": "search-svc", "budget_usd": 25.5, "budget_period": "month", "rpm": 120,
+        "max_in_flight": 8, "models": ["img-default", "dall-e-3"],
+        "expires_at": "2031-06-01T00:00:00Z", "metadata": {"team": "search", "ticket": 7}
+    });
+    let (status, created) = admin(&gw, Method::POST, "/admin/keys", Some(&body.to_string())).await;
+    assert_eq!(status, 201, "{created}");
+    let key = created["key"].as_str().expect("the key, once").to_owned();
+    assert!(imagegate::auth::well_formed(&key), "{key}");
+    assert_eq!(created["name"], "search-svc");
+    assert_eq!(created["status"], "active");
+    assert_eq!(created["budget_usd"], 25.5);
+    assert_eq!(created["budget_period"], "month");
+    assert_eq!(created["rpm"], 120);
+    assert_eq!(created["max_in_flight"], 8);
+    assert_eq!(created["models"], json!(["img-default", "dall-e-3"]));
+    assert_eq!(created["expires_at"], "2031-06-01T00:00:00Z");
+    assert_eq!(created["metadata"], json!({"team": "search", "ticket": 7}));
+    assert!(created.get("hash").is_none(), "{created}");
+    // The key works at once (a key never seen is looked up in the database).
+    assert_eq!(generate(&gw, &key, "dall-e-3").await, 200);
+
+    let (status, listed) = admin(&gw, Method::GET, "/admin/keys", None).await;
+    assert_eq!(status, 200, "{listed}");
+    let text = listed.to_string();
+    assert!(
+        !text.contains(&key) && !text.contains(&imagegate::auth::hash_key(&key)),
+        "{text}"
+    );
+    let names: Vec<&str> = listed["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|k| k["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(names, ["svc-test", "search-svc"]);
+    let listed_key = &listed["data"][1];
+    assert_eq!(listed_key["rpm"], 120);
+    assert_eq!(listed_key["metadata"]["team"], "search");
+    assert_eq!(listed_key["prefix"], &key[..10]);
+
+    // Left out: unchanged; null: cleared.
+    let change = json!({"rpm": null, "models": ["gpt-image-1"], "metadata": {"team": "ads"}});
+    let (status, changed) = admin(
+        &gw,
+        Method::PATCH,
+        "/admin/keys/search-svc",
+        Some(&change.to_string()),
+    )
+    .await;
+    assert_eq!(status, 200, "{changed}");
+    assert_eq!(changed["rpm"], Value::Null);
+    assert_eq!(changed["models"], json!(["gpt-image-1"]));
+    assert_eq!(changed["metadata"], json!({"team": "ads"}));
+    assert_eq!(changed["max_in_flight"], 8);
+    assert_eq!(changed["budget_usd"], 25.5);
+    assert!(changed.get("key").is_none(), "{changed}");
+
+    let (status, revoked) = admin(&gw, Method::DELETE, "/admin/keys/search-svc", None).await;
+    assert_eq!(
+        (status, &revoked["status"]),
+        (200, &json!("revoked")),
+        "{revoked}"
+    );
+    let (status, again) = admin(&gw, Method::DELETE, "/admin/keys/search-svc", None).await;
+    assert_eq!(status, 404, "{again}");
+    assert_eq!(again["error"]["code"], "key_not_found");
+    assert_eq!(again["error"]["param"], "name");
+    let (status, gone) = admin(&gw, Method::PATCH, "/admin/keys/search-svc", Some("{}")).await;
+    assert_eq!(status, 404, "{gone}");
+    let (_, listed) = admin(&gw, Method::GET, "/admin/keys", None).await;
+    assert_eq!(listed["data"][1]["status"], "revoked");
+    // key_cache_ttl is 1 s.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    assert_eq!(generate(&gw, &key, "dall-e-3").await, 401);
+    gw.shutdown().await;
+}
+
+async fn bad_input_is_refused_with_its_field_and_writes_nothing(db: Db) {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    let gw = TestGateway::start(db, &test_config(&provider.base_url(), "")).await;
+    let cases: &[(&str, Option<&str>)] = &[
+        (r#"{"name": "a", "rpm": 5"#, None),
+        (r#"{"name": "a"} trailing"#, None),
+        (r#"{"name": "a", "colour": "red"}"#, Some("colour")),
+        (r#"{"rpm": 5}"#, None),
+        (r#"{"name": "a", "rpm": "many"}"#, Some("rpm")),
+        (r#"{"name": "a", "rpm": -1}"#, Some("rpm")),
+        (
+            r#"{"name": "a", "max_in_flight": 0}"#,
+            Some("max_in_flight"),
+        ),
+        (r#"{"name": "a", "budget_usd": -0.01}"#, Some("budget_usd")),
+        (
+            r#"{"name": "a", "budget_usd": 1, "budget_period": "week"}"#,
+            Some("budget_period"),
+        ),
+        (
+            r#"{"name": "a", "models": ["gpt-image-1", "midjourney"]}"#,
+            Some("models"),
+        ),
+        (
+            r#"{"name": "a", "expires_at": "next week"}"#,
+            Some("expires_at"),
+        ),
+        (r#"{"name": "a", "metadata": "owner=me"}"#, Some("metadata")),
+        (r#"{"name": "svc-test"}"#, Some("name")),
+        (r#"{"name": ""}"#, Some("name")),
+    ];
+    for (body, param) in cases {
+        let (status, error) = admin(&gw, Method::POST, "/admin/keys", Some(body)).await;
+        assert_eq!(status, 400, "{body}: {error}");
+        assert_eq!(
+            error["error"]["type"], "invalid_request_error",
+            "{body}: {error}"
+        );
+        if let Some(param) = param {
+            assert_eq!(error["error"]["param"], *param, "{body}: {error}");
+        }
+    }
+    let (_, duplicate) = admin(
+        &gw,
+        Method::POST,
+        "/admin/keys",
+        Some(r#"{"name": "svc-test"}"#),
+    )
+    .await;
+    assert_eq!(
+        duplicate["error"]["code"], "duplicate_key_name",
+        "{duplicate}"
+    );
+    let patches: &[(&str, &str)] = &[
+        (r#"{"rpm": 0}"#, "rpm"),
+        (r#"{"models": ["nope"]}"#, "models"),
+        (r#"{"budget_period": "day"}"#, "budget_period"),
+        (r#"{"name": "renamed"}"#, "name"),
+    ];
+    for (body, param) in patches {
+        let (status, error) = admin(&gw, Method::PATCH, "/admin/keys/svc-test", Some(body)).await;
+        assert_eq!(
+            (status, &error["error"]["param"]),
+            (400, &json!(param)),
+            "{body}: {error}"
+        );
+    }
+    // Nothing was written: one key, unchanged.
+    let keys = gw.store.list_keys().await.expect("list");
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert_eq!(keys[0].limits, Default::default());
+    // A good change to an unknown key: 404.
+    let (status, _) = admin(
+        &gw,
+        Method::PATCH,
+        "/admin/keys/nobody",
+        Some(r#"{"rpm": 3}"#),
+    )
+    .await;
+    assert_eq!(status, 404);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_key_routes_need_the_admin_token() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    let gw = TestGateway::start(Db::Sqlite, &test_config(&provider.base_url(), "")).await;
+    for token in [
+        None,
+        Some(gw.key.as_str()),
+        Some("admin-token-for-tests-0123456788"),
+    ] {
+        for (method, path) in [
+            (Method::POST, "/admin/keys"),
+            (Method::GET, "/admin/keys"),
+            (Method::PATCH, "/admin/keys/svc-test"),
+            (Method::DELETE, "/admin/keys/svc-test"),
+        ] {
+            let mut request = gw
+                .client
+                .request(method.clone(), gw.url(path))
+                .body(r#"{"name":"x"}"#);
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let response = request.send().await.expect("send");
+            assert_eq!(response.status(), 401, "{method} {path} with {token:?}");
+            let body: Value = response.json().await.expect("json");
+            assert_eq!(body["error"]["code"], "invalid_admin_token", "{body}");
+        }
+    }
+    let keys = gw.store.list_keys().await.expect("list");
+    assert_eq!(keys.len(), 1);
+    assert!(keys[0].revoked_at.is_none());
+    gw.shutdown().await;
+}
