@@ -1,0 +1,110 @@
+//! A usage report as JSON or CSV: one rendering for `imagegate usage`, `GET /admin/usage`
+//! and the dashboard's download, so that their figures cannot drift apart.
+
+use crate::store::{GroupBy, UsageTotals};
+use crate::usage::price::format_usd_sum;
+
+/// The report's columns after the group's own (named after the grouping), in order.
+pub const COLUMNS: [&str; 14] = [
+    "requests",
+    "billed",
+    "failed",
+    "unpriced",
+    "images",
+    "text_input_tokens",
+    "image_input_tokens",
+    "cached_text_input_tokens",
+    "cached_image_input_tokens",
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "cost_usd",
+    "cost_nanousd",
+];
+
+/// One group's figures as text, in [`COLUMNS`]' order. The cost is exact in both forms:
+/// dollars as a decimal string, and billionths of a dollar.
+pub fn values(totals: &UsageTotals) -> [String; 14] {
+    [
+        totals.requests.to_string(),
+        totals.billed.to_string(),
+        totals.failed.to_string(),
+        totals.unpriced.to_string(),
+        totals.images.to_string(),
+        totals.text_input_tokens.to_string(),
+        totals.image_input_tokens.to_string(),
+        totals.cached_text_input_tokens.to_string(),
+        totals.cached_image_input_tokens.to_string(),
+        totals.input_tokens.to_string(),
+        totals.output_tokens.to_string(),
+        totals.total_tokens.to_string(),
+        format_usd_sum(totals.cost_nanousd),
+        totals.cost_nanousd.to_string(),
+    ]
+}
+
+/// One object per group, the group's name under the grouping's own key; counts and tokens
+/// as numbers, the cost as `cost_usd` (exact decimal text) and `cost_nanousd` (a number).
+pub fn json(rows: &[UsageTotals], group_by: GroupBy) -> Vec<serde_json::Value> {
+    rows.iter()
+        .map(|r| {
+            serde_json::json!({
+                group_by.name(): r.group,
+                "requests": r.requests,
+                "billed": r.billed,
+                "failed": r.failed,
+                "unpriced": r.unpriced,
+                "images": r.images,
+                "text_input_tokens": r.text_input_tokens,
+                "image_input_tokens": r.image_input_tokens,
+                "cached_text_input_tokens": r.cached_text_input_tokens,
+                "cached_image_input_tokens": r.cached_image_input_tokens,
+                "input_tokens": r.input_tokens,
+                "output_tokens": r.output_tokens,
+                "total_tokens": r.total_tokens,
+                "cost_usd": format_usd_sum(r.cost_nanousd),
+                "cost_nanousd": r.cost_nanousd,
+            })
+        })
+        .collect()
+}
+
+/// A header line (the grouping's name, then [`COLUMNS`]) and one line per group.
+pub fn csv(rows: &[UsageTotals], group_by: GroupBy) -> Result<Vec<u8>, csv::Error> {
+    let mut out = csv::Writer::from_writer(Vec::new());
+    out.write_record(std::iter::once(group_by.name()).chain(COLUMNS))?;
+    for r in rows {
+        out.write_record(std::iter::once(r.group.clone()).chain(values(r)))?;
+    }
+    out.into_inner().map_err(|err| err.into_error().into())
+}
+
+/// The totals of every group together (sums saturate rather than wrap; they are i128).
+pub fn total(rows: &[UsageTotals], name: &str) -> UsageTotals {
+    rows.iter().fold(
+        UsageTotals {
+            group: name.to_owned(),
+            ..UsageTotals::default()
+        },
+        |mut t, r| {
+            t.requests = t.requests.saturating_add(r.requests);
+            t.billed = t.billed.saturating_add(r.billed);
+            t.failed = t.failed.saturating_add(r.failed);
+            t.unpriced = t.unpriced.saturating_add(r.unpriced);
+            t.images = t.images.saturating_add(r.images);
+            t.text_input_tokens = t.text_input_tokens.saturating_add(r.text_input_tokens);
+            t.image_input_tokens = t.image_input_tokens.saturating_add(r.image_input_tokens);
+            t.cached_text_input_tokens = t
+                .cached_text_input_tokens
+                .saturating_add(r.cached_text_input_tokens);
+            t.cached_image_input_tokens = t
+                .cached_image_input_tokens
+                .saturating_add(r.cached_image_input_tokens);
+            t.input_tokens = t.input_tokens.saturating_add(r.input_tokens);
+            t.output_tokens = t.output_tokens.saturating_add(r.output_tokens);
+            t.total_tokens = t.total_tokens.saturating_add(r.total_tokens);
+            t.cost_nanousd = t.cost_nanousd.saturating_add(r.cost_nanousd);
+            t
+        },
+    )
+}
