@@ -1,4 +1,7 @@
-//! Admin API, behind the admin token: reload the configuration.
+//! Admin API, behind the admin token: reload the configuration; usage reports
+//! ([`usage`]).
+
+pub mod usage;
 
 use std::sync::Arc;
 

@@ -1,5 +1,6 @@
 //! One integration-test binary: real imagegate on port 0, stand-in providers, real databases.
 
+mod admin_usage;
 mod architecture;
 mod cli;
 mod connections;
