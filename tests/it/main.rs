@@ -4,6 +4,7 @@ mod admin_usage;
 mod architecture;
 mod cli;
 mod connections;
+mod dashboard;
 mod dedupe;
 mod edits;
 mod extract;

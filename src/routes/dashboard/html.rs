@@ -222,7 +222,7 @@ pub fn chart(days: &[(String, i128, i64)]) -> String {
         return "<p class=\"empty\">No usage in this period.</p>".to_owned();
     }
     let (width, height, left, bottom, top) = (1160.0_f64, 240.0_f64, 64.0, 28.0, 12.0);
-    let max = days.iter().map(|d| d.1).max().unwrap_or(0).max(1) as f64;
+    let max = nice_ceiling(days.iter().map(|d| d.1).max().unwrap_or(0).max(1) as f64 / 1e9) * 1e9;
     let plot_h = height - bottom - top;
     let step = (width - left) / days.len() as f64;
     let mut svg = format!(
@@ -268,14 +268,27 @@ pub fn chart(days: &[(String, i128, i64)]) -> String {
     svg
 }
 
-/// An axis label: a few significant digits are enough there (the figures are exact in the
-/// tables and tooltips).
+/// The round figure (1, 2, 2.5 or 5 times a power of ten) at or above `usd`: the top of
+/// the chart's axis, so that its four steps read as round figures too.
+fn nice_ceiling(usd: f64) -> f64 {
+    let power = 10_f64.powf(usd.log10().floor());
+    let factor = usd / power;
+    let nice = [1.0, 2.0, 2.5, 5.0, 10.0]
+        .into_iter()
+        .find(|n| factor <= *n + 1e-9)
+        .unwrap_or(10.0);
+    nice * power
+}
+
+/// An axis label: the figure without trailing zeros (the exact figures are in the tables
+/// and the bars' tooltips).
 fn axis_usd(usd: f64) -> String {
-    match usd {
-        u if u <= 0.0 => "0".to_owned(),
-        u if u >= 100.0 => format!("{u:.0}"),
-        u if u >= 1.0 => format!("{u:.2}"),
-        u => format!("{u:.4}"),
+    let text = format!("{usd:.9}");
+    let text = text.trim_end_matches('0').trim_end_matches('.');
+    if text.is_empty() || text == "-" {
+        "0".to_owned()
+    } else {
+        text.to_owned()
     }
 }
 
@@ -377,6 +390,17 @@ mod tests {
             esc(r#"<script>alert("x")</script> & 'y'"#),
             "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &#39;y&#39;"
         );
+    }
+
+    #[test]
+    fn the_axis_ends_on_a_round_figure() {
+        assert_eq!(nice_ceiling(1.31), 2.0);
+        assert_eq!(nice_ceiling(0.000_000_007), 0.000_000_01);
+        assert_eq!(nice_ceiling(2.2), 2.5);
+        assert_eq!(nice_ceiling(40.0), 50.0);
+        assert_eq!(axis_usd(0.5), "0.5");
+        assert_eq!(axis_usd(0.0), "0");
+        assert_eq!(axis_usd(0.1 * 3.0), "0.3");
     }
 
     #[test]

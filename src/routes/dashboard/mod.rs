@@ -20,7 +20,7 @@ use http::{HeaderValue, StatusCode, header};
 use super::admin::usage::{Pairs, Params, csv_response, page, totals};
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::store::{GroupBy, UsageFilter};
+use crate::store::{GroupBy, UsageFilter, UsageRow, UsageTotals};
 use crate::usage::report;
 
 pub const LOGIN: &str = "/dashboard/login";
@@ -155,78 +155,101 @@ pub async fn dashboard(
         Ok(parsed) => parsed,
         Err(err) => return Ok(bad_filter(&err)),
     };
-    let store = state.store.as_ref();
-    let with = |group_by| UsageFilter {
-        group_by,
-        ..filter.clone()
-    };
-    let by_day = totals(store, &with(GroupBy::Day)).await?;
-    let by_key = totals(store, &with(GroupBy::Key)).await?;
-    let by_model = totals(store, &with(GroupBy::Model)).await?;
-    let (latest, _) = page(store, &filter, None, LATEST).await?;
-    let keys = store.list_keys().await.map_err(ApiError::internal)?;
-    let mut key_names: Vec<String> = keys.into_iter().map(|k| k.name).collect();
-    key_names.sort();
-    key_names.dedup();
-    let models: Vec<String> = {
-        let runtime = state.runtime.load();
-        runtime
-            .config
-            .public_names()
+    let figures = Figures::read(&state, &filter).await?;
+    let body = render(&filter, &shown, &figures);
+    Ok(html(
+        StatusCode::OK,
+        html::page("imagegate · usage", &format!("<main>{body}</main>")),
+    ))
+}
+
+/// What the page shows, read through the admin API's functions.
+struct Figures {
+    by_day: Vec<UsageTotals>,
+    by_key: Vec<UsageTotals>,
+    by_model: Vec<UsageTotals>,
+    latest: Vec<UsageRow>,
+    /// For the filter form's suggestions.
+    key_names: Vec<String>,
+    models: Vec<String>,
+}
+
+impl Figures {
+    async fn read(state: &AppState, filter: &UsageFilter) -> Result<Self, ApiError> {
+        let store = state.store.as_ref();
+        let with = |group_by| UsageFilter {
+            group_by,
+            ..filter.clone()
+        };
+        let mut key_names: Vec<String> = (store.list_keys().await)
+            .map_err(ApiError::internal)?
             .into_iter()
-            .map(str::to_owned)
-            .collect()
-    };
+            .map(|k| k.name)
+            .collect();
+        key_names.sort();
+        key_names.dedup();
+        let runtime = state.runtime.load_full();
+        Ok(Figures {
+            by_day: totals(store, &with(GroupBy::Day)).await?,
+            by_key: totals(store, &with(GroupBy::Key)).await?,
+            by_model: totals(store, &with(GroupBy::Model)).await?,
+            latest: page(store, filter, None, LATEST).await?.0,
+            key_names,
+            models: runtime
+                .config
+                .public_names()
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+        })
+    }
+}
+
+/// The page's content: filters, cards, the day chart, the two tables, the latest rows.
+fn render(filter: &UsageFilter, shown: &html::Shown, f: &Figures) -> String {
     let last_day = filter
         .until
         .map(|until| (until - Duration::microseconds(1)).date_naive())
         .unwrap_or_else(|| Utc::now().date_naive());
     let first_day = NaiveDate::parse_from_str(&shown.since, "%Y-%m-%d").ok();
-    let days = html::day_series(&by_day, first_day, last_day);
+    let days = html::day_series(&f.by_day, first_day, last_day);
+    let period = match days.first() {
+        Some((first, _, _)) => format!("Spend by day, {first} to {last_day}"),
+        None => "Spend by day".to_owned(),
+    };
     let csv = |group: &str| {
-        format!(
+        let link = format!(
             "/dashboard/usage.csv{}",
             shown.query(&[("group_by", group)])
-        )
+        );
+        Some(link)
     };
-    let body = [
-        html::top(&shown, &key_names, &models),
-        html::cards(&report::total(&by_key, "total")),
+    let keys = html::totals_table("keys", "Key", &f.by_key);
+    let models = html::totals_table("models", "Model", &f.by_model);
+    [
+        html::top(shown, &f.key_names, &f.models),
+        html::cards(&report::total(&f.by_key, "total")),
         html::panel(
             "by-day",
-            "Spend by day",
-            Some(&csv("day")),
+            &period,
+            csv("day").as_deref(),
             &html::chart(&days),
         ),
         "<div class=\"grid2\">".to_owned(),
-        html::panel(
-            "by-key",
-            "By key",
-            Some(&csv("key")),
-            &html::totals_table("keys", "Key", &by_key),
-        ),
-        html::panel(
-            "by-model",
-            "By model",
-            Some(&csv("model")),
-            &html::totals_table("models", "Model", &by_model),
-        ),
+        html::panel("by-key", "By key", csv("key").as_deref(), &keys),
+        html::panel("by-model", "By model", csv("model").as_deref(), &models),
         "</div>".to_owned(),
         html::panel(
             "latest",
             "Latest requests",
             None,
-            &html::requests_table(&latest),
+            &html::requests_table(&f.latest),
         ),
         "<footer>Times and days are UTC. Spend is exact to the billionth of a dollar; \
          the CSV downloads hold the same figures as GET /admin/usage.</footer>"
             .to_owned(),
     ]
-    .concat();
-    Ok(html(
-        StatusCode::OK,
-        html::page("imagegate · usage", &format!("<main>{body}</main>")),
-    ))
+    .concat()
 }
 
 /// `GET /dashboard/usage.csv?key=&model=&since=&until=&group_by=`: the figures the page
