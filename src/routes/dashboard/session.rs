@@ -41,9 +41,10 @@ pub fn clear_cookie() -> String {
     format!("{COOKIE}=; Path=/dashboard; HttpOnly; SameSite=Strict; Max-Age=0")
 }
 
-/// True when the request carries an unexpired session signed with today's admin token.
+/// True when the request carries an unexpired session signed with today's admin token (an
+/// empty token signs nothing: anyone could compute its tags).
 pub fn valid(headers: &HeaderMap, token: Option<&Secret>) -> bool {
-    let Some(token) = token else {
+    let Some(token) = token.filter(|t| !t.expose().is_empty()) else {
         return false;
     };
     cookie_value(headers).is_some_and(|value| verify(token, value))
@@ -98,6 +99,10 @@ mod tests {
         let other = Secret::new("another-token".into());
         assert!(!valid(&headers(&cookie), Some(&other)));
         assert!(!valid(&headers(&cookie), None));
+        let empty = Secret::new(String::new());
+        let tag = hex::encode(mac(&empty, i64::MAX).finalize().into_bytes());
+        let signed_by_empty = format!("{COOKIE}=v1.{}.{tag}", i64::MAX);
+        assert!(!valid(&headers(&signed_by_empty), Some(&empty)));
         // A tampered expiry breaks the tag.
         let (_, rest) = value.split_once('.').expect("v1.");
         let (expires, tag) = rest.split_once('.').expect("expiry.tag");
