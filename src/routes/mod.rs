@@ -27,7 +27,12 @@ pub const ADMIN: &[&str] = &["/admin/reload", "/admin/usage", "/admin/requests"]
 
 /// The dashboard's pages, behind its session cookie instead of a key: without a valid
 /// session they redirect to its login form (see [`dashboard::session`]).
-pub const DASHBOARD: &[&str] = &["/dashboard", "/dashboard/usage.csv", "/dashboard/logout"];
+pub const DASHBOARD: &[&str] = &[
+    "/dashboard",
+    "/dashboard/usage.csv",
+    "/dashboard/requests.csv",
+    "/dashboard/logout",
+];
 
 /// The dashboard's login form and its two files: open, like the public routes, but to
 /// people rather than probes.
@@ -59,6 +64,11 @@ fn table() -> Vec<(Method, &'static str, MethodRouter<Arc<AppState>>)> {
         (M::GET, "/admin/requests", get(admin::usage::requests)),
         (M::GET, "/dashboard", get(dashboard::dashboard)),
         (M::GET, "/dashboard/usage.csv", get(dashboard::usage_csv)),
+        (
+            M::GET,
+            "/dashboard/requests.csv",
+            get(dashboard::requests_csv),
+        ),
         (M::POST, "/dashboard/logout", post(dashboard::logout)),
         (
             M::GET,

@@ -1,8 +1,8 @@
 //! A usage report as JSON or CSV: one rendering for `imagegate usage`, `GET /admin/usage`
 //! and the dashboard's download, so that their figures cannot drift apart.
 
-use crate::store::{GroupBy, UsageTotals};
-use crate::usage::price::format_usd_sum;
+use crate::store::{GroupBy, UsageRow, UsageTotals};
+use crate::usage::price::{format_usd, format_usd_sum};
 
 /// The report's columns after the group's own (named after the grouping), in order.
 pub const COLUMNS: [&str; 14] = [
@@ -107,4 +107,74 @@ pub fn total(rows: &[UsageTotals], name: &str) -> UsageTotals {
             t
         },
     )
+}
+
+/// The columns of one usage row as `GET /admin/requests` gives it (never the key, only its
+/// name), in order.
+pub const ROW_COLUMNS: [&str; 22] = [
+    "request_id",
+    "created_at",
+    "key",
+    "model",
+    "provider",
+    "upstream_model",
+    "endpoint",
+    "status",
+    "outcome",
+    "streamed",
+    "images",
+    "text_input_tokens",
+    "image_input_tokens",
+    "cached_text_input_tokens",
+    "cached_image_input_tokens",
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "cost_usd",
+    "cost_nanousd",
+    "cost_estimated",
+    "latency_ms",
+];
+
+/// One row as JSON, under [`ROW_COLUMNS`]' names.
+pub fn row_json(row: &UsageRow) -> serde_json::Value {
+    serde_json::json!({
+        "request_id": row.request_id,
+        "created_at": row.created_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        "key": row.key_name,
+        "model": row.model,
+        "provider": row.provider,
+        "upstream_model": row.upstream_model,
+        "endpoint": row.endpoint,
+        "status": row.status,
+        "outcome": row.outcome.as_str(),
+        "streamed": row.streamed,
+        "images": row.images,
+        "text_input_tokens": row.text_input_tokens,
+        "image_input_tokens": row.image_input_tokens,
+        "cached_text_input_tokens": row.cached_text_input_tokens,
+        "cached_image_input_tokens": row.cached_image_input_tokens,
+        "input_tokens": row.input_tokens,
+        "output_tokens": row.output_tokens,
+        "total_tokens": row.total_tokens,
+        "cost_usd": format_usd(row.cost_nanousd),
+        "cost_nanousd": row.cost_nanousd,
+        "cost_estimated": row.cost_estimated,
+        "latency_ms": row.latency_ms,
+    })
+}
+
+/// Rows as CSV: a header line ([`ROW_COLUMNS`]) and one line per row, with the values
+/// [`row_json`] gives (text as it is, numbers and booleans as JSON writes them).
+pub fn rows_csv(rows: &[UsageRow]) -> Result<Vec<u8>, csv::Error> {
+    let mut out = csv::Writer::from_writer(Vec::new());
+    out.write_record(ROW_COLUMNS)?;
+    for row in rows {
+        let json = row_json(row);
+        out.write_record(ROW_COLUMNS.map(|column| match &json[column] {
+            serde_json::Value::String(text) => text.clone(),
+            other => other.to_string(),
+        }))?;
+    }
+    out.into_inner().map_err(|err| err.into_error().into())
 }

@@ -372,6 +372,37 @@ async fn requests_are_paged_newest_first(db: Db) {
     assert_eq!(ids, ["r6", "r2", "r1"]);
     let (ids, _) = page(&gw, "key=bob&since=2025-03-02T00:00:00Z").await;
     assert_eq!(ids, ["r4"]);
+
+    // As CSV: the same rows and values; the next page's cursor in a header.
+    let response = admin_get(&gw, "/admin/requests?format=csv&key=bob&limit=1").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/csv; charset=utf-8"
+    );
+    let cursor = response.headers()["x-next-cursor"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    let header = "request_id,created_at,key,model,provider,upstream_model,endpoint,status,\
+                  outcome,streamed,images,text_input_tokens,image_input_tokens,\
+                  cached_text_input_tokens,cached_image_input_tokens,input_tokens,\
+                  output_tokens,total_tokens,cost_usd,cost_nanousd,cost_estimated,latency_ms";
+    assert_eq!(
+        response.text().await.expect("csv"),
+        format!(
+            "{header}\nr4,2025-03-02T00:00:00.000000Z,bob,gpt-image-1,piapi,gpt-image-1,\
+             generations,200,interrupted,false,0,0,0,0,0,0,0,0,0.500000001,500000001,true,1234\n"
+        )
+    );
+    let query = format!("/admin/requests?format=csv&key=bob&limit=1&cursor={cursor}");
+    let response = admin_get(&gw, &query).await;
+    assert!(
+        response.headers().get("x-next-cursor").is_none(),
+        "the last page"
+    );
+    let csv = response.text().await.expect("csv");
+    assert!(csv.ends_with(",1234\n") && csv.contains("\nr3,"), "{csv}");
     gw.shutdown().await;
 }
 
@@ -389,7 +420,8 @@ async fn bad_parameters_are_refused_naming_them(db: Db) {
         ("/admin/requests?limit=ten", "limit"),
         ("/admin/requests?cursor=not-a-cursor", "cursor"),
         ("/admin/requests?since=2025-03-01T00:00:00", "since"),
-        ("/admin/requests?format=csv", "format"),
+        ("/admin/requests?format=xml", "format"),
+        ("/admin/requests?group_by=day", "group_by"),
     ];
     for (path, param) in cases {
         let response = admin_get(&gw, path).await;

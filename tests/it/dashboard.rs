@@ -46,7 +46,11 @@ async fn login_sets_a_signed_http_only_cookie_and_the_pages_need_it() {
     let gw = gateway_with_known_rows(Db::Sqlite, Utc::now().date_naive()).await;
     let client = no_redirects();
     // No session: every page sends the browser to the form.
-    for path in ["/dashboard", "/dashboard/usage.csv?group_by=key"] {
+    for path in [
+        "/dashboard",
+        "/dashboard/usage.csv?group_by=key",
+        "/dashboard/requests.csv",
+    ] {
         let response = client.get(gw.url(path)).send().await.expect("send");
         assert_eq!(response.status(), 303, "{path}");
         assert_eq!(response.headers()["location"], "/dashboard/login");
@@ -465,7 +469,7 @@ async fn check_sorting(c: &Client) {
 }
 
 /// Each CSV link, fetched with the browser's own session cookie, is `/admin/usage`'s CSV
-/// for the same filter.
+/// (or, for the latest requests, `/admin/requests`') for the same filter.
 async fn check_csv(c: &Client, gw: &TestGateway) {
     let cookie = c
         .get_named_cookie(COOKIE)
@@ -473,12 +477,15 @@ async fn check_csv(c: &Client, gw: &TestGateway) {
         .expect("the session cookie");
     assert_eq!(cookie.http_only(), Some(true));
     let links = c.find_all(Locator::Css("a.csv")).await.expect("links");
-    assert_eq!(links.len(), 3);
+    assert_eq!(links.len(), 4);
     for link in links {
         let href = link.attr("href").await.expect("attr").expect("href");
-        let query = href
-            .strip_prefix("/dashboard/usage.csv?")
-            .expect("a download link");
+        let (path, query) = href.split_once('?').expect("a filter");
+        let api = match path {
+            "/dashboard/usage.csv" => format!("/admin/usage?format=csv&{query}"),
+            "/dashboard/requests.csv" => format!("/admin/requests?format=csv&limit=50&{query}"),
+            other => panic!("{other} is not a download"),
+        };
         let download = reqwest::Client::new()
             .get(gw.url(&href))
             .header("cookie", format!("{COOKIE}={}", cookie.value()))
@@ -491,7 +498,7 @@ async fn check_csv(c: &Client, gw: &TestGateway) {
             "text/csv; charset=utf-8"
         );
         let csv = download.text().await.expect("csv");
-        let api = admin_get(gw, &format!("/admin/usage?format=csv&{query}")).await;
+        let api = admin_get(gw, &api).await;
         assert_eq!(csv, api.text().await.expect("csv"), "{href}");
         assert!(csv.lines().count() > 1, "{csv}");
     }

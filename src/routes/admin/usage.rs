@@ -1,5 +1,6 @@
 //! `GET /admin/usage` (totals by key, model, provider, day or hour, as JSON or CSV) and
-//! `GET /admin/requests` (the latest usage rows, newest first, a page at a time). The
+//! `GET /admin/requests` (the latest usage rows, newest first, a page at a time, as JSON or
+//! CSV). The
 //! dashboard reads through the same functions, so that its figures are these.
 
 use std::sync::Arc;
@@ -17,7 +18,6 @@ use serde_json::json;
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::store::{GroupBy, PageCursor, Store, UsageFilter, UsageRow, UsageTotals};
-use crate::usage::price::format_usd;
 use crate::usage::report;
 
 /// Rows `GET /admin/requests` returns when the request does not say.
@@ -145,15 +145,23 @@ pub fn csv_response(
     name: &str,
 ) -> Result<Response, ApiError> {
     let body = report::csv(rows, group_by).map_err(ApiError::internal)?;
-    let disposition = format!("attachment; filename=\"{name}-by-{}.csv\"", group_by.name());
-    Ok((
+    Ok(csv_download(
+        body,
+        &format!("{name}-by-{}.csv", group_by.name()),
+    ))
+}
+
+/// CSV text as a download named `file`.
+pub fn csv_download(body: Vec<u8>, file: &str) -> Response {
+    let disposition = format!("attachment; filename=\"{file}\"");
+    (
         [
             (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
             (header::CONTENT_DISPOSITION, disposition),
         ],
         body,
     )
-        .into_response())
+        .into_response()
 }
 
 /// `GET /admin/usage?key=&model=&provider=&since=&until=&group_by=&format=`.
@@ -230,34 +238,6 @@ pub async fn page(
     Ok((rows, next))
 }
 
-/// One row as `GET /admin/requests` shows it (never the key, only its name).
-pub fn row_json(row: &UsageRow) -> serde_json::Value {
-    json!({
-        "request_id": row.request_id,
-        "created_at": row.created_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-        "key": row.key_name,
-        "model": row.model,
-        "provider": row.provider,
-        "upstream_model": row.upstream_model,
-        "endpoint": row.endpoint,
-        "status": row.status,
-        "outcome": row.outcome.as_str(),
-        "streamed": row.streamed,
-        "images": row.images,
-        "text_input_tokens": row.text_input_tokens,
-        "image_input_tokens": row.image_input_tokens,
-        "cached_text_input_tokens": row.cached_text_input_tokens,
-        "cached_image_input_tokens": row.cached_image_input_tokens,
-        "input_tokens": row.input_tokens,
-        "output_tokens": row.output_tokens,
-        "total_tokens": row.total_tokens,
-        "cost_usd": format_usd(row.cost_nanousd),
-        "cost_nanousd": row.cost_nanousd,
-        "cost_estimated": row.cost_estimated,
-        "latency_ms": row.latency_ms,
-    })
-}
-
 /// `limit`: 1 to [`MAX_LIMIT`], [`DEFAULT_LIMIT`] when absent.
 fn parse_limit(params: &Params) -> Result<i64, ApiError> {
     let Some(text) = params.get("limit") else {
@@ -274,23 +254,38 @@ fn parse_limit(params: &Params) -> Result<i64, ApiError> {
         })
 }
 
-/// `GET /admin/requests?key=&model=&provider=&since=&until=&limit=&cursor=`.
+/// `GET /admin/requests?key=&model=&provider=&since=&until=&limit=&cursor=&format=`. As
+/// CSV, the next page's cursor is in the `x-next-cursor` header (absent on the last page).
 pub async fn requests(
     State(state): State<Arc<AppState>>,
     query: Result<Query<Pairs>, QueryRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Response, ApiError> {
     const ALLOWED: &[&str] = &[
-        "key", "model", "provider", "since", "until", "limit", "cursor",
+        "key", "model", "provider", "since", "until", "limit", "cursor", "format",
     ];
     let params = Params::new(query, ALLOWED)?;
-    let filter = params.filter()?;
+    let (filter, format) = (params.filter()?, params.format()?);
     let limit = parse_limit(&params)?;
     let after = params.get("cursor").map(decode_cursor).transpose()?;
     let (rows, next) = page(state.store.as_ref(), &filter, after.as_ref(), limit).await?;
+    if format == Format::Csv {
+        let mut response = rows_csv_response(&rows)?;
+        if let Some(next) = next.and_then(|n| http::HeaderValue::from_str(&n).ok()) {
+            response.headers_mut().insert("x-next-cursor", next);
+        }
+        return Ok(response);
+    }
     Ok(Json(json!({
         "object": "list",
-        "data": rows.iter().map(row_json).collect::<Vec<_>>(),
+        "data": rows.iter().map(report::row_json).collect::<Vec<_>>(),
         "has_more": next.is_some(),
         "next_cursor": next,
-    })))
+    }))
+    .into_response())
+}
+
+/// Usage rows as a CSV download.
+pub fn rows_csv_response(rows: &[UsageRow]) -> Result<Response, ApiError> {
+    let body = report::rows_csv(rows).map_err(ApiError::internal)?;
+    Ok(csv_download(body, "requests.csv"))
 }

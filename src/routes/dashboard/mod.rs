@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use chrono::{Duration, NaiveDate, Utc};
 use http::{HeaderValue, StatusCode, header};
 
-use super::admin::usage::{Pairs, Params, csv_response, page, totals};
+use super::admin::usage::{Pairs, Params, csv_response, page, rows_csv_response, totals};
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::store::{GroupBy, UsageFilter, UsageRow, UsageTotals};
@@ -241,12 +241,13 @@ fn render(filter: &UsageFilter, shown: &html::Shown, f: &Figures) -> String {
         "</div>".to_owned(),
         html::panel(
             "latest",
-            "Latest requests",
-            None,
+            &format!("Latest requests (up to {LATEST})"),
+            Some(&format!("/dashboard/requests.csv{}", shown.query(&[]))),
             &html::requests_table(&f.latest),
         ),
         "<footer>Times and days are UTC. Spend is exact to the billionth of a dollar; \
-         the CSV downloads hold the same figures as GET /admin/usage.</footer>"
+         the CSV downloads hold the same figures as GET /admin/usage and \
+         GET /admin/requests.</footer>"
             .to_owned(),
     ]
     .concat()
@@ -263,6 +264,18 @@ pub async fn usage_csv(
     let (filter, _) = filter(&params)?;
     let rows = totals(state.store.as_ref(), &filter).await?;
     csv_response(&rows, filter.group_by, "usage")
+}
+
+/// `GET /dashboard/requests.csv?key=&model=&since=&until=`: the latest requests the page
+/// shows, as `GET /admin/requests?format=csv&limit=50` gives them for the same filter.
+pub async fn requests_csv(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<Pairs>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let params = Params::new(query, FILTERS)?;
+    let (filter, _) = filter(&params)?;
+    let (rows, _) = page(state.store.as_ref(), &filter, None, LATEST).await?;
+    rows_csv_response(&rows)
 }
 
 /// The embedded stylesheet.
