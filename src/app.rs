@@ -194,7 +194,9 @@ fn next_request_id() -> Arc<str> {
 ///    one line for requests that did not reach a provider (the usage meter logs the others);
 /// 2. `CatchPanicLayer`: a panic becomes a 500 in OpenAI's shape, the server stays up;
 /// 3. on every route (not on 404 and 405 answers), [`gate::authenticate`]: a client key by
-///    default, the admin token on [`routes::ADMIN`], nothing on [`routes::PUBLIC`] only;
+///    default, the admin token on [`routes::ADMIN`], the dashboard's session cookie on
+///    [`routes::DASHBOARD`] (without one: a redirect to its login form), nothing on
+///    [`routes::PUBLIC`] and [`routes::DASHBOARD_OPEN`] only;
 ///    then the key's cap on requests in flight (`limits.max_in_flight_per_key`): over it, 429
 ///    before anything is forwarded; the slot is held until the response body ends;
 /// 4. on the image routes, the request body's timeouts (`routes::images::body_timeouts`).
