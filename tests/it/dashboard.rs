@@ -220,9 +220,9 @@ async fn viewport_1280x800(c: &Client) {
         .execute("return [window.innerWidth, window.innerHeight];", vec![])
         .await
         .expect("viewport");
-    let (w, h) = (inner[0].as_u64().expect("w"), inner[1].as_u64().expect("h"));
-    let w = u32::try_from(1280 + (1280 - w)).expect("width");
-    let h = u32::try_from(800 + (800 - h)).expect("height");
+    let (w, h) = (inner[0].as_i64().expect("w"), inner[1].as_i64().expect("h"));
+    let w = u32::try_from(2 * 1280 - w).expect("width");
+    let h = u32::try_from(2 * 800 - h).expect("height");
     c.set_window_size(w, h).await.expect("resize");
 }
 
