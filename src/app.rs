@@ -12,16 +12,17 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use http::HeaderValue;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::auth::{KeyCache, Principal};
-use crate::breaker::Breakers;
 use crate::config::{Config, EnvLookup};
 use crate::dedupe::Dedupe;
 use crate::error::ApiError;
 use crate::gate;
+use crate::jobs::Jobs;
 use crate::routes;
 use crate::server::Listeners;
 use crate::spool::SpoolUsage;
@@ -75,6 +76,7 @@ impl Gateway {
             )
             .map_err(|e| anyhow::anyhow!("server.spool_dir {}: {e}", results.display()))?,
         );
+        let jobs = open_jobs(&config.jobs.dir)?;
         let store: Arc<dyn Store> = Arc::new(crate::store::OnRuntime::new(store));
         let tasks = TaskTracker::new();
         let keys = KeyCache::new(
@@ -91,10 +93,11 @@ impl Gateway {
             keys,
             tasks,
             metrics,
-            breakers: Breakers::default(),
+            breakers: Arc::default(),
             dedupe,
             spool: SpoolUsage::default(),
             in_flight: Arc::default(),
+            jobs,
             reload_lock: std::sync::Mutex::new(()),
         });
         Ok(Gateway { state, writer })
@@ -116,6 +119,12 @@ impl Gateway {
                 crate::server::ConnectionLimits::from_config(server),
             )
         };
+        let sweeper = CancellationToken::new();
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "the sweeper only deletes expired job files; it is stopped below, not waited for by the request tasks"
+        )]
+        let sweeping = tokio::spawn(sweep_jobs(Arc::clone(&self.state), sweeper.clone()));
         let served = crate::server::serve_workers(
             listeners,
             router(Arc::clone(&self.state)),
@@ -125,11 +134,44 @@ impl Gateway {
             self.state.tasks.clone(),
         )
         .await;
+        sweeper.cancel();
+        let _ = sweeping.await;
         // Whatever happened to the workers, what was recorded reaches the database.
         self.writer.close(grace).await;
         served?;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// The async jobs an earlier run left; those it cut off are recorded as failed.
+fn open_jobs(dir: &std::path::Path) -> anyhow::Result<Arc<Jobs>> {
+    let (jobs, interrupted) =
+        Jobs::open(dir).map_err(|e| anyhow::anyhow!("jobs.dir {}: {e}", dir.display()))?;
+    if interrupted > 0 {
+        tracing::warn!(
+            interrupted,
+            "async jobs cut off by the last stop are reported failed (\"{}\")",
+            crate::jobs::INTERRUPTED
+        );
+    }
+    Ok(Arc::new(jobs))
+}
+
+/// Deletes finished jobs past `jobs.retention` (read at each round: a reload changes it),
+/// until `stop`.
+async fn sweep_jobs(state: Arc<AppState>, stop: CancellationToken) {
+    loop {
+        let retention = state.runtime.load().config.jobs.retention;
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(crate::jobs::sweep_interval(retention)) => {}
+        }
+        let jobs = Arc::clone(&state.jobs);
+        let swept = tokio::task::spawn_blocking(move || jobs.sweep(retention)).await;
+        if let Ok(swept @ 1..) = swept {
+            tracing::info!(swept, "deleted async jobs past jobs.retention");
+        }
     }
 }
 

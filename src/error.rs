@@ -82,6 +82,15 @@ pub enum ApiError {
         "Rate limit reached: this API key has {limit} requests in flight, the most it may have at once. Retry when one has finished."
     )]
     KeyInFlightLimit { limit: u32 },
+    /// An async job that does not exist, has expired, or belongs to another key: the
+    /// same answer for all three, so that a key cannot learn of another's jobs.
+    #[error("No image job found with id '{0}'.")]
+    JobNotFound(String),
+    /// The key has `limit` async jobs not finished already.
+    #[error(
+        "Too many jobs: this API key has {limit} async jobs queued or running, the most it may have at once. Retry when one has finished."
+    )]
+    JobQueueFull { limit: u32 },
     /// A key never seen before, and the database did not answer in time to check it.
     #[error(
         "The API key could not be checked right now (the key database is not answering). Please retry shortly."
@@ -109,12 +118,16 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) | ApiError::AdminForbidden => StatusCode::UNAUTHORIZED,
-            ApiError::ModelNotFound(_) | ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::ModelNotFound(_) | ApiError::NotFound | ApiError::JobNotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
             ApiError::PayloadTooLarge { .. } | ApiError::PartTooLarge(_) => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            ApiError::KeyInFlightLimit { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::KeyInFlightLimit { .. } | ApiError::JobQueueFull { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Upstream { status, .. } => *status,
             ApiError::UpstreamUnreachable { .. } | ApiError::UpstreamClosedBody => {
@@ -147,6 +160,8 @@ impl ApiError {
                 Some("model".into()),
             ),
             ApiError::NotFound => ("invalid_request_error", Some("not_found"), None),
+            ApiError::JobNotFound(_) => ("invalid_request_error", Some("job_not_found"), None),
+            ApiError::JobQueueFull { .. } => ("requests", Some("job_queue_full"), None),
             ApiError::MethodNotAllowed => {
                 ("invalid_request_error", Some("method_not_allowed"), None)
             }

@@ -13,6 +13,7 @@ pub mod dedupe;
 pub mod error;
 pub mod gate;
 pub mod held;
+pub mod jobs;
 pub mod limits;
 pub mod multipart;
 pub mod openai;

@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex};
 #[derive(Default)]
 pub struct InFlight {
     counts: Mutex<HashMap<i64, u32>>,
+    /// Told whenever a slot is given back, for those waiting for one.
+    freed: tokio::sync::Notify,
 }
 
 impl InFlight {
@@ -23,6 +25,19 @@ impl InFlight {
             table: Arc::clone(self),
             key_id,
         })
+    }
+
+    /// A slot for one more request of `key_id`, once it has fewer than `cap` (background
+    /// work, such as a job, waits for its turn instead of being refused).
+    pub async fn enter(self: &Arc<Self>, key_id: i64, cap: u32) -> Slot {
+        loop {
+            // Registered before looking, so that a slot given back in between wakes it.
+            let freed = self.freed.notified();
+            if let Some(slot) = self.try_enter(key_id, cap) {
+                return slot;
+            }
+            freed.await;
+        }
     }
 
     /// How many keys have requests in flight (tests).
@@ -46,6 +61,8 @@ impl Drop for Slot {
                 counts.remove(&self.key_id);
             }
         }
+        drop(counts);
+        self.table.freed.notify_waiters();
     }
 }
 
@@ -64,5 +81,25 @@ mod tests {
         let a3 = table.try_enter(1, 2).expect("a slot was given back");
         drop((a2, a3, b));
         assert_eq!(table.keys(), 0, "idle keys leave the map");
+    }
+
+    #[tokio::test]
+    async fn a_waiter_gets_the_slot_given_back() {
+        let table = Arc::new(InFlight::default());
+        let held = table.try_enter(1, 1).expect("first");
+        let waiting = table.enter(1, 1);
+        tokio::pin!(waiting);
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(50), &mut waiting)
+                .await
+                .is_err(),
+            "no slot while the cap is reached"
+        );
+        drop(held);
+        let slot = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("woken when the slot is given back");
+        assert!(table.try_enter(1, 1).is_none());
+        drop(slot);
     }
 }

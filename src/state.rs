@@ -15,6 +15,7 @@ use crate::auth::KeyCache;
 use crate::breaker::Breakers;
 use crate::config::{Config, ConfigError, EnvLookup};
 use crate::dedupe::Dedupe;
+use crate::jobs::Jobs;
 use crate::limits::InFlight;
 use crate::spool::SpoolUsage;
 use crate::store::Store;
@@ -34,7 +35,11 @@ pub struct Runtime {
 }
 
 impl Runtime {
+    /// Built at start and on each reload: the configuration's warnings are logged here.
     pub fn new(config: Config) -> anyhow::Result<Self> {
+        for warning in &config.warnings {
+            tracing::warn!(source = %config.source.display(), "{warning}");
+        }
         let route_metrics = config
             .models
             .values()
@@ -68,12 +73,14 @@ pub struct AppState {
     pub tasks: TaskTracker,
     pub metrics: PrometheusHandle,
     /// Per provider, kept across reloads.
-    pub breakers: Breakers,
+    pub breakers: Arc<Breakers>,
     pub dedupe: Arc<Dedupe>,
     /// What the upload spool files hold together, against `server.spool_max_bytes`.
     pub spool: SpoolUsage,
     /// Requests in flight per key, for `limits.max_in_flight_per_key`.
     pub in_flight: Arc<InFlight>,
+    /// Async jobs (`Prefer: respond-async`) and their results on disk.
+    pub jobs: Arc<Jobs>,
     /// Reloads happen one at a time.
     pub(crate) reload_lock: std::sync::Mutex<()>,
 }
@@ -123,9 +130,10 @@ impl AppState {
             || config.server.http2_keep_alive_interval
                 != current.config.server.http2_keep_alive_interval
             || config.server.max_connections != current.config.server.max_connections
+            || config.jobs.dir != current.config.jobs.dir
         {
             tracing::warn!(
-                "database.url, server.listen, server.journal_dir, server.workers, server.header_read_timeout, server.http2_keep_alive_interval and server.max_connections changes take effect at the next restart"
+                "database.url, server.listen, server.journal_dir, server.workers, server.header_read_timeout, server.http2_keep_alive_interval, server.max_connections and jobs.dir changes take effect at the next restart"
             );
         }
         let runtime =

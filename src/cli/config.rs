@@ -1,6 +1,6 @@
 //! `imagegate config check`: the routing table a configuration makes, secrets redacted.
 
-use imagegate::config::{Config, Price, ProviderKind, Route};
+use imagegate::config::{Config, Endpoint, ImageTable, Price, ProviderKind, Route, TokenRates};
 use imagegate::usage::price::format_usd;
 
 /// Prints the validated configuration: database (password hidden), admin API, providers,
@@ -66,25 +66,62 @@ pub fn print_routing_table(config: &Config) {
                     format!("  {}", policy.join("; "))
                 }
             );
+            println!(
+                "       price source: {}",
+                route.price_source.as_deref().unwrap_or("(none named)")
+            );
         }
+    }
+    if !config.warnings.is_empty() {
+        println!();
+    }
+    for warning in &config.warnings {
+        println!("warning: {warning}");
     }
 }
 
+/// A price's kind and figures, as one phrase.
 fn describe_price(price: &Price) -> String {
-    match *price {
-        Price::PerImage(n) => format!("${} per image", format_usd(n)),
-        Price::Tokens {
-            text_input,
-            image_input,
-            image_output,
-            ..
-        } => format!(
-            "per 1M tokens: text in ${}, image in ${}, image out ${}",
-            format_usd(text_input * 1_000_000),
-            format_usd(image_input * 1_000_000),
-            format_usd(image_output * 1_000_000)
+    match price {
+        Price::Unpriced => "unpriced: rows record tokens, no cost".into(),
+        Price::PerImage(n) => format!("per_image: ${} per image", format_usd(*n)),
+        Price::Tokens(rates) => format!("tokens: {}", describe_rates(rates)),
+        Price::Table(table) => format!("table: {}", describe_table(table)),
+        Price::MinOf(rates, table) => format!(
+            "min_of(tokens, table): the cheaper of {} and {}",
+            describe_rates(rates),
+            describe_table(table)
         ),
     }
+}
+
+fn describe_rates(rates: &TokenRates) -> String {
+    let per_million = |rate: i64| format_usd(rate.saturating_mul(1_000_000));
+    let mut text = format!(
+        "per 1M tokens: text in ${}, image in ${}, image out ${}",
+        per_million(rates.text_input),
+        per_million(rates.image_input),
+        per_million(rates.image_output)
+    );
+    if rates.text_output != rates.image_output {
+        text.push_str(&format!(", text out ${}", per_million(rates.text_output)));
+    }
+    text
+}
+
+fn describe_table(table: &ImageTable) -> String {
+    let rows: Vec<String> = table
+        .0
+        .iter()
+        .map(|(quality, sizes)| {
+            let prices: Vec<String> = sizes
+                .iter()
+                .map(|(size, n)| format!("{size} ${}", format_usd(*n)))
+                .collect();
+            format!("{quality} {}", prices.join(", "))
+        })
+        .collect();
+    format!("per image {}", rows.join("; "))
 }
 
 /// What a route changes in the requests it sends, one phrase per rule.
@@ -107,6 +144,10 @@ fn describe_policy(route: &Route) -> Vec<String> {
     }
     if route.strip_b64_prefix {
         policy.push("strip data: prefix from b64_json".into());
+    }
+    if route.endpoints.len() < Endpoint::ALL.len() {
+        let names: Vec<&str> = route.endpoints.iter().map(|e| e.as_str()).collect();
+        policy.push(format!("only {}", names.join(", ")));
     }
     policy
 }

@@ -27,6 +27,12 @@ client = OpenAI(base_url="{base}/v1", api_key="{key}")
 img = client.images.generate(model="gpt-image-1", prompt="a red fox")
 print(len(img.data[0].b64_json), img.usage)'
 
+  As an async job (imagegate's own extension): 202 with an id at once, then collect it:
+  curl -s {base}/v1/images/generations -H "Prefer: respond-async" \
+    -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \
+    -d '{{"model":"gpt-image-1","prompt":"a red fox"}}'
+  curl -s {base}/v1/images/jobs/imgjob_... -H "Authorization: Bearer {key}"
+
 Then see what it cost:  cargo run --release -- --config config/demo.toml usage --key {name}
 Revoke the key:         cargo run --release -- --config config/demo.toml keys revoke {name}
 "#

@@ -6,7 +6,6 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::ValueEnum;
 use imagegate::store::{GroupBy, UsageTotals};
-use imagegate::usage::price::format_usd_sum;
 use imagegate::usage::report;
 
 /// How usage totals are grouped: the command line's names for [`GroupBy`].
@@ -63,18 +62,18 @@ pub fn print_usage(rows: &[UsageTotals], group_by: GroupBy, format: Format) -> a
     Ok(())
 }
 
-/// Aligned columns and a TOTAL line.
+/// Aligned columns and a TOTAL line; a cost is shown as [`report::cost_text`] has it.
 fn print_table(out: &mut impl Write, rows: &[UsageTotals], group: &str) -> anyhow::Result<()> {
     writeln!(
         out,
-        "{group:<24} {:>9} {:>7} {:>7} {:>13} {:>13} {:>13} {:>16}",
+        "{group:<24} {:>9} {:>7} {:>7} {:>13} {:>13} {:>13} {:>24}",
         "requests", "failed", "images", "input_tok", "output_tok", "total_tok", "cost_usd"
     )?;
     let total = report::total(rows, "TOTAL");
     for r in rows.iter().chain(std::iter::once(&total)) {
         writeln!(
             out,
-            "{:<24} {:>9} {:>7} {:>7} {:>13} {:>13} {:>13} {:>16}",
+            "{:<24} {:>9} {:>7} {:>7} {:>13} {:>13} {:>13} {:>24}",
             r.group,
             r.requests,
             r.failed,
@@ -82,7 +81,7 @@ fn print_table(out: &mut impl Write, rows: &[UsageTotals], group: &str) -> anyho
             r.input_tokens,
             r.output_tokens,
             r.total_tokens,
-            format_usd_sum(r.cost_nanousd)
+            report::cost_text(r)
         )?;
     }
     if total.unpriced > 0 {

@@ -4,6 +4,8 @@
 //! `raw` is the file as written, with every default; `server`, `providers`, `models` and
 //! `pricing` each validate their own sections. Every refusal names the file and the key.
 
+mod endpoints;
+mod jobs;
 mod models;
 mod pricing;
 mod providers;
@@ -20,8 +22,10 @@ use figment::Figment;
 use figment::error::{Actual, Kind};
 use figment::providers::{Env, Format, Toml};
 
+pub use endpoints::Endpoint;
+pub use jobs::JobsConfig;
 pub use models::{Failover, Model, ParamPolicy, Route};
-pub use pricing::Price;
+pub use pricing::{ImageTable, Price, TokenRates};
 pub use providers::{BreakerConfig, Provider, ProviderKind};
 pub use server::{DatabaseUrl, Limits, ServerConfig, UploadLimits};
 
@@ -67,12 +71,17 @@ pub struct Config {
     pub admin_token: Option<Secret>,
     pub admin_token_env: String,
     pub limits: Limits,
+    /// Asynchronous jobs (`Prefer: respond-async`), imagegate's own extension.
+    pub jobs: JobsConfig,
     pub default_model: Option<String>,
     pub providers: BTreeMap<String, Arc<Provider>>,
     /// Public model name -> model, one entry per canonical name.
     pub models: BTreeMap<String, Arc<Model>>,
     /// Alias -> canonical public name.
     pub aliases: HashMap<String, String>,
+    /// What is valid but deserves a look (unpriced routes, prices naming no source):
+    /// logged at start and on reload, printed by `config check`.
+    pub warnings: Vec<String>,
 }
 
 /// A configuration that cannot be used, with the file and key it concerns.
@@ -218,6 +227,7 @@ impl Validator<'_> {
 
     fn validate(&self, raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         let upstream = self.upstream_timeouts(&raw.server)?;
+        let jobs = self.jobs(raw.jobs, &raw.server)?;
         let server = self.server(raw.server)?;
         let database_url = self.database_url(&raw.database.url)?;
         let admin_token = (self.env)(&raw.admin.token_env).map(Secret::new);
@@ -228,6 +238,7 @@ impl Validator<'_> {
             providers.insert(name, Arc::new(provider));
         }
         let prices = self.prices(&raw.pricing, &providers)?;
+        let warnings = pricing::warnings(&prices);
         let models = self.models(
             raw.models,
             &providers,
@@ -241,10 +252,12 @@ impl Validator<'_> {
             admin_token,
             admin_token_env: raw.admin.token_env,
             limits,
+            jobs,
             default_model: raw.default_model,
             providers,
             models: models.models,
             aliases: models.aliases,
+            warnings,
         })
     }
 }
@@ -304,13 +317,14 @@ mod tests {
             assert!(cfg.resolve_model(Some("dall-e-3")).is_none());
             assert_eq!(
                 model.routes[0].price,
-                Price::Tokens {
+                Price::Tokens(TokenRates {
                     text_input: 5000,
                     cached_text_input: 1250,
                     image_input: 10000,
                     cached_image_input: 1250,
-                    image_output: 40000
-                }
+                    image_output: 40000,
+                    text_output: 40000,
+                })
             );
             assert_eq!(
                 model.routes[0].provider.connect_timeout,
@@ -400,6 +414,61 @@ mod tests {
                     format!("{GOOD}\n[limits]\nmax_in_flight_per_key = 0"),
                     "limits.max_in_flight_per_key",
                 ),
+                (
+                    GOOD.replace(
+                        "drop = [",
+                        "endpoints = [\"generations\", \"edit\"], drop = [",
+                    ),
+                    "models.gpt-image-1.routes[0].endpoints: unknown endpoint \"edit\"",
+                ),
+                (
+                    format!("{GOOD}\nmin_of = [\"tokens\", \"per_image\"]"),
+                    "pricing.piapi.gpt-image-1.min_of: takes",
+                ),
+                (
+                    format!("{GOOD}\nmin_of = [\"tokens\", \"table\"]"),
+                    "pricing.piapi.gpt-image-1.min_of: needs token rates and a table",
+                ),
+                (
+                    format!("{GOOD}\nunpriced = true"),
+                    "pricing.piapi.gpt-image-1.unpriced",
+                ),
+                (
+                    format!(
+                        "{GOOD}\n[pricing.piapi.\"gpt-image-1\".table]\nlow = {{ \"1024x1024\" = 0.005 }}"
+                    ),
+                    "pricing.piapi.gpt-image-1: token rates and a table: set min_of",
+                ),
+                (
+                    format!(
+                        "{GOOD}\nmin_of = [\"table\", \"tokens\"]\n[pricing.piapi.\"gpt-image-1\".table]\nlow = {{ \"1024x1024\" = 0.0000000001 }}"
+                    ),
+                    "pricing.piapi.gpt-image-1.table.low.1024x1024: 0.0000000001 has more decimals",
+                ),
+                (
+                    GOOD.replace("drop = [", "endpoints = [], drop = ["),
+                    "models.gpt-image-1.routes[0].endpoints: needs at least one",
+                ),
+                (
+                    format!("{GOOD}\n[jobs]\nmax_queued_per_key = 0"),
+                    "jobs.max_queued_per_key",
+                ),
+                (
+                    format!("{GOOD}\n[jobs]\nretention = \"0s\""),
+                    "jobs.retention",
+                ),
+                (
+                    format!("{GOOD}\n[jobs]\nretention = \"a day\""),
+                    "jobs.retention",
+                ),
+                (
+                    format!("{GOOD}\n[server]\nspool_dir = \"s\"\n[jobs]\ndir = \"s/jobs\""),
+                    "jobs.dir",
+                ),
+                (
+                    format!("{GOOD}\n[jobs]\ndir = \"data/journal\""),
+                    "jobs.dir",
+                ),
             ];
             for (text, key) in cases {
                 let err = load(jail, &text, &env).expect_err(key).to_string();
@@ -428,10 +497,50 @@ mod tests {
             assert_eq!(three.server.workers, 3);
             let defaults = load(jail, GOOD, &env).expect("defaults");
             assert_eq!(defaults.limits.max_in_flight_per_key.get(), 64);
+            assert_eq!(defaults.jobs.dir, PathBuf::from("data/jobs"));
+            assert_eq!(defaults.jobs.retention, Duration::from_secs(86_400));
+            assert_eq!(defaults.jobs.max_queued_per_key.get(), 100);
             assert_eq!(
                 defaults.server.key_lookup_timeout,
                 Duration::from_millis(500)
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn prices_of_every_kind_load_with_their_source_and_warnings() {
+        figment::Jail::expect_with(|jail| {
+            let env = env_with(&[("PIAPI_API_KEY", "pk")]);
+            let text = format!(
+                "{GOOD}\nsource = \"a page, 2026-05-26\"\nmin_of = [\"tokens\", \"table\"]\n\
+                 [pricing.piapi.\"gpt-image-1\".table]\nlow = {{ \"1024x1024\" = 0.005 }}\n\
+                 [models.mini]\nroutes = [{{ provider = \"piapi\" }}]\n\
+                 [pricing.piapi.mini]\nunpriced = true\n"
+            );
+            let cfg = load(jail, &text, &env).expect("valid");
+            let route = &cfg.models["gpt-image-1"].routes[0];
+            assert_eq!(route.price.kind(), "min_of(tokens, table)");
+            assert_eq!(route.price_source.as_deref(), Some("a page, 2026-05-26"));
+            let Price::MinOf(rates, table) = &route.price else {
+                panic!("{:?}", route.price)
+            };
+            assert_eq!((rates.image_output, rates.text_output), (40000, 40000));
+            assert_eq!(table.lookup(Some("low"), Some("1024x1024")), 5_000_000);
+            assert_eq!(cfg.models["mini"].routes[0].price, Price::Unpriced);
+            assert_eq!(
+                cfg.warnings,
+                [
+                    "pricing.piapi.mini is unpriced: its calls are recorded with their tokens and no cost",
+                    "pricing.piapi.mini names no source (the page and date its price comes from)",
+                ]
+            );
+            let text = format!("{GOOD}\ntext_output = 10.0");
+            let cfg = load(jail, &text, &env).expect("text output rate");
+            let Price::Tokens(rates) = &cfg.models["gpt-image-1"].routes[0].price else {
+                panic!("tokens")
+            };
+            assert_eq!(rates.text_output, 10000);
             Ok(())
         });
     }

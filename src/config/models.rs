@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
+use super::endpoints::Endpoint;
 use super::pricing::{Price, Prices};
 use super::providers::Provider;
 use super::raw::{RawFailover, RawModel, RawRoute};
@@ -18,6 +19,13 @@ pub struct Model {
     /// Tried in order (failover walks this list).
     pub routes: Vec<Route>,
     pub failover: Failover,
+}
+
+impl Model {
+    /// Whether some route of the model serves `endpoint`.
+    pub fn serves(&self, endpoint: Endpoint) -> bool {
+        self.routes.iter().any(|r| r.serves(endpoint))
+    }
 }
 
 /// When a request moves on to the model's next route. Connection failures and timeouts
@@ -36,6 +44,16 @@ pub struct Route {
     /// The provider prefixes `b64_json` with `data:image/...;base64,`; remove it on the way.
     pub strip_b64_prefix: bool,
     pub price: Price,
+    /// The page (and its date) the price comes from, as the entry's `source` names it.
+    pub price_source: Option<String>,
+    /// The endpoints the provider serves this model on (`endpoints`; default: all).
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl Route {
+    pub fn serves(&self, endpoint: Endpoint) -> bool {
+        self.endpoints.contains(&endpoint)
+    }
 }
 
 /// What a route changes in a request before it goes upstream.
@@ -144,7 +162,7 @@ impl Validator<'_> {
             )
         })?;
         let upstream_model = r.model.unwrap_or_else(|| model.to_owned());
-        let price = *prices
+        let entry = prices
             .get(&(r.provider.clone(), upstream_model.clone()))
             .ok_or_else(|| {
                 self.err(
@@ -163,6 +181,7 @@ impl Validator<'_> {
                 ));
             }
         }
+        let endpoints = self.endpoints(rkey, r.endpoints)?;
         Ok(Route {
             provider: Arc::clone(provider),
             upstream_model,
@@ -172,8 +191,36 @@ impl Validator<'_> {
                 drop: r.drop,
             },
             strip_b64_prefix: r.strip_b64_prefix,
-            price,
+            price: entry.price.clone(),
+            price_source: entry.source.clone(),
+            endpoints,
         })
+    }
+
+    /// A route's `endpoints`: names it knows, at least one; all when unset.
+    fn endpoints(
+        &self,
+        rkey: &str,
+        raw: Option<Vec<String>>,
+    ) -> Result<Vec<Endpoint>, ConfigError> {
+        let Some(names) = raw else {
+            return Ok(Endpoint::ALL.to_vec());
+        };
+        let key = format!("{rkey}.endpoints");
+        if names.is_empty() {
+            return Err(self.err(key, "needs at least one endpoint (leave it out for all)"));
+        }
+        names
+            .iter()
+            .map(|name| {
+                Endpoint::parse(name).ok_or_else(|| {
+                    self.err(
+                        &key,
+                        format!("unknown endpoint {name:?} (generations, edits or variations)"),
+                    )
+                })
+            })
+            .collect()
     }
 
     /// `routes` is how many routes the model has: the default number of attempts.

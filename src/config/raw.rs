@@ -26,6 +26,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub limits: RawLimits,
     #[serde(default)]
+    pub jobs: RawJobs,
+    #[serde(default)]
     pub providers: BTreeMap<String, RawProvider>,
     #[serde(default)]
     pub models: BTreeMap<String, RawModel>,
@@ -150,6 +152,25 @@ impl Default for RawLimits {
 
 #[derive(Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+pub(super) struct RawJobs {
+    pub dir: PathBuf,
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    pub max_queued_per_key: u32,
+}
+
+impl Default for RawJobs {
+    fn default() -> Self {
+        RawJobs {
+            dir: PathBuf::from("data/jobs"),
+            retention: Duration::from_secs(24 * 60 * 60),
+            max_queued_per_key: 100,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub(super) struct RawProvider {
     pub kind: RawProviderKind,
     pub base_url: Option<String>,
@@ -239,6 +260,8 @@ pub(super) struct RawRoute {
     pub drop: Vec<String>,
     #[serde(default)]
     pub strip_b64_prefix: bool,
+    /// Unset: every endpoint.
+    pub endpoints: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -249,5 +272,11 @@ pub(super) struct RawPrice {
     pub image_input: Option<f64>,
     pub cached_image_input: Option<f64>,
     pub image_output: Option<f64>,
+    pub text_output: Option<f64>,
     pub per_image: Option<f64>,
+    /// quality -> size -> USD per image.
+    pub table: Option<BTreeMap<String, BTreeMap<String, f64>>>,
+    pub min_of: Option<Vec<String>>,
+    pub unpriced: Option<bool>,
+    pub source: Option<String>,
 }

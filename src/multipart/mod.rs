@@ -15,9 +15,7 @@ use http::{HeaderMap, HeaderValue, header};
 use crate::config::{Route, UploadLimits};
 use crate::error::ApiError;
 use crate::routing::{Prepared, Pump, RequestSource};
-use crate::upstream::{
-    BodySender, Endpoint, RequestSummary, SummarySlot, UpstreamRequest, body_channel, summary_slot,
-};
+use crate::upstream::{BodySender, Endpoint, RequestSummary, UpstreamRequest, body_channel};
 
 pub use crate::spool::{Spool, SpoolArea, SpoolUsage, clean_spool_dir};
 pub use encode::Encoder;
@@ -94,7 +92,7 @@ pub struct Upload {
     images: usize,
     others: usize,
     saw_prompt: bool,
-    summary: SummarySlot,
+    summary: RequestSummary,
     held: Vec<Held>,
     /// Bytes of the text parts in `held`.
     held_text: usize,
@@ -159,7 +157,7 @@ impl Upload {
             images: 0,
             others: 0,
             saw_prompt: false,
-            summary: summary_slot(RequestSummary::default()),
+            summary: RequestSummary::default(),
             held: Vec::new(),
             held_text: 0,
             spool: None,
@@ -253,13 +251,20 @@ impl Upload {
     /// spool first, so that every attempt sends the same bytes without holding them in
     /// memory.
     pub async fn into_source(
-        mut self,
+        self,
         spool: &SpoolArea,
         attempts: usize,
     ) -> Result<UploadSource, ApiError> {
         if attempts <= 1 {
             return Ok(UploadSource::Live(Some(Box::new(self))));
         }
+        self.into_recorded(spool).await
+    }
+
+    /// Reads the rest of the upload into the spool (within its quota) and checks that it is
+    /// complete: for calls that need the whole request before they start (failover's
+    /// replays, async jobs answered before their call is sent).
+    pub async fn into_recorded(mut self, spool: &SpoolArea) -> Result<UploadSource, ApiError> {
         while !self.ended {
             self.hold_next(spool).await?;
         }
@@ -276,13 +281,14 @@ impl Upload {
     }
 
     /// The provider request for `route`, and the pump that feeds it: held parts first (from
-    /// memory and the spool), then the rest of the upload as it arrives.
+    /// memory and the spool), then the rest of the upload as it arrives. The request carries
+    /// the summary of the parts read so far; the pump returns the whole one when it ends.
     pub fn prepare(self, route: &Route) -> Result<Prepared, ApiError> {
         let encoder = Encoder::new(route, self.endpoint);
         let content_type =
             HeaderValue::from_str(&encoder.content_type()).map_err(ApiError::internal)?;
         let (tx, body) = body_channel(CHANNEL_CHUNKS);
-        let summary = Arc::clone(&self.summary);
+        let summary = self.summary.clone();
         let endpoint = self.endpoint;
         let pump: Pump = Box::pin(self.pump(encoder, tx));
         Ok(Prepared {
@@ -296,7 +302,11 @@ impl Upload {
         })
     }
 
-    async fn pump(mut self, mut encoder: Encoder, tx: BodySender) -> Result<(), ApiError> {
+    async fn pump(
+        mut self,
+        mut encoder: Encoder,
+        tx: BodySender,
+    ) -> Result<RequestSummary, ApiError> {
         let out = Out { tx };
         if let Some(spool) = &mut self.spool {
             spool.flush().await?;
@@ -332,7 +342,7 @@ impl Upload {
         self.check_complete()?;
         out.send(encoder.finish()).await?;
         out.tx.finish();
-        Ok(())
+        Ok(self.summary)
     }
 
     /// Reads a file part this provider does not take to its end, sending nothing, while
@@ -412,7 +422,7 @@ impl Upload {
         self.note_other()?;
         let text = std::str::from_utf8(value)
             .map_err(|_| ApiError::invalid(format!("'{name}' must be UTF-8 text."), Some(name)))?;
-        let mut summary = self.summary.lock().unwrap_or_else(|e| e.into_inner());
+        let summary = &mut self.summary;
         match name {
             "prompt" => {
                 if text.trim().is_empty() {
@@ -502,6 +512,16 @@ impl Upload {
     }
 }
 
+impl UploadSource {
+    /// Whether the upload asks for a streamed answer (known for a recorded upload only).
+    pub fn streamed(&self) -> bool {
+        match self {
+            UploadSource::Live(_) => false,
+            UploadSource::Replay(recorded) => recorded.summary.stream,
+        }
+    }
+}
+
 /// What the provider calls of one edit are made from.
 pub enum UploadSource {
     /// One attempt: the upload streams through while it arrives.
@@ -528,7 +548,7 @@ pub struct Recorded {
     held: Vec<Held>,
     spool: Option<Spool>,
     endpoint: Endpoint,
-    summary: SummarySlot,
+    summary: RequestSummary,
 }
 
 impl Recorded {
@@ -537,14 +557,14 @@ impl Recorded {
         let content_type = HeaderValue::from_str(&encoder.content_type())
             .unwrap_or_else(|_| HeaderValue::from_static("multipart/form-data"));
         let (tx, body) = body_channel(CHANNEL_CHUNKS);
-        let summary = Arc::clone(&self.summary);
+        let summary = self.summary.clone();
         let endpoint = self.endpoint;
         let pump: Pump = Box::pin(async move {
             let out = Out { tx };
             emit_held(&self.held, self.spool.as_ref(), &mut encoder, &out).await?;
             out.send(encoder.finish()).await?;
             out.tx.finish();
-            Ok(())
+            Ok(self.summary.clone())
         });
         Prepared {
             request: UpstreamRequest {
@@ -798,6 +818,8 @@ mod tests {
             },
             strip_b64_prefix: false,
             price: Price::PerImage(1),
+            price_source: None,
+            endpoints: crate::config::Endpoint::ALL.to_vec(),
         }
     }
 

@@ -4,12 +4,36 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{FromRef, State};
 use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use serde_json::json;
 
-use crate::state::{AppState, MetricsHandle};
+use crate::breaker::Breakers;
+use crate::state::{AppState, MetricsHandle, Runtime};
+use crate::store::Store;
+use crate::usage::writer::UsageSink;
+
+/// What readiness looks at: the store, the usage journal, and the providers' circuits in
+/// the routing table in force.
+#[derive(Clone)]
+pub struct Readiness {
+    store: Arc<dyn Store>,
+    usage: UsageSink,
+    breakers: Arc<Breakers>,
+    table: Arc<Runtime>,
+}
+
+impl FromRef<Arc<AppState>> for Readiness {
+    fn from_ref(state: &Arc<AppState>) -> Self {
+        Readiness {
+            store: Arc::clone(&state.store),
+            usage: state.usage.clone(),
+            breakers: Arc::clone(&state.breakers),
+            table: state.runtime.load_full(),
+        }
+    }
+}
 
 pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
@@ -18,7 +42,7 @@ pub async fn healthz() -> Json<serde_json::Value> {
 /// Ready when the usage store answers within two seconds and the usage journal can be
 /// written (`usage_journal` says why not). `usage_backlog` (rows journaled and not yet in
 /// the database) is reported, not judged: requests are served while it grows.
-pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+pub async fn readyz(State(state): State<Readiness>) -> Response {
     let database = match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
         Ok(Ok(())) => "ok".to_owned(),
         Ok(Err(err)) => {
@@ -39,8 +63,7 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     };
     // Provider circuits are details: a provider being skipped does not make imagegate unready.
     let providers: serde_json::Map<String, serde_json::Value> = state
-        .runtime
-        .load()
+        .table
         .config
         .providers
         .keys()

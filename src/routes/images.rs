@@ -19,9 +19,10 @@ use crate::dedupe::{self, Claim, Dedupe, Fingerprint, KeepTicket};
 use crate::error::ApiError;
 use crate::multipart::{SpoolArea, Upload};
 use crate::openai::generation::GenerationRequest;
+use crate::routes::jobs::{self, JobRequest};
 use crate::routing::{Call, Prepared, RequestSource};
 use crate::state::{AppState, RequestId, Runtime};
-use crate::upstream::{Endpoint, RequestSummary, UpstreamBody, UpstreamRequest, summary_slot};
+use crate::upstream::{Endpoint, RequestSummary, UpstreamBody, UpstreamRequest};
 
 pub async fn generations(
     State(state): State<Arc<AppState>>,
@@ -35,14 +36,31 @@ pub async fn generations(
     let server = &runtime.config.server;
     let bytes = read_json(&headers, body, server.max_json_body_bytes.get()).await?;
     let request = GenerationRequest::parse(&bytes)?;
-    let model = resolve(&runtime, request.model())?;
+    let model = resolve(&runtime, request.model(), Endpoint::Generations)?;
     let fingerprint = Dedupe::fingerprint(
         principal.key_id,
         Endpoint::Generations,
         idempotency_key(&headers),
         &bytes,
     );
-    let keep = match claim(&state, &model, &headers, fingerprint).await {
+    if jobs::prefers_async(&headers) {
+        let job = JobRequest {
+            fingerprint: Some(fingerprint),
+            retry: Dedupe::is_retry(&headers),
+            stream: request.stream(),
+        };
+        let call = Call {
+            state,
+            runtime,
+            principal,
+            request_id,
+            model,
+            endpoint: Endpoint::Generations,
+            keep: None,
+        };
+        return jobs::submit(call, JsonSource { body: request.body }, job).await;
+    }
+    let keep = match claim(&state, &model, Endpoint::Generations, &headers, fingerprint).await {
         Ok(keep) => keep,
         Err(kept) => return Ok(kept),
     };
@@ -99,15 +117,18 @@ fn idempotency_key(headers: &HeaderMap) -> Option<&str> {
 async fn claim(
     state: &Arc<AppState>,
     model: &Model,
+    endpoint: Endpoint,
     headers: &HeaderMap,
     fingerprint: Fingerprint,
 ) -> Result<Option<KeepTicket>, Response> {
     match state.dedupe.claim(fingerprint, Dedupe::is_retry(headers)) {
         Claim::Original(keep) => Ok(keep),
         Claim::Attach(rx) => {
+            // As long as the first route that serves the endpoint may take.
             let wait = model
                 .routes
-                .first()
+                .iter()
+                .find(|r| r.serves(endpoint))
                 .map_or(Duration::from_secs(600), |r| r.provider.total_timeout);
             if let Some(response) = dedupe::collect(rx, wait).await {
                 return Err(response);
@@ -160,7 +181,7 @@ impl RequestSource for JsonSource {
                 endpoint: Endpoint::Generations,
                 content_type: HeaderValue::from_static("application/json"),
                 body: UpstreamBody::Full(bytes.into()),
-                summary: summary_slot(summary),
+                summary,
             },
             pump: None,
         })
@@ -188,14 +209,27 @@ pub async fn uploads(
         usage: state.spool.clone(),
     };
     let requested = upload.read_until_model(&spool).await?;
-    let model = resolve(&runtime, requested.as_deref())?;
-    let attempts = model.routes.len().min(model.failover.max_attempts.get());
+    let model = resolve(&runtime, requested.as_deref(), endpoint)?;
+    if jobs::prefers_async(&headers) {
+        let call = Call {
+            state,
+            runtime,
+            principal,
+            request_id,
+            model,
+            endpoint,
+            keep: None,
+        };
+        return upload_job(call, &headers, upload, &spool).await;
+    }
+    let serving = model.routes.iter().filter(|r| r.serves(endpoint)).count();
+    let attempts = serving.min(model.failover.max_attempts.get());
     let keep = match idempotency_key(&headers) {
         // An upload's body is only known once it has streamed through, so edits are
         // matched by their idempotency key alone.
         Some(key) => {
             let fingerprint = Dedupe::fingerprint(principal.key_id, endpoint, Some(key), b"");
-            match claim(&state, &model, &headers, fingerprint).await {
+            match claim(&state, &model, endpoint, &headers, fingerprint).await {
                 Ok(keep) => keep,
                 Err(kept) => return Ok(kept),
             }
@@ -215,9 +249,44 @@ pub async fn uploads(
     detached(call, source).await
 }
 
-fn resolve(runtime: &Runtime, requested: Option<&str>) -> Result<Arc<Model>, ApiError> {
+/// An upload sent with `Prefer: respond-async`: received whole (into the spool, within
+/// its quota) before the job is created and answered 202.
+async fn upload_job(
+    call: Call,
+    headers: &HeaderMap,
+    upload: Upload,
+    spool: &SpoolArea,
+) -> Result<Response, ApiError> {
+    let source = upload.into_recorded(spool).await?;
+    // As for the synchronous call, an upload is matched by its idempotency key alone.
+    let fingerprint = idempotency_key(headers)
+        .map(|key| Dedupe::fingerprint(call.principal.key_id, call.endpoint, Some(key), b""));
+    let job = JobRequest {
+        fingerprint,
+        retry: Dedupe::is_retry(headers),
+        stream: source.streamed(),
+    };
+    jobs::submit(call, source, job).await
+}
+
+/// The model a request names, when one of its routes serves `endpoint`: a model none of
+/// whose routes does is refused before any provider is called.
+fn resolve(
+    runtime: &Runtime,
+    requested: Option<&str>,
+    endpoint: Endpoint,
+) -> Result<Arc<Model>, ApiError> {
     match runtime.config.resolve_model(requested) {
-        Some(model) => Ok(Arc::clone(model)),
+        Some(model) if model.serves(endpoint) => Ok(Arc::clone(model)),
+        Some(model) => Err(ApiError::InvalidRequest {
+            message: format!(
+                "The model `{}` does not support the `{}` endpoint here.",
+                requested.unwrap_or(&model.name),
+                endpoint.as_str()
+            ),
+            param: Some("model".into()),
+            code: Some("unsupported_endpoint"),
+        }),
         None => Err(match requested {
             Some(name) => ApiError::ModelNotFound(name.to_owned()),
             None => ApiError::invalid(

@@ -4,6 +4,7 @@ mod admin;
 pub mod dashboard;
 mod health;
 mod images;
+mod jobs;
 mod models;
 
 use std::sync::Arc;
@@ -57,6 +58,7 @@ fn table() -> Vec<(Method, &'static str, MethodRouter<Arc<AppState>>)> {
             "/v1/images/variations",
             uploads(Endpoint::Variations),
         ),
+        (M::GET, "/v1/images/jobs/{id}", get(jobs::retrieve)),
         (M::GET, "/v1/models", get(models::list)),
         (M::GET, "/v1/models/{model}", get(models::retrieve)),
         (M::POST, "/admin/reload", post(admin::reload)),

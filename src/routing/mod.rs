@@ -15,9 +15,7 @@ use crate::config::{Model, Provider, Route};
 use crate::dedupe::{self, KeepTicket};
 use crate::error::ApiError;
 use crate::state::{AppState, Forwarded, RequestId, Runtime};
-use crate::upstream::{
-    Endpoint, RequestSummary, UpstreamError, UpstreamRequest, UpstreamResponse, read_summary,
-};
+use crate::upstream::{Endpoint, RequestSummary, UpstreamError, UpstreamRequest, UpstreamResponse};
 use crate::usage::extract::{BodyKind, Extracted};
 use crate::usage::meter::{Metered, UsageTicket};
 use crate::usage::price::worst_case_nanousd;
@@ -30,7 +28,10 @@ pub struct Prepared {
     pub pump: Option<Pump>,
 }
 
-pub type Pump = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ApiError>> + Send>>;
+/// Feeds an upload to its provider call; ends with the request's whole summary (the fields
+/// of an upload arrive with its parts).
+pub type Pump =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<RequestSummary, ApiError>> + Send>>;
 
 /// Makes the provider request for a route, once per attempt: a failover replays the same
 /// client request to the next route (an upload from its disk spool, never from memory).
@@ -73,6 +74,9 @@ impl Call {
         for (index, route) in model.routes.iter().enumerate() {
             if attempt == self.model.failover.max_attempts.get() {
                 break;
+            }
+            if !route.serves(self.endpoint) {
+                continue;
             }
             if let Err(wait) = self.state.breakers.admit(&route.provider.name) {
                 skipped.get_or_insert((route.provider.name.clone(), wait));
@@ -119,20 +123,21 @@ impl Call {
         };
         let started = Instant::now();
         let created_at = Utc::now();
-        let slot = Arc::clone(&request.summary);
+        let sent_with = request.summary.clone();
         let request_id = if attempt == 0 {
             self.request_id.0.to_string()
         } else {
             format!("{}-{}", self.request_id.0, attempt + 1)
         };
         // Journaled before the call, so that a crash during it still leaves a row.
-        let intent = self.intent(route, &request_id, &read_summary(&slot), created_at);
+        let intent = self.intent(route, &request_id, &sent_with, created_at);
         if self.state.usage.intend(&intent).is_err() {
             self.state.breakers.release_probe(&provider.name);
             return Err(ApiError::UsageJournalUnavailable);
         }
-        let (sent, uploaded) = self.send(provider, request, pump, &request_id).await?;
-        let summary = read_summary(&slot);
+        let (sent, uploaded, whole) = self.send(provider, request, pump, &request_id).await?;
+        // A provider that answered before the upload ended is billed on what was read.
+        let summary = whole.unwrap_or(sent_with);
         let ticket = self.ticket(route, index, request_id, summary, started, created_at);
         Ok(match sent {
             Ok(answer) if answer.status.is_success() => self.stream(route, answer, ticket, attempt),
@@ -167,8 +172,9 @@ impl Call {
     }
 
     /// Sends the request, and feeds its upload alongside when it has one. Returns the
-    /// provider's answer and whether the client's upload had reached its end when the call
-    /// ended: a timeout before that is the slow client's, not the provider's. An upload that
+    /// provider's answer, whether the client's upload had reached its end when the call
+    /// ended (a timeout before that is the slow client's, not the provider's), and the
+    /// request's whole summary when its pump delivered it. An upload that
     /// fails on the client's side returns its error and drops the provider call, which is
     /// cancelled before its body completes.
     async fn send(
@@ -177,7 +183,14 @@ impl Call {
         request: UpstreamRequest,
         pump: Option<Pump>,
         request_id: &str,
-    ) -> Result<(Result<UpstreamResponse, UpstreamError>, bool), ApiError> {
+    ) -> Result<
+        (
+            Result<UpstreamResponse, UpstreamError>,
+            bool,
+            Option<RequestSummary>,
+        ),
+        ApiError,
+    > {
         let send = async {
             tokio::time::timeout(
                 provider.first_byte_timeout,
@@ -187,17 +200,19 @@ impl Call {
             .unwrap_or(Err(UpstreamError::Timeout))
         };
         let Some(mut pump) = pump else {
-            return Ok((send.await, true));
+            return Ok((send.await, true, None));
         };
         let mut send = std::pin::pin!(send);
         let mut pumped = false;
+        let mut whole = None;
         loop {
             tokio::select! {
                 result = &mut pump, if !pumped => {
                     match result {
+                        Ok(summary) => (pumped, whole) = (true, Some(summary)),
                         // The provider's side ended the call: its answer, or its
                         // connection's error, says why.
-                        Ok(()) | Err(ApiError::UpstreamClosedBody) => pumped = true,
+                        Err(ApiError::UpstreamClosedBody) => pumped = true,
                         Err(err) => {
                             self.state.breakers.release_probe(&provider.name);
                             self.state.usage.cancel(request_id);
@@ -205,7 +220,7 @@ impl Call {
                         }
                     }
                 }
-                sent = &mut send => return Ok((sent, pumped)),
+                sent = &mut send => return Ok((sent, pumped, whole)),
             }
         }
     }
@@ -230,7 +245,7 @@ impl Call {
             upstream_model: route.upstream_model.clone(),
             endpoint: self.endpoint,
             summary,
-            price: route.price,
+            price: route.price.clone(),
             started,
             created_at,
             metrics: self

@@ -124,7 +124,8 @@ pub struct UsageTotals {
     pub billed: i64,
     /// Calls that delivered nothing: the provider answered an error or could not be reached.
     pub failed: i64,
-    /// Rows with no price (a null cost): their cost is not in `cost_nanousd`.
+    /// Rows with no price (a null cost, unpriced routes): their cost is not in
+    /// `cost_nanousd`, and reports say so.
     pub unpriced: i64,
     #[sqlx(try_from = "Sum")]
     pub images: i128,
@@ -142,6 +143,7 @@ pub struct UsageTotals {
     pub output_tokens: i128,
     #[sqlx(try_from = "Sum")]
     pub total_tokens: i128,
+    /// The cost of the group's priced rows.
     #[sqlx(try_from = "Sum")]
     pub cost_nanousd: i128,
 }

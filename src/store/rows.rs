@@ -79,8 +79,9 @@ pub struct UsageRow {
     pub output_tokens: i64,
     #[sqlx(try_from = "Tokens")]
     pub total_tokens: i64,
-    /// Cost in billionths of a US dollar, so that sums are exact.
-    pub cost_nanousd: i64,
+    /// Cost in billionths of a US dollar, so that sums are exact; none (null) when the
+    /// route is unpriced (`unpriced = true`: no published price).
+    pub cost_nanousd: Option<i64>,
     pub latency_ms: i64,
     #[sqlx(try_from = "Timestamp")]
     pub created_at: DateTime<Utc>,

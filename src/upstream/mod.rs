@@ -5,8 +5,8 @@ mod mock;
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt, TryStreamExt};
@@ -15,23 +15,9 @@ use tokio::sync::mpsc;
 
 use crate::config::{Config, Provider, ProviderKind};
 
-/// The image endpoints imagegate forwards.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
-    Generations,
-    Edits,
-    Variations,
-}
+pub use crate::config::Endpoint;
 
 impl Endpoint {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Endpoint::Generations => "generations",
-            Endpoint::Edits => "edits",
-            Endpoint::Variations => "variations",
-        }
-    }
-
     /// Its place in per-endpoint tables.
     fn index(self) -> usize {
         match self {
@@ -59,18 +45,6 @@ pub struct RequestSummary {
     pub size: Option<String>,
     pub quality: Option<String>,
     pub prompt_chars: usize,
-}
-
-/// The summary of a request whose fields are still arriving (multipart edits fill it in
-/// as their parts pass); read when the provider answers.
-pub type SummarySlot = Arc<Mutex<RequestSummary>>;
-
-pub fn summary_slot(summary: RequestSummary) -> SummarySlot {
-    Arc::new(Mutex::new(summary))
-}
-
-pub fn read_summary(slot: &SummarySlot) -> RequestSummary {
-    slot.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 /// A request body: whole (JSON), or fed part by part through a channel (multipart).
@@ -152,7 +126,9 @@ pub struct UpstreamRequest {
     pub endpoint: Endpoint,
     pub content_type: HeaderValue,
     pub body: UpstreamBody,
-    pub summary: SummarySlot,
+    /// What is known of the request when it is sent: all of it for JSON, the parts read
+    /// before `model` for an upload streamed through (its pump returns the rest).
+    pub summary: RequestSummary,
 }
 
 pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamError>> + Send>>;

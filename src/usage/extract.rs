@@ -50,6 +50,9 @@ pub struct TokenUsage {
     pub image_input_tokens: i64,
     pub cached_text_input_tokens: i64,
     pub cached_image_input_tokens: i64,
+    /// Output tokens reported as text (`output_tokens_details.text_tokens`, at most
+    /// `output_tokens`); the rest of the output is image output. 0 without details.
+    pub text_output_tokens: i64,
 }
 
 impl TokenUsage {
@@ -83,6 +86,11 @@ impl TokenUsage {
             },
         };
 
+        let text_output = obj
+            .get("output_tokens_details")
+            .and_then(Value::as_object)
+            .map_or(0, |d| count(d.get("text_tokens")).min(output));
+
         Some(TokenUsage {
             input_tokens: input,
             output_tokens: output,
@@ -91,6 +99,7 @@ impl TokenUsage {
             image_input_tokens: image,
             cached_text_input_tokens: cached_text,
             cached_image_input_tokens: cached_image,
+            text_output_tokens: text_output,
         })
     }
 
@@ -104,6 +113,7 @@ impl TokenUsage {
             self.image_input_tokens,
             self.cached_text_input_tokens,
             self.cached_image_input_tokens,
+            self.text_output_tokens,
         ];
         let suspect = fields.iter().any(|&n| n > MAX_TOKENS_PER_CALL);
         let cap = |n: i64| n.min(MAX_TOKENS_PER_CALL);
@@ -115,6 +125,7 @@ impl TokenUsage {
             image_input_tokens: cap(self.image_input_tokens),
             cached_text_input_tokens: cap(self.cached_text_input_tokens),
             cached_image_input_tokens: cap(self.cached_image_input_tokens),
+            text_output_tokens: cap(self.text_output_tokens),
         };
         (capped, suspect)
     }
@@ -135,6 +146,9 @@ impl TokenUsage {
         self.cached_image_input_tokens = self
             .cached_image_input_tokens
             .saturating_add(other.cached_image_input_tokens);
+        self.text_output_tokens = self
+            .text_output_tokens
+            .saturating_add(other.text_output_tokens);
     }
 }
 
@@ -156,6 +170,10 @@ pub struct Extracted {
     /// Elements of `data` (JSON) or `.completed` events (SSE).
     pub images: u32,
     pub saw_error: bool,
+    /// The top-level `size` and `quality` the provider reported for the images it made (the
+    /// last `.completed` event's, for SSE), when it did: what a per-image table is read with.
+    pub size: Option<String>,
+    pub quality: Option<String>,
 }
 
 /// Scans a body chunk by chunk; see the module docs.
@@ -218,6 +236,8 @@ impl Extractor {
                 raw_usage: self.json.usage.as_ref().map(|(_, raw)| raw.clone()),
                 images: self.json.images,
                 saw_error: self.json.saw_error,
+                size: self.json.size.clone(),
+                quality: self.json.quality.clone(),
             },
             BodyKind::Sse => {
                 let raw_usage = match self.sse.raws.as_slice() {
@@ -230,6 +250,8 @@ impl Extractor {
                     raw_usage,
                     images: self.sse.images,
                     saw_error: self.sse.saw_error,
+                    size: self.sse.size.clone(),
+                    quality: self.sse.quality.clone(),
                 }
             }
         }
@@ -286,6 +308,8 @@ enum Key {
     Data,
     Error,
     Type,
+    Size,
+    Quality,
     B64Json,
 }
 
@@ -296,6 +320,8 @@ impl Key {
             b"data" => Key::Data,
             b"error" => Key::Error,
             b"type" => Key::Type,
+            b"size" => Key::Size,
+            b"quality" => Key::Quality,
             b"b64_json" => Key::B64Json,
             _ => Key::Other,
         }
@@ -310,6 +336,8 @@ enum Capture {
     None,
     Usage,
     Type,
+    Size,
+    Quality,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -389,6 +417,9 @@ struct JsonScanner {
 
     usage: Option<(TokenUsage, String)>,
     type_value: Option<String>,
+    /// Top-level `size` and `quality` strings.
+    size: Option<String>,
+    quality: Option<String>,
     saw_error: bool,
 
     prefix: Prefix,
@@ -417,6 +448,8 @@ impl JsonScanner {
             capture_over: false,
             usage: None,
             type_value: None,
+            size: None,
+            quality: None,
             saw_error: false,
             prefix: Prefix::default(),
         }
@@ -512,6 +545,8 @@ impl JsonScanner {
         match std::mem::replace(&mut self.pending, Key::Other) {
             Key::Usage => self.start_capture(Capture::Usage, i),
             Key::Type if self.capture_type => self.start_capture(Capture::Type, i),
+            Key::Size if b == b'"' => self.start_capture(Capture::Size, i),
+            Key::Quality if b == b'"' => self.start_capture(Capture::Quality, i),
             Key::Data if b == b'[' => {
                 // A repeated key replaces the earlier value, as in serde_json.
                 self.in_data = true;
@@ -694,6 +729,8 @@ impl JsonScanner {
                 }
             }
             Capture::Type => self.type_value = serde_json::from_slice::<String>(text).ok(),
+            Capture::Size => self.size = serde_json::from_slice::<String>(text).ok(),
+            Capture::Quality => self.quality = serde_json::from_slice::<String>(text).ok(),
             Capture::None => {}
         }
         self.capture_buf.clear();
@@ -737,6 +774,8 @@ struct SseState {
     images: u32,
     saw_error: bool,
     usage: Option<TokenUsage>,
+    size: Option<String>,
+    quality: Option<String>,
     raws: Vec<String>,
     raw_total: usize,
 }
@@ -756,6 +795,8 @@ impl Default for SseState {
             images: 0,
             saw_error: false,
             usage: None,
+            size: None,
+            quality: None,
             raws: Vec::new(),
             raw_total: 0,
         }
@@ -932,6 +973,12 @@ impl SseState {
             }
             if completed {
                 self.images = self.images.saturating_add(1);
+                if let Some(size) = json.size.take() {
+                    self.size = Some(size);
+                }
+                if let Some(quality) = json.quality.take() {
+                    self.quality = Some(quality);
+                }
                 if let Some((usage, raw)) = json.usage.take() {
                     self.usage
                         .get_or_insert_with(TokenUsage::default)
@@ -990,7 +1037,23 @@ mod tests {
 
     /// Feeds `body` whole, split at every boundary, and one byte at a time; every way
     /// must give `want_out` and `want`.
+    /// Runs `body` whole, split at every byte and byte by byte. The reported size and
+    /// quality are compared only when `want` expects some (their own tests below).
     fn check(kind: BodyKind, strip: bool, body: &[u8], want_out: &[u8], want: &Extracted) {
+        let sized = want.size.is_some() || want.quality.is_some();
+        let run = |kind, strip, parts: &[&[u8]]| {
+            let (out, got) = run(kind, strip, parts);
+            let got = if sized {
+                got
+            } else {
+                Extracted {
+                    size: None,
+                    quality: None,
+                    ..got
+                }
+            };
+            (out, got)
+        };
         let (out, got) = run(kind, strip, &[body]);
         assert_eq!(
             String::from_utf8_lossy(&out),
@@ -1034,6 +1097,7 @@ mod tests {
             raw_usage: raw.map(str::to_owned),
             images,
             saw_error,
+            ..Extracted::default()
         }
     }
 
@@ -1099,12 +1163,56 @@ mod tests {
     }
 
     #[test]
+    fn the_reported_size_and_quality_are_read_at_the_top_level_only() {
+        let body = format!(
+            r#"{{"created": 1, "data": [{{"b64_json": "{PNG}", "size": "9x9", "quality": "no"}}], "quality": "high", "usage": {USAGE}, "size": "1536x1024"}}"#
+        );
+        let wanted = Extracted {
+            size: Some("1536x1024".into()),
+            quality: Some("high".into()),
+            ..want(Some(usage_50_50()), Some(USAGE), 1, false)
+        };
+        check(
+            BodyKind::Json,
+            false,
+            body.as_bytes(),
+            body.as_bytes(),
+            &wanted,
+        );
+        // SSE: the completed event's, not a partial image's.
+        let partial = format!(
+            r#"{{"type": "image_generation.partial_image", "b64_json": "{PNG}", "size": "1024x1024", "quality": "low"}}"#
+        );
+        let completed = format!(
+            r#"{{"type": "image_generation.completed", "b64_json": "{PNG}", "size": "1024x1536", "quality": "medium", "usage": {USAGE}}}"#
+        );
+        let body = format!(
+            "{}{}",
+            sse_event("image_generation.partial_image", &partial, "\n"),
+            sse_event("image_generation.completed", &completed, "\n")
+        );
+        let wanted = Extracted {
+            size: Some("1024x1536".into()),
+            quality: Some("medium".into()),
+            ..want(Some(usage_50_50()), Some(USAGE), 1, false)
+        };
+        check(
+            BodyKind::Sse,
+            false,
+            body.as_bytes(),
+            body.as_bytes(),
+            &wanted,
+        );
+    }
+
+    #[test]
     fn json_usage_with_nested_details_and_cached_tokens() {
         let raw = r#"{"input_tokens":300,"input_tokens_details":{"text_tokens":100,"image_tokens":200,"cached_tokens_details":{"text_tokens":60,"image_tokens":150},"cached_tokens":210},"output_tokens":4160,"output_tokens_details":{"image_tokens":4000,"text_tokens":160},"total_tokens":4460}"#;
         let body = format!("{{\"data\":[{{\"b64_json\":\"{PNG}\"}}],\n  \"usage\" : {raw}\n}}\n");
         let want_usage = TokenUsage {
             cached_text_input_tokens: 60,
             cached_image_input_tokens: 150,
+            text_output_tokens: 160,
             ..usage(300, 4160, 4460, 100, 200)
         };
         let want = want(Some(want_usage), Some(raw), 1, false);

@@ -21,7 +21,7 @@ use crate::auth::Principal;
 use crate::config::Price;
 use crate::upstream::{BodyStream, Endpoint, RequestSummary, UpstreamError};
 use crate::usage::extract::{BodyKind, Extracted, Extractor, TokenUsage};
-use crate::usage::price::{cost_nanousd, format_usd};
+use crate::usage::price::{Billed, cost_nanousd, format_cost};
 use crate::usage::writer::UsageSink;
 use crate::usage::{Outcome, UsageRow};
 
@@ -163,7 +163,19 @@ impl UsageTicket {
         Tally {
             usage: capped.clone().unwrap_or_default(),
             images,
-            cost: cost_nanousd(&self.price, capped.as_ref(), images),
+            cost: cost_nanousd(
+                &self.price,
+                &Billed {
+                    usage: capped.as_ref(),
+                    images,
+                    // The provider's word on what it made, else what was asked for.
+                    quality: extracted
+                        .quality
+                        .as_deref()
+                        .or(self.summary.quality.as_deref()),
+                    size: extracted.size.as_deref().or(self.summary.size.as_deref()),
+                },
+            ),
             latency: self.started.elapsed(),
             usage_suspect,
         }
@@ -179,7 +191,7 @@ impl UsageTicket {
         m.output_tokens
             .increment(tally.usage.output_tokens.max(0) as u64);
         m.images.increment(u64::from(tally.images));
-        m.cost.increment(tally.cost.max(0) as u64);
+        m.cost.increment(tally.cost.unwrap_or(0).max(0) as u64);
         if outcome != Outcome::Completed {
             metrics::counter!(
                 "imagegate_upstream_errors_total",
@@ -208,7 +220,7 @@ impl UsageTicket {
             images = tally.images,
             input_tokens = tally.usage.input_tokens,
             output_tokens = tally.usage.output_tokens,
-            cost_usd = %format_usd(tally.cost),
+            cost_usd = %format_cost(tally.cost),
             latency_ms = tally.latency.as_millis() as u64,
             "request"
         );
@@ -220,7 +232,8 @@ struct Tally {
     /// The usage reported, capped; zero when none was.
     usage: TokenUsage,
     images: u32,
-    cost: i64,
+    /// None: the route is unpriced.
+    cost: Option<i64>,
     latency: Duration,
     /// The reported usage had to be capped.
     usage_suspect: bool,

@@ -28,8 +28,9 @@ pub struct Intent {
     pub n: Option<i32>,
     pub size: Option<String>,
     pub quality: Option<String>,
-    /// The most the call can cost, from the price table (see [`price::worst_case_nanousd`]).
-    pub worst_case_nanousd: i64,
+    /// The most the call can cost, from the price table (see [`price::worst_case_nanousd`]);
+    /// none for an unpriced route.
+    pub worst_case_nanousd: Option<i64>,
     pub created_at: DateTime<Utc>,
 }
 

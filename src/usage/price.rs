@@ -1,6 +1,6 @@
 //! What a provider call costs, from the pricing table and the usage the provider reported.
 
-use crate::config::Price;
+use crate::config::{ImageTable, Price, TokenRates};
 use crate::upstream::{Endpoint, RequestSummary};
 use crate::usage::extract::TokenUsage;
 
@@ -14,86 +14,121 @@ pub const MAX_INPUT_IMAGES: i64 = 16;
 /// The longest prompt, in characters (gpt-image-1's limit).
 pub const MAX_PROMPT_CHARS: i64 = 32_000;
 
+/// What a call is priced on: the usage the provider reported, the images it returned, and
+/// the quality and size they were made at (the provider's word when it said, else the
+/// request's; see [`crate::config::ImageTable::lookup`] for what is charged when neither
+/// is in the table).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Billed<'a> {
+    pub usage: Option<&'a TokenUsage>,
+    pub images: u32,
+    pub quality: Option<&'a str>,
+    pub size: Option<&'a str>,
+}
+
+/// The one price evaluation: nano-USD, or `None` for an unpriced entry (its rows record
+/// tokens and no cost). Token prices charge cached input at the cached rates, text output
+/// at the text output rate and the rest at the full ones (no reported usage: 0); per-image
+/// prices and tables charge per image returned; `min_of` the cheaper of tokens and table
+/// for this call (the table alone when no usage was reported). Computed in i128 and
+/// saturated into i64, so that no count or rate, however absurd, overflows.
+pub fn cost_nanousd(price: &Price, call: &Billed) -> Option<i64> {
+    let images = i128::from(call.images);
+    let per_image = |table: &ImageTable| i128::from(table.lookup(call.quality, call.size)) * images;
+    let tokens = |rates: &TokenRates| call.usage.map(|u| token_cost(rates, u));
+    let cost = match price {
+        Price::Unpriced => return None,
+        Price::PerImage(each) => i128::from(*each) * images,
+        Price::Table(table) => per_image(table),
+        Price::Tokens(rates) => tokens(rates).unwrap_or(0),
+        Price::MinOf(rates, table) => {
+            let table = per_image(table);
+            tokens(rates).map_or(table, |tokens| tokens.min(table))
+        }
+    };
+    Some(saturate(cost))
+}
+
+fn token_cost(rates: &TokenRates, u: &TokenUsage) -> i128 {
+    let cached_text = u
+        .cached_text_input_tokens
+        .clamp(0, u.text_input_tokens.max(0));
+    let cached_image = u
+        .cached_image_input_tokens
+        .clamp(0, u.image_input_tokens.max(0));
+    let output = u.output_tokens.max(0);
+    let text_output = u.text_output_tokens.clamp(0, output);
+    let parts = [
+        (u.text_input_tokens.max(0) - cached_text, rates.text_input),
+        (cached_text, rates.cached_text_input),
+        (
+            u.image_input_tokens.max(0) - cached_image,
+            rates.image_input,
+        ),
+        (cached_image, rates.cached_image_input),
+        (output - text_output, rates.image_output),
+        (text_output, rates.text_output),
+    ];
+    parts
+        .iter()
+        .map(|&(tokens, rate)| i128::from(tokens) * i128::from(rate))
+        .sum()
+}
+
 /// The most a call can cost, from what is known of it when it is sent: the price of an
-/// `interrupted` row, whose usage nobody saw. It must not under-count, so:
-/// - `n` is the request's, or [`MAX_N`] for an upload whose `n` has not arrived yet (its
-///   fields stream to the provider as they come); generations default to 1 as OpenAI does;
-/// - per-image prices: `n` images;
-/// - token prices: `n` × [`MAX_TOKENS_PER_IMAGE`] output tokens, one text token per prompt
-///   character (a token is never shorter; [`MAX_PROMPT_CHARS`] when the prompt has not
-///   arrived), and for edits [`MAX_INPUT_IMAGES`] (variations: one) input images of
+/// `interrupted` row, whose usage nobody saw (`None` for an unpriced entry). It must not
+/// under-count, so it prices, through [`cost_nanousd`]:
+/// - `n` images: the request's, or [`MAX_N`] for an upload whose `n` has not arrived yet
+///   (its fields stream to the provider as they come); generations default to 1 as OpenAI
+///   does; at the request's quality and size (a table's dearest entry when it has none);
+/// - `n` × [`MAX_TOKENS_PER_IMAGE`] output tokens, one text token per prompt character (a
+///   token is never shorter; [`MAX_PROMPT_CHARS`] when the prompt has not arrived), and
+///   for edits [`MAX_INPUT_IMAGES`] (variations: one) input images of
 ///   [`MAX_TOKENS_PER_IMAGE`] each, all at the uncached rates.
-pub fn worst_case_nanousd(price: &Price, endpoint: Endpoint, summary: &RequestSummary) -> i64 {
+pub fn worst_case_nanousd(
+    price: &Price,
+    endpoint: Endpoint,
+    summary: &RequestSummary,
+) -> Option<i64> {
     let upload = endpoint != Endpoint::Generations;
     let n = match summary.n {
         Some(n) => i64::from(n.max(1)),
         None if upload => MAX_N,
         None => 1,
     };
-    let cost: i128 = match price {
-        Price::PerImage(each) => i128::from(*each) * i128::from(n),
-        Price::Tokens {
-            text_input,
-            image_input,
-            image_output,
-            ..
-        } => {
-            let prompt = match i64::try_from(summary.prompt_chars).unwrap_or(i64::MAX) {
-                0 if upload => MAX_PROMPT_CHARS,
-                chars => chars,
-            };
-            let input_images = match endpoint {
-                Endpoint::Generations => 0,
-                Endpoint::Edits => MAX_INPUT_IMAGES,
-                Endpoint::Variations => 1,
-            };
-            i128::from(prompt) * i128::from(*text_input)
-                + i128::from(input_images * MAX_TOKENS_PER_IMAGE) * i128::from(*image_input)
-                + i128::from(n * MAX_TOKENS_PER_IMAGE) * i128::from(*image_output)
-        }
+    let prompt = match i64::try_from(summary.prompt_chars).unwrap_or(i64::MAX) {
+        0 if upload => MAX_PROMPT_CHARS,
+        chars => chars,
     };
-    saturate(cost)
-}
-
-/// Cost in nano-USD. Token-priced routes charge cached tokens at the cached rates and the
-/// rest at the full ones; flat routes charge per image returned. Computed in i128 and
-/// saturated into i64, so that no count or rate, however absurd, overflows.
-pub fn cost_nanousd(price: &Price, usage: Option<&TokenUsage>, images: u32) -> i64 {
-    let cost: i128 = match price {
-        Price::PerImage(each) => i128::from(*each) * i128::from(images),
-        Price::Tokens {
-            text_input,
-            cached_text_input,
-            image_input,
-            cached_image_input,
-            image_output,
-        } => {
-            let Some(u) = usage else { return 0 };
-            let cached_text = u
-                .cached_text_input_tokens
-                .clamp(0, u.text_input_tokens.max(0));
-            let cached_image = u
-                .cached_image_input_tokens
-                .clamp(0, u.image_input_tokens.max(0));
-            let parts = [
-                (u.text_input_tokens.max(0) - cached_text, *text_input),
-                (cached_text, *cached_text_input),
-                (u.image_input_tokens.max(0) - cached_image, *image_input),
-                (cached_image, *cached_image_input),
-                (u.output_tokens.max(0), *image_output),
-            ];
-            parts
-                .iter()
-                .map(|&(tokens, rate)| i128::from(tokens) * i128::from(rate))
-                .sum()
-        }
+    let input_images = match endpoint {
+        Endpoint::Generations => 0,
+        Endpoint::Edits => MAX_INPUT_IMAGES,
+        Endpoint::Variations => 1,
     };
-    saturate(cost)
+    let usage = TokenUsage {
+        text_input_tokens: prompt,
+        image_input_tokens: input_images * MAX_TOKENS_PER_IMAGE,
+        output_tokens: n * MAX_TOKENS_PER_IMAGE,
+        ..TokenUsage::default()
+    };
+    let call = Billed {
+        usage: Some(&usage),
+        images: u32::try_from(n).unwrap_or(u32::MAX),
+        quality: summary.quality.as_deref(),
+        size: summary.size.as_deref(),
+    };
+    cost_nanousd(price, &call)
 }
 
 /// An i128 amount clamped into i64.
 pub fn saturate(n: i128) -> i64 {
     i64::try_from(n).unwrap_or(if n < 0 { i64::MIN } else { i64::MAX })
+}
+
+/// A row's cost as reports show it: exact dollars, or "unpriced" when the route has no
+/// published price.
+pub fn format_cost(nanos: Option<i64>) -> String {
+    nanos.map_or_else(|| "unpriced".to_owned(), format_usd)
 }
 
 /// Nano-USD as exact dollars: at least two decimals, at most nine, no trailing zeros.
@@ -112,50 +147,235 @@ pub fn format_usd_sum(nanos: i128) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
-    const GPT_IMAGE_1: Price = Price::Tokens {
-        text_input: 5000,
-        cached_text_input: 1250,
-        image_input: 10000,
-        cached_image_input: 1250,
-        image_output: 40000,
-    };
+    /// PiAPI's gpt-image-1 rates (its GPT-image page).
+    const GPT_IMAGE_1: Price = Price::Tokens(rates(5000, 1250, 10000, 1250, 40000));
+
+    const fn rates(
+        text: i64,
+        cached_text: i64,
+        image: i64,
+        cached_image: i64,
+        out: i64,
+    ) -> TokenRates {
+        TokenRates {
+            text_input: text,
+            cached_text_input: cached_text,
+            image_input: image,
+            cached_image_input: cached_image,
+            image_output: out,
+            text_output: out,
+        }
+    }
+
+    fn table(rows: &[(&str, &[(&str, i64)])]) -> Arc<ImageTable> {
+        Arc::new(ImageTable(
+            rows.iter()
+                .map(|(q, sizes)| {
+                    let sizes = sizes.iter().map(|(s, n)| ((*s).to_owned(), *n)).collect();
+                    ((*q).to_owned(), sizes)
+                })
+                .collect(),
+        ))
+    }
+
+    fn usage(text: i64, image: i64, output: i64) -> TokenUsage {
+        TokenUsage {
+            input_tokens: text + image,
+            output_tokens: output,
+            total_tokens: text + image + output,
+            text_input_tokens: text,
+            image_input_tokens: image,
+            ..TokenUsage::default()
+        }
+    }
+
+    /// What, the price, the usage reported, images, quality, size, the cost.
+    type Case<'a> = (
+        &'a str,
+        &'a Price,
+        Option<TokenUsage>,
+        u32,
+        &'a str,
+        &'a str,
+        Option<i64>,
+    );
 
     #[test]
-    fn tokens_are_priced_by_kind() {
-        // PiAPI's sample response: 19 text + 1105 image input tokens, 765 output tokens.
-        let usage = TokenUsage {
-            input_tokens: 1124,
-            output_tokens: 765,
-            total_tokens: 1889,
-            text_input_tokens: 19,
-            image_input_tokens: 1105,
-            ..TokenUsage::default()
-        };
-        let expected = 19 * 5000 + 1105 * 10000 + 765 * 40000;
-        assert_eq!(cost_nanousd(&GPT_IMAGE_1, Some(&usage), 1), expected);
-        assert_eq!(format_usd(expected), "0.041745");
-        assert_eq!(format_usd(30_000_000), "0.03");
-        assert_eq!(format_usd(2_500_000_000), "2.50");
-        assert_eq!(format_usd(1), "0.000000001");
-        assert_eq!(format_usd(0), "0.00");
+    fn each_kind_of_price_as_a_table() {
+        // APIYI's legacy page: one input rate, one output rate, no cached discount, and
+        // per-image prices by quality and size; it bills whichever is cheaper.
+        let apiyi_1 = Price::MinOf(
+            rates(2500, 2500, 2500, 2500, 8000),
+            table(&[
+                ("low", &[("1024x1024", 5_000_000), ("1536x1024", 6_000_000)]),
+                (
+                    "high",
+                    &[("1024x1024", 36_000_000), ("1536x1024", 52_000_000)],
+                ),
+            ]),
+        );
+        let apiyi_1_5 = Price::MinOf(
+            rates(5000, 5000, 5000, 5000, 10000),
+            table(&[
+                (
+                    "low",
+                    &[("1024x1024", 9_000_000), ("1536x1024", 13_000_000)],
+                ),
+                (
+                    "medium",
+                    &[("1024x1024", 34_000_000), ("1536x1024", 50_000_000)],
+                ),
+            ]),
+        );
+        let only_table = Price::Table(table(&[("low", &[("1024x1024", 9_000_000)])]));
+        let cases: [Case; 10] = [
+            (
+                "PiAPI's sample response, by kind of token",
+                &GPT_IMAGE_1,
+                Some(usage(19, 1105, 765)),
+                1,
+                "auto",
+                "1024x1024",
+                Some(19 * 5000 + 1105 * 10000 + 765 * 40000),
+            ),
+            (
+                "tokens, no usage reported",
+                &GPT_IMAGE_1,
+                None,
+                2,
+                "low",
+                "1024x1024",
+                Some(0),
+            ),
+            (
+                "flat",
+                &Price::PerImage(30_000_000),
+                None,
+                3,
+                "low",
+                "auto",
+                Some(90_000_000),
+            ),
+            (
+                "flat, no image",
+                &Price::PerImage(30_000_000),
+                None,
+                0,
+                "low",
+                "auto",
+                Some(0),
+            ),
+            (
+                "APIYI gpt-image-1, high 1024x1024: tokens are cheaper",
+                &apiyi_1,
+                Some(usage(20, 0, 4160)),
+                1,
+                "high",
+                "1024x1024",
+                Some(20 * 2500 + 4160 * 8000),
+            ),
+            (
+                "APIYI gpt-image-1 edit, low 1024x1024: the per-image price is cheaper",
+                &apiyi_1,
+                Some(usage(30, 3000, 272)),
+                1,
+                "low",
+                "1024x1024",
+                Some(5_000_000),
+            ),
+            (
+                "APIYI gpt-image-1.5, two medium 1536x1024: tokens are cheaper",
+                &apiyi_1_5,
+                Some(usage(15, 0, 3168)),
+                2,
+                "medium",
+                "1536x1024",
+                Some(15 * 5000 + 3168 * 10000),
+            ),
+            (
+                "APIYI gpt-image-1.5, no usage reported: the table",
+                &apiyi_1_5,
+                None,
+                1,
+                "low",
+                "1536x1024",
+                Some(13_000_000),
+            ),
+            (
+                "a table alone",
+                &only_table,
+                None,
+                2,
+                "low",
+                "1024x1024",
+                Some(18_000_000),
+            ),
+            (
+                "unpriced",
+                &Price::Unpriced,
+                Some(usage(19, 0, 765)),
+                1,
+                "low",
+                "1024x1024",
+                None,
+            ),
+        ];
+        for (what, price, usage, images, quality, size, expected) in cases {
+            let call = Billed {
+                usage: usage.as_ref(),
+                images,
+                quality: Some(quality),
+                size: Some(size),
+            };
+            assert_eq!(cost_nanousd(price, &call), expected, "{what}");
+        }
     }
 
     #[test]
-    fn cached_tokens_use_cached_rates() {
+    fn cached_input_and_text_output_have_their_rates() {
         let usage = TokenUsage {
             text_input_tokens: 100,
             cached_text_input_tokens: 40,
             image_input_tokens: 10,
             cached_image_input_tokens: 50,
+            output_tokens: 4160,
+            text_output_tokens: 160,
             ..TokenUsage::default()
         };
-        // Cached image tokens beyond the image tokens reported are capped.
+        let call = Billed {
+            usage: Some(&usage),
+            ..Billed::default()
+        };
+        // Cached image tokens beyond the image tokens reported are capped. Without a rate
+        // of its own, text output is image output.
+        let input = 60 * 5000 + 40 * 1250 + 10 * 1250;
         assert_eq!(
-            cost_nanousd(&GPT_IMAGE_1, Some(&usage), 0),
-            60 * 5000 + 40 * 1250 + 10 * 1250
+            cost_nanousd(&GPT_IMAGE_1, &call),
+            Some(input + 4160 * 40000)
         );
+        let text_rate = Price::Tokens(TokenRates {
+            text_output: 10000,
+            ..rates(5000, 1250, 10000, 1250, 40000)
+        });
+        assert_eq!(
+            cost_nanousd(&text_rate, &call),
+            Some(input + 4000 * 40000 + 160 * 10000)
+        );
+    }
+
+    #[test]
+    fn dollars_print_exactly() {
+        assert_eq!(format_usd(41_745_000), "0.041745");
+        assert_eq!(format_usd(30_000_000), "0.03");
+        assert_eq!(format_usd(2_500_000_000), "2.50");
+        assert_eq!(format_usd(1), "0.000000001");
+        assert_eq!(format_usd(0), "0.00");
+        assert_eq!(format_cost(None), "unpriced");
+        assert_eq!(format_cost(Some(30_000_000)), "0.03");
     }
 
     #[test]
@@ -168,24 +388,23 @@ mod tests {
         // A generation of 2 images, 40-character prompt: 2 of the largest images.
         assert_eq!(
             worst_case_nanousd(&GPT_IMAGE_1, Endpoint::Generations, &summary(Some(2), 40)),
-            40 * 5000 + 2 * 6240 * 40000
+            Some(40 * 5000 + 2 * 6240 * 40000)
         );
         // The largest answer mock or real providers give costs no more than that.
+        let largest = usage(10, 0, 6240);
+        let call = Billed {
+            usage: Some(&largest),
+            images: 1,
+            ..Billed::default()
+        };
         assert!(
-            cost_nanousd(
-                &GPT_IMAGE_1,
-                Some(&TokenUsage {
-                    text_input_tokens: 10,
-                    output_tokens: 6240,
-                    ..TokenUsage::default()
-                }),
-                1
-            ) <= worst_case_nanousd(&GPT_IMAGE_1, Endpoint::Generations, &summary(None, 40))
+            cost_nanousd(&GPT_IMAGE_1, &call)
+                <= worst_case_nanousd(&GPT_IMAGE_1, Endpoint::Generations, &summary(None, 40))
         );
         // An edit whose fields have not arrived: the limits.
         assert_eq!(
             worst_case_nanousd(&GPT_IMAGE_1, Endpoint::Edits, &summary(None, 0)),
-            32_000 * 5000 + 16 * 6240 * 10000 + 10 * 6240 * 40000
+            Some(32_000 * 5000 + 16 * 6240 * 10000 + 10 * 6240 * 40000)
         );
         assert_eq!(
             worst_case_nanousd(
@@ -193,17 +412,31 @@ mod tests {
                 Endpoint::Variations,
                 &summary(Some(3), 0)
             ),
-            120_000_000
+            Some(120_000_000)
         );
-    }
-
-    #[test]
-    fn flat_prices_count_images_returned() {
+        // A table: n images at the request's quality and size, the dearest when unknown.
+        let apiyi = Price::MinOf(
+            rates(2500, 2500, 2500, 2500, 8000),
+            table(&[
+                ("low", &[("1024x1024", 5_000_000)]),
+                ("high", &[("1024x1024", 36_000_000)]),
+            ]),
+        );
+        let low = RequestSummary {
+            quality: Some("low".into()),
+            ..summary(Some(2), 40)
+        };
         assert_eq!(
-            cost_nanousd(&Price::PerImage(30_000_000), None, 3),
-            90_000_000
+            worst_case_nanousd(&apiyi, Endpoint::Generations, &low),
+            Some(10_000_000)
         );
-        assert_eq!(cost_nanousd(&Price::PerImage(30_000_000), None, 0), 0);
-        assert_eq!(cost_nanousd(&GPT_IMAGE_1, None, 2), 0);
+        assert_eq!(
+            worst_case_nanousd(&apiyi, Endpoint::Generations, &summary(Some(2), 40)),
+            Some(72_000_000)
+        );
+        assert_eq!(
+            worst_case_nanousd(&Price::Unpriced, Endpoint::Edits, &summary(None, 0)),
+            None
+        );
     }
 }

@@ -16,6 +16,7 @@ on_both_databases!(
     usage_as_csv,
     requests_are_paged_newest_first,
     bad_parameters_are_refused_naming_them,
+    unpriced_rows_are_unpriced_never_zero,
 );
 
 /// The day the known rows end on for these tests.
@@ -42,7 +43,7 @@ pub fn known_rows(last: NaiveDate) -> Vec<UsageRow> {
         input_tokens: 0,
         output_tokens: 0,
         total_tokens: 0,
-        cost_nanousd: 0,
+        cost_nanousd: Some(0),
         ..row
     };
     vec![
@@ -50,7 +51,7 @@ pub fn known_rows(last: NaiveDate) -> Vec<UsageRow> {
             key_name: "alice".into(),
             provider: "piapi".into(),
             cached_text_input_tokens: 2,
-            cost_nanousd: 1_234_567_891,
+            cost_nanousd: Some(1_234_567_891),
             created_at: at(last, 2, "10:15:00"),
             ..usage_row("r1")
         },
@@ -69,7 +70,7 @@ pub fn known_rows(last: NaiveDate) -> Vec<UsageRow> {
             model: "dall-e-3".into(),
             provider: "piapi".into(),
             images: 2,
-            cost_nanousd: 80_000_000,
+            cost_nanousd: Some(80_000_000),
             created_at: at(last, 2, "23:59:59.999999"),
             ..zero(usage_row("r3"))
         },
@@ -79,7 +80,7 @@ pub fn known_rows(last: NaiveDate) -> Vec<UsageRow> {
             provider: "piapi".into(),
             status: 200,
             outcome: Outcome::Interrupted,
-            cost_nanousd: 500_000_001,
+            cost_nanousd: Some(500_000_001),
             cost_estimated: true,
             created_at: at(last, 1, "00:00:00"),
             ..zero(usage_row("r4"))
@@ -94,7 +95,7 @@ pub fn known_rows(last: NaiveDate) -> Vec<UsageRow> {
             input_tokens: 320,
             output_tokens: 4000,
             total_tokens: 4320,
-            cost_nanousd: 7,
+            cost_nanousd: Some(7),
             latency_ms: 9_876,
             created_at: at(last, 0, "08:00:00"),
             ..usage_row("r5")
@@ -440,5 +441,151 @@ async fn bad_parameters_are_refused_naming_them(db: Db) {
         let response = request.send().await.expect("send");
         assert_eq!(response.status(), 401);
     }
+    gw.shutdown().await;
+}
+
+/// The row of a table on the dashboard's page whose `data-*` attribute names it.
+fn html_row<'a>(body: &'a str, attribute: &str) -> &'a str {
+    let start = body
+        .find(&format!("<tr {attribute}>"))
+        .unwrap_or_else(|| panic!("no row {attribute} in\n{body}"));
+    let end = body[start..].find("</tr>").expect("row end");
+    &body[start..start + end]
+}
+
+/// Rows of an unpriced route (a null cost) are never $0: in `/admin/usage`, `/admin/requests`
+/// and the dashboard, a group of unpriced rows only has no cost (null, empty, "unpriced"),
+/// and one that mixes them with priced rows shows the priced sum and the unpriced count.
+async fn unpriced_rows_are_unpriced_never_zero(db: Db) {
+    let gw = TestGateway::start(db, &test_config(&dead_url(), "")).await;
+    // Recent, so that the dashboard's default period (the last 30 days) shows them.
+    let when = Utc::now() - chrono::Duration::minutes(1);
+    let unpriced = |id: &str, key: &str| UsageRow {
+        key_name: key.into(),
+        model: "gpt-image-1-mini".into(),
+        cost_nanousd: None,
+        created_at: when,
+        ..usage_row(id)
+    };
+    let rows = [
+        UsageRow {
+            cost_nanousd: Some(30_000_000),
+            created_at: when,
+            ..usage_row("p1")
+        },
+        unpriced("u1", "alice"),
+        unpriced("u2", "bob"),
+    ];
+    assert_eq!(gw.store.insert_usage(&rows).await.expect("insert"), 3);
+
+    // /admin/usage, JSON: the cost of bob's unpriced call is null, alice's is her priced one.
+    let by_key = admin_json(&gw, "/admin/usage?group_by=key").await;
+    let cost = |line: &Value| {
+        (
+            line["key"].clone(),
+            line["cost_usd"].clone(),
+            line["cost_nanousd"].clone(),
+            line["unpriced"].clone(),
+        )
+    };
+    assert_eq!(
+        by_key["data"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .map(cost)
+            .collect::<Vec<_>>(),
+        [
+            (json!("alice"), json!("0.03"), json!(30_000_000), json!(1)),
+            (json!("bob"), Value::Null, Value::Null, json!(1)),
+        ]
+    );
+    // CSV: empty cost fields, never 0.
+    let csv = admin_get(&gw, "/admin/usage?group_by=model&format=csv").await;
+    let csv = csv.text().await.expect("csv");
+    let lines: Vec<&str> = csv.lines().collect();
+    assert!(lines[1].starts_with("gpt-image-1,1,1,0,0,") && lines[1].ends_with(",0.03,30000000"));
+    assert!(lines[2].starts_with("gpt-image-1-mini,2,2,0,2,") && lines[2].ends_with(",,"));
+    // /admin/requests: an unpriced row's cost is null, and empty in CSV.
+    let requests = admin_json(&gw, "/admin/requests?key=bob").await;
+    let row = &requests["data"][0];
+    assert_eq!(
+        (&row["cost_usd"], &row["cost_nanousd"]),
+        (&Value::Null, &Value::Null)
+    );
+    let csv = admin_get(&gw, "/admin/requests?key=bob&format=csv").await;
+    let csv = csv.text().await.expect("csv");
+    assert!(
+        csv.lines()
+            .nth(1)
+            .expect("u2")
+            .ends_with(",110,,,false,1234"),
+        "{csv}"
+    );
+
+    // The dashboard: the spend card, the tables, the day's bar and the latest requests.
+    let login = crate::dashboard::login(&gw, ADMIN_TOKEN).await;
+    let cookie = crate::dashboard::session_of(&login);
+    let page = gw
+        .client
+        .get(gw.url("/dashboard"))
+        .header("cookie", &cookie);
+    let body = page.send().await.expect("send").text().await.expect("page");
+    assert!(
+        body.contains("id=\"total-cost\">$0.03 + 2 unpriced</div>"),
+        "{body}"
+    );
+    let cost_cell = |row: &str| {
+        let cell = row
+            .rsplit("<td class=\"num cost\"")
+            .next()
+            .expect("cost cell");
+        cell[cell.find('>').expect("cell") + 1..].replace("</td>", "")
+    };
+    assert_eq!(cost_cell(html_row(&body, "data-group=\"bob\"")), "unpriced");
+    assert_eq!(
+        cost_cell(html_row(&body, "data-group=\"alice\"")),
+        "0.03 + 1 unpriced"
+    );
+    assert_eq!(
+        cost_cell(html_row(&body, "data-group=\"gpt-image-1-mini\"")),
+        "unpriced"
+    );
+    let latest = html_row(&body, "data-request-id=\"u2\"");
+    assert!(
+        latest.contains(">unpriced</td>") && !latest.contains("0.00"),
+        "{latest}"
+    );
+    let day = when.date_naive();
+    assert!(
+        body.contains(&format!(
+            "data-day=\"{day}\" data-cost-usd=\"0.03\" data-unpriced=\"2\"><title>{day}: \
+             $0.03 + 2 unpriced (3 requests)</title>"
+        )),
+        "{body}"
+    );
+    // Its download is /admin/usage's CSV, with the same empty cost.
+    let download = gw
+        .client
+        .get(gw.url("/dashboard/usage.csv?group_by=key"))
+        .header("cookie", &cookie);
+    let download = download
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("csv");
+    assert!(
+        download
+            .lines()
+            .nth(2)
+            .expect("bob")
+            .starts_with("bob,1,1,0,1,")
+    );
+    assert!(
+        download.lines().nth(2).expect("bob").ends_with(",,"),
+        "{download}"
+    );
     gw.shutdown().await;
 }

@@ -41,6 +41,18 @@ fn config_check_prints_the_table_without_secrets_and_fails_on_errors() {
         "{stdout}"
     );
     assert!(!stdout.contains(SECRET));
+    // Each price's kind and source, and a warning for the unpriced one.
+    assert!(
+        stdout.contains("[tokens: per 1M tokens: text in $5.00")
+            && stdout.contains("[unpriced: rows record tokens, no cost]")
+            && stdout.contains("price source: PiAPI page")
+            && stdout.contains("price source: no page"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("warning: pricing.real.x is unpriced"),
+        "{stdout}"
+    );
 
     std::fs::write(&config, "[server]\nlisten = \"nowhere\"\n").expect("write");
     let out = imagegate(&config, &["config", "check"]);
@@ -121,7 +133,7 @@ fn row(id: &str, key: &str, model: &str, cost: i64, tokens: i64) -> UsageRow {
         input_tokens: tokens,
         output_tokens: tokens * 2,
         total_tokens: tokens * 3,
-        cost_nanousd: cost,
+        cost_nanousd: Some(cost),
         latency_ms: 5,
         created_at: Utc::now(),
         ..usage_row(id)
@@ -212,6 +224,79 @@ async fn usage_reports_group_filter_and_format() {
     let out = imagegate(&config, &["usage", "--since", "yesterday-ish"]);
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("--since"));
+}
+
+#[tokio::test]
+async fn usage_reports_show_unpriced_rows_as_unpriced_never_as_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &["gpt-image-1"]);
+    let store = crate::support::db::open_sqlite(&dir.path().join("imagegate.db")).await;
+    let unpriced = |id: &str| UsageRow {
+        cost_nanousd: None,
+        ..row(id, "a", "mini", 0, 10)
+    };
+    store
+        .insert_usage(&[
+            row("p1", "a", "m1", 30_000_000, 10),
+            unpriced("u1"),
+            unpriced("u2"),
+        ])
+        .await
+        .expect("insert");
+
+    let out = imagegate(&config, &["usage", "--group-by", "model"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    let line = |group: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(group))
+            .unwrap_or_else(|| panic!("no {group} line in\n{table}"))
+            .to_owned()
+    };
+    assert!(line("mini").trim_end().ends_with(" unpriced"), "{table}");
+    assert!(!line("mini").contains("0.00"), "{table}");
+    assert!(line("m1").trim_end().ends_with(" 0.03"), "{table}");
+    assert!(
+        line("TOTAL").trim_end().ends_with(" 0.03 + 2 unpriced"),
+        "{table}"
+    );
+
+    let out = imagegate(
+        &config,
+        &["usage", "--group-by", "model", "--format", "json"],
+    );
+    let json: Value = serde_json::from_slice(&out.stdout).expect("json");
+    // The report's columns (those of GET /admin/usage): the count is `unpriced`, and an
+    // all-unpriced group has neither cost.
+    assert_eq!(
+        (
+            &json[1]["model"],
+            &json[1]["cost_usd"],
+            &json[1]["cost_nanousd"],
+            &json[1]["unpriced"]
+        ),
+        (
+            &Value::from("mini"),
+            &Value::Null,
+            &Value::Null,
+            &Value::from(2)
+        )
+    );
+    assert_eq!(json[0]["unpriced"], 0);
+    let out = imagegate(
+        &config,
+        &["usage", "--group-by", "model", "--format", "csv"],
+    );
+    assert_eq!(
+        text(&out.stdout).lines().nth(2),
+        Some("mini,2,2,0,2,2,20,0,0,0,20,40,60,,")
+    );
+    let out = imagegate(&config, &["usage", "--group-by", "key", "--format", "csv"]);
+    assert_eq!(
+        text(&out.stdout).lines().nth(1),
+        Some("a,3,3,0,2,3,30,0,0,0,30,60,90,0.03,30000000")
+    );
 }
 
 #[tokio::test]
@@ -339,6 +424,10 @@ async fn serve_reloads_on_sighup_and_drains_on_sigterm() {
     let log = log.await.expect("log");
     assert!(log.contains("configuration refused"), "{log}");
     assert!(
+        log.contains("pricing.real.x is unpriced"),
+        "the start warns of unpriced routes:\n{log}"
+    );
+    assert!(
         log.contains("request_id") && log.contains("cost_usd"),
         "one line per request:\n{log}"
     );
@@ -358,7 +447,7 @@ async fn serve_reloads_on_sighup_and_drains_on_sigterm() {
     // Mock price: 5 $/M text, 40 $/M output.
     assert_eq!(
         rows[0].cost_nanousd,
-        rows[0].text_input_tokens * 5000 + 272 * 40_000
+        Some(rows[0].text_input_tokens * 5000 + 272 * 40_000)
     );
 }
 
@@ -415,13 +504,18 @@ async fn the_demo_banner_names_the_key_it_created() {
         .spawn()
         .expect("spawn demo");
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let (mut key, mut name) = (None, None);
+    let (mut key, mut name, mut base, mut banner) = (None, None, None, String::new());
     while name.is_none() {
         let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
             .await
             .expect("the banner is printed")
             .expect("read")
             .expect("a banner line before exit");
+        banner.push_str(&line);
+        banner.push('\n');
+        if let Some(rest) = line.trim().strip_prefix("Base URL :") {
+            base = Some(rest.trim().to_owned());
+        }
         if let Some(rest) = line.trim().strip_prefix("API key  :") {
             key = Some(rest.trim().to_owned());
         }
@@ -431,6 +525,18 @@ async fn the_demo_banner_names_the_key_it_created() {
     }
     let (key, name) = (key.expect("key line"), name.expect("name"));
     assert!(key.starts_with("ig-"), "{key}");
+    // The rest of the banner, with its async job example, which the mock serves.
+    while let Ok(Ok(Some(line))) =
+        tokio::time::timeout(Duration::from_millis(500), lines.next_line()).await
+    {
+        banner.push_str(&line);
+        banner.push('\n');
+    }
+    assert!(
+        banner.contains("-H \"Prefer: respond-async\"") && banner.contains("/v1/images/jobs/"),
+        "{banner}"
+    );
+    demo_job(&base.expect("base URL line"), &key).await;
     signal(&child, "-TERM");
     child.wait().await.expect("exits");
     let list = text(&imagegate(&config, &["keys", "list"]).stdout);
@@ -439,6 +545,41 @@ async fn the_demo_banner_names_the_key_it_created() {
             .any(|line| line.starts_with(&name) && line.contains(&key[..10])),
         "the banner's name is the key's:\n{list}"
     );
+}
+
+/// Creates an async job on the demo's mock provider and collects it, as the banner shows.
+async fn demo_job(base: &str, key: &str) {
+    let client = reqwest::Client::new();
+    let created: serde_json::Value = client
+        .post(format!("{base}/images/generations"))
+        .bearer_auth(key)
+        .header("prefer", "respond-async")
+        .json(&serde_json::json!({"model": "gpt-image-1", "prompt": "a red fox"}))
+        .send()
+        .await
+        .expect("create")
+        .json()
+        .await
+        .expect("json");
+    let id = created["id"].as_str().expect("a job id");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let job: serde_json::Value = client
+            .get(format!("{base}/images/jobs/{id}"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("get")
+            .json()
+            .await
+            .expect("json");
+        if job["status"] == "succeeded" {
+            assert!(job["result"]["data"][0]["b64_json"].is_string(), "{job}");
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{job}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn helpers_png() -> String {

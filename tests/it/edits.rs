@@ -206,7 +206,7 @@ async fn replays_every_edit_and_variation_capture(db: Db) {
             "dall-e-2" => 20_000_000,
             other => panic!("{other}"),
         };
-        assert_eq!(row.cost_nanousd, expected, "{name}");
+        assert_eq!(row.cost_nanousd, Some(expected), "{name}");
     }
     assert_eq!(gw.spool_files(), 0, "no spool file outlives its request");
     gw.shutdown().await;
@@ -730,4 +730,29 @@ async fn spool_files_left_by_a_crash_are_removed_at_start() {
         .collect();
     assert_eq!(left, ["keep.txt"]);
     drop(gateway);
+}
+
+#[tokio::test]
+async fn fields_after_the_model_reach_the_usage_row_of_an_upload_streamed_through() {
+    let provider =
+        StandIn::start(|_| respond(200, "application/json", image_response(2, USAGE))).await;
+    let gw = TestGateway::start(Db::Sqlite, &test_config(&provider.base_url(), "")).await;
+    // `model` first: the rest streams through, and n, size and quality are read on the way
+    // (the body pump hands them over when the upload ends).
+    let form = Form::new()
+        .text("model", "gpt-image-1")
+        .file("image", &png(1_000))
+        .text("prompt", "two of them")
+        .text("n", "2")
+        .text("size", "1536x1024")
+        .text("quality", "high");
+    let response = post_form(&gw, "/v1/images/edits", &form.content_type(), form.body()).await;
+    assert_eq!(response.status(), 200);
+    let rows = gw.usage_rows(1).await;
+    let row = &rows[0];
+    assert_eq!(
+        (row.n, row.size.as_deref(), row.quality.as_deref()),
+        (Some(2), Some("1536x1024"), Some("high"))
+    );
+    gw.shutdown().await;
 }

@@ -18,6 +18,7 @@ fn tokens(t: [i64; 7]) -> TokenUsage {
         image_input_tokens: image,
         cached_text_input_tokens: cached_text,
         cached_image_input_tokens: cached_image,
+        text_output_tokens: 0,
     }
 }
 
@@ -263,6 +264,9 @@ fn usage_extractor_reads_each_provider_shape() {
                     raw_usage: case.raw_usage.clone(),
                     images: case.images,
                     saw_error: case.saw_error,
+                    // The reported size and quality: the unit tests' subject.
+                    size: got.size.clone(),
+                    quality: got.quality.clone(),
                 },
                 "{} (chunks of {size})",
                 case.name

@@ -119,7 +119,7 @@ async fn the_python_sdk_with_default_retries_recovers_from_a_passing_500_and_429
     let mut statuses: Vec<i32> = rows.iter().map(|r| r.status).collect();
     statuses.sort_unstable();
     assert_eq!(statuses, [200, 200, 429, 502], "exactly the provider calls");
-    let billed: i64 = rows.iter().map(|r| r.cost_nanousd).sum();
+    let billed: i64 = rows.iter().filter_map(|r| r.cost_nanousd).sum();
     assert_eq!(billed, 2 * gpt_image_1_cost(19, 1105, 765));
     gw.shutdown().await;
 }
@@ -185,13 +185,13 @@ async fn the_python_sdk_generates_through_imagegate_and_usage_matches() {
         (19, 1105, 765)
     );
     assert_eq!(plain.total_tokens, 1889);
-    assert_eq!(plain.cost_nanousd, gpt_image_1_cost(19, 1105, 765));
+    assert_eq!(plain.cost_nanousd, Some(gpt_image_1_cost(19, 1105, 765)));
     assert_eq!(plain.quality.as_deref(), Some("low"));
     assert_eq!(plain.size.as_deref(), Some("1024x1024"));
     // Flat price: $0.03 per image returned; tokens still recorded, all input counted as text.
     assert_eq!(
         (prefixed.provider.as_str(), prefixed.cost_nanousd),
-        ("apiyi", 30_000_000)
+        ("apiyi", Some(30_000_000))
     );
     assert_eq!(
         (
@@ -210,6 +210,36 @@ async fn the_python_sdk_generates_through_imagegate_and_usage_matches() {
         ),
         (12, 8, 280)
     );
-    assert_eq!(streamed.cost_nanousd, gpt_image_1_cost(12, 8, 280));
+    assert_eq!(streamed.cost_nanousd, Some(gpt_image_1_cost(12, 8, 280)));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_python_sdk_creates_and_collects_a_job_and_its_retry_is_billed_once() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    provider.set_delay(std::time::Duration::from_millis(200));
+    let gw = TestGateway::start(Db::Sqlite, &test_config(&provider.base_url(), "")).await;
+    let steps = run_sdk_script(&gw, "jobs.py").await;
+    assert_eq!(steps.len(), 4, "{steps:?}");
+    let (create, retry, collect, sync) = (&steps[0], &steps[1], &steps[2], &steps[3]);
+    assert_eq!(create["status"], 202, "{create}");
+    assert_eq!(create["job"]["status"], "queued");
+    assert_eq!(retry["status"], 202, "{retry}");
+    assert_eq!(
+        retry["job"]["id"], create["job"]["id"],
+        "the retry gets the same job"
+    );
+    assert_eq!(collect["job"]["status"], "succeeded", "{collect}");
+    assert_eq!(
+        collect["job"]["result"], sync["body"],
+        "the job's result is the sync answer"
+    );
+    // One call for the job (its retry attached to it), one for the synchronous request.
+    assert_eq!(provider.requests().len(), 2);
+    let rows = gw.usage_rows(2).await;
+    assert!(
+        rows.iter()
+            .all(|r| r.cost_nanousd == Some(gpt_image_1_cost(19, 1105, 765)))
+    );
     gw.shutdown().await;
 }

@@ -195,7 +195,7 @@ async fn insert_usage_is_idempotent(store: Arc<dyn Store>) {
     // A replay that overlaps new work writes only the new rows, and a request id twice
     // in one batch counts once.
     let mut changed = usage_row("req-1", t);
-    changed.cost_nanousd = 999;
+    changed.cost_nanousd = Some(999);
     let mixed = vec![changed, usage_row("req-4", t), usage_row("req-4", t)];
     assert_eq!(store.insert_usage(&mixed).await.expect("mixed"), 1);
 
@@ -205,7 +205,7 @@ async fn insert_usage_is_idempotent(store: Arc<dyn Store>) {
     }
     // The first write wins: a replay never rewrites what was stored.
     let rows = store.usage_for_request("req-1").await.expect("read back");
-    assert_eq!(rows[0].cost_nanousd, 1_000);
+    assert_eq!(rows[0].cost_nanousd, Some(1_000));
     assert!(
         store
             .usage_for_request("req-5")
@@ -262,7 +262,7 @@ async fn usage_round_trips_every_field(store: Arc<dyn Store>) {
         input_tokens: 6_000_000_003,
         output_tokens: 5_000_000_005,
         total_tokens: 11_000_000_008,
-        cost_nanousd: 123_456_789_012_345,
+        cost_nanousd: Some(123_456_789_012_345),
         latency_ms: 4_000_000_000,
         created_at: at("2025-06-30T23:59:59.123456Z"),
         raw_usage: Some(
@@ -289,7 +289,7 @@ async fn usage_round_trips_every_field(store: Arc<dyn Store>) {
         input_tokens: 0,
         output_tokens: 0,
         total_tokens: 0,
-        cost_nanousd: 0,
+        cost_nanousd: Some(0),
         latency_ms: 0,
         created_at: at("1999-12-31T23:59:59.000001Z"),
         ..rows::usage_row("req-bare")
@@ -325,7 +325,7 @@ fn report_rows() -> Vec<UsageRow> {
         output_tokens: 100 * f,
         total_tokens: 110 * f,
         // Past i32 on its own, so a narrowing sum anywhere would show.
-        cost_nanousd: 1_000_000_000_000 * f,
+        cost_nanousd: Some(1_000_000_000_000 * f),
         ..usage_row(id, at(time))
     };
     vec![
@@ -490,14 +490,14 @@ async fn usage_report_sums_past_i64(store: Arc<dyn Store>) {
         input_tokens: MAX,
         output_tokens: MAX,
         total_tokens: MAX,
-        cost_nanousd: MAX,
+        cost_nanousd: Some(MAX),
         ..usage_row(id, at("2025-03-01T00:00:00Z"))
     };
     let rows: Vec<UsageRow> = (0..3).map(|i| huge(&format!("huge-{i}"))).collect();
     store.insert_usage(&rows).await.expect("insert");
     // One small negative row too: the halves SQLite sums in must put negatives back exactly.
     let negative = UsageRow {
-        cost_nanousd: -5,
+        cost_nanousd: Some(-5),
         ..usage_row("negative", at("2025-03-01T00:00:00Z"))
     };
     store.insert_usage(&[negative]).await.expect("insert");

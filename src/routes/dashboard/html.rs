@@ -7,7 +7,23 @@ use std::fmt::Write;
 use chrono::{Duration, NaiveDate};
 
 use crate::store::{UsageRow, UsageTotals};
-use crate::usage::price::{format_usd, format_usd_sum};
+use crate::usage::price::format_cost;
+use crate::usage::report;
+
+/// A group's spend in dollars: "$0.04", "$0.04 + 3 unpriced", or "unpriced" when none of
+/// its calls has a price (never "$0").
+fn spend(totals: &UsageTotals) -> String {
+    let text = report::cost_text(totals);
+    match report::cost_usd(totals) {
+        Some(_) => format!("${text}"),
+        None => text,
+    }
+}
+
+/// What a table sorts a cost by: the priced sum, and unpriced below every price.
+fn cost_sort(nanos: Option<impl ToString>) -> String {
+    nanos.map_or_else(|| "-Infinity".to_owned(), |n| n.to_string())
+}
 
 /// Text made safe for HTML, in element content and in double-quoted attributes alike.
 pub fn esc(text: &str) -> String {
@@ -136,12 +152,7 @@ pub fn cards(total: &UsageTotals) -> String {
              <div class=\"value\" id=\"{id}\">{value}</div><div class=\"note\">{note}</div></div>"
         );
     };
-    card(
-        "total-cost",
-        "Spend",
-        format!("${}", format_usd_sum(total.cost_nanousd)),
-        "USD",
-    );
+    card("total-cost", "Spend", spend(total), "USD");
     card(
         "total-requests",
         "Requests",
@@ -190,39 +201,40 @@ pub fn panel(id: &str, title: &str, csv: Option<&str>, content: &str) -> String 
     )
 }
 
-/// Days from `first` to `last` with their spend (zero on days without usage), or only the
-/// days with usage when the period is too long for one bar a day.
+/// Days from `first` to `last` with their totals (none on days without usage), or only
+/// the days with usage when the period is too long for one bar a day.
 pub fn day_series(
     by_day: &[UsageTotals],
     first: Option<NaiveDate>,
     last: NaiveDate,
-) -> Vec<(String, i128, i64)> {
-    let given: Vec<(String, i128, i64)> = by_day
-        .iter()
-        .map(|d| (d.group.clone(), d.cost_nanousd, d.requests))
-        .collect();
+) -> Vec<UsageTotals> {
     let Some(first) = first.filter(|f| *f <= last && (last - *f).num_days() < 92) else {
-        return given;
+        return by_day.to_vec();
     };
     let mut out = Vec::new();
     let mut day = first;
     while day <= last {
-        let name = day.format("%Y-%m-%d").to_string();
-        let found = given.iter().find(|(d, _, _)| *d == name);
-        out.push(found.cloned().unwrap_or((name, 0, 0)));
+        let group = day.format("%Y-%m-%d").to_string();
+        let found = by_day.iter().find(|d| d.group == group);
+        out.push(found.cloned().unwrap_or(UsageTotals {
+            group,
+            ..UsageTotals::default()
+        }));
         day += Duration::days(1);
     }
     out
 }
 
-/// Spend per day as bars, drawn on the server. Each bar carries its day and exact figure
-/// (`data-day`, `data-cost-usd`) and a tooltip.
-pub fn chart(days: &[(String, i128, i64)]) -> String {
+/// Spend per day as bars, drawn on the server. Each bar carries its day, its exact priced
+/// spend (`data-day`, `data-cost-usd`: empty when every call of the day is unpriced) and
+/// its unpriced calls (`data-unpriced`), and a tooltip. Unpriced calls add no height.
+pub fn chart(days: &[UsageTotals]) -> String {
     if days.is_empty() {
         return "<p class=\"empty\">No usage in this period.</p>".to_owned();
     }
     let (width, height, left, bottom, top) = (1160.0_f64, 240.0_f64, 64.0, 28.0, 12.0);
-    let max = nice_ceiling(days.iter().map(|d| d.1).max().unwrap_or(0).max(1) as f64 / 1e9) * 1e9;
+    let highest = days.iter().map(|d| d.cost_nanousd).max().unwrap_or(0);
+    let max = nice_ceiling(highest.max(1) as f64 / 1e9) * 1e9;
     let plot_h = height - bottom - top;
     let step = (width - left) / days.len() as f64;
     let mut svg = format!(
@@ -242,15 +254,19 @@ pub fn chart(days: &[(String, i128, i64)]) -> String {
         );
     }
     let label_every = (days.len() / 12).max(1);
-    for (i, (day, cost, requests)) in days.iter().enumerate() {
-        let h = (*cost as f64 / max * plot_h).max(if *cost > 0 { 1.0 } else { 0.0 });
+    for (i, d) in days.iter().enumerate() {
+        let (day, cost) = (esc(&d.group), d.cost_nanousd);
+        let h = (cost as f64 / max * plot_h).max(if cost > 0 { 1.0 } else { 0.0 });
         let x = left + step * i as f64 + step * 0.15;
-        let usd = format_usd_sum(*cost);
         let _ = write!(
             svg,
-            "<g class=\"bar\" data-day=\"{day}\" data-cost-usd=\"{usd}\"><title>{day}: ${usd} \
-             ({requests} requests)</title><rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" \
-             height=\"{h:.1}\" rx=\"2\"/></g>",
+            "<g class=\"bar\" data-day=\"{day}\" data-cost-usd=\"{}\" data-unpriced=\"{}\">\
+             <title>{day}: {} ({} requests)</title><rect x=\"{x:.1}\" y=\"{:.1}\" \
+             width=\"{:.1}\" height=\"{h:.1}\" rx=\"2\"/></g>",
+            report::cost_usd(d).unwrap_or_default(),
+            d.unpriced,
+            spend(d),
+            d.requests,
             top + plot_h - h,
             step * 0.7
         );
@@ -260,7 +276,7 @@ pub fn chart(days: &[(String, i128, i64)]) -> String {
                 "<text class=\"axis\" x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
                 x + step * 0.35,
                 height - 8.0,
-                esc(day.get(5..).unwrap_or(day))
+                esc(d.group.get(5..).unwrap_or(&d.group))
             );
         }
     }
@@ -304,13 +320,12 @@ pub fn totals_table(id: &str, heading: &str, rows: &[UsageTotals]) -> String {
         esc(heading)
     );
     for r in rows {
-        let usd = format_usd_sum(r.cost_nanousd);
         let _ = write!(
             out,
             "<tr data-group=\"{}\"><td>{}</td><td class=\"num\" data-sort=\"{}\">{}</td>\
              <td class=\"num\" data-sort=\"{}\">{}</td><td class=\"num\" data-sort=\"{}\">{}</td>\
              <td class=\"num\" data-sort=\"{}\">{}</td>\
-             <td class=\"num cost\" data-sort=\"{}\">{usd}</td></tr>",
+             <td class=\"num cost\" data-sort=\"{}\">{}</td></tr>",
             esc(&r.group),
             esc(&r.group),
             r.requests,
@@ -321,7 +336,8 @@ pub fn totals_table(id: &str, heading: &str, rows: &[UsageTotals]) -> String {
             r.images,
             r.total_tokens,
             r.total_tokens,
-            r.cost_nanousd,
+            cost_sort(report::cost_nanousd(r)),
+            report::cost_text(r),
         );
     }
     out.push_str("</tbody></table>");
@@ -345,7 +361,8 @@ pub fn requests_table(rows: &[UsageRow]) -> String {
         } else {
             "bad"
         };
-        let estimated = if r.cost_estimated {
+        // An unpriced row has no cost, estimated or not.
+        let estimated = if r.cost_estimated && r.cost_nanousd.is_some() {
             " <abbr title=\"worst-case estimate\">est.</abbr>"
         } else {
             ""
@@ -370,8 +387,8 @@ pub fn requests_table(rows: &[UsageRow]) -> String {
             r.input_tokens,
             r.output_tokens,
             r.output_tokens,
-            r.cost_nanousd,
-            format_usd(r.cost_nanousd),
+            cost_sort(r.cost_nanousd),
+            format_cost(r.cost_nanousd),
             r.latency_ms,
             r.latency_ms,
         );

@@ -214,7 +214,7 @@ fn render(filter: &UsageFilter, shown: &html::Shown, f: &Figures) -> String {
     let first_day = NaiveDate::parse_from_str(&shown.since, "%Y-%m-%d").ok();
     let days = html::day_series(&f.by_day, first_day, last_day);
     let period = match days.first() {
-        Some((first, _, _)) => format!("Spend by day, {first} to {last_day}"),
+        Some(first) => format!("Spend by day, {} to {last_day}", first.group),
         None => "Spend by day".to_owned(),
     };
     let csv = |group: &str| {

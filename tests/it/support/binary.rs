@@ -99,8 +99,8 @@ pub fn signal(child: &tokio::process::Child, name: &str) {
     );
 }
 
-/// A config on a SQLite file in `dir`: the mock provider serves `models`; a real-looking
-/// provider (never called) holds a secret key.
+/// A config on a SQLite file in `dir`: the mock provider serves `models` (with a price that
+/// names its source); a real-looking provider (never called, unpriced) holds a secret key.
 pub fn write_config(dir: &Path, models: &[&str]) -> PathBuf {
     let mut toml = format!(
         r#"
@@ -109,6 +109,8 @@ default_model = "gpt-image-1"
 listen = "127.0.0.1:0"
 shutdown_grace = "5s"
 journal_dir = "{}"
+[jobs]
+dir = "{}"
 [database]
 url = "sqlite:{}"
 [providers.mock]
@@ -120,15 +122,17 @@ api_key_env = "CLI_TEST_PROVIDER_KEY"
 [models."real-model"]
 routes = [{{ provider = "real", model = "x" }}]
 [pricing.real.x]
-per_image = 0.5
+unpriced = true
+source = "no page"
 "#,
         dir.join("journal").display(),
+        dir.join("jobs").display(),
         dir.join("imagegate.db").display()
     );
     for model in models {
         toml.push_str(&format!(
             "[models.\"{model}\"]\nroutes = [{{ provider = \"mock\", model = \"{model}\" }}]\n\
-             [pricing.mock.\"{model}\"]\ntext_input = 5.0\ncached_text_input = 1.25\nimage_input = 10.0\n\
+             [pricing.mock.\"{model}\"]\nsource = \"PiAPI page\"\ntext_input = 5.0\ncached_text_input = 1.25\nimage_input = 10.0\n\
              cached_image_input = 1.25\nimage_output = 40.0\n"
         ));
     }

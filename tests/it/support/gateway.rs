@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::captures::Capture;
 use super::{Db, test_env};
 
-/// Writes `config_toml` into `dir` as imagegate.toml, with its spool and journal in `dir` and
+/// Writes `config_toml` into `dir` as imagegate.toml, with its spool, journal and jobs in `dir` and
 /// its database at `database_url`; returns the file's path.
 pub fn write_config(dir: &Path, database_url: &str, config_toml: &str) -> PathBuf {
     let config_toml = config_toml.replacen(
@@ -29,6 +29,13 @@ pub fn write_config(dir: &Path, database_url: &str, config_toml: &str) -> PathBu
         ),
         1,
     );
+    // Jobs in `dir` too: added to the test's own [jobs] section, or as one.
+    let jobs_dir = format!("dir = \"{}\"\n", dir.join("jobs").display());
+    let config_toml = if config_toml.contains("[jobs]\n") {
+        config_toml.replacen("[jobs]\n", &format!("[jobs]\n{jobs_dir}"), 1)
+    } else {
+        format!("{config_toml}\n[jobs]\n{jobs_dir}")
+    };
     let config_toml = format!("{config_toml}\n[database]\nurl = \"{database_url}\"\n");
     let config_path = dir.join("imagegate.toml");
     std::fs::write(&config_path, config_toml).expect("write config");
@@ -112,6 +119,11 @@ impl TestGateway {
     /// Where this gateway spools upload parts.
     pub fn spool_dir(&self) -> PathBuf {
         self._dir.path().join("spool")
+    }
+
+    /// Where this gateway keeps its async jobs.
+    pub fn jobs_dir(&self) -> PathBuf {
+        self._dir.path().join("jobs")
     }
 
     /// Where this gateway journals usage rows.

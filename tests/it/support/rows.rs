@@ -29,7 +29,7 @@ pub fn usage_row(request_id: &str) -> UsageRow {
         input_tokens: 10,
         output_tokens: 100,
         total_tokens: 110,
-        cost_nanousd: 1_000,
+        cost_nanousd: Some(1_000),
         latency_ms: 1_234,
         created_at: DateTime::from_timestamp(1_735_689_600, 0).expect("time"),
         raw_usage: None,
