@@ -287,19 +287,10 @@ impl Upload {
         let encoder = Encoder::new(route, self.endpoint);
         let content_type =
             HeaderValue::from_str(&encoder.content_type()).map_err(ApiError::internal)?;
-        let (tx, body) = body_channel(CHANNEL_CHUNKS);
-        let summary = self.summary.clone();
-        let endpoint = self.endpoint;
-        let pump: Pump = Box::pin(self.pump(encoder, tx));
-        Ok(Prepared {
-            request: UpstreamRequest {
-                endpoint,
-                content_type,
-                body,
-                summary,
-            },
-            pump: Some(pump),
-        })
+        let (endpoint, summary) = (self.endpoint, self.summary.clone());
+        Ok(streamed(endpoint, content_type, summary, |tx| {
+            Box::pin(self.pump(encoder, tx))
+        }))
     }
 
     async fn pump(
@@ -556,25 +547,35 @@ impl Recorded {
         let mut encoder = Encoder::new(route, self.endpoint);
         let content_type = HeaderValue::from_str(&encoder.content_type())
             .unwrap_or_else(|_| HeaderValue::from_static("multipart/form-data"));
-        let (tx, body) = body_channel(CHANNEL_CHUNKS);
-        let summary = self.summary.clone();
-        let endpoint = self.endpoint;
-        let pump: Pump = Box::pin(async move {
-            let out = Out { tx };
-            emit_held(&self.held, self.spool.as_ref(), &mut encoder, &out).await?;
-            out.send(encoder.finish()).await?;
-            out.tx.finish();
-            Ok(self.summary.clone())
-        });
-        Prepared {
-            request: UpstreamRequest {
-                endpoint,
-                content_type,
-                body,
-                summary,
-            },
-            pump: Some(pump),
-        }
+        let (endpoint, summary) = (self.endpoint, self.summary.clone());
+        streamed(endpoint, content_type, summary, |tx| {
+            Box::pin(async move {
+                let out = Out { tx };
+                emit_held(&self.held, self.spool.as_ref(), &mut encoder, &out).await?;
+                out.send(encoder.finish()).await?;
+                out.tx.finish();
+                Ok(self.summary.clone())
+            })
+        })
+    }
+}
+
+/// A provider request whose body `pump` streams, given the sending half of its channel.
+fn streamed(
+    endpoint: Endpoint,
+    content_type: HeaderValue,
+    summary: RequestSummary,
+    pump: impl FnOnce(BodySender) -> Pump,
+) -> Prepared {
+    let (tx, body) = body_channel(CHANNEL_CHUNKS);
+    Prepared {
+        request: UpstreamRequest {
+            endpoint,
+            content_type,
+            body,
+            summary,
+        },
+        pump: Some(pump(tx)),
     }
 }
 
