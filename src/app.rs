@@ -236,7 +236,9 @@ fn next_request_id() -> Arc<str> {
 ///    its one line (the usage meter logs a line per provider call besides);
 /// 2. `CatchPanicLayer`: a panic becomes a 500 in OpenAI's shape, the server stays up;
 /// 3. on every route (not on 404 and 405 answers), [`gate::authenticate`]: a client key by
-///    default, the admin token on [`routes::ADMIN`], nothing on [`routes::PUBLIC`] only;
+///    default, the admin token on [`routes::ADMIN`], the dashboard's session cookie on
+///    [`routes::DASHBOARD`] (without one: a redirect to its login form), nothing on
+///    [`routes::PUBLIC`] and [`routes::DASHBOARD_OPEN`] only;
 ///    then the key's expiry (401), its cap on requests in flight (its own `max_in_flight`, or
 ///    `limits.max_in_flight_per_key`) and on the image routes its `rpm` (a database-backed
 ///    count shared by every replica, with OpenAI's `x-ratelimit-*` headers): over either,

@@ -1,13 +1,14 @@
 //! The door every routed request passes: authentication is on by default (a client key),
-//! the admin routes take the admin token instead, and only the listed public routes need
-//! neither; then a key's expiry, its cap on requests in flight and its requests per minute.
+//! the admin routes take the admin token instead, the dashboard's pages its session
+//! cookie, and only the listed public routes (and the dashboard's login) need none of
+//! them; then a key's expiry, its cap on requests in flight and its requests per minute.
 
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use chrono::Utc;
 use http::Method;
 
@@ -32,8 +33,13 @@ pub async fn authenticate(
         .get::<MatchedPath>()
         .map(MatchedPath::as_str);
     match path {
-        Some(path) if routes::PUBLIC.contains(&path) => Ok(next.run(request).await),
+        Some(path) if routes::PUBLIC.contains(&path) || routes::DASHBOARD_OPEN.contains(&path) => {
+            Ok(next.run(request).await)
+        }
         Some(path) if routes::ADMIN.contains(&path) => require_admin(&state, request, next).await,
+        Some(path) if routes::DASHBOARD.contains(&path) => {
+            Ok(require_session(&state, request, next).await)
+        }
         _ => require_key(&state, request, next).await,
     }
 }
@@ -87,6 +93,16 @@ async fn require_admin(
             Ok(next.run(request).await)
         }
         _ => Err(ApiError::AdminForbidden),
+    }
+}
+
+/// Dashboard pages: a valid session cookie, or a redirect (303) to the login form.
+async fn require_session(state: &AppState, request: Request, next: Next) -> Response {
+    let token = state.runtime.load().config.admin_token.clone();
+    if routes::dashboard::session::valid(request.headers(), token.as_ref()) {
+        next.run(request).await
+    } else {
+        Redirect::to(routes::dashboard::LOGIN).into_response()
     }
 }
 

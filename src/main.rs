@@ -16,7 +16,7 @@ use imagegate::store::{self, GroupBy, Store, UsageFilter};
 use imagegate::{Gateway, auth};
 
 use cli::keys::KeysCommand;
-use cli::usage::{Format, Group, parse_since, print_usage};
+use cli::usage::{Format, Group, parse_time, print_usage};
 
 #[derive(Parser)]
 #[command(
@@ -53,9 +53,18 @@ enum Command {
         /// Only this key's usage.
         #[arg(long)]
         key: Option<String>,
+        /// Only this model's usage (the name clients ask for).
+        #[arg(long)]
+        model: Option<String>,
+        /// Only this provider's usage.
+        #[arg(long)]
+        provider: Option<String>,
         /// Only usage newer than this: a duration such as 24h or 7d, or an RFC 3339 time.
         #[arg(long)]
         since: Option<String>,
+        /// Only usage older than this (same forms as --since).
+        #[arg(long)]
+        until: Option<String>,
         #[arg(long, value_enum, default_value = "key")]
         group_by: Group,
         #[arg(long, value_enum, default_value = "table")]
@@ -136,17 +145,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Usage {
             key,
+            model,
+            provider,
             since,
+            until,
             group_by,
             format,
         } => {
             let store = open_store(&cli.config).await?;
-            let since = since.as_deref().map(parse_since).transpose()?;
             let group_by = GroupBy::from(group_by);
             let rows = store
                 .usage_report(&UsageFilter {
                     key_name: key.clone(),
-                    since,
+                    model,
+                    provider,
+                    since: since.map(|t| parse_time("--since", &t)).transpose()?,
+                    until: until.map(|t| parse_time("--until", &t)).transpose()?,
                     group_by,
                 })
                 .await?;

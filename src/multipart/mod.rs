@@ -290,19 +290,10 @@ impl Upload {
         let encoder = Encoder::new(route, self.endpoint);
         let content_type =
             HeaderValue::from_str(&encoder.content_type()).map_err(ApiError::internal)?;
-        let (tx, body) = body_channel(CHANNEL_CHUNKS);
-        let summary = self.summary.clone();
-        let endpoint = self.endpoint;
-        let pump: Pump = Box::pin(self.pump(encoder, tx));
-        Ok(Prepared {
-            request: UpstreamRequest {
-                endpoint,
-                content_type,
-                body,
-                summary,
-            },
-            pump: Some(pump),
-        })
+        let (endpoint, summary) = (self.endpoint, self.summary.clone());
+        Ok(streamed(endpoint, content_type, summary, |tx| {
+            Box::pin(self.pump(encoder, tx))
+        }))
     }
 
     async fn pump(
@@ -559,25 +550,35 @@ impl Recorded {
         let mut encoder = Encoder::new(route, self.endpoint);
         let content_type = HeaderValue::from_str(&encoder.content_type())
             .unwrap_or_else(|_| HeaderValue::from_static("multipart/form-data"));
-        let (tx, body) = body_channel(CHANNEL_CHUNKS);
-        let summary = self.summary.clone();
-        let endpoint = self.endpoint;
-        let pump: Pump = Box::pin(async move {
-            let out = Out { tx };
-            emit_held(&self.held, self.spool.as_ref(), &mut encoder, &out).await?;
-            out.send(encoder.finish()).await?;
-            out.tx.finish();
-            Ok(self.summary.clone())
-        });
-        Prepared {
-            request: UpstreamRequest {
-                endpoint,
-                content_type,
-                body,
-                summary,
-            },
-            pump: Some(pump),
-        }
+        let (endpoint, summary) = (self.endpoint, self.summary.clone());
+        streamed(endpoint, content_type, summary, |tx| {
+            Box::pin(async move {
+                let out = Out { tx };
+                emit_held(&self.held, self.spool.as_ref(), &mut encoder, &out).await?;
+                out.send(encoder.finish()).await?;
+                out.tx.finish();
+                Ok(self.summary.clone())
+            })
+        })
+    }
+}
+
+/// A provider request whose body `pump` streams, given the sending half of its channel.
+fn streamed(
+    endpoint: Endpoint,
+    content_type: HeaderValue,
+    summary: RequestSummary,
+    pump: impl FnOnce(BodySender) -> Pump,
+) -> Prepared {
+    let (tx, body) = body_channel(CHANNEL_CHUNKS);
+    Prepared {
+        request: UpstreamRequest {
+            endpoint,
+            content_type,
+            body,
+            summary,
+        },
+        pump: Some(pump(tx)),
     }
 }
 
@@ -837,6 +838,16 @@ mod tests {
         }
     }
 
+    /// The request headers of an upload with boundary `xB`.
+    fn form_headers() -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("multipart/form-data; boundary=xB"),
+        );
+        headers
+    }
+
     /// Runs an upload (boundary `xB`) the way `Call::forward` does, draining the provider's
     /// body, and returns the parts the provider would receive.
     async fn upstream_parts(
@@ -844,12 +855,7 @@ mod tests {
         endpoint: Endpoint,
     ) -> Result<Vec<Sent>, ApiError> {
         let spool = tempfile::tempdir().expect("spool dir");
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("multipart/form-data; boundary=xB"),
-        );
-        let mut upload = Upload::new(&headers, Body::from(body), endpoint, LIMITS)?;
+        let mut upload = Upload::new(&form_headers(), Body::from(body), endpoint, LIMITS)?;
         upload.read_until_model(&area(spool.path())).await?;
         let Prepared { request, pump } = upload.prepare(&route())?;
         let crate::upstream::UpstreamBody::Stream(mut upstream) = request.body else {
@@ -889,45 +895,88 @@ mod tests {
             .collect()
     }
 
+    /// What the provider must see of an upload.
+    enum Expect {
+        /// Accepted, with the route's model as the only `model` part.
+        RoutesModel,
+        /// Accepted, the first part going up with this Content-Disposition.
+        FirstDisposition(&'static str),
+        /// Refused with a 400.
+        Refused,
+    }
+
+    /// An upload the multipart fuzz target found mishandled (minimized), named after what
+    /// it must do, with what went wrong before.
+    struct FuzzFound {
+        name: &'static str,
+        endpoint: Endpoint,
+        body: &'static [u8],
+        expect: Expect,
+    }
+
+    const FUZZ_FOUND: &[FuzzFound] = &[
+        // The second `model` went upstream as a second model part.
+        FuzzFound {
+            name: "a_second_model_part_is_not_sent_on",
+            endpoint: Endpoint::Edits,
+            body: b"--xB\r\nContent-Disposition: fa; name=\"image[]\"onam\r\n\r\n\x89P\r\n--xB\r\nContent-Disposition: name=\"prompt\"\r\n\r\ncombin\r\n--xB\r\nContent-Disposition:a; name=\"model\"\r\n\r\n\r\n--xB\r\nContent-Disposition: a; name=\"model\"\r\n\r\nhigh\r\n--xB--\r\n",
+            expect: Expect::RoutesModel,
+        },
+        // A `model` part with a filename went upstream as a file, with the client's model,
+        // past the route's rewrite.
+        FuzzFound {
+            name: "a_model_sent_as_a_file_is_still_the_routes_model",
+            endpoint: Endpoint::Edits,
+            body: b"--xB\r\nContent-Disposition:o-data; name=\"image[]\"; \r\n\r\n`\x82\r\n--xB\r\nContent-Disposition: ;name=\"prompt\"\r\n\ntram\r\n\r\ncbine\r\n--xB\r\nContent-Disposition: fm-t; filename=\"a; name=\"model\"\r\n\r\nigh\r\n--xB--\r\n",
+            expect: Expect::RoutesModel,
+        },
+        // `name="i\m]ge[]"` went upstream as is, and a name ending in a backslash would run
+        // into the next parameter.
+        FuzzFound {
+            name: "a_backslash_in_a_name_cannot_escape_its_closing_quote",
+            endpoint: Endpoint::Variations,
+            body: b"--xB\r\nContent-Disposition:ta;name=\"i\\m]ge[]\";n\r\n\r\n\n\r\n--xB\r\nContent-Disposition:; name=\"image[]\";n\r\n\r\n\n\x00\r\r\n--xB--\r\n",
+            expect: Expect::FirstDisposition(r#"form-data; name="i%5Cm]ge[]""#),
+        },
+        // A variation with one image and a text part named `image[tion` went upstream,
+        // which a PHP-style provider reads as two images.
+        FuzzFound {
+            name: "names_that_only_look_like_images_are_refused",
+            endpoint: Endpoint::Variations,
+            body: b"--xB\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n\x89PNG\r\n--xB\r\nContent-Disposition: form-data; name=\"image[tion\"\r\n\r\ntransparent\r\n--xB--\r\n",
+            expect: Expect::Refused,
+        },
+    ];
+
     #[tokio::test]
-    async fn a_second_model_part_is_not_sent_on() {
-        // Found by the multipart fuzz target (minimized): the second `model` went upstream
-        // as a second model part.
-        let body = b"--xB\r\nContent-Disposition: fa; name=\"image[]\"onam\r\n\r\n\x89P\r\n--xB\r\nContent-Disposition: name=\"prompt\"\r\n\r\ncombin\r\n--xB\r\nContent-Disposition:a; name=\"model\"\r\n\r\n\r\n--xB\r\nContent-Disposition: a; name=\"model\"\r\n\r\nhigh\r\n--xB--\r\n";
-        let parts = upstream_parts(body, Endpoint::Edits)
-            .await
-            .expect("accepted");
-        assert_eq!(values(&parts, "model"), [b"upstream-model"]);
+    async fn fuzz_found_uploads_go_up_as_they_must() {
+        for case in FUZZ_FOUND {
+            let name = case.name;
+            match (&case.expect, upstream_parts(case.body, case.endpoint).await) {
+                (Expect::RoutesModel, Ok(parts)) => {
+                    assert_eq!(values(&parts, "model"), [b"upstream-model"], "{name}");
+                }
+                (Expect::FirstDisposition(want), Ok(parts)) => {
+                    assert_eq!(parts[0].0, *want, "{name}");
+                }
+                (Expect::Refused, Err(err)) => {
+                    assert_eq!(err.status(), http::StatusCode::BAD_REQUEST, "{name}");
+                }
+                (Expect::Refused, Ok(parts)) => panic!("{name}: accepted, sent {parts:?}"),
+                (_, Err(err)) => panic!("{name}: refused: {err:?}"),
+            }
+        }
     }
 
     #[tokio::test]
-    async fn a_model_sent_as_a_file_is_still_the_routes_model() {
-        // Found by the multipart fuzz target (minimized): a `model` part with a filename
-        // went upstream as a file, with the client's model, past the route's rewrite.
-        let body = b"--xB\r\nContent-Disposition:o-data; name=\"image[]\"; \r\n\r\n`\x82\r\n--xB\r\nContent-Disposition: ;name=\"prompt\"\r\n\ntram\r\n\r\ncbine\r\n--xB\r\nContent-Disposition: fm-t; filename=\"a; name=\"model\"\r\n\r\nigh\r\n--xB--\r\n";
-        let parts = upstream_parts(body, Endpoint::Edits)
-            .await
-            .expect("accepted");
-        assert_eq!(values(&parts, "model"), [b"upstream-model"]);
-        // The same with a plain filename, after the image, and before it (spooled).
+    async fn a_model_sent_as_a_named_file_is_routed_on_then_rewritten() {
+        // A plain filename on the `model` part, after the image, and before it (spooled).
         for body in [
             &b"--xB\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n\x89PNG\r\n--xB\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\np\r\n--xB\r\nContent-Disposition: form-data; name=\"model\"; filename=\"m.txt\"\r\n\r\ndall-e-3\r\n--xB\r\nContent-Disposition: form-data; name=\"n\"; filename=\"n.txt\"\r\n\r\n99\r\n--xB--\r\n"[..],
             b"--xB\r\nContent-Disposition: form-data; name=\"model\"; filename=\"m.txt\"\r\n\r\ndall-e-3\r\n--xB\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\np\r\n--xB\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n\x89PNG\r\n--xB--\r\n",
         ] {
-            let mut upload = Upload::new(
-                &{
-                    let mut h = HeaderMap::new();
-                    h.insert(
-                        header::CONTENT_TYPE,
-                        HeaderValue::from_static("multipart/form-data; boundary=xB"),
-                    );
-                    h
-                },
-                Body::from(body),
-                Endpoint::Edits,
-                LIMITS,
-            )
-            .expect("headers");
+            let mut upload = Upload::new(&form_headers(), Body::from(body), Endpoint::Edits, LIMITS)
+                .expect("headers");
             let spool = tempfile::tempdir().expect("spool dir");
             let model = upload.read_until_model(&area(spool.path())).await;
             assert_eq!(model.expect("read").as_deref(), Some("dall-e-3"), "routed on it");
@@ -937,28 +986,6 @@ mod tests {
                 Err(err) => assert_eq!(err.status(), http::StatusCode::BAD_REQUEST),
             }
         }
-    }
-
-    #[tokio::test]
-    async fn a_backslash_in_a_name_cannot_escape_its_closing_quote() {
-        // Found by the multipart fuzz target (minimized): `name="i\m]ge[]"` went upstream
-        // as is, and a name ending in a backslash would run into the next parameter.
-        let body = b"--xB\r\nContent-Disposition:ta;name=\"i\\m]ge[]\";n\r\n\r\n\n\r\n--xB\r\nContent-Disposition:; name=\"image[]\";n\r\n\r\n\n\x00\r\r\n--xB--\r\n";
-        let parts = upstream_parts(body, Endpoint::Variations)
-            .await
-            .expect("accepted");
-        assert_eq!(parts[0].0, r#"form-data; name="i%5Cm]ge[]""#);
-    }
-
-    #[tokio::test]
-    async fn names_that_only_look_like_images_are_refused() {
-        // Found by the multipart fuzz target: a variation with one image and a text part
-        // named `image[tion` went upstream, which a PHP-style provider reads as two images.
-        let body = b"--xB\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n\x89PNG\r\n--xB\r\nContent-Disposition: form-data; name=\"image[tion\"\r\n\r\ntransparent\r\n--xB--\r\n";
-        let err = upstream_parts(body, Endpoint::Variations)
-            .await
-            .expect_err("refused");
-        assert_eq!(err.status(), http::StatusCode::BAD_REQUEST);
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! Admin API, behind the admin token: reload the configuration; client keys (in [`keys`]).
+//! Admin API, behind the admin token: reload the configuration; client keys ([`keys`]);
+//! usage reports ([`usage`]).
 
 pub mod keys;
+pub mod usage;
 
 use std::sync::Arc;
 

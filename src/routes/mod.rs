@@ -1,6 +1,7 @@
 //! Thin handlers, one module per group of routes, and the one table of every route.
 
 mod admin;
+pub mod dashboard;
 mod health;
 mod images;
 mod jobs;
@@ -23,7 +24,30 @@ pub const PUBLIC: &[&str] = &["/healthz", "/readyz", "/metrics"];
 pub const IMAGES: &str = "/v1/images/";
 
 /// The routes behind the admin token instead of a client key.
-pub const ADMIN: &[&str] = &["/admin/reload", "/admin/keys", "/admin/keys/{name}"];
+pub const ADMIN: &[&str] = &[
+    "/admin/reload",
+    "/admin/keys",
+    "/admin/keys/{name}",
+    "/admin/usage",
+    "/admin/requests",
+];
+
+/// The dashboard's pages, behind its session cookie instead of a key: without a valid
+/// session they redirect to its login form (see [`dashboard::session`]).
+pub const DASHBOARD: &[&str] = &[
+    "/dashboard",
+    "/dashboard/usage.csv",
+    "/dashboard/requests.csv",
+    "/dashboard/logout",
+];
+
+/// The dashboard's login form and its two files: open, like the public routes, but to
+/// people rather than probes.
+pub const DASHBOARD_OPEN: &[&str] = &[
+    dashboard::LOGIN,
+    "/dashboard/assets/dashboard.css",
+    "/dashboard/assets/dashboard.js",
+];
 
 /// Every route: its method, its path template, and its handler. The router is built from
 /// this list and nothing else, so that a test can call each route.
@@ -48,6 +72,27 @@ fn table() -> Vec<(Method, &'static str, MethodRouter<Arc<AppState>>)> {
         (M::GET, "/admin/keys", get(admin::keys::list)),
         (M::PATCH, "/admin/keys/{name}", patch(admin::keys::update)),
         (M::DELETE, "/admin/keys/{name}", delete(admin::keys::revoke)),
+        (M::GET, "/admin/usage", get(admin::usage::usage)),
+        (M::GET, "/admin/requests", get(admin::usage::requests)),
+        (M::GET, "/dashboard", get(dashboard::dashboard)),
+        (M::GET, "/dashboard/usage.csv", get(dashboard::usage_csv)),
+        (
+            M::GET,
+            "/dashboard/requests.csv",
+            get(dashboard::requests_csv),
+        ),
+        (M::POST, "/dashboard/logout", post(dashboard::logout)),
+        (
+            M::GET,
+            dashboard::LOGIN,
+            get(dashboard::login_form).post(dashboard::login),
+        ),
+        (
+            M::GET,
+            "/dashboard/assets/dashboard.css",
+            get(dashboard::css),
+        ),
+        (M::GET, "/dashboard/assets/dashboard.js", get(dashboard::js)),
     ]
 }
 

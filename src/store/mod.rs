@@ -151,31 +151,90 @@ pub struct RateState {
 }
 
 /// How usage totals are grouped in a report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum GroupBy {
+    #[default]
     Key,
     Model,
     Provider,
+    /// The UTC day, `YYYY-MM-DD`.
     Day,
+    /// The UTC hour, `YYYY-MM-DDTHH:00Z`.
+    Hour,
 }
 
-/// Which rows a usage report covers.
-#[derive(Debug, Clone)]
+impl GroupBy {
+    /// The grouping's name: in the admin API's `group_by`, the CLI's `--group-by`, and as
+    /// the group's column in a report.
+    pub fn name(self) -> &'static str {
+        match self {
+            GroupBy::Key => "key",
+            GroupBy::Model => "model",
+            GroupBy::Provider => "provider",
+            GroupBy::Day => "day",
+            GroupBy::Hour => "hour",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        [
+            GroupBy::Key,
+            GroupBy::Model,
+            GroupBy::Provider,
+            GroupBy::Day,
+            GroupBy::Hour,
+        ]
+        .into_iter()
+        .find(|g| g.name() == name)
+    }
+}
+
+/// Which rows a usage report (or a page of rows) covers; each filter that is set narrows
+/// it. `since` is inclusive, `until` exclusive.
+#[derive(Debug, Clone, Default)]
 pub struct UsageFilter {
     pub key_name: Option<String>,
+    pub model: Option<String>,
+    pub provider: Option<String>,
     pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    /// Used by [`Store::usage_report`] only.
     pub group_by: GroupBy,
+}
+
+/// Where a page of [`Store::usage_page`] ended: its last row's time and request id. The
+/// next page has the rows strictly older in that order (newest first, then request id
+/// descending), so rows written meanwhile never shift a page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageCursor {
+    pub created_at: DateTime<Utc>,
+    pub request_id: String,
 }
 
 /// One line of a usage report: totals for one group. Sums are i128: a column of i64 values
 /// can add up past i64, and a report must not fail (or wrap) when it does.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 pub struct UsageTotals {
     #[sqlx(rename = "grp")]
     pub group: String,
     pub requests: i64,
+    /// Calls a provider may have charged for: completed, or interrupted by a crash.
+    pub billed: i64,
+    /// Calls that delivered nothing: the provider answered an error or could not be reached.
+    pub failed: i64,
+    /// Rows with no price (a null cost, unpriced routes): their cost is not in
+    /// `cost_nanousd`, and reports say so.
+    pub unpriced: i64,
     #[sqlx(try_from = "Sum")]
     pub images: i128,
+    #[sqlx(try_from = "Sum")]
+    pub text_input_tokens: i128,
+    #[sqlx(try_from = "Sum")]
+    pub image_input_tokens: i128,
+    #[sqlx(try_from = "Sum")]
+    pub cached_text_input_tokens: i128,
+    #[sqlx(try_from = "Sum")]
+    pub cached_image_input_tokens: i128,
     #[sqlx(try_from = "Sum")]
     pub input_tokens: i128,
     #[sqlx(try_from = "Sum")]
@@ -185,8 +244,6 @@ pub struct UsageTotals {
     /// The cost of the group's priced rows.
     #[sqlx(try_from = "Sum")]
     pub cost_nanousd: i128,
-    /// Rows with no cost (unpriced routes): not in `cost_nanousd`, and reports say so.
-    pub unpriced: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -255,6 +312,37 @@ pub trait Store: Send + Sync + 'static {
     /// The newest `limit` rows, newest first (audits, `imagegate usage --rows`, tests).
     async fn recent_usage(&self, limit: i64) -> StoreResult<Vec<UsageRow>>;
     async fn usage_report(&self, filter: &UsageFilter) -> StoreResult<Vec<UsageTotals>>;
+    /// Up to `limit` of the rows `filter` selects (its grouping unused), newest first,
+    /// starting after `after` (see [`PageCursor`]).
+    async fn usage_page(
+        &self,
+        filter: &UsageFilter,
+        after: Option<&PageCursor>,
+        limit: i64,
+    ) -> StoreResult<Vec<UsageRow>>;
+}
+
+/// The counts and sums of a report, the same for both databases but for how a sum is
+/// taken (`sum` wraps the column's name in each database's exact sum).
+fn report_columns(sum: impl Fn(&str) -> String) -> String {
+    let counts = "count(*) as requests, \
+         count(case when outcome in ('completed', 'interrupted') then 1 end) as billed, \
+         count(case when outcome in ('upstream_error', 'failed') then 1 end) as failed, \
+         count(case when cost_nanousd is null then 1 end) as unpriced";
+    let sums = [
+        "images",
+        "text_input_tokens",
+        "image_input_tokens",
+        "cached_text_input_tokens",
+        "cached_image_input_tokens",
+        "input_tokens",
+        "output_tokens",
+        "total_tokens",
+        "cost_nanousd",
+    ]
+    .map(sum)
+    .join(", ");
+    format!("{counts}, {sums}")
 }
 
 /// Opens the store a database URL names: `postgres://` or `sqlite:`.
@@ -364,6 +452,17 @@ impl Store for OnRuntime {
     async fn usage_report(&self, filter: &UsageFilter) -> StoreResult<Vec<UsageTotals>> {
         let filter = filter.clone();
         self.run(|s| async move { s.usage_report(&filter).await })
+            .await
+    }
+    async fn usage_page(
+        &self,
+        filter: &UsageFilter,
+        after: Option<&PageCursor>,
+        limit: i64,
+    ) -> StoreResult<Vec<UsageRow>> {
+        let filter = filter.clone();
+        let after = after.cloned();
+        self.run(|s| async move { s.usage_page(&filter, after.as_ref(), limit).await })
             .await
     }
 }

@@ -12,8 +12,9 @@ use sqlx::{Decode, FromRow, Postgres, QueryBuilder, Type};
 use super::budget::{BudgetState, Reservation, Reserved, Settlement, verdict};
 use super::rows::{Sum, Timestamp};
 use super::{
-    GroupBy, KEY_COLUMNS, KeyChanges, KeyRecord, NewKey, RATE_WINDOW_NANOS, RateState, Store,
-    StoreError, StoreResult, USAGE_COLUMNS, UsageFilter, UsageRow, UsageTotals,
+    GroupBy, KEY_COLUMNS, KeyChanges, KeyRecord, NewKey, PageCursor, RATE_WINDOW_NANOS, RateState,
+    Store, StoreError, StoreResult, USAGE_COLUMNS, UsageFilter, UsageRow, UsageTotals,
+    report_columns,
 };
 
 /// The pool is shared by every request and the usage writer; a handful of connections is
@@ -111,6 +112,35 @@ fn group_expr(group_by: GroupBy) -> &'static str {
         GroupBy::Provider => "provider",
         // The session time zone is the server's choice; a day in a report is a UTC day.
         GroupBy::Day => "to_char(created_at at time zone 'UTC', 'YYYY-MM-DD')",
+        GroupBy::Hour => "to_char(created_at at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:00\"Z\"')",
+    }
+}
+
+/// `sum` of bigint is numeric, exact at any size; it travels as text and is read into i128
+/// (a cast back to bigint fails once a sum passes 2^63 - 1).
+fn exact_sum(column: &str) -> String {
+    format!("coalesce(sum({column}), 0)::text as {column}")
+}
+
+/// The `and ...` conditions of a filter, after a `where true`.
+fn push_filter(query: &mut QueryBuilder<'_, Postgres>, filter: &UsageFilter) {
+    let texts = [
+        ("key_name", &filter.key_name),
+        ("model", &filter.model),
+        ("provider", &filter.provider),
+    ];
+    for (column, value) in texts {
+        if let Some(value) = value {
+            query
+                .push(format!(" and {column} = "))
+                .push_bind(value.clone());
+        }
+    }
+    if let Some(since) = filter.since {
+        query.push(" and created_at >= ").push_bind(since);
+    }
+    if let Some(until) = filter.until {
+        query.push(" and created_at < ").push_bind(until);
     }
 }
 
@@ -439,30 +469,46 @@ impl Store for PostgresStore {
     #[tracing::instrument(skip_all, fields(group_by = ?filter.group_by))]
     async fn usage_report(&self, filter: &UsageFilter) -> StoreResult<Vec<UsageTotals>> {
         let group = group_expr(filter.group_by);
-        // `sum` of bigint is numeric, exact at any size; it travels as text and is read
-        // into i128 (a cast back to bigint fails once a sum passes 2^63 - 1).
         let mut query = QueryBuilder::<Postgres>::new(format!(
-            "select {group} as grp, count(*) as requests, \
-             coalesce(sum(images), 0)::text as images, \
-             coalesce(sum(input_tokens), 0)::text as input_tokens, \
-             coalesce(sum(output_tokens), 0)::text as output_tokens, \
-             coalesce(sum(total_tokens), 0)::text as total_tokens, \
-             coalesce(sum(cost_nanousd), 0)::text as cost_nanousd, \
-             count(case when cost_nanousd is null then 1 end) as unpriced \
-             from usage where true"
+            "select {group} as grp, {} from usage where true",
+            report_columns(exact_sum)
         ));
-        if let Some(key_name) = &filter.key_name {
-            query.push(" and key_name = ").push_bind(key_name);
-        }
-        if let Some(since) = filter.since {
-            query.push(" and created_at >= ").push_bind(since);
-        }
+        push_filter(&mut query, filter);
         // Byte order, as SQLite sorts, whatever collation the database was created with.
         query.push(format!(" group by 1 order by {group} collate \"C\""));
         let rows = query.build().fetch_all(&self.pool).await?;
         Ok(rows
             .iter()
             .map(UsageTotals::from_row)
+            .collect::<Result<_, _>>()?)
+    }
+
+    #[tracing::instrument(skip_all, fields(limit))]
+    async fn usage_page(
+        &self,
+        filter: &UsageFilter,
+        after: Option<&PageCursor>,
+        limit: i64,
+    ) -> StoreResult<Vec<UsageRow>> {
+        let mut query =
+            QueryBuilder::<Postgres>::new(format!("select {USAGE_COLUMNS} from usage where true"));
+        push_filter(&mut query, filter);
+        // Request ids in byte order, as SQLite compares them.
+        if let Some(after) = after {
+            query
+                .push(" and (created_at, request_id collate \"C\") < (")
+                .push_bind(after.created_at)
+                .push(", ")
+                .push_bind(after.request_id.clone())
+                .push(")");
+        }
+        query
+            .push(" order by created_at desc, request_id collate \"C\" desc limit ")
+            .push_bind(limit);
+        let rows = query.build().fetch_all(&self.pool).await?;
+        Ok(rows
+            .iter()
+            .map(UsageRow::from_row)
             .collect::<Result<_, _>>()?)
     }
 }

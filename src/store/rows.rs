@@ -121,35 +121,34 @@ impl From<Timestamp> for DateTime<Utc> {
     }
 }
 
+/// A column that may be null, read as `Option<T>` and typed as `T`: what a `try_from`
+/// conversion of a nullable column reads.
+pub struct Nullable<T>(Option<T>);
+
+impl<DB: Database, T: Type<DB>> Type<DB> for Nullable<T> {
+    fn type_info() -> DB::TypeInfo {
+        <T as Type<DB>>::type_info()
+    }
+    fn compatible(ty: &DB::TypeInfo) -> bool {
+        <T as Type<DB>>::compatible(ty)
+    }
+}
+
+impl<'r, DB: Database, T> Decode<'r, DB> for Nullable<T>
+where
+    Option<T>: Decode<'r, DB>,
+{
+    fn decode(value: <DB as Database>::ValueRef<'r>) -> Result<Self, BoxDynError> {
+        Ok(Nullable(<Option<T> as Decode<DB>>::decode(value)?))
+    }
+}
+
 /// A timestamp column that may be null.
-pub struct MaybeTimestamp(Option<DateTime<Utc>>);
+pub type MaybeTimestamp = Nullable<Timestamp>;
 
 impl From<MaybeTimestamp> for Option<DateTime<Utc>> {
     fn from(time: MaybeTimestamp) -> Self {
-        time.0
-    }
-}
-
-impl<DB: Database> Type<DB> for MaybeTimestamp
-where
-    Timestamp: Type<DB>,
-{
-    fn type_info() -> DB::TypeInfo {
-        <Timestamp as Type<DB>>::type_info()
-    }
-    fn compatible(ty: &DB::TypeInfo) -> bool {
-        <Timestamp as Type<DB>>::compatible(ty)
-    }
-}
-
-impl<'r, DB: Database> Decode<'r, DB> for MaybeTimestamp
-where
-    Option<Timestamp>: Decode<'r, DB>,
-{
-    fn decode(value: <DB as Database>::ValueRef<'r>) -> Result<Self, BoxDynError> {
-        Ok(MaybeTimestamp(
-            <Option<Timestamp> as Decode<DB>>::decode(value)?.map(|time| time.0),
-        ))
+        time.0.map(|time| time.0)
     }
 }
 
@@ -164,7 +163,7 @@ impl From<Sum> for i128 {
 }
 
 /// A token count; null (no usage reported, see the migration) reads as 0.
-pub struct Tokens(Option<i64>);
+pub type Tokens = Nullable<i64>;
 
 impl From<Tokens> for i64 {
     fn from(tokens: Tokens) -> Self {
@@ -172,51 +171,9 @@ impl From<Tokens> for i64 {
     }
 }
 
-impl<DB: Database> Type<DB> for Tokens
-where
-    i64: Type<DB>,
-{
-    fn type_info() -> DB::TypeInfo {
-        <i64 as Type<DB>>::type_info()
-    }
-    fn compatible(ty: &DB::TypeInfo) -> bool {
-        <i64 as Type<DB>>::compatible(ty)
-    }
-}
-
-impl<'r, DB: Database> Decode<'r, DB> for Tokens
-where
-    Option<i64>: Decode<'r, DB>,
-{
-    fn decode(value: <DB as Database>::ValueRef<'r>) -> Result<Self, BoxDynError> {
-        Ok(Tokens(<Option<i64> as Decode<DB>>::decode(value)?))
-    }
-}
-
 /// A JSON value kept as text (both databases), null allowed: a key's model list and its
 /// metadata.
-pub struct JsonText(Option<String>);
-
-impl<DB: Database> Type<DB> for JsonText
-where
-    String: Type<DB>,
-{
-    fn type_info() -> DB::TypeInfo {
-        <String as Type<DB>>::type_info()
-    }
-    fn compatible(ty: &DB::TypeInfo) -> bool {
-        <String as Type<DB>>::compatible(ty)
-    }
-}
-
-impl<'r, DB: Database> Decode<'r, DB> for JsonText
-where
-    Option<String>: Decode<'r, DB>,
-{
-    fn decode(value: <DB as Database>::ValueRef<'r>) -> Result<Self, BoxDynError> {
-        Ok(JsonText(<Option<String> as Decode<DB>>::decode(value)?))
-    }
-}
+pub type JsonText = Nullable<String>;
 
 impl JsonText {
     fn parse<T: serde::de::DeserializeOwned>(self) -> Result<Option<T>, String> {

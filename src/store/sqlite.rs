@@ -16,8 +16,9 @@ use sqlx::{Decode, FromRow, QueryBuilder, Sqlite, Type};
 use super::budget::{BudgetState, Reservation, Reserved, Settlement, verdict};
 use super::rows::{Sum, Timestamp};
 use super::{
-    GroupBy, KEY_COLUMNS, KeyChanges, KeyRecord, NewKey, RATE_WINDOW_NANOS, RateState, Store,
-    StoreError, StoreResult, USAGE_COLUMNS, UsageFilter, UsageRow, UsageTotals,
+    GroupBy, KEY_COLUMNS, KeyChanges, KeyRecord, NewKey, PageCursor, RATE_WINDOW_NANOS, RateState,
+    Store, StoreError, StoreResult, USAGE_COLUMNS, UsageFilter, UsageRow, UsageTotals,
+    report_columns,
 };
 
 /// SQLite takes one writer at a time; a few connections let reads (key lookups, reports)
@@ -142,6 +143,33 @@ fn group_expr(group_by: GroupBy) -> &'static str {
         GroupBy::Provider => "provider",
         // Stored text is UTC, so its date part is the UTC day.
         GroupBy::Day => "date(created_at)",
+        GroupBy::Hour => "substr(created_at, 1, 10) || 'T' || substr(created_at, 12, 2) || ':00Z'",
+    }
+}
+
+/// The `and ...` conditions of a filter, after a `where true`.
+fn push_filter(query: &mut QueryBuilder<'_, Sqlite>, filter: &UsageFilter) {
+    let texts = [
+        ("key_name", &filter.key_name),
+        ("model", &filter.model),
+        ("provider", &filter.provider),
+    ];
+    for (column, value) in texts {
+        if let Some(value) = value {
+            query
+                .push(format!(" and {column} = "))
+                .push_bind(value.clone());
+        }
+    }
+    if let Some(since) = filter.since {
+        query
+            .push(" and created_at >= ")
+            .push_bind(encode_time(since));
+    }
+    if let Some(until) = filter.until {
+        query
+            .push(" and created_at < ")
+            .push_bind(encode_time(until));
     }
 }
 
@@ -474,32 +502,44 @@ impl Store for SqliteStore {
     #[tracing::instrument(skip_all, fields(group_by = ?filter.group_by))]
     async fn usage_report(&self, filter: &UsageFilter) -> StoreResult<Vec<UsageTotals>> {
         let group = group_expr(filter.group_by);
-        let sums = [
-            "images",
-            "input_tokens",
-            "output_tokens",
-            "total_tokens",
-            "cost_nanousd",
-        ]
-        .map(split_sum)
-        .join(", ");
         let mut query = QueryBuilder::<Sqlite>::new(format!(
-            "select {group} as grp, count(*) as requests, {sums}, \
-             count(case when cost_nanousd is null then 1 end) as unpriced from usage where true"
+            "select {group} as grp, {} from usage where true",
+            report_columns(split_sum)
         ));
-        if let Some(key_name) = &filter.key_name {
-            query.push(" and key_name = ").push_bind(key_name);
-        }
-        if let Some(since) = filter.since {
-            query
-                .push(" and created_at >= ")
-                .push_bind(encode_time(since));
-        }
+        push_filter(&mut query, filter);
         query.push(" group by grp order by grp");
         let rows = query.build().fetch_all(&self.pool).await?;
         Ok(rows
             .iter()
             .map(UsageTotals::from_row)
+            .collect::<Result<_, _>>()?)
+    }
+
+    #[tracing::instrument(skip_all, fields(limit))]
+    async fn usage_page(
+        &self,
+        filter: &UsageFilter,
+        after: Option<&PageCursor>,
+        limit: i64,
+    ) -> StoreResult<Vec<UsageRow>> {
+        let mut query =
+            QueryBuilder::<Sqlite>::new(format!("select {USAGE_COLUMNS} from usage where true"));
+        push_filter(&mut query, filter);
+        if let Some(after) = after {
+            query
+                .push(" and (created_at, request_id) < (")
+                .push_bind(encode_time(after.created_at))
+                .push(", ")
+                .push_bind(after.request_id.clone())
+                .push(")");
+        }
+        query
+            .push(" order by created_at desc, request_id desc limit ")
+            .push_bind(limit);
+        let rows = query.build().fetch_all(&self.pool).await?;
+        Ok(rows
+            .iter()
+            .map(UsageRow::from_row)
             .collect::<Result<_, _>>()?)
     }
 }

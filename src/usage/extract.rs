@@ -1036,10 +1036,16 @@ mod tests {
     }
 
     /// Feeds `body` whole, split at every boundary, and one byte at a time; every way
-    /// must give `want_out` and `want`.
-    /// Runs `body` whole, split at every byte and byte by byte. The reported size and
-    /// quality are compared only when `want` expects some (their own tests below).
-    fn check(kind: BodyKind, strip: bool, body: &[u8], want_out: &[u8], want: &Extracted) {
+    /// must give `want_out` and `want`, and a failure names the case. The reported size
+    /// and quality are compared only when `want` expects some (their own cases below).
+    fn check(
+        name: &str,
+        kind: BodyKind,
+        strip: bool,
+        body: &[u8],
+        want_out: &[u8],
+        want: &Extracted,
+    ) {
         let sized = want.size.is_some() || want.quality.is_some();
         let run = |kind, strip, parts: &[&[u8]]| {
             let (out, got) = run(kind, strip, parts);
@@ -1058,18 +1064,18 @@ mod tests {
         assert_eq!(
             String::from_utf8_lossy(&out),
             String::from_utf8_lossy(want_out),
-            "whole"
+            "{name}: whole"
         );
-        assert_eq!(&got, want, "whole");
+        assert_eq!(&got, want, "{name}: whole");
         for k in 0..=body.len() {
             let (out, got) = run(kind, strip, &[&body[..k], &body[k..]]);
-            assert_eq!(out, want_out, "split at {k}");
-            assert_eq!(&got, want, "split at {k}");
+            assert_eq!(out, want_out, "{name}: split at {k}");
+            assert_eq!(&got, want, "{name}: split at {k}");
         }
         let bytes: Vec<&[u8]> = body.chunks(1).collect();
         let (out, got) = run(kind, strip, &bytes);
-        assert_eq!(out, want_out, "byte by byte");
-        assert_eq!(&got, want, "byte by byte");
+        assert_eq!(out, want_out, "{name}: byte by byte");
+        assert_eq!(&got, want, "{name}: byte by byte");
     }
 
     fn json_body(n: usize, b64: &str, usage_first: bool) -> String {
@@ -1101,212 +1107,6 @@ mod tests {
         }
     }
 
-    #[test]
-    fn json_usage_after_data_one_image() {
-        let body = json_body(1, PNG, false);
-        let want = want(Some(usage_50_50()), Some(USAGE), 1, false);
-        check(
-            BodyKind::Json,
-            false,
-            body.as_bytes(),
-            body.as_bytes(),
-            &want,
-        );
-        check(
-            BodyKind::Json,
-            true,
-            body.as_bytes(),
-            body.as_bytes(),
-            &want,
-        );
-    }
-
-    #[test]
-    fn json_usage_after_data_three_images() {
-        let body = json_body(3, PNG, false);
-        let want = want(Some(usage_50_50()), Some(USAGE), 3, false);
-        check(
-            BodyKind::Json,
-            false,
-            body.as_bytes(),
-            body.as_bytes(),
-            &want,
-        );
-    }
-
-    #[test]
-    fn json_usage_before_data() {
-        let body = json_body(2, PNG, true);
-        let want = want(Some(usage_50_50()), Some(USAGE), 2, false);
-        check(
-            BodyKind::Json,
-            false,
-            body.as_bytes(),
-            body.as_bytes(),
-            &want,
-        );
-    }
-
-    #[test]
-    fn json_without_usage() {
-        let body = format!(
-            r#"{{"created": 1, "data": [{{"url": "https://x/y.png"}}, {{"b64_json": "{PNG}"}}]}}"#
-        );
-        let want = want(None, None, 2, false);
-        check(
-            BodyKind::Json,
-            true,
-            body.as_bytes(),
-            body.as_bytes(),
-            &want,
-        );
-    }
-
-    #[test]
-    fn the_reported_size_and_quality_are_read_at_the_top_level_only() {
-        let body = format!(
-            r#"{{"created": 1, "data": [{{"b64_json": "{PNG}", "size": "9x9", "quality": "no"}}], "quality": "high", "usage": {USAGE}, "size": "1536x1024"}}"#
-        );
-        let wanted = Extracted {
-            size: Some("1536x1024".into()),
-            quality: Some("high".into()),
-            ..want(Some(usage_50_50()), Some(USAGE), 1, false)
-        };
-        check(
-            BodyKind::Json,
-            false,
-            body.as_bytes(),
-            body.as_bytes(),
-            &wanted,
-        );
-        // SSE: the completed event's, not a partial image's.
-        let partial = format!(
-            r#"{{"type": "image_generation.partial_image", "b64_json": "{PNG}", "size": "1024x1024", "quality": "low"}}"#
-        );
-        let completed = format!(
-            r#"{{"type": "image_generation.completed", "b64_json": "{PNG}", "size": "1024x1536", "quality": "medium", "usage": {USAGE}}}"#
-        );
-        let body = format!(
-            "{}{}",
-            sse_event("image_generation.partial_image", &partial, "\n"),
-            sse_event("image_generation.completed", &completed, "\n")
-        );
-        let wanted = Extracted {
-            size: Some("1024x1536".into()),
-            quality: Some("medium".into()),
-            ..want(Some(usage_50_50()), Some(USAGE), 1, false)
-        };
-        check(
-            BodyKind::Sse,
-            false,
-            body.as_bytes(),
-            body.as_bytes(),
-            &wanted,
-        );
-    }
-
-    #[test]
-    fn json_usage_with_nested_details_and_cached_tokens() {
-        let raw = r#"{"input_tokens":300,"input_tokens_details":{"text_tokens":100,"image_tokens":200,"cached_tokens_details":{"text_tokens":60,"image_tokens":150},"cached_tokens":210},"output_tokens":4160,"output_tokens_details":{"image_tokens":4000,"text_tokens":160},"total_tokens":4460}"#;
-        let body = format!("{{\"data\":[{{\"b64_json\":\"{PNG}\"}}],\n  \"usage\" : {raw}\n}}\n");
-        let want_usage = TokenUsage {
-            cached_text_input_tokens: 60,
-            cached_image_input_tokens: 150,
-            text_output_tokens: 160,
-            ..usage(300, 4160, 4460, 100, 200)
-        };
-        let want = want(Some(want_usage), Some(raw), 1, false);
-        check(
-            BodyKind::Json,
-            false,
-            body.as_bytes(),
-            body.as_bytes(),
-            &want,
-        );
-    }
-
-    #[test]
-    fn json_usage_cached_tokens_without_split() {
-        let raw = r#"{"input_tokens":300,"input_tokens_details":{"text_tokens":100,"image_tokens":200,"cached_tokens":130},"output_tokens":10}"#;
-        let body = format!(r#"{{"usage":{raw},"data":[]}}"#);
-        let want_usage = TokenUsage {
-            cached_text_input_tokens: 100,
-            cached_image_input_tokens: 30,
-            ..usage(300, 10, 310, 100, 200)
-        };
-        let want = want(Some(want_usage), Some(raw), 0, false);
-        check(
-            BodyKind::Json,
-            false,
-            body.as_bytes(),
-            body.as_bytes(),
-            &want,
-        );
-    }
-
-    #[test]
-    fn json_usage_without_input_details() {
-        let raw = r#"{"input_tokens": 17, "output_tokens": 1056, "total_tokens": 1073}"#;
-        let body =
-            format!(r#"{{"created": 1, "data": [{{"b64_json": "{PNG}"}}], "usage": {raw}}}"#);
-        let want = want(Some(usage(17, 1056, 1073, 17, 0)), Some(raw), 1, false);
-        check(
-            BodyKind::Json,
-            false,
-            body.as_bytes(),
-            body.as_bytes(),
-            &want,
-        );
-    }
-
-    #[test]
-    fn json_nested_usage_and_data_are_not_top_level() {
-        let body = format!(
-            r#"{{"meta": {{"usage": {USAGE}, "data": [1, 2, 3], "error": {{"code": 1}}}}, "data": [{{"b64_json": "{PNG}"}}]}}"#
-        );
-        let want = want(None, None, 1, false);
-        check(
-            BodyKind::Json,
-            false,
-            body.as_bytes(),
-            body.as_bytes(),
-            &want,
-        );
-    }
-
-    #[test]
-    fn json_repeated_data_key_counts_the_last() {
-        let body = format!(r#"{{"data": [{{}}, {{}}, {{}}], "data": [{{"b64_json": "{PNG}"}}]}}"#);
-        check(
-            BodyKind::Json,
-            false,
-            body.as_bytes(),
-            body.as_bytes(),
-            &want_images(1),
-        );
-    }
-
-    #[test]
-    fn json_error_body() {
-        let body = r#"{"error": {"message": "Your request was rejected", "type": "invalid_request_error", "param": null, "code": "moderation_blocked"}}"#;
-        let want = want(None, None, 0, true);
-        check(
-            BodyKind::Json,
-            false,
-            body.as_bytes(),
-            body.as_bytes(),
-            &want,
-        );
-        let null_error = format!(r#"{{"error": null, "data": [{{"b64_json": "{PNG}"}}]}}"#);
-        check(
-            BodyKind::Json,
-            false,
-            null_error.as_bytes(),
-            null_error.as_bytes(),
-            &want_images(1),
-        );
-    }
-
     fn want_images(images: u32) -> Extracted {
         want(None, None, images, false)
     }
@@ -1332,301 +1132,456 @@ mod tests {
         body
     }
 
-    #[test]
-    fn sse_generation_partial_and_completed() {
-        let body = sse_body("image_generation", 1, PNG, "\n");
-        let want = want(Some(usage_50_50()), Some(USAGE), 1, false);
-        check(
-            BodyKind::Sse,
-            false,
-            body.as_bytes(),
-            body.as_bytes(),
-            &want,
-        );
-        check(BodyKind::Sse, true, body.as_bytes(), body.as_bytes(), &want);
-    }
-
-    #[test]
-    fn sse_edit_partial_and_completed() {
-        let body = sse_body("image_edit", 1, PNG, "\n");
-        let want = want(Some(usage_50_50()), Some(USAGE), 1, false);
-        check(
-            BodyKind::Sse,
-            false,
-            body.as_bytes(),
-            body.as_bytes(),
-            &want,
-        );
-    }
-
-    #[test]
-    fn sse_crlf_and_comments() {
-        let body = format!(
-            ": keep-alive\r\n\r\n{}",
-            sse_body("image_generation", 1, PNG, "\r\n")
-        );
-        let want = want(Some(usage_50_50()), Some(USAGE), 1, false);
-        check(
-            BodyKind::Sse,
-            false,
-            body.as_bytes(),
-            body.as_bytes(),
-            &want,
-        );
-        let cr_only = sse_body("image_generation", 1, PNG, "\r");
-        check(
-            BodyKind::Sse,
-            false,
-            cr_only.as_bytes(),
-            cr_only.as_bytes(),
-            &want,
-        );
-        // Only the event name says completed: a CRLF read as two line ends would split
-        // the event from its data.
-        let named = format!("event: image_edit.completed\r\ndata: {{\"usage\": {USAGE}}}\r\n\r\n");
-        check(
-            BodyKind::Sse,
-            false,
-            named.as_bytes(),
-            named.as_bytes(),
-            &want,
-        );
-    }
-
-    #[test]
-    fn sse_multiline_data_joins_with_newlines() {
-        let body = "event: image_generation.completed\ndata: {\"usage\": {\"input_tokens\": 5,\ndata:  \"output_tokens\": 7}}\n\n";
-        let raw = "{\"input_tokens\": 5,\n \"output_tokens\": 7}";
-        let want = want(Some(usage(5, 7, 12, 5, 0)), Some(raw), 1, false);
-        check(
-            BodyKind::Sse,
-            false,
-            body.as_bytes(),
-            body.as_bytes(),
-            &want,
-        );
-        // Joined by the line break, `1` and `2` are two tokens, not `12`: not JSON.
-        let body = "data: {\"type\": \"image_generation.completed\", \"usage\": {\"input_tokens\": 1\ndata: 2}}\n\n";
-        check(
-            BodyKind::Sse,
-            false,
-            body.as_bytes(),
-            body.as_bytes(),
-            &want_images(1),
-        );
-    }
-
-    #[test]
-    fn sse_leading_bom_is_ignored() {
-        let body =
-            format!("\u{feff}event: image_generation.completed\ndata: {{\"usage\": {USAGE}}}\n\n");
-        let want = want(Some(usage_50_50()), Some(USAGE), 1, false);
-        check(
-            BodyKind::Sse,
-            false,
-            body.as_bytes(),
-            body.as_bytes(),
-            &want,
-        );
-    }
-
-    #[test]
-    fn sse_type_alone_marks_completed_and_data_needs_no_space() {
-        let body = format!(
-            "data:{{\"type\":\"image_generation.completed\",\"b64_json\":\"{PNG}\",\"usage\":{USAGE}}}\n\n"
-        );
-        let want = want(Some(usage_50_50()), Some(USAGE), 1, false);
-        check(
-            BodyKind::Sse,
-            false,
-            body.as_bytes(),
-            body.as_bytes(),
-            &want,
-        );
-    }
-
-    #[test]
-    fn sse_two_completed_events_are_summed() {
-        let second = r#"{"input_tokens":7,"output_tokens":3}"#;
-        let mut body = sse_body("image_generation", 1, PNG, "\n");
-        let data = format!(
-            r#"{{"type":"image_generation.completed","b64_json":"{PNG}","usage":{second}}}"#
-        );
-        body.push_str(&sse_event("image_generation.completed", &data, "\n"));
-        let want = want(
-            Some(usage(57, 53, 110, 17, 40)),
-            Some(&format!("[{USAGE},{second}]")),
-            2,
-            false,
-        );
-        check(
-            BodyKind::Sse,
-            false,
-            body.as_bytes(),
-            body.as_bytes(),
-            &want,
-        );
-    }
-
-    #[test]
-    fn sse_last_event_without_blank_line_counts() {
-        let mut body = sse_body("image_generation", 1, PNG, "\n");
-        body.truncate(body.len() - 2);
-        let want = want(Some(usage_50_50()), Some(USAGE), 1, false);
-        check(
-            BodyKind::Sse,
-            false,
-            body.as_bytes(),
-            body.as_bytes(),
-            &want,
-        );
-    }
-
-    #[test]
-    fn sse_error_event() {
-        let mut body = sse_body("image_generation", 0, PNG, "\n");
-        body.push_str(&sse_event(
-            "error",
-            r#"{"error": {"message": "upstream timed out", "type": "server_error", "code": null}}"#,
-            "\n",
-        ));
-        check(
-            BodyKind::Sse,
-            false,
-            body.as_bytes(),
-            body.as_bytes(),
-            &want(None, None, 0, true),
-        );
-        // No `event:` line, only an `error` key in the data.
-        let body = "data: {\"error\": {\"message\": \"boom\"}}\n\n";
-        check(
-            BodyKind::Sse,
-            false,
-            body.as_bytes(),
-            body.as_bytes(),
-            &want(None, None, 0, true),
-        );
-    }
-
     const DATA_URL: &str = "data:image/png;base64,";
 
-    #[test]
-    fn strip_on_json_removes_prefix_only() {
-        let body = json_body(3, &format!("{DATA_URL}{PNG}"), false);
-        let expected = json_body(3, PNG, false);
-        let want = want(Some(usage_50_50()), Some(USAGE), 3, false);
-        check(
-            BodyKind::Json,
-            true,
-            body.as_bytes(),
-            expected.as_bytes(),
-            &want,
-        );
+    /// One body for `check`, run under each of its `strip` settings: it must come out as
+    /// `out` (unchanged where `None`) and give `want`.
+    struct Case {
+        name: String,
+        kind: BodyKind,
+        strip: &'static [bool],
+        body: String,
+        out: Option<String>,
+        want: Extracted,
     }
 
-    #[test]
-    fn strip_on_json_nested_and_escaped_slash() {
-        let body = format!(
-            r#"{{"data":[{{"b64_json":"data:image\/webp;base64,{PNG}"}}],"x":{{"y":[{{"b64_json" : "{DATA_URL}"}}]}}}}"#
-        );
-        let expected =
-            format!(r#"{{"data":[{{"b64_json":"{PNG}"}}],"x":{{"y":[{{"b64_json" : ""}}]}}}}"#);
-        check(
-            BodyKind::Json,
-            true,
-            body.as_bytes(),
-            expected.as_bytes(),
-            &want_images(1),
-        );
+    const KEEP: &[bool] = &[false];
+    const CUT: &[bool] = &[true];
+    const BOTH: &[bool] = &[false, true];
+
+    fn case(
+        name: impl Into<String>,
+        kind: BodyKind,
+        strip: &'static [bool],
+        body: impl Into<String>,
+        want: Extracted,
+    ) -> Case {
+        Case {
+            name: name.into(),
+            kind,
+            strip,
+            body: body.into(),
+            out: None,
+            want,
+        }
     }
 
-    #[test]
-    fn strip_on_sse_removes_prefix_only() {
-        let body = sse_body("image_generation", 2, &format!("{DATA_URL}{PNG}"), "\r\n");
-        let expected = sse_body("image_generation", 2, PNG, "\r\n");
-        let raw = format!("[{USAGE},{USAGE}]");
-        let want = want(Some(usage(100, 100, 200, 20, 80)), Some(&raw), 2, false);
-        check(
-            BodyKind::Sse,
-            true,
-            body.as_bytes(),
-            expected.as_bytes(),
-            &want,
-        );
+    /// Runs `check` on every case under each of its strip settings, each failure naming
+    /// its case.
+    fn check_all(cases: &[Case]) {
+        let mut names = std::collections::HashSet::new();
+        for c in cases {
+            assert!(names.insert(&c.name), "two cases named {}", c.name);
+            let out = c.out.as_deref().unwrap_or(&c.body);
+            for &strip in c.strip {
+                let name = format!("{} (strip {strip})", c.name);
+                check(
+                    &name,
+                    c.kind,
+                    strip,
+                    c.body.as_bytes(),
+                    out.as_bytes(),
+                    &c.want,
+                );
+            }
+        }
     }
 
-    #[test]
-    fn strip_on_without_prefix_changes_nothing() {
+    fn with_size(size: &str, quality: &str, want: Extracted) -> Extracted {
+        Extracted {
+            size: Some(size.into()),
+            quality: Some(quality.into()),
+            ..want
+        }
+    }
+
+    fn json_cases() -> Vec<Case> {
+        use BodyKind::Json;
+        let full = || want(Some(usage_50_50()), Some(USAGE), 1, false);
+        let cached_nested = r#"{"input_tokens":300,"input_tokens_details":{"text_tokens":100,"image_tokens":200,"cached_tokens_details":{"text_tokens":60,"image_tokens":150},"cached_tokens":210},"output_tokens":4160,"output_tokens_details":{"image_tokens":4000,"text_tokens":160},"total_tokens":4460}"#;
+        let cached_flat = r#"{"input_tokens":300,"input_tokens_details":{"text_tokens":100,"image_tokens":200,"cached_tokens":130},"output_tokens":10}"#;
+        let no_details = r#"{"input_tokens": 17, "output_tokens": 1056, "total_tokens": 1073}"#;
+        vec![
+            case(
+                "json_usage_after_data_one_image",
+                Json,
+                BOTH,
+                json_body(1, PNG, false),
+                full(),
+            ),
+            case(
+                "json_usage_after_data_three_images",
+                Json,
+                KEEP,
+                json_body(3, PNG, false),
+                want(Some(usage_50_50()), Some(USAGE), 3, false),
+            ),
+            case(
+                "json_usage_before_data",
+                Json,
+                KEEP,
+                json_body(2, PNG, true),
+                want(Some(usage_50_50()), Some(USAGE), 2, false),
+            ),
+            case(
+                "json_without_usage",
+                Json,
+                CUT,
+                format!(
+                    r#"{{"created": 1, "data": [{{"url": "https://x/y.png"}}, {{"b64_json": "{PNG}"}}]}}"#
+                ),
+                want_images(2),
+            ),
+            case(
+                "the_reported_size_and_quality_are_read_at_the_top_level_only",
+                Json,
+                KEEP,
+                format!(
+                    r#"{{"created": 1, "data": [{{"b64_json": "{PNG}", "size": "9x9", "quality": "no"}}], "quality": "high", "usage": {USAGE}, "size": "1536x1024"}}"#
+                ),
+                with_size("1536x1024", "high", full()),
+            ),
+            case(
+                "json_usage_with_nested_details_and_cached_tokens",
+                Json,
+                KEEP,
+                format!(
+                    "{{\"data\":[{{\"b64_json\":\"{PNG}\"}}],\n  \"usage\" : {cached_nested}\n}}\n"
+                ),
+                want(
+                    Some(TokenUsage {
+                        cached_text_input_tokens: 60,
+                        cached_image_input_tokens: 150,
+                        text_output_tokens: 160,
+                        ..usage(300, 4160, 4460, 100, 200)
+                    }),
+                    Some(cached_nested),
+                    1,
+                    false,
+                ),
+            ),
+            case(
+                "json_usage_cached_tokens_without_split",
+                Json,
+                KEEP,
+                format!(r#"{{"usage":{cached_flat},"data":[]}}"#),
+                want(
+                    Some(TokenUsage {
+                        cached_text_input_tokens: 100,
+                        cached_image_input_tokens: 30,
+                        ..usage(300, 10, 310, 100, 200)
+                    }),
+                    Some(cached_flat),
+                    0,
+                    false,
+                ),
+            ),
+            case(
+                "json_usage_without_input_details",
+                Json,
+                KEEP,
+                format!(
+                    r#"{{"created": 1, "data": [{{"b64_json": "{PNG}"}}], "usage": {no_details}}}"#
+                ),
+                want(
+                    Some(usage(17, 1056, 1073, 17, 0)),
+                    Some(no_details),
+                    1,
+                    false,
+                ),
+            ),
+            case(
+                "json_nested_usage_and_data_are_not_top_level",
+                Json,
+                KEEP,
+                format!(
+                    r#"{{"meta": {{"usage": {USAGE}, "data": [1, 2, 3], "error": {{"code": 1}}}}, "data": [{{"b64_json": "{PNG}"}}]}}"#
+                ),
+                want_images(1),
+            ),
+            case(
+                "json_repeated_data_key_counts_the_last",
+                Json,
+                KEEP,
+                format!(r#"{{"data": [{{}}, {{}}, {{}}], "data": [{{"b64_json": "{PNG}"}}]}}"#),
+                want_images(1),
+            ),
+            case(
+                "json_error_body",
+                Json,
+                KEEP,
+                r#"{"error": {"message": "Your request was rejected", "type": "invalid_request_error", "param": null, "code": "moderation_blocked"}}"#,
+                want(None, None, 0, true),
+            ),
+            case(
+                "json_error_null_is_no_error",
+                Json,
+                KEEP,
+                format!(r#"{{"error": null, "data": [{{"b64_json": "{PNG}"}}]}}"#),
+                want_images(1),
+            ),
+            case(
+                "escaped_quotes_inside_strings",
+                Json,
+                CUT,
+                format!(
+                    r#"{{"data":[{{"b64_json":"{PNG}","revised_prompt":"a \"usage\": {{\"input_tokens\": 9}}, \\"}}],"note":"\\\"data\":[","usage":{USAGE}}}"#
+                ),
+                full(),
+            ),
+        ]
+    }
+
+    fn sse_cases() -> Vec<Case> {
+        use BodyKind::Sse;
+        let full = || want(Some(usage_50_50()), Some(USAGE), 1, false);
+        let partial = format!(
+            r#"{{"type": "image_generation.partial_image", "b64_json": "{PNG}", "size": "1024x1024", "quality": "low"}}"#
+        );
+        let completed = format!(
+            r#"{{"type": "image_generation.completed", "b64_json": "{PNG}", "size": "1024x1536", "quality": "medium", "usage": {USAGE}}}"#
+        );
+        let mut truncated = sse_body("image_generation", 1, PNG, "\n");
+        truncated.truncate(truncated.len() - 2);
+        let second = r#"{"input_tokens":7,"output_tokens":3}"#;
+        let second_data = format!(
+            r#"{{"type":"image_generation.completed","b64_json":"{PNG}","usage":{second}}}"#
+        );
+        let error =
+            r#"{"error": {"message": "upstream timed out", "type": "server_error", "code": null}}"#;
+        vec![
+            // The completed event's size and quality, not a partial image's.
+            case(
+                "the_reported_size_and_quality_are_read_from_the_completed_event",
+                Sse,
+                KEEP,
+                sse_event("image_generation.partial_image", &partial, "\n")
+                    + &sse_event("image_generation.completed", &completed, "\n"),
+                with_size("1024x1536", "medium", full()),
+            ),
+            case(
+                "sse_generation_partial_and_completed",
+                Sse,
+                BOTH,
+                sse_body("image_generation", 1, PNG, "\n"),
+                full(),
+            ),
+            case(
+                "sse_edit_partial_and_completed",
+                Sse,
+                KEEP,
+                sse_body("image_edit", 1, PNG, "\n"),
+                full(),
+            ),
+            case(
+                "sse_crlf_and_comments",
+                Sse,
+                KEEP,
+                format!(
+                    ": keep-alive\r\n\r\n{}",
+                    sse_body("image_generation", 1, PNG, "\r\n")
+                ),
+                full(),
+            ),
+            case(
+                "sse_cr_only",
+                Sse,
+                KEEP,
+                sse_body("image_generation", 1, PNG, "\r"),
+                full(),
+            ),
+            // Only the event name says completed: a CRLF read as two line ends would split
+            // the event from its data.
+            case(
+                "sse_crlf_event_name_alone_says_completed",
+                Sse,
+                KEEP,
+                format!("event: image_edit.completed\r\ndata: {{\"usage\": {USAGE}}}\r\n\r\n"),
+                full(),
+            ),
+            case(
+                "sse_multiline_data_joins_with_newlines",
+                Sse,
+                KEEP,
+                "event: image_generation.completed\ndata: {\"usage\": {\"input_tokens\": 5,\ndata:  \"output_tokens\": 7}}\n\n",
+                want(
+                    Some(usage(5, 7, 12, 5, 0)),
+                    Some("{\"input_tokens\": 5,\n \"output_tokens\": 7}"),
+                    1,
+                    false,
+                ),
+            ),
+            // Joined by the line break, `1` and `2` are two tokens, not `12`: not JSON.
+            case(
+                "sse_multiline_data_split_number_is_not_json",
+                Sse,
+                KEEP,
+                "data: {\"type\": \"image_generation.completed\", \"usage\": {\"input_tokens\": 1\ndata: 2}}\n\n",
+                want_images(1),
+            ),
+            case(
+                "sse_leading_bom_is_ignored",
+                Sse,
+                KEEP,
+                format!(
+                    "\u{feff}event: image_generation.completed\ndata: {{\"usage\": {USAGE}}}\n\n"
+                ),
+                full(),
+            ),
+            case(
+                "sse_type_alone_marks_completed_and_data_needs_no_space",
+                Sse,
+                KEEP,
+                format!(
+                    "data:{{\"type\":\"image_generation.completed\",\"b64_json\":\"{PNG}\",\"usage\":{USAGE}}}\n\n"
+                ),
+                full(),
+            ),
+            case(
+                "sse_two_completed_events_are_summed",
+                Sse,
+                KEEP,
+                sse_body("image_generation", 1, PNG, "\n")
+                    + &sse_event("image_generation.completed", &second_data, "\n"),
+                want(
+                    Some(usage(57, 53, 110, 17, 40)),
+                    Some(&format!("[{USAGE},{second}]")),
+                    2,
+                    false,
+                ),
+            ),
+            case(
+                "sse_last_event_without_blank_line_counts",
+                Sse,
+                KEEP,
+                truncated,
+                full(),
+            ),
+            case(
+                "sse_error_event",
+                Sse,
+                KEEP,
+                sse_body("image_generation", 0, PNG, "\n") + &sse_event("error", error, "\n"),
+                want(None, None, 0, true),
+            ),
+            // No `event:` line, only an `error` key in the data.
+            case(
+                "sse_error_key_in_data",
+                Sse,
+                KEEP,
+                "data: {\"error\": {\"message\": \"boom\"}}\n\n",
+                want(None, None, 0, true),
+            ),
+        ]
+    }
+
+    fn strip_cases() -> Vec<Case> {
+        use BodyKind::{Json, Sse};
+        let prefixed = format!("{DATA_URL}{PNG}");
+        let mut cases = vec![
+            Case {
+                out: Some(json_body(3, PNG, false)),
+                ..case(
+                    "strip_on_json_removes_prefix_only",
+                    Json,
+                    CUT,
+                    json_body(3, &prefixed, false),
+                    want(Some(usage_50_50()), Some(USAGE), 3, false),
+                )
+            },
+            Case {
+                out: Some(format!(
+                    r#"{{"data":[{{"b64_json":"{PNG}"}}],"x":{{"y":[{{"b64_json" : ""}}]}}}}"#
+                )),
+                ..case(
+                    "strip_on_json_nested_and_escaped_slash",
+                    Json,
+                    CUT,
+                    format!(
+                        r#"{{"data":[{{"b64_json":"data:image\/webp;base64,{PNG}"}}],"x":{{"y":[{{"b64_json" : "{DATA_URL}"}}]}}}}"#
+                    ),
+                    want_images(1),
+                )
+            },
+            Case {
+                out: Some(sse_body("image_generation", 2, PNG, "\r\n")),
+                ..case(
+                    "strip_on_sse_removes_prefix_only",
+                    Sse,
+                    CUT,
+                    sse_body("image_generation", 2, &prefixed, "\r\n"),
+                    want(
+                        Some(usage(100, 100, 200, 20, 80)),
+                        Some(&format!("[{USAGE},{USAGE}]")),
+                        2,
+                        false,
+                    ),
+                )
+            },
+            case(
+                "strip_on_leaves_other_keys_alone",
+                Json,
+                CUT,
+                format!(r#"{{"url":"{DATA_URL}{PNG}","data":[{{"b64_jsonx":"{DATA_URL}"}}]}}"#),
+                want_images(1),
+            ),
+            case(
+                "strip_off_keeps_prefix_json",
+                Json,
+                KEEP,
+                json_body(1, &prefixed, false),
+                want(Some(usage_50_50()), Some(USAGE), 1, false),
+            ),
+            case(
+                "strip_off_keeps_prefix_sse",
+                Sse,
+                KEEP,
+                sse_body("image_generation", 1, &prefixed, "\n"),
+                want(Some(usage_50_50()), Some(USAGE), 1, false),
+            ),
+        ];
         // Strings that start like a data URL but are not one must come out whole.
-        for b64 in [
+        let lookalikes = [
             PNG.to_owned(),
             "data".to_owned(),
             "data:".to_owned(),
             "data:text/plain,hello".to_owned(),
             format!("data:{};base64,{PNG}", "x".repeat(PREFIX_WINDOW)),
             format!("data:\\\"{PNG}"),
-        ] {
-            let body = json_body(2, &b64, false);
+        ];
+        for (i, b64) in lookalikes.iter().enumerate() {
             let want = want(Some(usage_50_50()), Some(USAGE), 2, false);
-            check(
-                BodyKind::Json,
-                true,
-                body.as_bytes(),
-                body.as_bytes(),
-                &want,
-            );
-            let body = sse_body("image_edit", 1, &b64, "\n");
-            let want = Extracted { images: 1, ..want };
-            check(BodyKind::Sse, true, body.as_bytes(), body.as_bytes(), &want);
+            cases.push(case(
+                format!("strip_on_without_prefix_changes_nothing json #{i}"),
+                Json,
+                CUT,
+                json_body(2, b64, false),
+                want.clone(),
+            ));
+            cases.push(case(
+                format!("strip_on_without_prefix_changes_nothing sse #{i}"),
+                Sse,
+                CUT,
+                sse_body("image_edit", 1, b64, "\n"),
+                Extracted { images: 1, ..want },
+            ));
         }
+        cases
     }
 
     #[test]
-    fn strip_on_leaves_other_keys_alone() {
-        let body = format!(r#"{{"url":"{DATA_URL}{PNG}","data":[{{"b64_jsonx":"{DATA_URL}"}}]}}"#);
-        check(
-            BodyKind::Json,
-            true,
-            body.as_bytes(),
-            body.as_bytes(),
-            &want_images(1),
-        );
+    fn json_bodies_give_their_usage_images_and_errors() {
+        check_all(&json_cases());
     }
 
     #[test]
-    fn strip_off_keeps_prefix() {
-        let body = json_body(1, &format!("{DATA_URL}{PNG}"), false);
-        let want = want(Some(usage_50_50()), Some(USAGE), 1, false);
-        check(
-            BodyKind::Json,
-            false,
-            body.as_bytes(),
-            body.as_bytes(),
-            &want,
-        );
-        let body = sse_body("image_generation", 1, &format!("{DATA_URL}{PNG}"), "\n");
-        check(
-            BodyKind::Sse,
-            false,
-            body.as_bytes(),
-            body.as_bytes(),
-            &want,
-        );
+    fn sse_bodies_give_their_usage_images_and_errors() {
+        check_all(&sse_cases());
     }
 
     #[test]
-    fn escaped_quotes_inside_strings() {
-        let body = format!(
-            r#"{{"data":[{{"b64_json":"{PNG}","revised_prompt":"a \"usage\": {{\"input_tokens\": 9}}, \\"}}],"note":"\\\"data\":[","usage":{USAGE}}}"#
-        );
-        let want = want(Some(usage_50_50()), Some(USAGE), 1, false);
-        check(
-            BodyKind::Json,
-            true,
-            body.as_bytes(),
-            body.as_bytes(),
-            &want,
-        );
+    fn strip_cuts_the_data_url_prefix_and_nothing_else() {
+        check_all(&strip_cases());
     }
 
     #[test]

@@ -4,6 +4,7 @@ pub mod extract;
 pub mod journal;
 pub mod meter;
 pub mod price;
+pub mod report;
 pub mod writer;
 
 use chrono::{DateTime, Utc};

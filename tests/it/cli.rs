@@ -343,7 +343,35 @@ async fn usage_reports_group_filter_and_format() {
     );
     assert_eq!(
         text(&out.stdout),
-        "key,requests,images,input_tokens,output_tokens,total_tokens,cost_usd,unpriced_requests\na,2,2,30,60,90,0.071745,0\n"
+        "key,requests,billed,failed,unpriced,images,text_input_tokens,image_input_tokens,\
+         cached_text_input_tokens,cached_image_input_tokens,input_tokens,output_tokens,\
+         total_tokens,cost_usd,cost_nanousd\na,2,2,0,0,2,30,0,0,0,30,60,90,0.071745,71745000\n"
+    );
+    // The model, provider and until filters, as GET /admin/usage has them.
+    let out = imagegate(
+        &config,
+        &[
+            "usage",
+            "--model",
+            "m1",
+            "--until",
+            "2d",
+            "--group-by",
+            "provider",
+            "--format",
+            "json",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(json.as_array().map(Vec::len), Some(1), "{json}");
+    assert_eq!(json[0]["requests"], 1, "only the row of three days ago");
+    let out = imagegate(&config, &["usage", "--model", "m2", "--provider", "nope"]);
+    assert!(text(&out.stdout).contains("TOTAL"), "{}", text(&out.stdout));
+    assert!(
+        !text(&out.stdout).contains("0.041745"),
+        "{}",
+        text(&out.stdout)
     );
     let out = imagegate(&config, &["usage", "--group-by", "provider"]);
     let table = text(&out.stdout);
@@ -408,19 +436,35 @@ async fn usage_reports_show_unpriced_rows_as_unpriced_never_as_zero() {
         &["usage", "--group-by", "model", "--format", "json"],
     );
     let json: Value = serde_json::from_slice(&out.stdout).expect("json");
+    // The report's columns (those of GET /admin/usage): the count is `unpriced`, and an
+    // all-unpriced group has neither cost.
     assert_eq!(
         (
             &json[1]["model"],
             &json[1]["cost_usd"],
-            &json[1]["unpriced_requests"]
+            &json[1]["cost_nanousd"],
+            &json[1]["unpriced"]
         ),
-        (&Value::from("mini"), &Value::Null, &Value::from(2))
+        (
+            &Value::from("mini"),
+            &Value::Null,
+            &Value::Null,
+            &Value::from(2)
+        )
     );
-    assert_eq!(json[0]["unpriced_requests"], 0);
+    assert_eq!(json[0]["unpriced"], 0);
+    let out = imagegate(
+        &config,
+        &["usage", "--group-by", "model", "--format", "csv"],
+    );
+    assert_eq!(
+        text(&out.stdout).lines().nth(2),
+        Some("mini,2,2,0,2,2,20,0,0,0,20,40,60,,")
+    );
     let out = imagegate(&config, &["usage", "--group-by", "key", "--format", "csv"]);
     assert_eq!(
         text(&out.stdout).lines().nth(1),
-        Some("a,3,3,30,60,90,0.03,2")
+        Some("a,3,3,0,2,3,30,0,0,0,30,60,90,0.03,30000000")
     );
 }
 

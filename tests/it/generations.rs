@@ -499,6 +499,7 @@ async fn absurd_token_counts_are_capped_and_flagged(db: Db) {
             key_name: None,
             since: None,
             group_by: imagegate::store::GroupBy::Model,
+            ..Default::default()
         })
         .await
         .expect("report");

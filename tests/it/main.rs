@@ -1,10 +1,12 @@
 //! One integration-test binary: real imagegate on port 0, stand-in providers, real databases.
 
 mod admin_keys;
+mod admin_usage;
 mod architecture;
 mod budgets;
 mod cli;
 mod connections;
+mod dashboard;
 mod dedupe;
 mod edits;
 mod endpoints;

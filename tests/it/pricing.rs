@@ -324,9 +324,8 @@ async fn shipped_prices_cost_what_the_seeds_say(db: Db) {
     let report = gw
         .store
         .usage_report(&UsageFilter {
-            key_name: None,
-            since: None,
             group_by: imagegate::store::GroupBy::Key,
+            ..UsageFilter::default()
         })
         .await
         .expect("report");

@@ -228,6 +228,7 @@ async fn insert_usage_is_idempotent(store: Arc<dyn Store>) {
             key_name: None,
             since: None,
             group_by: GroupBy::Key,
+            ..Default::default()
         })
         .await
         .expect("report");
@@ -380,12 +381,14 @@ fn totals(group: &str, requests: i64, f: i128) -> UsageTotals {
     UsageTotals {
         group: group.to_owned(),
         requests,
+        billed: requests,
         images: f,
+        text_input_tokens: 10 * i128::from(requests),
         input_tokens: 10 * f,
         output_tokens: 100 * f,
         total_tokens: 110 * f,
         cost_nanousd: 1_000_000_000_000 * f,
-        unpriced: 0,
+        ..UsageTotals::default()
     }
 }
 
@@ -396,6 +399,7 @@ async fn usage_report_groups_and_filters(store: Arc<dyn Store>) {
                 key_name: key_name.map(str::to_owned),
                 since: since.map(at),
                 group_by,
+                ..Default::default()
             })
             .await
             .expect("report")
@@ -511,6 +515,7 @@ async fn usage_report_sums_past_i64(store: Arc<dyn Store>) {
             key_name: None,
             since: None,
             group_by: GroupBy::Key,
+            ..Default::default()
         })
         .await
         .expect("a report whose sums pass i64");
@@ -520,12 +525,14 @@ async fn usage_report_sums_past_i64(store: Arc<dyn Store>) {
         vec![UsageTotals {
             group: "alice".to_owned(),
             requests: 4,
+            billed: 4,
             images: 3 * i128::from(i32::MAX) + 1,
+            text_input_tokens: 3 * max + 10,
             input_tokens: 3 * max + 10,
             output_tokens: 3 * max + 100,
             total_tokens: 3 * max + 110,
             cost_nanousd: 3 * max - 5,
-            unpriced: 0,
+            ..UsageTotals::default()
         }]
     );
 }

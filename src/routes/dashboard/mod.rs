@@ -1,0 +1,301 @@
+//! The usage dashboard: `GET /dashboard`, a page written on the server (spend by day, by
+//! key and by model, the latest requests), its CSV download, and its login. Its figures
+//! come through the admin API's own functions ([`super::admin::usage`]).
+//!
+//! Authentication: the login form takes the admin token and sets a session cookie
+//! ([`session`]); [`crate::gate`] sends a request without a valid one to the form (303).
+
+pub mod html;
+pub mod session;
+
+use std::sync::Arc;
+
+use axum::Form;
+use axum::extract::rejection::{FormRejection, QueryRejection};
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Redirect, Response};
+use chrono::{Duration, NaiveDate, Utc};
+use http::{HeaderValue, StatusCode, header};
+
+use super::admin::usage::{Pairs, Params, csv_response, page, rows_csv_response, totals};
+use crate::error::ApiError;
+use crate::state::AppState;
+use crate::store::{GroupBy, UsageFilter, UsageRow, UsageTotals};
+use crate::usage::report;
+
+pub const LOGIN: &str = "/dashboard/login";
+/// Days the page shows when the request names no period.
+const DEFAULT_DAYS: i64 = 30;
+/// Rows of the latest requests' table.
+const LATEST: i64 = 50;
+/// The filters the page and its download take.
+const FILTERS: &[&str] = &["key", "model", "since", "until"];
+
+const CSS: &str = include_str!("assets/dashboard.css");
+const JS: &str = include_str!("assets/dashboard.js");
+
+/// Nothing but the dashboard's own files: no inline script, no other origin, no framing.
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+                   connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+/// An HTML page with the dashboard's security headers; never cached.
+fn html(status: StatusCode, body: String) -> Response {
+    let mut response = (status, body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    response
+}
+
+/// `GET /dashboard/login`.
+pub async fn login_form() -> Response {
+    html(StatusCode::OK, html::login(None))
+}
+
+#[derive(serde::Deserialize)]
+pub struct Login {
+    token: String,
+}
+
+/// `POST /dashboard/login`: the right admin token sets the session cookie and goes to the
+/// dashboard; anything else shows the form again with 401.
+pub async fn login(
+    State(state): State<Arc<AppState>>,
+    form: Result<Form<Login>, FormRejection>,
+) -> Response {
+    let config = Arc::clone(&state.runtime.load().config);
+    let token = config.admin_token.as_ref();
+    let given = form.map(|Form(login)| login.token).unwrap_or_default();
+    if !session::token_matches(token, &given) {
+        tracing::warn!(target: "imagegate::admin", "dashboard login refused: wrong admin token");
+        let message = match token {
+            Some(_) => "That is not the admin token.",
+            None => "The admin API is off: the server has no admin token set.",
+        };
+        return html(StatusCode::UNAUTHORIZED, html::login(Some(message)));
+    }
+    let Some(token) = token else {
+        return html(StatusCode::UNAUTHORIZED, html::login(None));
+    };
+    tracing::info!(target: "imagegate::admin", "dashboard login");
+    let cookie = session::set_cookie(&session::issue(token));
+    ([(header::SET_COOKIE, cookie)], Redirect::to("/dashboard")).into_response()
+}
+
+/// `POST /dashboard/logout`: ends the session in this browser.
+pub async fn logout() -> Response {
+    (
+        [(header::SET_COOKIE, session::clear_cookie())],
+        Redirect::to(LOGIN),
+    )
+        .into_response()
+}
+
+/// The filter a dashboard request names, the period defaulting to the last
+/// [`DEFAULT_DAYS`] days, and the values the form shows.
+fn filter(params: &Params) -> Result<(UsageFilter, html::Shown), ApiError> {
+    let today = Utc::now().date_naive();
+    let default_since = (today - Duration::days(DEFAULT_DAYS - 1))
+        .format("%Y-%m-%d")
+        .to_string();
+    let shown = html::Shown {
+        key: params.get("key").unwrap_or_default().to_owned(),
+        model: params.get("model").unwrap_or_default().to_owned(),
+        since: match (params.get("since"), params.get("until")) {
+            (Some(since), _) => since.to_owned(),
+            (None, None) => default_since,
+            (None, Some(_)) => String::new(),
+        },
+        until: params.get("until").unwrap_or_default().to_owned(),
+    };
+    let mut filter = params.filter()?;
+    if filter.since.is_none() && !shown.since.is_empty() {
+        filter.since = Some(super::admin::usage::parse_time("since", &shown.since)?);
+    }
+    Ok((filter, shown))
+}
+
+/// A filter error on a page: the message, and the way back.
+fn bad_filter(err: &ApiError) -> Response {
+    let body = format!(
+        "<main class=\"login\"><div class=\"login-card\"><h1>imagegate <span>usage</span></h1>\
+         <p class=\"error\" role=\"alert\">{}</p><a href=\"/dashboard\">Back to the dashboard</a>\
+         </div></main>",
+        html::esc(&err.to_string())
+    );
+    html(
+        StatusCode::BAD_REQUEST,
+        html::page("imagegate · usage", &body),
+    )
+}
+
+/// `GET /dashboard?key=&model=&since=&until=`.
+pub async fn dashboard(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<Pairs>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let parsed = Params::new(query, FILTERS).and_then(|params| filter(&params));
+    let (filter, shown) = match parsed {
+        Ok(parsed) => parsed,
+        Err(err) => return Ok(bad_filter(&err)),
+    };
+    let figures = Figures::read(&state, &filter).await?;
+    let body = render(&filter, &shown, &figures);
+    Ok(html(
+        StatusCode::OK,
+        html::page("imagegate · usage", &format!("<main>{body}</main>")),
+    ))
+}
+
+/// What the page shows, read through the admin API's functions.
+struct Figures {
+    by_day: Vec<UsageTotals>,
+    by_key: Vec<UsageTotals>,
+    by_model: Vec<UsageTotals>,
+    latest: Vec<UsageRow>,
+    /// For the filter form's suggestions.
+    key_names: Vec<String>,
+    models: Vec<String>,
+}
+
+impl Figures {
+    async fn read(state: &AppState, filter: &UsageFilter) -> Result<Self, ApiError> {
+        let store = state.store.as_ref();
+        let with = |group_by| UsageFilter {
+            group_by,
+            ..filter.clone()
+        };
+        let mut key_names: Vec<String> = (store.list_keys().await)
+            .map_err(ApiError::internal)?
+            .into_iter()
+            .map(|k| k.name)
+            .collect();
+        key_names.sort();
+        key_names.dedup();
+        let runtime = state.runtime.load_full();
+        Ok(Figures {
+            by_day: totals(store, &with(GroupBy::Day)).await?,
+            by_key: totals(store, &with(GroupBy::Key)).await?,
+            by_model: totals(store, &with(GroupBy::Model)).await?,
+            latest: page(store, filter, None, LATEST).await?.0,
+            key_names,
+            models: runtime
+                .config
+                .public_names()
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+        })
+    }
+}
+
+/// The page's content: filters, cards, the day chart, the two tables, the latest rows.
+fn render(filter: &UsageFilter, shown: &html::Shown, f: &Figures) -> String {
+    let last_day = filter
+        .until
+        .map(|until| (until - Duration::microseconds(1)).date_naive())
+        .unwrap_or_else(|| Utc::now().date_naive());
+    let first_day = NaiveDate::parse_from_str(&shown.since, "%Y-%m-%d").ok();
+    let days = html::day_series(&f.by_day, first_day, last_day);
+    let period = match days.first() {
+        Some(first) => format!("Spend by day, {} to {last_day}", first.group),
+        None => "Spend by day".to_owned(),
+    };
+    let csv = |group: &str| {
+        let link = format!(
+            "/dashboard/usage.csv{}",
+            shown.query(&[("group_by", group)])
+        );
+        Some(link)
+    };
+    let keys = html::totals_table("keys", "Key", &f.by_key);
+    let models = html::totals_table("models", "Model", &f.by_model);
+    [
+        html::top(shown, &f.key_names, &f.models),
+        html::cards(&report::total(&f.by_key, "total")),
+        html::panel(
+            "by-day",
+            &period,
+            csv("day").as_deref(),
+            &html::chart(&days),
+        ),
+        "<div class=\"grid2\">".to_owned(),
+        html::panel("by-key", "By key", csv("key").as_deref(), &keys),
+        html::panel("by-model", "By model", csv("model").as_deref(), &models),
+        "</div>".to_owned(),
+        html::panel(
+            "latest",
+            &format!("Latest requests (up to {LATEST})"),
+            Some(&format!("/dashboard/requests.csv{}", shown.query(&[]))),
+            &html::requests_table(&f.latest),
+        ),
+        "<footer>Times and days are UTC. Spend is exact to the billionth of a dollar; \
+         the CSV downloads hold the same figures as GET /admin/usage and \
+         GET /admin/requests.</footer>"
+            .to_owned(),
+    ]
+    .concat()
+}
+
+/// `GET /dashboard/usage.csv?key=&model=&since=&until=&group_by=`: the figures the page
+/// shows, as `GET /admin/usage?format=csv` gives them for the same filter.
+pub async fn usage_csv(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<Pairs>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    const ALLOWED: &[&str] = &["key", "model", "since", "until", "group_by"];
+    let params = Params::new(query, ALLOWED)?;
+    let (filter, _) = filter(&params)?;
+    let rows = totals(state.store.as_ref(), &filter).await?;
+    csv_response(&rows, filter.group_by, "usage")
+}
+
+/// `GET /dashboard/requests.csv?key=&model=&since=&until=`: the latest requests the page
+/// shows, as `GET /admin/requests?format=csv&limit=50` gives them for the same filter.
+pub async fn requests_csv(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<Pairs>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let params = Params::new(query, FILTERS)?;
+    let (filter, _) = filter(&params)?;
+    let (rows, _) = page(state.store.as_ref(), &filter, None, LATEST).await?;
+    rows_csv_response(&rows)
+}
+
+/// The embedded stylesheet.
+pub async fn css() -> Response {
+    asset("text/css; charset=utf-8", CSS)
+}
+
+/// The embedded script: sorts the tables.
+pub async fn js() -> Response {
+    asset("text/javascript; charset=utf-8", JS)
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "max-age=300"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        body,
+    )
+        .into_response()
+}

@@ -1,0 +1,240 @@
+//! A usage report as JSON or CSV: one rendering for `imagegate usage`, `GET /admin/usage`
+//! and the dashboard's download, so that their figures cannot drift apart. Calls of
+//! unpriced routes (a null cost) are never shown as $0: a group all of whose calls are
+//! unpriced has no cost (JSON null, an empty CSV field, "unpriced" for people), and a mix
+//! shows the priced calls' sum with the unpriced count beside it ([`cost_text`]).
+
+use crate::store::{GroupBy, UsageRow, UsageTotals};
+use crate::usage::price::{format_usd, format_usd_sum};
+
+/// Whether a group has calls and none of them has a price: then it has no cost at all.
+fn all_unpriced(totals: &UsageTotals) -> bool {
+    totals.unpriced > 0 && totals.unpriced >= totals.requests
+}
+
+/// The cost of a group's priced calls in billionths of a dollar; none when every call of
+/// the group is unpriced.
+pub fn cost_nanousd(totals: &UsageTotals) -> Option<i128> {
+    (!all_unpriced(totals)).then_some(totals.cost_nanousd)
+}
+
+/// The cost of a group's priced calls in dollars (exact decimal text); none when every
+/// call of the group is unpriced.
+pub fn cost_usd(totals: &UsageTotals) -> Option<String> {
+    cost_nanousd(totals).map(format_usd_sum)
+}
+
+/// A group's cost for people: "0.04", "unpriced" when every call is, or "0.04 + 3
+/// unpriced" for a mix (the unpriced calls are neither $0 nor silently left out).
+pub fn cost_text(totals: &UsageTotals) -> String {
+    match cost_usd(totals) {
+        None => "unpriced".to_owned(),
+        Some(usd) if totals.unpriced > 0 => format!("{usd} + {} unpriced", totals.unpriced),
+        Some(usd) => usd,
+    }
+}
+
+/// The report's columns after the group's own (named after the grouping), in order.
+pub const COLUMNS: [&str; 14] = [
+    "requests",
+    "billed",
+    "failed",
+    "unpriced",
+    "images",
+    "text_input_tokens",
+    "image_input_tokens",
+    "cached_text_input_tokens",
+    "cached_image_input_tokens",
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "cost_usd",
+    "cost_nanousd",
+];
+
+/// One group's figures as text, in [`COLUMNS`]' order. The cost is exact in both forms:
+/// dollars as a decimal string, and billionths of a dollar; both empty when every call of
+/// the group is unpriced.
+pub fn values(totals: &UsageTotals) -> [String; 14] {
+    [
+        totals.requests.to_string(),
+        totals.billed.to_string(),
+        totals.failed.to_string(),
+        totals.unpriced.to_string(),
+        totals.images.to_string(),
+        totals.text_input_tokens.to_string(),
+        totals.image_input_tokens.to_string(),
+        totals.cached_text_input_tokens.to_string(),
+        totals.cached_image_input_tokens.to_string(),
+        totals.input_tokens.to_string(),
+        totals.output_tokens.to_string(),
+        totals.total_tokens.to_string(),
+        cost_usd(totals).unwrap_or_default(),
+        cost_nanousd(totals).map_or_else(String::new, |n| n.to_string()),
+    ]
+}
+
+/// One object per group, the group's name under the grouping's own key; counts and tokens
+/// as numbers, the cost as `cost_usd` (exact decimal text) and `cost_nanousd` (a number),
+/// both null when every call of the group is unpriced.
+pub fn json(rows: &[UsageTotals], group_by: GroupBy) -> Vec<serde_json::Value> {
+    rows.iter()
+        .map(|r| {
+            serde_json::json!({
+                group_by.name(): r.group,
+                "requests": r.requests,
+                "billed": r.billed,
+                "failed": r.failed,
+                "unpriced": r.unpriced,
+                "images": r.images,
+                "text_input_tokens": r.text_input_tokens,
+                "image_input_tokens": r.image_input_tokens,
+                "cached_text_input_tokens": r.cached_text_input_tokens,
+                "cached_image_input_tokens": r.cached_image_input_tokens,
+                "input_tokens": r.input_tokens,
+                "output_tokens": r.output_tokens,
+                "total_tokens": r.total_tokens,
+                "cost_usd": cost_usd(r),
+                "cost_nanousd": cost_nanousd(r),
+            })
+        })
+        .collect()
+}
+
+/// A header line (the grouping's name, then [`COLUMNS`]) and one line per group.
+pub fn csv(rows: &[UsageTotals], group_by: GroupBy) -> Result<Vec<u8>, csv::Error> {
+    let mut out = csv::Writer::from_writer(Vec::new());
+    out.write_record(std::iter::once(group_by.name()).chain(COLUMNS))?;
+    for r in rows {
+        out.write_record(std::iter::once(r.group.clone()).chain(values(r)))?;
+    }
+    out.into_inner().map_err(|err| err.into_error().into())
+}
+
+/// The totals of every group together (sums saturate rather than wrap; they are i128).
+pub fn total(rows: &[UsageTotals], name: &str) -> UsageTotals {
+    rows.iter().fold(
+        UsageTotals {
+            group: name.to_owned(),
+            ..UsageTotals::default()
+        },
+        |mut t, r| {
+            t.requests = t.requests.saturating_add(r.requests);
+            t.billed = t.billed.saturating_add(r.billed);
+            t.failed = t.failed.saturating_add(r.failed);
+            t.unpriced = t.unpriced.saturating_add(r.unpriced);
+            t.images = t.images.saturating_add(r.images);
+            t.text_input_tokens = t.text_input_tokens.saturating_add(r.text_input_tokens);
+            t.image_input_tokens = t.image_input_tokens.saturating_add(r.image_input_tokens);
+            t.cached_text_input_tokens = t
+                .cached_text_input_tokens
+                .saturating_add(r.cached_text_input_tokens);
+            t.cached_image_input_tokens = t
+                .cached_image_input_tokens
+                .saturating_add(r.cached_image_input_tokens);
+            t.input_tokens = t.input_tokens.saturating_add(r.input_tokens);
+            t.output_tokens = t.output_tokens.saturating_add(r.output_tokens);
+            t.total_tokens = t.total_tokens.saturating_add(r.total_tokens);
+            t.cost_nanousd = t.cost_nanousd.saturating_add(r.cost_nanousd);
+            t
+        },
+    )
+}
+
+/// The columns of one usage row as `GET /admin/requests` gives it (never the key, only its
+/// name), in order.
+pub const ROW_COLUMNS: [&str; 22] = [
+    "request_id",
+    "created_at",
+    "key",
+    "model",
+    "provider",
+    "upstream_model",
+    "endpoint",
+    "status",
+    "outcome",
+    "streamed",
+    "images",
+    "text_input_tokens",
+    "image_input_tokens",
+    "cached_text_input_tokens",
+    "cached_image_input_tokens",
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "cost_usd",
+    "cost_nanousd",
+    "cost_estimated",
+    "latency_ms",
+];
+
+/// One row as JSON, under [`ROW_COLUMNS`]' names; an unpriced row's cost is null.
+pub fn row_json(row: &UsageRow) -> serde_json::Value {
+    serde_json::json!({
+        "request_id": row.request_id,
+        "created_at": row.created_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        "key": row.key_name,
+        "model": row.model,
+        "provider": row.provider,
+        "upstream_model": row.upstream_model,
+        "endpoint": row.endpoint,
+        "status": row.status,
+        "outcome": row.outcome.as_str(),
+        "streamed": row.streamed,
+        "images": row.images,
+        "text_input_tokens": row.text_input_tokens,
+        "image_input_tokens": row.image_input_tokens,
+        "cached_text_input_tokens": row.cached_text_input_tokens,
+        "cached_image_input_tokens": row.cached_image_input_tokens,
+        "input_tokens": row.input_tokens,
+        "output_tokens": row.output_tokens,
+        "total_tokens": row.total_tokens,
+        "cost_usd": row.cost_nanousd.map(format_usd),
+        "cost_nanousd": row.cost_nanousd,
+        "cost_estimated": row.cost_estimated,
+        "latency_ms": row.latency_ms,
+    })
+}
+
+/// Rows as CSV: a header line ([`ROW_COLUMNS`]) and one line per row, with the values
+/// [`row_json`] gives (text as it is, numbers and booleans as JSON writes them, null as an
+/// empty field).
+pub fn rows_csv(rows: &[UsageRow]) -> Result<Vec<u8>, csv::Error> {
+    let mut out = csv::Writer::from_writer(Vec::new());
+    out.write_record(ROW_COLUMNS)?;
+    for row in rows {
+        let json = row_json(row);
+        out.write_record(ROW_COLUMNS.map(|column| match &json[column] {
+            serde_json::Value::String(text) => text.clone(),
+            serde_json::Value::Null => String::new(),
+            other => other.to_string(),
+        }))?;
+    }
+    out.into_inner().map_err(|err| err.into_error().into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(requests: i64, unpriced: i64, cost_nanousd: i128) -> UsageTotals {
+        UsageTotals {
+            requests,
+            unpriced,
+            cost_nanousd,
+            ..UsageTotals::default()
+        }
+    }
+
+    #[test]
+    fn unpriced_calls_are_never_a_zero_cost() {
+        assert_eq!(cost_text(&group(2, 0, 40_000_000)), "0.04");
+        assert_eq!(cost_text(&group(3, 3, 0)), "unpriced");
+        assert_eq!(cost_text(&group(5, 3, 40_000_000)), "0.04 + 3 unpriced");
+        // No calls at all cost nothing.
+        assert_eq!(cost_text(&group(0, 0, 0)), "0.00");
+        assert_eq!(cost_usd(&group(3, 3, 0)), None);
+        let values = values(&group(3, 3, 0));
+        assert_eq!((values[12].as_str(), values[13].as_str()), ("", ""));
+    }
+}

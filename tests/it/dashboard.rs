@@ -1,0 +1,608 @@
+//! The usage dashboard: its login and cookie over plain HTTP, then the page in a real
+//! browser (Debian's Chromium, headless, driven through chromedriver): log in, read the
+//! figures of known usage rows and compare them with `GET /admin/usage`, download the CSV,
+//! sort, filter, log out; screenshots at 1280x800 go to target/dashboard-screenshots/.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use chrono::{NaiveDate, Utc};
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{Value, json};
+
+use crate::admin_usage::{admin_get, gateway_with_known_rows, known_rows};
+use crate::support::*;
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+const COOKIE: &str = "imagegate_dashboard";
+
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+}
+
+pub async fn login(gw: &TestGateway, token: &str) -> reqwest::Response {
+    no_redirects()
+        .post(gw.url("/dashboard/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={token}"))
+        .send()
+        .await
+        .expect("send")
+}
+
+/// The `name=value` part of a login's `Set-Cookie`.
+pub fn session_of(response: &reqwest::Response) -> String {
+    let set = response.headers()["set-cookie"].to_str().expect("ascii");
+    set.split(';').next().expect("pair").to_owned()
+}
+
+#[tokio::test]
+async fn login_sets_a_signed_http_only_cookie_and_the_pages_need_it() {
+    let gw = gateway_with_known_rows(Db::Sqlite, Utc::now().date_naive()).await;
+    let client = no_redirects();
+    // No session: every page sends the browser to the form.
+    for path in [
+        "/dashboard",
+        "/dashboard/usage.csv?group_by=key",
+        "/dashboard/requests.csv",
+    ] {
+        let response = client.get(gw.url(path)).send().await.expect("send");
+        assert_eq!(response.status(), 303, "{path}");
+        assert_eq!(response.headers()["location"], "/dashboard/login");
+    }
+    // A wrong or empty token: the form again, 401, no cookie.
+    for token in ["wrong-token", ""] {
+        let response = login(&gw, token).await;
+        assert_eq!(response.status(), 401);
+        assert!(response.headers().get("set-cookie").is_none());
+        let body = response.text().await.expect("text");
+        assert!(body.contains("That is not the admin token."), "{body}");
+        assert!(body.contains("<form method=\"post\" action=\"/dashboard/login\""));
+    }
+    let response = login(&gw, ADMIN_TOKEN).await;
+    assert_eq!(response.status(), 303);
+    assert_eq!(response.headers()["location"], "/dashboard");
+    let set = response.headers()["set-cookie"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/dashboard"] {
+        assert!(set.contains(attribute), "{set}");
+    }
+    assert!(
+        !set.contains(ADMIN_TOKEN),
+        "the cookie never holds the token: {set}"
+    );
+    let cookie = session_of(&response);
+    let page = client
+        .get(gw.url("/dashboard"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(page.status(), 200);
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .expect("csp");
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("script-src 'self'"),
+        "{csp}"
+    );
+    let body = page.text().await.expect("text");
+    // A key name is data, never markup.
+    assert!(body.contains("&lt;b&gt;carol&lt;/b&gt;"), "{body}");
+    assert!(!body.contains("<b>carol"), "{body}");
+    assert!(
+        !body.contains("<script>") && !body.contains(" style="),
+        "no inline script or style"
+    );
+    // A forged session (right shape, wrong signature) is refused.
+    let forged = format!("{COOKIE}=v1.99999999999.{}", "00".repeat(32));
+    let response = client
+        .get(gw.url("/dashboard"))
+        .header("cookie", forged)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 303);
+    // Log out: the cookie is cleared.
+    let response = client
+        .post(gw.url("/dashboard/logout"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 303);
+    assert!(
+        response.headers()["set-cookie"]
+            .to_str()
+            .expect("ascii")
+            .contains("Max-Age=0")
+    );
+    gw.shutdown().await;
+}
+
+/// chromedriver on a free port, ended with the test.
+struct Driver {
+    child: Child,
+    url: String,
+    _profile: tempfile::TempDir,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Fails (never skips) without Chromium: the dashboard would go untested.
+async fn start_driver() -> Driver {
+    for path in [CHROMIUM, CHROMEDRIVER] {
+        assert!(
+            Path::new(path).exists(),
+            "{path} is missing: the dashboard's browser test needs Debian's Chromium and its \
+             driver; install them with `sudo apt-get install chromium chromium-driver` \
+             (.ci/run does)"
+        );
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let child = Command::new(CHROMEDRIVER)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start chromedriver");
+    let url = format!("http://127.0.0.1:{port}");
+    let driver = Driver {
+        child,
+        url,
+        _profile: tempfile::tempdir().expect("profile dir"),
+    };
+    for _ in 0..100 {
+        if let Ok(response) = reqwest::get(format!("{}/status", driver.url)).await {
+            if response.status().is_success() {
+                return driver;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("chromedriver did not answer on {} within 10 s", driver.url);
+}
+
+async fn browser(driver: &Driver) -> Client {
+    let mut caps = serde_json::Map::new();
+    caps.insert("browserName".into(), json!("chrome"));
+    caps.insert(
+        "goog:chromeOptions".into(),
+        json!({
+            "binary": CHROMIUM,
+            "args": [
+                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1280,800", "--hide-scrollbars", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update",
+                format!("--user-data-dir={}", driver._profile.path().display()),
+            ],
+        }),
+    );
+    let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    ClientBuilder::new(connector)
+        .capabilities(caps)
+        .connect(&driver.url)
+        .await
+        .expect("a Chromium session through chromedriver")
+}
+
+fn screenshots_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/dashboard-screenshots");
+    std::fs::create_dir_all(&dir).expect("screenshot dir");
+    dir
+}
+
+/// Width and height of a PNG, from its header.
+fn png_size(png: &[u8]) -> (u32, u32) {
+    let word = |at: usize| u32::from_be_bytes(png[at..at + 4].try_into().expect("4 bytes"));
+    (word(16), word(20))
+}
+
+/// The viewport at exactly 1280x800, whatever the window around it takes.
+async fn viewport_1280x800(c: &Client) {
+    c.set_window_size(1280, 800).await.expect("resize");
+    let inner = c
+        .execute("return [window.innerWidth, window.innerHeight];", vec![])
+        .await
+        .expect("viewport");
+    let (w, h) = (inner[0].as_i64().expect("w"), inner[1].as_i64().expect("h"));
+    let w = u32::try_from(2 * 1280 - w).expect("width");
+    let h = u32::try_from(2 * 800 - h).expect("height");
+    c.set_window_size(w, h).await.expect("resize");
+}
+
+async fn save_screenshot(c: &Client, name: &str) -> (u32, u32) {
+    let png = c.screenshot().await.expect("screenshot");
+    std::fs::write(screenshots_dir().join(name), &png).expect("write screenshot");
+    png_size(&png)
+}
+
+/// Each row of a table: its `data-*` id and its cells' text.
+async fn table(c: &Client, id: &str, attribute: &str) -> Vec<(String, Vec<String>)> {
+    let rows = c
+        .find_all(Locator::Css(&format!("#{id} tbody tr")))
+        .await
+        .expect("rows");
+    let mut out = Vec::new();
+    for row in rows {
+        let name = row.attr(attribute).await.expect("attr").expect("id");
+        let mut cells = Vec::new();
+        for cell in row.find_all(Locator::Css("td")).await.expect("cells") {
+            cells.push(cell.text().await.expect("text"));
+        }
+        out.push((name, cells));
+    }
+    out
+}
+
+/// What a totals table must show for `/admin/usage`'s lines: the group, requests, failed,
+/// images, total tokens and the cost, as the API gives them.
+fn expected_table(report: &Value, group: &str) -> Vec<(String, Vec<String>)> {
+    report["data"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|l| {
+            let name = l[group].as_str().expect("name").to_owned();
+            let cells = [
+                name.clone(),
+                l["requests"].to_string(),
+                l["failed"].to_string(),
+                l["images"].to_string(),
+                l["total_tokens"].to_string(),
+                cost_text(l),
+            ];
+            (name, cells.to_vec())
+        })
+        .collect()
+}
+
+/// A group's cost as the page shows it, from `/admin/usage`'s line: "0.04", "unpriced"
+/// (a null cost), or "0.04 + 3 unpriced".
+fn cost_text(line: &Value) -> String {
+    match (line["cost_usd"].as_str(), line["unpriced"].as_i64()) {
+        (None, _) => "unpriced".to_owned(),
+        (Some(usd), Some(n)) if n > 0 => format!("{usd} + {n} unpriced"),
+        (Some(usd), _) => usd.to_owned(),
+    }
+}
+
+async fn admin_report(gw: &TestGateway, query: &str) -> Value {
+    admin_get(gw, &format!("/admin/usage?{query}"))
+        .await
+        .json()
+        .await
+        .expect("json")
+}
+
+/// The day chart's bars: day and cost, as the page carries them.
+async fn chart_bars(c: &Client) -> Vec<(String, String)> {
+    let mut bars = Vec::new();
+    for bar in c
+        .find_all(Locator::Css("#by-day g.bar"))
+        .await
+        .expect("bars")
+    {
+        let day = bar.attr("data-day").await.expect("attr").expect("day");
+        let cost = bar
+            .attr("data-cost-usd")
+            .await
+            .expect("attr")
+            .expect("cost");
+        bars.push((day, cost));
+    }
+    bars
+}
+
+async fn log_in(c: &Client, token: &str) {
+    let form = c
+        .form(Locator::Css("form.login-card"))
+        .await
+        .expect("login form");
+    form.set(Locator::Id("token"), token)
+        .await
+        .expect("type the token");
+    form.submit().await.expect("submit");
+}
+
+async fn path_of(c: &Client) -> String {
+    c.current_url().await.expect("url").path().to_owned()
+}
+
+/// Waits (up to 10 s) for the browser to be on `path`: submitting a form returns before
+/// the next page has loaded.
+async fn wait_for_path(c: &Client, path: &str) {
+    for _ in 0..100 {
+        let ready = c.execute("return document.readyState;", vec![]).await;
+        if path_of(c).await == path && ready.is_ok_and(|r| r == "complete") {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the browser is on {}, not {path}", path_of(c).await);
+}
+
+#[tokio::test]
+async fn dashboard_in_headless_chromium_shows_the_admin_usage_figures() {
+    let today = Utc::now().date_naive();
+    let gw = gateway_with_known_rows(Db::Sqlite, today).await;
+    let driver = start_driver().await;
+    let c = browser(&driver).await;
+    viewport_1280x800(&c).await;
+
+    // No session: the form. A wrong token: the form again, with the error.
+    c.goto(&gw.url("/dashboard")).await.expect("open");
+    assert_eq!(path_of(&c).await, "/dashboard/login");
+    assert_eq!(save_screenshot(&c, "login.png").await, (1280, 800));
+    log_in(&c, "not-the-token").await;
+    let error = c.wait().for_element(Locator::Css(".error")).await;
+    let error = error.expect("an error shown");
+    assert_eq!(path_of(&c).await, "/dashboard/login");
+    assert_eq!(
+        error.text().await.expect("text"),
+        "That is not the admin token."
+    );
+    save_screenshot(&c, "login-wrong-token.png").await;
+
+    log_in(&c, ADMIN_TOKEN).await;
+    wait_for_path(&c, "/dashboard").await;
+    check_figures(&c, &gw, today).await;
+    check_sorting(&c).await;
+    check_csv(&c, &gw).await;
+    check_no_external_request(&c, &gw).await;
+    assert_eq!(save_screenshot(&c, "dashboard.png").await, (1280, 800));
+    full_page_screenshot(&c).await;
+    check_filter(&c, &gw).await;
+
+    // Log out: the pages send the browser to the form again.
+    let logout = c
+        .find(Locator::Css("form[action='/dashboard/logout'] button"))
+        .await;
+    logout
+        .expect("log-out button")
+        .click()
+        .await
+        .expect("log out");
+    wait_for_path(&c, "/dashboard/login").await;
+    c.goto(&gw.url("/dashboard")).await.expect("open");
+    assert_eq!(path_of(&c).await, "/dashboard/login");
+    c.close().await.expect("close the browser");
+    gw.shutdown().await;
+}
+
+/// The totals tables, the cards, the chart and the latest requests, against the API and
+/// the known rows.
+async fn check_figures(c: &Client, gw: &TestGateway, today: NaiveDate) {
+    let since = (today - chrono::Duration::days(29)).to_string();
+    let by_key = admin_report(gw, &format!("group_by=key&since={since}")).await;
+    let by_model = admin_report(gw, &format!("group_by=model&since={since}")).await;
+    let by_day = admin_report(gw, &format!("group_by=day&since={since}")).await;
+    assert_eq!(by_key["data"].as_array().map(Vec::len), Some(3));
+    assert_eq!(
+        table(c, "keys", "data-group").await,
+        expected_table(&by_key, "key")
+    );
+    assert_eq!(
+        table(c, "models", "data-group").await,
+        expected_table(&by_model, "model")
+    );
+    // The key whose name is markup shows as text; nothing in the page is bold markup.
+    let bold = c.execute("return document.querySelectorAll('main b').length;", vec![]);
+    assert_eq!(bold.await.expect("count"), json!(0));
+
+    let total = c.find(Locator::Id("total-cost")).await.expect("card");
+    assert_eq!(total.text().await.expect("text"), "$1.814567899");
+    let requests = c.find(Locator::Id("total-requests")).await.expect("card");
+    assert_eq!(requests.text().await.expect("text"), "6");
+
+    // One bar a day of the period, the days with usage at the API's figures.
+    let bars = chart_bars(c).await;
+    assert_eq!(bars.len(), 30);
+    assert_eq!(bars[0].0, since);
+    assert_eq!(bars[29].0, today.to_string());
+    for (day, cost) in &bars {
+        let line = by_day["data"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .find(|l| l["day"] == day.as_str());
+        // A day without usage costs nothing; one whose calls are all unpriced has no cost.
+        let expected = line.map_or(Some("0.00"), |l| l["cost_usd"].as_str());
+        let expected = expected.unwrap_or_default();
+        assert_eq!(cost, expected, "{day}");
+    }
+    assert_eq!(bars.iter().filter(|(_, cost)| cost != "0.00").count(), 3);
+
+    // The latest requests, newest first, as stored.
+    let shown = table(c, "requests", "data-request-id").await;
+    let mut rows = known_rows(today);
+    rows.reverse();
+    assert_eq!(shown.len(), rows.len());
+    for ((id, cells), row) in shown.iter().zip(&rows) {
+        assert_eq!(id, &row.request_id);
+        let status = format!("{} {}", row.status, row.outcome.as_str().replace('_', " "));
+        let cost = imagegate::usage::price::format_cost(row.cost_nanousd);
+        let cost = if row.cost_estimated && row.cost_nanousd.is_some() {
+            format!("{cost} est.")
+        } else {
+            cost
+        };
+        let expected = [
+            row.created_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+            row.key_name.clone(),
+            row.model.clone(),
+            row.provider.clone(),
+            status,
+            row.input_tokens.to_string(),
+            row.output_tokens.to_string(),
+            cost,
+            format!("{} ms", row.latency_ms),
+        ];
+        assert_eq!(cells, &expected.to_vec(), "{id}");
+    }
+}
+
+/// Clicking a heading sorts its table, then again the other way.
+async fn check_sorting(c: &Client) {
+    let spend = c
+        .find(Locator::Css("#keys thead th:nth-child(6)"))
+        .await
+        .expect("spend heading");
+    let names = async || -> Vec<String> {
+        table(c, "keys", "data-group")
+            .await
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect()
+    };
+    spend.click().await.expect("sort");
+    assert_eq!(names().await, ["<b>carol</b>", "bob", "alice"]);
+    spend.click().await.expect("sort back");
+    assert_eq!(names().await, ["alice", "bob", "<b>carol</b>"]);
+    assert_eq!(
+        spend.attr("aria-sort").await.expect("attr").as_deref(),
+        Some("descending")
+    );
+}
+
+/// Each CSV link, fetched with the browser's own session cookie, is `/admin/usage`'s CSV
+/// (or, for the latest requests, `/admin/requests`') for the same filter.
+async fn check_csv(c: &Client, gw: &TestGateway) {
+    let cookie = c
+        .get_named_cookie(COOKIE)
+        .await
+        .expect("the session cookie");
+    assert_eq!(cookie.http_only(), Some(true));
+    let links = c.find_all(Locator::Css("a.csv")).await.expect("links");
+    assert_eq!(links.len(), 4);
+    for link in links {
+        let href = link.attr("href").await.expect("attr").expect("href");
+        let (path, query) = href.split_once('?').expect("a filter");
+        let api = match path {
+            "/dashboard/usage.csv" => format!("/admin/usage?format=csv&{query}"),
+            "/dashboard/requests.csv" => format!("/admin/requests?format=csv&limit=50&{query}"),
+            other => panic!("{other} is not a download"),
+        };
+        let download = reqwest::Client::new()
+            .get(gw.url(&href))
+            .header("cookie", format!("{COOKIE}={}", cookie.value()))
+            .send()
+            .await
+            .expect("download");
+        assert_eq!(download.status(), 200, "{href}");
+        assert_eq!(
+            download.headers()["content-type"],
+            "text/csv; charset=utf-8"
+        );
+        let csv = download.text().await.expect("csv");
+        let api = admin_get(gw, &api).await;
+        assert_eq!(csv, api.text().await.expect("csv"), "{href}");
+        assert!(csv.lines().count() > 1, "{csv}");
+    }
+}
+
+/// Everything the page loaded came from imagegate, and nothing in it points elsewhere.
+async fn check_no_external_request(c: &Client, gw: &TestGateway) {
+    let origin = gw.url("/");
+    let loaded = c
+        .execute(
+            "return performance.getEntriesByType('resource').map(e => e.name)\
+             .concat([location.href]);",
+            vec![],
+        )
+        .await
+        .expect("resources");
+    let loaded = loaded.as_array().expect("list").clone();
+    assert!(
+        loaded.len() >= 3,
+        "the page, its stylesheet and its script: {loaded:?}"
+    );
+    for url in &loaded {
+        assert!(
+            url.as_str().expect("url").starts_with(&origin),
+            "{url} is not imagegate's"
+        );
+    }
+    let references = c
+        .execute(
+            "return Array.from(document.querySelectorAll('[src],[href],[action]'))\
+             .map(e => e.getAttribute('src') || e.getAttribute('href') || e.getAttribute('action'));",
+            vec![],
+        )
+        .await
+        .expect("references");
+    for reference in references.as_array().expect("list") {
+        let reference = reference.as_str().expect("text");
+        assert!(
+            reference.starts_with('/') || reference.starts_with("data:"),
+            "{reference} leaves the page's origin"
+        );
+    }
+}
+
+/// The whole page, however long, 1280 wide; then back to 1280x800.
+async fn full_page_screenshot(c: &Client) {
+    let height = c
+        .execute("return document.documentElement.scrollHeight;", vec![])
+        .await
+        .expect("height")
+        .as_u64()
+        .expect("a number");
+    c.set_window_size(1280, u32::try_from(height).expect("height") + 200)
+        .await
+        .expect("resize");
+    save_screenshot(c, "dashboard-full.png").await;
+    viewport_1280x800(c).await;
+}
+
+/// The filter form narrows the page to one key; its figures are the API's for that key.
+async fn check_filter(c: &Client, gw: &TestGateway) {
+    let form = c.form(Locator::Css("form.filters")).await.expect("filters");
+    form.set_by_name("key", "alice").await.expect("key");
+    form.submit().await.expect("apply");
+    for _ in 0..100 {
+        let url = c.current_url().await.expect("url");
+        if url.query().unwrap_or_default().contains("key=alice") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for_path(c, "/dashboard").await;
+    let url = c.current_url().await.expect("url");
+    assert!(
+        url.query().unwrap_or_default().contains("key=alice"),
+        "{url}"
+    );
+    let since = url
+        .query_pairs()
+        .find(|(n, _)| n == "since")
+        .map(|(_, v)| v.into_owned())
+        .expect("the period stays");
+    let by_model = admin_report(gw, &format!("group_by=model&key=alice&since={since}")).await;
+    assert_eq!(
+        table(c, "models", "data-group").await,
+        expected_table(&by_model, "model")
+    );
+    let shown: Vec<String> = table(c, "requests", "data-request-id")
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(shown, ["r6", "r2", "r1"]);
+    save_screenshot(c, "dashboard-filtered.png").await;
+}
