@@ -7,9 +7,11 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::hostile::{closes, connect, healthy, read_response};
 use crate::support::binary;
 use crate::support::forms::{Form, content_type};
+use crate::support::raw::{
+    assert_timed_out, assert_upload_broke_off, closes, connect, healthy, read_response, stall_after,
+};
 use crate::support::*;
 
 /// The test configuration with these lines added to `[server]`.
@@ -32,11 +34,7 @@ async fn a_body_that_keeps_trickling_past_the_total_deadline_gets_408() {
     let edit = Form::new()
         .text("model", b"gpt-image-1")
         .text("prompt", b"p")
-        .part(
-            b"form-data; name=\"image\"; filename=\"a.png\"",
-            b"Content-Type: image/png\r\n",
-            &[7u8; 100_000],
-        )
+        .large_image()
         .body();
     let json = br#"{"model":"gpt-image-1","prompt":"a fox in the snow, slowly"}"#.to_vec();
     for (what, path, ct, body, at_once) in [
@@ -49,17 +47,7 @@ async fn a_body_that_keeps_trickling_past_the_total_deadline_gets_408() {
             20,
         ),
     ] {
-        let mut socket = connect(gw.addr).await;
-        let head = format!(
-            "POST {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\ncontent-type: {ct}\r\ncontent-length: {}\r\n\r\n",
-            gw.key,
-            body.len()
-        );
-        socket.write_all(head.as_bytes()).await.expect("head");
-        socket
-            .write_all(&body[..at_once])
-            .await
-            .expect("body's start");
+        let mut socket = stall_after(&gw, path, &ct, &body, at_once).await;
         let started = Instant::now();
         let (mut reader, mut writer) = socket.split();
         // A byte every 100 ms: never idle for 400 ms, never done within the test.
@@ -77,11 +65,9 @@ async fn a_body_that_keeps_trickling_past_the_total_deadline_gets_408() {
             () = trickle => unreachable!("the trickle never ends"),
         };
         let took = started.elapsed();
-        assert_eq!(response.status, 408, "{what}: {}", response.head);
         assert!(took >= Duration::from_millis(1500), "{what}: {took:?}");
         assert!(took < Duration::from_secs(5), "{what}: {took:?}");
-        let error = response.error();
-        assert_eq!(error["code"], "request_timeout", "{what}");
+        let error = assert_timed_out(&gw, &response, &mut reader, what).await;
         assert!(
             error["message"]
                 .as_str()
@@ -89,18 +75,9 @@ async fn a_body_that_keeps_trickling_past_the_total_deadline_gets_408() {
                 .contains("took too long"),
             "{what}: {error}"
         );
-        assert!(
-            closes(&mut reader, Duration::from_secs(2)).await,
-            "{what}: the connection is closed"
-        );
-        assert_eq!(gw.spool_files(), 0, "{what}: no spool file left");
     }
     // The provider call the edit had begun was ended: the stand-in saw its upload break off.
-    assert!(
-        provider.wait_for_requests(1).await,
-        "the provider call that had begun was ended"
-    );
-    assert!(provider.complete_requests().is_empty());
+    assert_upload_broke_off(&provider).await;
     healthy(&gw).await;
     gw.shutdown().await;
 }

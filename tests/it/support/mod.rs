@@ -1,7 +1,7 @@
 //! Test set-up written once: a real imagegate on port 0 ([`gateway`]) or the real binary
 //! ([`binary`]), provider stand-ins
 //! ([`standin`]), fresh databases ([`db`]), a throwaway Postgres cluster for outages
-//! ([`postgres`]), the captured SDK requests ([`captures`]), and the configuration and secrets
+//! ([`postgres`]), raw connections ([`raw`]), the captured SDK requests ([`captures`]), and the configuration and secrets
 //! they share.
 
 pub mod binary;
@@ -10,6 +10,7 @@ pub mod db;
 pub mod forms;
 pub mod gateway;
 pub mod postgres;
+pub mod raw;
 pub mod rows;
 pub mod standin;
 
