@@ -14,22 +14,24 @@ use crate::support::raw::{
 };
 use crate::support::*;
 
-/// The test configuration with these lines added to `[server]`.
-fn server_config(provider: &str, lines: &str) -> String {
-    test_config(provider, "").replacen("[server]\n", &format!("[server]\n{lines}\n"), 1)
+/// A gateway on SQLite with the test configuration and these lines added to `[server]`, and
+/// the stand-in it routes to (which answers with an image).
+async fn start_with(lines: &str) -> (StandIn, TestGateway) {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    let config = test_config(&provider.base_url(), "").replacen(
+        "[server]\n",
+        &format!("[server]\n{lines}\n"),
+        1,
+    );
+    let gw = TestGateway::start(Db::Sqlite, &config).await;
+    (provider, gw)
 }
 
 #[tokio::test]
 async fn a_body_that_keeps_trickling_past_the_total_deadline_gets_408() {
-    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
-    let gw = TestGateway::start(
-        Db::Sqlite,
-        &server_config(
-            &provider.base_url(),
-            "request_body_idle_timeout = \"400ms\"\nrequest_body_timeout = \"1500ms\"",
-        ),
-    )
-    .await;
+    let (provider, gw) =
+        start_with("request_body_idle_timeout = \"400ms\"\nrequest_body_timeout = \"1500ms\"")
+            .await;
     // Model first: the provider call has begun while the client trickles the image.
     let edit = Form::new()
         .text("model", b"gpt-image-1")
@@ -96,12 +98,7 @@ async fn closes_between(socket: &mut TcpStream, after: Duration, within: Duratio
 
 #[tokio::test]
 async fn a_connection_that_sends_nothing_or_part_of_a_preface_is_closed() {
-    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
-    let gw = TestGateway::start(
-        Db::Sqlite,
-        &server_config(&provider.base_url(), "header_read_timeout = \"1s\""),
-    )
-    .await;
+    let (_provider, gw) = start_with("header_read_timeout = \"1s\"").await;
     let early = Duration::from_millis(900);
     let within = Duration::from_secs(4);
     // Nothing at all.
@@ -189,15 +186,8 @@ const ACK: u8 = 1;
 
 #[tokio::test]
 async fn http2_connections_are_pinged_and_closed_when_idle() {
-    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
-    let gw = TestGateway::start(
-        Db::Sqlite,
-        &server_config(
-            &provider.base_url(),
-            "header_read_timeout = \"1500ms\"\nhttp2_keep_alive_interval = \"300ms\"",
-        ),
-    )
-    .await;
+    let (_provider, gw) =
+        start_with("header_read_timeout = \"1500ms\"\nhttp2_keep_alive_interval = \"300ms\"").await;
     let mut socket = connect(gw.addr).await;
     socket.write_all(H2_PREFACE).await.expect("preface");
     socket
@@ -271,13 +261,8 @@ async fn get_health(socket: &mut TcpStream, within: Duration) -> u16 {
 
 #[tokio::test]
 async fn connections_over_the_cap_wait_until_one_closes() {
-    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
     // Four workers share the cap of four, however the kernel spreads the connections.
-    let gw = TestGateway::start(
-        Db::Sqlite,
-        &server_config(&provider.base_url(), "max_connections = 4\nworkers = 4"),
-    )
-    .await;
+    let (_provider, gw) = start_with("max_connections = 4\nworkers = 4").await;
     let mut open = Vec::new();
     for _ in 0..4 {
         let mut socket = connect(gw.addr).await;
