@@ -258,11 +258,7 @@ async fn admin_key_calls_are_logged_by_name_without_the_key_or_the_token() {
         }
         assert_eq!(request.send().await.expect("send").status(), 200);
     }
-    signal(&child, "-TERM");
-    tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .expect("exits")
-        .expect("status");
+    binary::terminate(&mut child, Duration::from_secs(15)).await;
     let log = log.await.expect("log");
     let audit: Vec<&str> = log
         .lines()
@@ -528,9 +524,7 @@ async fn serve(config: &Path) -> binary::Served {
 async fn serve_reloads_on_sighup_and_drains_on_sigterm() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = write_config(dir.path(), &["gpt-image-1"]);
-    let key = text(&imagegate(&config, &["keys", "create", "--name", "svc"]).stdout)
-        .trim()
-        .to_owned();
+    let key = binary::create_key(&config, "svc");
     let (mut child, addr, log) = serve(&config).await;
     let client = reqwest::Client::new();
     let models = || async {
@@ -584,11 +578,7 @@ async fn serve_reloads_on_sighup_and_drains_on_sigterm() {
         "a bad file changes nothing"
     );
 
-    signal(&child, "-TERM");
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .expect("exits")
-        .expect("status");
+    let status = binary::terminate(&mut child, Duration::from_secs(15)).await;
     assert!(status.success(), "SIGTERM exits 0");
     let log = log.await.expect("log");
     assert!(log.contains("configuration refused"), "{log}");
@@ -624,9 +614,7 @@ async fn serve_reloads_on_sighup_and_drains_on_sigterm() {
 async fn logs_escape_client_text_and_have_no_colours_when_piped() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = write_config(dir.path(), &["gpt-image-1"]);
-    let key = text(&imagegate(&config, &["keys", "create", "--name", "svc"]).stdout)
-        .trim()
-        .to_owned();
+    let key = binary::create_key(&config, "svc");
     let (mut child, addr, log) = serve(&config).await;
     let response = reqwest::Client::new()
         .post(format!("http://{addr}/v1/images/generations"))
@@ -639,11 +627,7 @@ async fn logs_escape_client_text_and_have_no_colours_when_piped() {
         .await
         .expect("send");
     assert_eq!(response.status(), 404);
-    signal(&child, "-TERM");
-    tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .expect("exits")
-        .expect("status");
+    binary::terminate(&mut child, Duration::from_secs(15)).await;
     let log = log.await.expect("log");
     assert!(
         log.contains(r"nope\n2026-01-01T00:00:00Z  INFO FORGED"),
