@@ -122,23 +122,8 @@ async fn a_model_outside_the_allowlist_gets_403_and_nothing_is_forwarded(db: Db)
     assert!(rows.iter().all(|r| r.model == "gpt-image-1"), "{rows:#?}");
 
     // The model list shows the key what it may use.
-    let models: Value = gw
-        .client
-        .get(gw.url("/v1/models"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
-    let ids: Vec<&str> = models["data"]
-        .as_array()
-        .expect("data")
-        .iter()
-        .map(|m| m["id"].as_str().expect("id"))
-        .collect();
-    assert_eq!(ids, ["gpt-image-1", "img-default"], "{models}");
+    let ids = model_ids(&gw.client, &gw.url("/v1/models"), &key).await;
+    assert_eq!(ids, ["gpt-image-1", "img-default"]);
     for (model, status) in [("dall-e-3", 404), ("gpt-image-1", 200)] {
         let response = gw
             .client
@@ -151,19 +136,20 @@ async fn a_model_outside_the_allowlist_gets_403_and_nothing_is_forwarded(db: Db)
     }
 
     // Cleared by PATCH: every model, within key_cache_ttl (1 s).
-    let (status, _) = admin(
-        &gw,
-        Method::PATCH,
-        "/admin/keys/narrow",
-        Some(r#"{"models": null}"#),
-    )
-    .await;
-    assert_eq!(status, 200);
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    change_and_wait(&gw, "narrow", r#"{"models": null}"#).await;
     let (status, body) = generate_model(&gw, &key, "dall-e-3").await;
     assert_eq!(status, 200, "{body}");
     gw.usage_rows(4).await;
     gw.shutdown().await;
+}
+
+/// Changes the key `name` by `PATCH /admin/keys/{name}` with `body` (which must be
+/// accepted) and waits out key_cache_ttl (1 s), so the next request sees the change.
+async fn change_and_wait(gw: &TestGateway, name: &str, body: &str) {
+    let path = format!("/admin/keys/{name}");
+    let (status, _) = admin(gw, Method::PATCH, &path, Some(body)).await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
 }
 
 async fn a_keys_own_max_in_flight_overrides_the_server_default(db: Db) {
@@ -190,15 +176,7 @@ async fn a_keys_own_max_in_flight_overrides_the_server_default(db: Db) {
     assert_eq!((first, second), (200, 429), "{body}");
     assert_eq!(body["error"]["code"], "rate_limit_exceeded", "{body}");
     // Raised by PATCH, within key_cache_ttl (1 s).
-    let (status, _) = admin(
-        &gw,
-        Method::PATCH,
-        "/admin/keys/one-at-a-time",
-        Some(r#"{"max_in_flight": 2}"#),
-    )
-    .await;
-    assert_eq!(status, 200);
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    change_and_wait(&gw, "one-at-a-time", r#"{"max_in_flight": 2}"#).await;
     let (first, second, body) = statuses(key).await;
     assert_eq!((first, second), (200, 200), "{body}");
     gw.usage_rows(3).await;

@@ -136,6 +136,25 @@ per_image = 0.03
     )
 }
 
+/// The ids `GET models_url` (a `/v1/models` URL) lists to `key`, in its order.
+pub async fn model_ids(client: &reqwest::Client, models_url: &str, key: &str) -> Vec<String> {
+    let list: serde_json::Value = client
+        .get(models_url)
+        .bearer_auth(key)
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    list["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|m| m["id"].as_str().expect("id").to_owned())
+        .collect()
+}
+
 pub fn test_env() -> EnvLookup {
     let vars: HashMap<&str, &str> = [
         ("TEST_PIAPI_KEY", PROVIDER_KEY),
