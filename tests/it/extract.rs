@@ -176,64 +176,57 @@ fn cases() -> Vec<Case> {
             )
         },
     ];
+    let sse = |name, body: String, usage: Option<[i64; 7]>, raw: Option<String>, images| Case {
+        kind: BodyKind::Sse,
+        raw_usage: raw,
+        ..json(name, body, usage, None, images)
+    };
     let second = r#"{"input_tokens":7,"output_tokens":3}"#;
     cases.extend([
+        sse(
+            "SSE generation: partial images, then the completed event's usage",
+            sse_body("image_generation", &[USAGE]),
+            Some([1124, 765, 1889, 19, 1105, 0, 0]),
+            Some(USAGE.to_owned()),
+            1,
+        ),
+        sse(
+            "SSE edit: completed event",
+            sse_body("image_edit", &[USAGE]),
+            Some([1124, 765, 1889, 19, 1105, 0, 0]),
+            Some(USAGE.to_owned()),
+            1,
+        ),
+        sse(
+            "SSE two completed events: summed, raw usage kept as an array",
+            sse_body("image_generation", &[USAGE, second]),
+            Some([1131, 768, 1899, 26, 1105, 0, 0]),
+            Some(format!("[{USAGE},{second}]")),
+            2,
+        ),
+        sse(
+            "SSE partial images only: no usage, no image",
+            sse_body("image_generation", &[]),
+            None,
+            None,
+            0,
+        ),
         Case {
-            name: "SSE generation: partial images, then the completed event's usage",
-            kind: BodyKind::Sse,
-            body: sse_body("image_generation", &[USAGE]),
-            usage: Some(tokens([1124, 765, 1889, 19, 1105, 0, 0])),
-            raw_usage: Some(USAGE.to_owned()),
-            images: 1,
-            saw_error: false,
-            suspect: false,
-        },
-        Case {
-            name: "SSE edit: completed event",
-            kind: BodyKind::Sse,
-            body: sse_body("image_edit", &[USAGE]),
-            usage: Some(tokens([1124, 765, 1889, 19, 1105, 0, 0])),
-            raw_usage: Some(USAGE.to_owned()),
-            images: 1,
-            saw_error: false,
-            suspect: false,
-        },
-        Case {
-            name: "SSE two completed events: summed, raw usage kept as an array",
-            kind: BodyKind::Sse,
-            body: sse_body("image_generation", &[USAGE, second]),
-            usage: Some(tokens([1131, 768, 1899, 26, 1105, 0, 0])),
-            raw_usage: Some(format!("[{USAGE},{second}]")),
-            images: 2,
-            saw_error: false,
-            suspect: false,
-        },
-        Case {
-            name: "SSE partial images only: no usage, no image",
-            kind: BodyKind::Sse,
-            body: sse_body("image_generation", &[]),
-            usage: None,
-            raw_usage: None,
-            images: 0,
-            saw_error: false,
-            suspect: false,
-        },
-        Case {
-            name: "SSE error event",
-            kind: BodyKind::Sse,
-            body: format!(
-                "{}{}",
-                sse_body("image_generation", &[]),
-                sse_event(
-                    "error",
-                    r#"{"error":{"message":"upstream timed out","type":"server_error"}}"#
-                )
-            ),
-            usage: None,
-            raw_usage: None,
-            images: 0,
             saw_error: true,
-            suspect: false,
+            ..sse(
+                "SSE error event",
+                format!(
+                    "{}{}",
+                    sse_body("image_generation", &[]),
+                    sse_event(
+                        "error",
+                        r#"{"error":{"message":"upstream timed out","type":"server_error"}}"#
+                    )
+                ),
+                None,
+                None,
+                0,
+            )
         },
     ]);
     cases
