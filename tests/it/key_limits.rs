@@ -103,15 +103,7 @@ async fn a_model_outside_the_allowlist_gets_403_and_nothing_is_forwarded(db: Db)
     assert_eq!(body["error"]["param"], "model", "{body}");
     assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
     let form = Form::edit("dall-e-2", "p");
-    let edit = gw
-        .client
-        .post(gw.url("/v1/images/edits"))
-        .bearer_auth(&key)
-        .header("content-type", form.content_type())
-        .body(form.body())
-        .send()
-        .await
-        .expect("edit reaches imagegate");
+    let edit = gw.post_form_as(&key, "/v1/images/edits", &form).await;
     assert_eq!(edit.status(), 403);
     assert_eq!(
         provider.requests().len(),
