@@ -519,17 +519,7 @@ async fn send_one(client: &reqwest::Client, url: &str, key: &str) -> Sent {
 }
 
 async fn backlog_metric(client: &reqwest::Client, base: &str) -> f64 {
-    let text = client
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .find_map(|l| l.strip_prefix("imagegate_usage_journal_backlog_rows "))
-        .map_or(0.0, |v| v.trim().parse().expect("gauge value"))
+    metric(client, base, "imagegate_usage_journal_backlog_rows").await
 }
 
 /// Polls `/readyz` until the usage backlog is zero and the database answers.
@@ -841,6 +831,7 @@ fn limit_file_size(child: &tokio::process::Child, bytes: &str) {
     assert!(status.success(), "prlimit --fsize={bytes}");
 }
 
+/// The value of the metric `name` on `base`'s /metrics page (0 when it is not there).
 async fn metric(client: &reqwest::Client, base: &str, name: &str) -> f64 {
     let text = client
         .get(format!("{base}/metrics"))

@@ -75,6 +75,16 @@ async fn refused(store: &dyn Store, name: &str, hash: &str, why: &str) -> StoreE
     store.create_key(new_key(name, hash)).await.expect_err(why)
 }
 
+/// A report of every row, one line per key.
+fn by_key() -> UsageFilter {
+    UsageFilter {
+        key_name: None,
+        since: None,
+        group_by: GroupBy::Key,
+        ..Default::default()
+    }
+}
+
 /// Test times are written out to the microsecond: both databases keep microseconds.
 fn at(rfc3339: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(rfc3339)
@@ -209,15 +219,7 @@ async fn insert_usage_is_idempotent(store: Arc<dyn Store>) {
             .is_empty()
     );
 
-    let report = store
-        .usage_report(&UsageFilter {
-            key_name: None,
-            since: None,
-            group_by: GroupBy::Key,
-            ..Default::default()
-        })
-        .await
-        .expect("report");
+    let report = store.usage_report(&by_key()).await.expect("report");
     assert_eq!(report.len(), 1);
     assert_eq!(report[0].requests, 4);
     assert_eq!(report[0].cost_nanousd, 4_000);
@@ -497,12 +499,7 @@ async fn usage_report_sums_past_i64(store: Arc<dyn Store>) {
     };
     store.insert_usage(&[negative]).await.expect("insert");
     let report = store
-        .usage_report(&UsageFilter {
-            key_name: None,
-            since: None,
-            group_by: GroupBy::Key,
-            ..Default::default()
-        })
+        .usage_report(&by_key())
         .await
         .expect("a report whose sums pass i64");
     let max = i128::from(MAX);
