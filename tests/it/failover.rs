@@ -48,7 +48,13 @@ per_image = 0.03
 
 /// A gateway on `db` with [`duo_config`] over the stand-ins `first` and `second`.
 async fn duo_gateway(db: Db, first: &StandIn, second: &StandIn) -> TestGateway {
-    TestGateway::start(db, &duo_config(&first.base_url(), &second.base_url(), "")).await
+    duo_gateway_with(db, first, second, 10).await
+}
+
+/// [`duo_gateway`] with [`duo_config_with`]'s `breaker_failures`.
+async fn duo_gateway_with(db: Db, first: &StandIn, second: &StandIn, failures: u32) -> TestGateway {
+    let config = duo_config_with(&first.base_url(), &second.base_url(), "", failures);
+    TestGateway::start(db, &config).await
 }
 
 async fn generate(gw: &TestGateway, model: &str) -> reqwest::Response {
@@ -197,11 +203,7 @@ failover = { max_attempts = 1 }
 async fn the_breaker_skips_a_failing_provider_then_probes_it() {
     let first = StandIn::json(503, "down").await;
     let second = StandIn::json(200, &image_response(1, USAGE)).await;
-    let gw = TestGateway::start(
-        Db::Postgres,
-        &duo_config_with(&first.base_url(), &second.base_url(), "", 2),
-    )
-    .await;
+    let gw = duo_gateway_with(Db::Postgres, &first, &second, 2).await;
     for _ in 0..2 {
         generate(&gw, "duo").await.bytes().await.expect("body");
     }
@@ -297,11 +299,7 @@ async fn one_keys_flood_of_429s_does_not_open_the_circuit_for_every_key() {
     })
     .await;
     let second = StandIn::json(200, &image_response(1, USAGE)).await;
-    let gw = TestGateway::start(
-        Db::Sqlite,
-        &duo_config_with(&first.base_url(), &second.base_url(), "", 2),
-    )
-    .await;
+    let gw = duo_gateway_with(Db::Sqlite, &first, &second, 2).await;
     for _ in 0..6 {
         let flood = gw
             .post_json(GEN, r#"{"model":"solo","prompt":"flood"}"#)
@@ -336,11 +334,7 @@ async fn a_timeout_while_the_client_still_uploads_does_not_open_the_circuit() {
     let first = StandIn::json(200, &image_response(1, USAGE)).await;
     let second = StandIn::json(200, &image_response(1, USAGE)).await;
     // One failure opens `first`'s circuit; its first-byte timeout is 1 s.
-    let gw = TestGateway::start(
-        Db::Sqlite,
-        &duo_config_with(&first.base_url(), &second.base_url(), "", 1),
-    )
-    .await;
+    let gw = duo_gateway_with(Db::Sqlite, &first, &second, 1).await;
     let form = Form::edit("solo", "p");
     // Held back: the image's last ten bytes and the closing delimiter.
     let mut head = form.body();

@@ -117,13 +117,7 @@ async fn a_model_outside_the_allowlist_gets_403_and_nothing_is_forwarded(db: Db)
     let ids = model_ids(&gw.client, &gw.url("/v1/models"), &key).await;
     assert_eq!(ids, ["gpt-image-1", "img-default"]);
     for (model, status) in [("dall-e-3", 404), ("gpt-image-1", 200)] {
-        let response = gw
-            .client
-            .get(gw.url(&format!("/v1/models/{model}")))
-            .bearer_auth(&key)
-            .send()
-            .await
-            .expect("send");
+        let response = gw.get_as(&key, &format!("/v1/models/{model}")).await;
         assert_eq!(response.status(), status, "{model}");
     }
 
@@ -209,13 +203,7 @@ async fn a_keys_rpm_refuses_the_request_past_it_with_openai_headers(db: Db) {
     assert_eq!(body["error"]["type"], "requests", "{body}");
     // Other keys, and routes other than the image routes, are not counted.
     assert_eq!(generate_model(&gw, &gw.key, "gpt-image-1").await.0, 200);
-    let models = gw
-        .client
-        .get(gw.url("/v1/models"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .expect("send");
+    let models = gw.get_as(&key, "/v1/models").await;
     assert_eq!(models.status(), 200);
     assert!(models.headers().get("x-ratelimit-limit-requests").is_none());
     assert_eq!(
@@ -323,13 +311,7 @@ async fn async_jobs_are_counted_and_checked_when_created_not_when_polled() {
     let job: Value = created.json().await.expect("json");
     let id = job["id"].as_str().expect("id").to_owned();
     for _ in 0..5 {
-        let poll = gw
-            .client
-            .get(gw.url(&format!("/v1/images/jobs/{id}")))
-            .bearer_auth(&key)
-            .send()
-            .await
-            .expect("send");
+        let poll = gw.get_as(&key, &format!("/v1/images/jobs/{id}")).await;
         assert_eq!(poll.status(), 200);
         assert!(poll.headers().get("x-ratelimit-limit-requests").is_none());
     }

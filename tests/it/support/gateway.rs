@@ -216,6 +216,16 @@ impl TestGateway {
             .expect("request reaches imagegate")
     }
 
+    /// GETs `path` with `key`.
+    pub async fn get_as(&self, key: &str, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("request reaches imagegate")
+    }
+
     /// POSTs a multipart `form` with the test key.
     pub async fn post_form(&self, path: &str, form: &Form) -> reqwest::Response {
         self.post_form_as(&self.key, path, form).await
