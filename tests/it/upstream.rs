@@ -127,20 +127,14 @@ per_image = 0.01
         slow.base_url()
     );
     let gw = TestGateway::start(Db::Sqlite, &test_config(&dead, &extra)).await;
-    let error = expect_error(
-        gw.post_json(GEN, r#"{"model":"dead-model","prompt":"p"}"#)
-            .await,
-        502,
-    )
-    .await;
-    assert_eq!(error["code"], "upstream_unreachable");
-    let error = expect_error(
-        gw.post_json(GEN, r#"{"model":"slow-model","prompt":"p"}"#)
-            .await,
-        504,
-    )
-    .await;
-    assert_eq!(error["code"], "upstream_timeout");
+    for (model, status, code) in [
+        ("dead-model", 502, "upstream_unreachable"),
+        ("slow-model", 504, "upstream_timeout"),
+    ] {
+        let body = format!(r#"{{"model":"{model}","prompt":"p"}}"#);
+        let error = expect_error(gw.post_json(GEN, &body).await, status).await;
+        assert_eq!(error["code"], code, "{model}");
+    }
     let rows = gw.usage_rows(2).await;
     assert_eq!((rows[0].provider.as_str(), rows[0].status), ("dead", 502));
     assert_eq!((rows[1].provider.as_str(), rows[1].status), ("slow", 504));
