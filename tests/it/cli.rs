@@ -1,11 +1,13 @@
 //! The `imagegate` binary as people use it: config check, keys, usage reports, and `serve`
 //! with SIGHUP reloads and a SIGTERM drain; its logs never carry a secret.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use imagegate::store::Store;
 use imagegate::usage::UsageRow;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -21,14 +23,25 @@ fn imagegate(config: &Path, args: &[&str]) -> Output {
         .expect("run imagegate")
 }
 
+/// A temporary folder holding a [`write_config`] config that serves `models`, and its path.
+fn configured(models: &[&str]) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), models);
+    (dir, config)
+}
+
+/// The SQLite database the config in `dir` names, opened to write and read rows.
+async fn open_store(dir: &tempfile::TempDir) -> Arc<dyn Store> {
+    crate::support::db::open_sqlite(&dir.path().join("imagegate.db")).await
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
 #[test]
 fn config_check_prints_the_table_without_secrets_and_fails_on_errors() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path(), &["gpt-image-1"]);
+    let (dir, config) = configured(&["gpt-image-1"]);
     let out = imagegate(&config, &["config", "check"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
@@ -70,8 +83,7 @@ fn config_check_prints_the_table_without_secrets_and_fails_on_errors() {
 
 #[tokio::test]
 async fn keys_are_shown_once_stored_hashed_and_revocable() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path(), &["gpt-image-1"]);
+    let (dir, config) = configured(&["gpt-image-1"]);
     let out = imagegate(&config, &["keys", "create", "--name", "billing-svc"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let key = text(&out.stdout).trim().to_owned();
@@ -123,8 +135,7 @@ async fn keys_are_shown_once_stored_hashed_and_revocable() {
 
 #[tokio::test]
 async fn keys_take_their_limits_on_create_and_update_with_the_apis_checks() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path(), &["gpt-image-1", "dall-e-3"]);
+    let (_dir, config) = configured(&["gpt-image-1", "dall-e-3"]);
     // The model list is checked against the config without its secrets.
     let out = binary::command(&config)
         .args([
@@ -219,8 +230,7 @@ async fn keys_take_their_limits_on_create_and_update_with_the_apis_checks() {
 #[tokio::test]
 async fn admin_key_calls_are_logged_by_name_without_the_key_or_the_token() {
     const TOKEN: &str = "admin-token-from-the-environment-42";
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path(), &["gpt-image-1"]);
+    let (_dir, config) = configured(&["gpt-image-1"]);
     let mut command = binary::command(&config);
     command
         .arg("serve")
@@ -258,11 +268,7 @@ async fn admin_key_calls_are_logged_by_name_without_the_key_or_the_token() {
         }
         assert_eq!(request.send().await.expect("send").status(), 200);
     }
-    signal(&child, "-TERM");
-    tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .expect("exits")
-        .expect("status");
+    binary::terminate(&mut child, Duration::from_secs(15)).await;
     let log = log.await.expect("log");
     let audit: Vec<&str> = log
         .lines()
@@ -311,9 +317,8 @@ fn row(id: &str, key: &str, model: &str, cost: i64, tokens: i64) -> UsageRow {
 
 #[tokio::test]
 async fn usage_reports_group_filter_and_format() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path(), &["gpt-image-1"]);
-    let store = crate::support::db::open_sqlite(&dir.path().join("imagegate.db")).await;
+    let (dir, config) = configured(&["gpt-image-1"]);
+    let store = open_store(&dir).await;
     let mut old = row("r0", "a", "m1", 1, 1);
     old.created_at = Utc::now() - chrono::Duration::days(3);
     store
@@ -397,9 +402,8 @@ async fn usage_reports_group_filter_and_format() {
 
 #[tokio::test]
 async fn usage_reports_show_unpriced_rows_as_unpriced_never_as_zero() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path(), &["gpt-image-1"]);
-    let store = crate::support::db::open_sqlite(&dir.path().join("imagegate.db")).await;
+    let (dir, config) = configured(&["gpt-image-1"]);
+    let store = open_store(&dir).await;
     let unpriced = |id: &str| UsageRow {
         cost_nanousd: None,
         ..row(id, "a", "mini", 0, 10)
@@ -470,9 +474,8 @@ async fn usage_reports_show_unpriced_rows_as_unpriced_never_as_zero() {
 
 #[tokio::test]
 async fn usage_totals_past_i64_are_printed_exactly() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path(), &["gpt-image-1"]);
-    let store = crate::support::db::open_sqlite(&dir.path().join("imagegate.db")).await;
+    let (dir, config) = configured(&["gpt-image-1"]);
+    let store = open_store(&dir).await;
     // Three rows at i64's largest cost and tokens, in two groups.
     let max = i64::MAX;
     store
@@ -526,30 +529,12 @@ async fn serve(config: &Path) -> binary::Served {
 
 #[tokio::test]
 async fn serve_reloads_on_sighup_and_drains_on_sigterm() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path(), &["gpt-image-1"]);
-    let key = text(&imagegate(&config, &["keys", "create", "--name", "svc"]).stdout)
-        .trim()
-        .to_owned();
+    let (dir, config) = configured(&["gpt-image-1"]);
+    let key = binary::create_key(&config, "svc");
     let (mut child, addr, log) = serve(&config).await;
     let client = reqwest::Client::new();
-    let models = || async {
-        let list: Value = client
-            .get(format!("http://{addr}/v1/models"))
-            .bearer_auth(&key)
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .expect("json");
-        list["data"]
-            .as_array()
-            .expect("data")
-            .iter()
-            .map(|m| m["id"].as_str().expect("id").to_owned())
-            .collect::<Vec<_>>()
-    };
+    let models_url = format!("http://{addr}/v1/models");
+    let models = || crate::support::model_ids(&client, &models_url, &key);
     assert_eq!(models().await, ["gpt-image-1", "real-model"]);
 
     let response = client
@@ -584,11 +569,7 @@ async fn serve_reloads_on_sighup_and_drains_on_sigterm() {
         "a bad file changes nothing"
     );
 
-    signal(&child, "-TERM");
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .expect("exits")
-        .expect("status");
+    let status = binary::terminate(&mut child, Duration::from_secs(15)).await;
     assert!(status.success(), "SIGTERM exits 0");
     let log = log.await.expect("log");
     assert!(log.contains("configuration refused"), "{log}");
@@ -606,7 +587,7 @@ async fn serve_reloads_on_sighup_and_drains_on_sigterm() {
             "a secret or image bytes reached the log:\n{log}"
         );
     }
-    let store = crate::support::db::open_sqlite(&dir.path().join("imagegate.db")).await;
+    let store = open_store(&dir).await;
     let rows = store.recent_usage(10).await.expect("rows");
     assert_eq!(rows.len(), 1);
     assert_eq!(
@@ -622,11 +603,8 @@ async fn serve_reloads_on_sighup_and_drains_on_sigterm() {
 
 #[tokio::test]
 async fn logs_escape_client_text_and_have_no_colours_when_piped() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path(), &["gpt-image-1"]);
-    let key = text(&imagegate(&config, &["keys", "create", "--name", "svc"]).stdout)
-        .trim()
-        .to_owned();
+    let (_dir, config) = configured(&["gpt-image-1"]);
+    let key = binary::create_key(&config, "svc");
     let (mut child, addr, log) = serve(&config).await;
     let response = reqwest::Client::new()
         .post(format!("http://{addr}/v1/images/generations"))
@@ -639,11 +617,7 @@ async fn logs_escape_client_text_and_have_no_colours_when_piped() {
         .await
         .expect("send");
     assert_eq!(response.status(), 404);
-    signal(&child, "-TERM");
-    tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .expect("exits")
-        .expect("status");
+    binary::terminate(&mut child, Duration::from_secs(15)).await;
     let log = log.await.expect("log");
     assert!(
         log.contains(r"nope\n2026-01-01T00:00:00Z  INFO FORGED"),
@@ -662,8 +636,7 @@ async fn logs_escape_client_text_and_have_no_colours_when_piped() {
 
 #[tokio::test]
 async fn the_demo_banner_names_the_key_it_created() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path(), &["gpt-image-1"]);
+    let (_dir, config) = configured(&["gpt-image-1"]);
     let mut child = tokio::process::Command::from(binary::command(&config))
         .arg("demo")
         .env("CLI_TEST_PROVIDER_KEY", SECRET)

@@ -7,36 +7,36 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::hostile::{closes, connect, healthy, read_response};
 use crate::support::binary;
 use crate::support::forms::{Form, content_type};
+use crate::support::raw::{
+    assert_timed_out, assert_upload_broke_off, closes, connect, healthy, read_response, stall_after,
+};
 use crate::support::*;
 
-/// The test configuration with these lines added to `[server]`.
-fn server_config(provider: &str, lines: &str) -> String {
-    test_config(provider, "").replacen("[server]\n", &format!("[server]\n{lines}\n"), 1)
+/// A gateway on SQLite with the test configuration and these lines added to `[server]`, and
+/// the stand-in it routes to (which answers with an image).
+async fn start_with(lines: &str) -> (StandIn, TestGateway) {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    let config = test_config(&provider.base_url(), "").replacen(
+        "[server]\n",
+        &format!("[server]\n{lines}\n"),
+        1,
+    );
+    let gw = TestGateway::start(Db::Sqlite, &config).await;
+    (provider, gw)
 }
 
 #[tokio::test]
 async fn a_body_that_keeps_trickling_past_the_total_deadline_gets_408() {
-    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
-    let gw = TestGateway::start(
-        Db::Sqlite,
-        &server_config(
-            &provider.base_url(),
-            "request_body_idle_timeout = \"400ms\"\nrequest_body_timeout = \"1500ms\"",
-        ),
-    )
-    .await;
+    let (provider, gw) =
+        start_with("request_body_idle_timeout = \"400ms\"\nrequest_body_timeout = \"1500ms\"")
+            .await;
     // Model first: the provider call has begun while the client trickles the image.
     let edit = Form::new()
         .text("model", b"gpt-image-1")
         .text("prompt", b"p")
-        .part(
-            b"form-data; name=\"image\"; filename=\"a.png\"",
-            b"Content-Type: image/png\r\n",
-            &[7u8; 100_000],
-        )
+        .large_image()
         .body();
     let json = br#"{"model":"gpt-image-1","prompt":"a fox in the snow, slowly"}"#.to_vec();
     for (what, path, ct, body, at_once) in [
@@ -49,17 +49,7 @@ async fn a_body_that_keeps_trickling_past_the_total_deadline_gets_408() {
             20,
         ),
     ] {
-        let mut socket = connect(gw.addr).await;
-        let head = format!(
-            "POST {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\ncontent-type: {ct}\r\ncontent-length: {}\r\n\r\n",
-            gw.key,
-            body.len()
-        );
-        socket.write_all(head.as_bytes()).await.expect("head");
-        socket
-            .write_all(&body[..at_once])
-            .await
-            .expect("body's start");
+        let mut socket = stall_after(&gw, path, &ct, &body, at_once).await;
         let started = Instant::now();
         let (mut reader, mut writer) = socket.split();
         // A byte every 100 ms: never idle for 400 ms, never done within the test.
@@ -77,11 +67,9 @@ async fn a_body_that_keeps_trickling_past_the_total_deadline_gets_408() {
             () = trickle => unreachable!("the trickle never ends"),
         };
         let took = started.elapsed();
-        assert_eq!(response.status, 408, "{what}: {}", response.head);
         assert!(took >= Duration::from_millis(1500), "{what}: {took:?}");
         assert!(took < Duration::from_secs(5), "{what}: {took:?}");
-        let error = response.error();
-        assert_eq!(error["code"], "request_timeout", "{what}");
+        let error = assert_timed_out(&gw, &response, &mut reader, what).await;
         assert!(
             error["message"]
                 .as_str()
@@ -89,18 +77,9 @@ async fn a_body_that_keeps_trickling_past_the_total_deadline_gets_408() {
                 .contains("took too long"),
             "{what}: {error}"
         );
-        assert!(
-            closes(&mut reader, Duration::from_secs(2)).await,
-            "{what}: the connection is closed"
-        );
-        assert_eq!(gw.spool_files(), 0, "{what}: no spool file left");
     }
     // The provider call the edit had begun was ended: the stand-in saw its upload break off.
-    assert!(
-        provider.wait_for_requests(1).await,
-        "the provider call that had begun was ended"
-    );
-    assert!(provider.complete_requests().is_empty());
+    assert_upload_broke_off(&provider).await;
     healthy(&gw).await;
     gw.shutdown().await;
 }
@@ -119,12 +98,7 @@ async fn closes_between(socket: &mut TcpStream, after: Duration, within: Duratio
 
 #[tokio::test]
 async fn a_connection_that_sends_nothing_or_part_of_a_preface_is_closed() {
-    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
-    let gw = TestGateway::start(
-        Db::Sqlite,
-        &server_config(&provider.base_url(), "header_read_timeout = \"1s\""),
-    )
-    .await;
+    let (_provider, gw) = start_with("header_read_timeout = \"1s\"").await;
     let early = Duration::from_millis(900);
     let within = Duration::from_secs(4);
     // Nothing at all.
@@ -212,15 +186,8 @@ const ACK: u8 = 1;
 
 #[tokio::test]
 async fn http2_connections_are_pinged_and_closed_when_idle() {
-    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
-    let gw = TestGateway::start(
-        Db::Sqlite,
-        &server_config(
-            &provider.base_url(),
-            "header_read_timeout = \"1500ms\"\nhttp2_keep_alive_interval = \"300ms\"",
-        ),
-    )
-    .await;
+    let (_provider, gw) =
+        start_with("header_read_timeout = \"1500ms\"\nhttp2_keep_alive_interval = \"300ms\"").await;
     let mut socket = connect(gw.addr).await;
     socket.write_all(H2_PREFACE).await.expect("preface");
     socket
@@ -294,13 +261,8 @@ async fn get_health(socket: &mut TcpStream, within: Duration) -> u16 {
 
 #[tokio::test]
 async fn connections_over_the_cap_wait_until_one_closes() {
-    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
     // Four workers share the cap of four, however the kernel spreads the connections.
-    let gw = TestGateway::start(
-        Db::Sqlite,
-        &server_config(&provider.base_url(), "max_connections = 4\nworkers = 4"),
-    )
-    .await;
+    let (_provider, gw) = start_with("max_connections = 4\nworkers = 4").await;
     let mut open = Vec::new();
     for _ in 0..4 {
         let mut socket = connect(gw.addr).await;

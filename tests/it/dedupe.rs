@@ -29,6 +29,22 @@ async fn post(
     request.send().await
 }
 
+/// The SDK's try number `count` (its `x-stainless-retry-count`) of a generation of `body`.
+async fn sdk_try(
+    gw: &TestGateway,
+    body: &str,
+    count: &str,
+    timeout: Option<Duration>,
+) -> reqwest::Result<reqwest::Response> {
+    post(gw, body, &[("x-stainless-retry-count", count)], timeout).await
+}
+
+/// Checks `response` is not marked as a duplicate (it was a call of its own) and reads it.
+async fn assert_new_call(response: reqwest::Response) {
+    assert!(response.headers().get("x-imagegate-duplicate").is_none());
+    response.bytes().await.expect("body");
+}
+
 #[tokio::test]
 async fn a_retry_after_a_cut_connection_collects_the_original_instead_of_paying_again() {
     let provider = StandIn::json(200, &image_response(1, USAGE)).await;
@@ -36,29 +52,19 @@ async fn a_retry_after_a_cut_connection_collects_the_original_instead_of_paying_
     let gw = TestGateway::start(Db::Postgres, &test_config(&provider.base_url(), "")).await;
 
     // The SDK's own timeout cuts the first try while the provider still works on it.
-    let first = post(
-        &gw,
-        BODY,
-        &[("x-stainless-retry-count", "0")],
-        Some(Duration::from_millis(200)),
-    )
-    .await;
+    let first = sdk_try(&gw, BODY, "0", Some(Duration::from_millis(200))).await;
     assert!(
         first.is_err(),
         "the first try timed out on the client's side"
     );
     // Its retry attaches to the call in flight and gets its answer.
-    let retry = post(&gw, BODY, &[("x-stainless-retry-count", "1")], None)
-        .await
-        .expect("retry");
+    let retry = sdk_try(&gw, BODY, "1", None).await.expect("retry");
     assert_eq!(retry.status(), 200);
     assert_eq!(retry.headers()["x-imagegate-duplicate"], "attached");
     assert_eq!(retry.headers()["x-imagegate-provider"], "piapi");
     assert_eq!(retry.text().await.expect("body"), image_response(1, USAGE));
     // A later retry gets the kept result.
-    let again = post(&gw, BODY, &[("x-stainless-retry-count", "2")], None)
-        .await
-        .expect("retry");
+    let again = sdk_try(&gw, BODY, "2", None).await.expect("retry");
     assert_eq!(again.headers()["x-imagegate-duplicate"], "replayed");
     assert_eq!(again.text().await.expect("body"), image_response(1, USAGE));
 
@@ -75,22 +81,18 @@ async fn a_retry_after_a_cut_connection_collects_the_original_instead_of_paying_
 
     // A new request (not a retry) with the same body is a new image: it calls again.
     provider.set_delay(Duration::ZERO);
-    let fresh = post(&gw, BODY, &[("x-stainless-retry-count", "0")], None)
-        .await
-        .expect("fresh");
-    assert!(fresh.headers().get("x-imagegate-duplicate").is_none());
-    fresh.bytes().await.expect("body");
+    let fresh = sdk_try(&gw, BODY, "0", None).await.expect("fresh");
+    assert_new_call(fresh).await;
     // A retry with another body is another request.
-    let other = post(
+    let other = sdk_try(
         &gw,
         r#"{"model":"gpt-image-1","prompt":"another"}"#,
-        &[("x-stainless-retry-count", "1")],
+        "1",
         None,
     )
     .await
     .expect("other");
-    assert!(other.headers().get("x-imagegate-duplicate").is_none());
-    other.bytes().await.expect("body");
+    assert_new_call(other).await;
     assert_eq!(provider.requests().len(), 3);
     gw.usage_rows(3).await;
     gw.shutdown().await;
@@ -110,34 +112,22 @@ async fn idempotency_keys_match_requests_and_errors_are_not_kept() {
     let other_key = post(&gw, BODY, &[("idempotency-key", "order-43")], None)
         .await
         .expect("other");
-    assert!(other_key.headers().get("x-imagegate-duplicate").is_none());
-    other_key.bytes().await.expect("body");
+    assert_new_call(other_key).await;
     assert_eq!(provider.requests().len(), 2);
 
     // A provider error is never kept: its retry calls again (and may succeed).
     provider.set_delay(Duration::ZERO);
     provider.set_handler(|_| respond(500, "text/plain", "oops"));
-    let failed = post(
-        &gw,
-        r#"{"prompt":"x"}"#,
-        &[("x-stainless-retry-count", "0")],
-        None,
-    )
-    .await
-    .expect("send");
+    let failed = sdk_try(&gw, r#"{"prompt":"x"}"#, "0", None)
+        .await
+        .expect("send");
     assert_eq!(failed.status(), 502);
     provider.set_handler(|_| respond(200, "application/json", image_response(1, USAGE)));
-    let retried = post(
-        &gw,
-        r#"{"prompt":"x"}"#,
-        &[("x-stainless-retry-count", "1")],
-        None,
-    )
-    .await
-    .expect("send");
+    let retried = sdk_try(&gw, r#"{"prompt":"x"}"#, "1", None)
+        .await
+        .expect("send");
     assert_eq!(retried.status(), 200);
-    assert!(retried.headers().get("x-imagegate-duplicate").is_none());
-    retried.bytes().await.expect("body");
+    assert_new_call(retried).await;
     assert_eq!(provider.requests().len(), 4);
     gw.usage_rows(4).await;
     gw.shutdown().await;
@@ -158,11 +148,8 @@ async fn duplicate_protection_can_be_turned_off() {
             .await
             .is_err()
     );
-    let retry = post(&gw, BODY, &[("x-stainless-retry-count", "1")], None)
-        .await
-        .expect("retry");
-    assert!(retry.headers().get("x-imagegate-duplicate").is_none());
-    retry.bytes().await.expect("body");
+    let retry = sdk_try(&gw, BODY, "1", None).await.expect("retry");
+    assert_new_call(retry).await;
     assert_eq!(provider.requests().len(), 2);
     // Both calls were billed by the provider, so both are recorded.
     gw.usage_rows(2).await;
@@ -183,14 +170,9 @@ async fn patient_gateway(provider: &StandIn) -> TestGateway {
 /// Sends a retry and returns it with how long it took, failing instead of hanging.
 async fn timed_retry(gw: &TestGateway, count: &str) -> (reqwest::Response, Duration) {
     let started = std::time::Instant::now();
-    let response = post(
-        gw,
-        BODY,
-        &[("x-stainless-retry-count", count)],
-        Some(Duration::from_secs(30)),
-    )
-    .await
-    .expect("the retry is answered");
+    let response = sdk_try(gw, BODY, count, Some(Duration::from_secs(30)))
+        .await
+        .expect("the retry is answered");
     (response, started.elapsed())
 }
 
@@ -198,9 +180,7 @@ async fn timed_retry(gw: &TestGateway, count: &str) -> (reqwest::Response, Durat
 async fn a_retry_after_a_delivered_answer_is_a_new_call_at_once() {
     let provider = StandIn::json(200, &image_response(1, USAGE)).await;
     let gw = patient_gateway(&provider).await;
-    let first = post(&gw, BODY, &[("x-stainless-retry-count", "0")], None)
-        .await
-        .expect("first");
+    let first = sdk_try(&gw, BODY, "0", None).await.expect("first");
     assert_eq!(first.status(), 200);
     first
         .bytes()
@@ -242,9 +222,7 @@ async fn a_retry_after_a_provider_error_calls_again_at_once_and_succeeds() {
             }
         });
         let gw = patient_gateway(&provider).await;
-        let first = post(&gw, BODY, &[("x-stainless-retry-count", "0")], None)
-            .await
-            .expect("first");
+        let first = sdk_try(&gw, BODY, "0", None).await.expect("first");
         assert_eq!(first.status(), expected);
         first.bytes().await.expect("body");
 
@@ -272,13 +250,7 @@ async fn a_retry_after_the_original_ended_unseen_replays_its_kept_result() {
     let provider = StandIn::json(200, &image_response(1, USAGE)).await;
     provider.set_delay(Duration::from_millis(600));
     let gw = patient_gateway(&provider).await;
-    let first = post(
-        &gw,
-        BODY,
-        &[("x-stainless-retry-count", "0")],
-        Some(Duration::from_millis(150)),
-    )
-    .await;
+    let first = sdk_try(&gw, BODY, "0", Some(Duration::from_millis(150))).await;
     assert!(first.is_err(), "the client gave up before the answer");
     // The original runs to its end with nobody waiting for it; only then comes the retry.
     let rows = gw.usage_rows(1).await;

@@ -80,14 +80,15 @@ fn cases() -> Vec<Case> {
         saw_error: false,
         suspect: false,
     };
+    // One image with this usage, kept raw as it came.
+    let one_image =
+        |name, usage: &str, tokens| json(name, json_body(1, Some(usage)), tokens, Some(usage), 1);
     let absurd = r#"{"input_tokens":100000000000,"output_tokens":765,"total_tokens":100000000765}"#;
     let mut cases = vec![
-        json(
+        one_image(
             "full usage with the text/image split",
-            json_body(1, Some(USAGE)),
+            USAGE,
             Some([1124, 765, 1889, 19, 1105, 0, 0]),
-            Some(USAGE),
-            1,
         ),
         json(
             "usage before data, three images",
@@ -97,56 +98,35 @@ fn cases() -> Vec<Case> {
             3,
         ),
         json("no usage", json_body(2, None), None, None, 2),
-        json(
+        one_image(
             "no input_tokens_details: all input is text",
-            json_body(1, Some(r#"{"input_tokens":50,"output_tokens":100,"total_tokens":150}"#)),
+            r#"{"input_tokens":50,"output_tokens":100,"total_tokens":150}"#,
             Some([50, 100, 150, 50, 0, 0, 0]),
-            Some(r#"{"input_tokens":50,"output_tokens":100,"total_tokens":150}"#),
-            1,
         ),
-        json(
+        one_image(
             "no total: input plus output",
-            json_body(1, Some(r#"{"input_tokens":50,"output_tokens":100}"#)),
+            r#"{"input_tokens":50,"output_tokens":100}"#,
             Some([50, 100, 150, 50, 0, 0, 0]),
-            Some(r#"{"input_tokens":50,"output_tokens":100}"#),
-            1,
         ),
-        json(
+        one_image(
             "details with cached_tokens only: cached text first",
-            json_body(1, Some(r#"{"input_tokens":9,"input_tokens_details":{"cached_tokens":4}}"#)),
+            r#"{"input_tokens":9,"input_tokens_details":{"cached_tokens":4}}"#,
             Some([9, 0, 9, 9, 0, 4, 0]),
-            Some(r#"{"input_tokens":9,"input_tokens_details":{"cached_tokens":4}}"#),
-            1,
         ),
-        json(
+        one_image(
             "cached_tokens past the text tokens: the rest is cached image",
-            json_body(
-                1,
-                Some(r#"{"input_tokens":15,"input_tokens_details":{"text_tokens":5,"image_tokens":10,"cached_tokens":8}}"#),
-            ),
+            r#"{"input_tokens":15,"input_tokens_details":{"text_tokens":5,"image_tokens":10,"cached_tokens":8}}"#,
             Some([15, 0, 15, 5, 10, 5, 3]),
-            Some(r#"{"input_tokens":15,"input_tokens_details":{"text_tokens":5,"image_tokens":10,"cached_tokens":8}}"#),
-            1,
         ),
-        json(
+        one_image(
             "cached_tokens_details split as sent",
-            json_body(
-                1,
-                Some(r#"{"input_tokens":15,"input_tokens_details":{"text_tokens":5,"image_tokens":10,"cached_tokens":8,"cached_tokens_details":{"text_tokens":2,"image_tokens":6}}}"#),
-            ),
+            r#"{"input_tokens":15,"input_tokens_details":{"text_tokens":5,"image_tokens":10,"cached_tokens":8,"cached_tokens_details":{"text_tokens":2,"image_tokens":6}}}"#,
             Some([15, 0, 15, 5, 10, 2, 6]),
-            Some(r#"{"input_tokens":15,"input_tokens_details":{"text_tokens":5,"image_tokens":10,"cached_tokens":8,"cached_tokens_details":{"text_tokens":2,"image_tokens":6}}}"#),
-            1,
         ),
-        json(
+        one_image(
             "negative, fractional and quoted counts read as 0",
-            json_body(
-                1,
-                Some(r#"{"input_tokens":-5,"output_tokens":2.5,"total_tokens":-1,"input_tokens_details":{"text_tokens":"3","image_tokens":4}}"#),
-            ),
+            r#"{"input_tokens":-5,"output_tokens":2.5,"total_tokens":-1,"input_tokens_details":{"text_tokens":"3","image_tokens":4}}"#,
             Some([0, 0, 0, 0, 4, 0, 0]),
-            Some(r#"{"input_tokens":-5,"output_tokens":2.5,"total_tokens":-1,"input_tokens_details":{"text_tokens":"3","image_tokens":4}}"#),
-            1,
         ),
         json(
             "a usage key inside data is not the call's usage",
@@ -157,12 +137,10 @@ fn cases() -> Vec<Case> {
         ),
         Case {
             suspect: true,
-            ..json(
+            ..one_image(
                 "absurd counts are capped and flagged",
-                json_body(1, Some(absurd)),
+                absurd,
                 Some([100_000_000_000, 765, 100_000_000_765, 100_000_000_000, 0, 0, 0]),
-                Some(absurd),
-                1,
             )
         },
         Case {
@@ -176,64 +154,57 @@ fn cases() -> Vec<Case> {
             )
         },
     ];
+    let sse = |name, body: String, usage: Option<[i64; 7]>, raw: Option<String>, images| Case {
+        kind: BodyKind::Sse,
+        raw_usage: raw,
+        ..json(name, body, usage, None, images)
+    };
     let second = r#"{"input_tokens":7,"output_tokens":3}"#;
     cases.extend([
+        sse(
+            "SSE generation: partial images, then the completed event's usage",
+            sse_body("image_generation", &[USAGE]),
+            Some([1124, 765, 1889, 19, 1105, 0, 0]),
+            Some(USAGE.to_owned()),
+            1,
+        ),
+        sse(
+            "SSE edit: completed event",
+            sse_body("image_edit", &[USAGE]),
+            Some([1124, 765, 1889, 19, 1105, 0, 0]),
+            Some(USAGE.to_owned()),
+            1,
+        ),
+        sse(
+            "SSE two completed events: summed, raw usage kept as an array",
+            sse_body("image_generation", &[USAGE, second]),
+            Some([1131, 768, 1899, 26, 1105, 0, 0]),
+            Some(format!("[{USAGE},{second}]")),
+            2,
+        ),
+        sse(
+            "SSE partial images only: no usage, no image",
+            sse_body("image_generation", &[]),
+            None,
+            None,
+            0,
+        ),
         Case {
-            name: "SSE generation: partial images, then the completed event's usage",
-            kind: BodyKind::Sse,
-            body: sse_body("image_generation", &[USAGE]),
-            usage: Some(tokens([1124, 765, 1889, 19, 1105, 0, 0])),
-            raw_usage: Some(USAGE.to_owned()),
-            images: 1,
-            saw_error: false,
-            suspect: false,
-        },
-        Case {
-            name: "SSE edit: completed event",
-            kind: BodyKind::Sse,
-            body: sse_body("image_edit", &[USAGE]),
-            usage: Some(tokens([1124, 765, 1889, 19, 1105, 0, 0])),
-            raw_usage: Some(USAGE.to_owned()),
-            images: 1,
-            saw_error: false,
-            suspect: false,
-        },
-        Case {
-            name: "SSE two completed events: summed, raw usage kept as an array",
-            kind: BodyKind::Sse,
-            body: sse_body("image_generation", &[USAGE, second]),
-            usage: Some(tokens([1131, 768, 1899, 26, 1105, 0, 0])),
-            raw_usage: Some(format!("[{USAGE},{second}]")),
-            images: 2,
-            saw_error: false,
-            suspect: false,
-        },
-        Case {
-            name: "SSE partial images only: no usage, no image",
-            kind: BodyKind::Sse,
-            body: sse_body("image_generation", &[]),
-            usage: None,
-            raw_usage: None,
-            images: 0,
-            saw_error: false,
-            suspect: false,
-        },
-        Case {
-            name: "SSE error event",
-            kind: BodyKind::Sse,
-            body: format!(
-                "{}{}",
-                sse_body("image_generation", &[]),
-                sse_event(
-                    "error",
-                    r#"{"error":{"message":"upstream timed out","type":"server_error"}}"#
-                )
-            ),
-            usage: None,
-            raw_usage: None,
-            images: 0,
             saw_error: true,
-            suspect: false,
+            ..sse(
+                "SSE error event",
+                format!(
+                    "{}{}",
+                    sse_body("image_generation", &[]),
+                    sse_event(
+                        "error",
+                        r#"{"error":{"message":"upstream timed out","type":"server_error"}}"#
+                    )
+                ),
+                None,
+                None,
+                0,
+            )
         },
     ]);
     cases

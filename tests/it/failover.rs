@@ -46,6 +46,17 @@ per_image = 0.03
     test_config(second, &extra)
 }
 
+/// A gateway on `db` with [`duo_config`] over the stand-ins `first` and `second`.
+async fn duo_gateway(db: Db, first: &StandIn, second: &StandIn) -> TestGateway {
+    duo_gateway_with(db, first, second, 10).await
+}
+
+/// [`duo_gateway`] with [`duo_config_with`]'s `breaker_failures`.
+async fn duo_gateway_with(db: Db, first: &StandIn, second: &StandIn, failures: u32) -> TestGateway {
+    let config = duo_config_with(&first.base_url(), &second.base_url(), "", failures);
+    TestGateway::start(db, &config).await
+}
+
 async fn generate(gw: &TestGateway, model: &str) -> reqwest::Response {
     gw.post_json(GEN, &format!(r#"{{"model":"{model}","prompt":"fox"}}"#))
         .await
@@ -55,11 +66,7 @@ async fn generate(gw: &TestGateway, model: &str) -> reqwest::Response {
 async fn generations_fail_over_on_5xx_429_refused_and_timeouts_but_not_on_4xx() {
     let first = StandIn::json(500, "oops").await;
     let second = StandIn::json(200, &image_response(1, USAGE)).await;
-    let gw = TestGateway::start(
-        Db::Postgres,
-        &duo_config(&first.base_url(), &second.base_url(), ""),
-    )
-    .await;
+    let gw = duo_gateway(Db::Postgres, &first, &second).await;
 
     // 500 on the first route: the second answers, the client sees one response.
     let response = generate(&gw, "duo").await;
@@ -150,11 +157,7 @@ async fn no_failover_once_a_provider_has_begun_a_successful_answer() {
     })
     .await;
     let second = StandIn::json(200, &image_response(1, USAGE)).await;
-    let gw = TestGateway::start(
-        Db::Sqlite,
-        &duo_config(&first.base_url(), &second.base_url(), ""),
-    )
-    .await;
+    let gw = duo_gateway(Db::Sqlite, &first, &second).await;
     let response = generate(&gw, "duo").await;
     assert_eq!(response.status(), 200);
     let body = response.bytes().await;
@@ -200,11 +203,7 @@ failover = { max_attempts = 1 }
 async fn the_breaker_skips_a_failing_provider_then_probes_it() {
     let first = StandIn::json(503, "down").await;
     let second = StandIn::json(200, &image_response(1, USAGE)).await;
-    let gw = TestGateway::start(
-        Db::Postgres,
-        &duo_config_with(&first.base_url(), &second.base_url(), "", 2),
-    )
-    .await;
+    let gw = duo_gateway_with(Db::Postgres, &first, &second, 2).await;
     for _ in 0..2 {
         generate(&gw, "duo").await.bytes().await.expect("body");
     }
@@ -245,11 +244,7 @@ async fn the_breaker_skips_a_failing_provider_then_probes_it() {
 async fn edits_fail_over_with_the_upload_replayed_from_the_spool() {
     let first = StandIn::json(502, "bad gateway").await;
     let second = StandIn::json(200, &image_response(1, USAGE)).await;
-    let gw = TestGateway::start(
-        Db::Postgres,
-        &duo_config(&first.base_url(), &second.base_url(), ""),
-    )
-    .await;
+    let gw = duo_gateway(Db::Postgres, &first, &second).await;
     let image: Vec<u8> = b"\x89PNG\r\n\x1a\n"
         .iter()
         .copied()
@@ -259,15 +254,7 @@ async fn edits_fail_over_with_the_upload_replayed_from_the_spool() {
         .text("model", "duo")
         .text("prompt", "blue")
         .file_named("image", "a.png", "application/octet-stream", &image);
-    let response = gw
-        .client
-        .post(gw.url("/v1/images/edits"))
-        .bearer_auth(&gw.key)
-        .header("content-type", form.content_type())
-        .body(form.body())
-        .send()
-        .await
-        .expect("send");
+    let response = gw.post_form("/v1/images/edits", &form).await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-imagegate-provider"], "second");
     response.bytes().await.expect("body");
@@ -312,11 +299,7 @@ async fn one_keys_flood_of_429s_does_not_open_the_circuit_for_every_key() {
     })
     .await;
     let second = StandIn::json(200, &image_response(1, USAGE)).await;
-    let gw = TestGateway::start(
-        Db::Sqlite,
-        &duo_config_with(&first.base_url(), &second.base_url(), "", 2),
-    )
-    .await;
+    let gw = duo_gateway_with(Db::Sqlite, &first, &second, 2).await;
     for _ in 0..6 {
         let flood = gw
             .post_json(GEN, r#"{"model":"solo","prompt":"flood"}"#)
@@ -351,11 +334,7 @@ async fn a_timeout_while_the_client_still_uploads_does_not_open_the_circuit() {
     let first = StandIn::json(200, &image_response(1, USAGE)).await;
     let second = StandIn::json(200, &image_response(1, USAGE)).await;
     // One failure opens `first`'s circuit; its first-byte timeout is 1 s.
-    let gw = TestGateway::start(
-        Db::Sqlite,
-        &duo_config_with(&first.base_url(), &second.base_url(), "", 1),
-    )
-    .await;
+    let gw = duo_gateway_with(Db::Sqlite, &first, &second, 1).await;
     let form = Form::edit("solo", "p");
     // Held back: the image's last ten bytes and the closing delimiter.
     let mut head = form.body();

@@ -3,16 +3,17 @@
 //! gets a clear error, nothing panics, nothing is billed or left behind, the server stays
 //! up, and no response carries the provider's key.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::Value;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
 
 use crate::generations::expect_error;
 use crate::support::forms::{BOUNDARY, Form, PNG, content_type};
+use crate::support::raw::{
+    assert_timed_out, assert_upload_broke_off, connect, healthy, read_response, stall_after,
+};
 use crate::support::*;
 
 async fn post_form(gw: &TestGateway, path: &str, body: Vec<u8>) -> reqwest::Response {
@@ -36,88 +37,6 @@ async fn expect_clean_error(response: reqwest::Response, status: u16) -> Value {
         "provider key leaked"
     );
     error
-}
-
-/// A response read off a raw connection.
-pub struct RawResponse {
-    pub status: u16,
-    pub head: String,
-    pub body: Vec<u8>,
-}
-
-impl RawResponse {
-    pub fn error(&self) -> Value {
-        let body: Value = serde_json::from_slice(&self.body).expect("JSON error body");
-        for field in ["message", "type", "param", "code"] {
-            assert!(
-                body["error"].get(field).is_some(),
-                "{field} missing: {body}"
-            );
-        }
-        body["error"].clone()
-    }
-}
-
-/// Reads one response: its head, then as many body bytes as Content-Length says.
-pub async fn read_response(socket: &mut (impl AsyncRead + Unpin), within: Duration) -> RawResponse {
-    let mut buf = Vec::new();
-    let read = async {
-        let mut chunk = [0u8; 8192];
-        loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                let length = head
-                    .lines()
-                    .filter_map(|l| l.split_once(':'))
-                    .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-                    .and_then(|(_, v)| v.trim().parse::<usize>().ok())
-                    .unwrap_or(0);
-                if buf.len() >= end + 4 + length {
-                    let status = head
-                        .split_whitespace()
-                        .nth(1)
-                        .and_then(|s| s.parse().ok())
-                        .expect("status line");
-                    let body = buf[end + 4..end + 4 + length].to_vec();
-                    return RawResponse { status, head, body };
-                }
-            }
-            let n = socket.read(&mut chunk).await.expect("read response");
-            assert!(n > 0, "connection closed before a response: {buf:?}");
-            buf.extend_from_slice(&chunk[..n]);
-        }
-    };
-    tokio::time::timeout(within, read)
-        .await
-        .expect("a response in time")
-}
-
-/// Whether the server closes the connection (reads EOF, or a reset) within `within`.
-pub async fn closes(socket: &mut (impl AsyncRead + Unpin), within: Duration) -> bool {
-    let mut chunk = [0u8; 1024];
-    let until_closed = async {
-        loop {
-            match socket.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    };
-    tokio::time::timeout(within, until_closed).await.is_ok()
-}
-
-pub async fn healthy(gw: &TestGateway) {
-    let response = gw
-        .client
-        .get(gw.url("/healthz"))
-        .send()
-        .await
-        .expect("server still up");
-    assert_eq!(response.status(), 200);
-}
-
-pub async fn connect(addr: SocketAddr) -> TcpStream {
-    TcpStream::connect(addr).await.expect("connect")
 }
 
 #[tokio::test]
@@ -173,26 +92,6 @@ fn idle_config(provider: &str) -> String {
     )
 }
 
-/// Sends a request head and the first `sent` bytes of `body` (declaring all of it), then
-/// stalls.
-async fn stall_after(
-    gw: &TestGateway,
-    path: &str,
-    ct: &str,
-    body: &[u8],
-    sent: usize,
-) -> TcpStream {
-    let mut socket = connect(gw.addr).await;
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\ncontent-type: {ct}\r\ncontent-length: {}\r\n\r\n",
-        gw.key,
-        body.len()
-    );
-    socket.write_all(head.as_bytes()).await.expect("head");
-    socket.write_all(&body[..sent]).await.expect("part of body");
-    socket
-}
-
 #[tokio::test]
 async fn a_stalled_upload_gets_408_and_releases_everything() {
     let provider = StandIn::json(200, &image_response(1, USAGE)).await;
@@ -201,22 +100,14 @@ async fn a_stalled_upload_gets_408_and_releases_everything() {
     // Image before model: the image waits in the spool when the client stalls.
     let spooling = Form::new()
         .text("prompt", b"p")
-        .part(
-            b"form-data; name=\"image\"; filename=\"a.png\"",
-            b"Content-Type: image/png\r\n",
-            &[7u8; 100_000],
-        )
+        .large_image()
         .text("model", b"gpt-image-1")
         .body();
     // Model first: the provider call has begun when the client stalls.
     let streaming = Form::new()
         .text("model", b"gpt-image-1")
         .text("prompt", b"p")
-        .part(
-            b"form-data; name=\"image\"; filename=\"a.png\"",
-            b"Content-Type: image/png\r\n",
-            &[7u8; 100_000],
-        )
+        .large_image()
         .body();
     for (what, body, cut, spooled) in [
         ("spooling", &spooling, 50_000, true),
@@ -233,23 +124,11 @@ async fn a_stalled_upload_gets_408_and_releases_everything() {
             );
         }
         let response = read_response(&mut socket, Duration::from_secs(5)).await;
-        assert_eq!(response.status, 408, "{what}: {}", response.head);
         assert!(started.elapsed() >= Duration::from_millis(400), "{what}");
-        let error = response.error();
-        assert_eq!(error["code"], "request_timeout", "{what}");
-        assert!(!String::from_utf8_lossy(&response.body).contains(PROVIDER_KEY));
-        assert!(
-            closes(&mut socket, Duration::from_secs(2)).await,
-            "{what}: the connection is closed"
-        );
-        assert_eq!(gw.spool_files(), 0, "{what}: no spool file left");
+        assert_timed_out(&gw, &response, &mut socket, what).await;
     }
     // The stand-in saw the streamed upload start and break off; nothing arrived whole.
-    assert!(
-        provider.wait_for_requests(1).await,
-        "the provider call that had begun was ended"
-    );
-    assert!(provider.complete_requests().is_empty());
+    assert_upload_broke_off(&provider).await;
 
     // A JSON body that stops halfway.
     let json = br#"{"model":"gpt-image-1","prompt":"a fox in the snow"}"#;

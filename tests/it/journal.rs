@@ -73,6 +73,22 @@ fn ids(range: std::ops::Range<usize>) -> Vec<String> {
     range.map(|i| format!("r{i}")).collect()
 }
 
+/// Opens the journal in `dir` and appends the rows `r0` up to `r{count - 1}`.
+fn open_with_rows(dir: &Path, count: usize) -> Journal {
+    let journal = open(dir);
+    for id in ids(0..count) {
+        journal.append(&row(&id)).expect("append");
+    }
+    journal
+}
+
+/// Reads the next `count` rows, checks they are `count`, and commits them (shipped).
+fn ship(journal: &Journal, count: usize) {
+    let batch = journal.read_batch(count).expect("read");
+    assert_eq!(batch.rows.len(), count);
+    journal.commit(&batch).expect("commit");
+}
+
 #[test]
 fn rows_are_read_back_whole_and_in_order() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -181,12 +197,7 @@ fn drain_rows(journal: &Journal) -> Vec<UsageRow> {
 #[test]
 fn a_torn_last_line_is_skipped_on_replay() {
     let dir = tempfile::tempdir().expect("tempdir");
-    {
-        let journal = open(dir.path());
-        for id in ids(0..3) {
-            journal.append(&row(&id)).expect("append");
-        }
-    }
+    drop(open_with_rows(dir.path(), 3));
     // A crash cut the last write short: half a row, no newline.
     let segment = segments(dir.path())[0].clone();
     let half = serde_json::to_string(&row("torn")).expect("json");
@@ -236,13 +247,8 @@ fn a_line_that_is_not_a_row_is_skipped_and_the_rest_read() {
 fn the_cursor_survives_a_restart_and_uncommitted_rows_are_read_again() {
     let dir = tempfile::tempdir().expect("tempdir");
     {
-        let journal = open(dir.path());
-        for id in ids(0..5) {
-            journal.append(&row(&id)).expect("append");
-        }
-        let batch = journal.read_batch(3).expect("read");
-        assert_eq!(batch.rows.len(), 3);
-        journal.commit(&batch).expect("commit");
+        let journal = open_with_rows(dir.path(), 5);
+        ship(&journal, 3);
         // Read but never committed: the process died between the insert and the cursor.
         let batch = journal.read_batch(1).expect("read");
         assert_eq!(batch.rows[0].request_id, "r3");
@@ -270,14 +276,7 @@ fn the_cursor_survives_a_restart_and_uncommitted_rows_are_read_again() {
 #[test]
 fn an_unreadable_cursor_replays_every_segment() {
     let dir = tempfile::tempdir().expect("tempdir");
-    {
-        let journal = open(dir.path());
-        for id in ids(0..4) {
-            journal.append(&row(&id)).expect("append");
-        }
-        let batch = journal.read_batch(2).expect("read");
-        journal.commit(&batch).expect("commit");
-    }
+    ship(&open_with_rows(dir.path(), 4), 2);
     std::fs::write(dir.path().join("cursor"), "{\"segm").expect("write");
     // Rows already stored are skipped by the store, so replaying them is harmless.
     let journal = open(dir.path());
@@ -520,17 +519,7 @@ async fn send_one(client: &reqwest::Client, url: &str, key: &str) -> Sent {
 }
 
 async fn backlog_metric(client: &reqwest::Client, base: &str) -> f64 {
-    let text = client
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .find_map(|l| l.strip_prefix("imagegate_usage_journal_backlog_rows "))
-        .map_or(0.0, |v| v.trim().parse().expect("gauge value"))
+    metric(client, base, "imagegate_usage_journal_backlog_rows").await
 }
 
 /// Polls `/readyz` until the usage backlog is zero and the database answers.
@@ -661,36 +650,16 @@ async fn a_postgres_outage_mid_stream_delays_usage_rows_and_loses_none() {
 // ---------------------------------------------------------------------------------------
 // The real binary: kill -9 mid-stream, and SIGTERM while the database is busy.
 
+/// A config on a SQLite file in `dir`, gpt-image-1 on the built-in mock provider.
 fn binary_config(dir: &Path, shutdown_grace: &str) -> PathBuf {
-    let toml = format!(
-        r#"
-default_model = "gpt-image-1"
-[server]
-listen = "127.0.0.1:0"
-shutdown_grace = "{shutdown_grace}"
-journal_dir = "{journal}"
-spool_dir = "{spool}"
-[database]
-url = "sqlite:{db}"
-[providers.mock]
-kind = "mock"
-delay = "30ms"
-[models."gpt-image-1"]
-routes = [{{ provider = "mock", model = "gpt-image-1" }}]
-[pricing.mock."gpt-image-1"]
-text_input = 5.0
-cached_text_input = 1.25
-image_input = 10.0
-cached_image_input = 1.25
-image_output = 40.0
-"#,
-        journal = dir.join("journal").display(),
-        spool = dir.join("spool").display(),
-        db = dir.join("imagegate.db").display(),
-    );
-    let path = dir.join("imagegate.toml");
-    std::fs::write(&path, toml).expect("write config");
-    path
+    let database_url = format!("sqlite:{}", dir.join("imagegate.db").display());
+    binary::write_one_model_config(
+        dir,
+        &database_url,
+        shutdown_grace,
+        ("mock", "kind = \"mock\"\ndelay = \"30ms\""),
+        "",
+    )
 }
 
 /// `imagegate serve`, the address it listens on, and its log (when it has exited).
@@ -707,19 +676,6 @@ async fn spawn_serve_with(config: &Path, env: &[(&str, &str)]) -> binary::Served
         .env("IMAGEGATE_LOG_FORMAT", "json")
         .envs(env.iter().copied());
     binary::serve(command).await.into_parts()
-}
-
-fn create_key(config: &Path) -> String {
-    let out = binary::command(config)
-        .args(["keys", "create", "--name", "svc"])
-        .output()
-        .expect("keys create");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// Holds SQLite's write lock (readers go on): inserts wait, fail, and are retried.
@@ -746,7 +702,7 @@ async fn unlock_writes(mut conn: sqlx::SqliteConnection) {
 async fn kill_9_mid_stream_loses_no_row_of_a_response_sent() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = binary_config(dir.path(), "10s");
-    let key = create_key(&config);
+    let key = binary::create_key(&config, "svc");
     let client = reqwest::Client::new();
 
     let (mut child, addr, _) = spawn_serve(&config).await;
@@ -781,11 +737,7 @@ async fn kill_9_mid_stream_loses_no_row_of_a_response_sent() {
     let (mut child, addr, _) = spawn_serve(&config).await;
     let base = format!("http://{addr}");
     wait_until_shipped(&client, &base, Duration::from_secs(60)).await;
-    signal(&child, "-TERM");
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .expect("exits")
-        .expect("status");
+    let status = binary::terminate(&mut child, Duration::from_secs(30)).await;
     assert!(status.success(), "SIGTERM exits 0");
 
     let answered: Vec<String> = sent
@@ -820,7 +772,7 @@ async fn kill_9_mid_stream_loses_no_row_of_a_response_sent() {
 async fn sigterm_with_the_database_busy_leaves_the_backlog_for_the_next_start() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = binary_config(dir.path(), "1s");
-    let key = create_key(&config);
+    let key = binary::create_key(&config, "svc");
     let client = reqwest::Client::new();
     let db = dir.path().join("imagegate.db");
 
@@ -834,11 +786,7 @@ async fn sigterm_with_the_database_busy_leaves_the_backlog_for_the_next_start() 
         answered.push(sent.request_id.expect("x-request-id"));
     }
     let started = Instant::now();
-    signal(&child, "-TERM");
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .expect("exits")
-        .expect("status");
+    let status = binary::terminate(&mut child, Duration::from_secs(30)).await;
     assert!(status.success(), "SIGTERM exits 0");
     assert!(
         started.elapsed() < Duration::from_secs(10),
@@ -868,34 +816,8 @@ async fn sigterm_with_the_database_busy_leaves_the_backlog_for_the_next_start() 
 
 /// A config for the real binary on `database_url`, routing gpt-image-1 to `provider`.
 fn standin_config(dir: &Path, database_url: &str, provider: &str) -> PathBuf {
-    let toml = format!(
-        r#"
-default_model = "gpt-image-1"
-[server]
-listen = "127.0.0.1:0"
-shutdown_grace = "5s"
-journal_dir = "{journal}"
-spool_dir = "{spool}"
-[database]
-url = "{database_url}"
-[providers.standin]
-base_url = "{provider}"
-api_key_env = "TEST_PIAPI_KEY"
-[models."gpt-image-1"]
-routes = [{{ provider = "standin", model = "gpt-image-1" }}]
-[pricing.standin."gpt-image-1"]
-text_input = 5.0
-cached_text_input = 1.25
-image_input = 10.0
-cached_image_input = 1.25
-image_output = 40.0
-"#,
-        journal = dir.join("journal").display(),
-        spool = dir.join("spool").display(),
-    );
-    let path = dir.join("imagegate.toml");
-    std::fs::write(&path, toml).expect("write config");
-    path
+    let provider_lines = format!("base_url = \"{provider}\"\napi_key_env = \"TEST_PIAPI_KEY\"");
+    binary::write_one_model_config(dir, database_url, "5s", ("standin", &provider_lines), "")
 }
 
 /// Sets the soft file-size limit (RLIMIT_FSIZE) of a running process: writes that would
@@ -909,6 +831,7 @@ fn limit_file_size(child: &tokio::process::Child, bytes: &str) {
     assert!(status.success(), "prlimit --fsize={bytes}");
 }
 
+/// The value of the metric `name` on `base`'s /metrics page (0 when it is not there).
 async fn metric(client: &reqwest::Client, base: &str, name: &str) -> f64 {
     let text = client
         .get(format!("{base}/metrics"))
@@ -1085,11 +1008,7 @@ async fn an_unwritable_journal_stops_billable_requests_until_it_recovers() {
     assert!(c.complete, "{c:?}");
     let c_id = c.request_id.expect("x-request-id");
     wait_until_shipped(&client, &base, Duration::from_secs(10)).await;
-    signal(&child, "-TERM");
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .expect("exits")
-        .expect("status");
+    let status = binary::terminate(&mut child, Duration::from_secs(30)).await;
     assert!(status.success(), "SIGTERM exits 0");
     let log = log.await.expect("log");
     assert!(log.contains("usage journal unavailable"), "{log}");
@@ -1112,11 +1031,9 @@ async fn a_row_neither_the_journal_nor_the_database_takes_is_counted_logged_and_
     let provider = StandIn::json(200, &image_response(1, USAGE)).await;
     provider.set_delay(Duration::from_millis(1000));
     let dir = tempfile::tempdir().expect("tempdir");
-    let database_url = format!("sqlite:{}", dir.path().join("imagegate.db").display());
-    let store = imagegate::store::connect(&database_url)
-        .await
-        .expect("store");
-    store.migrate().await.expect("migrate");
+    let db = dir.path().join("imagegate.db");
+    let database_url = format!("sqlite:{}", db.display());
+    let store = crate::support::db::open_sqlite(&db).await;
     let UnwritableJournal {
         config,
         mut child,
@@ -1183,10 +1100,7 @@ async fn kill_9_with_calls_in_flight_leaves_one_interrupted_row_per_call_cut() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("imagegate.db");
     let database_url = format!("sqlite:{}", db.display());
-    let store = imagegate::store::connect(&database_url)
-        .await
-        .expect("store");
-    store.migrate().await.expect("migrate");
+    let store = crate::support::db::open_sqlite(&db).await;
     let issued = imagegate::auth::issue_key("svc");
     store.create_key(issued.new.clone()).await.expect("key");
     let key = issued.key;

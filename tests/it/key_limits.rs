@@ -103,15 +103,7 @@ async fn a_model_outside_the_allowlist_gets_403_and_nothing_is_forwarded(db: Db)
     assert_eq!(body["error"]["param"], "model", "{body}");
     assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
     let form = Form::edit("dall-e-2", "p");
-    let edit = gw
-        .client
-        .post(gw.url("/v1/images/edits"))
-        .bearer_auth(&key)
-        .header("content-type", form.content_type())
-        .body(form.body())
-        .send()
-        .await
-        .expect("edit reaches imagegate");
+    let edit = gw.post_form_as(&key, "/v1/images/edits", &form).await;
     assert_eq!(edit.status(), 403);
     assert_eq!(
         provider.requests().len(),
@@ -122,48 +114,28 @@ async fn a_model_outside_the_allowlist_gets_403_and_nothing_is_forwarded(db: Db)
     assert!(rows.iter().all(|r| r.model == "gpt-image-1"), "{rows:#?}");
 
     // The model list shows the key what it may use.
-    let models: Value = gw
-        .client
-        .get(gw.url("/v1/models"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
-    let ids: Vec<&str> = models["data"]
-        .as_array()
-        .expect("data")
-        .iter()
-        .map(|m| m["id"].as_str().expect("id"))
-        .collect();
-    assert_eq!(ids, ["gpt-image-1", "img-default"], "{models}");
+    let ids = model_ids(&gw.client, &gw.url("/v1/models"), &key).await;
+    assert_eq!(ids, ["gpt-image-1", "img-default"]);
     for (model, status) in [("dall-e-3", 404), ("gpt-image-1", 200)] {
-        let response = gw
-            .client
-            .get(gw.url(&format!("/v1/models/{model}")))
-            .bearer_auth(&key)
-            .send()
-            .await
-            .expect("send");
+        let response = gw.get_as(&key, &format!("/v1/models/{model}")).await;
         assert_eq!(response.status(), status, "{model}");
     }
 
     // Cleared by PATCH: every model, within key_cache_ttl (1 s).
-    let (status, _) = admin(
-        &gw,
-        Method::PATCH,
-        "/admin/keys/narrow",
-        Some(r#"{"models": null}"#),
-    )
-    .await;
-    assert_eq!(status, 200);
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    change_and_wait(&gw, "narrow", r#"{"models": null}"#).await;
     let (status, body) = generate_model(&gw, &key, "dall-e-3").await;
     assert_eq!(status, 200, "{body}");
     gw.usage_rows(4).await;
     gw.shutdown().await;
+}
+
+/// Changes the key `name` by `PATCH /admin/keys/{name}` with `body` (which must be
+/// accepted) and waits out key_cache_ttl (1 s), so the next request sees the change.
+async fn change_and_wait(gw: &TestGateway, name: &str, body: &str) {
+    let path = format!("/admin/keys/{name}");
+    let (status, _) = admin(gw, Method::PATCH, &path, Some(body)).await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
 }
 
 async fn a_keys_own_max_in_flight_overrides_the_server_default(db: Db) {
@@ -190,15 +162,7 @@ async fn a_keys_own_max_in_flight_overrides_the_server_default(db: Db) {
     assert_eq!((first, second), (200, 429), "{body}");
     assert_eq!(body["error"]["code"], "rate_limit_exceeded", "{body}");
     // Raised by PATCH, within key_cache_ttl (1 s).
-    let (status, _) = admin(
-        &gw,
-        Method::PATCH,
-        "/admin/keys/one-at-a-time",
-        Some(r#"{"max_in_flight": 2}"#),
-    )
-    .await;
-    assert_eq!(status, 200);
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    change_and_wait(&gw, "one-at-a-time", r#"{"max_in_flight": 2}"#).await;
     let (first, second, body) = statuses(key).await;
     assert_eq!((first, second), (200, 200), "{body}");
     gw.usage_rows(3).await;
@@ -239,13 +203,7 @@ async fn a_keys_rpm_refuses_the_request_past_it_with_openai_headers(db: Db) {
     assert_eq!(body["error"]["type"], "requests", "{body}");
     // Other keys, and routes other than the image routes, are not counted.
     assert_eq!(generate_model(&gw, &gw.key, "gpt-image-1").await.0, 200);
-    let models = gw
-        .client
-        .get(gw.url("/v1/models"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .expect("send");
+    let models = gw.get_as(&key, "/v1/models").await;
     assert_eq!(models.status(), 200);
     assert!(models.headers().get("x-ratelimit-limit-requests").is_none());
     assert_eq!(
@@ -353,13 +311,7 @@ async fn async_jobs_are_counted_and_checked_when_created_not_when_polled() {
     let job: Value = created.json().await.expect("json");
     let id = job["id"].as_str().expect("id").to_owned();
     for _ in 0..5 {
-        let poll = gw
-            .client
-            .get(gw.url(&format!("/v1/images/jobs/{id}")))
-            .bearer_auth(&key)
-            .send()
-            .await
-            .expect("send");
+        let poll = gw.get_as(&key, &format!("/v1/images/jobs/{id}")).await;
         assert_eq!(poll.status(), 200);
         assert!(poll.headers().get("x-ratelimit-limit-requests").is_none());
     }

@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use imagegate::store::{
-    BudgetPeriod, BudgetState, GroupBy, KeyChanges, KeyLimits, NewKey, RATE_WINDOW_NANOS,
-    Reservation, Reserved, Store, StoreError, UsageFilter, UsageTotals,
+    BudgetPeriod, BudgetState, GroupBy, KeyChanges, KeyLimits, KeyRecord, NewKey,
+    RATE_WINDOW_NANOS, Reservation, Reserved, Store, StoreError, UsageFilter, UsageTotals,
 };
 use imagegate::usage::{Outcome, UsageRow};
 
@@ -62,6 +62,29 @@ fn new_key(name: &str, hash: &str) -> NewKey {
     }
 }
 
+/// Creates the key `name` with `hash`, which must succeed.
+async fn create(store: &dyn Store, name: &str, hash: &str) -> KeyRecord {
+    store
+        .create_key(new_key(name, hash))
+        .await
+        .unwrap_or_else(|err| panic!("create {name}: {err:?}"))
+}
+
+/// Tries to create the key `name` with `hash`, which must be refused (`why` says why).
+async fn refused(store: &dyn Store, name: &str, hash: &str, why: &str) -> StoreError {
+    store.create_key(new_key(name, hash)).await.expect_err(why)
+}
+
+/// A report of every row, one line per key.
+fn by_key() -> UsageFilter {
+    UsageFilter {
+        key_name: None,
+        since: None,
+        group_by: GroupBy::Key,
+        ..Default::default()
+    }
+}
+
 /// Test times are written out to the microsecond: both databases keep microseconds.
 fn at(rfc3339: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(rfc3339)
@@ -84,14 +107,8 @@ async fn migrate_twice_and_ping(store: Arc<dyn Store>) {
 
 async fn keys_create_list_find(store: Arc<dyn Store>) {
     let before = Utc::now() - TimeDelta::minutes(1);
-    let alice = store
-        .create_key(new_key("alice", "aa11"))
-        .await
-        .expect("create alice");
-    let bob = store
-        .create_key(new_key("bob", "bb22"))
-        .await
-        .expect("create bob");
+    let alice = create(&*store, "alice", "aa11").await;
+    let bob = create(&*store, "bob", "bb22").await;
     let after = Utc::now() + TimeDelta::minutes(1);
 
     assert_eq!(alice.name, "alice");
@@ -117,39 +134,24 @@ async fn keys_create_list_find(store: Arc<dyn Store>) {
 }
 
 async fn duplicate_key_name_is_refused(store: Arc<dyn Store>) {
-    let alice = store
-        .create_key(new_key("alice", "aa11"))
-        .await
-        .expect("create alice");
+    let alice = create(&*store, "alice", "aa11").await;
 
-    let err = store
-        .create_key(new_key("alice", "ff99"))
-        .await
-        .expect_err("a second alice");
+    let err = refused(&*store, "alice", "ff99", "a second alice").await;
     assert!(
         matches!(&err, StoreError::DuplicateKeyName(name) if name == "alice"),
         "{err:?}"
     );
 
     // A clash on the hash is not a clash on the name and must not be reported as one.
-    let err = store
-        .create_key(new_key("carol", "aa11"))
-        .await
-        .expect_err("a second key with alice's hash");
+    let err = refused(&*store, "carol", "aa11", "a second key with alice's hash").await;
     assert!(matches!(err, StoreError::Database(_)), "{err:?}");
 
     assert_eq!(store.list_keys().await.expect("list"), vec![alice]);
 }
 
 async fn revoked_key_is_still_found(store: Arc<dyn Store>) {
-    let alice = store
-        .create_key(new_key("alice", "aa11"))
-        .await
-        .expect("create alice");
-    let bob = store
-        .create_key(new_key("bob", "bb22"))
-        .await
-        .expect("create bob");
+    let alice = create(&*store, "alice", "aa11").await;
+    let bob = create(&*store, "bob", "bb22").await;
 
     assert!(store.revoke_key("alice").await.expect("revoke"));
     assert!(!store.revoke_key("alice").await.expect("revoke again"));
@@ -170,15 +172,9 @@ async fn revoked_key_is_still_found(store: Arc<dyn Store>) {
     assert_eq!(keys, vec![found, bob]);
 
     // Rotation: the revoked key's name is free again, for one active key at a time.
-    let rotated = store
-        .create_key(new_key("alice", "ff99"))
-        .await
-        .expect("a revoked key's name is reused");
+    let rotated = create(&*store, "alice", "ff99").await; // a revoked key's name is reused
     assert_ne!(rotated.id, alice.id);
-    let err = store
-        .create_key(new_key("alice", "ee88"))
-        .await
-        .expect_err("two active keys of one name");
+    let err = refused(&*store, "alice", "ee88", "two active keys of one name").await;
     assert!(matches!(err, StoreError::DuplicateKeyName(_)), "{err:?}");
     assert!(store.revoke_key("alice").await.expect("revoke the new one"));
     let keys = store.list_keys().await.expect("list");
@@ -223,15 +219,7 @@ async fn insert_usage_is_idempotent(store: Arc<dyn Store>) {
             .is_empty()
     );
 
-    let report = store
-        .usage_report(&UsageFilter {
-            key_name: None,
-            since: None,
-            group_by: GroupBy::Key,
-            ..Default::default()
-        })
-        .await
-        .expect("report");
+    let report = store.usage_report(&by_key()).await.expect("report");
     assert_eq!(report.len(), 1);
     assert_eq!(report[0].requests, 4);
     assert_eq!(report[0].cost_nanousd, 4_000);
@@ -511,12 +499,7 @@ async fn usage_report_sums_past_i64(store: Arc<dyn Store>) {
     };
     store.insert_usage(&[negative]).await.expect("insert");
     let report = store
-        .usage_report(&UsageFilter {
-            key_name: None,
-            since: None,
-            group_by: GroupBy::Key,
-            ..Default::default()
-        })
+        .usage_report(&by_key())
         .await
         .expect("a report whose sums pass i64");
     let max = i128::from(MAX);

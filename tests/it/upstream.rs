@@ -127,20 +127,14 @@ per_image = 0.01
         slow.base_url()
     );
     let gw = TestGateway::start(Db::Sqlite, &test_config(&dead, &extra)).await;
-    let error = expect_error(
-        gw.post_json(GEN, r#"{"model":"dead-model","prompt":"p"}"#)
-            .await,
-        502,
-    )
-    .await;
-    assert_eq!(error["code"], "upstream_unreachable");
-    let error = expect_error(
-        gw.post_json(GEN, r#"{"model":"slow-model","prompt":"p"}"#)
-            .await,
-        504,
-    )
-    .await;
-    assert_eq!(error["code"], "upstream_timeout");
+    for (model, status, code) in [
+        ("dead-model", 502, "upstream_unreachable"),
+        ("slow-model", 504, "upstream_timeout"),
+    ] {
+        let body = format!(r#"{{"model":"{model}","prompt":"p"}}"#);
+        let error = expect_error(gw.post_json(GEN, &body).await, status).await;
+        assert_eq!(error["code"], code, "{model}");
+    }
     let rows = gw.usage_rows(2).await;
     assert_eq!((rows[0].provider.as_str(), rows[0].status), ("dead", 502));
     assert_eq!((rows[1].provider.as_str(), rows[1].status), ("slow", 504));
@@ -169,18 +163,25 @@ fn large_answer() -> (Bytes, Bytes) {
     (first, rest)
 }
 
-#[tokio::test]
-async fn large_answers_stream_through_and_usage_is_read_at_the_end() {
-    let release = Arc::new(Notify::new());
+/// A stand-in that answers [`large_answer`] in two parts, the second once `release` is
+/// notified, and the whole answer's length in bytes.
+async fn holding_large_answer(release: &Arc<Notify>) -> (StandIn, usize) {
     let (first, rest) = large_answer();
-    let expected_len = first.len() + rest.len();
-    let (f, r, rel) = (first.clone(), rest.clone(), Arc::clone(&release));
+    let length = first.len() + rest.len();
+    let release = Arc::clone(release);
     let provider = StandIn::start(move |_| {
         let mut response = respond(200, "application/json", "");
-        *response.body_mut() = two_part_body(f.clone(), r.clone(), Arc::clone(&rel));
+        *response.body_mut() = two_part_body(first.clone(), rest.clone(), Arc::clone(&release));
         response
     })
     .await;
+    (provider, length)
+}
+
+#[tokio::test]
+async fn large_answers_stream_through_and_usage_is_read_at_the_end() {
+    let release = Arc::new(Notify::new());
+    let (provider, expected_len) = holding_large_answer(&release).await;
     let gw = TestGateway::start(Db::Postgres, &test_config(&provider.base_url(), "")).await;
     let response = gw.post_json(GEN, BODY).await;
     assert_eq!(response.status(), 200);
@@ -215,14 +216,7 @@ async fn large_answers_stream_through_and_usage_is_read_at_the_end() {
 #[tokio::test]
 async fn a_client_that_leaves_early_still_gets_its_usage_recorded() {
     let release = Arc::new(Notify::new());
-    let (first, rest) = large_answer();
-    let rel = Arc::clone(&release);
-    let provider = StandIn::start(move |_| {
-        let mut response = respond(200, "application/json", "");
-        *response.body_mut() = two_part_body(first.clone(), rest.clone(), Arc::clone(&rel));
-        response
-    })
-    .await;
+    let (provider, _) = holding_large_answer(&release).await;
     let gw = TestGateway::start(Db::Sqlite, &test_config(&provider.base_url(), "")).await;
     let response = gw.post_json(GEN, BODY).await;
     let mut stream = response.bytes_stream();

@@ -99,6 +99,71 @@ pub fn signal(child: &tokio::process::Child, name: &str) {
     );
 }
 
+/// Sends SIGTERM to `child` and waits up to `within` for it to exit; how it exited.
+pub async fn terminate(
+    child: &mut tokio::process::Child,
+    within: Duration,
+) -> std::process::ExitStatus {
+    signal(child, "-TERM");
+    tokio::time::timeout(within, child.wait())
+        .await
+        .expect("exits")
+        .expect("status")
+}
+
+/// `imagegate keys create --name <name>`, which must succeed: the new key it prints.
+pub fn create_key(config: &Path, name: &str) -> String {
+    let out = command(config)
+        .args(["keys", "create", "--name", name])
+        .env("CLI_TEST_PROVIDER_KEY", SECRET)
+        .output()
+        .expect("keys create");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The token prices (PiAPI's gpt-image-1 rates, per 1M tokens) of a model in a config here.
+pub const TOKEN_PRICES: &str = "text_input = 5.0\ncached_text_input = 1.25\nimage_input = 10.0\n\
+                                cached_image_input = 1.25\nimage_output = 40.0\n";
+
+/// A config for `serve` in `dir` (journal and spool folders there) on `database_url`, with
+/// gpt-image-1 routed to and priced on the one provider `[providers.<provider>]`, whose
+/// table holds `provider_lines`; `extra` is appended as it is.
+pub fn write_one_model_config(
+    dir: &Path,
+    database_url: &str,
+    shutdown_grace: &str,
+    (provider, provider_lines): (&str, &str),
+    extra: &str,
+) -> PathBuf {
+    let toml = format!(
+        r#"
+default_model = "gpt-image-1"
+[server]
+listen = "127.0.0.1:0"
+shutdown_grace = "{shutdown_grace}"
+journal_dir = "{journal}"
+spool_dir = "{spool}"
+[database]
+url = "{database_url}"
+[providers.{provider}]
+{provider_lines}
+[models."gpt-image-1"]
+routes = [{{ provider = "{provider}", model = "gpt-image-1" }}]
+[pricing.{provider}."gpt-image-1"]
+{TOKEN_PRICES}{extra}"#,
+        journal = dir.join("journal").display(),
+        spool = dir.join("spool").display(),
+    );
+    let path = dir.join("imagegate.toml");
+    std::fs::write(&path, toml).expect("write config");
+    path
+}
+
 /// A config on a SQLite file in `dir`: the mock provider serves `models` (with a price that
 /// names its source); a real-looking provider (never called, unpriced) holds a secret key.
 pub fn write_config(dir: &Path, models: &[&str]) -> PathBuf {
@@ -132,8 +197,7 @@ source = "no page"
     for model in models {
         toml.push_str(&format!(
             "[models.\"{model}\"]\nroutes = [{{ provider = \"mock\", model = \"{model}\" }}]\n\
-             [pricing.mock.\"{model}\"]\nsource = \"PiAPI page\"\ntext_input = 5.0\ncached_text_input = 1.25\nimage_input = 10.0\n\
-             cached_image_input = 1.25\nimage_output = 40.0\n"
+             [pricing.mock.\"{model}\"]\nsource = \"PiAPI page\"\n{TOKEN_PRICES}"
         ));
     }
     let path = dir.join("imagegate.toml");

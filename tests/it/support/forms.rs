@@ -63,6 +63,11 @@ impl Form {
         self.file_named("image", "a.png", "image/png", PNG)
     }
 
+    /// An `image` part of 100,000 bytes: an upload long enough to stall or trickle halfway.
+    pub fn large_image(self) -> Form {
+        self.file_named("image", "a.png", "image/png", &[7u8; 100_000])
+    }
+
     /// An edit of `model`: a prompt and a ten-byte PNG image.
     pub fn edit(model: &str, prompt: &str) -> Form {
         Form::new()

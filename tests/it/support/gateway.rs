@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::captures::Capture;
+use super::forms::Form;
 use super::{Db, test_env};
 
 /// Writes `config_toml` into `dir` as imagegate.toml, with its spool, journal and jobs in `dir` and
@@ -210,6 +211,33 @@ impl TestGateway {
             .bearer_auth(&self.key)
             .header("content-type", "application/json")
             .body(body.to_owned())
+            .send()
+            .await
+            .expect("request reaches imagegate")
+    }
+
+    /// GETs `path` with `key`.
+    pub async fn get_as(&self, key: &str, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("request reaches imagegate")
+    }
+
+    /// POSTs a multipart `form` with the test key.
+    pub async fn post_form(&self, path: &str, form: &Form) -> reqwest::Response {
+        self.post_form_as(&self.key, path, form).await
+    }
+
+    /// POSTs a multipart `form` with `key`.
+    pub async fn post_form_as(&self, key: &str, path: &str, form: &Form) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .bearer_auth(key)
+            .header("content-type", form.content_type())
+            .body(form.body())
             .send()
             .await
             .expect("request reaches imagegate")

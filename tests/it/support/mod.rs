@@ -1,7 +1,7 @@
 //! Test set-up written once: a real imagegate on port 0 ([`gateway`]) or the real binary
 //! ([`binary`]), provider stand-ins
 //! ([`standin`]), fresh databases ([`db`]), a throwaway Postgres cluster for outages
-//! ([`postgres`]), the captured SDK requests ([`captures`]), and the configuration and secrets
+//! ([`postgres`]), raw connections ([`raw`]), the captured SDK requests ([`captures`]), and the configuration and secrets
 //! they share.
 
 pub mod binary;
@@ -10,6 +10,7 @@ pub mod db;
 pub mod forms;
 pub mod gateway;
 pub mod postgres;
+pub mod raw;
 pub mod rows;
 pub mod standin;
 
@@ -133,6 +134,25 @@ per_image = 0.03
 {extra}
 "#
     )
+}
+
+/// The ids `GET models_url` (a `/v1/models` URL) lists to `key`, in its order.
+pub async fn model_ids(client: &reqwest::Client, models_url: &str, key: &str) -> Vec<String> {
+    let list: serde_json::Value = client
+        .get(models_url)
+        .bearer_auth(key)
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    list["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|m| m["id"].as_str().expect("id").to_owned())
+        .collect()
 }
 
 pub fn test_env() -> EnvLookup {
