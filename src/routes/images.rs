@@ -68,43 +68,31 @@ async fn json_call(
     let model = resolve(&runtime, &principal, request.model(), endpoint)?;
     let fingerprint =
         Dedupe::fingerprint(principal.key_id, endpoint, idempotency_key(headers), &bytes);
-    if jobs::prefers_async(headers) {
-        let job = JobRequest {
-            fingerprint: Some(fingerprint),
-            retry: Dedupe::is_retry(headers),
-            stream: request.stream(),
-        };
-        let call = Call {
-            state,
-            runtime,
-            principal,
-            request_id,
-            model,
-            endpoint,
-            keep: None,
-        };
-        let source = JsonSource {
-            endpoint,
-            body: request.body,
-        };
-        return jobs::submit(call, source, job).await;
-    }
-    let keep = match claim(&state, &model, endpoint, headers, fingerprint).await {
-        Ok(keep) => keep,
-        Err(kept) => return Ok(kept),
-    };
-    let call = Call {
+    let stream = request.stream();
+    let mut call = Call {
         state,
         runtime,
         principal,
         request_id,
         model,
         endpoint,
-        keep,
+        keep: None,
     };
     let source = JsonSource {
         endpoint,
         body: request.body,
+    };
+    if jobs::prefers_async(headers) {
+        let job = JobRequest {
+            fingerprint: Some(fingerprint),
+            retry: Dedupe::is_retry(headers),
+            stream,
+        };
+        return jobs::submit(call, source, job).await;
+    }
+    call.keep = match claim(&call, headers, fingerprint).await {
+        Ok(keep) => keep,
+        Err(kept) => return Ok(kept),
     };
     detached(call, source).await
 }
@@ -148,12 +136,16 @@ fn idempotency_key(headers: &HeaderMap) -> Option<&str> {
 /// Registers the request against duplicates. A retry of a call still running, or whose
 /// result was kept, is answered from it; otherwise the request goes on as an original.
 async fn claim(
-    state: &Arc<AppState>,
-    model: &Model,
-    endpoint: Endpoint,
+    call: &Call,
     headers: &HeaderMap,
     fingerprint: Fingerprint,
 ) -> Result<Option<KeepTicket>, Response> {
+    let Call {
+        state,
+        model,
+        endpoint,
+        ..
+    } = call;
     match state.dedupe.claim(fingerprint, Dedupe::is_retry(headers)) {
         Claim::Original(keep) => Ok(keep),
         Claim::Attach(rx) => {
@@ -161,7 +153,7 @@ async fn claim(
             let wait = model
                 .routes
                 .iter()
-                .find(|r| r.serves(endpoint))
+                .find(|r| r.serves(*endpoint))
                 .map_or(Duration::from_secs(600), |r| r.provider.total_timeout);
             if let Some(response) = dedupe::collect(rx, wait).await {
                 return Err(response);
@@ -248,42 +240,30 @@ pub async fn uploads(
     };
     let requested = upload.read_until_model(&spool).await?;
     let model = resolve(&runtime, &principal, requested.as_deref(), endpoint)?;
-    if jobs::prefers_async(&headers) {
-        let call = Call {
-            state,
-            runtime,
-            principal,
-            request_id,
-            model,
-            endpoint,
-            keep: None,
-        };
-        return upload_job(call, &headers, upload, &spool).await;
-    }
     let serving = model.routes.iter().filter(|r| r.serves(endpoint)).count();
     let attempts = serving.min(model.failover.max_attempts.get());
-    let keep = match idempotency_key(&headers) {
-        // An upload's body is only known once it has streamed through, so edits are
-        // matched by their idempotency key alone.
-        Some(key) => {
-            let fingerprint = Dedupe::fingerprint(principal.key_id, endpoint, Some(key), b"");
-            match claim(&state, &model, endpoint, &headers, fingerprint).await {
-                Ok(keep) => keep,
-                Err(kept) => return Ok(kept),
-            }
-        }
-        None => None,
-    };
-    let source = upload.into_source(&spool, attempts).await?;
-    let call = Call {
+    let mut call = Call {
         state,
         runtime,
         principal,
         request_id,
         model,
         endpoint,
-        keep,
+        keep: None,
     };
+    if jobs::prefers_async(&headers) {
+        return upload_job(call, &headers, upload, &spool).await;
+    }
+    // An upload's body is only known once it has streamed through, so edits are matched
+    // by their idempotency key alone.
+    if let Some(key) = idempotency_key(&headers) {
+        let fingerprint = Dedupe::fingerprint(call.principal.key_id, endpoint, Some(key), b"");
+        call.keep = match claim(&call, &headers, fingerprint).await {
+            Ok(keep) => keep,
+            Err(kept) => return Ok(kept),
+        };
+    }
+    let source = upload.into_source(&spool, attempts).await?;
     detached(call, source).await
 }
 
