@@ -157,30 +157,46 @@ mod tests {
 
     #[test]
     fn names_the_offending_field() {
-        assert_eq!(param_of(r#"{"prompt":"p"}"#), Some("images".into()));
-        assert_eq!(
-            param_of(r#"{"prompt":"p","images":null,"image":null}"#),
-            Some("images".into())
-        );
-        assert_eq!(
-            param_of(r#"{"prompt":"p","images":[]}"#),
-            Some("images".into())
-        );
-        assert_eq!(
-            param_of(r#"{"prompt":"p","images":{"file_id":"f"}}"#),
-            Some("images".into())
-        );
         let seventeen = vec![r#"{"file_id":"f"}"#; 17].join(",");
-        assert_eq!(
-            param_of(&format!(r#"{{"prompt":"p","images":[{seventeen}]}}"#)),
-            Some("images".into())
-        );
-        assert_eq!(
-            param_of(
-                r#"{"prompt":"p","images":[{"file_id":"f"},{"file_id":"g"},{"image_url":"ftp://h/a.png"}]}"#
+        let seventeen = format!(r#"{{"prompt":"p","images":[{seventeen}]}}"#);
+        let cases: &[(&str, &str)] = &[
+            (r#"{"prompt":"p"}"#, "images"),
+            (r#"{"prompt":"p","images":null,"image":null}"#, "images"),
+            (r#"{"prompt":"p","images":[]}"#, "images"),
+            (r#"{"prompt":"p","images":{"file_id":"f"}}"#, "images"),
+            (&seventeen, "images"),
+            (
+                r#"{"prompt":"p","images":[{"file_id":"f"},{"file_id":"g"},{"image_url":"ftp://h/a.png"}]}"#,
+                "images[2].image_url",
             ),
-            Some("images[2].image_url".into())
-        );
+            (
+                r#"{"prompt":"p","images":[{"image_url":7}]}"#,
+                "images[0].image_url",
+            ),
+            (r#"{"prompt":"p","images":[{}]}"#, "images[0]"),
+            (
+                r#"{"prompt":"p","images":[{"file_id":"f","image_url":"https://h/a"}]}"#,
+                "images[0]",
+            ),
+            (
+                r#"{"prompt":"p","images":["https://h/a.png"]}"#,
+                "images[0]",
+            ),
+            (
+                r#"{"prompt":"p","images":[{"file_id":""}]}"#,
+                "images[0].file_id",
+            ),
+            (
+                r#"{"prompt":"p","images":[{"file_id":"f"}],"mask":{"image_url":"x"}}"#,
+                "mask.image_url",
+            ),
+            (r#"{"prompt":"p","image":{}}"#, "image"),
+            (r#"{"images":[{"file_id":"f"}]}"#, "prompt"),
+            (r#"{"prompt":"p","images":[{"file_id":"f"}],"n":11}"#, "n"),
+        ];
+        for (body, param) in cases {
+            assert_eq!(param_of(body).as_deref(), Some(*param), "{body}");
+        }
         for url in [
             "not a url",
             "https://",
@@ -192,47 +208,11 @@ mod tests {
         ] {
             let body = serde_json::json!({"prompt": "p", "images": [{"image_url": url}]});
             assert_eq!(
-                param_of(&body.to_string()),
-                Some("images[0].image_url".into()),
+                param_of(&body.to_string()).as_deref(),
+                Some("images[0].image_url"),
                 "{url}"
             );
         }
-        assert_eq!(
-            param_of(r#"{"prompt":"p","images":[{"image_url":7}]}"#),
-            Some("images[0].image_url".into())
-        );
-        assert_eq!(
-            param_of(r#"{"prompt":"p","images":[{}]}"#),
-            Some("images[0]".into())
-        );
-        assert_eq!(
-            param_of(r#"{"prompt":"p","images":[{"file_id":"f","image_url":"https://h/a"}]}"#),
-            Some("images[0]".into())
-        );
-        assert_eq!(
-            param_of(r#"{"prompt":"p","images":["https://h/a.png"]}"#),
-            Some("images[0]".into())
-        );
-        assert_eq!(
-            param_of(r#"{"prompt":"p","images":[{"file_id":""}]}"#),
-            Some("images[0].file_id".into())
-        );
-        assert_eq!(
-            param_of(r#"{"prompt":"p","images":[{"file_id":"f"}],"mask":{"image_url":"x"}}"#),
-            Some("mask.image_url".into())
-        );
-        assert_eq!(
-            param_of(r#"{"prompt":"p","image":{}}"#),
-            Some("image".into())
-        );
-        assert_eq!(
-            param_of(r#"{"images":[{"file_id":"f"}]}"#),
-            Some("prompt".into())
-        );
-        assert_eq!(
-            param_of(r#"{"prompt":"p","images":[{"file_id":"f"}],"n":11}"#),
-            Some("n".into())
-        );
     }
 
     #[test]
