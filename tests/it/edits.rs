@@ -213,7 +213,7 @@ async fn replays_every_edit_and_variation_capture(db: Db) {
 }
 
 fn png(size: usize) -> Vec<u8> {
-    let mut data = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut data = PNG_SIGNATURE.to_vec();
     data.resize(size, 7);
     data
 }
@@ -512,6 +512,53 @@ async fn silent_provider() -> (String, tokio::sync::mpsc::UnboundedReceiver<Vec<
 }
 
 /// Everything one provider connection received, once it has closed.
+/// Posts `form` as an edit that sends its first `split` bytes, then holds the rest back
+/// until the returned sender fires.
+fn post_held_back<'a>(
+    gw: &'a TestGateway,
+    form: &Form,
+    split: usize,
+) -> (
+    impl std::future::Future<Output = reqwest::Result<reqwest::Response>> + 'a,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let body = form.body();
+    let (first, rest) = body.split_at(split);
+    let (first, rest) = (first.to_vec(), rest.to_vec());
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+    let stream = futures_util::stream::once(async move { Ok::<_, std::io::Error>(first) }).chain(
+        futures_util::stream::once(async move {
+            let _ = release_rx.await;
+            Ok(rest)
+        }),
+    );
+    let request = gw
+        .client
+        .post(gw.url("/v1/images/edits"))
+        .bearer_auth(&gw.key)
+        .header("content-type", form.content_type())
+        .body(reqwest::Body::wrap_stream(stream))
+        .send();
+    (request, release_tx)
+}
+
+/// What the provider's connection carries up to and including the image's PNG signature;
+/// panics when that takes over 5 s or the connection closes first.
+async fn until_image_starts(seen: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) -> Vec<u8> {
+    let mut got = Vec::new();
+    while !got.windows(8).any(|w| w == PNG_SIGNATURE) {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), seen.recv())
+            .await
+            .expect("image bytes reach the provider in time")
+            .expect("stand-in running");
+        assert!(!chunk.is_empty(), "the provider connection closed early");
+        got.extend_from_slice(&chunk);
+    }
+    got
+}
+
+const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
+
 async fn until_closed(seen: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) -> Vec<u8> {
     let mut got = Vec::new();
     loop {
@@ -535,36 +582,14 @@ async fn an_image_over_the_limit_aborts_the_upstream_request_already_started() {
         .text("model", "gpt-image-1")
         .text("prompt", "p")
         .file("image", &png(300_000));
-    let body = form.body();
-    let image_at = body
+    let image_at = form
+        .body()
         .windows(8)
-        .position(|w| w == b"\x89PNG\r\n\x1a\n")
+        .position(|w| w == PNG_SIGNATURE)
         .expect("image");
-    let (first, rest) = body.split_at(image_at + 50_000);
-    let (first, rest) = (first.to_vec(), rest.to_vec());
-    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
-    let stream = futures_util::stream::once(async move { Ok::<_, std::io::Error>(first) }).chain(
-        futures_util::stream::once(async move {
-            let _ = release_rx.await;
-            Ok(rest)
-        }),
-    );
-    let request = gw
-        .client
-        .post(gw.url("/v1/images/edits"))
-        .bearer_auth(&gw.key)
-        .header("content-type", form.content_type())
-        .body(reqwest::Body::wrap_stream(stream))
-        .send();
+    let (request, release_tx) = post_held_back(&gw, &form, image_at + 50_000);
     let provider_side = async {
-        let mut got = Vec::new();
-        while !got.windows(8).any(|w| w == b"\x89PNG\r\n\x1a\n") {
-            let chunk = tokio::time::timeout(Duration::from_secs(5), seen.recv())
-                .await
-                .expect("bytes")
-                .expect("running");
-            got.extend_from_slice(&chunk);
-        }
+        let mut got = until_image_starts(&mut seen).await;
         // The provider request has started; now the client sends the part that crosses the limit.
         release_tx.send(()).expect("release");
         got.extend_from_slice(&until_closed(&mut seen).await);
@@ -671,35 +696,11 @@ async fn model_first_streams_without_disk_and_the_provider_sees_bytes_before_the
         .text("model", "gpt-image-1")
         .text("prompt", "p")
         .file("image", &png(1_000_000));
-    let body = form.body();
-    let (first, rest) = body.split_at(600_000);
-    let (first, rest) = (first.to_vec(), rest.to_vec());
-    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
-    let stream = futures_util::stream::once(async move { Ok::<_, std::io::Error>(first) }).chain(
-        futures_util::stream::once(async move {
-            let _ = release_rx.await;
-            Ok(rest)
-        }),
-    );
-    let request = gw
-        .client
-        .post(gw.url("/v1/images/edits"))
-        .bearer_auth(&gw.key)
-        .header("content-type", form.content_type())
-        .body(reqwest::Body::wrap_stream(stream))
-        .send();
+    let (request, release_tx) = post_held_back(&gw, &form, 600_000);
     let watch = async {
         // While the client still holds back the end of its upload, the provider's
         // connection already carries the image's first bytes.
-        let mut got = Vec::new();
-        while !got.windows(8).any(|w| w == b"\x89PNG\r\n\x1a\n") {
-            let chunk = tokio::time::timeout(Duration::from_secs(5), seen.recv())
-                .await
-                .expect("image bytes reach the provider before the upload ends")
-                .expect("stand-in running");
-            assert!(!chunk.is_empty(), "the provider connection closed early");
-            got.extend_from_slice(&chunk);
-        }
+        until_image_starts(&mut seen).await;
         assert_eq!(gw.spool_files(), 0, "model first: nothing touches the disk");
         release_tx.send(()).expect("release");
     };
