@@ -33,24 +33,15 @@ per_image = 0.03
     )
 }
 
-async fn post_form(gw: &TestGateway, path: &str, form: &Form) -> reqwest::Response {
-    gw.client
-        .post(gw.url(path))
-        .bearer_auth(&gw.key)
-        .header("content-type", form.content_type())
-        .body(form.body())
-        .send()
-        .await
-        .expect("send")
-}
-
 #[tokio::test]
 async fn an_edit_skips_a_generations_only_route() {
     let legacy = StandIn::json(200, &image_response(1, USAGE)).await;
     let full = StandIn::json(200, &image_response(1, USAGE)).await;
     let gw = TestGateway::start(Db::Sqlite, &config(&legacy.base_url(), &full.base_url())).await;
 
-    let response = post_form(&gw, "/v1/images/edits", &Form::edit("gpt-image-1.5", "p")).await;
+    let response = gw
+        .post_form("/v1/images/edits", &Form::edit("gpt-image-1.5", "p"))
+        .await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-imagegate-provider"], "full");
     assert!(
@@ -96,7 +87,7 @@ async fn an_endpoint_no_route_serves_is_refused_before_any_provider() {
     let gw = TestGateway::start(Db::Postgres, &config(&legacy.base_url(), &full.base_url())).await;
 
     let form = Form::new().text("model", "gen-only").image();
-    let error = expect_error(post_form(&gw, "/v1/images/variations", &form).await, 400).await;
+    let error = expect_error(gw.post_form("/v1/images/variations", &form).await, 400).await;
     assert_eq!(error["code"], "unsupported_endpoint");
     assert_eq!(error["param"], "model");
     let message = error["message"].as_str().expect("message");

@@ -157,15 +157,7 @@ async fn the_mock_reads_multipart_and_json_edits_from_their_bodies() {
         .text("n", "2")
         .text("stream", "true")
         .text("partial_images", "1");
-    let response = gw
-        .client
-        .post(gw.url("/v1/images/edits"))
-        .bearer_auth(&gw.key)
-        .header("content-type", form.content_type())
-        .body(form.body())
-        .send()
-        .await
-        .expect("send");
+    let response = gw.post_form("/v1/images/edits", &form).await;
     assert_eq!(response.status(), 200);
     let sent = events(&response.text().await.expect("body"));
     let types: Vec<_> = sent

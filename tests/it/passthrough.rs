@@ -50,15 +50,7 @@ async fn new_values_and_fields_reach_the_provider_byte_for_byte() {
         .iter()
         .fold(Form::new(), |form, (name, value)| form.text(name, value))
         .image();
-    let response = gw
-        .client
-        .post(gw.url("/v1/images/edits"))
-        .bearer_auth(&gw.key)
-        .header("content-type", form.content_type())
-        .body(form.body())
-        .send()
-        .await
-        .expect("send");
+    let response = gw.post_form("/v1/images/edits", &form).await;
     assert_eq!(response.status(), 200);
     response.bytes().await.expect("body");
     let got = &provider.requests()[1];
