@@ -34,6 +34,10 @@ use raw::{RawConfig, RawDatabase};
 /// Where the configuration is read from when neither `--config` nor `IMAGEGATE_CONFIG` says.
 pub const DEFAULT_CONFIG_PATH: &str = "config/imagegate.toml";
 
+/// The shortest admin token accepted: 32 characters, as many as `openssl rand -hex 16`
+/// gives, beyond any online guessing.
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 32;
+
 /// Looks up an environment variable; tests hand in their own.
 pub type EnvLookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
@@ -238,12 +242,32 @@ impl Validator<'_> {
         Ok(value)
     }
 
+    /// The admin token, from the environment variable `var`: unset or empty turns the admin
+    /// API off. The admin API and the dashboard's login form take guesses at it, so a short
+    /// one is refused (the message names its length, never the token).
+    fn admin_token(&self, var: &str) -> Result<Option<Secret>, ConfigError> {
+        let Some(token) = (self.env)(var).filter(|t| !t.is_empty()) else {
+            return Ok(None);
+        };
+        let chars = token.chars().count();
+        if chars < MIN_ADMIN_TOKEN_CHARS {
+            return Err(self.err(
+                "admin.token_env",
+                format!(
+                    "{var} holds {chars} characters; an admin token needs at least \
+                     {MIN_ADMIN_TOKEN_CHARS} (make one with `openssl rand -hex 32`)"
+                ),
+            ));
+        }
+        Ok(Some(Secret::new(token)))
+    }
+
     fn validate(&self, raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         let upstream = self.upstream_timeouts(&raw.server)?;
         let jobs = self.jobs(raw.jobs, &raw.server)?;
         let server = self.server(raw.server)?;
         let database_url = self.database_url(&raw.database.url)?;
-        let admin_token = (self.env)(&raw.admin.token_env).map(Secret::new);
+        let admin_token = self.admin_token(&raw.admin.token_env)?;
         let limits = self.limits(&raw.limits)?;
         let mut providers = BTreeMap::new();
         for (name, p) in raw.providers {
@@ -606,6 +630,34 @@ mod tests {
             jail.set_env("IMAGEGATE_SERVER__SHUTDOWN_GRACE", "45s");
             let cfg = load(jail, GOOD, &env).expect("env duration");
             assert_eq!(cfg.server.shutdown_grace, Duration::from_secs(45));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_short_admin_token_is_refused_without_showing_it() {
+        figment::Jail::expect_with(|jail| {
+            let with_token = |token: &str| {
+                env_with(&[("PIAPI_API_KEY", "pk"), ("IMAGEGATE_ADMIN_TOKEN", token)])
+            };
+            let short = "hunter2-is-not-a-token-31-chars";
+            assert_eq!(short.len(), MIN_ADMIN_TOKEN_CHARS - 1);
+            let err = load(jail, GOOD, &with_token(short))
+                .expect_err("too short")
+                .to_string();
+            assert!(
+                err.ends_with(
+                    "admin.token_env: IMAGEGATE_ADMIN_TOKEN holds 31 characters; an admin \
+                     token needs at least 32 (make one with `openssl rand -hex 32`)"
+                ),
+                "{err}"
+            );
+            assert!(!err.contains(short), "{err}");
+            let long = format!("{short}x");
+            let cfg = load(jail, GOOD, &with_token(&long)).expect("32 characters");
+            assert_eq!(cfg.admin_token.map(|t| t.expose().to_owned()), Some(long));
+            let cfg = load(jail, GOOD, &with_token("")).expect("empty: no admin API");
+            assert!(cfg.admin_token.is_none());
             Ok(())
         });
     }
