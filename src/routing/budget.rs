@@ -1,9 +1,11 @@
 //! A call's hold on its key's budget: its worst-case cost reserved in the database before
 //! it is sent, so that replicas sharing the database never spend past the budget together.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use tokio_util::task::TaskTracker;
 
 use crate::auth::Principal;
 use crate::error::ApiError;
@@ -14,6 +16,38 @@ use crate::usage::price::format_usd;
 /// a burst of a few hundred calls of one key waits its turn; a database that does not
 /// answer at all gets the call refused (503) after this.
 const RESERVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// When a reservation given up on is released again (after the call stopped waiting for
+/// it): soon, for one that was only slow, and later, for one still queued on its key's row.
+/// One that lands later still is released by its deadline.
+const LATE_RELEASES: [Duration; 3] = [
+    Duration::from_secs(1),
+    Duration::from_secs(5),
+    Duration::from_secs(30),
+];
+
+/// Releases the reservation of `request_id`, whose outcome the call did not see (a timeout
+/// or an error from the database), at each of [`LATE_RELEASES`]: a reservation that was
+/// granted after all is given back instead of holding the budget until its deadline. At
+/// shutdown (`tasks` closed) it tries once more at once instead of waiting.
+pub(super) async fn release_late(store: Arc<dyn Store>, tasks: TaskTracker, request_id: String) {
+    const TICK: Duration = Duration::from_millis(250);
+    for wait in LATE_RELEASES {
+        let until = tokio::time::Instant::now() + wait;
+        while tokio::time::Instant::now() < until && !tasks.is_closed() {
+            tokio::time::sleep(TICK.min(until - tokio::time::Instant::now())).await;
+        }
+        match store.release(&request_id).await {
+            Ok(true) => {
+                tracing::info!(request_id, "late budget reservation released");
+                return;
+            }
+            Ok(false) if tasks.is_closed() => return,
+            Ok(false) => {}
+            Err(err) => tracing::debug!(%err, request_id, "late budget release failed"),
+        }
+    }
+}
 
 /// The key's budget and its period, when it has one.
 pub(super) fn budget_of(principal: &Principal) -> Option<(i64, BudgetPeriod)> {

@@ -159,7 +159,15 @@ impl Call {
         let store = self.state.store.as_ref();
         let amount = intent.worst_case_nanousd;
         let (id, model) = (&intent.request_id, &self.model.name);
-        budget::hold(store, &self.principal, id, model, amount, hold_for).await
+        let held = budget::hold(store, &self.principal, id, model, amount, hold_for).await;
+        if matches!(held, Err(ApiError::BudgetUnavailable)) {
+            // Given up on, the reservation may still land (it queues on the key's row), and
+            // the call will not be sent: release it once it can have landed.
+            let store = std::sync::Arc::clone(&self.state.store);
+            let tasks = self.state.tasks.clone();
+            (self.state.tasks).spawn(budget::release_late(store, tasks, id.clone()));
+        }
+        held
     }
 
     /// Gives back the reservation of a call that was not sent (none: nothing to do).

@@ -352,3 +352,58 @@ async fn a_killed_replicas_holds_are_released_after_their_deadline_and_its_rows_
         child.wait().await.expect("exits");
     }
 }
+
+/// A reservation the call stopped waiting for (its key's row locked past the 5 s a call
+/// waits: 503 `budget_unavailable`, nothing sent) still lands once the lock goes; it is
+/// given back within seconds instead of holding the budget until its deadline.
+#[tokio::test]
+async fn a_reservation_given_up_on_is_released_when_it_lands() {
+    use sqlx::{Connection, Executor};
+
+    let (store, url) = crate::support::db::fresh_postgres().await;
+    let provider = StandIn::start(ok_standin_handler()).await;
+    let gw = TestGateway::start_on(&url, &test_config(&provider.base_url(), "")).await;
+    let (key, key_id) = budgeted_key(&*store, "locked-out", 2, "total").await;
+    let base = gw.url("");
+    let (status, body, _) = generate(&gw.client, &base, &key).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(settled(&*store, key_id).await.spent_nanousd, CALL);
+
+    let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+    let mut lock = conn.begin().await.expect("begin");
+    lock.execute(
+        sqlx::query("select 1 from budget_state where key_id = $1 for update").bind(key_id),
+    )
+    .await
+    .expect("lock the key's budget row");
+    let (status, body, _) = generate(&gw.client, &base, &key).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "budget_unavailable", "{body}");
+    lock.commit().await.expect("unlock");
+
+    // The queued reservation is granted now (at once), then released by the call that gave
+    // up on it (its first try is a second after the 503).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut landed = false;
+    let state = loop {
+        let state = store
+            .budget_state(key_id)
+            .await
+            .expect("budget state")
+            .expect("a budget row");
+        landed |= state.reserved_nanousd == CALL;
+        if (landed && state.reserved_nanousd == 0) || Instant::now() > deadline {
+            break state;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        landed,
+        "the reservation queued on the lock was granted when it went"
+    );
+    assert_eq!((state.spent_nanousd, state.reserved_nanousd), (CALL, 0));
+    let (status, body, _) = generate(&gw.client, &base, &key).await;
+    assert_eq!(status, 200, "the second call fits the budget again: {body}");
+    assert_eq!(provider.requests().len(), 2);
+    gw.shutdown().await;
+}
