@@ -447,6 +447,7 @@ impl Upload {
             "stream" => summary.stream = text.trim().eq_ignore_ascii_case("true"),
             "size" => summary.size = Some(text.to_owned()),
             "quality" => summary.quality = Some(text.to_owned()),
+            "partial_images" => summary.partial_images = text.trim().parse().ok(),
             _ => {}
         }
         Ok(())

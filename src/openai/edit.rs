@@ -22,7 +22,13 @@ pub fn parse_json_edit(bytes: &[u8], max_images: usize) -> Result<GenerationRequ
 fn check_images(body: &Map<String, Value>, max_images: usize) -> Result<(), Invalid> {
     let present = |name: &str| body.get(name).filter(|v| !v.is_null());
     let (name, value) = match (present("images"), present("image")) {
-        (Some(images), _) => ("images", images),
+        (Some(_), Some(_)) => {
+            return Err(Invalid::new(
+                "Invalid 'image': give the references in 'images' or in 'image', not both.",
+                Some("image"),
+            ));
+        }
+        (Some(images), None) => ("images", images),
         (None, Some(image)) => ("image", image),
         (None, None) => {
             return Err(Invalid::new(
@@ -191,6 +197,10 @@ mod tests {
                 "mask.image_url",
             ),
             (r#"{"prompt":"p","image":{}}"#, "image"),
+            (
+                r#"{"prompt":"p","images":[{"file_id":"f"}],"image":[{"file_id":"g"}]}"#,
+                "image",
+            ),
             (r#"{"images":[{"file_id":"f"}]}"#, "prompt"),
             (r#"{"prompt":"p","images":[{"file_id":"f"}],"n":11}"#, "n"),
         ];

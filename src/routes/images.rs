@@ -200,6 +200,7 @@ impl RequestSource for JsonSource {
             prompt_chars: upstream
                 .str_field("prompt")
                 .map_or(0, |p| p.chars().count()),
+            partial_images: upstream.body.get("partial_images").and_then(|v| v.as_i64()),
         };
         let bytes = serde_json::to_vec(&upstream.body).map_err(ApiError::internal)?;
         Ok(Prepared {

@@ -45,6 +45,8 @@ pub struct RequestSummary {
     pub size: Option<String>,
     pub quality: Option<String>,
     pub prompt_chars: usize,
+    /// `partial_images` as sent, when it was a whole number.
+    pub partial_images: Option<i64>,
 }
 
 /// A request body: whole (JSON), or fed part by part through a channel (multipart).

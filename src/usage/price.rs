@@ -13,6 +13,14 @@ pub const MAX_N: i64 = 10;
 pub const MAX_INPUT_IMAGES: i64 = 16;
 /// The longest prompt, in characters (gpt-image-1's limit).
 pub const MAX_PROMPT_CHARS: i64 = 32_000;
+/// The size [`MAX_TOKENS_PER_IMAGE`] is counted at (1536x1024, in pixels); a larger custom
+/// size counts in proportion to its area.
+const MAX_TOKENS_AREA: i64 = 1536 * 1024;
+/// The output tokens OpenAI counts for each partial image of a stream.
+pub const PARTIAL_IMAGE_TOKENS: i64 = 100;
+/// The most partial images OpenAI sends (`partial_images` 0 to 3): assumed for an upload
+/// whose `partial_images` has not arrived when the call is sent.
+pub const MAX_PARTIAL_IMAGES: i64 = 3;
 
 /// What a call is priced on: the usage the provider reported, the images it returned, and
 /// the quality and size they were made at (the provider's word when it said, else the
@@ -81,9 +89,12 @@ fn token_cost(rates: &TokenRates, u: &TokenUsage) -> i128 {
 /// - `n` images: the request's, or [`MAX_N`] for an upload whose `n` has not arrived yet
 ///   (its fields stream to the provider as they come); generations default to 1 as OpenAI
 ///   does; at the request's quality and size (a table's dearest entry when it has none);
-/// - `n` × [`MAX_TOKENS_PER_IMAGE`] output tokens, one text token per prompt character (a
-///   token is never shorter; [`MAX_PROMPT_CHARS`] when the prompt has not arrived), and
-///   for edits [`MAX_INPUT_IMAGES`] (variations: one) input images of
+/// - `n` × [`MAX_TOKENS_PER_IMAGE`] output tokens (more for a custom size larger than
+///   1536x1024, in proportion to its area), plus [`PARTIAL_IMAGE_TOKENS`] for each partial
+///   image of each image (`partial_images`; [`MAX_PARTIAL_IMAGES`] for an upload whose
+///   value has not arrived); one text token per prompt character (a token is never
+///   shorter; [`MAX_PROMPT_CHARS`] when the prompt has not arrived); and for edits
+///   [`MAX_INPUT_IMAGES`] input images and a mask (variations: one image) of
 ///   [`MAX_TOKENS_PER_IMAGE`] each, all at the uncached rates.
 pub fn worst_case_nanousd(
     price: &Price,
@@ -102,13 +113,20 @@ pub fn worst_case_nanousd(
     };
     let input_images = match endpoint {
         Endpoint::Generations => 0,
-        Endpoint::Edits => MAX_INPUT_IMAGES,
+        Endpoint::Edits => MAX_INPUT_IMAGES + 1,
         Endpoint::Variations => 1,
     };
+    let partials = match summary.partial_images {
+        Some(p) => p.max(0),
+        None if upload => MAX_PARTIAL_IMAGES,
+        None => 0,
+    };
+    let per_image = tokens_at_size(summary.size.as_deref())
+        .saturating_add(partials.saturating_mul(PARTIAL_IMAGE_TOKENS));
     let usage = TokenUsage {
         text_input_tokens: prompt,
         image_input_tokens: input_images * MAX_TOKENS_PER_IMAGE,
-        output_tokens: n * MAX_TOKENS_PER_IMAGE,
+        output_tokens: n.saturating_mul(per_image),
         ..TokenUsage::default()
     };
     let call = Billed {
@@ -118,6 +136,27 @@ pub fn worst_case_nanousd(
         size: summary.size.as_deref(),
     };
     cost_nanousd(price, &call)
+}
+
+/// The most output tokens one image of `size` can count: [`MAX_TOKENS_PER_IMAGE`], or for
+/// a `WxH` larger than 1536x1024 that in proportion to its area (rounded up).
+fn tokens_at_size(size: Option<&str>) -> i64 {
+    let area = size
+        .and_then(|s| s.trim().split_once(['x', 'X']))
+        .and_then(|(w, h)| {
+            let (w, h): (i64, i64) = (w.trim().parse().ok()?, h.trim().parse().ok()?);
+            w.checked_mul(h)
+        });
+    match area {
+        Some(area) if area > MAX_TOKENS_AREA => {
+            let (scaled, area_max) = (
+                i128::from(MAX_TOKENS_PER_IMAGE) * i128::from(area),
+                i128::from(MAX_TOKENS_AREA),
+            );
+            saturate((scaled + area_max - 1) / area_max)
+        }
+        _ => MAX_TOKENS_PER_IMAGE,
+    }
 }
 
 /// An i128 amount clamped into i64.
@@ -404,8 +443,41 @@ mod tests {
         // An edit whose fields have not arrived: the limits.
         assert_eq!(
             worst_case_nanousd(&GPT_IMAGE_1, Endpoint::Edits, &summary(None, 0)),
-            Some(32_000 * 5000 + 16 * 6240 * 10000 + 10 * 6240 * 40000)
+            Some(32_000 * 5000 + 17 * 6240 * 10000 + 10 * (6240 + 3 * 100) * 40000)
         );
+        // A custom size larger than 1536x1024 counts in proportion to its area, and each
+        // partial image of a stream 100 output tokens more.
+        let big = RequestSummary {
+            size: Some("2880x1616".into()),
+            partial_images: Some(2),
+            stream: true,
+            ..summary(Some(1), 40)
+        };
+        // 6240 x (2880 x 1616) / (1536 x 1024) = 18,464.06: 18,465, and 2 x 100 for the
+        // partials.
+        let tokens = 18_465 + 200;
+        assert_eq!(
+            worst_case_nanousd(&GPT_IMAGE_1, Endpoint::Generations, &big),
+            Some(40 * 5000 + tokens * 40000)
+        );
+        // Up to 1536x1024, or a size that is not WxH: the largest image of the table.
+        for size in [
+            "1024x1024",
+            "auto",
+            "1536 x 1024",
+            "huge",
+            "99999999999x99999999999",
+        ] {
+            let call = RequestSummary {
+                size: Some(size.into()),
+                ..summary(Some(1), 40)
+            };
+            assert_eq!(
+                worst_case_nanousd(&GPT_IMAGE_1, Endpoint::Generations, &call),
+                Some(40 * 5000 + 6240 * 40000),
+                "{size}"
+            );
+        }
         assert_eq!(
             worst_case_nanousd(
                 &Price::PerImage(40_000_000),
