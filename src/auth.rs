@@ -277,6 +277,10 @@ impl KeyCache {
         if let Some(lookup) = pending.get(&hash).and_then(|weak| weak.upgrade()) {
             return lookup;
         }
+        // Lookups whose every request went away before they ended (their clients hung up)
+        // are not removed by a request: they go here, so the table holds no more than the
+        // requests waiting at once.
+        pending.retain(|_, weak| weak.upgrade().is_some());
         let this = self.clone();
         let lookup = async move {
             let permit = Arc::clone(&this.inner.unseen_lookups)
@@ -390,6 +394,27 @@ pub fn bearer(request: &Request) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn lookups_their_clients_left_do_not_pile_up() {
+        let store = crate::store::connect("sqlite::memory:")
+            .await
+            .expect("store");
+        let cache = KeyCache::new(
+            store,
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+            TaskTracker::new(),
+        );
+        // Each request is polled once (its lookup registered and waiting), then dropped, as
+        // when its client hangs up.
+        for _ in 0..200 {
+            let key = issue_key("gone").key;
+            let _ = tokio::time::timeout(Duration::ZERO, cache.lookup(&key)).await;
+        }
+        let pending = cache.inner.pending.lock().expect("lock").len();
+        assert!(pending <= 1, "{pending} lookups left behind");
+    }
 
     #[test]
     fn issued_keys_are_well_formed_and_hashed() {
