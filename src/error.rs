@@ -146,6 +146,16 @@ impl ApiError {
         ApiError::Internal(err.to_string())
     }
 
+    /// True when the key's budget stopped the call before it was sent.
+    pub fn is_budget_refusal(&self) -> bool {
+        matches!(
+            self,
+            ApiError::InsufficientQuota { .. }
+                | ApiError::UnpricedOverBudget(_)
+                | ApiError::BudgetUnavailable
+        )
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,

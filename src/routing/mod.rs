@@ -85,7 +85,13 @@ impl Call {
                 continue;
             }
             let more = attempt + 1 < self.model.failover.max_attempts.get();
-            match self.attempt(source, route, index, attempt).await? {
+            let tried = match self.attempt(source, route, index, attempt).await {
+                // A later route the key's budget cannot pay for does not hide why the
+                // earlier one failed.
+                Err(err) if err.is_budget_refusal() && last.is_some() => break,
+                tried => tried?,
+            };
+            match tried {
                 Attempt::Answered(response) => return Ok(response),
                 Attempt::Failed(response) => {
                     attempt += 1;

@@ -407,3 +407,60 @@ async fn a_reservation_given_up_on_is_released_when_it_lands() {
     assert_eq!(provider.requests().len(), 2);
     gw.shutdown().await;
 }
+
+/// A key with a budget whose call fails at a priced route, and would fail over to a route
+/// without a price (which a budget cannot hold), gets the first provider's error: not the
+/// 403 of a route it could never use.
+#[tokio::test]
+async fn a_route_the_budget_cannot_use_does_not_hide_the_first_failure() {
+    let failing = StandIn::start(|_| {
+        respond(
+            503,
+            "application/json",
+            r#"{"error":{"message":"overloaded","type":"server_error","param":null,"code":null}}"#,
+        )
+    })
+    .await;
+    let backup = StandIn::start(ok_standin_handler()).await;
+    let extra = format!(
+        r#"
+[providers.backup]
+base_url = "{}"
+api_key_env = "TEST_PIAPI_KEY"
+
+[models."two-routes"]
+routes = [{{ provider = "piapi", model = "dall-e-3" }}, {{ provider = "backup", model = "no-price" }}]
+
+[pricing.backup."no-price"]
+unpriced = true
+"#,
+        backup.base_url()
+    );
+    let gw = TestGateway::start(Db::Sqlite, &test_config(&failing.base_url(), &extra)).await;
+    let (key, key_id) = budgeted_key(&*gw.store, "capped", 10, "total").await;
+    let response = gw
+        .client
+        .post(gw.url("/v1/images/generations"))
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .body(r#"{"model":"two-routes","prompt":"a lighthouse"}"#)
+        .send()
+        .await
+        .expect("answer");
+    let status = response.status();
+    let error: Value = response.json().await.expect("json");
+    assert_eq!(status, 502, "{error}");
+    assert_eq!(error["error"]["code"], "upstream_error", "{error}");
+    assert_eq!(
+        error["error"]["message"],
+        "provider piapi failed (503 Service Unavailable): overloaded"
+    );
+    assert_eq!(failing.requests().len(), 1);
+    assert!(
+        backup.requests().is_empty(),
+        "nothing sent to the unpriced route"
+    );
+    let state = settled(&*gw.store, key_id).await;
+    assert_eq!((state.spent_nanousd, state.reserved_nanousd), (0, 0));
+    gw.shutdown().await;
+}
