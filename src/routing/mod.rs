@@ -211,7 +211,12 @@ impl Call {
             n: summary.n,
             size: summary.size.clone(),
             quality: summary.quality.clone(),
-            worst_case_nanousd: worst_case_nanousd(&route.price, self.endpoint, summary),
+            worst_case_nanousd: worst_case_nanousd(
+                &route.price,
+                self.endpoint,
+                summary,
+                self.runtime.config.server.uploads.max_images,
+            ),
             created_at,
         }
     }

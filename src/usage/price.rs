@@ -9,8 +9,6 @@ use crate::usage::extract::TokenUsage;
 pub const MAX_TOKENS_PER_IMAGE: i64 = 6240;
 /// The most images one request can ask for (`n`, OpenAI's limit).
 pub const MAX_N: i64 = 10;
-/// The most input images an edit can carry (gpt-image-1's limit).
-pub const MAX_INPUT_IMAGES: i64 = 16;
 /// The longest prompt, in characters (gpt-image-1's limit).
 pub const MAX_PROMPT_CHARS: i64 = 32_000;
 /// The size [`MAX_TOKENS_PER_IMAGE`] is counted at (1536x1024, in pixels); a larger custom
@@ -94,12 +92,14 @@ fn token_cost(rates: &TokenRates, u: &TokenUsage) -> i128 {
 ///   image of each image (`partial_images`; [`MAX_PARTIAL_IMAGES`] for an upload whose
 ///   value has not arrived); one text token per prompt character (a token is never
 ///   shorter; [`MAX_PROMPT_CHARS`] when the prompt has not arrived); and for edits
-///   [`MAX_INPUT_IMAGES`] input images and a mask (variations: one image) of
+///   `max_images` input images (`server.max_images`, which imagegate enforces) and a
+///   mask (variations: one image) of
 ///   [`MAX_TOKENS_PER_IMAGE`] each, all at the uncached rates.
 pub fn worst_case_nanousd(
     price: &Price,
     endpoint: Endpoint,
     summary: &RequestSummary,
+    max_images: usize,
 ) -> Option<i64> {
     let upload = endpoint != Endpoint::Generations;
     let n = match summary.n {
@@ -113,7 +113,9 @@ pub fn worst_case_nanousd(
     };
     let input_images = match endpoint {
         Endpoint::Generations => 0,
-        Endpoint::Edits => MAX_INPUT_IMAGES + 1,
+        Endpoint::Edits => i64::try_from(max_images)
+            .unwrap_or(i64::MAX)
+            .saturating_add(1),
         Endpoint::Variations => 1,
     };
     let partials = match summary.partial_images {
@@ -125,7 +127,7 @@ pub fn worst_case_nanousd(
         .saturating_add(partials.saturating_mul(PARTIAL_IMAGE_TOKENS));
     let usage = TokenUsage {
         text_input_tokens: prompt,
-        image_input_tokens: input_images * MAX_TOKENS_PER_IMAGE,
+        image_input_tokens: input_images.saturating_mul(MAX_TOKENS_PER_IMAGE),
         output_tokens: n.saturating_mul(per_image),
         ..TokenUsage::default()
     };
@@ -417,6 +419,10 @@ mod tests {
         assert_eq!(format_cost(Some(30_000_000)), "0.03");
     }
 
+    fn worst(price: &Price, endpoint: Endpoint, summary: &RequestSummary) -> Option<i64> {
+        worst_case_nanousd(price, endpoint, summary, 16)
+    }
+
     #[test]
     fn the_worst_case_covers_the_largest_answer() {
         let summary = |n: Option<i32>, prompt_chars: usize| RequestSummary {
@@ -426,7 +432,7 @@ mod tests {
         };
         // A generation of 2 images, 40-character prompt: 2 of the largest images.
         assert_eq!(
-            worst_case_nanousd(&GPT_IMAGE_1, Endpoint::Generations, &summary(Some(2), 40)),
+            worst(&GPT_IMAGE_1, Endpoint::Generations, &summary(Some(2), 40)),
             Some(40 * 5000 + 2 * 6240 * 40000)
         );
         // The largest answer mock or real providers give costs no more than that.
@@ -438,12 +444,17 @@ mod tests {
         };
         assert!(
             cost_nanousd(&GPT_IMAGE_1, &call)
-                <= worst_case_nanousd(&GPT_IMAGE_1, Endpoint::Generations, &summary(None, 40))
+                <= worst(&GPT_IMAGE_1, Endpoint::Generations, &summary(None, 40))
         );
         // An edit whose fields have not arrived: the limits.
         assert_eq!(
-            worst_case_nanousd(&GPT_IMAGE_1, Endpoint::Edits, &summary(None, 0)),
+            worst(&GPT_IMAGE_1, Endpoint::Edits, &summary(None, 0)),
             Some(32_000 * 5000 + 17 * 6240 * 10000 + 10 * (6240 + 3 * 100) * 40000)
+        );
+        // As many input images as `server.max_images` lets through, and the mask.
+        assert_eq!(
+            worst_case_nanousd(&GPT_IMAGE_1, Endpoint::Edits, &summary(None, 0), 40),
+            Some(32_000 * 5000 + 41 * 6240 * 10000 + 10 * (6240 + 3 * 100) * 40000)
         );
         // A custom size larger than 1536x1024 counts in proportion to its area, and each
         // partial image of a stream 100 output tokens more.
@@ -457,7 +468,7 @@ mod tests {
         // partials.
         let tokens = 18_465 + 200;
         assert_eq!(
-            worst_case_nanousd(&GPT_IMAGE_1, Endpoint::Generations, &big),
+            worst(&GPT_IMAGE_1, Endpoint::Generations, &big),
             Some(40 * 5000 + tokens * 40000)
         );
         // Up to 1536x1024, or a size that is not WxH: the largest image of the table.
@@ -473,13 +484,13 @@ mod tests {
                 ..summary(Some(1), 40)
             };
             assert_eq!(
-                worst_case_nanousd(&GPT_IMAGE_1, Endpoint::Generations, &call),
+                worst(&GPT_IMAGE_1, Endpoint::Generations, &call),
                 Some(40 * 5000 + 6240 * 40000),
                 "{size}"
             );
         }
         assert_eq!(
-            worst_case_nanousd(
+            worst(
                 &Price::PerImage(40_000_000),
                 Endpoint::Variations,
                 &summary(Some(3), 0)
@@ -498,16 +509,13 @@ mod tests {
             quality: Some("low".into()),
             ..summary(Some(2), 40)
         };
+        assert_eq!(worst(&apiyi, Endpoint::Generations, &low), Some(10_000_000));
         assert_eq!(
-            worst_case_nanousd(&apiyi, Endpoint::Generations, &low),
-            Some(10_000_000)
-        );
-        assert_eq!(
-            worst_case_nanousd(&apiyi, Endpoint::Generations, &summary(Some(2), 40)),
+            worst(&apiyi, Endpoint::Generations, &summary(Some(2), 40)),
             Some(72_000_000)
         );
         assert_eq!(
-            worst_case_nanousd(&Price::Unpriced, Endpoint::Edits, &summary(None, 0)),
+            worst(&Price::Unpriced, Endpoint::Edits, &summary(None, 0)),
             None
         );
     }
