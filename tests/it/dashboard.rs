@@ -78,6 +78,19 @@ async fn login_sets_a_signed_http_only_cookie_and_the_pages_need_it() {
         !set.contains(ADMIN_TOKEN),
         "the cookie never holds the token: {set}"
     );
+    assert!(!set.contains("Secure"), "plain HTTP: {set}");
+    // Behind a TLS terminator that says so, the cookie is sent over HTTPS only.
+    let over_tls = no_redirects()
+        .post(gw.url("/dashboard/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-forwarded-proto", "https")
+        .body(format!("token={ADMIN_TOKEN}"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(over_tls.status(), 303);
+    let secure = over_tls.headers()["set-cookie"].to_str().expect("ascii");
+    assert!(secure.ends_with("; Secure"), "{secure}");
     let cookie = session_of(&response);
     let page = client
         .get(gw.url("/dashboard"))

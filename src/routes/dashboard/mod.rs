@@ -15,7 +15,7 @@ use axum::extract::rejection::{FormRejection, QueryRejection};
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Redirect, Response};
 use chrono::{Duration, NaiveDate, Utc};
-use http::{HeaderValue, StatusCode, header};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
 
 use super::admin::usage::{Pairs, Params, csv_response, page, rows_csv_response, totals};
 use crate::error::ApiError;
@@ -77,6 +77,7 @@ pub struct Login {
 /// dashboard; anything else shows the form again with 401.
 pub async fn login(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     form: Result<Form<Login>, FormRejection>,
 ) -> Response {
     let config = Arc::clone(&state.runtime.load().config);
@@ -94,14 +95,14 @@ pub async fn login(
         return html(StatusCode::UNAUTHORIZED, html::login(None));
     };
     tracing::info!(target: "imagegate::admin", "dashboard login");
-    let cookie = session::set_cookie(&session::issue(token));
+    let cookie = session::set_cookie(&session::issue(token), &headers);
     ([(header::SET_COOKIE, cookie)], Redirect::to("/dashboard")).into_response()
 }
 
 /// `POST /dashboard/logout`: ends the session in this browser.
-pub async fn logout() -> Response {
+pub async fn logout(headers: HeaderMap) -> Response {
     (
-        [(header::SET_COOKIE, session::clear_cookie())],
+        [(header::SET_COOKIE, session::clear_cookie(&headers))],
         Redirect::to(LOGIN),
     )
         .into_response()

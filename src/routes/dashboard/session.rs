@@ -31,14 +31,30 @@ pub fn issue(token: &Secret) -> String {
 }
 
 /// The `Set-Cookie` value of a session: readable by no script, sent only to the dashboard
-/// and never from another site.
-pub fn set_cookie(value: &str) -> String {
-    format!("{COOKIE}={value}; Path=/dashboard; HttpOnly; SameSite=Strict; Max-Age={LIFETIME_SECS}")
+/// and never from another site; over HTTPS only when the browser reached imagegate over
+/// HTTPS (see [`over_https`]).
+pub fn set_cookie(value: &str, headers: &HeaderMap) -> String {
+    let secure = if over_https(headers) { "; Secure" } else { "" };
+    format!(
+        "{COOKIE}={value}; Path=/dashboard; HttpOnly; SameSite=Strict; Max-Age={LIFETIME_SECS}{secure}"
+    )
 }
 
 /// The `Set-Cookie` value that ends a session.
-pub fn clear_cookie() -> String {
-    format!("{COOKIE}=; Path=/dashboard; HttpOnly; SameSite=Strict; Max-Age=0")
+pub fn clear_cookie(headers: &HeaderMap) -> String {
+    let secure = if over_https(headers) { "; Secure" } else { "" };
+    format!("{COOKIE}=; Path=/dashboard; HttpOnly; SameSite=Strict; Max-Age=0{secure}")
+}
+
+/// True when the TLS terminator in front of imagegate (which serves plain HTTP) says the
+/// browser came over HTTPS: `X-Forwarded-Proto: https`, as proxies and load balancers
+/// send it. A client that sends it itself only makes its own cookie stricter.
+pub fn over_https(headers: &HeaderMap) -> bool {
+    headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .is_some_and(|proto| proto.trim().eq_ignore_ascii_case("https"))
 }
 
 /// True when the request carries an unexpired session signed with today's admin token (an
