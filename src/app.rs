@@ -96,6 +96,7 @@ impl Gateway {
             breakers: Arc::default(),
             dedupe,
             spool: SpoolUsage::default(),
+            json_memory: Default::default(),
             in_flight: Arc::default(),
             jobs,
             reload_lock: std::sync::Mutex::new(()),

@@ -77,6 +77,11 @@ pub enum ApiError {
         "The server has no room left to take this upload now; retry later or send a smaller upload."
     )]
     SpoolFull,
+    /// JSON bodies in memory hold `server.json_memory_max_bytes` already.
+    #[error(
+        "The server is holding as many request bodies as it may now; retry in a moment or send a smaller request."
+    )]
+    JsonMemoryFull,
     /// The usage journal cannot be written: a billable request is refused before it
     /// reaches a provider, since its usage could not be recorded.
     #[error(
@@ -184,6 +189,7 @@ impl ApiError {
             ApiError::NotReady
             | ApiError::CircuitOpen { .. }
             | ApiError::SpoolFull
+            | ApiError::JsonMemoryFull
             | ApiError::UsageJournalUnavailable
             | ApiError::KeyLookupUnavailable
             | ApiError::BudgetUnavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -242,6 +248,7 @@ impl ApiError {
             ApiError::ReloadRefused(_) => ("invalid_request_error", Some("config_invalid"), None),
             ApiError::NotReady => ("server_error", Some("not_ready"), None),
             ApiError::SpoolFull => ("server_error", Some("spool_full"), None),
+            ApiError::JsonMemoryFull => ("server_error", Some("server_busy"), None),
             ApiError::UsageJournalUnavailable => {
                 ("server_error", Some("usage_journal_unavailable"), None)
             }
@@ -294,7 +301,8 @@ impl IntoResponse for ApiError {
         }
         if let ApiError::KeyLookupUnavailable
         | ApiError::KeyInFlightLimit { .. }
-        | ApiError::BudgetUnavailable = &self
+        | ApiError::BudgetUnavailable
+        | ApiError::JsonMemoryFull = &self
         {
             response
                 .headers_mut()

@@ -2,12 +2,62 @@
 //! requests-per-minute limit tells the client (OpenAI's `x-ratelimit-*` headers).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue};
 
 use crate::store::{RATE_WINDOW_NANOS, RateState};
+
+/// The bytes of JSON request bodies the process holds in memory (all workers share it),
+/// against `server.json_memory_max_bytes`: a call holds its body's share until it ends, a
+/// job until it has run.
+#[derive(Clone, Default)]
+pub struct JsonMemory(Arc<AtomicU64>);
+
+impl JsonMemory {
+    /// A hold on `bytes` more, or none when that would pass `max`.
+    pub fn hold(&self, bytes: u64, max: u64) -> Option<JsonMemoryHold> {
+        let before = self.0.fetch_add(bytes, Ordering::Relaxed);
+        if before.saturating_add(bytes) > max {
+            self.0.fetch_sub(bytes, Ordering::Relaxed);
+            return None;
+        }
+        Some(JsonMemoryHold {
+            memory: self.clone(),
+            bytes,
+        })
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A body's share of [`JsonMemory`], given back when dropped.
+pub struct JsonMemoryHold {
+    memory: JsonMemory,
+    bytes: u64,
+}
+
+impl JsonMemoryHold {
+    /// Gives back what the body turned out not to need (it was held at its limit).
+    pub fn shrink_to(&mut self, bytes: u64) {
+        if bytes < self.bytes {
+            self.memory
+                .0
+                .fetch_sub(self.bytes - bytes, Ordering::Relaxed);
+            self.bytes = bytes;
+        }
+    }
+}
+
+impl Drop for JsonMemoryHold {
+    fn drop(&mut self) {
+        self.memory.0.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
 
 /// Requests in flight per key id. A key's count goes when its last request ends, so the
 /// map holds only keys with requests in flight.

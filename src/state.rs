@@ -16,7 +16,7 @@ use crate::breaker::Breakers;
 use crate::config::{Config, ConfigError, EnvLookup};
 use crate::dedupe::Dedupe;
 use crate::jobs::Jobs;
-use crate::limits::InFlight;
+use crate::limits::{InFlight, JsonMemory};
 use crate::spool::SpoolUsage;
 use crate::store::Store;
 use crate::upstream::Upstreams;
@@ -77,6 +77,8 @@ pub struct AppState {
     pub dedupe: Arc<Dedupe>,
     /// What the upload spool files hold together, against `server.spool_max_bytes`.
     pub spool: SpoolUsage,
+    /// What JSON bodies hold in memory together, against `server.json_memory_max_bytes`.
+    pub json_memory: JsonMemory,
     /// Requests in flight per key, for `limits.max_in_flight_per_key`.
     pub in_flight: Arc<InFlight>,
     /// Async jobs (`Prefer: respond-async`) and their results on disk.

@@ -424,6 +424,10 @@ mod tests {
                     "server.request_body_idle_timeout",
                 ),
                 (
+                    format!("{GOOD}\n[server]\njson_memory_max_bytes = 1048576"),
+                    "server.json_memory_max_bytes",
+                ),
+                (
                     format!("{GOOD}\n[server]\nworkers = 100000"),
                     "server.workers",
                 ),

@@ -41,6 +41,7 @@ pub(super) struct RawServer {
     pub listen: String,
     pub max_json_body_bytes: u64,
     pub max_json_edit_body_bytes: u64,
+    pub json_memory_max_bytes: u64,
     #[serde(with = "humantime_serde")]
     pub upstream_connect_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -84,6 +85,7 @@ impl Default for RawServer {
             max_json_body_bytes: MIB,
             // One data: URL at OpenAI's limit for an image reference (20 MiB), and the rest.
             max_json_edit_body_bytes: 21 * MIB,
+            json_memory_max_bytes: 512 * MIB,
             upstream_connect_timeout: Duration::from_secs(10),
             upstream_total_timeout: Duration::from_secs(600),
             shutdown_grace: Duration::from_secs(30),

@@ -17,6 +17,8 @@ pub struct ServerConfig {
     pub max_json_body_bytes: NonZeroUsize,
     /// Largest JSON edit: its images are references, but a data: URL carries one inline.
     pub max_json_edit_body_bytes: NonZeroUsize,
+    /// Most bytes of JSON bodies held in memory at once by all calls and queued jobs.
+    pub json_memory_max_bytes: NonZeroUsize,
     pub shutdown_grace: Duration,
     pub key_cache_ttl: Duration,
     /// How long a request waits for the database to check its key.
@@ -121,6 +123,15 @@ impl Validator<'_> {
             "server.max_json_edit_body_bytes",
             s.max_json_edit_body_bytes,
         )?;
+        let json_memory_max_bytes =
+            self.body_limit("server.json_memory_max_bytes", s.json_memory_max_bytes)?;
+        if json_memory_max_bytes < max_json_body_bytes.max(max_json_edit_body_bytes) {
+            return Err(self.err(
+                "server.json_memory_max_bytes",
+                "must be at least max_json_body_bytes and max_json_edit_body_bytes, or the \
+                 largest body allowed could never be taken",
+            ));
+        }
         let uploads = self.uploads(&s)?;
         self.spool_and_journal(&s)?;
         let max_connections = NonZeroUsize::new(s.max_connections)
@@ -129,6 +140,7 @@ impl Validator<'_> {
             listen,
             max_json_body_bytes,
             max_json_edit_body_bytes,
+            json_memory_max_bytes,
             shutdown_grace: self.positive("server.shutdown_grace", s.shutdown_grace)?,
             key_cache_ttl: self.positive("server.key_cache_ttl", s.key_cache_ttl)?,
             key_lookup_timeout: self.positive("server.key_lookup_timeout", s.key_lookup_timeout)?,

@@ -14,9 +14,10 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use crate::auth::Principal;
 use crate::body_timeout::{BodyTimeouts, timeout_in, with_timeouts};
-use crate::config::{Model, Route};
+use crate::config::{Model, Route, ServerConfig};
 use crate::dedupe::{self, Claim, Dedupe, Fingerprint, KeepTicket};
 use crate::error::ApiError;
+use crate::limits::JsonMemoryHold;
 use crate::multipart::{SpoolArea, Upload};
 use crate::openai::edit::parse_json_edit;
 use crate::openai::generation::GenerationRequest;
@@ -60,7 +61,11 @@ async fn json_call(
         Endpoint::Edits => server.max_json_edit_body_bytes,
         _ => server.max_json_body_bytes,
     };
+    let mut memory = hold_json_memory(&state, headers, limit.get(), server)?;
     let bytes = read_json(headers, body, limit.get()).await?;
+    if let Some(memory) = memory.as_mut() {
+        memory.shrink_to(bytes.len() as u64);
+    }
     let request = match endpoint {
         Endpoint::Edits => parse_json_edit(&bytes, server.uploads.max_images)?,
         _ => GenerationRequest::parse(&bytes)?,
@@ -84,6 +89,7 @@ async fn json_call(
     let source = JsonSource {
         endpoint,
         body: request.body,
+        _memory: memory,
     };
     if jobs::prefers_async(headers) {
         let job = JobRequest {
@@ -186,6 +192,8 @@ async fn detached(
 struct JsonSource {
     endpoint: Endpoint,
     body: serde_json::Map<String, serde_json::Value>,
+    /// The body's share of `server.json_memory_max_bytes`, held as long as the body is.
+    _memory: Option<JsonMemoryHold>,
 }
 
 #[async_trait::async_trait]
@@ -336,6 +344,38 @@ fn is_json(headers: &HeaderMap) -> bool {
         })
 }
 
+/// Takes the share of `server.json_memory_max_bytes` a JSON body up to `limit` may need
+/// (its Content-Length, else `limit`) before it is read; 503 `server_busy` when JSON
+/// bodies hold that much already. None for a body declared over `limit` (413 follows).
+fn hold_json_memory(
+    state: &AppState,
+    headers: &HeaderMap,
+    limit: usize,
+    server: &ServerConfig,
+) -> Result<Option<JsonMemoryHold>, ApiError> {
+    let limit = limit as u64;
+    let declared = declared_length(headers);
+    if declared.is_some_and(|len| len > limit) {
+        return Ok(None);
+    }
+    let bytes = declared.unwrap_or(limit);
+    let max = server.json_memory_max_bytes.get() as u64;
+    match state.json_memory.hold(bytes, max) {
+        Some(hold) => Ok(Some(hold)),
+        None => {
+            metrics::counter!("imagegate_json_memory_full_total").increment(1);
+            Err(ApiError::JsonMemoryFull)
+        }
+    }
+}
+
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
 /// Reads a JSON body up to `limit` bytes: 413 beyond it (at once when Content-Length says
 /// so), 415 when the body is declared as something other than JSON.
 async fn read_json(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
@@ -347,10 +387,7 @@ async fn read_json(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
             });
         }
     }
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = declared_length(headers);
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(ApiError::PayloadTooLarge { limit });
     }

@@ -394,3 +394,48 @@ per_image = 0.02
     assert_eq!(other.requests().len(), 1);
     gw.shutdown().await;
 }
+
+/// JSON bodies held in memory at once stay within `server.json_memory_max_bytes`: a JSON
+/// edit that would pass it while others run gets 503 `server_busy` (retry-after 1) before
+/// its body is read, and is taken again once they have ended.
+#[tokio::test]
+async fn json_bodies_in_memory_stay_within_their_budget() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    provider.set_delay(Duration::from_millis(1500));
+    let config = test_config(&provider.base_url(), "").replacen(
+        "[server]\n",
+        "[server]\nmax_json_edit_body_bytes = 200000\njson_memory_max_bytes = 300000\n",
+        1,
+    );
+    let gw = TestGateway::start(Db::Sqlite, &config).await;
+    let edit = |tag: &str| {
+        json!({
+            "model": "gpt-image-1",
+            "prompt": tag,
+            "images": [{"image_url": format!("data:image/png;base64,{}", "A".repeat(150_000))}],
+        })
+        .to_string()
+    };
+    let first_body = edit("first");
+    let first = gw.post_json(EDITS, &first_body);
+    let second = async {
+        // Sent while the first call (150 kB held) waits for the slow provider.
+        assert!(
+            provider.wait_for_requests(1).await,
+            "the first edit reached the provider"
+        );
+        gw.post_json(EDITS, &edit("second")).await
+    };
+    let (first, second) = tokio::join!(first, second);
+    assert_eq!(first.status(), 200);
+    assert_eq!(second.headers()["retry-after"], "1");
+    let error = expect_error(second, 503).await;
+    assert_eq!(error["code"], "server_busy", "{error}");
+    assert_eq!(provider.requests().len(), 1, "the second was not sent");
+
+    // The first has ended and given its share back.
+    let third = gw.post_json(EDITS, &edit("third")).await;
+    assert_eq!(third.status(), 200);
+    assert_eq!(provider.requests().len(), 2);
+    gw.shutdown().await;
+}
