@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::limits::InFlight;
-use crate::openai::ErrorDetail;
+use crate::openai::{ErrorBody, ErrorDetail};
 
 /// Every job id starts with it.
 pub const ID_PREFIX: &str = "imgjob_";
@@ -322,18 +322,33 @@ impl Jobs {
         self.dir.join(format!("{id}.{RECORD}"))
     }
 
+    /// Removes a result's temporary file, if there is one.
+    pub async fn remove_temp_result(&self, id: &str) {
+        let _ = tokio::fs::remove_file(self.temp_result_path(id)).await;
+    }
+
     /// Creates the folder (the first job does), for the result's temporary file.
     pub async fn ensure_dir(&self) -> std::io::Result<()> {
         tokio::fs::create_dir_all(&self.dir).await
     }
 
     /// Records how the job ended: a result is moved into place first, then the record
-    /// says it succeeded.
+    /// says it succeeded. A result that cannot be moved fails the job (its file removed), so
+    /// that the job still ends and gives its key's queue slot back.
     pub async fn finish(&self, id: &str, finished: Finished) -> std::io::Result<()> {
         let (status, code, error) = match finished {
             Finished::Succeeded { status_code } => {
-                tokio::fs::rename(self.temp_result_path(id), self.result_path(id)).await?;
-                (Status::Succeeded, status_code, None)
+                match tokio::fs::rename(self.temp_result_path(id), self.result_path(id)).await {
+                    Ok(()) => (Status::Succeeded, status_code, None),
+                    Err(err) => {
+                        tracing::error!(job = %id, %err, "could not move a job's result into place");
+                        self.remove_temp_result(id).await;
+                        let message =
+                            "The result could not be kept (it could not be written to disk).";
+                        let error = ErrorBody::new(message, "server_error", None, None).error;
+                        (Status::Failed, 500, Some(error))
+                    }
+                }
             }
             Finished::Failed { status_code, error } => (Status::Failed, status_code, Some(error)),
         };

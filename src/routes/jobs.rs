@@ -205,6 +205,7 @@ async fn keep(jobs: &Jobs, id: &str, response: Response) -> Finished {
         },
         Err(err) => {
             tracing::error!(job = %id, %err, "could not keep a job's result");
+            jobs.remove_temp_result(id).await;
             failed(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 detail(

@@ -638,3 +638,31 @@ async fn a_keys_jobs_run_at_most_max_in_flight_at_once_and_polling_is_never_refu
     gw.usage_rows(2).await;
     gw.shutdown().await;
 }
+
+/// A result that cannot be moved into place (here a folder stands at its path) fails the
+/// job with 500 instead of leaving it `in_progress` for good: its temporary file goes, and
+/// the key's queue slot is given back.
+#[tokio::test]
+async fn a_result_that_cannot_be_kept_fails_the_job_and_frees_its_slot() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    provider.set_delay(Duration::from_millis(800));
+    let config = test_config(&provider.base_url(), "[jobs]\nmax_queued_per_key = 1\n");
+    let gw = TestGateway::start(Db::Sqlite, &config).await;
+    let jobs_dir = gw.config_path.parent().expect("dir").join("jobs");
+    let (id, _) = accepted(post_job(&gw, GENERATION, &[]).await).await;
+    let in_the_way = jobs_dir.join(format!("{id}.result"));
+    std::fs::create_dir_all(in_the_way.join("taken")).expect("a folder in the way");
+    let (job, _) = wait_finished(&gw.client, &base(&gw), &gw.key, &id).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["status_code"], 500, "{job}");
+    assert_eq!(job["error"]["type"], "server_error", "{job}");
+    assert!(!jobs_dir.join(format!("{id}.result.tmp")).exists());
+
+    // Its slot is free again: the next job is taken, and kept.
+    std::fs::remove_dir_all(&in_the_way).expect("clear the way");
+    let other = r#"{"model":"gpt-image-1","prompt":"another lighthouse"}"#;
+    let (next, _) = accepted(post_job(&gw, other, &[]).await).await;
+    let (job, _) = wait_finished(&gw.client, &base(&gw), &gw.key, &next).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    gw.shutdown().await;
+}
