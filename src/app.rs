@@ -25,7 +25,6 @@ use crate::gate;
 use crate::jobs::Jobs;
 use crate::routes;
 use crate::server::Listeners;
-use crate::spool::SpoolUsage;
 pub use crate::state::{AppState, ReloadError, RequestId, Runtime};
 use crate::store::Store;
 use crate::usage::writer::UsageWriter;
@@ -95,7 +94,7 @@ impl Gateway {
             metrics,
             breakers: Arc::default(),
             dedupe,
-            spool: SpoolUsage::default(),
+            spool: Default::default(),
             json_memory: Default::default(),
             in_flight: Arc::default(),
             jobs,

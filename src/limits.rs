@@ -10,42 +10,56 @@ use http::{HeaderMap, HeaderValue};
 
 use crate::store::{RATE_WINDOW_NANOS, RateState};
 
-/// The bytes of JSON request bodies the process holds in memory (all workers share it),
-/// against `server.json_memory_max_bytes`: a call holds its body's share until it ends, a
-/// job until it has run.
+/// Bytes the process holds of one kind (all workers share the count), each hold checked
+/// against its maximum: the upload spool's files (`server.spool_max_bytes`), JSON bodies
+/// in memory (`server.json_memory_max_bytes`).
 #[derive(Clone, Default)]
-pub struct JsonMemory(Arc<AtomicU64>);
+pub struct ByteQuota(Arc<AtomicU64>);
 
-impl JsonMemory {
+impl ByteQuota {
     /// A hold on `bytes` more, or none when that would pass `max`.
-    pub fn hold(&self, bytes: u64, max: u64) -> Option<JsonMemoryHold> {
-        let before = self.0.fetch_add(bytes, Ordering::Relaxed);
-        if before.saturating_add(bytes) > max {
-            self.0.fetch_sub(bytes, Ordering::Relaxed);
-            return None;
-        }
-        Some(JsonMemoryHold {
-            memory: self.clone(),
-            bytes,
-        })
+    pub fn hold(&self, bytes: u64, max: u64) -> Option<QuotaHold> {
+        let mut hold = self.empty_hold();
+        hold.grow(bytes, max).then_some(hold)
     }
 
-    pub fn bytes(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+    /// A hold on nothing yet, to [`QuotaHold::grow`] as bytes come.
+    pub fn empty_hold(&self) -> QuotaHold {
+        QuotaHold {
+            quota: self.clone(),
+            bytes: 0,
+        }
     }
 }
 
-/// A body's share of [`JsonMemory`], given back when dropped.
-pub struct JsonMemoryHold {
-    memory: JsonMemory,
+/// A share of a [`ByteQuota`], given back when dropped.
+pub struct QuotaHold {
+    quota: ByteQuota,
     bytes: u64,
 }
 
-impl JsonMemoryHold {
-    /// Gives back what the body turned out not to need (it was held at its limit).
+impl QuotaHold {
+    /// The bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Holds `add` bytes more, unless that would take the quota past `max`: then nothing
+    /// changes and the answer is false.
+    pub fn grow(&mut self, add: u64, max: u64) -> bool {
+        let before = self.quota.0.fetch_add(add, Ordering::Relaxed);
+        if before.saturating_add(add) > max {
+            self.quota.0.fetch_sub(add, Ordering::Relaxed);
+            return false;
+        }
+        self.bytes += add;
+        true
+    }
+
+    /// Gives back what is held beyond `bytes` (a body held at its limit that was shorter).
     pub fn shrink_to(&mut self, bytes: u64) {
         if bytes < self.bytes {
-            self.memory
+            self.quota
                 .0
                 .fetch_sub(self.bytes - bytes, Ordering::Relaxed);
             self.bytes = bytes;
@@ -53,9 +67,9 @@ impl JsonMemoryHold {
     }
 }
 
-impl Drop for JsonMemoryHold {
+impl Drop for QuotaHold {
     fn drop(&mut self) {
-        self.memory.0.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.quota.0.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 

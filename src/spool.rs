@@ -4,45 +4,33 @@
 
 use std::io::SeekFrom;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use tokio::fs::File;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 use crate::error::ApiError;
+use crate::limits::{ByteQuota, QuotaHold};
 
 const PREFIX: &str = "upload-";
 const SUFFIX: &str = ".part";
 const READ_CHUNK: usize = 64 * 1024;
-
-/// The bytes held by every spool file of the process (all workers share it).
-#[derive(Clone, Default)]
-pub struct SpoolUsage(Arc<AtomicU64>);
-
-impl SpoolUsage {
-    pub fn bytes(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
 
 /// Where a request's spool file goes, and how much all spool files may hold together.
 #[derive(Clone)]
 pub struct SpoolArea {
     pub dir: PathBuf,
     pub max_bytes: u64,
-    pub usage: SpoolUsage,
+    pub usage: ByteQuota,
 }
 
 pub struct Spool {
     /// Owns the path: dropping it removes the file.
     file: tempfile::NamedTempFile,
     writer: File,
-    len: u64,
     max_bytes: u64,
-    /// Holds `len` of this file; given back when the file is removed.
-    usage: SpoolUsage,
+    /// Holds the file's length of the spool quota; given back when the file is removed.
+    held: QuotaHold,
 }
 
 impl Spool {
@@ -59,29 +47,24 @@ impl Spool {
         Ok(Spool {
             file,
             writer,
-            len: 0,
             max_bytes: area.max_bytes,
-            usage: area.usage.clone(),
+            held: area.usage.empty_hold(),
         })
     }
 
     /// Bytes written so far: where the next part starts.
     pub fn written(&self) -> u64 {
-        self.len
+        self.held.bytes()
     }
 
     /// Appends `chunk`, if the spool quota has room for it; otherwise nothing is written
     /// and the request fails with 503 `spool_full` (its file is removed with it).
     pub async fn write(&mut self, chunk: &[u8]) -> Result<(), ApiError> {
-        let add = chunk.len() as u64;
-        let before = self.usage.0.fetch_add(add, Ordering::Relaxed);
-        if before.saturating_add(add) > self.max_bytes {
-            self.usage.0.fetch_sub(add, Ordering::Relaxed);
+        // Counted before the write, so that a failed write is given back with the file.
+        if !self.held.grow(chunk.len() as u64, self.max_bytes) {
             metrics::counter!("imagegate_spool_full_total").increment(1);
             return Err(ApiError::SpoolFull);
         }
-        // Counted before the write, so that a failed write is given back with the file.
-        self.len += add;
         self.writer.write_all(chunk).await.map_err(spool_error)?;
         Ok(())
     }
@@ -102,12 +85,6 @@ impl Spool {
             file,
             remaining: len,
         })
-    }
-}
-
-impl Drop for Spool {
-    fn drop(&mut self) {
-        self.usage.0.fetch_sub(self.len, Ordering::Relaxed);
     }
 }
 

@@ -16,8 +16,7 @@ use crate::breaker::Breakers;
 use crate::config::{Config, ConfigError, EnvLookup};
 use crate::dedupe::Dedupe;
 use crate::jobs::Jobs;
-use crate::limits::{InFlight, JsonMemory};
-use crate::spool::SpoolUsage;
+use crate::limits::{ByteQuota, InFlight};
 use crate::store::Store;
 use crate::upstream::Upstreams;
 use crate::usage::meter::RouteMetrics;
@@ -76,9 +75,9 @@ pub struct AppState {
     pub breakers: Arc<Breakers>,
     pub dedupe: Arc<Dedupe>,
     /// What the upload spool files hold together, against `server.spool_max_bytes`.
-    pub spool: SpoolUsage,
+    pub spool: ByteQuota,
     /// What JSON bodies hold in memory together, against `server.json_memory_max_bytes`.
-    pub json_memory: JsonMemory,
+    pub json_memory: ByteQuota,
     /// Requests in flight per key, for `limits.max_in_flight_per_key`.
     pub in_flight: Arc<InFlight>,
     /// Async jobs (`Prefer: respond-async`) and their results on disk.

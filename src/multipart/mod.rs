@@ -17,7 +17,7 @@ use crate::error::ApiError;
 use crate::routing::{Prepared, Pump, RequestSource};
 use crate::upstream::{BodySender, Endpoint, RequestSummary, UpstreamRequest, body_channel};
 
-pub use crate::spool::{Spool, SpoolArea, SpoolUsage, clean_spool_dir};
+pub use crate::spool::{Spool, SpoolArea, clean_spool_dir};
 pub use encode::Encoder;
 
 /// The longest text field accepted (a prompt of 32,000 characters fits).
@@ -835,7 +835,7 @@ mod tests {
         SpoolArea {
             dir: dir.to_owned(),
             max_bytes: u64::MAX,
-            usage: SpoolUsage::default(),
+            usage: Default::default(),
         }
     }
 

@@ -17,7 +17,7 @@ use crate::body_timeout::{BodyTimeouts, timeout_in, with_timeouts};
 use crate::config::{Model, Route, ServerConfig};
 use crate::dedupe::{self, Claim, Dedupe, Fingerprint, KeepTicket};
 use crate::error::ApiError;
-use crate::limits::JsonMemoryHold;
+use crate::limits::QuotaHold;
 use crate::multipart::{SpoolArea, Upload};
 use crate::openai::edit::parse_json_edit;
 use crate::openai::generation::GenerationRequest;
@@ -193,7 +193,7 @@ struct JsonSource {
     endpoint: Endpoint,
     body: serde_json::Map<String, serde_json::Value>,
     /// The body's share of `server.json_memory_max_bytes`, held as long as the body is.
-    _memory: Option<JsonMemoryHold>,
+    _memory: Option<QuotaHold>,
 }
 
 #[async_trait::async_trait]
@@ -352,7 +352,7 @@ fn hold_json_memory(
     headers: &HeaderMap,
     limit: usize,
     server: &ServerConfig,
-) -> Result<Option<JsonMemoryHold>, ApiError> {
+) -> Result<Option<QuotaHold>, ApiError> {
     let limit = limit as u64;
     let declared = declared_length(headers);
     if declared.is_some_and(|len| len > limit) {
