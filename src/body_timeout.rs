@@ -224,6 +224,15 @@ pub fn timeout_in(err: &(dyn StdError + 'static)) -> Option<BodyTimeout> {
     None
 }
 
+/// The body length a request declares (`Content-Length`), when it declares one that
+/// parses: what a limit is checked against before the body is read.
+pub fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use http::{HeaderMap, HeaderValue, header};
 
+use crate::body_timeout::declared_length;
 use crate::config::{Route, UploadLimits};
 use crate::error::ApiError;
 use crate::routing::{Prepared, Pump, RequestSource};
@@ -131,10 +132,7 @@ impl Upload {
                 None,
             )
         })?;
-        let declared = headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        let declared = declared_length(headers);
         if declared.is_some_and(|len| len > limits.max_body_bytes) {
             return Err(body_too_large(limits.max_body_bytes));
         }

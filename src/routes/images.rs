@@ -13,7 +13,7 @@ use http::{HeaderMap, HeaderValue, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use crate::auth::Principal;
-use crate::body_timeout::{BodyTimeouts, timeout_in, with_timeouts};
+use crate::body_timeout::{BodyTimeouts, declared_length, timeout_in, with_timeouts};
 use crate::config::{Model, Route, ServerConfig};
 use crate::dedupe::{self, Claim, Dedupe, Fingerprint, KeepTicket};
 use crate::error::ApiError;
@@ -367,13 +367,6 @@ fn hold_json_memory(
             Err(ApiError::JsonMemoryFull)
         }
     }
-}
-
-fn declared_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
 }
 
 /// Reads a JSON body up to `limit` bytes: 413 beyond it (at once when Content-Length says
