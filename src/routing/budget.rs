@@ -9,6 +9,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Principal;
 use crate::error::ApiError;
+use crate::state::AppState;
 use crate::store::{BudgetPeriod, Reservation, Reserved, Store};
 use crate::usage::price::format_usd;
 
@@ -30,7 +31,7 @@ const LATE_RELEASES: [Duration; 3] = [
 /// or an error from the database), at each of [`LATE_RELEASES`]: a reservation that was
 /// granted after all is given back instead of holding the budget until its deadline. At
 /// shutdown (`tasks` closed) it tries once more at once instead of waiting.
-pub(super) async fn release_late(store: Arc<dyn Store>, tasks: TaskTracker, request_id: String) {
+async fn release_late(store: Arc<dyn Store>, tasks: TaskTracker, request_id: String) {
     const TICK: Duration = Duration::from_millis(250);
     for wait in LATE_RELEASES {
         let until = tokio::time::Instant::now() + wait;
@@ -47,6 +48,14 @@ pub(super) async fn release_late(store: Arc<dyn Store>, tasks: TaskTracker, requ
             Err(err) => tracing::debug!(%err, request_id, "late budget release failed"),
         }
     }
+}
+
+/// A reservation the call stopped waiting for: the call is not sent (503), but the
+/// reservation may still land (it queues on the key's row), so it is released late.
+fn give_up(state: &AppState, request_id: String) -> ApiError {
+    let (store, tasks) = (Arc::clone(&state.store), state.tasks.clone());
+    (state.tasks).spawn(release_late(store, tasks, request_id));
+    ApiError::BudgetUnavailable
 }
 
 /// The key's budget and its period, when it has one.
@@ -66,7 +75,7 @@ pub(super) fn budget_of(principal: &Principal) -> Option<(i64, BudgetPeriod)> {
 /// the reservation ends with the call's usage row, or `hold_for` from now at the latest.
 /// A key without a budget costs no database call.
 pub(super) async fn hold(
-    store: &dyn Store,
+    state: &AppState,
     principal: &Principal,
     request_id: &str,
     model: &str,
@@ -88,15 +97,16 @@ pub(super) async fn hold(
         now,
         expires_at: now + hold_for,
     };
-    let verdict = match tokio::time::timeout(RESERVE_TIMEOUT, store.reserve(&reservation)).await {
+    let reserve = state.store.reserve(&reservation);
+    let verdict = match tokio::time::timeout(RESERVE_TIMEOUT, reserve).await {
         Ok(Ok(verdict)) => verdict,
         Ok(Err(err)) => {
             tracing::warn!(%err, key = %principal.name, "budget reservation failed");
-            return Err(ApiError::BudgetUnavailable);
+            return Err(give_up(state, reservation.request_id));
         }
         Err(_) => {
             tracing::warn!(key = %principal.name, "budget reservation timed out");
-            return Err(ApiError::BudgetUnavailable);
+            return Err(give_up(state, reservation.request_id));
         }
     };
     let (Reserved::Granted { remaining_nanousd } | Reserved::Refused { remaining_nanousd }) =

@@ -162,18 +162,9 @@ impl Call {
     /// Reserves the call's worst case against its key's budget, if the key has one.
     async fn hold_budget(&self, provider: &Provider, intent: &Intent) -> Result<(), ApiError> {
         let hold_for = provider.total_timeout + self.runtime.config.limits.budget_hold_grace;
-        let store = self.state.store.as_ref();
         let amount = intent.worst_case_nanousd;
         let (id, model) = (&intent.request_id, &self.model.name);
-        let held = budget::hold(store, &self.principal, id, model, amount, hold_for).await;
-        if matches!(held, Err(ApiError::BudgetUnavailable)) {
-            // Given up on, the reservation may still land (it queues on the key's row), and
-            // the call will not be sent: release it once it can have landed.
-            let store = std::sync::Arc::clone(&self.state.store);
-            let tasks = self.state.tasks.clone();
-            (self.state.tasks).spawn(budget::release_late(store, tasks, id.clone()));
-        }
-        held
+        budget::hold(&self.state, &self.principal, id, model, amount, hold_for).await
     }
 
     /// Gives back the reservation of a call that was not sent (none: nothing to do).
