@@ -139,20 +139,20 @@ async fn within_limits(
         }
         _ => None,
     };
-    if let Some(RateLimit {
-        limit,
-        retry_after: Some(retry_after),
-        ..
-    }) = rate
+    if let Some(
+        refusal @ RateLimit {
+            limit,
+            retry_after: Some(retry_after),
+            ..
+        },
+    ) = rate
     {
         let mut refused = ApiError::KeyRateLimit {
             rpm: limit,
             retry_after,
         }
         .into_response();
-        if let Some(rate) = rate {
-            rate.write(refused.headers_mut());
-        }
+        refusal.write(refused.headers_mut());
         return Ok(refused);
     }
     let mut response = next.run(request).await;
