@@ -59,11 +59,12 @@ impl Principal {
             .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
     }
 
-    /// The key's own cap on requests in flight, when it has one.
-    pub fn max_in_flight(&self) -> Option<u32> {
+    /// The key's own cap on requests in flight, else `default`
+    /// (`limits.max_in_flight_per_key`).
+    pub fn max_in_flight(&self, default: u32) -> u32 {
         self.limits
             .max_in_flight
-            .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+            .map_or(default, |n| u32::try_from(n).unwrap_or(u32::MAX))
     }
 }
 

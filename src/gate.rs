@@ -117,15 +117,8 @@ async fn within_limits(
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let cap = principal.max_in_flight().unwrap_or_else(|| {
-        state
-            .runtime
-            .load()
-            .config
-            .limits
-            .max_in_flight_per_key
-            .get()
-    });
+    let default = state.runtime.load().config.limits.max_in_flight_per_key;
+    let cap = principal.max_in_flight(default.get());
     let Some(slot) = state.in_flight.try_enter(principal.key_id, cap) else {
         metrics::counter!("imagegate_key_in_flight_refused_total").increment(1);
         return Err(ApiError::KeyInFlightLimit { limit: cap });

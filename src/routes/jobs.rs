@@ -150,10 +150,8 @@ fn summary(record: &Record) -> serde_json::Value {
 /// `limits.max_in_flight_per_key`, jobs at once), send the call, keep what came back.
 async fn run(call: Call, mut source: impl RequestSource, id: String) {
     let state = Arc::clone(&call.state);
-    let cap = call
-        .principal
-        .max_in_flight()
-        .unwrap_or_else(|| call.runtime.config.limits.max_in_flight_per_key.get());
+    let default = call.runtime.config.limits.max_in_flight_per_key.get();
+    let cap = call.principal.max_in_flight(default);
     let _turn = state.jobs.running.enter(call.principal.key_id, cap).await;
     if let Err(err) = state.jobs.started(&id).await {
         tracing::error!(job = %id, %err, "could not record that a job started");
