@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 
-use crate::store::{KeyChanges, KeyLimits};
+use crate::store::{BudgetPeriod, KeyChanges, KeyLimits};
 
 /// The most `rpm` or `max_in_flight` may be: far above any real use, low enough that the
 /// rate limit's arithmetic stays exact.
@@ -14,7 +14,6 @@ const MAX_COUNT: i64 = 1_000_000;
 /// A budget above this many US dollars would not fit in nano-dollars.
 const MAX_BUDGET_USD: f64 = 9_000_000_000.0;
 const MAX_NAME_CHARS: usize = 100;
-const PERIODS: [&str; 3] = ["day", "month", "total"];
 
 /// A value refused, and the field it came in.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -204,7 +203,7 @@ fn budget(usd: f64, period: Option<&str>) -> Result<(i64, Option<String>), Setti
         ));
     }
     if let Some(period) = period {
-        if !PERIODS.contains(&period) {
+        if BudgetPeriod::parse(period).is_none() {
             return Err(refuse(
                 "budget_period",
                 format!("budget_period must be one of day, month or total, not {period:?}."),
