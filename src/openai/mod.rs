@@ -5,6 +5,14 @@ pub mod generation;
 
 use serde::{Deserialize, Serialize};
 
+/// The width and height a `size` of `WIDTHxHEIGHT` names (`x` or `X`, blanks around each
+/// part allowed), when it names two integers; `None` for `auto` and anything else. The
+/// caller judges their range.
+pub fn size_dimensions(size: &str) -> Option<(i64, i64)> {
+    let (w, h) = size.trim().split_once(['x', 'X'])?;
+    Some((w.trim().parse().ok()?, h.trim().parse().ok()?))
+}
+
 /// `{"error":{"message","type","param","code"}}`, the body of every error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ErrorBody {

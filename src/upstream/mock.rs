@@ -15,6 +15,7 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde_json::{Value, json};
 
 use super::{Endpoint, UpstreamBody, UpstreamRequest, UpstreamResponse};
+use crate::openai::size_dimensions;
 
 /// The largest side the mock renders; a provider refuses larger sizes too.
 const MAX_SIDE: u32 = 16_384;
@@ -188,13 +189,8 @@ fn parse_size(size: Option<&str>) -> Result<(u32, u32), Refusal> {
     else {
         return Ok((1024, 1024));
     };
-    let side = |s: &str| {
-        s.trim()
-            .parse::<u32>()
-            .ok()
-            .filter(|v| (1..=MAX_SIDE).contains(v))
-    };
-    size.split_once(['x', 'X'])
+    let side = |n: i64| u32::try_from(n).ok().filter(|v| (1..=MAX_SIDE).contains(v));
+    size_dimensions(size)
         .and_then(|(w, h)| Some((side(w)?, side(h)?)))
         .ok_or_else(|| {
             Refusal::new(

@@ -1,6 +1,7 @@
 //! What a provider call costs, from the pricing table and the usage the provider reported.
 
 use crate::config::{ImageTable, Price, TokenRates};
+use crate::openai::size_dimensions;
 use crate::upstream::{Endpoint, RequestSummary};
 use crate::usage::extract::TokenUsage;
 
@@ -144,11 +145,8 @@ pub fn worst_case_nanousd(
 /// a `WxH` larger than 1536x1024 that in proportion to its area (rounded up).
 fn tokens_at_size(size: Option<&str>) -> i64 {
     let area = size
-        .and_then(|s| s.trim().split_once(['x', 'X']))
-        .and_then(|(w, h)| {
-            let (w, h): (i64, i64) = (w.trim().parse().ok()?, h.trim().parse().ok()?);
-            w.checked_mul(h)
-        });
+        .and_then(size_dimensions)
+        .and_then(|(w, h)| w.checked_mul(h));
     match area {
         Some(area) if area > MAX_TOKENS_AREA => {
             let (scaled, area_max) = (
