@@ -30,14 +30,9 @@ pub async fn admin(
 }
 
 async fn generate(gw: &TestGateway, key: &str, model: &str) -> u16 {
-    gw.client
-        .post(gw.url("/v1/images/generations"))
-        .bearer_auth(key)
-        .header("content-type", "application/json")
-        .body(json!({"model": model, "prompt": "fox"}).to_string())
-        .send()
+    let body = json!({"model": model, "prompt": "fox"}).to_string();
+    gw.post_json_as(key, "/v1/images/generations", &body)
         .await
-        .expect("request reaches imagegate")
         .status()
         .as_u16()
 }

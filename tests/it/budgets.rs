@@ -157,15 +157,7 @@ unpriced = true
     let gw = TestGateway::start(db, &test_config(&provider.base_url(), unpriced)).await;
     let (key, _) = budgeted_key(&*gw.store, "capped", 100, "total").await;
     let body = r#"{"model":"no-price","prompt":"a lighthouse"}"#;
-    let refused = gw
-        .client
-        .post(gw.url("/v1/images/generations"))
-        .bearer_auth(&key)
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .expect("answer");
+    let refused = gw.post_json_as(&key, "/v1/images/generations", body).await;
     assert_eq!(refused.status(), 403);
     let error: Value = refused.json().await.expect("json");
     assert_eq!(error["error"]["code"], "model_unpriced", "{error}");
@@ -438,15 +430,8 @@ unpriced = true
     );
     let gw = TestGateway::start(Db::Sqlite, &test_config(&failing.base_url(), &extra)).await;
     let (key, key_id) = budgeted_key(&*gw.store, "capped", 10, "total").await;
-    let response = gw
-        .client
-        .post(gw.url("/v1/images/generations"))
-        .bearer_auth(&key)
-        .header("content-type", "application/json")
-        .body(r#"{"model":"two-routes","prompt":"a lighthouse"}"#)
-        .send()
-        .await
-        .expect("answer");
+    let body = r#"{"model":"two-routes","prompt":"a lighthouse"}"#;
+    let response = gw.post_json_as(&key, "/v1/images/generations", body).await;
     let status = response.status();
     let error: Value = response.json().await.expect("json");
     assert_eq!(status, 502, "{error}");

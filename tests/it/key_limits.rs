@@ -23,14 +23,8 @@ async fn create_key(gw: &TestGateway, settings: Value) -> String {
 }
 
 async fn generate(gw: &TestGateway, key: &str, body: Value) -> reqwest::Response {
-    gw.client
-        .post(gw.url("/v1/images/generations"))
-        .bearer_auth(key)
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
+    gw.post_json_as(key, "/v1/images/generations", &body.to_string())
         .await
-        .expect("request reaches imagegate")
 }
 
 /// Status and JSON body of a generation of `model` ("" for none) with `key`.

@@ -119,15 +119,7 @@ const PROMPT: &str = r#"{"model":"gpt-image-1","prompt":"fox"}"#;
 /// A generation with `key`: its status, its error body if any, and how long it took.
 async fn generate(gw: &TestGateway, key: &str) -> (u16, serde_json::Value, Duration) {
     let started = Instant::now();
-    let response = gw
-        .client
-        .post(gw.url("/v1/images/generations"))
-        .bearer_auth(key)
-        .header("content-type", "application/json")
-        .body(PROMPT)
-        .send()
-        .await
-        .expect("request reaches imagegate");
+    let response = gw.post_json_as(key, "/v1/images/generations", PROMPT).await;
     let status = response.status().as_u16();
     let retry_after = response
         .headers()

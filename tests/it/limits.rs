@@ -15,14 +15,8 @@ fn prompt(p: &str) -> String {
 }
 
 async fn generate_with(gw: &TestGateway, key: &str, p: &str) -> reqwest::Response {
-    gw.client
-        .post(gw.url("/v1/images/generations"))
-        .bearer_auth(key)
-        .header("content-type", "application/json")
-        .body(prompt(p))
-        .send()
+    gw.post_json_as(key, "/v1/images/generations", &prompt(p))
         .await
-        .expect("request reaches imagegate")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

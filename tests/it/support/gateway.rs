@@ -206,9 +206,14 @@ impl TestGateway {
 
     /// POSTs JSON with the test key.
     pub async fn post_json(&self, path: &str, body: &str) -> reqwest::Response {
+        self.post_json_as(&self.key, path, body).await
+    }
+
+    /// POSTs a JSON `body` to `path` with `key`.
+    pub async fn post_json_as(&self, key: &str, path: &str, body: &str) -> reqwest::Response {
         self.client
             .post(self.url(path))
-            .bearer_auth(&self.key)
+            .bearer_auth(key)
             .header("content-type", "application/json")
             .body(body.to_owned())
             .send()
