@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::task::TaskTracker;
 
+use crate::config::Secret;
 use crate::store::{KeyLimits, KeyRecord, NewKey, Store, StoreError, StoreResult};
 
 const KEY_PREFIX: &str = "ig-";
@@ -93,6 +94,12 @@ pub fn issue_key(name: &str) -> IssuedKey {
 /// SHA-256 is enough: keys are 238 bits of randomness, not passwords.
 pub fn hash_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// True when `given` is the admin token `expected` (none set: nothing is). Compared by
+/// hash, so in time independent of where they differ.
+pub fn admin_token_matches(expected: Option<&Secret>, given: &str) -> bool {
+    expected.is_some_and(|token| !given.is_empty() && hash_key(token.expose()) == hash_key(given))
 }
 
 pub fn well_formed(key: &str) -> bool {

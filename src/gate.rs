@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use chrono::Utc;
 use http::Method;
 
-use crate::auth::{Principal, bearer, hash_key, well_formed};
+use crate::auth::{Principal, admin_token_matches, bearer, well_formed};
 use crate::error::ApiError;
 use crate::held::Held;
 use crate::limits::RateLimit;
@@ -85,11 +85,9 @@ async fn require_admin(
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let expected = state.runtime.load().config.admin_token.clone();
-    let given = bearer(&request);
-    match (expected, given) {
-        // Comparing hashes keeps the comparison's time independent of where they differ.
-        (Some(expected), Some(given)) if hash_key(expected.expose()) == hash_key(given) => {
+    let config = Arc::clone(&state.runtime.load().config);
+    match bearer(&request) {
+        Some(given) if admin_token_matches(config.admin_token.as_ref(), given) => {
             Ok(next.run(request).await)
         }
         _ => Err(ApiError::AdminForbidden),

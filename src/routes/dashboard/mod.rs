@@ -18,6 +18,7 @@ use chrono::{Duration, NaiveDate, Utc};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 
 use super::admin::usage::{Pairs, Params, csv_response, page, rows_csv_response, totals};
+use crate::auth::admin_token_matches;
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::store::{GroupBy, UsageFilter, UsageRow, UsageTotals};
@@ -83,7 +84,7 @@ pub async fn login(
     let config = Arc::clone(&state.runtime.load().config);
     let token = config.admin_token.as_ref();
     let given = form.map(|Form(login)| login.token).unwrap_or_default();
-    if !session::token_matches(token, &given) {
+    if !admin_token_matches(token, &given) {
         tracing::warn!(target: "imagegate::admin", "dashboard login refused: wrong admin token");
         let message = match token {
             Some(_) => "That is not the admin token.",

@@ -9,7 +9,6 @@ use http::HeaderMap;
 use http::header;
 use sha2::Sha256;
 
-use crate::auth::hash_key;
 use crate::config::Secret;
 
 pub const COOKIE: &str = "imagegate_dashboard";
@@ -87,12 +86,6 @@ fn cookie_value(headers: &HeaderMap) -> Option<&str> {
         .filter_map(|pair| pair.trim().split_once('='))
         .find(|(name, _)| *name == COOKIE)
         .map(|(_, value)| value)
-}
-
-/// True when `given` is the admin token (compared by hash, so in time independent of
-/// where they differ).
-pub fn token_matches(token: Option<&Secret>, given: &str) -> bool {
-    token.is_some_and(|token| !given.is_empty() && hash_key(token.expose()) == hash_key(given))
 }
 
 #[cfg(test)]
