@@ -29,7 +29,7 @@ use http::{HeaderMap, HeaderValue, header};
 use imagegate::config::{ParamPolicy, Price, Provider, ProviderKind, Route, UploadLimits};
 use imagegate::error::ApiError;
 use imagegate::multipart::Upload;
-use imagegate::routing::Prepared;
+use imagegate::routing::{CostGuard, Prepared};
 use imagegate::upstream::{Endpoint, UpstreamBody};
 use libfuzzer_sys::fuzz_target;
 
@@ -122,7 +122,7 @@ async fn drive(
 ) -> Result<(), ApiError> {
     let mut upload = Upload::new(headers, body, endpoint, LIMITS)?;
     upload.read_until_model(spool).await?;
-    let Prepared { request, pump } = upload.prepare(route)?;
+    let Prepared { request, pump } = upload.prepare(route, CostGuard::default())?;
     let UpstreamBody::Stream(mut upstream) = request.body else {
         panic!("an upload streams to the provider");
     };

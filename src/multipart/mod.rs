@@ -15,7 +15,7 @@ use http::{HeaderMap, HeaderValue, header};
 use crate::body_timeout::declared_length;
 use crate::config::{Route, UploadLimits};
 use crate::error::ApiError;
-use crate::routing::{Prepared, Pump, RequestSource};
+use crate::routing::{CostGuard, Prepared, Pump, RequestSource};
 use crate::upstream::{BodySender, Endpoint, RequestSummary, UpstreamRequest, body_channel};
 
 pub use crate::spool::{Spool, SpoolArea, clean_spool_dir};
@@ -93,6 +93,8 @@ pub struct Upload {
     images: usize,
     others: usize,
     saw_prompt: bool,
+    /// The text parts' names so far: each may come once.
+    texts: std::collections::HashSet<String>,
     summary: RequestSummary,
     held: Vec<Held>,
     /// Bytes of the text parts in `held`.
@@ -158,6 +160,7 @@ impl Upload {
             images: 0,
             others: 0,
             saw_prompt: false,
+            texts: std::collections::HashSet::new(),
             summary: RequestSummary::default(),
             held: Vec::new(),
             held_text: 0,
@@ -284,13 +287,14 @@ impl Upload {
     /// The provider request for `route`, and the pump that feeds it: held parts first (from
     /// memory and the spool), then the rest of the upload as it arrives. The request carries
     /// the summary of the parts read so far; the pump returns the whole one when it ends.
-    pub fn prepare(self, route: &Route) -> Result<Prepared, ApiError> {
+    /// Each text part read after the hold is covered by `cost` before it is sent on.
+    pub fn prepare(self, route: &Route, cost: CostGuard) -> Result<Prepared, ApiError> {
         let encoder = Encoder::new(route, self.endpoint);
         let content_type =
             HeaderValue::from_str(&encoder.content_type()).map_err(ApiError::internal)?;
         let (endpoint, summary) = (self.endpoint, self.summary.clone());
         Ok(streamed(endpoint, content_type, summary, |tx| {
-            Box::pin(self.pump(encoder, tx))
+            Box::pin(self.pump(encoder, tx, cost))
         }))
     }
 
@@ -298,6 +302,7 @@ impl Upload {
         mut self,
         mut encoder: Encoder,
         tx: BodySender,
+        cost: CostGuard,
     ) -> Result<RequestSummary, ApiError> {
         let out = Out { tx };
         if let Some(spool) = &mut self.spool {
@@ -315,6 +320,9 @@ impl Upload {
                     Role::Text => {
                         let value = read_text(&mut field, &name).await?;
                         self.note_text(&name, &value)?;
+                        // Before the part goes on: a field that raised the worst case past
+                        // what the budget holds stops the call while its body is unfinished.
+                        cost.cover(&self.summary).await?;
                         if let Some(part) = encoder.text(&name, &value) {
                             out.send(part).await?;
                         }
@@ -412,6 +420,17 @@ impl Upload {
     /// Checks a text field and records what the usage row needs of it.
     fn note_text(&mut self, name: &str, value: &[u8]) -> Result<(), ApiError> {
         self.note_other()?;
+        // A provider reads one value of each field, which need not be the one imagegate
+        // routed, checked and priced: a repeated field is refused, not guessed at.
+        if !self.texts.insert(name.to_owned()) {
+            return Err(ApiError::InvalidRequest {
+                message: format!(
+                    "The field '{name}' was sent more than once; send each field once."
+                ),
+                param: Some(name.to_owned()),
+                code: Some("duplicate_parameter"),
+            });
+        }
         let text = std::str::from_utf8(value)
             .map_err(|_| ApiError::invalid(format!("'{name}' must be UTF-8 text."), Some(name)))?;
         let summary = &mut self.summary;
@@ -525,12 +544,18 @@ pub enum UploadSource {
 
 #[async_trait::async_trait]
 impl RequestSource for UploadSource {
-    async fn prepare(&mut self, route: &Route, _attempt: usize) -> Result<Prepared, ApiError> {
+    async fn prepare(
+        &mut self,
+        route: &Route,
+        _attempt: usize,
+        cost: CostGuard,
+    ) -> Result<Prepared, ApiError> {
         match self {
+            // A recorded upload is whole: its hold was made on all of its fields.
             UploadSource::Live(upload) => upload
                 .take()
                 .ok_or_else(|| ApiError::internal("a streamed upload can be sent once"))?
-                .prepare(route),
+                .prepare(route, cost),
             UploadSource::Replay(recorded) => Ok(Arc::clone(recorded).prepare(route)),
         }
     }
@@ -856,7 +881,7 @@ mod tests {
         let spool = tempfile::tempdir().expect("spool dir");
         let mut upload = Upload::new(&form_headers(), Body::from(body), endpoint, LIMITS)?;
         upload.read_until_model(&area(spool.path())).await?;
-        let Prepared { request, pump } = upload.prepare(&route())?;
+        let Prepared { request, pump } = upload.prepare(&route(), CostGuard::default())?;
         let crate::upstream::UpstreamBody::Stream(mut upstream) = request.body else {
             panic!("uploads stream");
         };
@@ -914,12 +939,13 @@ mod tests {
     }
 
     const FUZZ_FOUND: &[FuzzFound] = &[
-        // The second `model` went upstream as a second model part.
+        // The second `model` went upstream as a second model part (now: a repeated
+        // field is refused).
         FuzzFound {
-            name: "a_second_model_part_is_not_sent_on",
+            name: "a_second_model_part_is_refused",
             endpoint: Endpoint::Edits,
             body: b"--xB\r\nContent-Disposition: fa; name=\"image[]\"onam\r\n\r\n\x89P\r\n--xB\r\nContent-Disposition: name=\"prompt\"\r\n\r\ncombin\r\n--xB\r\nContent-Disposition:a; name=\"model\"\r\n\r\n\r\n--xB\r\nContent-Disposition: a; name=\"model\"\r\n\r\nhigh\r\n--xB--\r\n",
-            expect: Expect::RoutesModel,
+            expect: Expect::Refused,
         },
         // A `model` part with a filename went upstream as a file, with the client's model,
         // past the route's rewrite.

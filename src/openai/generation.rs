@@ -66,9 +66,11 @@ impl GenerationRequest {
     }
 }
 
-/// A request body that must be a JSON object.
+/// A request body that must be a JSON object, each of its fields once: a provider reads
+/// one of a repeated field's values, which need not be the one imagegate routed, checked
+/// and priced (serde_json keeps the last).
 pub(super) fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, Invalid> {
-    let value: Value = serde_json::from_slice(bytes).map_err(|err| {
+    let top: TopLevel = serde_json::from_slice(bytes).map_err(|err| {
         Invalid::new(
             format!(
                 "We could not parse the JSON body of your request ({err}). \
@@ -77,12 +79,88 @@ pub(super) fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, Invalid> 
             None,
         )
     })?;
-    match value {
-        Value::Object(body) => Ok(body),
-        _ => Err(Invalid::new(
+    match top {
+        TopLevel::Object {
+            duplicate: Some(name),
+            ..
+        } => Err(Invalid::new(
+            format!("The field '{name}' was sent more than once; send each field once."),
+            Some(&name),
+        )),
+        TopLevel::Object { body, .. } => Ok(body),
+        TopLevel::Other => Err(Invalid::new(
             "The body of your request must be a JSON object.",
             None,
         )),
+    }
+}
+
+/// A JSON document's top level, read in one pass: an object with the first field it
+/// repeats, or anything else.
+enum TopLevel {
+    Object {
+        body: Map<String, Value>,
+        duplicate: Option<String>,
+    },
+    Other,
+}
+
+impl<'de> serde::Deserialize<'de> for TopLevel {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(TopLevelVisitor)
+    }
+}
+
+struct TopLevelVisitor;
+
+impl<'de> serde::de::Visitor<'de> for TopLevelVisitor {
+    type Value = TopLevel;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<TopLevel, A::Error> {
+        let mut body = Map::new();
+        let mut duplicate = None;
+        while let Some(key) = map.next_key::<String>()? {
+            let value: Value = map.next_value()?;
+            if body.contains_key(&key) {
+                duplicate.get_or_insert(key);
+            } else {
+                body.insert(key, value);
+            }
+        }
+        Ok(TopLevel::Object { body, duplicate })
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<TopLevel, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(TopLevel::Other)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<TopLevel, E> {
+        Ok(TopLevel::Other)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<TopLevel, E> {
+        Ok(TopLevel::Other)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<TopLevel, E> {
+        Ok(TopLevel::Other)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<TopLevel, E> {
+        Ok(TopLevel::Other)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<TopLevel, E> {
+        Ok(TopLevel::Other)
+    }
+
+    fn visit_unit<E>(self) -> Result<TopLevel, E> {
+        Ok(TopLevel::Other)
     }
 }
 
@@ -150,6 +228,24 @@ mod tests {
         match GenerationRequest::parse(body.as_bytes()) {
             Err(Invalid { param, .. }) => param,
             other => panic!("expected a 400 for {body}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_repeated_field_is_refused_naming_it() {
+        assert_eq!(
+            param_of(r#"{"prompt":"fox","n":1,"model":"dall-e-3","n":10}"#).as_deref(),
+            Some("n")
+        );
+        assert_eq!(
+            param_of(r#"{"model":"a","prompt":"fox","model":"b"}"#).as_deref(),
+            Some("model")
+        );
+        // Nested objects are the provider's to read; not a top-level repeat.
+        GenerationRequest::parse(br#"{"prompt":"fox","extra":{"n":1},"n":2}"#).expect("valid");
+        for not_an_object in ["[1,{\"a\":2}]", "\"fox\"", "7", "null", "true"] {
+            let err = GenerationRequest::parse(not_an_object.as_bytes()).expect_err(not_an_object);
+            assert!(err.message.contains("must be a JSON object"), "{err:?}");
         }
     }
 

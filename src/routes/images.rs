@@ -22,7 +22,7 @@ use crate::multipart::{SpoolArea, Upload};
 use crate::openai::edit::parse_json_edit;
 use crate::openai::generation::GenerationRequest;
 use crate::routes::jobs::{self, JobRequest};
-use crate::routing::{Call, Prepared, RequestSource};
+use crate::routing::{Call, CostGuard, Prepared, RequestSource};
 use crate::state::{AppState, RequestId, Runtime};
 use crate::upstream::{Endpoint, RequestSummary, UpstreamBody, UpstreamRequest};
 
@@ -198,7 +198,12 @@ struct JsonSource {
 
 #[async_trait::async_trait]
 impl RequestSource for JsonSource {
-    async fn prepare(&mut self, route: &Route, _attempt: usize) -> Result<Prepared, ApiError> {
+    async fn prepare(
+        &mut self,
+        route: &Route,
+        _attempt: usize,
+        _cost: CostGuard,
+    ) -> Result<Prepared, ApiError> {
         let mut body = self.body.clone();
         body.insert("model".into(), route.upstream_model.clone().into());
         route.policy.apply(&mut body);

@@ -11,7 +11,9 @@ use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::store::{BudgetPeriod, Reservation, Reserved, Store};
-use crate::usage::price::format_usd;
+use crate::upstream::RequestSummary;
+use crate::usage::Intent;
+use crate::usage::price::{format_usd, worst_case_nanousd};
 
 /// How long a call waits for its reservation. Reservations of one key queue on its row, so
 /// a burst of a few hundred calls of one key waits its turn; a database that does not
@@ -124,5 +126,98 @@ pub(super) async fn hold(
                 BudgetPeriod::Total => "budget's lifetime",
             },
         }),
+    }
+}
+
+/// A call's hold kept covering its worst case while its upload arrives: `n`, `size`,
+/// `quality` or `partial_images` sent after `model` (both official SDKs send them so) can
+/// raise what the provider may bill past what was held when the call was routed. The pump
+/// asks [`CostGuard::cover`] before it sends such a field on; a budget that cannot cover
+/// the new worst case fails the pump, which cuts the provider's body before its end.
+#[derive(Clone, Default)]
+pub struct CostGuard(Option<Arc<Guarded>>);
+
+struct Guarded {
+    state: Arc<AppState>,
+    principal: Arc<Principal>,
+    price: crate::config::Price,
+    endpoint: crate::upstream::Endpoint,
+    max_images: usize,
+    hold_for: Duration,
+    /// The call's journaled intent, once its hold was granted: its worst case is what is
+    /// held (and what an interrupted row would bill).
+    intent: std::sync::Mutex<Option<Intent>>,
+}
+
+impl CostGuard {
+    /// A guard for one attempt of `call` on `route`; armed by [`CostGuard::held`].
+    pub(super) fn new(
+        call: &super::Call,
+        route: &crate::config::Route,
+        hold_for: Duration,
+    ) -> CostGuard {
+        CostGuard(Some(Arc::new(Guarded {
+            state: Arc::clone(&call.state),
+            principal: Arc::clone(&call.principal),
+            price: route.price.clone(),
+            endpoint: call.endpoint,
+            max_images: call.runtime.config.server.uploads.max_images,
+            hold_for,
+            intent: std::sync::Mutex::new(None),
+        })))
+    }
+
+    /// The hold for `intent` was granted (or the key has no budget) and journaled.
+    pub(super) fn held(&self, intent: &Intent) {
+        if let Some(guarded) = &self.0 {
+            *guarded.lock() = Some(intent.clone());
+        }
+    }
+
+    /// Makes sure the call's hold covers the worst case of `summary` (the request's fields
+    /// read so far): raised in the database when it does not, and journaled, so that an
+    /// interrupted call is billed at the raised worst case. 429 `insufficient_quota` when
+    /// the key's budget cannot hold the new worst case (the hold stays as it was; the call
+    /// releases it when it ends).
+    pub async fn cover(&self, summary: &RequestSummary) -> Result<(), ApiError> {
+        let Some(guarded) = &self.0 else {
+            return Ok(());
+        };
+        let Some(mut intent) = guarded.lock().clone() else {
+            return Ok(());
+        };
+        let worst = worst_case_nanousd(
+            &guarded.price,
+            guarded.endpoint,
+            summary,
+            guarded.max_images,
+        );
+        let raised = match (worst, intent.worst_case_nanousd) {
+            (Some(worst), Some(held)) => worst > held,
+            // An unpriced route has no worst case to hold (a budget refused it already).
+            _ => false,
+        };
+        if !raised {
+            return Ok(());
+        }
+        let (state, principal) = (&guarded.state, &guarded.principal);
+        let (id, model) = (&intent.request_id, &intent.model);
+        hold(state, principal, id, model, worst, guarded.hold_for).await?;
+        intent.worst_case_nanousd = worst;
+        intent.streamed = summary.stream;
+        intent.n = summary.n;
+        intent.size.clone_from(&summary.size);
+        intent.quality.clone_from(&summary.quality);
+        if state.usage.intend(&intent).is_err() {
+            return Err(ApiError::UsageJournalUnavailable);
+        }
+        *guarded.lock() = Some(intent);
+        Ok(())
+    }
+}
+
+impl Guarded {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Intent>> {
+        self.intent.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

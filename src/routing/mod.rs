@@ -11,6 +11,8 @@ use http::{HeaderValue, StatusCode, header};
 
 mod budget;
 
+pub use budget::CostGuard;
+
 use crate::auth::Principal;
 pub use crate::breaker::{BreakerState, Breakers};
 use crate::config::{Model, Provider, Route};
@@ -37,9 +39,15 @@ pub type Pump =
 
 /// Makes the provider request for a route, once per attempt: a failover replays the same
 /// client request to the next route (an upload from its disk spool, never from memory).
+/// A streamed upload's pump asks `cost` to cover each field that arrives after the hold.
 #[async_trait::async_trait]
 pub trait RequestSource: Send {
-    async fn prepare(&mut self, route: &Route, attempt: usize) -> Result<Prepared, ApiError>;
+    async fn prepare(
+        &mut self,
+        route: &Route,
+        attempt: usize,
+        cost: CostGuard,
+    ) -> Result<Prepared, ApiError>;
 }
 
 /// Who asked for what: the parts of a request every provider call needs.
@@ -122,7 +130,10 @@ impl Call {
         attempt: usize,
     ) -> Result<Attempt, ApiError> {
         let provider = &route.provider;
-        let Prepared { request, pump } = match source.prepare(route, attempt).await {
+        let hold_for = provider.total_timeout + self.runtime.config.limits.budget_hold_grace;
+        let cost = CostGuard::new(self, route, hold_for);
+        let prepared = source.prepare(route, attempt, cost.clone()).await;
+        let Prepared { request, pump } = match prepared {
             Ok(prepared) => prepared,
             Err(err) => {
                 self.state.breakers.release_probe(&provider.name);
@@ -138,7 +149,7 @@ impl Call {
             format!("{}-{}", self.request_id.0, attempt + 1)
         };
         let intent = self.intent(route, &request_id, &sent_with, created_at);
-        if let Err(err) = self.hold_budget(provider, &intent).await {
+        if let Err(err) = self.hold_budget(&intent, hold_for).await {
             self.state.breakers.release_probe(&provider.name);
             return Err(err);
         }
@@ -148,6 +159,7 @@ impl Call {
             self.release_budget(&request_id);
             return Err(ApiError::UsageJournalUnavailable);
         }
+        cost.held(&intent);
         let (sent, uploaded, whole) = self.send(provider, request, pump, &request_id).await?;
         // A provider that answered before the upload ended is billed on what was read.
         let summary = whole.unwrap_or(sent_with);
@@ -160,8 +172,7 @@ impl Call {
     }
 
     /// Reserves the call's worst case against its key's budget, if the key has one.
-    async fn hold_budget(&self, provider: &Provider, intent: &Intent) -> Result<(), ApiError> {
-        let hold_for = provider.total_timeout + self.runtime.config.limits.budget_hold_grace;
+    async fn hold_budget(&self, intent: &Intent, hold_for: Duration) -> Result<(), ApiError> {
         let amount = intent.worst_case_nanousd;
         let (id, model) = (&intent.request_id, &self.model.name);
         budget::hold(&self.state, &self.principal, id, model, amount, hold_for).await

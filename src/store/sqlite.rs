@@ -392,17 +392,28 @@ impl Store for SqliteStore {
             .bind(encode_time(r.now))
             .execute(&mut *tx)
             .await?;
+        // A call raising its own hold (a field that arrived after it raised its worst
+        // case) is weighed without what it holds already.
+        let (prior,): (Option<i64>,) = sqlx::query_as(
+            "select max(amount_nanousd) from budget_reservations \
+             where request_id = $1 and key_id = $2",
+        )
+        .bind(&r.request_id)
+        .bind(r.key_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let prior = prior.unwrap_or(0);
         let period_start = stored_time(&period_start)?;
         let spent = if period_start < r.period_start {
             0
         } else {
             spent
         };
-        let reserved = reserved - expired.unwrap_or(0);
-        let verdict = verdict(r, spent, reserved);
+        let others = reserved - expired.unwrap_or(0) - prior;
+        let verdict = verdict(r, spent, others);
         let reserved = match verdict {
-            Reserved::Granted { .. } => reserved + r.amount_nanousd,
-            Reserved::Refused { .. } => reserved,
+            Reserved::Granted { .. } => others + r.amount_nanousd,
+            Reserved::Refused { .. } => others + prior,
         };
         sqlx::query(
             "update budget_state set period_start = max(period_start, $2), \
@@ -417,7 +428,8 @@ impl Store for SqliteStore {
         if let Reserved::Granted { .. } = verdict {
             sqlx::query(
                 "insert into budget_reservations (request_id, key_id, amount_nanousd, expires_at) \
-                 values ($1, $2, $3, $4)",
+                 values ($1, $2, $3, $4) on conflict (request_id) do update \
+                 set amount_nanousd = excluded.amount_nanousd, expires_at = excluded.expires_at",
             )
             .bind(&r.request_id)
             .bind(r.key_id)

@@ -262,14 +262,17 @@ fn resume_points(segments: &[u64], saved: Option<Position>) -> (u64, Position) {
 }
 
 /// Calls the last run died during: their intent is here (carried in the cursor or read
-/// from a segment), their row nowhere. One per request id.
+/// from a segment), their row nowhere. One per request id: of a call journaled again when
+/// a later field raised its worst case, the intent with the highest.
 fn interrupted_calls<'a>(pending: &'a [Intent], scan: &'a Scan) -> Vec<&'a Intent> {
     let mut interrupted: Vec<&Intent> = pending
         .iter()
         .chain(scan.intents.iter())
         .filter(|i| !scan.resolved.contains(&i.request_id))
         .collect();
-    interrupted.sort_by(|a, b| a.request_id.cmp(&b.request_id));
+    interrupted.sort_by(|a, b| {
+        (a.request_id.cmp(&b.request_id)).then(b.worst_case_nanousd.cmp(&a.worst_case_nanousd))
+    });
     interrupted.dedup_by(|a, b| a.request_id == b.request_id);
     interrupted
 }

@@ -8,18 +8,11 @@ use crate::usage::extract::TokenUsage;
 /// Output tokens of the largest image OpenAI's gpt-image-1 table lists (1536x1024 or
 /// 1024x1536 at high quality); also taken as the most one input image can count.
 pub const MAX_TOKENS_PER_IMAGE: i64 = 6240;
-/// The most images one request can ask for (`n`, OpenAI's limit).
-pub const MAX_N: i64 = 10;
-/// The longest prompt, in characters (gpt-image-1's limit).
-pub const MAX_PROMPT_CHARS: i64 = 32_000;
 /// The size [`MAX_TOKENS_PER_IMAGE`] is counted at (1536x1024, in pixels); a larger custom
 /// size counts in proportion to its area.
 const MAX_TOKENS_AREA: i64 = 1536 * 1024;
 /// The output tokens OpenAI counts for each partial image of a stream.
 pub const PARTIAL_IMAGE_TOKENS: i64 = 100;
-/// The most partial images OpenAI sends (`partial_images` 0 to 3): assumed for an upload
-/// whose `partial_images` has not arrived when the call is sent.
-pub const MAX_PARTIAL_IMAGES: i64 = 3;
 
 /// What a call is priced on: the usage the provider reported, the images it returned, and
 /// the quality and size they were made at (the provider's word when it said, else the
@@ -82,19 +75,19 @@ fn token_cost(rates: &TokenRates, u: &TokenUsage) -> i128 {
         .sum()
 }
 
-/// The most a call can cost, from what is known of it when it is sent: the price of an
-/// `interrupted` row, whose usage nobody saw (`None` for an unpriced entry). It must not
+/// The most a call can cost, from the fields sent so far: the budget's hold, and the price
+/// of an `interrupted` row, whose usage nobody saw (`None` for an unpriced entry). An
+/// upload's fields stream to the provider as they come; a field that has not been sent
+/// cannot be billed, and one that arrives later raises the hold before it goes on (see
+/// `routing::CostGuard`), so a field not yet read counts as OpenAI's default. It must not
 /// under-count, so it prices, through [`cost_nanousd`]:
-/// - `n` images: the request's, or [`MAX_N`] for an upload whose `n` has not arrived yet
-///   (its fields stream to the provider as they come); generations default to 1 as OpenAI
-///   does; at the request's quality and size (a table's dearest entry when it has none);
+/// - `n` images (1 when absent, as OpenAI does); at the request's quality and size (a
+///   table's dearest entry when it has none);
 /// - `n` × [`MAX_TOKENS_PER_IMAGE`] output tokens (more for a custom size larger than
 ///   1536x1024, in proportion to its area), plus [`PARTIAL_IMAGE_TOKENS`] for each partial
-///   image of each image (`partial_images`; [`MAX_PARTIAL_IMAGES`] for an upload whose
-///   value has not arrived); one text token per prompt character (a token is never
-///   shorter; [`MAX_PROMPT_CHARS`] when the prompt has not arrived); and for edits
-///   `max_images` input images (`server.max_images`, which imagegate enforces) and a
-///   mask (variations: one image) of
+///   image of each image (`partial_images`); one text token per prompt character (a token
+///   is never shorter); and for edits `max_images` input images (`server.max_images`,
+///   which imagegate enforces) and a mask (variations: one image) of
 ///   [`MAX_TOKENS_PER_IMAGE`] each, all at the uncached rates.
 pub fn worst_case_nanousd(
     price: &Price,
@@ -102,16 +95,8 @@ pub fn worst_case_nanousd(
     summary: &RequestSummary,
     max_images: usize,
 ) -> Option<i64> {
-    let upload = endpoint != Endpoint::Generations;
-    let n = match summary.n {
-        Some(n) => i64::from(n.max(1)),
-        None if upload => MAX_N,
-        None => 1,
-    };
-    let prompt = match i64::try_from(summary.prompt_chars).unwrap_or(i64::MAX) {
-        0 if upload => MAX_PROMPT_CHARS,
-        chars => chars,
-    };
+    let n = summary.n.map_or(1, |n| i64::from(n.max(1)));
+    let prompt = i64::try_from(summary.prompt_chars).unwrap_or(i64::MAX);
     let input_images = match endpoint {
         Endpoint::Generations => 0,
         Endpoint::Edits => i64::try_from(max_images)
@@ -119,11 +104,7 @@ pub fn worst_case_nanousd(
             .saturating_add(1),
         Endpoint::Variations => 1,
     };
-    let partials = match summary.partial_images {
-        Some(p) => p.max(0),
-        None if upload => MAX_PARTIAL_IMAGES,
-        None => 0,
-    };
+    let partials = summary.partial_images.map_or(0, |p| p.max(0));
     let per_image = tokens_at_size(summary.size.as_deref())
         .saturating_add(partials.saturating_mul(PARTIAL_IMAGE_TOKENS));
     let usage = TokenUsage {
@@ -444,15 +425,16 @@ mod tests {
             cost_nanousd(&GPT_IMAGE_1, &call)
                 <= worst(&GPT_IMAGE_1, Endpoint::Generations, &summary(None, 40))
         );
-        // An edit whose fields have not arrived: the limits.
+        // An edit whose fields have not arrived: what was sent (their defaults), since a
+        // field that arrives later raises the hold before it is sent on.
         assert_eq!(
             worst(&GPT_IMAGE_1, Endpoint::Edits, &summary(None, 0)),
-            Some(32_000 * 5000 + 17 * 6240 * 10000 + 10 * (6240 + 3 * 100) * 40000)
+            Some(17 * 6240 * 10000 + 6240 * 40000)
         );
         // As many input images as `server.max_images` lets through, and the mask.
         assert_eq!(
-            worst_case_nanousd(&GPT_IMAGE_1, Endpoint::Edits, &summary(None, 0), 40),
-            Some(32_000 * 5000 + 41 * 6240 * 10000 + 10 * (6240 + 3 * 100) * 40000)
+            worst_case_nanousd(&GPT_IMAGE_1, Endpoint::Edits, &summary(Some(10), 8), 40),
+            Some(8 * 5000 + 41 * 6240 * 10000 + 10 * 6240 * 40000)
         );
         // A custom size larger than 1536x1024 counts in proportion to its area, and each
         // partial image of a stream 100 output tokens more.

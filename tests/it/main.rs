@@ -3,6 +3,7 @@
 mod admin_keys;
 mod admin_usage;
 mod architecture;
+mod budget_fields;
 mod budgets;
 mod cli;
 mod connections;

@@ -243,3 +243,50 @@ async fn the_python_sdk_creates_and_collects_a_job_and_its_retry_is_billed_once(
     );
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_python_sdks_field_order_cannot_take_an_edit_past_its_keys_budget() {
+    // What a provider sent the whole request would bill: ten 4096x4096 images.
+    let big = r#"{"total_tokens":650010,"input_tokens":10,"output_tokens":650000,"input_tokens_details":{"text_tokens":10,"image_tokens":0}}"#;
+    let provider = StandIn::start(move |got| {
+        let ten = String::from_utf8_lossy(&got.body).contains("4096x4096");
+        let answer = if ten {
+            image_response(10, big)
+        } else {
+            image_response(1, USAGE)
+        };
+        respond(200, "application/json", answer)
+    })
+    .await;
+    let config = test_config(&provider.base_url(), "").replacen(
+        "upstream_total_timeout = \"5s\"",
+        "upstream_total_timeout = \"600s\"",
+        1,
+    );
+    let gw = TestGateway::start(Db::Postgres, &config).await;
+    let budget = 3_000_000_000;
+    let changes = imagegate::store::KeyChanges {
+        budget: Some(Some((budget, Some("total".to_owned())))),
+        ..Default::default()
+    };
+    gw.store
+        .update_key("svc-test", &changes)
+        .await
+        .expect("update")
+        .expect("the test key");
+    let calls = run_sdk_script(&gw, "budget_edit.py").await;
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(calls[0]["status"], 429, "{calls:?}");
+    assert_eq!(calls[0]["code"], "insufficient_quota", "{calls:?}");
+    assert_eq!(calls[1]["status"], 200, "{calls:?}");
+    let whole = provider.complete_requests();
+    assert_eq!(
+        whole.len(),
+        1,
+        "only the edit the budget covers was sent whole"
+    );
+    let rows = gw.usage_rows(1).await;
+    let spent: i64 = rows.iter().filter_map(|r| r.cost_nanousd).sum();
+    assert!(spent <= budget, "spent {spent} of {budget}");
+    gw.shutdown().await;
+}
