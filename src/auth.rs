@@ -209,6 +209,39 @@ impl KeyCache {
         }
     }
 
+    /// `principal`'s key as the database holds it now, past the cache: `None` when it was
+    /// revoked or deleted since. For work that starts long after its request was let in
+    /// (a queued job). [`LookupUnavailable`] when the database does not answer in time.
+    pub async fn reread(
+        &self,
+        principal: &Principal,
+    ) -> Result<Option<Arc<Principal>>, LookupUnavailable> {
+        let inner = &self.inner;
+        let found = tokio::time::timeout(
+            inner.lookup_timeout,
+            inner.store.find_key_by_id(principal.key_id),
+        )
+        .await;
+        match found {
+            Ok(Ok(record)) => {
+                Ok(record
+                    .filter(|record| record.revoked_at.is_none())
+                    .map(|record| {
+                        Arc::new(Principal {
+                            key_id: record.id,
+                            name: record.name,
+                            limits: record.limits,
+                        })
+                    }))
+            }
+            Ok(Err(err)) => {
+                tracing::warn!(%err, key = %principal.name, "a key could not be read again");
+                Err(LookupUnavailable)
+            }
+            Err(_elapsed) => Err(LookupUnavailable),
+        }
+    }
+
     /// The principal of an active key, `None` for a key unknown or revoked.
     pub async fn lookup(&self, key: &str) -> Result<Option<Arc<Principal>>, LookupUnavailable> {
         let hash: KeyHash = Sha256::digest(key.as_bytes()).into();

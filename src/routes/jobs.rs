@@ -148,22 +148,55 @@ fn summary(record: &Record) -> serde_json::Value {
 
 /// The job's life: wait for its turn (a key runs at most its own `max_in_flight`, else
 /// `limits.max_in_flight_per_key`, jobs at once), send the call, keep what came back.
-async fn run(call: Call, mut source: impl RequestSource, id: String) {
+async fn run(mut call: Call, mut source: impl RequestSource, id: String) {
     let state = Arc::clone(&call.state);
     let default = call.runtime.config.limits.max_in_flight_per_key.get();
     let cap = call.principal.max_in_flight(default);
     let _turn = state.jobs.running.enter(call.principal.key_id, cap).await;
-    if let Err(err) = state.jobs.started(&id).await {
-        tracing::error!(job = %id, %err, "could not record that a job started");
-    }
-    let response = match call.forward(&mut source).await {
-        Ok(response) => response,
+    let response = match as_key_is_now(&mut call).await {
         Err(err) => err.into_response(),
+        Ok(()) => {
+            if let Err(err) = state.jobs.started(&id).await {
+                tracing::error!(job = %id, %err, "could not record that a job started");
+            }
+            match call.forward(&mut source).await {
+                Ok(response) => response,
+                Err(err) => err.into_response(),
+            }
+        }
     };
     let finished = keep(&state.jobs, &id, response).await;
     if let Err(err) = state.jobs.finish(&id, finished).await {
         tracing::error!(job = %id, %err, "could not record how a job ended");
     }
+}
+
+/// A job runs as its key is when it starts, not as it was when the job was queued: the
+/// key is read again, and a key revoked, expired or no longer allowed the model since gets
+/// the error a synchronous call would get now, before anything is sent or billed. Its
+/// budget is the one read now (the call's hold checks it). A database that does not answer
+/// in time leaves the key as it was read last, as for a synchronous call during an outage.
+async fn as_key_is_now(call: &mut Call) -> Result<(), ApiError> {
+    let principal = match call.state.keys.reread(&call.principal).await {
+        Ok(Some(principal)) => principal,
+        Ok(None) => {
+            return Err(ApiError::Unauthorized(
+                "Incorrect API key provided, or the key was revoked.",
+            ));
+        }
+        Err(_unavailable) => {
+            tracing::warn!(key = %call.principal.name, "a job runs on its key as last read: the database did not answer");
+            Arc::clone(&call.principal)
+        }
+    };
+    if principal.expired(chrono::Utc::now()) {
+        return Err(ApiError::Unauthorized("This API key has expired."));
+    }
+    if !principal.allows(&call.model.name, &call.runtime.config.aliases) {
+        return Err(ApiError::ModelNotAllowed(call.model.name.clone()));
+    }
+    call.principal = principal;
+    Ok(())
 }
 
 /// Reads the call's answer to its end (which writes its usage row): a success into the

@@ -289,6 +289,8 @@ pub trait Store: Send + Sync + 'static {
     /// Marks the key revoked; false when no active key has that name.
     async fn revoke_key(&self, name: &str) -> StoreResult<bool>;
     async fn find_key_by_hash(&self, hash: &str) -> StoreResult<Option<KeyRecord>>;
+    /// The key with this id, revoked or not (a job reads its key again when it starts).
+    async fn find_key_by_id(&self, key_id: i64) -> StoreResult<Option<KeyRecord>>;
     /// Changes the limits of the active key called `name`; `None` when there is none.
     async fn update_key(&self, name: &str, changes: &KeyChanges) -> StoreResult<Option<KeyRecord>>;
     /// Counts one request of `key_id` against `rpm` requests per minute, in one atomic
@@ -411,6 +413,10 @@ impl Store for OnRuntime {
     async fn find_key_by_hash(&self, hash: &str) -> StoreResult<Option<KeyRecord>> {
         let hash = hash.to_owned();
         self.run(|s| async move { s.find_key_by_hash(&hash).await })
+            .await
+    }
+    async fn find_key_by_id(&self, key_id: i64) -> StoreResult<Option<KeyRecord>> {
+        self.run(move |s| async move { s.find_key_by_id(key_id).await })
             .await
     }
     async fn update_key(&self, name: &str, changes: &KeyChanges) -> StoreResult<Option<KeyRecord>> {

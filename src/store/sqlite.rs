@@ -250,6 +250,16 @@ impl Store for SqliteStore {
         Ok(row.as_ref().map(KeyRecord::from_row).transpose()?)
     }
 
+    #[tracing::instrument(skip_all, fields(key_id))]
+    async fn find_key_by_id(&self, key_id: i64) -> StoreResult<Option<KeyRecord>> {
+        let sql = format!("select {KEY_COLUMNS} from api_keys where id = $1");
+        let row = sqlx::query(&sql)
+            .bind(key_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(KeyRecord::from_row).transpose()?)
+    }
+
     #[tracing::instrument(skip_all, fields(name = %name))]
     async fn update_key(&self, name: &str, changes: &KeyChanges) -> StoreResult<Option<KeyRecord>> {
         // Only the columns that change are named; `name = name` keeps the list non-empty.

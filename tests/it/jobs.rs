@@ -666,3 +666,129 @@ async fn a_result_that_cannot_be_kept_fails_the_job_and_frees_its_slot() {
     assert_eq!(job["status"], "succeeded", "{job}");
     gw.shutdown().await;
 }
+
+/// The job records in `dir` once every one of `ids` has finished (read from their files:
+/// a revoked key can no longer poll them).
+async fn finished_records(dir: &Path, ids: &[String]) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let records: Vec<Value> = ids
+            .iter()
+            .map(|id| {
+                let text = std::fs::read_to_string(dir.join(format!("{id}.json")));
+                serde_json::from_str(&text.expect("job record")).expect("record json")
+            })
+            .collect();
+        let done = records
+            .iter()
+            .all(|r| matches!(r["status"].as_str(), Some("succeeded" | "failed")));
+        if done || Instant::now() > deadline {
+            return records;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn queued_jobs_of_a_key_revoked_meanwhile_are_not_sent_nor_billed() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    provider.set_delay(Duration::from_millis(1000));
+    let config = test_config(
+        &provider.base_url(),
+        "[limits]\nmax_in_flight_per_key = 1\n",
+    );
+    let gw = TestGateway::start(Db::Postgres, &config).await;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let body = GENERATION.replace("fox", &format!("fox {i}"));
+        ids.push(accepted(post_job(&gw, &body, &[]).await).await.0);
+    }
+    assert!(gw.store.revoke_key("svc-test").await.expect("revoke"));
+    let records = finished_records(&gw.jobs_dir(), &ids).await;
+    let sent = provider.requests().len();
+    assert!(sent <= 1, "{sent} jobs sent after the key was revoked");
+    let refused: Vec<&Value> = records.iter().filter(|r| r["status"] == "failed").collect();
+    assert_eq!(refused.len(), 20 - sent, "{records:#?}");
+    for record in refused {
+        assert_eq!(record["status_code"], 401, "{record}");
+        assert_eq!(record["error"]["code"], "invalid_api_key", "{record}");
+    }
+    // Only what was sent is billed.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(all_rows(&*gw.store).await.len(), sent);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_queued_job_runs_with_its_keys_limits_as_they_are_when_it_starts() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    provider.set_delay(Duration::from_millis(800));
+    let config = test_config(
+        &provider.base_url(),
+        "[limits]\nmax_in_flight_per_key = 1\n",
+    );
+    let gw = TestGateway::start(Db::Sqlite, &config).await;
+    let in_the_past = chrono::Utc::now() - chrono::TimeDelta::minutes(1);
+    // dall-e-3 at $0.04 a call: a budget of two calls, cut to what the first one spends.
+    let changes = [
+        (
+            imagegate::store::KeyChanges {
+                budget: Some(Some((40_000_000, Some("total".into())))),
+                ..Default::default()
+            },
+            429,
+            "insufficient_quota",
+        ),
+        (
+            imagegate::store::KeyChanges {
+                models: Some(Some(vec!["gpt-image-1".into()])),
+                ..Default::default()
+            },
+            403,
+            "model_not_allowed",
+        ),
+        (
+            imagegate::store::KeyChanges {
+                expires_at: Some(Some(in_the_past)),
+                ..Default::default()
+            },
+            401,
+            "invalid_api_key",
+        ),
+    ];
+    for (index, (change, status, code)) in changes.into_iter().enumerate() {
+        let name = format!("changing-{index}");
+        let mut issued = imagegate::auth::issue_key(&name);
+        issued.new.limits.budget_nanousd = Some(80_000_000);
+        gw.store.create_key(issued.new).await.expect("key");
+        let mut ids = Vec::new();
+        for prompt in ["first", "second"] {
+            let body = format!(r#"{{"model":"dall-e-3","prompt":"{prompt}"}}"#);
+            let response = gw
+                .client
+                .post(gw.url("/v1/images/generations"))
+                .bearer_auth(&issued.key)
+                .header("content-type", "application/json")
+                .header("prefer", "respond-async")
+                .body(body)
+                .send()
+                .await
+                .expect("reaches imagegate");
+            ids.push(accepted(response).await.0);
+        }
+        // The first runs; the second waits for the key's one turn while the key changes.
+        assert!(provider.wait_for_requests(index + 1).await);
+        gw.store
+            .update_key(&name, &change)
+            .await
+            .expect("update")
+            .expect("key");
+        let records = finished_records(&gw.jobs_dir(), &ids).await;
+        assert_eq!(records[0]["status"], "succeeded", "{records:#?}");
+        assert_eq!(records[1]["status"], "failed", "{records:#?}");
+        assert_eq!(records[1]["status_code"], status, "{records:#?}");
+        assert_eq!(records[1]["error"]["code"], code, "{records:#?}");
+    }
+    assert_eq!(provider.requests().len(), 3, "no second job was sent");
+    gw.shutdown().await;
+}
