@@ -44,8 +44,10 @@ impl Encoder {
         !self.policy.drop.iter().any(|d| d == name)
     }
 
-    /// A whole text part, or nothing when the policy drops it.
-    pub fn text(&mut self, name: &str, value: &[u8]) -> Option<Bytes> {
+    /// A whole text part with the client's own part `headers` (header lines, each ending in
+    /// CRLF; Content-Disposition is written here), or nothing when the policy drops it.
+    /// Only the value of `model` (and of a field the policy forces) changes.
+    pub fn text(&mut self, name: &str, headers: &[u8], value: &[u8]) -> Option<Bytes> {
         let first = self.seen.insert(name.to_owned());
         if !self.keeps(name) {
             return None;
@@ -56,22 +58,24 @@ impl Encoder {
                 return None;
             }
             let model = self.upstream_model.clone();
-            return Some(self.text_part(name, model.as_bytes()));
+            return Some(self.text_part(name, headers, model.as_bytes()));
         }
         if let Some(forced) = self.policy.force.get(name) {
             let forced = form_value(forced);
-            return Some(self.text_part(name, forced.as_bytes()));
+            return Some(self.text_part(name, headers, forced.as_bytes()));
         }
-        Some(self.text_part(name, value))
+        Some(self.text_part(name, headers, value))
     }
 
-    fn text_part(&self, name: &str, value: &[u8]) -> Bytes {
+    fn text_part(&self, name: &str, headers: &[u8], value: &[u8]) -> Bytes {
         let mut part = format!(
-            "--{}\r\nContent-Disposition: form-data; name=\"{}\"\r\n\r\n",
+            "--{}\r\nContent-Disposition: form-data; name=\"{}\"\r\n",
             self.boundary,
             quote(name)
         )
         .into_bytes();
+        part.extend_from_slice(headers);
+        part.extend_from_slice(b"\r\n");
         part.extend_from_slice(value);
         part.extend_from_slice(b"\r\n");
         Bytes::from(part)
@@ -110,7 +114,7 @@ impl Encoder {
     pub fn finish(&mut self) -> Bytes {
         let mut tail = Vec::new();
         if !self.seen.contains("model") {
-            tail.extend_from_slice(&self.text_part("model", self.upstream_model.as_bytes()));
+            tail.extend_from_slice(&self.text_part("model", b"", self.upstream_model.as_bytes()));
         }
         let added: Vec<(String, String)> = self
             .policy
@@ -122,7 +126,7 @@ impl Encoder {
             .collect();
         for (name, value) in added {
             if self.seen.insert(name.clone()) {
-                tail.extend_from_slice(&self.text_part(&name, value.as_bytes()));
+                tail.extend_from_slice(&self.text_part(&name, b"", value.as_bytes()));
             }
         }
         tail.extend_from_slice(format!("--{}--\r\n", self.boundary).as_bytes());

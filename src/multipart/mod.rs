@@ -68,6 +68,8 @@ fn role(name: &str) -> Role {
 enum Held {
     Text {
         name: String,
+        /// Its headers besides Content-Disposition, as they go on (see [`part_headers`]).
+        headers: Bytes,
         value: Bytes,
     },
     File {
@@ -194,6 +196,7 @@ impl Upload {
         let name = part_name(&field)?;
         match role(&name) {
             Role::Text => {
+                let headers = part_headers(&field);
                 let value = read_text(&mut field, &name).await?;
                 self.note_text(&name, &value)?;
                 self.held_text += value.len();
@@ -215,7 +218,11 @@ impl Upload {
                 } else {
                     None
                 };
-                self.held.push(Held::Text { name, value });
+                self.held.push(Held::Text {
+                    name,
+                    headers,
+                    value,
+                });
                 Ok(model)
             }
             file_role => {
@@ -318,12 +325,13 @@ impl Upload {
                 let name = part_name(&field)?;
                 match role(&name) {
                     Role::Text => {
+                        let headers = part_headers(&field);
                         let value = read_text(&mut field, &name).await?;
                         self.note_text(&name, &value)?;
                         // Before the part goes on: a field that raised the worst case past
                         // what the budget holds stops the call while its body is unfinished.
                         cost.cover(&self.summary).await?;
-                        if let Some(part) = encoder.text(&name, &value) {
+                        if let Some(part) = encoder.text(&name, &headers, &value) {
                             out.send(part).await?;
                         }
                     }
@@ -615,8 +623,12 @@ async fn emit_held(
 ) -> Result<(), ApiError> {
     for part in held {
         match part {
-            Held::Text { name, value } => {
-                if let Some(part) = encoder.text(name, value) {
+            Held::Text {
+                name,
+                headers,
+                value,
+            } => {
+                if let Some(part) = encoder.text(name, headers, value) {
                     out.send(part).await?;
                 }
             }
@@ -684,6 +696,37 @@ fn part_name(field: &multer::Field<'static>) -> Result<String, ApiError> {
         ));
     }
     Ok(name)
+}
+
+/// A text part's own headers but its Content-Disposition (which is written anew, with the
+/// name quoted safely), as header lines: the Java SDK sends `Content-Type: text/plain;
+/// charset=utf-8` on every text part, and a provider may read the charset from it.
+fn part_headers(field: &multer::Field<'static>) -> Bytes {
+    let mut lines = Vec::new();
+    for (name, value) in field.headers() {
+        if name == header::CONTENT_DISPOSITION {
+            continue;
+        }
+        lines.extend_from_slice(header_case(name.as_str()).as_bytes());
+        lines.extend_from_slice(b": ");
+        lines.extend_from_slice(value.as_bytes());
+        lines.extend_from_slice(b"\r\n");
+    }
+    Bytes::from(lines)
+}
+
+/// `content-type` as `Content-Type`: how clients write part headers (their names are
+/// case-insensitive, but not every provider's parser knows it).
+fn header_case(name: &str) -> String {
+    name.split('-')
+        .map(|word| {
+            let mut chars = word.chars();
+            chars.next().map_or_else(String::new, |first| {
+                first.to_ascii_uppercase().to_string() + chars.as_str()
+            })
+        })
+        .collect::<Vec<_>>()
+        .join("-")
 }
 
 async fn read_text(field: &mut multer::Field<'static>, name: &str) -> Result<Bytes, ApiError> {

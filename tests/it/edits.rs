@@ -770,3 +770,62 @@ async fn fields_after_the_model_reach_the_usage_row_of_an_upload_streamed_throug
     );
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn text_parts_reach_the_provider_with_their_own_headers_as_the_java_sdk_sends_them() {
+    let provider =
+        StandIn::start(|_| respond(200, "application/json", image_response(1, USAGE))).await;
+    let gw = TestGateway::start(Db::Sqlite, &test_config(&provider.base_url(), "")).await;
+    let prompt = "un renard roux, 狐狸, лиса";
+    let text = |form: Form, name: &str, value: &str| {
+        form.part(
+            format!("form-data; name=\"{name}\"").as_bytes(),
+            b"Content-Type: text/plain; charset=utf-8\r\n",
+            value.as_bytes(),
+        )
+    };
+    // The Java SDK's shape: every text part typed, the image without a filename. `model`
+    // first (streamed through) and after the prompt (held until `model` arrives).
+    for model_first in [true, false] {
+        let mut form = Form::new();
+        if model_first {
+            form = text(form, "model", "gpt-image-2");
+        }
+        form = text(form, "prompt", prompt);
+        if !model_first {
+            form = text(form, "model", "gpt-image-2");
+        }
+        form = text(form, "n", "1");
+        form = form.part(
+            b"form-data; name=\"image\"",
+            b"Content-Type: image/png\r\n",
+            crate::support::forms::PNG,
+        );
+        let response = gw.post_form("/v1/images/edits", &form).await;
+        assert_eq!(response.status(), 200, "model first: {model_first}");
+        let got = provider
+            .complete_requests()
+            .pop()
+            .expect("the provider got the edit");
+        let content_type = got.headers["content-type"].to_str().expect("ascii");
+        let parts = parse_parts(content_type, got.body.clone()).await;
+        let typed = Some("text/plain; charset=utf-8".to_owned());
+        let part = |name: &str| {
+            parts
+                .iter()
+                .find(|p| p.name == name)
+                .unwrap_or_else(|| panic!("no {name} part in {parts:#?}"))
+        };
+        assert_eq!(part("prompt").text.as_deref(), Some(prompt));
+        assert_eq!(part("model").text.as_deref(), Some("upstream-gpt-image-2"));
+        for name in ["prompt", "model", "n"] {
+            assert_eq!(part(name).content_type, typed, "{name}: {parts:#?}");
+        }
+        let image = part("image");
+        assert_eq!(
+            (image.filename.as_deref(), image.size),
+            (None, crate::support::forms::PNG.len())
+        );
+    }
+    gw.shutdown().await;
+}
