@@ -122,7 +122,7 @@ impl Gateway {
         let sweeper = CancellationToken::new();
         #[expect(
             clippy::disallowed_methods,
-            reason = "the sweeper only deletes expired job files; it is stopped below, not waited for by the request tasks"
+            reason = "the sweeper only deletes expired job files and kept results; it is stopped below, not waited for by the request tasks"
         )]
         let sweeping = tokio::spawn(sweep_jobs(Arc::clone(&self.state), sweeper.clone()));
         let served = crate::server::serve_workers(
@@ -158,15 +158,26 @@ fn open_jobs(dir: &std::path::Path) -> anyhow::Result<Arc<Jobs>> {
     Ok(Arc::new(jobs))
 }
 
-/// Deletes finished jobs past `jobs.retention` (read at each round: a reload changes it),
-/// until `stop`.
+/// Deletes finished jobs past `jobs.retention` (read at each round: a reload changes it)
+/// and kept duplicate-protection results past their window, until `stop`: on a timer, so
+/// that they go whether or not requests arrive.
 async fn sweep_jobs(state: Arc<AppState>, stop: CancellationToken) {
+    let mut jobs_due = tokio::time::Instant::now();
     loop {
         let retention = state.runtime.load().config.jobs.retention;
+        let every = (state.dedupe.sweep_interval()).min(crate::jobs::sweep_interval(retention));
         tokio::select! {
             () = stop.cancelled() => return,
-            () = tokio::time::sleep(crate::jobs::sweep_interval(retention)) => {}
+            () = tokio::time::sleep(every) => {}
         }
+        let kept = state.dedupe.sweep();
+        if kept > 0 {
+            tracing::info!(kept, "forgot kept results past server.duplicate_window");
+        }
+        if tokio::time::Instant::now() < jobs_due {
+            continue;
+        }
+        jobs_due = tokio::time::Instant::now() + crate::jobs::sweep_interval(retention);
         let jobs = Arc::clone(&state.jobs);
         let swept = tokio::task::spawn_blocking(move || jobs.sweep(retention)).await;
         if let Ok(swept @ 1..) = swept {

@@ -195,6 +195,22 @@ impl Dedupe {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Forgets the kept results past the window (their files go once no retry is reading
+    /// them): run by a timer, so that they go whether or not requests arrive. Returns how
+    /// many calls a retry could find before.
+    pub fn sweep(&self) -> usize {
+        let mut table = self.lock();
+        let before = table.entries.len();
+        table.expire(Instant::now());
+        before - table.entries.len()
+    }
+
+    /// How often [`Dedupe::sweep`] runs: a kept result outlives its window by a small part
+    /// of it, at most by ten seconds.
+    pub fn sweep_interval(&self) -> Duration {
+        (self.window / 4).clamp(Duration::from_millis(100), Duration::from_secs(10))
+    }
+
     /// How many calls a retry could find now.
     pub fn len(&self) -> usize {
         self.lock().entries.len()
@@ -215,20 +231,28 @@ pub struct KeepTicket {
 
 impl KeepTicket {
     /// A file to write the result to, when its client has gone: one per call, so that two
-    /// originals with the same fingerprint never share one.
-    pub async fn create_file(&self) -> std::io::Result<(PathBuf, tokio::fs::File)> {
+    /// originals with the same fingerprint never share one. Removed when dropped unless
+    /// [`KeepTicket::keep`] took it.
+    pub async fn create_file(&self) -> std::io::Result<KeptFile> {
         let path = self.dedupe.dir.join(format!(
             "{}-{}.result",
             hex::encode(&self.fingerprint[..8]),
             self.id
         ));
         let file = tokio::fs::File::create(&path).await?;
-        Ok((path, file))
+        Ok(KeptFile {
+            path: Some(path),
+            file,
+        })
     }
 
-    /// The whole result is in `path`: retries within the window get it.
-    pub fn keep(mut self, path: PathBuf, status: StatusCode, headers: HeaderMap) {
+    /// The whole result is in `file`: retries within the window get it.
+    pub fn keep(mut self, mut file: KeptFile, status: StatusCode, headers: HeaderMap) {
+        let Some(path) = file.path.take() else {
+            return;
+        };
         let Some(tx) = self.tx.take() else {
+            let _ = std::fs::remove_file(&path);
             return;
         };
         tracing::info!(
@@ -264,9 +288,31 @@ impl Drop for KeepTicket {
     }
 }
 
-/// Writes a result body to its file as it is read.
-pub async fn write_chunk(file: &mut tokio::fs::File, chunk: &Bytes) -> std::io::Result<()> {
-    file.write_all(chunk).await
+/// A result being written for a retry: its file is removed when this is dropped, on every
+/// path that does not keep it (the provider broke off, a write failed, the task ended).
+pub struct KeptFile {
+    /// Taken by [`KeepTicket::keep`].
+    path: Option<PathBuf>,
+    file: tokio::fs::File,
+}
+
+impl KeptFile {
+    /// Writes a piece of the result body as it is read.
+    pub async fn write(&mut self, chunk: &Bytes) -> std::io::Result<()> {
+        self.file.write_all(chunk).await
+    }
+
+    pub async fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush().await
+    }
+}
+
+impl Drop for KeptFile {
+    fn drop(&mut self) {
+        if let Some(path) = self.path.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 /// Waits for the original call; the kept result as a response, or `None` when nothing was
@@ -383,18 +429,17 @@ mod tests {
         ));
 
         let ticket = original(dedupe.claim(fingerprint(2), false));
-        let (path, _file) = ticket.create_file().await.expect("file");
-        ticket.keep(path.clone(), StatusCode::OK, HeaderMap::new());
+        let file = ticket.create_file().await.expect("file");
+        let path = file.path.clone().expect("a path");
+        ticket.keep(file, StatusCode::OK, HeaderMap::new());
         let Claim::Attach(rx) = dedupe.claim(fingerprint(2), true) else {
             panic!("a kept result is found by its retry");
         };
         assert!(matches!(*rx.borrow(), Status::Kept(_)));
         drop(rx);
         std::thread::sleep(Duration::from_millis(60));
-        assert!(matches!(
-            dedupe.claim(fingerprint(3), false),
-            Claim::Original(_)
-        ));
+        // No request comes: the timer's sweep removes it.
+        assert_eq!(dedupe.sweep(), 1);
         assert!(!path.exists(), "an expired result's file is removed");
         assert!(matches!(
             dedupe.claim(fingerprint(2), true),
@@ -408,9 +453,9 @@ mod tests {
         let dedupe = dedupe(dir.path());
         let first = original(dedupe.claim(fingerprint(7), false));
         let second = original(dedupe.claim(fingerprint(7), false));
-        let (a, _) = first.create_file().await.expect("file");
-        let (b, _) = second.create_file().await.expect("file");
-        assert_ne!(a, b);
+        let a = first.create_file().await.expect("file");
+        let b = second.create_file().await.expect("file");
+        assert_ne!(a.path, b.path);
         // The first one's end does not forget the second, which replaced it.
         drop(first);
         assert!(matches!(
@@ -419,5 +464,28 @@ mod tests {
         ));
         drop(second);
         assert!(dedupe.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_result_file_not_kept_is_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dedupe = dedupe(dir.path());
+        let ticket = original(dedupe.claim(fingerprint(9), false));
+        let mut file = ticket.create_file().await.expect("file");
+        let path = file.path.clone().expect("a path");
+        file.write(&Bytes::from_static(b"half a result"))
+            .await
+            .expect("write");
+        assert!(path.exists());
+        // The provider broke off: the call ends without keeping it.
+        drop(file);
+        drop(ticket);
+        assert!(!path.exists(), "a result not kept leaves no file");
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("results"))
+                .expect("dir")
+                .count(),
+            0
+        );
     }
 }

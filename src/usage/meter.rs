@@ -12,10 +12,9 @@ use chrono::{DateTime, Utc};
 use futures_util::{Stream, StreamExt};
 use http::HeaderMap;
 use metrics::{Counter, Histogram};
-use tokio::io::AsyncWriteExt;
 use tokio_util::task::TaskTracker;
 
-use crate::dedupe::{KeepTicket, write_chunk};
+use crate::dedupe::KeepTicket;
 
 use crate::auth::Principal;
 use crate::config::Price;
@@ -419,8 +418,9 @@ impl Drop for Metered {
                 match chunk {
                     Ok(chunk) => {
                         let out = extractor.feed(chunk);
-                        if let Some((_, f)) = &mut file {
-                            if write_chunk(f, &out).await.is_err() {
+                        if let Some(f) = &mut file {
+                            if f.write(&out).await.is_err() {
+                                // Dropping it removes what was written.
                                 file = None;
                             }
                         }
@@ -433,12 +433,13 @@ impl Drop for Metered {
             }
             let tail = extractor.finish();
             // Kept before the row is recorded: a retry that sees the row finds the result.
-            if let (Some((path, mut f)), Some((keep, headers)), Outcome::Completed) =
-                (file, keep, outcome)
+            // Any other way (the provider broke off, a write failed), the file is dropped,
+            // which removes it.
+            if let (Some(mut f), Some((keep, headers)), Outcome::Completed) = (file, keep, outcome)
             {
-                if write_chunk(&mut f, &tail).await.is_ok() && f.flush().await.is_ok() {
+                if f.write(&tail).await.is_ok() && f.flush().await.is_ok() {
                     let status = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
-                    keep.keep(path, status, headers);
+                    keep.keep(f, status, headers);
                 }
             }
             ticket.finish(status, outcome, &extractor.extracted());

@@ -267,3 +267,68 @@ async fn a_retry_after_the_original_ended_unseen_replays_its_kept_result() {
     gw.usage_rows(1).await;
     gw.shutdown().await;
 }
+
+/// Kept results waiting for a retry in `gw`'s folder.
+fn kept_files(gw: &TestGateway) -> usize {
+    std::fs::read_dir(gw.spool_dir().join("results")).map_or(0, |dir| dir.count())
+}
+
+#[tokio::test]
+async fn an_unclaimed_kept_result_is_removed_by_the_timer_without_any_request() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    provider.set_delay(Duration::from_millis(600));
+    let config = test_config(&provider.base_url(), "").replacen(
+        "[server]\n",
+        "[server]\nduplicate_window = \"1s\"\n",
+        1,
+    );
+    let gw = TestGateway::start(Db::Sqlite, &config).await;
+    let first = sdk_try(&gw, BODY, "0", Some(Duration::from_millis(150))).await;
+    assert!(first.is_err(), "the client gave up before the answer");
+    gw.usage_rows(1).await;
+    assert_eq!(kept_files(&gw), 1, "kept for a retry");
+    // No request comes; the window passes.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(kept_files(&gw), 0, "removed once its window passed");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_result_the_provider_breaks_off_after_the_client_left_leaves_no_file() {
+    // A provider that answers 200 at once, then after a while sends part of its body and
+    // closes the connection.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    #[expect(clippy::disallowed_methods, reason = "lives until the test ends")]
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut request = vec![0u8; 64 * 1024];
+            let _ = socket.read(&mut request).await;
+            let head =
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 5000\r\n\r\n";
+            let _ = socket.write_all(head.as_bytes()).await;
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            let _ = socket.write_all(b"{\"created\":1,\"data\":[").await;
+            drop(socket);
+        }
+    });
+    let gw = TestGateway::start(Db::Sqlite, &test_config(&format!("http://{addr}/v1"), "")).await;
+    let first = sdk_try(&gw, BODY, "0", Some(Duration::from_millis(200))).await;
+    let cut = match first {
+        Err(_) => true,
+        Ok(response) => response.bytes().await.is_err(),
+    };
+    assert!(cut, "the client gave up before the answer ended");
+    let rows = gw.usage_rows(1).await;
+    assert_eq!(
+        rows[0].outcome,
+        imagegate::usage::Outcome::Failed,
+        "{rows:#?}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(kept_files(&gw), 0, "the broken-off result left no file");
+    gw.shutdown().await;
+}
