@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::KeptPerKey;
 use crate::limits::InFlight;
 use crate::openai::{ErrorBody, ErrorDetail};
 
@@ -40,11 +41,14 @@ pub enum Status {
     InProgress,
     Succeeded,
     Failed,
+    /// Finished, then dropped (its result deleted) to keep its key within
+    /// `jobs.max_kept_per_key` and `jobs.max_kept_bytes_per_key`.
+    Expired,
 }
 
 impl Status {
     pub fn is_finished(self) -> bool {
-        matches!(self, Status::Succeeded | Status::Failed)
+        matches!(self, Status::Succeeded | Status::Failed | Status::Expired)
     }
 }
 
@@ -76,6 +80,9 @@ pub struct Record {
     /// The HTTP status the synchronous call would have answered with, once finished.
     #[serde(default)]
     pub status_code: Option<u16>,
+    /// The size of its result file, once it succeeded.
+    #[serde(default)]
+    pub result_bytes: Option<u64>,
 }
 
 /// What a job was created from.
@@ -277,6 +284,7 @@ impl Jobs {
             fingerprint,
             error: None,
             status_code: None,
+            result_bytes: None,
         };
         table.insert(record.clone());
         Ok(Created::New(record))
@@ -334,12 +342,87 @@ impl Jobs {
 
     /// Records how the job ended: a result is moved into place first, then the record
     /// says it succeeded. A result that cannot be moved fails the job (its file removed), so
-    /// that the job still ends and gives its key's queue slot back.
-    pub async fn finish(&self, id: &str, finished: Finished) -> std::io::Result<()> {
+    /// that the job still ends and gives its key's queue slot back. Then the key's oldest
+    /// finished jobs expire while it keeps more than `kept` allows.
+    pub async fn finish(
+        &self,
+        id: &str,
+        finished: Finished,
+        kept: KeptPerKey,
+    ) -> std::io::Result<()> {
+        self.record_end(id, finished).await?;
+        let key_id = self.lock().jobs.get(id).map(|r| r.key_id);
+        if let Some(key_id) = key_id {
+            self.bound(key_id, kept).await;
+        }
+        Ok(())
+    }
+
+    /// Expires `key_id`'s oldest finished jobs while it has more than `kept.jobs` of them,
+    /// or results of more than `kept.result_bytes` in all: results are deleted, records say
+    /// `expired`. Returns how many expired.
+    pub async fn bound(&self, key_id: i64, kept: KeptPerKey) -> usize {
+        let expired: Vec<String> = {
+            let mut table = self.lock();
+            let mut finished: Vec<&Record> = table
+                .jobs
+                .values()
+                .filter(|r| {
+                    r.key_id == key_id && r.status.is_finished() && r.status != Status::Expired
+                })
+                .collect();
+            finished.sort_by_key(|r| (r.finished_ms, r.id.clone()));
+            let mut count = finished.len();
+            let mut bytes: u64 = finished.iter().filter_map(|r| r.result_bytes).sum();
+            let mut over = Vec::new();
+            for record in finished {
+                if count <= kept.jobs.get() as usize && bytes <= kept.result_bytes {
+                    break;
+                }
+                count -= 1;
+                bytes -= record.result_bytes.unwrap_or(0);
+                over.push(record.id.clone());
+            }
+            for id in &over {
+                if let Some(record) = table.jobs.get_mut(id) {
+                    record.status = Status::Expired;
+                    record.result_bytes = None;
+                }
+            }
+            over
+        };
+        for id in &expired {
+            if let Err(err) = tokio::fs::remove_file(self.result_path(id)).await {
+                if err.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(job = %id, %err, "could not delete an expired job's result");
+                }
+            }
+            if let Err(err) = self.save(id).await {
+                tracing::warn!(job = %id, %err, "could not record that a job expired");
+            }
+        }
+        if !expired.is_empty() {
+            tracing::info!(
+                key_id,
+                expired = expired.len(),
+                "finished jobs expired to keep their key within jobs.max_kept_per_key and jobs.max_kept_bytes_per_key"
+            );
+        }
+        expired.len()
+    }
+
+    async fn record_end(&self, id: &str, finished: Finished) -> std::io::Result<()> {
+        let mut result_bytes = None;
         let (status, code, error) = match finished {
             Finished::Succeeded { status_code } => {
                 match tokio::fs::rename(self.temp_result_path(id), self.result_path(id)).await {
-                    Ok(()) => (Status::Succeeded, status_code, None),
+                    Ok(()) => {
+                        result_bytes = tokio::fs::metadata(self.result_path(id))
+                            .await
+                            .ok()
+                            .map(|m| m.len());
+                        (Status::Succeeded, status_code, None)
+                    }
                     Err(err) => {
                         tracing::error!(job = %id, %err, "could not move a job's result into place");
                         self.remove_temp_result(id).await;
@@ -359,6 +442,7 @@ impl Jobs {
             };
             let was_open = !record.status.is_finished();
             finish_record(record, status, code, error);
+            record.result_bytes = result_bytes;
             let key_id = record.key_id;
             if was_open {
                 table.close(key_id);
@@ -492,6 +576,12 @@ mod tests {
         }
     }
 
+    /// No bound on a key's finished jobs.
+    const UNBOUNDED: KeptPerKey = KeptPerKey {
+        jobs: std::num::NonZeroU32::MAX,
+        result_bytes: u64::MAX,
+    };
+
     #[tokio::test]
     async fn unfinished_jobs_are_counted_per_key_and_a_retry_finds_its_job() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -517,6 +607,7 @@ mod tests {
                 status_code: 500,
                 error,
             },
+            UNBOUNDED,
         )
         .await
         .expect("finish");
@@ -535,9 +626,13 @@ mod tests {
         jobs.started(&running.id).await.expect("save");
         jobs.save(&queued.id).await.expect("save");
         std::fs::write(jobs.temp_result_path(&done.id), b"{}").expect("result");
-        jobs.finish(&done.id, Finished::Succeeded { status_code: 200 })
-            .await
-            .expect("finish");
+        jobs.finish(
+            &done.id,
+            Finished::Succeeded { status_code: 200 },
+            UNBOUNDED,
+        )
+        .await
+        .expect("finish");
         drop(jobs);
 
         let (jobs, interrupted) = Jobs::open(&path).expect("reopen");

@@ -15,6 +15,16 @@ pub struct JobsConfig {
     pub retention: Duration,
     /// Jobs of one key not yet finished (queued or running); one more gets 429.
     pub max_queued_per_key: NonZeroU32,
+    /// What one key's finished jobs may keep within their retention; past either, its
+    /// oldest finished jobs expire first (their result deleted, their status `expired`).
+    pub kept: KeptPerKey,
+}
+
+/// The bounds on one key's finished jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeptPerKey {
+    pub jobs: NonZeroU32,
+    pub result_bytes: u64,
 }
 
 impl Validator<'_> {
@@ -37,10 +47,16 @@ impl Validator<'_> {
         }
         let max_queued_per_key = NonZeroU32::new(raw.max_queued_per_key)
             .ok_or_else(|| self.err("jobs.max_queued_per_key", "must be at least 1"))?;
+        let kept_jobs = NonZeroU32::new(raw.max_kept_per_key)
+            .ok_or_else(|| self.err("jobs.max_kept_per_key", "must be at least 1"))?;
         Ok(JobsConfig {
             dir: raw.dir,
             retention: self.positive("jobs.retention", raw.retention)?,
             max_queued_per_key,
+            kept: KeptPerKey {
+                jobs: kept_jobs,
+                result_bytes: raw.max_kept_bytes_per_key,
+            },
         })
     }
 }

@@ -23,7 +23,7 @@ use figment::error::{Actual, Kind};
 use figment::providers::{Env, Format, Toml};
 
 pub use endpoints::Endpoint;
-pub use jobs::JobsConfig;
+pub use jobs::{JobsConfig, KeptPerKey};
 pub use models::{Failover, Model, ParamPolicy, Route};
 pub use pricing::{ImageTable, Price, TokenRates};
 pub use providers::{BreakerConfig, Provider, ProviderKind};

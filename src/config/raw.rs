@@ -165,6 +165,8 @@ pub(super) struct RawJobs {
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
     pub max_queued_per_key: u32,
+    pub max_kept_per_key: u32,
+    pub max_kept_bytes_per_key: u64,
 }
 
 impl Default for RawJobs {
@@ -173,6 +175,8 @@ impl Default for RawJobs {
             dir: PathBuf::from("data/jobs"),
             retention: Duration::from_secs(24 * 60 * 60),
             max_queued_per_key: 100,
+            max_kept_per_key: 1000,
+            max_kept_bytes_per_key: 1024 * MIB,
         }
     }
 }

@@ -166,7 +166,8 @@ async fn run(mut call: Call, mut source: impl RequestSource, id: String) {
         }
     };
     let finished = keep(&state.jobs, &id, response).await;
-    if let Err(err) = state.jobs.finish(&id, finished).await {
+    let kept = state.runtime.load().config.jobs.kept;
+    if let Err(err) = state.jobs.finish(&id, finished, kept).await {
         tracing::error!(job = %id, %err, "could not record how a job ended");
     }
 }

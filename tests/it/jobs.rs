@@ -792,3 +792,62 @@ async fn a_queued_job_runs_with_its_keys_limits_as_they_are_when_it_starts() {
     assert_eq!(provider.requests().len(), 3, "no second job was sent");
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_keys_finished_jobs_are_bounded_in_count_and_bytes_oldest_expiring_first() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    let result_bytes = image_response(1, USAGE).len();
+    // Room for three jobs by count, and for two results by size.
+    let config = test_config(
+        &provider.base_url(),
+        &format!(
+            "[jobs]\nmax_kept_per_key = 3\nmax_kept_bytes_per_key = {}\n",
+            2 * result_bytes + result_bytes / 2
+        ),
+    );
+    let gw = TestGateway::start(Db::Sqlite, &config).await;
+    let mut ids = Vec::new();
+    // One after the other, so that they finish in order: a failed one (no result), then
+    // successes.
+    provider.set_handler(|_| {
+        respond(
+            400,
+            "application/json",
+            r#"{"error":{"message":"no","type":"invalid_request_error","param":null,"code":null}}"#,
+        )
+    });
+    for i in 0..5 {
+        if i == 1 {
+            provider.set_handler(|_| respond(200, "application/json", image_response(1, USAGE)));
+        }
+        let body = GENERATION.replace("fox", &format!("fox {i}"));
+        let (id, _) = accepted(post_job(&gw, &body, &[]).await).await;
+        wait_finished(&gw.client, &base(&gw), &gw.key, &id).await;
+        ids.push(id);
+    }
+    let statuses: Vec<String> = {
+        let mut statuses = Vec::new();
+        for id in &ids {
+            let (status, text) = get_job(&gw.client, &base(&gw), &gw.key, id).await;
+            assert_eq!(status, 200, "{text}");
+            let job: Value = serde_json::from_str(&text).expect("json");
+            statuses.push(job["status"].as_str().expect("status").to_owned());
+        }
+        statuses
+    };
+    // By count (three at most) and by bytes (two results at most), the oldest go first.
+    assert_eq!(
+        statuses,
+        ["expired", "expired", "expired", "succeeded", "succeeded"],
+        "{ids:?}"
+    );
+    let results = std::fs::read_dir(gw.jobs_dir())
+        .expect("jobs dir")
+        .filter(|e| {
+            let path = e.as_ref().expect("entry").path();
+            path.extension().is_some_and(|e| e == "result")
+        })
+        .count();
+    assert_eq!(results, 2, "expired results are deleted");
+    gw.shutdown().await;
+}
