@@ -160,6 +160,38 @@ async fn fields_after_the_model_that_raise_the_worst_case_past_the_budget_cut_th
         "no provider received a whole (billable) request"
     );
     assert!(all_rows(&*gw.store).await.is_empty(), "nothing billed");
+    // As a job: received whole, then refused when it runs, unsent.
+    let (key, _) = budgeted(&*gw.store, "capped-job", budget).await;
+    let form = big_form(Endpoint::Edits, false, false);
+    let response = gw
+        .client
+        .post(gw.url("/v1/images/edits"))
+        .bearer_auth(&key)
+        .header("content-type", form.content_type())
+        .header("prefer", "respond-async")
+        .body(form.body())
+        .send()
+        .await
+        .expect("reaches imagegate");
+    assert_eq!(response.status(), 202);
+    let job: Value = response.json().await.expect("json");
+    let id = job["id"].as_str().expect("id").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let job = loop {
+        let job: Value = gw
+            .get_as(&key, &format!("/v1/images/jobs/{id}"))
+            .await
+            .json()
+            .await
+            .expect("json");
+        if job["status"] == "failed" || Instant::now() > deadline {
+            break job;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(job["status_code"], 429, "{job}");
+    assert_eq!(job["error"]["code"], "insufficient_quota", "{job}");
+    assert!(provider.complete_requests().is_empty());
     // The same fields before `model` are refused before anything is sent, as before.
     let (key, _) = budgeted(&*gw.store, "capped-before", budget).await;
     let form = Form::new()
