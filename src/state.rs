@@ -46,7 +46,13 @@ impl Runtime {
                 let routes = model
                     .routes
                     .iter()
-                    .map(|r| Arc::new(RouteMetrics::new(&model.name, &r.provider.name)))
+                    .map(|r| {
+                        Arc::new(RouteMetrics::new(
+                            &model.name,
+                            &r.provider.name,
+                            config.metrics.per_key,
+                        ))
+                    })
                     .collect();
                 (model.name.clone(), routes)
             })
@@ -125,6 +131,7 @@ impl AppState {
         let config = Config::load(&current.config.source, &self.env)?;
         if config.database_url != current.config.database_url
             || config.server.listen != current.config.server.listen
+            || config.server.metrics_listen != current.config.server.metrics_listen
             || config.server.journal_dir != current.config.server.journal_dir
             || config.server.workers != current.config.server.workers
             || config.server.header_read_timeout != current.config.server.header_read_timeout
@@ -134,7 +141,7 @@ impl AppState {
             || config.jobs.dir != current.config.jobs.dir
         {
             tracing::warn!(
-                "database.url, server.listen, server.journal_dir, server.workers, server.header_read_timeout, server.http2_keep_alive_interval, server.max_connections and jobs.dir changes take effect at the next restart"
+                "database.url, server.listen, server.metrics_listen, server.journal_dir, server.workers, server.header_read_timeout, server.http2_keep_alive_interval, server.max_connections and jobs.dir changes take effect at the next restart"
             );
         }
         let runtime =
@@ -150,7 +157,11 @@ impl Runtime {
     pub fn route_metrics(&self, model: &str, route: usize, provider: &str) -> Arc<RouteMetrics> {
         match self.route_metrics.get(model).and_then(|r| r.get(route)) {
             Some(metrics) => Arc::clone(metrics),
-            None => Arc::new(RouteMetrics::new(model, provider)),
+            None => Arc::new(RouteMetrics::new(
+                model,
+                provider,
+                self.config.metrics.per_key,
+            )),
         }
     }
 }
