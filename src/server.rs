@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::Request;
+use axum::extract::{ConnectInfo, Request};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
@@ -367,7 +367,7 @@ async fn serve(
     let connections = TaskTracker::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let (stream, permit) = tokio::select! {
+        let (stream, peer, permit) = tokio::select! {
             accepted = accept(&listener, &permits) => match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
@@ -379,7 +379,12 @@ async fn serve(
             },
             () = &mut shutdown => break,
         };
-        serve_connection(&builder, stream, permit, &app, limits, &drain, &connections);
+        let accepted = Accepted {
+            stream,
+            peer,
+            permit,
+        };
+        serve_connection(&builder, accepted, &app, limits, &drain, &connections);
     }
     drop(listener);
     drain.cancel();
@@ -411,12 +416,25 @@ fn connection_builder(limits: ConnectionLimits) -> Builder<TokioExecutor> {
     builder
 }
 
+/// A connection taken off a listening socket.
+struct Accepted {
+    stream: TcpStream,
+    /// The client's address (the TCP peer: a proxy's, behind one).
+    peer: SocketAddr,
+    /// Its place under the connection cap, held until it ends.
+    permit: OwnedSemaphorePermit,
+}
+
 /// Serves `app` on one accepted connection, under the watchdog, as a task on
-/// `connections`; the connection holds `permit` until it ends.
+/// `connections`; the connection holds its permit until it ends. Each request carries the
+/// peer's address as axum's `ConnectInfo<SocketAddr>`.
 fn serve_connection(
     builder: &Builder<TokioExecutor>,
-    stream: TcpStream,
-    permit: OwnedSemaphorePermit,
+    Accepted {
+        stream,
+        peer,
+        permit,
+    }: Accepted,
     app: &Router,
     limits: ConnectionLimits,
     drain: &CancellationToken,
@@ -426,9 +444,10 @@ fn serve_connection(
     let activity = Arc::new(Activity::new());
     let app = app.clone();
     let requests = Arc::clone(&activity);
-    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+    let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
         let in_flight = InFlight::new(&requests);
         let mut app = app.clone();
+        request.extensions_mut().insert(ConnectInfo(peer));
         async move {
             let response = app.call(request.map(axum::body::Body::new)).await?;
             Ok::<_, std::convert::Infallible>(response.map(|inner| Held::new(inner, in_flight)))
@@ -462,16 +481,16 @@ fn serve_connection(
 async fn accept(
     listener: &AsyncFd<std::net::TcpListener>,
     permits: &Arc<Semaphore>,
-) -> io::Result<(TcpStream, OwnedSemaphorePermit)> {
+) -> io::Result<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
     loop {
         let mut ready = listener.readable().await?;
         let Ok(permit) = Arc::clone(permits).acquire_owned().await else {
             return Err(io::Error::other("the connection cap was closed"));
         };
         match ready.try_io(|listener| listener.get_ref().accept()) {
-            Ok(Ok((stream, _))) => {
+            Ok(Ok((stream, peer))) => {
                 stream.set_nonblocking(true)?;
-                return Ok((TcpStream::from_std(stream)?, permit));
+                return Ok((TcpStream::from_std(stream)?, peer, permit));
             }
             Ok(Err(err)) => return Err(err),
             // The connection went away while it waited (or another poll took it).
