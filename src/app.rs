@@ -98,6 +98,7 @@ impl Gateway {
             json_memory: Default::default(),
             in_flight: Arc::default(),
             jobs,
+            login_throttle: Default::default(),
             reload_lock: std::sync::Mutex::new(()),
         });
         Ok(Gateway { state, writer })

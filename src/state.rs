@@ -17,6 +17,7 @@ use crate::config::{Config, ConfigError, EnvLookup};
 use crate::dedupe::Dedupe;
 use crate::jobs::Jobs;
 use crate::limits::{ByteQuota, InFlight};
+use crate::login_throttle::LoginThrottle;
 use crate::store::Store;
 use crate::upstream::Upstreams;
 use crate::usage::meter::RouteMetrics;
@@ -88,6 +89,8 @@ pub struct AppState {
     pub in_flight: Arc<InFlight>,
     /// Async jobs (`Prefer: respond-async`) and their results on disk.
     pub jobs: Arc<Jobs>,
+    /// Failed dashboard logins per client address, on this replica.
+    pub login_throttle: LoginThrottle,
     /// Reloads happen one at a time.
     pub(crate) reload_lock: std::sync::Mutex<()>,
 }
