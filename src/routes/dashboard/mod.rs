@@ -22,6 +22,7 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 
 use super::admin::usage::{Pairs, Params, csv_response, page, rows_csv_response, totals};
 use crate::auth::admin_token_matches;
+use crate::config::Secret;
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::store::{GroupBy, UsageFilter, UsageRow, UsageTotals};
@@ -79,8 +80,9 @@ pub struct Login {
 
 /// `POST /dashboard/login`: the right admin token stores a new session, sets its cookie
 /// and goes to the dashboard; anything else shows the form again with 401. An address with
-/// [`crate::login_throttle::MAX_FAILURES`] failures in the last minute gets the form with 429 and
-/// `retry-after` instead, whatever it sends, until the oldest of them is a minute old.
+/// [`crate::login_throttle::MAX_FAILURES`] failures in the last minute gets the form with
+/// 429 and `retry-after` instead, whatever it sends, until the oldest of them is a minute
+/// old.
 pub async fn login(
     State(state): State<Arc<AppState>>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
@@ -95,14 +97,7 @@ pub async fn login(
     );
     if let Some(wait) = state.login_throttle.refused(client, Instant::now()) {
         tracing::warn!(target: "imagegate::admin", %client, "dashboard login refused: too many failed logins");
-        let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        let message =
-            format!("Too many failed logins from your address. Try again in {seconds} s.");
-        let mut response = html(StatusCode::TOO_MANY_REQUESTS, html::login(Some(&message)));
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
-        return response;
+        return too_many_failures(wait);
     }
     let config = Arc::clone(&state.runtime.load().config);
     let token = config.admin_token.as_ref();
@@ -120,6 +115,24 @@ pub async fn login(
         return html(StatusCode::UNAUTHORIZED, html::login(None));
     };
     state.login_throttle.succeeded(client);
+    tracing::info!(target: "imagegate::admin", %client, "dashboard login");
+    start_session(&state, token, &headers).await
+}
+
+/// The login form again, with 429 and `retry-after`: the address must `wait`.
+fn too_many_failures(wait: std::time::Duration) -> Response {
+    let seconds = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+    let message = format!("Too many failed logins from your address. Try again in {seconds} s.");
+    let mut response = html(StatusCode::TOO_MANY_REQUESTS, html::login(Some(&message)));
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    response
+}
+
+/// Stores a new session and sends the browser to the dashboard with its cookie; the form
+/// with 503 when the database does not take it.
+async fn start_session(state: &AppState, token: &Secret, headers: &HeaderMap) -> Response {
     let new = session::issue(token, Utc::now());
     let stored = state
         .store
@@ -130,8 +143,7 @@ pub async fn login(
             "The session could not be stored (the database is not answering). Try again shortly.";
         return html(StatusCode::SERVICE_UNAVAILABLE, html::login(Some(message)));
     }
-    tracing::info!(target: "imagegate::admin", %client, "dashboard login");
-    let cookie = session::set_cookie(&new.id, &headers);
+    let cookie = session::set_cookie(&new.id, headers);
     ([(header::SET_COOKIE, cookie)], Redirect::to("/dashboard")).into_response()
 }
 
