@@ -98,6 +98,7 @@ impl Gateway {
             json_memory: Default::default(),
             in_flight: Arc::default(),
             jobs,
+            login_throttle: Default::default(),
             reload_lock: std::sync::Mutex::new(()),
         });
         Ok(Gateway { state, writer })
@@ -119,6 +120,14 @@ impl Gateway {
                 crate::server::ConnectionLimits::from_config(server),
             )
         };
+        let metrics_listen = self.state.runtime.load().config.server.metrics_listen;
+        // Bound by the caller: /metrics must be served where the configuration says, and
+        // nowhere else (it is left off the main listener when it has its own).
+        if metrics_listen.is_some() != listeners.metrics_addr().is_some() {
+            anyhow::bail!(
+                "server.metrics_listen and the listeners disagree: bind them with Listeners::with_metrics"
+            );
+        }
         let sweeper = CancellationToken::new();
         #[expect(
             clippy::disallowed_methods,
@@ -128,6 +137,7 @@ impl Gateway {
         let served = crate::server::serve_workers(
             listeners,
             router(Arc::clone(&self.state)),
+            metrics_router(Arc::clone(&self.state)),
             shutdown,
             grace,
             limits,
@@ -276,6 +286,26 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// What the metrics listener (`server.metrics_listen`) serves: `/metrics` alone, under the
+/// same access log and panic guard as the main router; anything else is a 404 in OpenAI's
+/// shape.
+pub fn metrics_router(state: Arc<AppState>) -> Router {
+    routes::metrics_router()
+        .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(
+            ServiceBuilder::new()
+                .layer(middleware::from_fn_with_state(
+                    Arc::clone(&state),
+                    access_log,
+                ))
+                .layer(CatchPanicLayer::custom(|_| {
+                    ApiError::Internal("handler panicked".into()).into_response()
+                })),
+        )
+        .with_state(state)
+}
+
 /// Text from a client, fit for a log line: control characters (a newline that would start a
 /// forged line, terminal escapes) are written as escapes.
 fn escape_control(text: &str) -> std::borrow::Cow<'_, str> {
@@ -294,7 +324,7 @@ fn escape_control(text: &str) -> std::borrow::Cow<'_, str> {
 }
 
 async fn access_log(
-    State(_state): State<Arc<AppState>>,
+    State(state): State<Arc<AppState>>,
     mut request: Request,
     next: Next,
 ) -> Response {
@@ -312,7 +342,7 @@ async fn access_log(
     let elapsed = started.elapsed();
     http_metrics(path, status, elapsed);
     let principal = response.extensions().get::<Arc<Principal>>();
-    if let Some(principal) = principal {
+    if let Some(principal) = principal.filter(|_| state.runtime.load().config.metrics.per_key) {
         // Key names, never keys: a name is what the operator chose to see in reports.
         metrics::counter!("imagegate_key_requests_total", "key" => principal.name.clone(), "status" => status.to_string()).increment(1);
     }

@@ -17,6 +17,7 @@ use crate::error::ApiError;
 use crate::held::Held;
 use crate::limits::RateLimit;
 use crate::routes;
+use crate::routes::dashboard::session;
 use crate::state::AppState;
 
 /// Every routed request, before its handler: the routes [`routes::PUBLIC`] lists pass as
@@ -94,13 +95,29 @@ async fn require_admin(
     }
 }
 
-/// Dashboard pages: a valid session cookie, or a redirect (303) to the login form.
+/// Dashboard pages: a session the database holds and has not expired, or a redirect (303)
+/// to the login form. A database that does not answer within `key_lookup_timeout` is a
+/// 503, not a way in.
 async fn require_session(state: &AppState, request: Request, next: Next) -> Response {
-    let token = state.runtime.load().config.admin_token.clone();
-    if routes::dashboard::session::valid(request.headers(), token.as_ref()) {
-        next.run(request).await
-    } else {
-        Redirect::to(routes::dashboard::LOGIN).into_response()
+    let (token, timeout) = {
+        let config = &state.runtime.load().config;
+        (config.admin_token.clone(), config.server.key_lookup_timeout)
+    };
+    let Some(hash) = session::presented(request.headers(), token.as_ref()) else {
+        return Redirect::to(routes::dashboard::LOGIN).into_response();
+    };
+    let active = state.store.session_active(&hash, Utc::now());
+    match tokio::time::timeout(timeout, active).await {
+        Ok(Ok(true)) => next.run(request).await,
+        Ok(Ok(false)) => Redirect::to(routes::dashboard::LOGIN).into_response(),
+        Ok(Err(err)) => {
+            tracing::warn!(%err, "dashboard session not checked: the database failed");
+            ApiError::NotReady.into_response()
+        }
+        Err(_elapsed) => {
+            tracing::warn!("dashboard session not checked: the database did not answer in time");
+            ApiError::NotReady.into_response()
+        }
     }
 }
 

@@ -15,6 +15,7 @@ pub mod gate;
 pub mod held;
 pub mod jobs;
 pub mod limits;
+pub mod login_throttle;
 pub mod multipart;
 pub mod openai;
 pub mod routes;

@@ -200,7 +200,17 @@ async fn serve(config: Config, env: config::EnvLookup, demo: Option<()>) -> anyh
     let addr = config.server.listen;
     let listeners = Listeners::bind(addr, config.server.workers)
         .with_context(|| format!("cannot listen on {addr} (server.listen)"))?;
+    let metrics = config.server.metrics_listen;
+    let listeners = listeners.with_metrics(metrics).with_context(|| {
+        format!(
+            "cannot listen on {} (server.metrics_listen)",
+            metrics.map_or_else(String::new, |addr| addr.to_string())
+        )
+    })?;
     let local = listeners.local_addr();
+    if let Some(scrape) = listeners.metrics_addr() {
+        eprintln!("imagegate serves /metrics on http://{scrape}/metrics (server.metrics_listen)");
+    }
     let models = config.public_names().len();
     let source = config.source.display().to_string();
     let gateway = Gateway::start(config, env).await?;

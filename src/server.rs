@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::Request;
+use axum::extract::{ConnectInfo, Request};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
@@ -87,10 +87,16 @@ pub fn raise_open_files_limit() -> io::Result<(Option<u64>, Option<u64>)> {
     Ok((before, Some(hard)))
 }
 
-/// One listening socket per worker, all on the same address.
+/// Connections open at once on the metrics listener: scrapers, a few at most. A cap of its
+/// own, so that a scrape still gets in while the client connections are at theirs.
+const METRICS_CONNECTIONS: usize = 16;
+
+/// One listening socket per worker, all on the same address; and the metrics listener
+/// (`server.metrics_listen`), when there is one.
 pub struct Listeners {
     sockets: Vec<std::net::TcpListener>,
     local: SocketAddr,
+    metrics: Option<(std::net::TcpListener, SocketAddr)>,
 }
 
 impl Listeners {
@@ -100,23 +106,43 @@ impl Listeners {
         if addr.port() != 0 {
             // With SO_REUSEPORT a second process of the same user could share the port and
             // silently take half the connections: a port already in use is refused first.
-            drop(socket(addr, false)?);
+            drop(socket(addr, false, false)?);
         }
-        let first = socket(addr, true)?;
+        let first = socket(addr, true, true)?;
         let local = first.local_addr()?;
         let mut sockets = vec![first];
         for _ in 1..workers.max(1) {
-            sockets.push(socket(local, true)?);
+            sockets.push(socket(local, true, true)?);
         }
-        Ok(Listeners { sockets, local })
+        Ok(Listeners {
+            sockets,
+            local,
+            metrics: None,
+        })
+    }
+
+    /// Adds the metrics listener on `addr` (`server.metrics_listen`; none: no listener of
+    /// its own). One socket, without `SO_REUSEPORT`: nobody else may take half the scrapes.
+    pub fn with_metrics(mut self, addr: Option<SocketAddr>) -> io::Result<Listeners> {
+        if let Some(addr) = addr {
+            let socket = socket(addr, false, true)?;
+            let local = socket.local_addr()?;
+            self.metrics = Some((socket, local));
+        }
+        Ok(self)
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local
     }
+
+    /// Where `/metrics` is served, when it has a listener of its own.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|(_, local)| *local)
+    }
 }
 
-fn socket(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
+fn socket(addr: SocketAddr, reuse_port: bool, listen: bool) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     // As tokio's own bind does: a restart need not wait for old connections in TIME_WAIT.
     socket.set_reuse_address(true)?;
@@ -125,7 +151,7 @@ fn socket(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListene
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    if reuse_port {
+    if listen {
         socket.listen(BACKLOG)?;
     }
     Ok(socket.into())
@@ -134,10 +160,13 @@ fn socket(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListene
 /// Serves `app` on one thread per listener until `shutdown` resolves (or a worker fails),
 /// then drains every worker within `grace`. Each worker keeps running the `tasks` it
 /// started (provider calls whose client left, usage of answers still being read) until
-/// all tracked work has finished or `grace` has passed once more.
+/// all tracked work has finished or `grace` has passed once more. The metrics listener,
+/// when there is one, serves `metrics` on a thread of its own, started, stopped and
+/// drained with the others (a failure of its own stops the server like any worker's).
 pub async fn serve_workers(
     listeners: Listeners,
     app: Router,
+    metrics: Router,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
     limits: ConnectionLimits,
@@ -163,8 +192,23 @@ pub async fn serve_workers(
         worker.abandon.clone().drop_guard(),
     );
     let mut threads = Vec::new();
+    let workers = listeners.sockets.len();
     for (index, socket) in listeners.sockets.into_iter().enumerate() {
-        threads.push(spawn_worker(index, socket, worker.clone())?);
+        let name = format!("imagegate-worker-{index}");
+        threads.push(spawn_worker(index, name, socket, worker.clone())?);
+    }
+    if let Some((socket, _)) = listeners.metrics {
+        let scrapes = WorkerContext {
+            app: metrics,
+            permits: Arc::new(Semaphore::new(METRICS_CONNECTIONS)),
+            ..worker.clone()
+        };
+        threads.push(spawn_worker(
+            workers,
+            "imagegate-metrics".into(),
+            socket,
+            scrapes,
+        )?);
     }
     let WorkerContext {
         stop,
@@ -209,32 +253,31 @@ struct WorkerContext {
     served: mpsc::UnboundedSender<io::Result<()>>,
 }
 
-/// Starts worker `index` on its own thread with its own single-threaded runtime; the
-/// returned receiver resolves once that thread has dropped its runtime.
+/// Starts worker `index` on its own thread (called `name`) with its own single-threaded
+/// runtime; the returned receiver resolves once that thread has dropped its runtime.
 fn spawn_worker(
     index: usize,
+    name: String,
     socket: std::net::TcpListener,
     worker: WorkerContext,
 ) -> io::Result<tokio::sync::oneshot::Receiver<()>> {
     let (done_tx, done) = tokio::sync::oneshot::channel::<()>();
-    std::thread::Builder::new()
-        .name(format!("imagegate-worker-{index}"))
-        .spawn(move || {
-            crate::worker::set_index(index);
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime,
-                Err(err) => {
-                    let _ = worker.served.send(Err(err));
-                    return;
-                }
-            };
-            runtime.block_on(run_worker(socket, worker));
-            drop(runtime);
-            let _ = done_tx.send(());
-        })?;
+    std::thread::Builder::new().name(name).spawn(move || {
+        crate::worker::set_index(index);
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(err) => {
+                let _ = worker.served.send(Err(err));
+                return;
+            }
+        };
+        runtime.block_on(run_worker(socket, worker));
+        drop(runtime);
+        let _ = done_tx.send(());
+    })?;
     Ok(done)
 }
 
@@ -324,7 +367,7 @@ async fn serve(
     let connections = TaskTracker::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let (stream, permit) = tokio::select! {
+        let (stream, peer, permit) = tokio::select! {
             accepted = accept(&listener, &permits) => match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
@@ -336,7 +379,12 @@ async fn serve(
             },
             () = &mut shutdown => break,
         };
-        serve_connection(&builder, stream, permit, &app, limits, &drain, &connections);
+        let accepted = Accepted {
+            stream,
+            peer,
+            permit,
+        };
+        serve_connection(&builder, accepted, &app, limits, &drain, &connections);
     }
     drop(listener);
     drain.cancel();
@@ -368,12 +416,25 @@ fn connection_builder(limits: ConnectionLimits) -> Builder<TokioExecutor> {
     builder
 }
 
+/// A connection taken off a listening socket.
+struct Accepted {
+    stream: TcpStream,
+    /// The client's address (the TCP peer: a proxy's, behind one).
+    peer: SocketAddr,
+    /// Its place under the connection cap, held until it ends.
+    permit: OwnedSemaphorePermit,
+}
+
 /// Serves `app` on one accepted connection, under the watchdog, as a task on
-/// `connections`; the connection holds `permit` until it ends.
+/// `connections`; the connection holds its permit until it ends. Each request carries the
+/// peer's address as axum's `ConnectInfo<SocketAddr>`.
 fn serve_connection(
     builder: &Builder<TokioExecutor>,
-    stream: TcpStream,
-    permit: OwnedSemaphorePermit,
+    Accepted {
+        stream,
+        peer,
+        permit,
+    }: Accepted,
     app: &Router,
     limits: ConnectionLimits,
     drain: &CancellationToken,
@@ -383,9 +444,10 @@ fn serve_connection(
     let activity = Arc::new(Activity::new());
     let app = app.clone();
     let requests = Arc::clone(&activity);
-    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+    let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
         let in_flight = InFlight::new(&requests);
         let mut app = app.clone();
+        request.extensions_mut().insert(ConnectInfo(peer));
         async move {
             let response = app.call(request.map(axum::body::Body::new)).await?;
             Ok::<_, std::convert::Infallible>(response.map(|inner| Held::new(inner, in_flight)))
@@ -419,16 +481,16 @@ fn serve_connection(
 async fn accept(
     listener: &AsyncFd<std::net::TcpListener>,
     permits: &Arc<Semaphore>,
-) -> io::Result<(TcpStream, OwnedSemaphorePermit)> {
+) -> io::Result<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
     loop {
         let mut ready = listener.readable().await?;
         let Ok(permit) = Arc::clone(permits).acquire_owned().await else {
             return Err(io::Error::other("the connection cap was closed"));
         };
         match ready.try_io(|listener| listener.get_ref().accept()) {
-            Ok(Ok((stream, _))) => {
+            Ok(Ok((stream, peer))) => {
                 stream.set_nonblocking(true)?;
-                return Ok((TcpStream::from_std(stream)?, permit));
+                return Ok((TcpStream::from_std(stream)?, peer, permit));
             }
             Ok(Err(err)) => return Err(err),
             // The connection went away while it waited (or another poll took it).

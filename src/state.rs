@@ -17,6 +17,7 @@ use crate::config::{Config, ConfigError, EnvLookup};
 use crate::dedupe::Dedupe;
 use crate::jobs::Jobs;
 use crate::limits::{ByteQuota, InFlight};
+use crate::login_throttle::LoginThrottle;
 use crate::store::Store;
 use crate::upstream::Upstreams;
 use crate::usage::meter::RouteMetrics;
@@ -46,7 +47,13 @@ impl Runtime {
                 let routes = model
                     .routes
                     .iter()
-                    .map(|r| Arc::new(RouteMetrics::new(&model.name, &r.provider.name)))
+                    .map(|r| {
+                        Arc::new(RouteMetrics::new(
+                            &model.name,
+                            &r.provider.name,
+                            config.metrics.per_key,
+                        ))
+                    })
                     .collect();
                 (model.name.clone(), routes)
             })
@@ -82,6 +89,8 @@ pub struct AppState {
     pub in_flight: Arc<InFlight>,
     /// Async jobs (`Prefer: respond-async`) and their results on disk.
     pub jobs: Arc<Jobs>,
+    /// Failed dashboard logins per client address, on this replica.
+    pub login_throttle: LoginThrottle,
     /// Reloads happen one at a time.
     pub(crate) reload_lock: std::sync::Mutex<()>,
 }
@@ -125,6 +134,7 @@ impl AppState {
         let config = Config::load(&current.config.source, &self.env)?;
         if config.database_url != current.config.database_url
             || config.server.listen != current.config.server.listen
+            || config.server.metrics_listen != current.config.server.metrics_listen
             || config.server.journal_dir != current.config.server.journal_dir
             || config.server.workers != current.config.server.workers
             || config.server.header_read_timeout != current.config.server.header_read_timeout
@@ -134,7 +144,7 @@ impl AppState {
             || config.jobs.dir != current.config.jobs.dir
         {
             tracing::warn!(
-                "database.url, server.listen, server.journal_dir, server.workers, server.header_read_timeout, server.http2_keep_alive_interval, server.max_connections and jobs.dir changes take effect at the next restart"
+                "database.url, server.listen, server.metrics_listen, server.journal_dir, server.workers, server.header_read_timeout, server.http2_keep_alive_interval, server.max_connections and jobs.dir changes take effect at the next restart"
             );
         }
         let runtime =
@@ -150,7 +160,11 @@ impl Runtime {
     pub fn route_metrics(&self, model: &str, route: usize, provider: &str) -> Arc<RouteMetrics> {
         match self.route_metrics.get(model).and_then(|r| r.get(route)) {
             Some(metrics) => Arc::clone(metrics),
-            None => Arc::new(RouteMetrics::new(model, provider)),
+            None => Arc::new(RouteMetrics::new(
+                model,
+                provider,
+                self.config.metrics.per_key,
+            )),
         }
     }
 }

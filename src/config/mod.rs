@@ -27,7 +27,7 @@ pub use jobs::{JobsConfig, KeptPerKey};
 pub use models::{Failover, Model, ParamPolicy, Route};
 pub use pricing::{ImageTable, Price, TokenRates};
 pub use providers::{BreakerConfig, Provider, ProviderKind};
-pub use server::{DatabaseUrl, Limits, ServerConfig, UploadLimits};
+pub use server::{DatabaseUrl, Limits, MetricsConfig, ServerConfig, UploadLimits};
 
 use raw::{RawConfig, RawDatabase};
 
@@ -77,6 +77,7 @@ pub struct Config {
     pub limits: Limits,
     /// Asynchronous jobs (`Prefer: respond-async`), imagegate's own extension.
     pub jobs: JobsConfig,
+    pub metrics: MetricsConfig,
     pub default_model: Option<String>,
     pub providers: BTreeMap<String, Arc<Provider>>,
     /// Public model name -> model, one entry per canonical name.
@@ -269,6 +270,7 @@ impl Validator<'_> {
         let database_url = self.database_url(&raw.database.url)?;
         let admin_token = self.admin_token(&raw.admin.token_env)?;
         let limits = self.limits(&raw.limits)?;
+        let metrics = self.metrics(&raw.metrics);
         let mut providers = BTreeMap::new();
         for (name, p) in raw.providers {
             let provider = self.provider(&name, p, upstream)?;
@@ -290,6 +292,7 @@ impl Validator<'_> {
             admin_token_env: raw.admin.token_env,
             limits,
             jobs,
+            metrics,
             default_model: raw.default_model,
             providers,
             models: models.models,
@@ -382,6 +385,35 @@ mod tests {
                 Duration::from_secs(20)
             );
             assert_eq!(cfg.server.max_connections.get(), 10_000);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn metrics_listen_and_per_key_are_off_unless_set() {
+        figment::Jail::expect_with(|jail| {
+            let env = env_with(&[("PIAPI_API_KEY", "pk")]);
+            let default = load(jail, GOOD, &env).expect("valid");
+            assert_eq!(default.server.metrics_listen, None);
+            assert!(!default.metrics.per_key);
+            let text = format!(
+                "{GOOD}\n[server]\nmetrics_listen = \"127.0.0.1:9090\"\n[metrics]\nper_key = true"
+            );
+            let set = load(jail, &text, &env).expect("valid");
+            assert_eq!(
+                set.server.metrics_listen.map(|a| a.to_string()).as_deref(),
+                Some("127.0.0.1:9090")
+            );
+            assert!(set.metrics.per_key);
+            for bad in [
+                "metrics_listen = \"localhost\"",
+                "listen = \"127.0.0.1:9090\"\nmetrics_listen = \"127.0.0.1:9090\"",
+            ] {
+                let err = load(jail, &format!("{GOOD}\n[server]\n{bad}"), &env)
+                    .expect_err(bad)
+                    .to_string();
+                assert!(err.contains("server.metrics_listen"), "{err}");
+            }
             Ok(())
         });
     }

@@ -28,6 +28,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub jobs: RawJobs,
     #[serde(default)]
+    pub metrics: RawMetrics,
+    #[serde(default)]
     pub providers: BTreeMap<String, RawProvider>,
     #[serde(default)]
     pub models: BTreeMap<String, RawModel>,
@@ -39,6 +41,8 @@ pub(super) struct RawConfig {
 #[serde(default, deny_unknown_fields)]
 pub(super) struct RawServer {
     pub listen: String,
+    /// Unset: `/metrics` is served on `listen`.
+    pub metrics_listen: Option<String>,
     pub max_json_body_bytes: u64,
     pub max_json_edit_body_bytes: u64,
     pub json_memory_max_bytes: u64,
@@ -82,6 +86,7 @@ impl Default for RawServer {
     fn default() -> Self {
         RawServer {
             listen: "127.0.0.1:8080".into(),
+            metrics_listen: None,
             max_json_body_bytes: MIB,
             // One data: URL at OpenAI's limit for an image reference (20 MiB), and the rest.
             max_json_edit_body_bytes: 21 * MIB,
@@ -156,6 +161,13 @@ impl Default for RawLimits {
             budget_hold_grace: Duration::from_secs(60),
         }
     }
+}
+
+/// Off by default: per-key series name every key and its spend to whoever can scrape.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawMetrics {
+    pub per_key: bool,
 }
 
 #[derive(Debug, Deserialize)]

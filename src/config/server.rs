@@ -1,11 +1,12 @@
-//! The gateway's own sections, `[server]`, `[database]` and `[limits]`, validated.
+//! The gateway's own sections, `[server]`, `[database]`, `[limits]` and `[metrics]`,
+//! validated.
 
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::raw::{RawLimits, RawServer};
+use super::raw::{RawLimits, RawMetrics, RawServer};
 use super::{ConfigError, Validator};
 
 /// More serving threads than this is a typo, not a machine.
@@ -14,6 +15,8 @@ const MAX_WORKERS: usize = 1024;
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    /// Where `/metrics` is served instead of `listen`; none: on `listen`.
+    pub metrics_listen: Option<SocketAddr>,
     pub max_json_body_bytes: NonZeroUsize,
     /// Largest JSON edit: its images are references, but a data: URL carries one inline.
     pub max_json_edit_body_bytes: NonZeroUsize,
@@ -73,6 +76,14 @@ pub struct Limits {
     pub budget_hold_grace: Duration,
 }
 
+/// What `/metrics` shows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// The series labelled with a key's name (its requests, spend and budget left) are
+    /// recorded; off, they are not recorded at all.
+    pub per_key: bool,
+}
+
 /// `database.url`, with the database it names decided once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DatabaseUrl {
@@ -117,6 +128,7 @@ impl Validator<'_> {
                 format!("{:?} is not an address like 127.0.0.1:8080", s.listen),
             )
         })?;
+        let metrics_listen = self.metrics_listen(s.metrics_listen.as_deref(), listen)?;
         let max_json_body_bytes =
             self.body_limit("server.max_json_body_bytes", s.max_json_body_bytes)?;
         let max_json_edit_body_bytes = self.body_limit(
@@ -138,6 +150,7 @@ impl Validator<'_> {
             .ok_or_else(|| self.err("server.max_connections", "must be at least 1"))?;
         Ok(ServerConfig {
             listen,
+            metrics_listen,
             max_json_body_bytes,
             max_json_edit_body_bytes,
             json_memory_max_bytes,
@@ -167,6 +180,36 @@ impl Validator<'_> {
             journal_dir: s.journal_dir,
             workers: self.workers(s.workers)?,
         })
+    }
+
+    /// `server.metrics_listen`: an address of its own (port 0 picks a free one).
+    fn metrics_listen(
+        &self,
+        text: Option<&str>,
+        listen: SocketAddr,
+    ) -> Result<Option<SocketAddr>, ConfigError> {
+        let Some(text) = text else {
+            return Ok(None);
+        };
+        let addr: SocketAddr = text.parse().map_err(|_| {
+            self.err(
+                "server.metrics_listen",
+                format!("{text:?} is not an address like 127.0.0.1:9090"),
+            )
+        })?;
+        if addr.port() != 0 && addr == listen {
+            return Err(self.err(
+                "server.metrics_listen",
+                "must not be server.listen (leave it out to serve /metrics there)",
+            ));
+        }
+        Ok(Some(addr))
+    }
+
+    pub(super) fn metrics(&self, raw: &RawMetrics) -> MetricsConfig {
+        MetricsConfig {
+            per_key: raw.per_key,
+        }
     }
 
     /// The upstream timeouts a provider falls back on: (connect, total).

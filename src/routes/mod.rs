@@ -18,7 +18,11 @@ use crate::state::AppState;
 use crate::upstream::Endpoint;
 
 /// The only routes that need no key. Every other route is behind authentication.
-pub const PUBLIC: &[&str] = &["/healthz", "/readyz", "/metrics"];
+pub const PUBLIC: &[&str] = &["/healthz", "/readyz", METRICS];
+
+/// Prometheus's page: on the main listener, or alone on `server.metrics_listen` when that
+/// is set (see [`metrics_router`]).
+pub const METRICS: &str = "/metrics";
 
 /// The image routes, whose request bodies are timed (see [`images::body_timeouts`]).
 pub const IMAGES: &str = "/v1/images/";
@@ -56,7 +60,7 @@ fn table() -> Vec<(Method, &'static str, MethodRouter<Arc<AppState>>)> {
     vec![
         (M::GET, "/healthz", get(health::healthz)),
         (M::GET, "/readyz", get(health::readyz)),
-        (M::GET, "/metrics", get(health::metrics)),
+        (M::GET, METRICS, get(health::metrics)),
         (M::POST, "/v1/images/generations", post(images::generations)),
         (M::POST, "/v1/images/edits", uploads(Endpoint::Edits)),
         (
@@ -109,11 +113,14 @@ pub fn list() -> Vec<(Method, &'static str)> {
         .collect()
 }
 
-/// Every route. Authentication is the app's one layer over all of them; the image routes,
-/// which read request bodies, have the body timeouts' layer too.
+/// Every route (but [`METRICS`] when `server.metrics_listen` gives it a listener of its
+/// own). Authentication is the app's one layer over all of them; the image routes, which
+/// read request bodies, have the body timeouts' layer too.
 pub fn router(state: &Arc<AppState>) -> Router<Arc<AppState>> {
+    let metrics_apart = state.runtime.load().config.server.metrics_listen.is_some();
     table()
         .into_iter()
+        .filter(|(_, path, _)| !(metrics_apart && *path == METRICS))
         .fold(Router::new(), |router, (_, path, handler)| {
             let handler = if path.starts_with(IMAGES) {
                 handler.route_layer(middleware::from_fn_with_state(
@@ -125,4 +132,9 @@ pub fn router(state: &Arc<AppState>) -> Router<Arc<AppState>> {
             };
             router.route(path, handler)
         })
+}
+
+/// The metrics listener's one route.
+pub fn metrics_router() -> Router<Arc<AppState>> {
+    Router::new().route(METRICS, get(health::metrics))
 }

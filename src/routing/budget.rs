@@ -113,8 +113,10 @@ pub(super) async fn hold(
     };
     let (Reserved::Granted { remaining_nanousd } | Reserved::Refused { remaining_nanousd }) =
         verdict;
-    metrics::gauge!("imagegate_key_budget_remaining_nanousd", "key" => principal.name.clone())
-        .set(remaining_nanousd as f64);
+    if state.runtime.load().config.metrics.per_key {
+        metrics::gauge!("imagegate_key_budget_remaining_nanousd", "key" => principal.name.clone())
+            .set(remaining_nanousd as f64);
+    }
     match verdict {
         Reserved::Granted { .. } => Ok(()),
         Reserved::Refused { remaining_nanousd } => Err(ApiError::InsufficientQuota {

@@ -322,6 +322,18 @@ pub trait Store: Send + Sync + 'static {
         after: Option<&PageCursor>,
         limit: i64,
     ) -> StoreResult<Vec<UsageRow>>;
+    /// Stores a dashboard session, by the hash of its id, until `expires_at`; first deletes
+    /// the sessions past their own at `now`.
+    async fn create_session(
+        &self,
+        hash: &str,
+        now: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    ) -> StoreResult<()>;
+    /// True when the session with this hash exists and has not expired at `now`.
+    async fn session_active(&self, hash: &str, now: DateTime<Utc>) -> StoreResult<bool>;
+    /// Ends the session with this hash; false when there was none.
+    async fn delete_session(&self, hash: &str) -> StoreResult<bool>;
 }
 
 /// The counts and sums of a report, the same for both databases but for how a sum is
@@ -469,6 +481,26 @@ impl Store for OnRuntime {
         let filter = filter.clone();
         let after = after.cloned();
         self.run(|s| async move { s.usage_page(&filter, after.as_ref(), limit).await })
+            .await
+    }
+    async fn create_session(
+        &self,
+        hash: &str,
+        now: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let hash = hash.to_owned();
+        self.run(move |s| async move { s.create_session(&hash, now, expires_at).await })
+            .await
+    }
+    async fn session_active(&self, hash: &str, now: DateTime<Utc>) -> StoreResult<bool> {
+        let hash = hash.to_owned();
+        self.run(move |s| async move { s.session_active(&hash, now).await })
+            .await
+    }
+    async fn delete_session(&self, hash: &str) -> StoreResult<bool> {
+        let hash = hash.to_owned();
+        self.run(|s| async move { s.delete_session(&hash).await })
             .await
     }
 }

@@ -564,6 +564,49 @@ impl Store for SqliteStore {
             .map(UsageRow::from_row)
             .collect::<Result<_, _>>()?)
     }
+
+    #[tracing::instrument(skip_all)]
+    async fn create_session(
+        &self,
+        hash: &str,
+        now: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        sqlx::query("delete from dashboard_sessions where expires_at <= $1")
+            .bind(encode_time(now))
+            .execute(&self.pool)
+            .await?;
+        sqlx::query(
+            "insert into dashboard_sessions (hash, created_at, expires_at) values ($1, $2, $3)",
+        )
+        .bind(hash)
+        .bind(encode_time(now))
+        .bind(encode_time(expires_at))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn session_active(&self, hash: &str, now: DateTime<Utc>) -> StoreResult<bool> {
+        let found: Option<(i64,)> =
+            sqlx::query_as("select 1 from dashboard_sessions where hash = $1 and expires_at > $2")
+                .bind(hash)
+                .bind(encode_time(now))
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(found.is_some())
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn delete_session(&self, hash: &str) -> StoreResult<bool> {
+        let deleted = sqlx::query("delete from dashboard_sessions where hash = $1")
+            .bind(hash)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(deleted > 0)
+    }
 }
 
 /// Settles the reservations of newly written usage rows (key id, request id, cost, start)

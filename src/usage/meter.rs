@@ -52,11 +52,13 @@ pub struct RouteMetrics {
     output_tokens: Counter,
     images: Counter,
     cost: Counter,
+    /// `metrics.per_key`: the cost is counted by key name too.
+    per_key: bool,
 }
 
 impl RouteMetrics {
     /// Registers the handles with the recorder installed now (none: they count nothing).
-    pub fn new(model: &str, provider: &str) -> Self {
+    pub fn new(model: &str, provider: &str, per_key: bool) -> Self {
         let labels = [
             ("model", model.to_owned()),
             ("provider", provider.to_owned()),
@@ -77,6 +79,7 @@ impl RouteMetrics {
             output_tokens: metrics::counter!("imagegate_output_tokens_total", &labels),
             images: metrics::counter!("imagegate_images_total", &labels),
             cost: metrics::counter!("imagegate_cost_nanousd_total", &labels),
+            per_key,
         }
     }
 
@@ -192,8 +195,10 @@ impl UsageTicket {
         m.images.increment(u64::from(tally.images));
         let cost = tally.cost.unwrap_or(0).max(0) as u64;
         m.cost.increment(cost);
-        metrics::counter!("imagegate_key_cost_nanousd_total", "key" => self.principal.name.clone())
-            .increment(cost);
+        if m.per_key {
+            metrics::counter!("imagegate_key_cost_nanousd_total", "key" => self.principal.name.clone())
+                .increment(cost);
+        }
         if outcome != Outcome::Completed {
             metrics::counter!(
                 "imagegate_upstream_errors_total",

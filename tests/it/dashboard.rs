@@ -1,5 +1,6 @@
-//! The usage dashboard: its login and cookie over plain HTTP, then the page in a real
-//! browser (Debian's Chromium, headless, driven through chromedriver): log in, read the
+//! The usage dashboard: its login and sessions over plain HTTP (a session is a row every
+//! replica sees, ended by logout and by its expiry in the database; failed logins are
+//! throttled per client address), then the page in a real browser (Debian's Chromium, headless, driven through chromedriver): log in, read the
 //! figures of known usage rows and compare them with `GET /admin/usage`, download the CSV,
 //! sort, filter, log out; screenshots at 1280x800 go to target/dashboard-screenshots/.
 
@@ -12,6 +13,7 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 
 use crate::admin_usage::{admin_get, gateway_with_known_rows, known_rows};
+use crate::on_both_databases;
 use crate::support::*;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -41,8 +43,225 @@ pub fn session_of(response: &reqwest::Response) -> String {
     set.split(';').next().expect("pair").to_owned()
 }
 
+/// The status of `GET /dashboard` with `cookie` (`name=value`): 200, or 303 to the form.
+async fn page_with(gw: &TestGateway, cookie: &str) -> u16 {
+    no_redirects()
+        .get(gw.url("/dashboard"))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .expect("send")
+        .status()
+        .as_u16()
+}
+
+async fn logout(gw: &TestGateway, cookie: &str) -> reqwest::Response {
+    no_redirects()
+        .post(gw.url("/dashboard/logout"))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .expect("send")
+}
+
+on_both_databases!(
+    a_session_ends_at_logout_and_two_logins_are_two_sessions,
+    a_session_past_its_expiry_in_the_database_is_refused_whatever_the_cookie_says,
+);
+
+async fn a_session_ends_at_logout_and_two_logins_are_two_sessions(db: Db) {
+    let gw = TestGateway::start(db, &test_config(&dead_url(), "")).await;
+    // Within the same second: the old signed cookies were equal then.
+    let first = session_of(&login(&gw, ADMIN_TOKEN).await);
+    let second = session_of(&login(&gw, ADMIN_TOKEN).await);
+    assert_ne!(first, second, "each login is its own session");
+    assert_eq!(page_with(&gw, &first).await, 200);
+    assert_eq!(page_with(&gw, &second).await, 200);
+    assert_eq!(logout(&gw, &first).await.status(), 303);
+    assert_eq!(
+        page_with(&gw, &first).await,
+        303,
+        "the cookie kept after logout is no session"
+    );
+    assert_eq!(
+        page_with(&gw, &second).await,
+        200,
+        "the other login goes on"
+    );
+    // A cookie of the old stateless kind, correctly signed with the admin token and
+    // claiming a far expiry, is no session either.
+    let expires = 4_102_444_800_i64;
+    let mut mac = <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(ADMIN_TOKEN.as_bytes())
+        .expect("key");
+    hmac::Mac::update(
+        &mut mac,
+        format!("imagegate dashboard session v1 {expires}").as_bytes(),
+    );
+    let tag = hex::encode(hmac::Mac::finalize(mac).into_bytes());
+    let signed = format!("{COOKIE}=v1.{expires}.{tag}");
+    assert_eq!(page_with(&gw, &signed).await, 303);
+    gw.shutdown().await;
+}
+
+/// Runs `statement` on the database `url` names, directly.
+async fn execute(db: Db, url: &str, statement: &str) {
+    match db {
+        Db::Postgres => {
+            let pool = sqlx::PgPool::connect(url).await.expect("connect");
+            sqlx::query(statement).execute(&pool).await.expect("sql");
+        }
+        Db::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(url).await.expect("connect");
+            sqlx::query(statement).execute(&pool).await.expect("sql");
+        }
+    }
+}
+
+/// Seconds between each stored session's login and its expiry.
+async fn stored_lifetimes(db: Db, url: &str) -> Vec<f64> {
+    match db {
+        Db::Postgres => {
+            let pool = sqlx::PgPool::connect(url).await.expect("connect");
+            sqlx::query_scalar(
+                "select extract(epoch from expires_at - created_at)::float8 \
+                 from dashboard_sessions",
+            )
+            .fetch_all(&pool)
+            .await
+            .expect("sql")
+        }
+        Db::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(url).await.expect("connect");
+            sqlx::query_scalar(
+                "select (julianday(expires_at) - julianday(created_at)) * 86400.0 \
+                 from dashboard_sessions",
+            )
+            .fetch_all(&pool)
+            .await
+            .expect("sql")
+        }
+    }
+}
+
+async fn a_session_past_its_expiry_in_the_database_is_refused_whatever_the_cookie_says(db: Db) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = match db {
+        Db::Postgres => crate::support::db::fresh_postgres().await.1,
+        Db::Sqlite => format!("sqlite:{}", dir.path().join("sessions.db").display()),
+    };
+    let gw = TestGateway::start_on(&url, &test_config(&dead_url(), "")).await;
+    let response = login(&gw, ADMIN_TOKEN).await;
+    let set = response.headers()["set-cookie"].to_str().expect("ascii");
+    assert!(set.contains("Max-Age=43200"), "{set}");
+    let cookie = session_of(&response);
+    assert_eq!(page_with(&gw, &cookie).await, 200);
+    let lifetimes = stored_lifetimes(db, &url).await;
+    assert_eq!(lifetimes.len(), 1, "one row per login");
+    assert!(
+        (lifetimes[0] - 12.0 * 3600.0).abs() < 1.0,
+        "a session lasts 12 h from its login: {lifetimes:?}"
+    );
+    // The row says the session is over; the browser's cookie still has hours to go.
+    execute(
+        db,
+        &url,
+        "update dashboard_sessions set expires_at = '2000-01-01 00:00:00.000000'",
+    )
+    .await;
+    assert_eq!(page_with(&gw, &cookie).await, 303);
+    // The next login removes the expired row.
+    let again = session_of(&login(&gw, ADMIN_TOKEN).await);
+    assert_eq!(page_with(&gw, &again).await, 200);
+    assert_eq!(
+        stored_lifetimes(db, &url).await.len(),
+        1,
+        "the expired row is gone"
+    );
+    gw.shutdown().await;
+}
+
 #[tokio::test]
-async fn login_sets_a_signed_http_only_cookie_and_the_pages_need_it() {
+async fn a_session_made_on_one_replica_works_and_ends_on_another() {
+    let (_, url) = crate::support::db::fresh_postgres().await;
+    let config = test_config(&dead_url(), "");
+    let one = TestGateway::start_on_as(&url, &config, "svc-one").await;
+    let two = TestGateway::start_on_as(&url, &config, "svc-two").await;
+    let cookie = session_of(&login(&one, ADMIN_TOKEN).await);
+    assert_eq!(
+        page_with(&two, &cookie).await,
+        200,
+        "logged in on one, seen on two"
+    );
+    assert_eq!(logout(&two, &cookie).await.status(), 303);
+    assert_eq!(
+        page_with(&one, &cookie).await,
+        303,
+        "logged out on two, ended on one"
+    );
+    one.shutdown().await;
+    two.shutdown().await;
+}
+
+/// A client that never follows redirects, connecting from `local` (all of 127/8 is the
+/// loopback on Linux, so 127.0.0.2 is another client address of the same machine).
+fn client_from(local: [u8; 4]) -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .local_address(std::net::IpAddr::from(local))
+        .build()
+        .expect("client")
+}
+
+async fn login_from(client: &reqwest::Client, gw: &TestGateway, token: &str) -> reqwest::Response {
+    client
+        .post(gw.url("/dashboard/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={token}"))
+        .send()
+        .await
+        .expect("send")
+}
+
+#[tokio::test]
+async fn the_eleventh_failed_login_in_a_minute_gets_429_and_other_addresses_do_not() {
+    let gw = TestGateway::start(Db::Sqlite, &test_config(&dead_url(), "")).await;
+    let guesser = client_from([127, 0, 0, 1]);
+    for attempt in 1..=10 {
+        let response = login_from(&guesser, &gw, "wrong-token").await;
+        assert_eq!(response.status(), 401, "failure {attempt}");
+    }
+    let response = login_from(&guesser, &gw, "wrong-token").await;
+    assert_eq!(response.status(), 429);
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    assert!(response.headers().get("set-cookie").is_none());
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .expect("ascii")
+            .starts_with("text/html")
+    );
+    let body = response.text().await.expect("text");
+    assert!(
+        body.contains("Too many failed logins") && body.contains("<form method=\"post\""),
+        "the form again, with why: {body}"
+    );
+    // Even the right token: a throttled guess must not tell a right one apart.
+    let response = login_from(&guesser, &gw, ADMIN_TOKEN).await;
+    assert_eq!(response.status(), 429);
+    // Another address is not held back, for a wrong token or a right one.
+    let other = client_from([127, 0, 0, 2]);
+    assert_eq!(login_from(&other, &gw, "wrong-token").await.status(), 401);
+    assert_eq!(login_from(&other, &gw, ADMIN_TOKEN).await.status(), 303);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn login_sets_an_http_only_session_cookie_and_the_pages_need_it() {
     let gw = gateway_with_known_rows(Db::Sqlite, Utc::now().date_naive()).await;
     let client = no_redirects();
     // No session: every page sends the browser to the form.

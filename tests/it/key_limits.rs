@@ -235,12 +235,13 @@ async fn rpm_holds_across_two_gateways_on_one_postgres_database() {
     two.shutdown().await;
 }
 
-/// `imagegate_key_requests_total{key,status}` and `imagegate_key_cost_nanousd_total{key}`,
-/// by key name: never the key.
+/// With `metrics.per_key`: `imagegate_key_requests_total{key,status}` and
+/// `imagegate_key_cost_nanousd_total{key}`, by key name: never the key.
 #[tokio::test]
 async fn per_key_metrics_count_requests_and_cost_by_key_name() {
     let provider = StandIn::json(200, &image_response(1, USAGE)).await;
-    let gw = TestGateway::start(Db::Sqlite, &test_config(&provider.base_url(), "")).await;
+    let config = test_config(&provider.base_url(), "[metrics]\nper_key = true\n");
+    let gw = TestGateway::start(Db::Sqlite, &config).await;
     // The recorder is the process's: a name no other test uses.
     let name = format!("metered-{}", uuid::Uuid::now_v7().simple());
     let key = create_key(&gw, json!({"name": name, "models": ["gpt-image-1"]})).await;

@@ -23,6 +23,7 @@ mod json_edits;
 mod key_limits;
 mod keys;
 mod limits;
+mod metrics;
 mod mock;
 mod passthrough;
 mod pricing;

@@ -51,6 +51,7 @@ on_both_backends!(
     budget_holds_of_dead_calls_expire_and_periods_roll,
     key_limits_round_trip_and_change,
     rate_limit_allows_rpm_requests_at_once_then_refuses,
+    dashboard_sessions_live_until_their_expiry_or_their_deletion,
 );
 
 fn new_key(name: &str, hash: &str) -> NewKey {
@@ -781,4 +782,39 @@ async fn rate_limit_allows_rpm_requests_at_once_then_refuses(store: Arc<dyn Stor
     assert!(states[4].at_ns >= first.at_ns);
     // Another key has its own limit.
     assert!(store.take_request(8, 3).await.expect("take").allowed);
+}
+
+async fn dashboard_sessions_live_until_their_expiry_or_their_deletion(store: Arc<dyn Store>) {
+    let now = Utc::now();
+    let expires = now + TimeDelta::hours(12);
+    store
+        .create_session("hash-a", now, expires)
+        .await
+        .expect("create");
+    store
+        .create_session("hash-b", now, expires)
+        .await
+        .expect("create");
+    let active = |hash: &'static str, at: DateTime<Utc>| {
+        let store = Arc::clone(&store);
+        async move { store.session_active(hash, at).await.expect("check") }
+    };
+    assert!(active("hash-a", now).await);
+    assert!(active("hash-a", expires - TimeDelta::microseconds(1)).await);
+    assert!(!active("hash-a", expires).await, "over at its expiry");
+    assert!(!active("hash-unknown", now).await);
+    assert!(store.delete_session("hash-a").await.expect("delete"));
+    assert!(!active("hash-a", now).await, "deleted: over");
+    assert!(!store.delete_session("hash-a").await.expect("delete again"));
+    assert!(active("hash-b", now).await, "another session goes on");
+    // A login after hash-b's expiry removes its row: even a check dated before it finds none.
+    store
+        .create_session("hash-c", expires, expires + TimeDelta::hours(12))
+        .await
+        .expect("create");
+    assert!(
+        !active("hash-b", now).await,
+        "expired rows are deleted at the next login"
+    );
+    assert!(active("hash-c", expires).await);
 }

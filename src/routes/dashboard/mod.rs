@@ -2,23 +2,27 @@
 //! key and by model, the latest requests), its CSV download, and its login. Its figures
 //! come through the admin API's own functions ([`super::admin::usage`]).
 //!
-//! Authentication: the login form takes the admin token and sets a session cookie
-//! ([`session`]); [`crate::gate`] sends a request without a valid one to the form (303).
+//! Authentication: the login form takes the admin token, stores a session and sets its
+//! cookie ([`session`]); [`crate::gate`] sends a request without a live one to the form
+//! (303). Failed logins are throttled per client address ([`crate::login_throttle`]).
 
 pub mod html;
 pub mod session;
 
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::Instant;
 
-use axum::Form;
 use axum::extract::rejection::{FormRejection, QueryRejection};
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::response::{IntoResponse, Redirect, Response};
+use axum::{Extension, Form};
 use chrono::{Duration, NaiveDate, Utc};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 
 use super::admin::usage::{Pairs, Params, csv_response, page, rows_csv_response, totals};
 use crate::auth::admin_token_matches;
+use crate::config::Secret;
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::store::{GroupBy, UsageFilter, UsageRow, UsageTotals};
@@ -74,18 +78,33 @@ pub struct Login {
     token: String,
 }
 
-/// `POST /dashboard/login`: the right admin token sets the session cookie and goes to the
-/// dashboard; anything else shows the form again with 401.
+/// `POST /dashboard/login`: the right admin token stores a new session, sets its cookie
+/// and goes to the dashboard; anything else shows the form again with 401. An address with
+/// [`crate::login_throttle::MAX_FAILURES`] failures in the last minute gets the form with
+/// 429 and `retry-after` instead, whatever it sends, until the oldest of them is a minute
+/// old.
 pub async fn login(
     State(state): State<Arc<AppState>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     form: Result<Form<Login>, FormRejection>,
 ) -> Response {
+    // The TCP peer, never X-Forwarded-For (imagegate trusts no proxy); the router driven
+    // without the server has none, and counts as one client.
+    let client = peer.map_or(
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        |Extension(ConnectInfo(addr))| addr.ip(),
+    );
+    if let Some(wait) = state.login_throttle.refused(client, Instant::now()) {
+        tracing::warn!(target: "imagegate::admin", %client, "dashboard login refused: too many failed logins");
+        return too_many_failures(wait);
+    }
     let config = Arc::clone(&state.runtime.load().config);
     let token = config.admin_token.as_ref();
     let given = form.map(|Form(login)| login.token).unwrap_or_default();
     if !admin_token_matches(token, &given) {
-        tracing::warn!(target: "imagegate::admin", "dashboard login refused: wrong admin token");
+        state.login_throttle.failed(client, Instant::now());
+        tracing::warn!(target: "imagegate::admin", %client, "dashboard login refused: wrong admin token");
         let message = match token {
             Some(_) => "That is not the admin token.",
             None => "The admin API is off: the server has no admin token set.",
@@ -95,13 +114,48 @@ pub async fn login(
     let Some(token) = token else {
         return html(StatusCode::UNAUTHORIZED, html::login(None));
     };
-    tracing::info!(target: "imagegate::admin", "dashboard login");
-    let cookie = session::set_cookie(&session::issue(token), &headers);
+    state.login_throttle.succeeded(client);
+    tracing::info!(target: "imagegate::admin", %client, "dashboard login");
+    start_session(&state, token, &headers).await
+}
+
+/// The login form again, with 429 and `retry-after`: the address must `wait`.
+fn too_many_failures(wait: std::time::Duration) -> Response {
+    let seconds = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+    let message = format!("Too many failed logins from your address. Try again in {seconds} s.");
+    let mut response = html(StatusCode::TOO_MANY_REQUESTS, html::login(Some(&message)));
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    response
+}
+
+/// Stores a new session and sends the browser to the dashboard with its cookie; the form
+/// with 503 when the database does not take it.
+async fn start_session(state: &AppState, token: &Secret, headers: &HeaderMap) -> Response {
+    let new = session::issue(token, Utc::now());
+    let stored = state
+        .store
+        .create_session(&new.hash, new.created_at, new.expires_at);
+    if let Err(err) = stored.await {
+        tracing::error!(target: "imagegate::admin", %err, "dashboard login: the session could not be stored");
+        let message =
+            "The session could not be stored (the database is not answering). Try again shortly.";
+        return html(StatusCode::SERVICE_UNAVAILABLE, html::login(Some(message)));
+    }
+    let cookie = session::set_cookie(&new.id, headers);
     ([(header::SET_COOKIE, cookie)], Redirect::to("/dashboard")).into_response()
 }
 
-/// `POST /dashboard/logout`: ends the session in this browser.
-pub async fn logout(headers: HeaderMap) -> Response {
+/// `POST /dashboard/logout`: ends the session, on every replica, and clears its cookie.
+pub async fn logout(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let token = state.runtime.load().config.admin_token.clone();
+    if let Some(hash) = session::presented(&headers, token.as_ref()) {
+        if let Err(err) = state.store.delete_session(&hash).await {
+            tracing::error!(target: "imagegate::admin", %err, "dashboard logout: the session could not be deleted");
+            return ApiError::NotReady.into_response();
+        }
+    }
     (
         [(header::SET_COOKIE, session::clear_cookie(&headers))],
         Redirect::to(LOGIN),

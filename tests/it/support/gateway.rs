@@ -61,6 +61,8 @@ pub async fn start_with_key(config: Config, name: &str) -> (Gateway, String) {
 /// A running imagegate with one valid key, on a fresh database.
 pub struct TestGateway {
     pub addr: SocketAddr,
+    /// The metrics listener's address, when the config sets `server.metrics_listen`.
+    pub metrics_addr: Option<SocketAddr>,
     pub key: String,
     pub store: Arc<dyn Store>,
     pub config_path: PathBuf,
@@ -104,8 +106,11 @@ impl TestGateway {
             "127.0.0.1:0".parse().expect("address"),
             config.server.workers,
         )
-        .expect("bind imagegate");
+        .expect("bind imagegate")
+        .with_metrics(config.server.metrics_listen)
+        .expect("bind the metrics listener");
         let addr = listeners.local_addr();
+        let metrics_addr = listeners.metrics_addr();
         let (gateway, key) = start_with_key(config, key_name).await;
         let store = Arc::clone(&gateway.state.store);
         let stop = CancellationToken::new();
@@ -114,6 +119,7 @@ impl TestGateway {
         let join = tokio::spawn(gateway.serve(listeners, async move { stopped.cancelled().await }));
         TestGateway {
             addr,
+            metrics_addr,
             key,
             store,
             config_path,
@@ -180,10 +186,14 @@ impl TestGateway {
         format!("http://{}{path}", self.addr)
     }
 
-    /// `/metrics`'s text.
+    /// `/metrics`'s text, from the metrics listener when there is one.
     pub async fn metrics(&self) -> String {
+        let url = match self.metrics_addr {
+            Some(addr) => format!("http://{addr}/metrics"),
+            None => self.url("/metrics"),
+        };
         self.client
-            .get(self.url("/metrics"))
+            .get(url)
             .send()
             .await
             .expect("send")
