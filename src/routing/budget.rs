@@ -60,6 +60,27 @@ fn give_up(state: &AppState, request_id: String) -> ApiError {
     ApiError::BudgetUnavailable
 }
 
+/// Releases the reservation of a call that was not sent, waiting for the database at most
+/// [`RESERVE_TIMEOUT`]; a release that fails or is not answered in time is tried again
+/// later (see [`release_late`]), and the reservation's deadline ends it at the latest.
+pub(super) async fn release(state: &AppState, request_id: &str) {
+    let released = tokio::time::timeout(RESERVE_TIMEOUT, state.store.release(request_id)).await;
+    match released {
+        Ok(Ok(_)) => {}
+        Ok(Err(err)) => {
+            tracing::warn!(%err, request_id, "budget reservation not released; trying again later");
+            give_up(state, request_id.to_owned());
+        }
+        Err(_elapsed) => {
+            tracing::warn!(
+                request_id,
+                "budget reservation release timed out; trying again later"
+            );
+            give_up(state, request_id.to_owned());
+        }
+    }
+}
+
 /// The key's budget and its period, when it has one.
 pub(super) fn budget_of(principal: &Principal) -> Option<(i64, BudgetPeriod)> {
     let limit = principal.limits.budget_nanousd?;

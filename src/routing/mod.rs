@@ -156,7 +156,7 @@ impl Call {
         // Journaled before the call, so that a crash during it still leaves a row.
         if self.state.usage.intend(&intent).is_err() {
             self.state.breakers.release_probe(&provider.name);
-            self.release_budget(&request_id);
+            self.release_budget(&request_id).await;
             return Err(ApiError::UsageJournalUnavailable);
         }
         cost.held(&intent);
@@ -178,19 +178,13 @@ impl Call {
         budget::hold(&self.state, &self.principal, id, model, amount, hold_for).await
     }
 
-    /// Gives back the reservation of a call that was not sent (none: nothing to do).
-    fn release_budget(&self, request_id: &str) {
+    /// Gives back the reservation of a call that was not sent (none: nothing to do), before
+    /// its client is answered: the client's next call finds the budget whole again.
+    async fn release_budget(&self, request_id: &str) {
         if budget::budget_of(&self.principal).is_none() {
             return;
         }
-        let store = std::sync::Arc::clone(&self.state.store);
-        let request_id = request_id.to_owned();
-        self.state.tasks.spawn(async move {
-            if let Err(err) = store.release(&request_id).await {
-                // Its deadline releases it instead.
-                tracing::warn!(%err, request_id, "budget reservation not released");
-            }
-        });
+        budget::release(&self.state, request_id).await;
     }
 
     /// The journal's record of a call about to be sent.
@@ -268,7 +262,7 @@ impl Call {
                         Err(err) => {
                             self.state.breakers.release_probe(&provider.name);
                             self.state.usage.cancel(request_id);
-                            self.release_budget(request_id);
+                            self.release_budget(request_id).await;
                             return Err(err);
                         }
                     }
