@@ -17,6 +17,7 @@ pub mod jobs;
 pub mod limits;
 pub mod multipart;
 pub mod openai;
+pub mod private_fs;
 pub mod routes;
 pub mod routing;
 pub mod server;

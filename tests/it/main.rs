@@ -13,6 +13,7 @@ mod endpoints;
 mod extract;
 mod failover;
 mod faults;
+mod files;
 mod gate;
 mod generations;
 mod hostile;
