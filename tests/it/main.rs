@@ -26,6 +26,7 @@ mod limits;
 mod mock;
 mod passthrough;
 mod pricing;
+mod redaction;
 mod router;
 mod sdk;
 mod store;
