@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
+use crate::private_fs;
 use crate::upstream::Endpoint;
 
 /// Most calls remembered at once (running, or kept for a retry); beyond it the oldest is
@@ -130,7 +131,7 @@ impl Dedupe {
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;
         }
-        std::fs::create_dir_all(&dir)?;
+        private_fs::create_dir_all(&dir)?;
         Ok(Dedupe {
             enabled,
             window,
@@ -239,7 +240,7 @@ impl KeepTicket {
             hex::encode(&self.fingerprint[..8]),
             self.id
         ));
-        let file = tokio::fs::File::create(&path).await?;
+        let file = private_fs::create_file_async(&path).await?;
         Ok(KeptFile {
             path: Some(path),
             file,

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::KeptPerKey;
 use crate::limits::InFlight;
 use crate::openai::{ErrorBody, ErrorDetail};
+use crate::private_fs;
 
 /// Every job id starts with it.
 pub const ID_PREFIX: &str = "imgjob_";
@@ -337,7 +338,7 @@ impl Jobs {
 
     /// Creates the folder (the first job does), for the result's temporary file.
     pub async fn ensure_dir(&self) -> std::io::Result<()> {
-        tokio::fs::create_dir_all(&self.dir).await
+        private_fs::create_dir_all_async(&self.dir).await
     }
 
     /// Records how the job ended: a result is moved into place first, then the record
@@ -531,12 +532,12 @@ fn encode(record: &Record) -> std::io::Result<Vec<u8>> {
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        private_fs::create_dir_all(dir)?;
     }
     let mut temp = path.as_os_str().to_owned();
     temp.push(format!(".{TEMP}"));
     let temp = PathBuf::from(temp);
-    let mut file = std::fs::File::create(&temp)?;
+    let mut file = private_fs::create_file(&temp)?;
     file.write_all(bytes)?;
     file.sync_all()?;
     std::fs::rename(&temp, path)

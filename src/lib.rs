@@ -18,6 +18,7 @@ pub mod limits;
 pub mod login_throttle;
 pub mod multipart;
 pub mod openai;
+pub mod private_fs;
 pub mod routes;
 pub mod routing;
 pub mod server;

@@ -3,6 +3,7 @@
 //! stay within `server.spool_max_bytes`.
 
 use std::io::SeekFrom;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use bytes::{Bytes, BytesMut};
@@ -11,6 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 use crate::error::ApiError;
 use crate::limits::{ByteQuota, QuotaHold};
+use crate::private_fs;
 
 const PREFIX: &str = "upload-";
 const SUFFIX: &str = ".part";
@@ -35,12 +37,13 @@ pub struct Spool {
 
 impl Spool {
     pub async fn create(area: &SpoolArea) -> Result<Spool, ApiError> {
-        tokio::fs::create_dir_all(&area.dir)
+        private_fs::create_dir_all_async(&area.dir)
             .await
             .map_err(spool_error)?;
         let file = tempfile::Builder::new()
             .prefix(PREFIX)
             .suffix(SUFFIX)
+            .permissions(std::fs::Permissions::from_mode(private_fs::FILE_MODE))
             .tempfile_in(&area.dir)
             .map_err(spool_error)?;
         let writer = File::from_std(file.reopen().map_err(spool_error)?);
@@ -118,7 +121,7 @@ fn spool_error(err: std::io::Error) -> ApiError {
 
 /// Removes spool files a crash left behind; returns how many.
 pub fn clean_spool_dir(dir: &Path) -> std::io::Result<usize> {
-    std::fs::create_dir_all(dir)?;
+    private_fs::create_dir_all(dir)?;
     let mut removed = 0;
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;

@@ -21,6 +21,7 @@ use crate::dedupe::Fingerprint;
 use crate::error::ApiError;
 use crate::jobs::{Created, Finished, Jobs, Order, Record, Status};
 use crate::openai::{ErrorBody, ErrorDetail};
+use crate::private_fs;
 use crate::routing::{Call, RequestSource};
 use crate::state::AppState;
 
@@ -263,7 +264,7 @@ fn detail(message: &str, kind: &str) -> ErrorDetail {
 /// Streams the body into the job's temporary result file, and flushes it to disk.
 async fn write_result(jobs: &Jobs, id: &str, body: Body) -> std::io::Result<()> {
     jobs.ensure_dir().await?;
-    let mut file = tokio::fs::File::create(jobs.temp_result_path(id)).await?;
+    let mut file = private_fs::create_file_async(&jobs.temp_result_path(id)).await?;
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
         file.write_all(&chunk.map_err(std::io::Error::other)?)

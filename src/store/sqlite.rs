@@ -20,6 +20,7 @@ use super::{
     Store, StoreError, StoreResult, USAGE_COLUMNS, UsageFilter, UsageRow, UsageTotals,
     report_columns,
 };
+use crate::private_fs;
 
 /// SQLite takes one writer at a time; a few connections let reads (key lookups, reports)
 /// go on beside the usage writer, and the busy timeout makes writers queue instead of
@@ -52,17 +53,26 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating if need be) the database file and the directory it lives in.
+    /// Opens (creating if need be) the database file and the directory it lives in, both
+    /// for imagegate's user only (see [`private_fs`]).
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .busy_timeout(BUSY_TIMEOUT);
-        // In-memory databases have a bare name, so no parent, and nothing is created.
-        if let Some(dir) = options.get_filename().parent() {
-            if !dir.as_os_str().is_empty() {
-                tokio::fs::create_dir_all(dir).await?;
+        // `sqlite::memory:` or `?mode=memory`, as sqlx reads them: no file at all.
+        let in_memory = url.contains(":memory:")
+            || url
+                .split_once('?')
+                .is_some_and(|(_, query)| query.split('&').any(|pair| pair == "mode=memory"));
+        if !in_memory {
+            let file = options.get_filename();
+            if let Some(dir) = file.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+                private_fs::create_dir_all_async(dir).await?;
             }
+            // SQLite would create the file with the umask's mode, and its -wal and -shm
+            // files take the database file's: made 0600 first, all three are.
+            private_fs::ensure_file(file)?;
         }
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
@@ -651,4 +661,25 @@ async fn settle(
         .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An in-memory database has no file, so none is made for it (the one made first, 0600,
+    /// is for a database on disk).
+    #[tokio::test]
+    async fn an_in_memory_database_makes_no_file() {
+        let named = "scratch-in-memory-test.db";
+        for url in ["sqlite::memory:", &format!("sqlite:{named}?mode=memory")] {
+            SqliteStore::connect(url).await.expect("opens");
+        }
+        let made: Vec<String> = std::fs::read_dir(".")
+            .expect("working folder")
+            .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+            .filter(|name| name == named || name.contains("in-memory"))
+            .collect();
+        assert_eq!(made, Vec::<String>::new());
+    }
 }

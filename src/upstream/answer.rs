@@ -70,27 +70,13 @@ async fn read_capped(mut body: BodyStream, limit: usize) -> bytes::Bytes {
     bytes::Bytes::from(buf)
 }
 
-/// A provider that echoes its key in an error message must not hand it to our client.
+/// A provider that echoes its key in an error message must not hand it to our client, nor
+/// to a job record or a log line, in any form ([`redact`](super::redact)).
 fn redact(body: &[u8], kind: &ProviderKind) -> Vec<u8> {
-    let ProviderKind::OpenAi { api_key, .. } = kind else {
-        return body.to_vec();
-    };
-    let key = api_key.expose().as_bytes();
-    if key.is_empty() || body.len() < key.len() {
-        return body.to_vec();
+    match kind {
+        ProviderKind::OpenAi { api_key, .. } => super::redact::redact(body, api_key.expose()),
+        ProviderKind::Mock { .. } => body.to_vec(),
     }
-    let mut out = Vec::with_capacity(body.len());
-    let mut i = 0;
-    while i < body.len() {
-        if body[i..].starts_with(key) {
-            out.extend_from_slice(b"[redacted]");
-            i += key.len();
-        } else {
-            out.push(body[i]);
-            i += 1;
-        }
-    }
-    out
 }
 
 /// Maps a provider's error status: its 4xx reach the client as they are (with

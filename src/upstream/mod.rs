@@ -2,6 +2,7 @@
 
 mod answer;
 mod mock;
+mod redact;
 
 use std::collections::HashMap;
 use std::pin::Pin;

@@ -29,7 +29,7 @@
 //! the blocking pool.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -38,6 +38,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::private_fs;
 use crate::usage::{Intent, UsageRow};
 
 /// Past this size the next row starts a new segment.
@@ -281,8 +282,8 @@ impl Journal {
     /// Opens (or creates) the journal in `dir` and starts a new segment. Rows an earlier run
     /// left unshipped are counted in the backlog and read first.
     pub fn open(dir: &Path, segment_bytes: u64) -> io::Result<Journal> {
-        fs::create_dir_all(dir)?;
-        let lock_file = OpenOptions::new()
+        private_fs::create_dir_all(dir)?;
+        let lock_file = private_fs::open_options()
             .create(true)
             .truncate(false)
             .write(true)
@@ -442,7 +443,7 @@ impl Journal {
     /// new segment (the active one may end in a failed write's damage, or a failed fsync).
     pub fn probe(&self) -> io::Result<()> {
         let path = self.dir.join(PROBE);
-        let written = File::create(&path).and_then(|mut file| {
+        let written = private_fs::create_file(&path).and_then(|mut file| {
             file.write_all(&[b'\n'; PROBE_BYTES])?;
             file.sync_data()
         });
@@ -589,7 +590,7 @@ impl Journal {
     pub fn set_aside(&self, row: &UsageRow) -> io::Result<()> {
         let mut line = serde_json::to_vec(row)?;
         line.push(b'\n');
-        let mut file = OpenOptions::new()
+        let mut file = private_fs::open_options()
             .create(true)
             .append(true)
             .open(self.dir.join(REFUSED))?;
@@ -655,7 +656,7 @@ fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
 
 /// A new, empty segment, its name made durable (fsync of the folder).
 fn create_segment(dir: &Path, segment: u64) -> io::Result<File> {
-    let file = OpenOptions::new()
+    let file = private_fs::open_options()
         .create_new(true)
         .append(true)
         .open(segment_path(dir, segment))?;
@@ -727,7 +728,7 @@ fn read_cursor(dir: &Path) -> io::Result<Option<SavedCursor>> {
 /// old one, fsync the folder.
 fn write_cursor(dir: &Path, at: Position, pending: Vec<Intent>) -> io::Result<()> {
     let tmp = dir.join(CURSOR_TMP);
-    let mut file = File::create(&tmp)?;
+    let mut file = private_fs::create_file(&tmp)?;
     file.write_all(&serde_json::to_vec(&SavedCursor { at, pending })?)?;
     file.sync_all()?;
     fs::rename(&tmp, dir.join(CURSOR))?;

@@ -2,7 +2,11 @@
 //! and the dashboard's download, so that their figures cannot drift apart. Calls of
 //! unpriced routes (a null cost) are never shown as $0: a group all of whose calls are
 //! unpriced has no cost (JSON null, an empty CSV field, "unpriced" for people), and a mix
-//! shows the priced calls' sum with the unpriced count beside it ([`cost_text`]).
+//! shows the priced calls' sum with the unpriced count beside it ([`cost_text`]). Every CSV
+//! field goes through [`CsvField`], so text that a spreadsheet would run as a formula (a key
+//! named `=SUM(1+1)`) is written as text.
+
+use std::borrow::Cow;
 
 use crate::store::{GroupBy, UsageRow, UsageTotals};
 use crate::usage::price::{format_usd, format_usd_sum};
@@ -101,14 +105,77 @@ pub fn json(rows: &[UsageTotals], group_by: GroupBy) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// A header line (the grouping's name, then [`COLUMNS`]) and one line per group.
-pub fn csv(rows: &[UsageTotals], group_by: GroupBy) -> Result<Vec<u8>, csv::Error> {
-    let mut out = csv::Writer::from_writer(Vec::new());
-    out.write_record(std::iter::once(group_by.name()).chain(COLUMNS))?;
-    for r in rows {
-        out.write_record(std::iter::once(r.group.clone()).chain(values(r)))?;
+/// Text a spreadsheet would take for a formula (or, for tab and carriage return, for a
+/// formula after it trims them) when it begins a cell.
+const FORMULA_LEADERS: [char; 6] = ['=', '+', '-', '@', '\t', '\r'];
+
+/// A text cell as a spreadsheet must read it: text, never a formula. Text that begins with
+/// one of [`FORMULA_LEADERS`] gets a `'` in front, which spreadsheets take as "this is
+/// text" (CSV injection); anything else is written as it is.
+pub fn csv_text(text: &str) -> Cow<'_, str> {
+    if text.starts_with(FORMULA_LEADERS) {
+        Cow::Owned(format!("'{text}"))
+    } else {
+        Cow::Borrowed(text)
     }
-    out.into_inner().map_err(|err| err.into_error().into())
+}
+
+/// One field of a CSV line, as every CSV writer here takes it.
+///
+/// Text (names of keys, models and providers, ids, times) comes from people and providers
+/// and goes through [`csv_text`]. A number is one imagegate formatted itself from an
+/// integer or an exact decimal (`-?[0-9]+(\.[0-9]+)?` at most), written as it is: a
+/// leading `-` there is a negative number, which no spreadsheet runs as a formula, and a
+/// `'` in front would turn the column into text that no longer adds up.
+pub enum CsvField<'a> {
+    Text(&'a str),
+    Number(String),
+}
+
+impl CsvField<'_> {
+    fn cell(&self) -> Cow<'_, str> {
+        match self {
+            CsvField::Text(text) => csv_text(text),
+            CsvField::Number(number) => Cow::Borrowed(number),
+        }
+    }
+}
+
+/// CSV lines, each field written as [`CsvField::cell`] has it.
+struct CsvOut(csv::Writer<Vec<u8>>);
+
+impl CsvOut {
+    fn new() -> Self {
+        CsvOut(csv::Writer::from_writer(Vec::new()))
+    }
+
+    fn line<'a>(&mut self, fields: impl IntoIterator<Item = CsvField<'a>>) -> csv::Result<()> {
+        let cells: Vec<String> = fields
+            .into_iter()
+            .map(|field| field.cell().into_owned())
+            .collect();
+        self.0.write_record(cells)
+    }
+
+    fn finish(self) -> csv::Result<Vec<u8>> {
+        self.0.into_inner().map_err(|err| err.into_error().into())
+    }
+}
+
+/// A header line (the grouping's name, then [`COLUMNS`]) and one line per group: the
+/// group's name as text, the figures as numbers.
+pub fn csv(rows: &[UsageTotals], group_by: GroupBy) -> Result<Vec<u8>, csv::Error> {
+    let mut out = CsvOut::new();
+    out.line(
+        std::iter::once(group_by.name())
+            .chain(COLUMNS)
+            .map(CsvField::Text),
+    )?;
+    for r in rows {
+        let figures = values(r).map(CsvField::Number);
+        out.line(std::iter::once(CsvField::Text(&r.group)).chain(figures))?;
+    }
+    out.finish()
 }
 
 /// The totals of every group together (sums saturate rather than wrap; they are i128).
@@ -197,20 +264,22 @@ pub fn row_json(row: &UsageRow) -> serde_json::Value {
 }
 
 /// Rows as CSV: a header line ([`ROW_COLUMNS`]) and one line per row, with the values
-/// [`row_json`] gives (text as it is, numbers and booleans as JSON writes them, null as an
-/// empty field).
+/// [`row_json`] gives (text through [`csv_text`]; numbers, `cost_usd` and booleans as
+/// imagegate wrote them; null as an empty field).
 pub fn rows_csv(rows: &[UsageRow]) -> Result<Vec<u8>, csv::Error> {
-    let mut out = csv::Writer::from_writer(Vec::new());
-    out.write_record(ROW_COLUMNS)?;
+    let mut out = CsvOut::new();
+    out.line(ROW_COLUMNS.map(CsvField::Text))?;
     for row in rows {
         let json = row_json(row);
-        out.write_record(ROW_COLUMNS.map(|column| match &json[column] {
-            serde_json::Value::String(text) => text.clone(),
-            serde_json::Value::Null => String::new(),
-            other => other.to_string(),
+        out.line(ROW_COLUMNS.map(|column| match &json[column] {
+            // A decimal imagegate formatted from the row's nano-dollars.
+            serde_json::Value::String(usd) if column == "cost_usd" => CsvField::Number(usd.clone()),
+            serde_json::Value::String(text) => CsvField::Text(text),
+            serde_json::Value::Null => CsvField::Number(String::new()),
+            other => CsvField::Number(other.to_string()),
         }))?;
     }
-    out.into_inner().map_err(|err| err.into_error().into())
+    out.finish()
 }
 
 #[cfg(test)]
@@ -236,5 +305,33 @@ mod tests {
         assert_eq!(cost_usd(&group(3, 3, 0)), None);
         let values = values(&group(3, 3, 0));
         assert_eq!((values[12].as_str(), values[13].as_str()), ("", ""));
+    }
+
+    #[test]
+    fn text_that_would_be_a_formula_is_written_as_text() {
+        for (text, cell) in [
+            ("=SUM(1+1)", "'=SUM(1+1)"),
+            ("+1", "'+1"),
+            ("-2+3", "'-2+3"),
+            ("@A1", "'@A1"),
+            ("\t=1", "'\t=1"),
+            ("\r=1", "'\r=1"),
+            ("svc=1", "svc=1"),
+            ("", ""),
+        ] {
+            assert_eq!(csv_text(text), cell, "{text:?}");
+        }
+        let totals = UsageTotals {
+            group: "-1".into(),
+            requests: 1,
+            cost_nanousd: -5,
+            ..UsageTotals::default()
+        };
+        let csv = String::from_utf8(csv(&[totals], GroupBy::Key).expect("csv")).expect("utf-8");
+        // The name is text; the numbers imagegate formatted stay numbers, negative or not.
+        assert!(
+            csv.ends_with("\n'-1,1,0,0,0,0,0,0,0,0,0,0,0,-0.000000005,-5\n"),
+            "{csv}"
+        );
     }
 }

@@ -40,6 +40,7 @@ async fn generate(gw: &TestGateway, key: &str, model: &str) -> u16 {
 on_both_databases!(
     a_key_is_created_listed_changed_and_revoked,
     bad_input_is_refused_with_its_field_and_writes_nothing,
+    new_names_are_plain_and_older_names_keep_working,
 );
 
 async fn a_key_is_created_listed_changed_and_revoked(db: Db) {
@@ -238,4 +239,104 @@ async fn the_key_routes_need_the_admin_token() {
     assert_eq!(keys.len(), 1);
     assert!(keys[0].revoked_at.is_none());
     gw.shutdown().await;
+}
+
+/// Names a new key may not have: white space, markup, a formula, a bidirectional override,
+/// a zero-width space, a Cyrillic letter that looks Latin, too long.
+pub fn unplain_names() -> Vec<String> {
+    let mut names: Vec<String> = [
+        "svc 1",
+        "<b>carol</b>",
+        "=SUM(1+1)",
+        "svc\u{202e}1",
+        "svc\u{200b}1",
+        "sv\u{0441}1",
+        "caf\u{e9}",
+        "a/b",
+    ]
+    .map(str::to_owned)
+    .into();
+    names.push("a".repeat(101));
+    names
+}
+
+/// New names are ASCII letters, digits and `._-:@`, 1 to 100 characters: anything else is
+/// a 400 naming `name`, and no key is made. Keys named before the rule (made here through
+/// the store) still authenticate, list, change and revoke by their name.
+async fn new_names_are_plain_and_older_names_keep_working(db: Db) {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    let gw = TestGateway::start(db, &test_config(&provider.base_url(), "")).await;
+    for name in unplain_names() {
+        let body = json!({ "name": name }).to_string();
+        let (status, error) = admin(&gw, Method::POST, "/admin/keys", Some(&body)).await;
+        assert_eq!(status, 400, "{name:?}: {error}");
+        assert_eq!(error["error"]["type"], "invalid_request_error", "{error}");
+        assert_eq!(error["error"]["param"], "name", "{error}");
+        let message = error["error"]["message"].as_str().expect("message");
+        assert!(message.contains(". _ - : @"), "{message}");
+    }
+    assert_eq!(gw.store.list_keys().await.expect("list").len(), 1);
+    let plain = format!("svc-1.eu_west:team@corp{}", "x".repeat(77));
+    assert_eq!(plain.len(), 100);
+    let body = json!({ "name": plain }).to_string();
+    let (status, created) = admin(&gw, Method::POST, "/admin/keys", Some(&body)).await;
+    assert_eq!(
+        (status, &created["name"]),
+        (201, &json!(plain)),
+        "{created}"
+    );
+
+    // Older names: used, listed, changed and revoked by name as before.
+    for old in ["svc 1", "<b>carol</b>", "=SUM(1+1)"] {
+        let issued = imagegate::auth::issue_key(old);
+        gw.store
+            .create_key(issued.new)
+            .await
+            .expect("an older name");
+        assert_eq!(
+            generate(&gw, &issued.key, "gpt-image-1").await,
+            200,
+            "{old:?}"
+        );
+        let path = format!("/admin/keys/{}", urlencoding(old));
+        let (status, changed) = admin(&gw, Method::PATCH, &path, Some(r#"{"rpm": 5}"#)).await;
+        assert_eq!((status, &changed["name"]), (200, &json!(old)), "{changed}");
+        let (status, revoked) = admin(&gw, Method::DELETE, &path, None).await;
+        assert_eq!(
+            (status, &revoked["status"]),
+            (200, &json!("revoked")),
+            "{old:?}"
+        );
+    }
+    let (_, listed) = admin(&gw, Method::GET, "/admin/keys", None).await;
+    let names: Vec<&str> = listed["data"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|k| k["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "svc-test",
+            plain.as_str(),
+            "svc 1",
+            "<b>carol</b>",
+            "=SUM(1+1)"
+        ]
+    );
+    gw.shutdown().await;
+}
+
+/// A name as one URL path segment.
+fn urlencoding(name: &str) -> String {
+    name.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }

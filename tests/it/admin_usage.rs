@@ -17,6 +17,7 @@ on_both_databases!(
     requests_are_paged_newest_first,
     bad_parameters_are_refused_naming_them,
     unpriced_rows_are_unpriced_never_zero,
+    a_key_named_like_a_formula_is_text_in_every_csv_and_exact_in_json,
 );
 
 /// The day the known rows end on for these tests.
@@ -587,5 +588,107 @@ async fn unpriced_rows_are_unpriced_never_zero(db: Db) {
         download.lines().nth(2).expect("bob").ends_with(",,"),
         "{download}"
     );
+    gw.shutdown().await;
+}
+
+/// The cells of a CSV text, header line included.
+fn csv_cells(text: &str) -> Vec<Vec<String>> {
+    csv::ReaderBuilder::new()
+        .has_headers(false)
+        .from_reader(text.as_bytes())
+        .records()
+        .map(|record| {
+            record
+                .expect("a CSV line")
+                .iter()
+                .map(str::to_owned)
+                .collect()
+        })
+        .collect()
+}
+
+/// The `key` column of a CSV text, checked on the way: no cell of it would be a formula.
+fn csv_keys(what: &str, text: &str) -> Vec<String> {
+    let cells = csv_cells(text);
+    let column = cells[0]
+        .iter()
+        .position(|c| c == "key")
+        .unwrap_or_else(|| panic!("{what}: no key column in\n{text}"));
+    for cell in cells.iter().flatten() {
+        // A negative number imagegate formatted is a number, not a formula.
+        let number = |rest: &str| rest.chars().all(|c| c.is_ascii_digit() || c == '.');
+        let live = cell.starts_with(['=', '+', '@', '\t', '\r'])
+            || cell.strip_prefix('-').is_some_and(|rest| !number(rest));
+        assert!(!live, "{what}: {cell:?} would be a formula in\n{text}");
+    }
+    cells[1..].iter().map(|line| line[column].clone()).collect()
+}
+
+/// A key named `=SUM(1+1)` (a name from before names were restricted, so made through the
+/// store) is text in every CSV: `/admin/usage`, `/admin/requests`, the dashboard's two
+/// downloads and `imagegate usage`; JSON gives its name exactly.
+async fn a_key_named_like_a_formula_is_text_in_every_csv_and_exact_in_json(db: Db) {
+    const NAME: &str = "=SUM(1+1)";
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    let gw = TestGateway::start(db, &test_config(&provider.base_url(), "")).await;
+    let issued = imagegate::auth::issue_key(NAME);
+    gw.store.create_key(issued.new).await.expect("create key");
+    let call = gw
+        .post_json_as(
+            &issued.key,
+            "/v1/images/generations",
+            r#"{"model":"gpt-image-1","prompt":"fox"}"#,
+        )
+        .await;
+    assert_eq!(call.status(), 200);
+    assert_eq!(gw.usage_rows(1).await[0].key_name, NAME);
+    let text = "'=SUM(1+1)";
+
+    let mut csvs = Vec::new();
+    for path in ["/admin/usage?format=csv", "/admin/requests?format=csv"] {
+        let response = admin_get(&gw, path).await;
+        assert_eq!(response.status(), 200, "{path}");
+        csvs.push((path.to_owned(), response.text().await.expect("csv")));
+    }
+    let login = crate::dashboard::login(&gw, ADMIN_TOKEN).await;
+    let cookie = crate::dashboard::session_of(&login);
+    for path in [
+        "/dashboard/usage.csv?group_by=key",
+        "/dashboard/requests.csv",
+    ] {
+        let response = gw
+            .client
+            .get(gw.url(path))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(response.status(), 200, "{path}");
+        csvs.push((path.to_owned(), response.text().await.expect("csv")));
+    }
+    let cli = |args: &[&str]| {
+        let out = crate::support::binary::command(&gw.config_path)
+            .args(args)
+            .output()
+            .expect("run imagegate");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {stderr}");
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    csvs.push((
+        "imagegate usage --format csv".to_owned(),
+        cli(&["usage", "--format", "csv"]),
+    ));
+    for (what, csv) in &csvs {
+        assert_eq!(csv_keys(what, csv), [text], "{what}");
+    }
+
+    // JSON is exact.
+    let usage = admin_json(&gw, "/admin/usage").await;
+    assert_eq!(usage["data"][0]["key"], NAME);
+    let requests = admin_json(&gw, "/admin/requests").await;
+    assert_eq!(requests["data"][0]["key"], NAME);
+    let cli_json: Value = serde_json::from_str(&cli(&["usage", "--format", "json"])).expect("json");
+    assert_eq!(cli_json[0]["key"], NAME);
     gw.shutdown().await;
 }

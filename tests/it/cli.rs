@@ -197,9 +197,19 @@ async fn keys_take_their_limits_on_create_and_update_with_the_apis_checks() {
             text(&out.stderr)
         );
     }
+    // A new name is plain (the admin API's rule), said on the command line's terms.
+    for name in crate::admin_keys::unplain_names() {
+        let out = imagegate(&config, &["keys", "create", "--name", &name]);
+        assert!(!out.status.success(), "{name:?}");
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains("--name: name must be 1 to 100 characters, each an ASCII letter"),
+            "{name:?}: {stderr}"
+        );
+    }
     let list = text(&imagegate(&config, &["keys", "list"]).stdout);
     assert!(
-        !list.contains("refused"),
+        !list.contains("refused") && list.lines().count() == 2,
         "a refused create leaves no key:\n{list}"
     );
 

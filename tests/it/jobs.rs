@@ -32,7 +32,7 @@ async fn post_job(gw: &TestGateway, body: &str, headers: &[(&str, &str)]) -> req
 }
 
 /// The 202's job, checked for its shape; its id and the request id of the creating call.
-async fn accepted(response: reqwest::Response) -> (String, String) {
+pub async fn accepted(response: reqwest::Response) -> (String, String) {
     assert_eq!(response.status(), 202);
     assert_eq!(response.headers()["preference-applied"], "respond-async");
     let request_id = response.headers()["x-request-id"]
@@ -65,7 +65,7 @@ async fn get_job(client: &reqwest::Client, base: &str, key: &str, id: &str) -> (
 }
 
 /// Polls the job until it has finished; its JSON and raw text.
-async fn wait_finished(
+pub async fn wait_finished(
     client: &reqwest::Client,
     base: &str,
     key: &str,
