@@ -266,11 +266,17 @@ fn next_request_id() -> Arc<str> {
 ///    429 before anything is forwarded; the slot is held until the response body ends;
 /// 4. on the image routes, the request body's timeouts (`routes::images::body_timeouts`).
 pub fn router(state: Arc<AppState>) -> Router {
-    routes::router(&state)
-        .route_layer(middleware::from_fn_with_state(
-            Arc::clone(&state),
-            gate::authenticate,
-        ))
+    let routes = routes::router(&state).route_layer(middleware::from_fn_with_state(
+        Arc::clone(&state),
+        gate::authenticate,
+    ));
+    outermost(routes, state)
+}
+
+/// Layers 1 and 2 of [`router`] (the access log, then the panic guard) around `routes`, and
+/// OpenAI-shaped 404 and 405 answers for what no route takes.
+fn outermost(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
+    routes
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(
@@ -290,20 +296,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// same access log and panic guard as the main router; anything else is a 404 in OpenAI's
 /// shape.
 pub fn metrics_router(state: Arc<AppState>) -> Router {
-    routes::metrics_router()
-        .fallback(|| async { ApiError::NotFound })
-        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(
-            ServiceBuilder::new()
-                .layer(middleware::from_fn_with_state(
-                    Arc::clone(&state),
-                    access_log,
-                ))
-                .layer(CatchPanicLayer::custom(|_| {
-                    ApiError::Internal("handler panicked".into()).into_response()
-                })),
-        )
-        .with_state(state)
+    outermost(routes::metrics_router(), state)
 }
 
 /// Text from a client, fit for a log line: control characters (a newline that would start a

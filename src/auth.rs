@@ -69,6 +69,17 @@ impl Principal {
     }
 }
 
+/// The principal of a key as stored, unless it was revoked.
+fn active_principal(record: KeyRecord) -> Option<Arc<Principal>> {
+    record.revoked_at.is_none().then(|| {
+        Arc::new(Principal {
+            key_id: record.id,
+            name: record.name,
+            limits: record.limits,
+        })
+    })
+}
+
 /// A freshly made key: the only moment the whole key exists outside the client.
 pub struct IssuedKey {
     pub key: String,
@@ -223,17 +234,7 @@ impl KeyCache {
         )
         .await;
         match found {
-            Ok(Ok(record)) => {
-                Ok(record
-                    .filter(|record| record.revoked_at.is_none())
-                    .map(|record| {
-                        Arc::new(Principal {
-                            key_id: record.id,
-                            name: record.name,
-                            limits: record.limits,
-                        })
-                    }))
-            }
+            Ok(Ok(record)) => Ok(record.and_then(active_principal)),
             Ok(Err(err)) => {
                 tracing::warn!(%err, key = %principal.name, "a key could not be read again");
                 Err(LookupUnavailable)
@@ -387,15 +388,7 @@ impl KeyCache {
         if !inner.store_answers.swap(true, Ordering::Relaxed) {
             tracing::info!("key lookups answer again");
         }
-        let principal = found
-            .filter(|record| record.revoked_at.is_none())
-            .map(|record| {
-                Arc::new(Principal {
-                    key_id: record.id,
-                    name: record.name,
-                    limits: record.limits,
-                })
-            });
+        let principal = found.and_then(active_principal);
         let mut known = inner.known.write().unwrap_or_else(|e| e.into_inner());
         match &principal {
             Some(principal) => {
