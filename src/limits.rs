@@ -1,40 +1,96 @@
-//! Limits per client key: how many of its requests are answered at once, and what its
-//! requests-per-minute limit tells the client (OpenAI's `x-ratelimit-*` headers).
+//! Limits per client key: its share of the byte quotas all keys share, how many of its
+//! requests are answered at once, and what its requests-per-minute limit tells the client
+//! (OpenAI's `x-ratelimit-*` headers).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue};
 
+use crate::config::Share;
 use crate::store::{RATE_WINDOW_NANOS, RateState};
 
-/// Bytes the process holds of one kind (all workers share the count), each hold checked
-/// against its maximum: the upload spool's files (`server.spool_max_bytes`), JSON bodies
-/// in memory (`server.json_memory_max_bytes`).
+/// Bytes the process holds of one kind (all workers share the count), in all and per key,
+/// each hold checked against a [`QuotaLimit`]: the upload spool's files
+/// (`server.spool_max_bytes`), JSON bodies in memory (`server.json_memory_max_bytes`).
 #[derive(Clone, Default)]
-pub struct ByteQuota(Arc<AtomicU64>);
+pub struct ByteQuota(Arc<Mutex<QuotaCounts>>);
 
-impl ByteQuota {
-    /// A hold on `bytes` more, or none when that would pass `max`.
-    pub fn hold(&self, bytes: u64, max: u64) -> Option<QuotaHold> {
-        let mut hold = self.empty_hold();
-        hold.grow(bytes, max).then_some(hold)
-    }
+#[derive(Default)]
+struct QuotaCounts {
+    total: u64,
+    /// Key id -> bytes its holds take; a key leaves the map when it holds nothing.
+    per_key: HashMap<i64, u64>,
+}
 
-    /// A hold on nothing yet, to [`QuotaHold::grow`] as bytes come.
-    pub fn empty_hold(&self) -> QuotaHold {
-        QuotaHold {
-            quota: self.clone(),
-            bytes: 0,
+/// What the holds on a [`ByteQuota`] may take: all of them together, and those of one key
+/// together (its share, `limits.max_share_per_key` of the total), so that one key cannot
+/// take the room every other key needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaLimit {
+    pub total: u64,
+    pub per_key: u64,
+}
+
+impl QuotaLimit {
+    pub fn shared(total: u64, share: Share) -> QuotaLimit {
+        QuotaLimit {
+            total,
+            per_key: share.of(total),
         }
     }
 }
 
-/// A share of a [`ByteQuota`], given back when dropped.
+/// Why a hold could not grow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaRefusal {
+    /// The key's holds take its share already: its own doing, other keys are unaffected.
+    KeyShare,
+    /// All holds together take the whole quota.
+    Full,
+}
+
+impl ByteQuota {
+    /// A hold on `bytes` for `key_id`, or why it cannot be had.
+    pub fn hold(
+        &self,
+        key_id: i64,
+        bytes: u64,
+        limit: QuotaLimit,
+    ) -> Result<QuotaHold, QuotaRefusal> {
+        let mut hold = self.empty_hold(key_id, limit);
+        hold.grow(bytes)?;
+        Ok(hold)
+    }
+
+    /// A hold on nothing yet, to [`QuotaHold::grow`] as bytes come.
+    pub fn empty_hold(&self, key_id: i64, limit: QuotaLimit) -> QuotaHold {
+        QuotaHold {
+            quota: self.clone(),
+            key_id,
+            limit,
+            bytes: 0,
+        }
+    }
+
+    /// Bytes held by all keys, and by `key_id`.
+    pub fn held(&self, key_id: i64) -> (u64, u64) {
+        let counts = self.counts();
+        let key = counts.per_key.get(&key_id).copied().unwrap_or(0);
+        (counts.total, key)
+    }
+
+    fn counts(&self) -> std::sync::MutexGuard<'_, QuotaCounts> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One request's part of a [`ByteQuota`], given back when dropped.
 pub struct QuotaHold {
     quota: ByteQuota,
+    key_id: i64,
+    limit: QuotaLimit,
     bytes: u64,
 }
 
@@ -44,32 +100,52 @@ impl QuotaHold {
         self.bytes
     }
 
-    /// Holds `add` bytes more, unless that would take the quota past `max`: then nothing
-    /// changes and the answer is false.
-    pub fn grow(&mut self, add: u64, max: u64) -> bool {
-        let before = self.quota.0.fetch_add(add, Ordering::Relaxed);
-        if before.saturating_add(add) > max {
-            self.quota.0.fetch_sub(add, Ordering::Relaxed);
-            return false;
+    /// Holds `add` bytes more, unless that would take the key past its share or the quota
+    /// past its total: then nothing changes and the answer says which.
+    pub fn grow(&mut self, add: u64) -> Result<(), QuotaRefusal> {
+        let mut counts = self.quota.counts();
+        let key = counts.per_key.get(&self.key_id).copied().unwrap_or(0);
+        // A share that is the whole quota is no key's own: past it, the quota is full.
+        if key.saturating_add(add) > self.limit.per_key && self.limit.per_key < self.limit.total {
+            return Err(QuotaRefusal::KeyShare);
         }
-        self.bytes += add;
-        true
+        if counts.total.saturating_add(add) > self.limit.total {
+            return Err(QuotaRefusal::Full);
+        }
+        if add > 0 {
+            counts.total += add;
+            *counts.per_key.entry(self.key_id).or_insert(0) += add;
+            self.bytes += add;
+        }
+        Ok(())
     }
 
-    /// Gives back what is held beyond `bytes` (a body held at its limit that was shorter).
+    /// Gives back what is held beyond `bytes` (a body held at its declared length that
+    /// was shorter).
     pub fn shrink_to(&mut self, bytes: u64) {
         if bytes < self.bytes {
-            self.quota
-                .0
-                .fetch_sub(self.bytes - bytes, Ordering::Relaxed);
-            self.bytes = bytes;
+            self.give_back(self.bytes - bytes);
         }
+    }
+
+    fn give_back(&mut self, bytes: u64) {
+        let mut counts = self.quota.counts();
+        counts.total = counts.total.saturating_sub(bytes);
+        if let Some(key) = counts.per_key.get_mut(&self.key_id) {
+            *key = key.saturating_sub(bytes);
+            if *key == 0 {
+                counts.per_key.remove(&self.key_id);
+            }
+        }
+        self.bytes -= bytes;
     }
 }
 
 impl Drop for QuotaHold {
     fn drop(&mut self) {
-        self.quota.0.fetch_sub(self.bytes, Ordering::Relaxed);
+        if self.bytes > 0 {
+            self.give_back(self.bytes);
+        }
     }
 }
 
@@ -234,6 +310,44 @@ mod tests {
         assert_eq!(openai_duration(Duration::from_millis(120)), "120ms");
         assert_eq!(openai_duration(Duration::from_millis(1500)), "1.5s");
         assert_eq!(openai_duration(Duration::from_secs(360)), "6m0s");
+    }
+
+    #[test]
+    fn a_key_holds_at_most_its_share_and_others_keep_theirs() {
+        let quota = ByteQuota::default();
+        let limit = QuotaLimit::shared(1000, Share::new(0.25).expect("a quarter"));
+        assert_eq!(limit.per_key, 250);
+        let mut first = quota.empty_hold(1, limit);
+        first.grow(200).expect("within the share");
+        let mut second = quota.empty_hold(1, limit);
+        assert_eq!(second.grow(51), Err(QuotaRefusal::KeyShare));
+        second.grow(50).expect("up to the share");
+        assert_eq!(quota.held(1), (250, 250));
+        // Other keys take the rest, until the whole quota is held.
+        let others: Vec<QuotaHold> = (2..5)
+            .map(|key| quota.hold(key, 250, limit).expect("another key's share"))
+            .collect();
+        assert_eq!(
+            quota.hold(5, 1, limit).err(),
+            Some(QuotaRefusal::Full),
+            "the whole quota is held"
+        );
+        drop(others);
+        // With a share of all of it, a key past the quota finds it full.
+        let whole = QuotaLimit::shared(1000, Share::new(1.0).expect("all"));
+        assert_eq!(
+            quota.hold(1, 751, whole).err(),
+            Some(QuotaRefusal::Full),
+            "key 1 holds 250 already"
+        );
+        first.shrink_to(100);
+        assert_eq!(quota.held(1), (150, 150));
+        drop((first, second));
+        assert_eq!(quota.held(1), (0, 0));
+        assert!(
+            quota.counts().per_key.is_empty(),
+            "keys holding nothing leave the map"
+        );
     }
 
     #[test]

@@ -27,6 +27,7 @@ mod passthrough;
 mod pricing;
 mod router;
 mod sdk;
+mod shares;
 mod store;
 mod support;
 mod upstream;
