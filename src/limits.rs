@@ -1,10 +1,12 @@
 //! Limits per client key: its share of the byte quotas all keys share, how many of its
-//! requests are answered at once, and what its requests-per-minute limit tells the client
-//! (OpenAI's `x-ratelimit-*` headers).
+//! requests are answered at once, this process's own count of its requests per minute (for
+//! when the database cannot answer), and what that limit tells the client (OpenAI's
+//! `x-ratelimit-*` headers).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderValue};
 
@@ -212,6 +214,95 @@ impl Drop for Slot {
     }
 }
 
+/// Each key's `rpm` counted in this process, for when the database that counts it for every
+/// replica cannot answer in time: the same GCRA as the store's statement (see
+/// `store::postgres`), on this process's monotonic clock, so that the limit holds per
+/// replica at worst instead of failing open.
+pub struct LocalRates {
+    /// Key id -> theoretical arrival time, in nanoseconds since `epoch`.
+    tats: Mutex<HashMap<i64, i64>>,
+    epoch: Instant,
+    /// Past this many keys, those whose limit is whole again are forgotten.
+    prune_at: AtomicUsize,
+}
+
+/// Keys kept before the first pruning.
+const PRUNE_FROM: usize = 1024;
+
+impl Default for LocalRates {
+    fn default() -> Self {
+        LocalRates {
+            tats: Mutex::default(),
+            epoch: Instant::now(),
+            prune_at: AtomicUsize::new(PRUNE_FROM),
+        }
+    }
+}
+
+impl LocalRates {
+    /// Counts one request of `key_id` against `rpm`, as the store's statement does: allowed
+    /// when the theoretical arrival time, moved on by one interval, stays within a window of
+    /// now; a refused request moves nothing.
+    pub fn take(&self, key_id: i64, rpm: u32) -> RateState {
+        let interval = RATE_WINDOW_NANOS / i64::from(rpm.max(1));
+        let now = self.now_ns();
+        let mut tats = self.tats();
+        let state = match tats.get(&key_id).copied() {
+            None => RateState {
+                allowed: true,
+                tat_ns: now + interval,
+                at_ns: now,
+            },
+            Some(tat) => {
+                let next = tat.max(now) + interval;
+                let allowed = next <= now + RATE_WINDOW_NANOS;
+                RateState {
+                    allowed,
+                    tat_ns: if allowed { next } else { tat },
+                    at_ns: now,
+                }
+            }
+        };
+        if state.allowed {
+            tats.insert(key_id, state.tat_ns);
+            self.prune(&mut tats, now);
+        }
+        state
+    }
+
+    /// Takes in what the database answered for `key_id` (the requests every replica made),
+    /// so that, should it stop answering, this process goes on from there rather than from
+    /// a fresh minute: its state runs as far ahead of now as the database's did, or further.
+    pub fn follow(&self, key_id: i64, shared: RateState) {
+        let ahead = (shared.tat_ns - shared.at_ns).clamp(0, RATE_WINDOW_NANOS);
+        let now = self.now_ns();
+        let mut tats = self.tats();
+        let tat = tats.entry(key_id).or_insert(now);
+        *tat = (*tat).max(now + ahead);
+        self.prune(&mut tats, now);
+    }
+
+    fn now_ns(&self) -> i64 {
+        i64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(i64::MAX)
+    }
+
+    fn tats(&self) -> std::sync::MutexGuard<'_, HashMap<i64, i64>> {
+        self.tats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forgets the keys whose limit is whole again (a key that is not there starts whole),
+    /// once there are many; the next pruning waits until the map has doubled, so that many
+    /// busy keys do not make every request walk the map.
+    fn prune(&self, tats: &mut HashMap<i64, i64>, now: i64) {
+        if tats.len() < self.prune_at.load(Ordering::Relaxed) {
+            return;
+        }
+        tats.retain(|_, tat| *tat > now);
+        self.prune_at
+            .store((2 * tats.len()).max(PRUNE_FROM), Ordering::Relaxed);
+    }
+}
+
 /// A key's rate limit as a client sees it, after one of its requests was counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimit {
@@ -348,6 +439,32 @@ mod tests {
             quota.counts().per_key.is_empty(),
             "keys holding nothing leave the map"
         );
+    }
+
+    #[test]
+    fn the_local_limiter_counts_as_the_store_does() {
+        let rates = LocalRates::default();
+        let taken: Vec<bool> = (0..4).map(|_| rates.take(1, 3).allowed).collect();
+        assert_eq!(taken, [true, true, true, false], "three a minute");
+        let refused = RateLimit::of(3, rates.take(1, 3));
+        assert_eq!(refused.remaining, 0);
+        let wait = refused.retry_after.expect("refused");
+        assert!((19..=20).contains(&wait), "one more in 20 s: {wait}");
+        assert!(rates.take(2, 3).allowed, "other keys are counted apart");
+
+        // What the database answered is taken in: two of three used there, one left here.
+        let follower = LocalRates::default();
+        let interval = RATE_WINDOW_NANOS / 3;
+        follower.follow(
+            1,
+            RateState {
+                allowed: true,
+                tat_ns: 5_000 + 2 * interval,
+                at_ns: 5_000,
+            },
+        );
+        assert!(follower.take(1, 3).allowed);
+        assert!(!follower.take(1, 3).allowed, "the database's two count");
     }
 
     #[test]
