@@ -97,6 +97,7 @@ impl Gateway {
             spool: Default::default(),
             json_memory: Default::default(),
             in_flight: Arc::default(),
+            local_rates: Default::default(),
             jobs,
             login_throttle: Default::default(),
             reload_lock: std::sync::Mutex::new(()),

@@ -82,6 +82,18 @@ pub enum ApiError {
         "The server is holding as many request bodies as it may now; retry in a moment or send a smaller request."
     )]
     JsonMemoryFull,
+    /// The key's JSON bodies in memory hold its share (`limits.max_share_per_key`) of
+    /// `server.json_memory_max_bytes` already: other keys' bodies are still taken.
+    #[error(
+        "This API key's requests hold as much of the server's memory for request bodies as one key may; retry when one of them has finished, or send a smaller request."
+    )]
+    KeyMemoryShare,
+    /// The key's uploads hold its share (`limits.max_share_per_key`) of
+    /// `server.spool_max_bytes` already: other keys' uploads are still taken.
+    #[error(
+        "This API key's uploads hold as much of the server's upload spool as one key may; retry when one of them has finished, or send a smaller upload."
+    )]
+    KeySpoolShare,
     /// The usage journal cannot be written: a billable request is refused before it
     /// reaches a provider, since its usage could not be recorded.
     #[error(
@@ -176,6 +188,8 @@ impl ApiError {
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::KeyInFlightLimit { .. }
             | ApiError::KeyRateLimit { .. }
+            | ApiError::KeyMemoryShare
+            | ApiError::KeySpoolShare
             | ApiError::InsufficientQuota { .. }
             | ApiError::JobQueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -224,6 +238,8 @@ impl ApiError {
             ),
             ApiError::JobNotFound(_) => ("invalid_request_error", Some("job_not_found"), None),
             ApiError::JobQueueFull { .. } => ("requests", Some("job_queue_full"), None),
+            ApiError::KeyMemoryShare => ("requests", Some("key_memory_share_exceeded"), None),
+            ApiError::KeySpoolShare => ("requests", Some("key_spool_share_exceeded"), None),
             ApiError::MethodNotAllowed => {
                 ("invalid_request_error", Some("method_not_allowed"), None)
             }
@@ -302,7 +318,9 @@ impl IntoResponse for ApiError {
         if let ApiError::KeyLookupUnavailable
         | ApiError::KeyInFlightLimit { .. }
         | ApiError::BudgetUnavailable
-        | ApiError::JsonMemoryFull = &self
+        | ApiError::JsonMemoryFull
+        | ApiError::KeyMemoryShare
+        | ApiError::KeySpoolShare = &self
         {
             response
                 .headers_mut()

@@ -170,25 +170,32 @@ async fn within_limits(
     Ok(response.map(|body| Body::new(Held::new(body, slot))))
 }
 
-/// Counts the request against the key's `rpm`, in the database that every replica shares.
-/// None for a key without one, or when the database does not answer within
-/// `key_lookup_timeout`: the request then goes on (as keys seen before do during an outage),
-/// counted in `imagegate_key_rate_limit_unavailable_total`.
+/// Counts the request against the key's `rpm`, in the database that every replica shares;
+/// None for a key without one. When the database fails or does not answer within
+/// `key_lookup_timeout`, this process's own count answers instead (the same GCRA, counted
+/// in `imagegate_rate_limit_local_fallback_total`), so the limit holds per replica at
+/// worst; it follows every answer of the database, so it is warm when the database stops.
 async fn per_key_rate(state: &AppState, principal: &Principal) -> Option<RateLimit> {
     let rpm = principal.rpm()?;
     let timeout = state.runtime.load().config.server.key_lookup_timeout;
     let taken = tokio::time::timeout(timeout, state.store.take_request(principal.key_id, rpm));
     match taken.await {
-        Ok(Ok(taken)) => Some(RateLimit::of(rpm, taken)),
+        Ok(Ok(shared)) => {
+            state.local_rates.follow(principal.key_id, shared);
+            Some(RateLimit::of(rpm, shared))
+        }
         Ok(Err(err)) => {
-            tracing::warn!(%err, key = %principal.name, "rate limit not checked: the database failed; the request goes on");
-            metrics::counter!("imagegate_key_rate_limit_unavailable_total").increment(1);
-            None
+            tracing::warn!(%err, key = %principal.name, "rate limit counted by this replica alone: the database failed");
+            Some(local_rate(state, principal, rpm))
         }
         Err(_elapsed) => {
-            tracing::warn!(key = %principal.name, "rate limit not checked: the database did not answer in time; the request goes on");
-            metrics::counter!("imagegate_key_rate_limit_unavailable_total").increment(1);
-            None
+            tracing::warn!(key = %principal.name, "rate limit counted by this replica alone: the database did not answer in time");
+            Some(local_rate(state, principal, rpm))
         }
     }
+}
+
+fn local_rate(state: &AppState, principal: &Principal, rpm: u32) -> RateLimit {
+    metrics::counter!("imagegate_rate_limit_local_fallback_total").increment(1);
+    RateLimit::of(rpm, state.local_rates.take(principal.key_id, rpm))
 }

@@ -1,40 +1,98 @@
-//! Limits per client key: how many of its requests are answered at once, and what its
-//! requests-per-minute limit tells the client (OpenAI's `x-ratelimit-*` headers).
+//! Limits per client key: its share of the byte quotas all keys share, how many of its
+//! requests are answered at once, this process's own count of its requests per minute (for
+//! when the database cannot answer), and what that limit tells the client (OpenAI's
+//! `x-ratelimit-*` headers).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderValue};
 
+use crate::config::Share;
 use crate::store::{RATE_WINDOW_NANOS, RateState};
 
-/// Bytes the process holds of one kind (all workers share the count), each hold checked
-/// against its maximum: the upload spool's files (`server.spool_max_bytes`), JSON bodies
-/// in memory (`server.json_memory_max_bytes`).
+/// Bytes the process holds of one kind (all workers share the count), in all and per key,
+/// each hold checked against a [`QuotaLimit`]: the upload spool's files
+/// (`server.spool_max_bytes`), JSON bodies in memory (`server.json_memory_max_bytes`).
 #[derive(Clone, Default)]
-pub struct ByteQuota(Arc<AtomicU64>);
+pub struct ByteQuota(Arc<Mutex<QuotaCounts>>);
 
-impl ByteQuota {
-    /// A hold on `bytes` more, or none when that would pass `max`.
-    pub fn hold(&self, bytes: u64, max: u64) -> Option<QuotaHold> {
-        let mut hold = self.empty_hold();
-        hold.grow(bytes, max).then_some(hold)
-    }
+#[derive(Default)]
+struct QuotaCounts {
+    total: u64,
+    /// Key id -> bytes its holds take; a key leaves the map when it holds nothing.
+    per_key: HashMap<i64, u64>,
+}
 
-    /// A hold on nothing yet, to [`QuotaHold::grow`] as bytes come.
-    pub fn empty_hold(&self) -> QuotaHold {
-        QuotaHold {
-            quota: self.clone(),
-            bytes: 0,
+/// What the holds on a [`ByteQuota`] may take: all of them together, and those of one key
+/// together (its share, `limits.max_share_per_key` of the total), so that one key cannot
+/// take the room every other key needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaLimit {
+    pub total: u64,
+    pub per_key: u64,
+}
+
+impl QuotaLimit {
+    pub fn shared(total: u64, share: Share) -> QuotaLimit {
+        QuotaLimit {
+            total,
+            per_key: share.of(total),
         }
     }
 }
 
-/// A share of a [`ByteQuota`], given back when dropped.
+/// Why a hold could not grow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaRefusal {
+    /// The key's holds take its share already: its own doing, other keys are unaffected.
+    KeyShare,
+    /// All holds together take the whole quota.
+    Full,
+}
+
+impl ByteQuota {
+    /// A hold on `bytes` for `key_id`, or why it cannot be had.
+    pub fn hold(
+        &self,
+        key_id: i64,
+        bytes: u64,
+        limit: QuotaLimit,
+    ) -> Result<QuotaHold, QuotaRefusal> {
+        let mut hold = self.empty_hold(key_id, limit);
+        hold.grow(bytes)?;
+        Ok(hold)
+    }
+
+    /// A hold on nothing yet, to [`QuotaHold::grow`] as bytes come.
+    pub fn empty_hold(&self, key_id: i64, limit: QuotaLimit) -> QuotaHold {
+        QuotaHold {
+            quota: self.clone(),
+            key_id,
+            limit,
+            bytes: 0,
+        }
+    }
+
+    /// Bytes held by all keys, and by `key_id`.
+    pub fn held(&self, key_id: i64) -> (u64, u64) {
+        let counts = self.counts();
+        let key = counts.per_key.get(&key_id).copied().unwrap_or(0);
+        (counts.total, key)
+    }
+
+    fn counts(&self) -> std::sync::MutexGuard<'_, QuotaCounts> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One request's part of a [`ByteQuota`], given back when dropped.
 pub struct QuotaHold {
     quota: ByteQuota,
+    key_id: i64,
+    limit: QuotaLimit,
     bytes: u64,
 }
 
@@ -44,32 +102,52 @@ impl QuotaHold {
         self.bytes
     }
 
-    /// Holds `add` bytes more, unless that would take the quota past `max`: then nothing
-    /// changes and the answer is false.
-    pub fn grow(&mut self, add: u64, max: u64) -> bool {
-        let before = self.quota.0.fetch_add(add, Ordering::Relaxed);
-        if before.saturating_add(add) > max {
-            self.quota.0.fetch_sub(add, Ordering::Relaxed);
-            return false;
+    /// Holds `add` bytes more, unless that would take the key past its share or the quota
+    /// past its total: then nothing changes and the answer says which.
+    pub fn grow(&mut self, add: u64) -> Result<(), QuotaRefusal> {
+        let mut counts = self.quota.counts();
+        let key = counts.per_key.get(&self.key_id).copied().unwrap_or(0);
+        // A share that is the whole quota is no key's own: past it, the quota is full.
+        if key.saturating_add(add) > self.limit.per_key && self.limit.per_key < self.limit.total {
+            return Err(QuotaRefusal::KeyShare);
         }
-        self.bytes += add;
-        true
+        if counts.total.saturating_add(add) > self.limit.total {
+            return Err(QuotaRefusal::Full);
+        }
+        if add > 0 {
+            counts.total += add;
+            *counts.per_key.entry(self.key_id).or_insert(0) += add;
+            self.bytes += add;
+        }
+        Ok(())
     }
 
-    /// Gives back what is held beyond `bytes` (a body held at its limit that was shorter).
+    /// Gives back what is held beyond `bytes` (a body held at its declared length that
+    /// was shorter).
     pub fn shrink_to(&mut self, bytes: u64) {
         if bytes < self.bytes {
-            self.quota
-                .0
-                .fetch_sub(self.bytes - bytes, Ordering::Relaxed);
-            self.bytes = bytes;
+            self.give_back(self.bytes - bytes);
         }
+    }
+
+    fn give_back(&mut self, bytes: u64) {
+        let mut counts = self.quota.counts();
+        counts.total = counts.total.saturating_sub(bytes);
+        if let Some(key) = counts.per_key.get_mut(&self.key_id) {
+            *key = key.saturating_sub(bytes);
+            if *key == 0 {
+                counts.per_key.remove(&self.key_id);
+            }
+        }
+        self.bytes -= bytes;
     }
 }
 
 impl Drop for QuotaHold {
     fn drop(&mut self) {
-        self.quota.0.fetch_sub(self.bytes, Ordering::Relaxed);
+        if self.bytes > 0 {
+            self.give_back(self.bytes);
+        }
     }
 }
 
@@ -133,6 +211,95 @@ impl Drop for Slot {
         }
         drop(counts);
         self.table.freed.notify_waiters();
+    }
+}
+
+/// Each key's `rpm` counted in this process, for when the database that counts it for every
+/// replica cannot answer in time: the same GCRA as the store's statement (see
+/// `store::postgres`), on this process's monotonic clock, so that the limit holds per
+/// replica at worst instead of failing open.
+pub struct LocalRates {
+    /// Key id -> theoretical arrival time, in nanoseconds since `epoch`.
+    tats: Mutex<HashMap<i64, i64>>,
+    epoch: Instant,
+    /// Past this many keys, those whose limit is whole again are forgotten.
+    prune_at: AtomicUsize,
+}
+
+/// Keys kept before the first pruning.
+const PRUNE_FROM: usize = 1024;
+
+impl Default for LocalRates {
+    fn default() -> Self {
+        LocalRates {
+            tats: Mutex::default(),
+            epoch: Instant::now(),
+            prune_at: AtomicUsize::new(PRUNE_FROM),
+        }
+    }
+}
+
+impl LocalRates {
+    /// Counts one request of `key_id` against `rpm`, as the store's statement does: allowed
+    /// when the theoretical arrival time, moved on by one interval, stays within a window of
+    /// now; a refused request moves nothing.
+    pub fn take(&self, key_id: i64, rpm: u32) -> RateState {
+        let interval = RATE_WINDOW_NANOS / i64::from(rpm.max(1));
+        let now = self.now_ns();
+        let mut tats = self.tats();
+        let state = match tats.get(&key_id).copied() {
+            None => RateState {
+                allowed: true,
+                tat_ns: now + interval,
+                at_ns: now,
+            },
+            Some(tat) => {
+                let next = tat.max(now) + interval;
+                let allowed = next <= now + RATE_WINDOW_NANOS;
+                RateState {
+                    allowed,
+                    tat_ns: if allowed { next } else { tat },
+                    at_ns: now,
+                }
+            }
+        };
+        if state.allowed {
+            tats.insert(key_id, state.tat_ns);
+            self.prune(&mut tats, now);
+        }
+        state
+    }
+
+    /// Takes in what the database answered for `key_id` (the requests every replica made),
+    /// so that, should it stop answering, this process goes on from there rather than from
+    /// a fresh minute: its state runs as far ahead of now as the database's did, or further.
+    pub fn follow(&self, key_id: i64, shared: RateState) {
+        let ahead = (shared.tat_ns - shared.at_ns).clamp(0, RATE_WINDOW_NANOS);
+        let now = self.now_ns();
+        let mut tats = self.tats();
+        let tat = tats.entry(key_id).or_insert(now);
+        *tat = (*tat).max(now + ahead);
+        self.prune(&mut tats, now);
+    }
+
+    fn now_ns(&self) -> i64 {
+        i64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(i64::MAX)
+    }
+
+    fn tats(&self) -> std::sync::MutexGuard<'_, HashMap<i64, i64>> {
+        self.tats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forgets the keys whose limit is whole again (a key that is not there starts whole),
+    /// once there are many; the next pruning waits until the map has doubled, so that many
+    /// busy keys do not make every request walk the map.
+    fn prune(&self, tats: &mut HashMap<i64, i64>, now: i64) {
+        if tats.len() < self.prune_at.load(Ordering::Relaxed) {
+            return;
+        }
+        tats.retain(|_, tat| *tat > now);
+        self.prune_at
+            .store((2 * tats.len()).max(PRUNE_FROM), Ordering::Relaxed);
     }
 }
 
@@ -234,6 +401,70 @@ mod tests {
         assert_eq!(openai_duration(Duration::from_millis(120)), "120ms");
         assert_eq!(openai_duration(Duration::from_millis(1500)), "1.5s");
         assert_eq!(openai_duration(Duration::from_secs(360)), "6m0s");
+    }
+
+    #[test]
+    fn a_key_holds_at_most_its_share_and_others_keep_theirs() {
+        let quota = ByteQuota::default();
+        let limit = QuotaLimit::shared(1000, Share::new(0.25).expect("a quarter"));
+        assert_eq!(limit.per_key, 250);
+        let mut first = quota.empty_hold(1, limit);
+        first.grow(200).expect("within the share");
+        let mut second = quota.empty_hold(1, limit);
+        assert_eq!(second.grow(51), Err(QuotaRefusal::KeyShare));
+        second.grow(50).expect("up to the share");
+        assert_eq!(quota.held(1), (250, 250));
+        // Other keys take the rest, until the whole quota is held.
+        let others: Vec<QuotaHold> = (2..5)
+            .map(|key| quota.hold(key, 250, limit).expect("another key's share"))
+            .collect();
+        assert_eq!(
+            quota.hold(5, 1, limit).err(),
+            Some(QuotaRefusal::Full),
+            "the whole quota is held"
+        );
+        drop(others);
+        // With a share of all of it, a key past the quota finds it full.
+        let whole = QuotaLimit::shared(1000, Share::new(1.0).expect("all"));
+        assert_eq!(
+            quota.hold(1, 751, whole).err(),
+            Some(QuotaRefusal::Full),
+            "key 1 holds 250 already"
+        );
+        first.shrink_to(100);
+        assert_eq!(quota.held(1), (150, 150));
+        drop((first, second));
+        assert_eq!(quota.held(1), (0, 0));
+        assert!(
+            quota.counts().per_key.is_empty(),
+            "keys holding nothing leave the map"
+        );
+    }
+
+    #[test]
+    fn the_local_limiter_counts_as_the_store_does() {
+        let rates = LocalRates::default();
+        let taken: Vec<bool> = (0..4).map(|_| rates.take(1, 3).allowed).collect();
+        assert_eq!(taken, [true, true, true, false], "three a minute");
+        let refused = RateLimit::of(3, rates.take(1, 3));
+        assert_eq!(refused.remaining, 0);
+        let wait = refused.retry_after.expect("refused");
+        assert!((19..=20).contains(&wait), "one more in 20 s: {wait}");
+        assert!(rates.take(2, 3).allowed, "other keys are counted apart");
+
+        // What the database answered is taken in: two of three used there, one left here.
+        let follower = LocalRates::default();
+        let interval = RATE_WINDOW_NANOS / 3;
+        follower.follow(
+            1,
+            RateState {
+                allowed: true,
+                tat_ns: 5_000 + 2 * interval,
+                at_ns: 5_000,
+            },
+        );
+        assert!(follower.take(1, 3).allowed);
+        assert!(!follower.take(1, 3).allowed, "the database's two count");
     }
 
     #[test]

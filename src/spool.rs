@@ -1,6 +1,7 @@
 //! Upload parts that arrive before the route is known wait here, on disk, in one file per
 //! request that is removed when the request ends, however it ends. All spool files together
-//! stay within `server.spool_max_bytes`.
+//! stay within `server.spool_max_bytes`, and those of one key within its share of it
+//! (`limits.max_share_per_key`).
 
 use std::io::SeekFrom;
 use std::os::unix::fs::PermissionsExt;
@@ -11,26 +12,28 @@ use tokio::fs::File;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 use crate::error::ApiError;
-use crate::limits::{ByteQuota, QuotaHold};
+use crate::limits::{ByteQuota, QuotaHold, QuotaLimit, QuotaRefusal};
 use crate::private_fs;
 
 const PREFIX: &str = "upload-";
 const SUFFIX: &str = ".part";
 const READ_CHUNK: usize = 64 * 1024;
 
-/// Where a request's spool file goes, and how much all spool files may hold together.
+/// Where a request's spool file goes, and how much all spool files, and those of the
+/// request's key, may hold together.
 #[derive(Clone)]
 pub struct SpoolArea {
     pub dir: PathBuf,
-    pub max_bytes: u64,
+    pub limit: QuotaLimit,
     pub usage: ByteQuota,
+    /// The key whose request spools here: its files count against its share.
+    pub key_id: i64,
 }
 
 pub struct Spool {
     /// Owns the path: dropping it removes the file.
     file: tempfile::NamedTempFile,
     writer: File,
-    max_bytes: u64,
     /// Holds the file's length of the spool quota; given back when the file is removed.
     held: QuotaHold,
 }
@@ -50,8 +53,7 @@ impl Spool {
         Ok(Spool {
             file,
             writer,
-            max_bytes: area.max_bytes,
-            held: area.usage.empty_hold(),
+            held: area.usage.empty_hold(area.key_id, area.limit),
         })
     }
 
@@ -61,12 +63,22 @@ impl Spool {
     }
 
     /// Appends `chunk`, if the spool quota has room for it; otherwise nothing is written
-    /// and the request fails with 503 `spool_full` (its file is removed with it).
+    /// and the request fails (its file is removed with it): 429 `key_spool_share_exceeded`
+    /// when its key's uploads hold the key's share, 503 `spool_full` when all of them hold
+    /// the whole quota.
     pub async fn write(&mut self, chunk: &[u8]) -> Result<(), ApiError> {
         // Counted before the write, so that a failed write is given back with the file.
-        if !self.held.grow(chunk.len() as u64, self.max_bytes) {
-            metrics::counter!("imagegate_spool_full_total").increment(1);
-            return Err(ApiError::SpoolFull);
+        match self.held.grow(chunk.len() as u64) {
+            Ok(()) => {}
+            Err(QuotaRefusal::KeyShare) => {
+                metrics::counter!("imagegate_key_share_refused_total", "quota" => "spool")
+                    .increment(1);
+                return Err(ApiError::KeySpoolShare);
+            }
+            Err(QuotaRefusal::Full) => {
+                metrics::counter!("imagegate_spool_full_total").increment(1);
+                return Err(ApiError::SpoolFull);
+            }
         }
         self.writer.write_all(chunk).await.map_err(spool_error)?;
         Ok(())

@@ -16,7 +16,7 @@ use crate::breaker::Breakers;
 use crate::config::{Config, ConfigError, EnvLookup};
 use crate::dedupe::Dedupe;
 use crate::jobs::Jobs;
-use crate::limits::{ByteQuota, InFlight};
+use crate::limits::{ByteQuota, InFlight, LocalRates};
 use crate::login_throttle::LoginThrottle;
 use crate::store::Store;
 use crate::upstream::Upstreams;
@@ -87,6 +87,8 @@ pub struct AppState {
     pub json_memory: ByteQuota,
     /// Requests in flight per key, for `limits.max_in_flight_per_key`.
     pub in_flight: Arc<InFlight>,
+    /// Each key's `rpm` counted here too, answering when the database cannot.
+    pub local_rates: LocalRates,
     /// Async jobs (`Prefer: respond-async`) and their results on disk.
     pub jobs: Arc<Jobs>,
     /// Failed dashboard logins per client address, on this replica.

@@ -27,7 +27,7 @@ pub use jobs::{JobsConfig, KeptPerKey};
 pub use models::{Failover, Model, ParamPolicy, Route};
 pub use pricing::{ImageTable, Price, TokenRates};
 pub use providers::{BreakerConfig, Provider, ProviderKind};
-pub use server::{DatabaseUrl, Limits, MetricsConfig, ServerConfig, UploadLimits};
+pub use server::{DatabaseUrl, Limits, MetricsConfig, ServerConfig, Share, UploadLimits};
 
 use raw::{RawConfig, RawDatabase};
 
@@ -269,7 +269,7 @@ impl Validator<'_> {
         let server = self.server(raw.server)?;
         let database_url = self.database_url(&raw.database.url)?;
         let admin_token = self.admin_token(&raw.admin.token_env)?;
-        let limits = self.limits(&raw.limits)?;
+        let limits = self.limits(&raw.limits, &server)?;
         let metrics = self.metrics(&raw.metrics);
         let mut providers = BTreeMap::new();
         for (name, p) in raw.providers {
@@ -488,6 +488,19 @@ mod tests {
                     "limits.max_in_flight_per_key",
                 ),
                 (
+                    format!("{GOOD}\n[limits]\nmax_share_per_key = 0"),
+                    "limits.max_share_per_key: must be more than 0",
+                ),
+                (
+                    format!("{GOOD}\n[limits]\nmax_share_per_key = 1.5"),
+                    "limits.max_share_per_key: must be more than 0",
+                ),
+                (
+                    // A hundredth of 512 MiB is less than one JSON edit at its limit.
+                    format!("{GOOD}\n[limits]\nmax_share_per_key = 0.01"),
+                    "limits.max_share_per_key: of server.json_memory_max_bytes",
+                ),
+                (
                     GOOD.replace(
                         "drop = [",
                         "endpoints = [\"generations\", \"edit\"], drop = [",
@@ -570,6 +583,10 @@ mod tests {
             assert_eq!(three.server.workers, 3);
             let defaults = load(jail, GOOD, &env).expect("defaults");
             assert_eq!(defaults.limits.max_in_flight_per_key.get(), 64);
+            assert_eq!(
+                defaults.limits.max_share_per_key,
+                Share::new(0.25).expect("a quarter")
+            );
             assert_eq!(defaults.jobs.dir, PathBuf::from("data/jobs"));
             assert_eq!(defaults.jobs.retention, Duration::from_secs(86_400));
             assert_eq!(defaults.jobs.max_queued_per_key.get(), 100);

@@ -152,6 +152,7 @@ pub(super) struct RawLimits {
     pub max_in_flight_per_key: u32,
     #[serde(with = "humantime_serde")]
     pub budget_hold_grace: Duration,
+    pub max_share_per_key: f64,
 }
 
 impl Default for RawLimits {
@@ -159,6 +160,7 @@ impl Default for RawLimits {
         RawLimits {
             max_in_flight_per_key: 64,
             budget_hold_grace: Duration::from_secs(60),
+            max_share_per_key: 0.25,
         }
     }
 }

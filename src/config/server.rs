@@ -74,6 +74,36 @@ pub struct Limits {
     /// How long past `server.upstream_total_timeout` a budget reservation whose call never
     /// settled (its process died) keeps holding the key's budget.
     pub budget_hold_grace: Duration,
+    /// The most one key's requests may hold together of the quotas all keys share: JSON
+    /// bodies in memory and the upload spool.
+    pub max_share_per_key: Share,
+}
+
+/// A fraction of a quota, more than none and at most all of it, kept in millionths so that
+/// the bytes it allows are counted exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share {
+    millionths: u32,
+}
+
+impl Share {
+    const WHOLE: u32 = 1_000_000;
+
+    /// The share a fraction names, when it is more than 0 and at most 1.
+    pub fn new(fraction: f64) -> Option<Share> {
+        if !(fraction > 0.0 && fraction <= 1.0) {
+            return None;
+        }
+        // Within 0..=1_000_000 after the check above.
+        let millionths = (fraction * f64::from(Self::WHOLE)).round() as u32;
+        (millionths > 0).then_some(Share { millionths })
+    }
+
+    /// The bytes this share of `total` bytes comes to (rounded down).
+    pub fn of(self, total: u64) -> u64 {
+        let part = u128::from(total) * u128::from(self.millionths) / u128::from(Self::WHOLE);
+        u64::try_from(part).unwrap_or(total)
+    }
 }
 
 /// What `/metrics` shows.
@@ -268,12 +298,31 @@ impl Validator<'_> {
         DatabaseUrl::parse(url).map_err(|reason| self.err("database.url", reason))
     }
 
-    pub(super) fn limits(&self, raw: &RawLimits) -> Result<Limits, ConfigError> {
+    pub(super) fn limits(
+        &self,
+        raw: &RawLimits,
+        server: &ServerConfig,
+    ) -> Result<Limits, ConfigError> {
         let max_in_flight_per_key = NonZeroU32::new(raw.max_in_flight_per_key)
             .ok_or_else(|| self.err("limits.max_in_flight_per_key", "must be at least 1"))?;
+        let key = "limits.max_share_per_key";
+        let max_share_per_key = Share::new(raw.max_share_per_key)
+            .ok_or_else(|| self.err(key, "must be more than 0 and at most 1 (0.25: a quarter)"))?;
+        let largest_json = server
+            .max_json_body_bytes
+            .max(server.max_json_edit_body_bytes)
+            .get() as u64;
+        if max_share_per_key.of(server.json_memory_max_bytes.get() as u64) < largest_json {
+            return Err(self.err(
+                key,
+                "of server.json_memory_max_bytes must be at least max_json_body_bytes and \
+                 max_json_edit_body_bytes, or a key could never send the largest body allowed",
+            ));
+        }
         Ok(Limits {
             max_in_flight_per_key,
             budget_hold_grace: raw.budget_hold_grace,
+            max_share_per_key,
         })
     }
 

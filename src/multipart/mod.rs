@@ -900,8 +900,12 @@ mod tests {
     fn area(dir: &std::path::Path) -> SpoolArea {
         SpoolArea {
             dir: dir.to_owned(),
-            max_bytes: u64::MAX,
+            limit: crate::limits::QuotaLimit {
+                total: u64::MAX,
+                per_key: u64::MAX,
+            },
             usage: Default::default(),
+            key_id: 1,
         }
     }
 

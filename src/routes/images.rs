@@ -8,16 +8,16 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use crate::auth::Principal;
 use crate::body_timeout::{BodyTimeouts, declared_length, timeout_in, with_timeouts};
-use crate::config::{Model, Route, ServerConfig};
+use crate::config::{Model, Route};
 use crate::dedupe::{self, Claim, Dedupe, Fingerprint, KeepTicket};
 use crate::error::ApiError;
-use crate::limits::QuotaHold;
+use crate::limits::{QuotaHold, QuotaLimit, QuotaRefusal};
 use crate::multipart::{SpoolArea, Upload};
 use crate::openai::edit::parse_json_edit;
 use crate::openai::generation::GenerationRequest;
@@ -61,11 +61,12 @@ async fn json_call(
         Endpoint::Edits => server.max_json_edit_body_bytes,
         _ => server.max_json_body_bytes,
     };
-    let mut memory = hold_json_memory(&state, headers, limit.get(), server)?;
-    let bytes = read_json(headers, body, limit.get()).await?;
-    if let Some(memory) = memory.as_mut() {
-        memory.shrink_to(bytes.len() as u64);
-    }
+    let quota = QuotaLimit::shared(
+        server.json_memory_max_bytes.get() as u64,
+        runtime.config.limits.max_share_per_key,
+    );
+    let mut memory = state.json_memory.empty_hold(principal.key_id, quota);
+    let bytes = read_json(headers, body, limit.get(), &mut memory).await?;
     let request = match endpoint {
         Endpoint::Edits => parse_json_edit(&bytes, server.uploads.max_images)?,
         _ => GenerationRequest::parse(&bytes)?,
@@ -192,8 +193,8 @@ async fn detached(
 struct JsonSource {
     endpoint: Endpoint,
     body: serde_json::Map<String, serde_json::Value>,
-    /// The body's share of `server.json_memory_max_bytes`, held as long as the body is.
-    _memory: Option<QuotaHold>,
+    /// The body's part of `server.json_memory_max_bytes`, held as long as the body is.
+    _memory: QuotaHold,
 }
 
 #[async_trait::async_trait]
@@ -252,8 +253,12 @@ pub async fn uploads(
     let mut upload = Upload::new(&headers, body, endpoint, server.uploads)?;
     let spool = SpoolArea {
         dir: server.spool_dir.clone(),
-        max_bytes: server.spool_max_bytes,
+        limit: QuotaLimit::shared(
+            server.spool_max_bytes,
+            runtime.config.limits.max_share_per_key,
+        ),
         usage: state.spool.clone(),
+        key_id: principal.key_id,
     };
     let requested = upload.read_until_model(&spool).await?;
     let model = resolve(&runtime, &principal, requested.as_deref(), endpoint)?;
@@ -349,34 +354,19 @@ fn is_json(headers: &HeaderMap) -> bool {
         })
 }
 
-/// Takes the share of `server.json_memory_max_bytes` a JSON body up to `limit` may need
-/// (its Content-Length, else `limit`) before it is read; 503 `server_busy` when JSON
-/// bodies hold that much already. None for a body declared over `limit` (413 follows).
-fn hold_json_memory(
-    state: &AppState,
+/// Reads a JSON body up to `limit` bytes into `memory`'s part of
+/// `server.json_memory_max_bytes`: a body that declares its length holds it before a byte
+/// is read, one without (chunked) holds what has arrived so far, growing with each chunk,
+/// so that a body trickled in holds only what it has sent. 413 beyond `limit` (at once when
+/// Content-Length says so), 415 when the body is declared as something other than JSON,
+/// 429 `key_memory_share_exceeded` when the key's bodies would hold more than its share,
+/// 503 `server_busy` when all bodies would hold more than the whole.
+async fn read_json(
     headers: &HeaderMap,
+    body: Body,
     limit: usize,
-    server: &ServerConfig,
-) -> Result<Option<QuotaHold>, ApiError> {
-    let limit = limit as u64;
-    let declared = declared_length(headers);
-    if declared.is_some_and(|len| len > limit) {
-        return Ok(None);
-    }
-    let bytes = declared.unwrap_or(limit);
-    let max = server.json_memory_max_bytes.get() as u64;
-    match state.json_memory.hold(bytes, max) {
-        Some(hold) => Ok(Some(hold)),
-        None => {
-            metrics::counter!("imagegate_json_memory_full_total").increment(1);
-            Err(ApiError::JsonMemoryFull)
-        }
-    }
-}
-
-/// Reads a JSON body up to `limit` bytes: 413 beyond it (at once when Content-Length says
-/// so), 415 when the body is declared as something other than JSON.
-async fn read_json(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    memory: &mut QuotaHold,
+) -> Result<Bytes, ApiError> {
     if let Some(ct) = headers.get(header::CONTENT_TYPE) {
         let ct = ct.to_str().unwrap_or_default().to_ascii_lowercase();
         if !ct.starts_with("application/json") && !ct.contains("+json") {
@@ -389,15 +379,44 @@ async fn read_json(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) if err.is::<LengthLimitError>() => Err(ApiError::PayloadTooLarge { limit }),
-        Err(err) => match timeout_in(&*err) {
-            Some(timeout) => Err(ApiError::RequestTimeout(timeout)),
-            None => Err(ApiError::invalid(
-                format!("Could not read the request body: {err}"),
-                None,
-            )),
-        },
+    let declared = declared.unwrap_or(0);
+    memory.grow(declared).map_err(memory_refused)?;
+    let mut body = Limited::new(body, limit);
+    let mut bytes = BytesMut::with_capacity(usize::try_from(declared).unwrap_or(0));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|err| {
+            if err.is::<LengthLimitError>() {
+                return ApiError::PayloadTooLarge { limit };
+            }
+            match timeout_in(&*err) {
+                Some(timeout) => ApiError::RequestTimeout(timeout),
+                None => ApiError::invalid(format!("Could not read the request body: {err}"), None),
+            }
+        })?;
+        let Ok(chunk) = frame.into_data() else {
+            continue;
+        };
+        let read = (bytes.len() + chunk.len()) as u64;
+        if read > memory.bytes() {
+            memory.grow(read - memory.bytes()).map_err(memory_refused)?;
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    memory.shrink_to(bytes.len() as u64);
+    Ok(bytes.freeze())
+}
+
+/// A JSON body's hold on memory refused: the key's share, or the whole of it.
+fn memory_refused(refusal: QuotaRefusal) -> ApiError {
+    match refusal {
+        QuotaRefusal::KeyShare => {
+            metrics::counter!("imagegate_key_share_refused_total", "quota" => "json_memory")
+                .increment(1);
+            ApiError::KeyMemoryShare
+        }
+        QuotaRefusal::Full => {
+            metrics::counter!("imagegate_json_memory_full_total").increment(1);
+            ApiError::JsonMemoryFull
+        }
     }
 }

@@ -235,6 +235,81 @@ async fn rpm_holds_across_two_gateways_on_one_postgres_database() {
     two.shutdown().await;
 }
 
+/// With the rate-limit table locked (its statement waits, as on a database slowed by load),
+/// each call waits `key_lookup_timeout` and the replica's own limiter answers: an rpm of 2
+/// admits at most 2 a minute, counting the call the database had answered before, and each
+/// such answer is counted in `imagegate_rate_limit_local_fallback_total`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpm_holds_on_the_replica_while_the_database_is_too_slow_to_count_it() {
+    use sqlx::{Connection, Executor};
+
+    const FALLBACK: &str = "imagegate_rate_limit_local_fallback_total";
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    let (_, url) = crate::support::db::fresh_postgres().await;
+    let gw = TestGateway::start_on(&url, &test_config(&provider.base_url(), "")).await;
+    let warm = create_key(&gw, json!({"name": "warm", "rpm": 2})).await;
+    let cold = create_key(&gw, json!({"name": "cold", "rpm": 2})).await;
+    assert_eq!(generate_model(&gw, &warm, "gpt-image-1").await.0, 200);
+    // Both keys known to the key cache, so that only the rate limit waits on the lock.
+    assert_eq!(gw.get_as(&cold, "/v1/models").await.status(), 200);
+
+    let before = gw.metric(FALLBACK).await;
+    let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+    let mut lock = conn.begin().await.expect("begin");
+    lock.execute("lock table key_rate_limits in exclusive mode")
+        .await
+        .expect("lock the rate-limit table");
+    let calls = |key: &str| {
+        let key = key.to_owned();
+        let gw = &gw;
+        async move {
+            let response =
+                generate(gw, &key, json!({"model": "gpt-image-1", "prompt": "fox"})).await;
+            let status = response.status().as_u16();
+            let headers = response.headers().clone();
+            (status, headers)
+        }
+    };
+    let (warm_calls, cold_calls) = tokio::join!(
+        futures_util::future::join_all((0..3).map(|_| calls(&warm))),
+        futures_util::future::join_all((0..3).map(|_| calls(&cold))),
+    );
+    let after = gw.metric(FALLBACK).await;
+    lock.rollback().await.expect("unlock");
+
+    let admitted = |calls: &[(u16, reqwest::header::HeaderMap)]| {
+        calls.iter().filter(|(status, _)| *status == 200).count()
+    };
+    assert_eq!(
+        admitted(&warm_calls),
+        1,
+        "one of two a minute was used while the database answered: {warm_calls:?}"
+    );
+    assert_eq!(admitted(&cold_calls), 2, "{cold_calls:?}");
+    for (status, headers) in warm_calls.iter().chain(&cold_calls) {
+        assert!(*status == 200 || *status == 429, "{status}");
+        assert_eq!(headers["x-ratelimit-limit-requests"], "2");
+        if *status == 429 {
+            let retry_after: u64 = headers["retry-after"]
+                .to_str()
+                .expect("ascii")
+                .parse()
+                .expect("seconds");
+            assert!((1..=60).contains(&retry_after), "{retry_after}");
+        }
+    }
+    assert!(
+        after - before >= 6.0,
+        "six local answers: {before} -> {after}"
+    );
+    assert_eq!(
+        provider.requests().len(),
+        1 + 3,
+        "the refused calls were not sent"
+    );
+    gw.shutdown().await;
+}
+
 /// With `metrics.per_key`: `imagegate_key_requests_total{key,status}` and
 /// `imagegate_key_cost_nanousd_total{key}`, by key name: never the key.
 #[tokio::test]

@@ -31,6 +31,7 @@ mod pricing;
 mod redaction;
 mod router;
 mod sdk;
+mod shares;
 mod store;
 mod support;
 mod upstream;

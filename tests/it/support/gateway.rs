@@ -202,6 +202,16 @@ impl TestGateway {
             .expect("text")
     }
 
+    /// The value of one series on `/metrics` (`name{labels}` as written there), 0 when it is
+    /// not there. The recorder is the process's, so counters add up over the tests run.
+    pub async fn metric(&self, series: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map_or(0.0, |v| v.trim().parse().expect("metric value"))
+    }
+
     /// `/readyz`'s JSON body, whatever its status.
     pub async fn readyz(&self) -> serde_json::Value {
         self.client
