@@ -47,16 +47,13 @@ impl Encoder {
     /// A whole text part with the client's own part `headers` (header lines, each ending in
     /// CRLF; Content-Disposition is written here), or nothing when the policy drops it.
     /// Only the value of `model` (and of a field the policy forces) changes.
+    /// Each name comes once: the upload refuses a repeated field before it gets here.
     pub fn text(&mut self, name: &str, headers: &[u8], value: &[u8]) -> Option<Bytes> {
-        let first = self.seen.insert(name.to_owned());
+        self.seen.insert(name.to_owned());
         if !self.keeps(name) {
             return None;
         }
         if name == "model" {
-            // The route's model, once: a second `model` from the client is not passed on.
-            if !first {
-                return None;
-            }
             let model = self.upstream_model.clone();
             return Some(self.text_part(name, headers, model.as_bytes()));
         }

@@ -552,6 +552,11 @@ pub enum UploadSource {
 
 #[async_trait::async_trait]
 impl RequestSource for UploadSource {
+    /// A recorded upload is whole: its hold is made on all of its fields.
+    fn fields_arrive_late(&self) -> bool {
+        matches!(self, UploadSource::Live(Some(_)))
+    }
+
     async fn prepare(
         &mut self,
         route: &Route,
@@ -559,7 +564,6 @@ impl RequestSource for UploadSource {
         cost: CostGuard,
     ) -> Result<Prepared, ApiError> {
         match self {
-            // A recorded upload is whole: its hold was made on all of its fields.
             UploadSource::Live(upload) => upload
                 .take()
                 .ok_or_else(|| ApiError::internal("a streamed upload can be sent once"))?

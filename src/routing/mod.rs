@@ -42,6 +42,12 @@ pub type Pump =
 /// A streamed upload's pump asks `cost` to cover each field that arrives after the hold.
 #[async_trait::async_trait]
 pub trait RequestSource: Send {
+    /// Whether fields of the request may still arrive after its call is sent (an upload
+    /// streamed through): only then does a [`CostGuard`] follow them.
+    fn fields_arrive_late(&self) -> bool {
+        false
+    }
+
     async fn prepare(
         &mut self,
         route: &Route,
@@ -131,7 +137,11 @@ impl Call {
     ) -> Result<Attempt, ApiError> {
         let provider = &route.provider;
         let hold_for = provider.total_timeout + self.runtime.config.limits.budget_hold_grace;
-        let cost = CostGuard::new(self, route, hold_for);
+        let cost = if source.fields_arrive_late() {
+            CostGuard::new(self, route, hold_for)
+        } else {
+            CostGuard::default()
+        };
         let prepared = source.prepare(route, attempt, cost.clone()).await;
         let Prepared { request, pump } = match prepared {
             Ok(prepared) => prepared,
