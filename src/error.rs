@@ -151,6 +151,13 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// A key unknown or revoked: the same answer for both, at the door and when a queued
+    /// job starts.
+    pub const KEY_REVOKED: ApiError =
+        ApiError::Unauthorized("Incorrect API key provided, or the key was revoked.");
+    /// A key past its `expires_at`, at the door and when a queued job starts.
+    pub const KEY_EXPIRED: ApiError = ApiError::Unauthorized("This API key has expired.");
+
     pub fn invalid(message: impl Into<String>, param: Option<&str>) -> Self {
         ApiError::InvalidRequest {
             message: message.into(),

@@ -65,11 +65,9 @@ async fn require_key(
         .lookup(key)
         .await
         .map_err(|_| ApiError::KeyLookupUnavailable)?
-        .ok_or(ApiError::Unauthorized(
-            "Incorrect API key provided, or the key was revoked.",
-        ))?;
+        .ok_or(ApiError::KEY_REVOKED)?;
     let mut response = if principal.expired(Utc::now()) {
-        ApiError::Unauthorized("This API key has expired.").into_response()
+        ApiError::KEY_EXPIRED.into_response()
     } else {
         request.extensions_mut().insert(Arc::clone(&principal));
         within_limits(state, &principal, request, next)

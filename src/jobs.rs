@@ -361,8 +361,8 @@ impl Jobs {
 
     /// Expires `key_id`'s oldest finished jobs while it has more than `kept.jobs` of them,
     /// or results of more than `kept.result_bytes` in all: results are deleted, records say
-    /// `expired`. Returns how many expired.
-    pub async fn bound(&self, key_id: i64, kept: KeptPerKey) -> usize {
+    /// `expired`.
+    async fn bound(&self, key_id: i64, kept: KeptPerKey) {
         let expired: Vec<String> = {
             let mut table = self.lock();
             let mut finished: Vec<&Record> = table
@@ -409,7 +409,6 @@ impl Jobs {
                 "finished jobs expired to keep their key within jobs.max_kept_per_key and jobs.max_kept_bytes_per_key"
             );
         }
-        expired.len()
     }
 
     async fn record_end(&self, id: &str, finished: Finished) -> std::io::Result<()> {

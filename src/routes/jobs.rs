@@ -181,18 +181,14 @@ async fn run(mut call: Call, mut source: impl RequestSource, id: String) {
 async fn as_key_is_now(call: &mut Call) -> Result<(), ApiError> {
     let principal = match call.state.keys.reread(&call.principal).await {
         Ok(Some(principal)) => principal,
-        Ok(None) => {
-            return Err(ApiError::Unauthorized(
-                "Incorrect API key provided, or the key was revoked.",
-            ));
-        }
+        Ok(None) => return Err(ApiError::KEY_REVOKED),
         Err(_unavailable) => {
             tracing::warn!(key = %call.principal.name, "a job runs on its key as last read: the database did not answer");
             Arc::clone(&call.principal)
         }
     };
     if principal.expired(chrono::Utc::now()) {
-        return Err(ApiError::Unauthorized("This API key has expired."));
+        return Err(ApiError::KEY_EXPIRED);
     }
     if !principal.allows(&call.model.name, &call.runtime.config.aliases) {
         return Err(ApiError::ModelNotAllowed(call.model.name.clone()));
