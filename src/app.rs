@@ -12,7 +12,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use http::HeaderValue;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -76,6 +75,7 @@ impl Gateway {
             .map_err(|e| anyhow::anyhow!("server.spool_dir {}: {e}", results.display()))?,
         );
         let jobs = open_jobs(&config.jobs.dir)?;
+        let results = crate::results::Results::open(&config.results)?;
         let store: Arc<dyn Store> = Arc::new(crate::store::OnRuntime::new(store));
         let tasks = TaskTracker::new();
         let keys = KeyCache::new(
@@ -85,6 +85,7 @@ impl Gateway {
             tasks.clone(),
         );
         let state = Arc::new(AppState {
+            replica: crate::state::replica_name(),
             runtime: ArcSwap::from_pointee(Runtime::new(config)?),
             env,
             store,
@@ -99,6 +100,7 @@ impl Gateway {
             in_flight: Arc::default(),
             local_rates: Default::default(),
             jobs,
+            results,
             login_throttle: Default::default(),
             reload_lock: std::sync::Mutex::new(()),
         });
@@ -129,12 +131,7 @@ impl Gateway {
                 "server.metrics_listen and the listeners disagree: bind them with Listeners::with_metrics"
             );
         }
-        let sweeper = CancellationToken::new();
-        #[expect(
-            clippy::disallowed_methods,
-            reason = "the sweeper only deletes expired job files and kept results; it is stopped below, not waited for by the request tasks"
-        )]
-        let sweeping = tokio::spawn(sweep_jobs(Arc::clone(&self.state), sweeper.clone()));
+        let services = crate::services::Services::start(&self.state);
         let served = crate::server::serve_workers(
             listeners,
             router(Arc::clone(&self.state)),
@@ -145,8 +142,7 @@ impl Gateway {
             self.state.tasks.clone(),
         )
         .await;
-        sweeper.cancel();
-        let _ = sweeping.await;
+        services.stop().await;
         // Whatever happened to the workers, what was recorded reaches the database.
         self.writer.close(grace).await;
         served?;
@@ -167,34 +163,6 @@ fn open_jobs(dir: &std::path::Path) -> anyhow::Result<Arc<Jobs>> {
         );
     }
     Ok(Arc::new(jobs))
-}
-
-/// Deletes finished jobs past `jobs.retention` (read at each round: a reload changes it)
-/// and kept duplicate-protection results past their window, until `stop`: on a timer, so
-/// that they go whether or not requests arrive.
-async fn sweep_jobs(state: Arc<AppState>, stop: CancellationToken) {
-    let mut jobs_due = tokio::time::Instant::now();
-    loop {
-        let retention = state.runtime.load().config.jobs.retention;
-        let every = (state.dedupe.sweep_interval()).min(crate::jobs::sweep_interval(retention));
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(every) => {}
-        }
-        let kept = state.dedupe.sweep();
-        if kept > 0 {
-            tracing::info!(kept, "forgot kept results past server.duplicate_window");
-        }
-        if tokio::time::Instant::now() < jobs_due {
-            continue;
-        }
-        jobs_due = tokio::time::Instant::now() + crate::jobs::sweep_interval(retention);
-        let jobs = Arc::clone(&state.jobs);
-        let swept = tokio::task::spawn_blocking(move || jobs.sweep(retention)).await;
-        if let Ok(swept @ 1..) = swept {
-            tracing::info!(swept, "deleted async jobs past jobs.retention");
-        }
-    }
 }
 
 /// The Prometheus recorder is process-wide; every gateway in the process shares it.

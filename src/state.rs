@@ -70,6 +70,9 @@ impl Runtime {
 }
 
 pub struct AppState {
+    /// This process's name among the replicas sharing the database: the host's name (a
+    /// pod's name on Kubernetes) and a random suffix drawn at start.
+    pub replica: Arc<str>,
     pub runtime: ArcSwap<Runtime>,
     pub env: EnvLookup,
     pub store: Arc<dyn Store>,
@@ -91,10 +94,21 @@ pub struct AppState {
     pub local_rates: LocalRates,
     /// Async jobs (`Prefer: respond-async`) and their results on disk.
     pub jobs: Arc<Jobs>,
+    /// Job results and kept duplicate-protection results (`[results] url`).
+    pub results: crate::results::Results,
     /// Failed dashboard logins per client address, on this replica.
     pub login_throttle: LoginThrottle,
     /// Reloads happen one at a time.
     pub(crate) reload_lock: std::sync::Mutex<()>,
+}
+
+/// A new replica name (see [`AppState::replica`]).
+pub fn replica_name() -> Arc<str> {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty() && h.len() <= 64)
+        .unwrap_or_else(|| "imagegate".into());
+    format!("{host}-{:08x}", rand::random::<u32>()).into()
 }
 
 /// The routing table in force when a request arrived, for handlers that need nothing else

@@ -77,6 +77,8 @@ pub struct Config {
     pub limits: Limits,
     /// Asynchronous jobs (`Prefer: respond-async`), imagegate's own extension.
     pub jobs: JobsConfig,
+    /// Where job results and kept duplicate-protection results are stored (`[results] url`).
+    pub results: crate::results::Location,
     pub metrics: MetricsConfig,
     pub default_model: Option<String>,
     pub providers: BTreeMap<String, Arc<Provider>>,
@@ -87,6 +89,10 @@ pub struct Config {
     /// What is valid but deserves a look (unpriced routes, prices naming no source):
     /// logged at start and on reload, printed by `config check`.
     pub warnings: Vec<String>,
+    /// The first 16 hex digits of the SHA-256 of the settings as read (file and
+    /// `IMAGEGATE_*` overrides, in a canonical order): replicas running the same settings
+    /// show the same hash. It holds no secret: keys are read from variables the file names.
+    pub hash: String,
 }
 
 /// A configuration that cannot be used, with the file and key it concerns.
@@ -123,7 +129,10 @@ impl Config {
         let raw: RawConfig = figment
             .extract()
             .map_err(|source| parse_error(&file, source))?;
-        Validator { file, env }.validate(raw, path)
+        let hash = settings_hash(figment);
+        let mut config = Validator { file, env }.validate(raw, path)?;
+        config.hash = hash;
+        Ok(config)
     }
 
     /// Resolves a requested model name (or the default when none was given).
@@ -185,6 +194,15 @@ fn read(path: &Path) -> Result<Figment, ConfigError> {
     Ok(Figment::new()
         .merge(Toml::file(path))
         .merge(env_overrides()))
+}
+
+/// See [`Config::hash`]. Figment's dictionaries are sorted, so the same settings written in
+/// another order hash the same.
+fn settings_hash(figment: &Figment) -> String {
+    use sha2::{Digest, Sha256};
+    let value: figment::value::Value = figment.extract().unwrap_or(figment::value::Value::from(0));
+    let text = serde_json::to_string(&value).unwrap_or_default();
+    hex::encode(&Sha256::digest(text.as_bytes())[..8])
 }
 
 /// `IMAGEGATE_SERVER__LISTEN` -> `server.listen`. Only variables with a `__` (or the one
@@ -266,6 +284,8 @@ impl Validator<'_> {
     fn validate(&self, raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         let upstream = self.upstream_timeouts(&raw.server)?;
         let jobs = self.jobs(raw.jobs, &raw.server)?;
+        let results = crate::results::Location::parse(&raw.results.url)
+            .map_err(|message| self.err("results.url", message))?;
         let server = self.server(raw.server)?;
         let database_url = self.database_url(&raw.database.url)?;
         let admin_token = self.admin_token(&raw.admin.token_env)?;
@@ -292,12 +312,14 @@ impl Validator<'_> {
             admin_token_env: raw.admin.token_env,
             limits,
             jobs,
+            results,
             metrics,
             default_model: raw.default_model,
             providers,
             models: models.models,
             aliases: models.aliases,
             warnings,
+            hash: String::new(),
         })
     }
 }

@@ -28,6 +28,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub jobs: RawJobs,
     #[serde(default)]
+    pub results: RawResults,
+    #[serde(default)]
     pub metrics: RawMetrics,
     #[serde(default)]
     pub providers: BTreeMap<String, RawProvider>,
@@ -170,6 +172,20 @@ impl Default for RawLimits {
 #[serde(default, deny_unknown_fields)]
 pub(super) struct RawMetrics {
     pub per_key: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawResults {
+    pub url: String,
+}
+
+impl Default for RawResults {
+    fn default() -> Self {
+        RawResults {
+            url: "file://data/results".into(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -733,7 +733,15 @@ async fn spool_files_left_by_a_crash_are_removed_at_start() {
     );
     let path = dir.path().join("imagegate.toml");
     let (_, url) = crate::support::db::fresh_postgres().await;
-    std::fs::write(&path, format!("{config}\n[database]\nurl = \"{url}\"\n")).expect("write");
+    let results = dir.path().join("results");
+    std::fs::write(
+        &path,
+        format!(
+            "{config}\n[results]\nurl = \"file://{}\"\n[database]\nurl = \"{url}\"\n",
+            results.display()
+        ),
+    )
+    .expect("write");
     let config = imagegate::config::Config::load(&path, &test_env()).expect("config");
     let gateway = imagegate::Gateway::start(config, test_env())
         .await

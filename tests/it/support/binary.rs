@@ -130,7 +130,7 @@ pub fn create_key(config: &Path, name: &str) -> String {
 pub const TOKEN_PRICES: &str = "text_input = 5.0\ncached_text_input = 1.25\nimage_input = 10.0\n\
                                 cached_image_input = 1.25\nimage_output = 40.0\n";
 
-/// A config for `serve` in `dir` (journal and spool folders there) on `database_url`, with
+/// A config for `serve` in `dir` (journal, spool and results folders there) on `database_url`, with
 /// gpt-image-1 routed to and priced on the one provider `[providers.<provider>]`, whose
 /// table holds `provider_lines`; `extra` is appended as it is.
 pub fn write_one_model_config(
@@ -150,6 +150,8 @@ journal_dir = "{journal}"
 spool_dir = "{spool}"
 [database]
 url = "{database_url}"
+[results]
+url = "file://{results}"
 [providers.{provider}]
 {provider_lines}
 [models."gpt-image-1"]
@@ -158,6 +160,7 @@ routes = [{{ provider = "{provider}", model = "gpt-image-1" }}]
 {TOKEN_PRICES}{extra}"#,
         journal = dir.join("journal").display(),
         spool = dir.join("spool").display(),
+        results = dir.join("results").display(),
     );
     let path = dir.join("imagegate.toml");
     std::fs::write(&path, toml).expect("write config");
@@ -178,6 +181,8 @@ journal_dir = "{}"
 dir = "{}"
 [database]
 url = "sqlite:{}"
+[results]
+url = "file://{}"
 [providers.mock]
 kind = "mock"
 delay = "10ms"
@@ -192,7 +197,8 @@ source = "no page"
 "#,
         dir.join("journal").display(),
         dir.join("jobs").display(),
-        dir.join("imagegate.db").display()
+        dir.join("imagegate.db").display(),
+        dir.join("results").display()
     );
     for model in models {
         toml.push_str(&format!(

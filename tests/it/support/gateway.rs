@@ -18,8 +18,8 @@ use super::captures::Capture;
 use super::forms::Form;
 use super::{Db, test_env};
 
-/// Writes `config_toml` into `dir` as imagegate.toml, with its spool, journal and jobs in `dir` and
-/// its database at `database_url`; returns the file's path.
+/// Writes `config_toml` into `dir` as imagegate.toml, with its spool, journal, jobs and results
+/// in `dir` and its database at `database_url`; returns the file's path.
 pub fn write_config(dir: &Path, database_url: &str, config_toml: &str) -> PathBuf {
     let config_toml = config_toml.replacen(
         "[server]\n",
@@ -36,6 +36,15 @@ pub fn write_config(dir: &Path, database_url: &str, config_toml: &str) -> PathBu
         config_toml.replacen("[jobs]\n", &format!("[jobs]\n{jobs_dir}"), 1)
     } else {
         format!("{config_toml}\n[jobs]\n{jobs_dir}")
+    };
+    // Results in `dir` too, unless the test names its own result store (replicas share one).
+    let config_toml = if config_toml.contains("[results]\n") {
+        config_toml
+    } else {
+        format!(
+            "{config_toml}\n[results]\nurl = \"file://{}\"\n",
+            dir.join("results").display()
+        )
     };
     let config_toml = format!("{config_toml}\n[database]\nurl = \"{database_url}\"\n");
     let config_path = dir.join("imagegate.toml");
