@@ -24,6 +24,8 @@ impl Services {
             running: Vec::new(),
         };
         services.spawn("sweeper", sweep(Arc::clone(state), services.stop.clone()));
+        let heartbeat = crate::replicas::heartbeat(Arc::clone(state), services.stop.clone());
+        services.spawn("replica heartbeat", heartbeat);
         services
     }
 

@@ -14,6 +14,7 @@ macro_rules! usage_columns {
 
 mod budget;
 mod postgres;
+mod replicas;
 mod rows;
 mod sqlite;
 
@@ -36,6 +37,7 @@ use rows::{JsonText, MaybeTimestamp, Sum, Timestamp};
 
 pub use budget::{BudgetPeriod, BudgetState, Reservation, Reserved};
 pub use postgres::PostgresStore;
+pub use replicas::{ReplicaRow, ReplicaStore};
 pub use rows::{Outcome, UsageRow};
 pub use sqlite::SqliteStore;
 
@@ -279,7 +281,7 @@ pub type StoreResult<T> = Result<T, StoreError>;
 
 /// Everything imagegate keeps in a database.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: ReplicaStore + Send + Sync + 'static {
     /// Applies the embedded migrations that have not run yet.
     async fn migrate(&self) -> StoreResult<()>;
     /// One cheap round trip, for `/readyz`.

@@ -29,6 +29,7 @@ mod mock;
 mod passthrough;
 mod pricing;
 mod redaction;
+mod replicas;
 mod router;
 mod sdk;
 mod shares;

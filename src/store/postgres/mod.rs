@@ -1,5 +1,7 @@
 //! The Postgres `Store`: the production database.
 
+mod replicas;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
