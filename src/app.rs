@@ -75,7 +75,7 @@ impl Gateway {
             .map_err(|e| anyhow::anyhow!("server.spool_dir {}: {e}", results.display()))?,
         );
         let jobs = open_jobs(&config.jobs.dir)?;
-        let results = crate::results::Results::open(&config.results)?;
+        let results = crate::results::Results::open(&config.results, &*env)?;
         let store: Arc<dyn Store> = Arc::new(crate::store::OnRuntime::new(store));
         let tasks = TaskTracker::new();
         let keys = KeyCache::new(

@@ -30,6 +30,7 @@ mod passthrough;
 mod pricing;
 mod redaction;
 mod replicas;
+mod results_s3;
 mod router;
 mod sdk;
 mod shares;
