@@ -332,6 +332,17 @@ async fn readyz_says_shared_state_is_degraded_while_the_database_is_lost_and_ok_
     );
     assert_eq!(body["status"], "not_ready", "{body}");
     eprintln!("readyz while the database is lost: {body}");
+    let response = gw
+        .client
+        .get(gw.url("/admin/replicas"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 503);
+    let error: Value = response.json().await.expect("json");
+    assert_eq!(error["error"]["code"], "not_ready", "{error}");
+    assert_eq!(error["error"]["type"], "server_error", "{error}");
     // Past a heartbeat or two: the failed beats are retried, never fatal.
     tokio::time::sleep(Duration::from_secs(6)).await;
 

@@ -28,8 +28,12 @@ pub async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Value>, Api
     })))
 }
 
-/// The replicas as this replica sees them now.
+/// The replicas as this replica sees them now; 503 (`not_ready`) while the database does
+/// not answer.
 pub async fn roster(state: &AppState) -> Result<Roster, ApiError> {
-    let rows = state.store.replicas().await.map_err(ApiError::internal)?;
+    let rows = state.store.replicas().await.map_err(|err| {
+        tracing::warn!(target: "imagegate::admin", %err, "replicas: the database is not answering");
+        ApiError::NotReady
+    })?;
     Ok(Roster::of(rows, Utc::now(), &state.replica))
 }
