@@ -22,8 +22,11 @@ pub const LIVE_WITHIN: Duration = Duration::from_secs(15);
 const FORGET_AFTER: Duration = Duration::from_secs(3600);
 /// How often the heartbeat looks for a reload (a new settings' hash is written at once).
 const TICK: Duration = Duration::from_millis(500);
-/// One heartbeat's statement, or the row's deletion at a clean stop, at most this long.
+/// One heartbeat's statement at most this long.
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The row's deletion at a clean stop at most this long: the stop waits for it, and a row
+/// left behind only turns stale.
+const FORGET_TIMEOUT: Duration = Duration::from_millis(500);
 /// The first retry after a failed beat; then twice as long each time, up to [`HEARTBEAT`].
 const FIRST_RETRY: Duration = Duration::from_millis(500);
 
@@ -51,8 +54,14 @@ pub async fn heartbeat(state: Arc<AppState>, stop: CancellationToken) {
                 config_hash: hash.clone(),
             };
             let forget_before = row.last_seen - FORGET_AFTER;
-            let beat = state.store.beat(&row, forget_before);
-            match tokio::time::timeout(STATEMENT_TIMEOUT, beat).await {
+            let beat =
+                tokio::time::timeout(STATEMENT_TIMEOUT, state.store.beat(&row, forget_before));
+            // A stop does not wait for a beat held up by a busy or lost database.
+            let outcome = tokio::select! {
+                () = stop.cancelled() => break,
+                outcome = beat => outcome,
+            };
+            match outcome {
                 Ok(Ok(())) => {
                     if failures > 0 {
                         tracing::info!(failures, "replica heartbeat written again");
@@ -80,7 +89,7 @@ pub async fn heartbeat(state: Arc<AppState>, stop: CancellationToken) {
         }
     }
     let forget = state.store.forget_replica(&state.replica);
-    match tokio::time::timeout(STATEMENT_TIMEOUT, forget).await {
+    match tokio::time::timeout(FORGET_TIMEOUT, forget).await {
         Ok(Ok(_)) => {}
         Ok(Err(err)) => tracing::warn!(%err, "replica row not deleted at stop; it turns stale"),
         Err(_) => tracing::warn!("replica row not deleted at stop (timed out); it turns stale"),

@@ -255,7 +255,9 @@ async fn admin_replicas_lists_the_replicas_of_one_database_and_warns_when_they_d
 #[tokio::test]
 async fn a_reload_writes_the_new_settings_hash_and_the_calls_in_flight_at_once() {
     let provider = StandIn::json(200, &image_response(1, USAGE)).await;
-    provider.set_delay(Duration::from_secs(3));
+    // Long enough to be in flight still when the reload's beat is written, under load too
+    // (the call ends at the upstream timeout, 5 s).
+    provider.set_delay(Duration::from_secs(8));
     let gw = TestGateway::start(Db::Sqlite, &test_config(&provider.base_url(), "")).await;
     let before = this(&replicas_until(&gw, |l| live(l) == 1).await).clone();
     assert_eq!(before["calls_in_flight"], 0);
@@ -296,13 +298,14 @@ async fn a_reload_writes_the_new_settings_hash_and_the_calls_in_flight_at_once()
     // Written at the next look (every 0.5 s), not at the next heartbeat (5 s).
     let after = replicas_until(&gw, |l| this(l)["config_hash"] != before["config_hash"]).await;
     assert!(
-        started.elapsed() < Duration::from_secs(2),
+        started.elapsed() < Duration::from_secs(4),
         "{:?}",
         started.elapsed()
     );
     assert_eq!(this(&after)["calls_in_flight"], 1, "{after:#}");
     assert_eq!(this(&after)["started_at"], before["started_at"]);
-    assert_eq!(call.await.expect("call"), 200);
+    // Past the test config's upstream_total_timeout (5 s): 504, not a concern here.
+    call.await.expect("call");
     gw.shutdown().await;
 }
 
