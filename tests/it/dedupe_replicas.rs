@@ -355,3 +355,154 @@ async fn two_processes_on_one_postgres_pay_once_for_a_retry_sent_to_the_other() 
         "{log_b}"
     );
 }
+
+#[tokio::test]
+async fn a_result_the_store_cannot_take_is_dropped_and_its_retry_is_a_new_call() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    provider.set_delay(PROVIDER_TAKES);
+    let p = Pair::start(&provider).await;
+    // A file where the kept results' folder would be: no kept result can be written.
+    std::fs::write(p._results.path().join("kept"), b"in the way").expect("block");
+    let key = p.a.key.clone();
+    let first = sdk_try(&base(&p.a), &key, "0", Some(CLIENT_GIVES_UP)).await;
+    assert!(first.is_err(), "the client gave up before the answer");
+    // The original runs to its end and is billed once; its result could not be kept.
+    p.a.usage_rows(1).await;
+    let started = Instant::now();
+    while !calls(&p.db).await.is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(5), "the row goes");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    provider.set_delay(Duration::ZERO);
+    let retry = sdk_try(&base(&p.b), &key, "1", Some(Duration::from_secs(10)))
+        .await
+        .expect("retry");
+    assert_eq!(retry.status(), 200);
+    assert!(retry.headers().get("x-imagegate-duplicate").is_none());
+    retry.bytes().await.expect("body");
+    assert_eq!(
+        provider.requests().len(),
+        2,
+        "nothing kept: the retry calls again"
+    );
+    let rows = settled_rows(&p.a, 2).await;
+    assert_ne!(
+        rows[0].request_id, rows[1].request_id,
+        "one row per provider call"
+    );
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn without_the_database_protection_holds_on_each_replica_and_comes_back_with_it() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    provider.set_delay(PROVIDER_TAKES);
+    let p = Pair::start(&provider).await;
+    let key = p.a.key.clone();
+    // The table is away: every read and write of calls in flight fails.
+    sqlx::query("alter table calls_in_flight rename to calls_in_flight_away")
+        .execute(&p.db)
+        .await
+        .expect("rename");
+    let first = sdk_try(&base(&p.a), &key, "0", Some(CLIENT_GIVES_UP)).await;
+    assert!(first.is_err());
+    // A retry on the same replica still finds its original in the replica's own table...
+    let same = sdk_try(&base(&p.a), &key, "1", Some(Duration::from_secs(10)))
+        .await
+        .expect("retry on A");
+    assert_eq!(same.headers()["x-imagegate-duplicate"], "attached");
+    same.bytes().await.expect("body");
+    assert_eq!(provider.requests().len(), 1);
+    // ...while one on the other replica cannot: a new call, not an error or a hang.
+    provider.set_delay(Duration::ZERO);
+    let other = sdk_try(&base(&p.b), &key, "2", Some(Duration::from_secs(10)))
+        .await
+        .expect("retry on B");
+    assert_eq!(other.status(), 200);
+    assert!(other.headers().get("x-imagegate-duplicate").is_none());
+    other.bytes().await.expect("body");
+    assert_eq!(provider.requests().len(), 2);
+
+    // The table is back: with no restart, a retry on B finds an original on A again.
+    sqlx::query("alter table calls_in_flight_away rename to calls_in_flight")
+        .execute(&p.db)
+        .await
+        .expect("rename back");
+    provider.set_delay(PROVIDER_TAKES);
+    let body = r#"{"model":"gpt-image-1","prompt":"after the database came back"}"#;
+    let first = reqwest::Client::new()
+        .post(format!("{}{GEN}", base(&p.a)))
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .body(body)
+        .timeout(CLIENT_GIVES_UP)
+        .send()
+        .await;
+    assert!(first.is_err());
+    let retry = reqwest::Client::new()
+        .post(format!("{}{GEN}", base(&p.b)))
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .header("x-stainless-retry-count", "1")
+        .body(body)
+        .send()
+        .await
+        .expect("retry on B");
+    assert_eq!(retry.headers()["x-imagegate-duplicate"], "attached");
+    retry.bytes().await.expect("body");
+    assert_eq!(provider.requests().len(), 3);
+    settled_rows(&p.a, 3).await;
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_running_call_of_a_replica_that_died_is_ignored_past_its_time() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    let p = Pair::start(&provider).await;
+    let key = p.a.key.clone();
+    let key_id =
+        p.a.store
+            .list_keys()
+            .await
+            .expect("keys")
+            .into_iter()
+            .find(|k| k.name == "a")
+            .expect("key a")
+            .id;
+    let fingerprint = imagegate::dedupe::Dedupe::fingerprint(
+        key_id,
+        imagegate::upstream::Endpoint::Generations,
+        None,
+        BODY.as_bytes(),
+    );
+    // What a replica killed mid-call leaves: a running row, past the time its call could take.
+    sqlx::query(
+        "insert into calls_in_flight (fingerprint, request_id, replica, state, started_at, \
+         expires_at) values ($1, 'req_dead', 'dead-replica', 'running', \
+         now() - interval '1 hour', now() - interval '1 minute')",
+    )
+    .bind(hex::encode(fingerprint))
+    .execute(&p.db)
+    .await
+    .expect("insert");
+    let started = Instant::now();
+    let retry = sdk_try(&base(&p.b), &key, "1", Some(Duration::from_secs(10)))
+        .await
+        .expect("retry");
+    assert_eq!(retry.status(), 200);
+    assert!(retry.headers().get("x-imagegate-duplicate").is_none());
+    retry.bytes().await.expect("body");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "not held by a dead call"
+    );
+    assert_eq!(provider.requests().len(), 1);
+    // The sweeper (every replica's) deletes it.
+    let swept = Instant::now();
+    while calls(&p.db).await.iter().any(|(id, _, _)| id == "req_dead") {
+        assert!(swept.elapsed() < Duration::from_secs(15), "swept");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    p.shutdown().await;
+}
