@@ -506,3 +506,74 @@ async fn a_running_call_of_a_replica_that_died_is_ignored_past_its_time() {
     }
     p.shutdown().await;
 }
+
+/// A balancer on port 0 that sends each new connection to the next of `backends` in turn.
+async fn round_robin(backends: [String; 2]) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    #[expect(clippy::disallowed_methods, reason = "lives until the test ends")]
+    tokio::spawn(async move {
+        let mut turn = 0;
+        while let Ok((mut client, _)) = listener.accept().await {
+            let backend = backends[turn % 2].clone();
+            turn += 1;
+            #[expect(clippy::disallowed_methods, reason = "ends with its connection")]
+            tokio::spawn(async move {
+                if let Ok(mut server) = tokio::net::TcpStream::connect(&backend).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn the_python_sdk_with_default_retries_across_two_replicas_pays_once() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    // Longer than the SDK waits for a try: its first try and its first retry time out.
+    provider.set_delay(Duration::from_millis(2500));
+    let p = Pair::start(&provider).await;
+    let balancer = round_robin([p.a.addr.to_string(), p.b.addr.to_string()]).await;
+    let python = tokio::task::spawn_blocking(crate::sdk::sdk_python)
+        .await
+        .expect("venv");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/replicas.py");
+    let out = tokio::process::Command::new(&python)
+        .arg(&script)
+        .arg(format!("{balancer}/v1"))
+        .arg(&p.a.key)
+        .arg("1.0")
+        .output()
+        .await
+        .expect("run the SDK script");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let call: serde_json::Value = serde_json::from_str(stdout.trim()).expect("json line");
+    eprintln!("the SDK through a round-robin balancer: {call}");
+    assert_eq!(call["ok"], true, "{call}");
+    assert_eq!(call["images"], 1);
+    assert!(call["retries"].as_u64() >= Some(1), "{call}");
+    assert!(
+        !call["duplicate"].is_null(),
+        "answered from the original: {call}"
+    );
+    let rows = settled_rows(&p.a, 1).await;
+    eprintln!(
+        "the SDK across replicas: {} provider call(s), {} usage row(s)",
+        provider.requests().len(),
+        rows.len()
+    );
+    assert_eq!(
+        provider.requests().len(),
+        1,
+        "one provider call for every try"
+    );
+    p.shutdown().await;
+}
