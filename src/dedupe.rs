@@ -45,6 +45,13 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_millis(300);
 /// background: no request waits for it.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long an original runs before it is registered in the database. One that ends
+/// sooner is never written there: no retry can need it running (the SDKs retry 0.5 s at the
+/// earliest after a try failed, and the registration is visible well before), and how it
+/// ended (kept, or not) is written as for any call. Image calls take seconds; a proxy
+/// benchmark's calls of a few milliseconds cost the database nothing.
+const REGISTER_AFTER: Duration = Duration::from_millis(100);
+
 /// How often a retry reads the row of its original running on another replica.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -271,11 +278,18 @@ impl Dedupe {
         let store = Arc::clone(&self.shared.store);
         let call = record.clone();
         let started = Instant::now();
-        let registered = self.in_background(None, "register", async move {
-            store.register_call(&call).await?;
-            metrics::histogram!("imagegate_duplicate_registration_seconds")
-                .record(started.elapsed().as_secs_f64());
-            Ok(())
+        let mut rx = tx.subscribe();
+        let registered = self.in_background(async move {
+            let ended = rx.wait_for(|s| !matches!(s, Status::InFlight));
+            if tokio::time::timeout(REGISTER_AFTER, ended).await.is_ok() {
+                return false;
+            }
+            let written = write("register", store.register_call(&call)).await;
+            if written {
+                metrics::histogram!("imagegate_duplicate_registration_seconds")
+                    .record(started.elapsed().as_secs_f64());
+            }
+            written
         });
         KeepTicket {
             dedupe: Arc::clone(self),
@@ -287,30 +301,13 @@ impl Dedupe {
         }
     }
 
-    /// Runs a database write on a tracked task, after `after` (the call's registration,
-    /// so that its end or its kept result is never overwritten by it); `None` outside a
-    /// runtime (nothing to run it on).
-    fn in_background(
+    /// Runs `task` (database writes) on a tracked task: it outlives the request, and
+    /// shutdown waits for it. `None` outside a runtime (nothing to run it on).
+    fn in_background<T: Send + 'static>(
         &self,
-        after: Option<JoinHandle<()>>,
-        what: &'static str,
-        write: impl Future<Output = StoreResult<()>> + Send + 'static,
-    ) -> Option<JoinHandle<()>> {
+        task: impl Future<Output = T> + Send + 'static,
+    ) -> Option<JoinHandle<T>> {
         let handle = tokio::runtime::Handle::try_current().ok()?;
-        let task = async move {
-            if let Some(after) = after {
-                let _ = after.await;
-            }
-            match tokio::time::timeout(WRITE_TIMEOUT, write).await {
-                Ok(Ok(())) => {}
-                Ok(Err(err)) => {
-                    tracing::warn!(what, error = %err, "duplicate protection: could not write a call in flight to the database; retries on other replicas will not find it");
-                }
-                Err(_) => {
-                    tracing::warn!(what, timeout = ?WRITE_TIMEOUT, "duplicate protection: the database did not take a call in flight in time; retries on other replicas will not find it");
-                }
-            }
-        };
         Some(self.shared.tasks.spawn_on(task.in_current_span(), &handle))
     }
 
@@ -486,6 +483,22 @@ impl Dedupe {
     }
 }
 
+/// A database write of a call, bounded by [`WRITE_TIMEOUT`]; whether it was written
+/// (failures are logged).
+async fn write(what: &'static str, write: impl Future<Output = StoreResult<()>>) -> bool {
+    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+        Ok(Ok(())) => true,
+        Ok(Err(err)) => {
+            tracing::warn!(what, error = %err, "duplicate protection: could not write a call in flight to the database; retries on other replicas will not find it");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(what, timeout = ?WRITE_TIMEOUT, "duplicate protection: the database did not take a call in flight in time; retries on other replicas will not find it");
+            false
+        }
+    }
+}
+
 /// A database read for a retry, bounded by [`LOOKUP_TIMEOUT`]; `None` when it failed (logged).
 async fn lookup<T>(query: impl Future<Output = StoreResult<Option<T>>>) -> Option<T> {
     match tokio::time::timeout(LOOKUP_TIMEOUT, query).await {
@@ -525,8 +538,9 @@ pub struct KeepTicket {
     id: u64,
     /// Its row, as registered.
     record: CallRecord,
-    /// The registration's write, which the call's last write waits for.
-    registered: Option<JoinHandle<()>>,
+    /// The registration, which the call's last write waits for (so that it never lands
+    /// after it): true when the row was written.
+    registered: Option<JoinHandle<bool>>,
     tx: Option<watch::Sender<Status>>,
 }
 
@@ -598,19 +612,18 @@ impl KeepTicket {
                 table.expiring.push_back((expires, self.id));
             }
         }
-        if let Some(registered) = self.registered.take() {
-            let _ = registered.await;
-        }
+        let registered = match self.registered.take() {
+            Some(registration) => registration.await.unwrap_or(true),
+            None => false,
+        };
         let store = &self.dedupe.shared.store;
-        let kept = tokio::time::timeout(WRITE_TIMEOUT, store.keep_call(&record)).await;
-        if !matches!(kept, Ok(Ok(()))) {
-            tracing::warn!(request_id = %self.record.request_id, "could not mark the kept result in the database: only retries on this replica find it");
-            // A row left running would hold other replicas' retries until it expires.
-            let _ = tokio::time::timeout(
-                WRITE_TIMEOUT,
-                store.end_call(&record.fingerprint, &record.request_id),
-            )
-            .await;
+        if !write("keep", store.keep_call(&record)).await {
+            tracing::warn!(request_id = %self.record.request_id, "the kept result is not in the database: only retries on this replica find it");
+            if registered {
+                // A row left running would hold other replicas' retries until it expires.
+                let end = store.end_call(&record.fingerprint, &record.request_id);
+                write("end", async { end.await.map(drop) }).await;
+            }
         }
     }
 }
@@ -626,10 +639,16 @@ impl Drop for KeepTicket {
                 self.record.fingerprint.clone(),
                 self.record.request_id.clone(),
             );
-            self.dedupe
-                .in_background(self.registered.take(), "end", async move {
-                    store.end_call(&fingerprint, &request_id).await.map(drop)
-                });
+            let Some(registration) = self.registered.take() else {
+                return;
+            };
+            self.dedupe.in_background(async move {
+                // Not registered (it ended too soon, or the write failed): nothing to end.
+                if registration.await.unwrap_or(true) {
+                    let end = store.end_call(&fingerprint, &request_id);
+                    write("end", async { end.await.map(drop) }).await;
+                }
+            });
         }
     }
 }
@@ -738,6 +757,39 @@ mod tests {
         assert_eq!(f.dedupe.sweep_shared().await, 1);
         assert!(f.results.list(KEPT_FOLDER).await.expect("list").is_empty());
         assert!(claim(&f.dedupe, 2, true).await.is_ok(), "a new call");
+    }
+
+    #[tokio::test]
+    async fn only_calls_still_running_after_a_moment_are_registered_and_their_end_removes_them() {
+        let f = fixture(Duration::from_secs(600), MAX_ENTRIES).await;
+        let store = Arc::clone(&f.dedupe.shared.store);
+        let row = |n: u64| {
+            let store = Arc::clone(&store);
+            async move {
+                store
+                    .find_call(&hex::encode(fingerprint(n)), Utc::now())
+                    .await
+                    .expect("find")
+            }
+        };
+        // Over at once (a fast proxied call): never written.
+        drop(claim(&f.dedupe, 1, false).await.expect("original"));
+        let slow = claim(&f.dedupe, 2, false).await.expect("original");
+        tokio::time::sleep(REGISTER_AFTER * 3).await;
+        assert_eq!(row(1).await, None);
+        let running = row(2).await.expect("registered");
+        assert_eq!(
+            (
+                running.state,
+                running.request_id.as_str(),
+                &*running.replica
+            ),
+            (CallState::Running, "req_2", "test-replica")
+        );
+        drop(slow);
+        f.dedupe.shared.tasks.close();
+        f.dedupe.shared.tasks.wait().await;
+        assert_eq!(row(2).await, None, "its end removed it");
     }
 
     #[tokio::test]
