@@ -539,7 +539,7 @@ def main():
     for err in standin.records.errors:
         print(err)
     if args.spool_dir and os.path.isdir(args.spool_dir):
-        # Upload spool files are upload-*.part (spool_dir also holds kept results).
+        # Upload spool files are upload-*.part.
         left = [n for n in os.listdir(args.spool_dir)
                 if n.startswith("upload-") and n.endswith(".part")]
         print(f"upload spool files left in spool_dir after the runs: {len(left)}")

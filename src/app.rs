@@ -65,19 +65,21 @@ impl Gateway {
             );
             usage.discarding()
         };
-        let results = crate::dedupe::results_dir(&config.server.spool_dir);
-        let dedupe = Arc::new(
-            Dedupe::new(
-                config.server.duplicate_protection,
-                config.server.duplicate_window,
-                results.clone(),
-            )
-            .map_err(|e| anyhow::anyhow!("server.spool_dir {}: {e}", results.display()))?,
-        );
         let jobs = open_jobs(&config.jobs.dir)?;
         let results = crate::results::Results::open(&config.results, &*env)?;
         let store: Arc<dyn Store> = Arc::new(crate::store::OnRuntime::new(store));
         let tasks = TaskTracker::new();
+        let replica = crate::state::replica_name();
+        let dedupe = Arc::new(Dedupe::new(
+            config.server.duplicate_protection,
+            config.server.duplicate_window,
+            crate::dedupe::Shared {
+                store: Arc::clone(&store),
+                results: results.clone(),
+                replica: Arc::clone(&replica),
+                tasks: tasks.clone(),
+            },
+        ));
         let keys = KeyCache::new(
             Arc::clone(&store),
             config.server.key_cache_ttl,
@@ -85,7 +87,7 @@ impl Gateway {
             tasks.clone(),
         );
         let state = Arc::new(AppState {
-            replica: crate::state::replica_name(),
+            replica,
             runtime: ArcSwap::from_pointee(Runtime::new(config)?),
             env,
             store,

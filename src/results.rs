@@ -111,6 +111,9 @@ pub struct Results {
     /// The S3 prefix (empty for a folder, whose root is the folder itself).
     prefix: Arc<str>,
     location: Arc<str>,
+    /// A folder's root: what object_store creates there (folders 0755, files 0644) is made
+    /// imagegate's user's only, as every file it writes (see [`private_fs`]).
+    folder: Option<Arc<std::path::Path>>,
 }
 
 impl Results {
@@ -150,10 +153,15 @@ impl Results {
                 (Arc::new(store), prefix.clone())
             }
         };
+        let folder = match location {
+            Location::Folder(path) => Some(Arc::from(path.as_path())),
+            Location::S3 { .. } => None,
+        };
         Ok(Results {
             store,
             prefix: prefix.into(),
             location: location.to_string().into(),
+            folder,
         })
     }
 
@@ -179,20 +187,44 @@ impl Results {
 
     /// Starts writing the object `name` (a `/`-separated name such as `jobs/imgjob_...`).
     pub fn writer(&self, name: &str) -> ResultWriter {
+        self.private_folders(name);
         ResultWriter {
             inner: Some(BufWriter::new(Arc::clone(&self.store), self.path(name))),
             written: 0,
+            name: name.to_owned(),
             results: self.clone(),
         }
     }
 
     /// Stores `bytes` whole as `name`.
     pub async fn put(&self, name: &str, bytes: Bytes) -> Result<(), ResultsError> {
+        self.private_folders(name);
         self.store
             .put(&self.path(name), PutPayload::from_bytes(bytes))
             .await
             .map(|_| ())
-            .map_err(|e| self.err(e))
+            .map_err(|e| self.err(e))?;
+        self.private_file(name);
+        Ok(())
+    }
+
+    /// In a folder, creates the folders `name` is in (0700) before object_store would
+    /// (0755). A failure is left for the write to report.
+    fn private_folders(&self, name: &str) {
+        if let Some(root) = &self.folder {
+            if let Some(parent) = root.join(name).parent() {
+                let _ = private_fs::create_dir_all(parent);
+            }
+        }
+    }
+
+    /// In a folder, makes the object `name` just written 0600 (object_store writes 0644).
+    fn private_file(&self, name: &str) {
+        if let Some(root) = &self.folder {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::Permissions::from_mode(private_fs::FILE_MODE);
+            let _ = std::fs::set_permissions(root.join(name), mode);
+        }
     }
 
     /// Reads `name`; `None` when there is no such object.
@@ -267,6 +299,7 @@ impl Results {
 pub struct ResultWriter {
     inner: Option<BufWriter>,
     written: u64,
+    name: String,
     results: Results,
 }
 
@@ -295,6 +328,7 @@ impl ResultWriter {
                 .shutdown()
                 .await
                 .map_err(|e| self.results.err(io_to_store(e)))?;
+            self.results.private_file(&self.name);
         }
         Ok(self.written)
     }

@@ -65,6 +65,13 @@ async fn sweep(state: Arc<AppState>, stop: CancellationToken) {
         if kept > 0 {
             tracing::info!(kept, "forgot kept results past server.duplicate_window");
         }
+        let deleted = state.dedupe.sweep_shared().await;
+        if deleted > 0 {
+            tracing::info!(
+                deleted,
+                "deleted kept results past server.duplicate_window from the result store"
+            );
+        }
         if tokio::time::Instant::now() < jobs_due {
             continue;
         }

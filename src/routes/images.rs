@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use crate::auth::Principal;
 use crate::body_timeout::{BodyTimeouts, declared_length, timeout_in, with_timeouts};
 use crate::config::{Model, Route};
-use crate::dedupe::{self, Claim, Dedupe, Fingerprint, KeepTicket};
+use crate::dedupe::{self, Dedupe, Fingerprint, KeepTicket};
 use crate::error::ApiError;
 use crate::limits::{QuotaHold, QuotaLimit, QuotaRefusal};
 use crate::multipart::{SpoolArea, Upload};
@@ -144,7 +144,8 @@ fn idempotency_key(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Registers the request against duplicates. A retry of a call still running, or whose
-/// result was kept, is answered from it; otherwise the request goes on as an original.
+/// result was kept, on this replica or another, is answered from it; otherwise the request
+/// goes on as an original.
 async fn claim(
     call: &Call,
     headers: &HeaderMap,
@@ -154,26 +155,30 @@ async fn claim(
         state,
         model,
         endpoint,
+        request_id,
         ..
     } = call;
-    match state.dedupe.claim(fingerprint, Dedupe::is_retry(headers)) {
-        Claim::Original(keep) => Ok(keep),
-        Claim::Attach(rx) => {
-            // As long as the first route that serves the endpoint may take.
-            let wait = model
-                .routes
-                .iter()
-                .find(|r| r.serves(*endpoint))
-                .map_or(Duration::from_secs(600), |r| r.provider.total_timeout);
-            if let Some(response) = dedupe::collect(rx, wait).await {
-                return Err(response);
-            }
-            match state.dedupe.claim(fingerprint, false) {
-                Claim::Original(keep) => Ok(keep),
-                Claim::Attach(_) => Ok(None),
-            }
-        }
-    }
+    let serving = || model.routes.iter().filter(|r| r.serves(*endpoint));
+    // As long as the first route that serves the endpoint may take.
+    let wait = serving()
+        .next()
+        .map_or(Duration::from_secs(600), |r| r.provider.total_timeout);
+    // Every route the call may fail over to, then the wait of a retry that joined it late.
+    let running = serving()
+        .take(model.failover.max_attempts.get())
+        .map(|r| r.provider.total_timeout)
+        .sum::<Duration>()
+        + wait;
+    let limits = dedupe::Limits { wait, running };
+    state
+        .dedupe
+        .claim(
+            fingerprint,
+            Dedupe::is_retry(headers),
+            &request_id.0,
+            limits,
+        )
+        .await
 }
 
 /// Runs the provider call on a tracked task, so that it completes (and its usage is

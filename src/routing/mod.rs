@@ -384,8 +384,10 @@ impl Call {
             BodyKind::Json
         };
         let streamed = ticket.summary.stream;
-        let kept_headers =
-            dedupe::kept_headers(answer.headers.get(header::CONTENT_TYPE), &provider.name);
+        let kept_headers = dedupe::kept_headers(
+            answer.headers.get(header::CONTENT_TYPE),
+            Some(&provider.name),
+        );
         let metered = Metered::new(
             answer.body,
             kind,

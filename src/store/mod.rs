@@ -13,6 +13,7 @@ macro_rules! usage_columns {
 }
 
 mod budget;
+mod calls;
 mod postgres;
 mod replicas;
 mod rows;
@@ -36,6 +37,7 @@ use chrono::{DateTime, Utc};
 use rows::{JsonText, MaybeTimestamp, Sum, Timestamp};
 
 pub use budget::{BudgetPeriod, BudgetState, Reservation, Reserved};
+pub use calls::{CallRecord, CallState, CallStore, KeptCall};
 pub use postgres::PostgresStore;
 pub use replicas::{ReplicaRow, ReplicaStore};
 pub use rows::{Outcome, UsageRow};
@@ -281,7 +283,7 @@ pub type StoreResult<T> = Result<T, StoreError>;
 
 /// Everything imagegate keeps in a database.
 #[async_trait]
-pub trait Store: ReplicaStore + Send + Sync + 'static {
+pub trait Store: CallStore + ReplicaStore + Send + Sync + 'static {
     /// Applies the embedded migrations that have not run yet.
     async fn migrate(&self) -> StoreResult<()>;
     /// One cheap round trip, for `/readyz`.

@@ -414,19 +414,17 @@ impl Drop for Metered {
         };
         tracing::info!(request_id = %ticket.request_id, keep = keep.is_some(), "client disconnected; reading the rest of the provider's answer");
         self.tasks.spawn(async move {
-            let mut file = match &keep {
-                Some((ticket, _)) => ticket.create_file().await.ok(),
-                None => None,
-            };
+            let mut writer = keep.as_ref().map(|(ticket, _)| ticket.writer());
             let mut outcome = Outcome::Completed;
             while let Some(chunk) = inner.next().await {
                 match chunk {
                     Ok(chunk) => {
                         let out = extractor.feed(chunk);
-                        if let Some(f) = &mut file {
-                            if f.write(&out).await.is_err() {
-                                // Dropping it removes what was written.
-                                file = None;
+                        if let Some(w) = &mut writer {
+                            if let Err(err) = w.write(&out).await {
+                                tracing::error!(request_id = %ticket.request_id, error = %err, "could not store the result its client left before receiving; dropped, a retry will be a new call");
+                                // Dropping it discards what was written.
+                                writer = None;
                             }
                         }
                     }
@@ -438,13 +436,20 @@ impl Drop for Metered {
             }
             let tail = extractor.finish();
             // Kept before the row is recorded: a retry that sees the row finds the result.
-            // Any other way (the provider broke off, a write failed), the file is dropped,
-            // which removes it.
-            if let (Some(mut f), Some((keep, headers)), Outcome::Completed) = (file, keep, outcome)
+            // Any other way (the provider broke off, a write failed), the writer is dropped,
+            // which leaves nothing, and the ticket's end tells retries to call again.
+            if let (Some(mut w), Some((keep, headers)), Outcome::Completed) =
+                (writer, keep, outcome)
             {
-                if f.write(&tail).await.is_ok() && f.flush().await.is_ok() {
-                    let status = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
-                    keep.keep(f, status, headers);
+                match w.write(&tail).await {
+                    Ok(()) => {
+                        let status =
+                            http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
+                        keep.keep(w, status, headers).await;
+                    }
+                    Err(err) => {
+                        tracing::error!(request_id = %ticket.request_id, error = %err, "could not store the result its client left before receiving; dropped, a retry will be a new call");
+                    }
                 }
             }
             ticket.finish(status, outcome, &extractor.extracted());

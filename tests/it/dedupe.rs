@@ -268,9 +268,10 @@ async fn a_retry_after_the_original_ended_unseen_replays_its_kept_result() {
     gw.shutdown().await;
 }
 
-/// Kept results waiting for a retry in `gw`'s folder.
+/// Kept results waiting for a retry in `gw`'s result store (a folder beside its config).
 fn kept_files(gw: &TestGateway) -> usize {
-    std::fs::read_dir(gw.spool_dir().join("results")).map_or(0, |dir| dir.count())
+    let folder = gw.config_path.with_file_name("results").join("kept");
+    std::fs::read_dir(folder).map_or(0, |dir| dir.count())
 }
 
 #[tokio::test]

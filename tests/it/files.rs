@@ -80,7 +80,7 @@ async fn files_and_folders_imagegate_writes_are_its_users_only() {
         .send()
         .await;
     assert!(left.is_err(), "the client left");
-    let results = root.join("spool/results");
+    let results = root.join("results/kept");
     for _ in 0..100 {
         if std::fs::read_dir(&results).is_ok_and(|mut r| r.next().is_some()) {
             break;
@@ -118,7 +118,7 @@ async fn files_and_folders_imagegate_writes_are_its_users_only() {
         "imagegate.db-shm".to_owned(),
         "journal".to_owned(),
         "spool".to_owned(),
-        "spool/results".to_owned(),
+        "results/kept".to_owned(),
         format!("jobs/{id}.json"),
         format!("jobs/{id}.result"),
     ] {
@@ -127,7 +127,7 @@ async fn files_and_folders_imagegate_writes_are_its_users_only() {
     let journal_files = seen.iter().filter(|n| n.starts_with("journal/")).count();
     let kept_results = seen
         .iter()
-        .filter(|n| n.starts_with("spool/results/"))
+        .filter(|n| n.starts_with("results/kept/"))
         .count();
     assert!(journal_files > 0 && kept_results > 0, "{seen:#?}");
     assert_eq!(open_to_others(&after), Vec::<String>::new());

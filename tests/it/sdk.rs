@@ -11,7 +11,7 @@ use crate::support::*;
 
 /// A virtualenv with the pinned SDK, made once under the target directory. Fails the test,
 /// with what to do, when python3 or PyPI is missing: the suite never skips silently.
-fn sdk_python() -> PathBuf {
+pub(crate) fn sdk_python() -> PathBuf {
     // The SDK tests run in parallel: one makes the virtualenv while the others wait for it.
     static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one_at_a_time = MAKING.lock().unwrap_or_else(|e| e.into_inner());

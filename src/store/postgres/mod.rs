@@ -1,5 +1,6 @@
 //! The Postgres `Store`: the production database.
 
+mod calls;
 mod replicas;
 
 use std::collections::BTreeMap;

@@ -1,5 +1,6 @@
 //! The SQLite `Store`: one file, for a single instance, a demo or a laptop.
 
+mod calls;
 mod replicas;
 
 use std::collections::BTreeMap;
