@@ -18,6 +18,7 @@ mod files;
 mod gate;
 mod generations;
 mod hostile;
+mod job_store;
 mod jobs;
 mod journal;
 mod json_edits;

@@ -1,5 +1,7 @@
 //! The Postgres `Store`: the production database.
 
+mod jobs;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 

@@ -1,5 +1,7 @@
 //! The SQLite `Store`: one file, for a single instance, a demo or a laptop.
 
+mod jobs;
+
 use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::time::Duration;
