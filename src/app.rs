@@ -74,9 +74,14 @@ impl Gateway {
             )
             .map_err(|e| anyhow::anyhow!("server.spool_dir {}: {e}", results.display()))?,
         );
-        let jobs = open_jobs(&config.jobs.dir)?;
         let results = crate::results::Results::open(&config.results)?;
         let store: Arc<dyn Store> = Arc::new(crate::store::OnRuntime::new(store));
+        let replica = crate::state::replica_name();
+        let jobs = Arc::new(Jobs::new(
+            Arc::clone(&store),
+            results.clone(),
+            Arc::clone(&replica),
+        ));
         let tasks = TaskTracker::new();
         let keys = KeyCache::new(
             Arc::clone(&store),
@@ -85,7 +90,7 @@ impl Gateway {
             tasks.clone(),
         );
         let state = Arc::new(AppState {
-            replica: crate::state::replica_name(),
+            replica,
             runtime: ArcSwap::from_pointee(Runtime::new(config)?),
             env,
             store,
@@ -149,20 +154,6 @@ impl Gateway {
         tracing::info!("stopped");
         Ok(())
     }
-}
-
-/// The async jobs an earlier run left; those it cut off are recorded as failed.
-fn open_jobs(dir: &std::path::Path) -> anyhow::Result<Arc<Jobs>> {
-    let (jobs, interrupted) =
-        Jobs::open(dir).map_err(|e| anyhow::anyhow!("jobs.dir {}: {e}", dir.display()))?;
-    if interrupted > 0 {
-        tracing::warn!(
-            interrupted,
-            "async jobs cut off by the last stop are reported failed (\"{}\")",
-            crate::jobs::INTERRUPTED
-        );
-    }
-    Ok(Arc::new(jobs))
 }
 
 /// The Prometheus recorder is process-wide; every gateway in the process shares it.
