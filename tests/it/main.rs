@@ -20,6 +20,7 @@ mod generations;
 mod hostile;
 mod job_store;
 mod jobs;
+mod jobs_replicas;
 mod journal;
 mod json_edits;
 mod key_limits;
