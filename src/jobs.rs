@@ -342,7 +342,8 @@ fn interrupted_error(reason: &str) -> ErrorDetail {
 /// once, so that a restarted replica settles what its previous run left as soon as those
 /// leases lapse); on its own timer it deletes jobs past `jobs.retention`. Settings are
 /// read at each round (a reload changes them). A database that does not answer is tried
-/// again at the next round: a lease lasts three of them.
+/// again at the next round: a lease lasts three of them. At the stop, the leases of jobs
+/// still unfinished end.
 pub async fn service(
     jobs: Arc<Jobs>,
     usage: UsageSink,
@@ -383,8 +384,21 @@ pub async fn service(
             _ => {}
         }
         tokio::select! {
-            () = stop.cancelled() => return,
+            () = stop.cancelled() => break,
             () = tokio::time::sleep_until(lease_due.min(sweep_due)) => {}
+        }
+    }
+    // Stopped after the requests' grace: a job still unfinished now is cut off with this
+    // process. Its lease ends now, so that another replica fails it at once rather than
+    // a lease later.
+    match jobs.renew_leases(Duration::ZERO).await {
+        Ok(0) => {}
+        Ok(left) => tracing::warn!(
+            left,
+            "async jobs still unfinished at the stop are left to be failed job_interrupted"
+        ),
+        Err(err) => {
+            tracing::warn!(%err, "could not end the leases of this replica's jobs at the stop")
         }
     }
 }

@@ -225,6 +225,50 @@ async fn jobs_of_a_replica_that_is_gone_are_failed_by_another_and_billed_once() 
     b.shutdown().await;
 }
 
+/// A replica stopped while its job's call runs past the shutdown grace ends its leases as
+/// it stops: another replica fails the job at its next round (a third of the lease, 1 s
+/// here), not once the lease (3 s) has run out, at least 2 s after the stop.
+#[tokio::test]
+async fn a_job_cut_off_by_a_stop_is_failed_by_another_replica_at_once() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    provider.set_delay(Duration::from_secs(600));
+    let results = tempfile::tempdir().expect("tempdir");
+    let (store, url) = crate::support::db::fresh_postgres().await;
+    let jobs = format!(
+        "[jobs]\nlease = \"3s\"\n[results]\nurl = \"file://{}\"\n",
+        results.path().display()
+    );
+    let config = test_config(&provider.base_url(), &jobs).replacen(
+        "shutdown_grace = \"5s\"",
+        "shutdown_grace = \"300ms\"",
+        1,
+    );
+    let a = TestGateway::start_on_as(&url, &config, "a").await;
+    let b = TestGateway::start_on_as(&url, &config, "b").await;
+    let key = a.key.clone();
+    let (id, request_id) = accepted(post_job(&a, &key, GENERATION).await).await;
+    assert!(provider.wait_for_requests(1).await);
+    a.shutdown().await;
+    let stopped = Instant::now();
+    let (job, _) = wait_finished(&b.client, &b.url(""), &key, &id).await;
+    assert!(
+        stopped.elapsed() < Duration::from_millis(1800),
+        "failed {:?} after the stop",
+        stopped.elapsed()
+    );
+    assert_eq!(job["error"]["code"], "job_interrupted", "{job}");
+    assert_eq!(
+        job["error"]["message"],
+        imagegate::jobs::INTERRUPTED,
+        "{job}"
+    );
+    let rows = b.usage_rows(1).await;
+    assert_eq!(rows[0].request_id, request_id);
+    assert_eq!(rows[0].outcome, Outcome::Interrupted);
+    drop(store);
+    b.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Two real processes on one Postgres: a job polled on the other replica, then its replica
 // killed.
