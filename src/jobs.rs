@@ -36,6 +36,10 @@ pub const INTERRUPTED: &str =
 /// The reason of a job that was still waiting for its turn when its replica stopped.
 pub const INTERRUPTED_QUEUED: &str = "interrupted: the imagegate replica holding the job stopped before it ran (its request was not sent to a provider and is not billed)";
 
+/// How long a stopping replica tries to end its leases (see [`service`]): the stop must
+/// not wait for a database that does not answer.
+const STOP_RELEASE: Duration = Duration::from_millis(500);
+
 /// Jobs past retention deleted per statement.
 const SWEEP_BATCH: i64 = 500;
 
@@ -356,21 +360,33 @@ pub async fn service(
     loop {
         let config = settings();
         let now = tokio::time::Instant::now();
-        let mut outcome = Ok(());
+        let round = async {
+            let mut outcome = Ok(());
+            if now >= lease_due {
+                outcome = match jobs.renew_leases(config.lease).await {
+                    Ok(_) => jobs.claim_lapsed(&usage).await.map(|_| ()),
+                    Err(err) => Err(err),
+                };
+            }
+            if outcome.is_ok() && now >= sweep_due {
+                outcome = jobs.sweep(config.retention).await.map(|swept| {
+                    if swept > 0 {
+                        tracing::info!(swept, "deleted async jobs past jobs.retention");
+                    }
+                });
+            }
+            outcome
+        };
+        // A round waiting on a database that does not answer never holds up the stop.
+        let outcome = tokio::select! {
+            () = stop.cancelled() => break,
+            outcome = round => outcome,
+        };
         if now >= lease_due {
             lease_due = now + lease_interval(config.lease);
-            outcome = match jobs.renew_leases(config.lease).await {
-                Ok(_) => jobs.claim_lapsed(&usage).await.map(|_| ()),
-                Err(err) => Err(err),
-            };
         }
-        if outcome.is_ok() && now >= sweep_due {
+        if now >= sweep_due {
             sweep_due = now + sweep_interval(config.retention);
-            outcome = jobs.sweep(config.retention).await.map(|swept| {
-                if swept > 0 {
-                    tracing::info!(swept, "deleted async jobs past jobs.retention");
-                }
-            });
         }
         match outcome {
             Err(err) if !failing => {
@@ -390,15 +406,21 @@ pub async fn service(
     }
     // Stopped after the requests' grace: a job still unfinished now is cut off with this
     // process. Its lease ends now, so that another replica fails it at once rather than
-    // a lease later.
-    match jobs.renew_leases(Duration::ZERO).await {
-        Ok(0) => {}
-        Ok(left) => tracing::warn!(
+    // a lease later; a database that does not answer soon leaves the leases to run out.
+    let release = tokio::time::timeout(STOP_RELEASE, jobs.renew_leases(Duration::ZERO));
+    match release.await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(left)) => tracing::warn!(
             left,
             "async jobs still unfinished at the stop are left to be failed job_interrupted"
         ),
-        Err(err) => {
+        Ok(Err(err)) => {
             tracing::warn!(%err, "could not end the leases of this replica's jobs at the stop")
+        }
+        Err(_elapsed) => {
+            tracing::warn!(
+                "the database did not answer in time: this replica's unfinished jobs are failed once their leases run out"
+            )
         }
     }
 }

@@ -161,6 +161,8 @@ async fn jobs_of_a_replica_that_is_gone_are_failed_by_another_and_billed_once() 
         .find(|k| k.name == "b")
         .expect("b's key");
     let long_ago = chrono::Utc::now() - chrono::TimeDelta::minutes(5);
+    // Leased until later while the test sets them up, then run out all at once.
+    let later = chrono::Utc::now() + chrono::TimeDelta::minutes(5);
     let gone = |id: &str| imagegate::store::NewJob {
         id: id.to_owned(),
         key_id: key.id,
@@ -169,7 +171,7 @@ async fn jobs_of_a_replica_that_is_gone_are_failed_by_another_and_billed_once() 
         fingerprint: None,
         created_at: long_ago,
         replica: "gone-0000".into(),
-        lease_until: long_ago,
+        lease_until: later,
     };
     let running = "imgjob_running";
     let queued = "imgjob_queued";
@@ -201,6 +203,11 @@ async fn jobs_of_a_replica_that_is_gone_are_failed_by_another_and_billed_once() 
         .record_job_call(running, &intent)
         .await
         .expect("record the call");
+    let ran_out = store
+        .renew_job_leases("gone-0000", long_ago)
+        .await
+        .expect("leases run out");
+    assert_eq!(ran_out, 2);
 
     for (id, message) in [
         (running, imagegate::jobs::INTERRUPTED),
