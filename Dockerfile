@@ -38,8 +38,11 @@ WORKDIR /app
 COPY config/ /app/config/
 # Writable by imagegate, and to be kept across restarts: the usage journal
 # (server.journal_dir, data/journal), the upload spool (data/spool) and the default
-# SQLite database (data/imagegate.db).
-RUN mkdir -p /app/data && chown imagegate:imagegate /app/data
+# SQLite database (data/imagegate.db). /app/results is for a result store that replicas
+# share as a folder (docker-compose.yml mounts one volume there in each replica): a
+# named volume mounted there starts with its owner.
+RUN mkdir -p /app/data /app/results \
+    && chown imagegate:imagegate /app/data /app/results
 VOLUME /app/data
 
 USER 10001:10001

@@ -74,7 +74,7 @@ impl Gateway {
             )
             .map_err(|e| anyhow::anyhow!("server.spool_dir {}: {e}", results.display()))?,
         );
-        let results = crate::results::Results::open(&config.results)?;
+        let results = crate::results::Results::open(&config.results, &*env)?;
         let store: Arc<dyn Store> = Arc::new(crate::store::OnRuntime::new(store));
         let replica = crate::state::replica_name();
         let jobs = Arc::new(Jobs::new(

@@ -19,6 +19,7 @@ pub mod login_throttle;
 pub mod multipart;
 pub mod openai;
 pub mod private_fs;
+pub mod replicas;
 pub mod results;
 pub mod routes;
 pub mod routing;

@@ -188,6 +188,12 @@ impl InFlight {
         }
     }
 
+    /// Requests in flight, every key's together (this replica's heartbeat reports it).
+    pub fn total(&self) -> u64 {
+        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts.values().map(|&n| u64::from(n)).sum()
+    }
+
     /// How many keys have requests in flight (tests).
     pub fn keys(&self) -> usize {
         self.counts.lock().unwrap_or_else(|e| e.into_inner()).len()

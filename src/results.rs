@@ -15,7 +15,7 @@ use axum::body::Body;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures_util::{StreamExt, TryStreamExt};
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::buffered::BufWriter;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
@@ -66,6 +66,20 @@ impl std::fmt::Display for Location {
     }
 }
 
+/// The variables an S3 result store takes from the gateway's environment lookup (see
+/// [`Results::open`]): where the server is and how to sign for it.
+pub const S3_VARIABLES: &[&str] = &[
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT",
+    "AWS_ALLOW_HTTP",
+    "AWS_VIRTUAL_HOSTED_STYLE_REQUEST",
+];
+
 /// A result store error, with its source kept.
 #[derive(Debug, thiserror::Error)]
 #[error("result store {location}: {source}")]
@@ -104,9 +118,14 @@ pub struct Results {
 
 impl Results {
     /// Opens the store at `location`; a folder is created (0700) if missing. S3 reads its
-    /// settings from the environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
-    /// `AWS_REGION`, `AWS_ENDPOINT_URL` for servers other than AWS, `AWS_ALLOW_HTTP`, ...).
-    pub fn open(location: &Location) -> anyhow::Result<Results> {
+    /// settings from the process environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+    /// `AWS_REGION`, `AWS_ENDPOINT_URL` for servers other than AWS, `AWS_ALLOW_HTTP`, ...),
+    /// then from `env` for the variables in [`S3_VARIABLES`]: the gateway's own lookup,
+    /// the process environment again in production, the tests' S3 server in tests.
+    pub fn open(
+        location: &Location,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<Results> {
         let (store, prefix): (Arc<dyn ObjectStore>, String) = match location {
             Location::Folder(path) => {
                 private_fs::create_dir_all(path).map_err(|e| {
@@ -118,7 +137,16 @@ impl Results {
                 (Arc::new(store), String::new())
             }
             Location::S3 { bucket, prefix } => {
-                let store = AmazonS3Builder::from_env()
+                let mut builder = AmazonS3Builder::from_env();
+                for name in S3_VARIABLES {
+                    if let (Some(value), Ok(key)) = (
+                        env(name),
+                        name.to_ascii_lowercase().parse::<AmazonS3ConfigKey>(),
+                    ) {
+                        builder = builder.with_config(key, value);
+                    }
+                }
+                let store = builder
                     .with_bucket_name(bucket)
                     .build()
                     .map_err(|e| anyhow::anyhow!("results.url {location}: {e}"))?;
@@ -364,7 +392,7 @@ mod tests {
     #[tokio::test]
     async fn a_folder_shows_an_object_only_once_it_is_whole() {
         let dir = tempfile::tempdir().unwrap();
-        let results = Results::open(&Location::Folder(dir.path().join("r"))).unwrap();
+        let results = Results::open(&Location::Folder(dir.path().join("r")), &|_| None).unwrap();
         let mut writer = results.writer("jobs/a");
         writer.write(b"hello ").await.unwrap();
         assert!(results.read_all("jobs/a").await.unwrap().is_none());

@@ -37,6 +37,8 @@ impl Services {
                 services.stop.clone(),
             ),
         );
+        let heartbeat = crate::replicas::heartbeat(Arc::clone(state), services.stop.clone());
+        services.spawn("replica heartbeat", heartbeat);
         services
     }
 

@@ -1,7 +1,8 @@
 //! Admin API, behind the admin token: reload the configuration; client keys ([`keys`]);
-//! usage reports ([`usage`]).
+//! usage reports ([`usage`]); the replicas sharing the database ([`replicas`]).
 
 pub mod keys;
+pub mod replicas;
 pub mod usage;
 
 use std::sync::Arc;

@@ -35,6 +35,11 @@ impl FromRef<Arc<AppState>> for Readiness {
     }
 }
 
+/// `/readyz`'s `shared_state` while the database does not answer.
+const SHARED_STATE_DEGRADED: &str = "degraded: the database is not answering, so async \
+     jobs and duplicate protection are limited to this replica (other replicas cannot see \
+     its jobs or calls in flight, nor it theirs) until it answers again";
+
 pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
@@ -42,6 +47,9 @@ pub async fn healthz() -> Json<serde_json::Value> {
 /// Ready when the usage store answers within two seconds and the usage journal can be
 /// written (`usage_journal` says why not). `usage_backlog` (rows journaled and not yet in
 /// the database) is reported, not judged: requests are served while it grows.
+/// `shared_state` says what the replicas share through the database and whether this one
+/// has it now: without the database, async jobs and duplicate protection hold on this
+/// replica alone, until it answers again.
 pub async fn readyz(State(state): State<Readiness>) -> Response {
     let database = match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
         Ok(Ok(())) => "ok".to_owned(),
@@ -54,6 +62,11 @@ pub async fn readyz(State(state): State<Readiness>) -> Response {
     let journal = match state.usage.unavailable() {
         None => "ok".to_owned(),
         Some(reason) => format!("unavailable: {reason}"),
+    };
+    let shared_state = if database == "ok" {
+        "ok"
+    } else {
+        SHARED_STATE_DEGRADED
     };
     let ready = database == "ok" && journal == "ok";
     let status = if ready {
@@ -71,6 +84,7 @@ pub async fn readyz(State(state): State<Readiness>) -> Response {
         .collect();
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
+        "shared_state": shared_state,
         "checks": {
             "database": database,
             "usage_journal": journal,

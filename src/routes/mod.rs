@@ -34,6 +34,7 @@ pub const ADMIN: &[&str] = &[
     "/admin/keys/{name}",
     "/admin/usage",
     "/admin/requests",
+    "/admin/replicas",
 ];
 
 /// The dashboard's pages, behind its session cookie instead of a key: without a valid
@@ -78,6 +79,7 @@ fn table() -> Vec<(Method, &'static str, MethodRouter<Arc<AppState>>)> {
         (M::DELETE, "/admin/keys/{name}", delete(admin::keys::revoke)),
         (M::GET, "/admin/usage", get(admin::usage::usage)),
         (M::GET, "/admin/requests", get(admin::usage::requests)),
+        (M::GET, "/admin/replicas", get(admin::replicas::list)),
         (M::GET, "/dashboard", get(dashboard::dashboard)),
         (M::GET, "/dashboard/usage.csv", get(dashboard::usage_csv)),
         (

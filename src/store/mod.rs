@@ -15,6 +15,7 @@ macro_rules! usage_columns {
 mod budget;
 mod jobs;
 mod postgres;
+mod replicas;
 mod rows;
 mod sqlite;
 
@@ -40,6 +41,7 @@ pub use jobs::{
     Interrupted, JobCreated, JobEnd, JobRow, JobStatus, JobStore, NewJob, PastRetention,
 };
 pub use postgres::PostgresStore;
+pub use replicas::{ReplicaRow, ReplicaStore};
 pub use rows::{Outcome, UsageRow};
 pub use sqlite::SqliteStore;
 
@@ -283,7 +285,7 @@ pub type StoreResult<T> = Result<T, StoreError>;
 
 /// Everything imagegate keeps in a database.
 #[async_trait]
-pub trait Store: JobStore + Send + Sync + 'static {
+pub trait Store: JobStore + ReplicaStore + Send + Sync + 'static {
     /// Applies the embedded migrations that have not run yet.
     async fn migrate(&self) -> StoreResult<()>;
     /// One cheap round trip, for `/readyz`.

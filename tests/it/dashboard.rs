@@ -838,3 +838,94 @@ async fn check_filter(c: &Client, gw: &TestGateway) {
     assert_eq!(shown, ["r6", "r2", "r1"]);
     save_screenshot(c, "dashboard-filtered.png").await;
 }
+
+/// Two replicas on one Postgres, the second with another setting: the page shows both in
+/// its replicas panel with the warning; once the second has stopped, one replica is left
+/// and the panel is gone.
+#[tokio::test]
+async fn dashboard_in_headless_chromium_shows_two_replicas_and_warns_that_their_settings_differ() {
+    let (_, url) = crate::support::db::fresh_postgres().await;
+    let config = test_config(&dead_url(), "");
+    let one = TestGateway::start_on_as(&url, &config, "svc-one").await;
+    let other = config.replacen("shutdown_grace = \"5s\"", "shutdown_grace = \"6s\"", 1);
+    assert_ne!(other, config);
+    let two = TestGateway::start_on_as(&url, &other, "svc-two").await;
+    // Each replica writes its row once it serves.
+    let mut listing = Value::Null;
+    for _ in 0..100 {
+        listing = admin_get(&one, "/admin/replicas")
+            .await
+            .json()
+            .await
+            .expect("json");
+        if listing["live"] == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(listing["live"], 2, "{listing:#}");
+    let ids: Vec<String> = listing["data"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|r| r["id"].as_str().expect("id").to_owned())
+        .collect();
+
+    let driver = start_driver().await;
+    let c = browser(&driver).await;
+    viewport_1280x800(&c).await;
+    c.goto(&one.url("/dashboard")).await.expect("open");
+    log_in(&c, ADMIN_TOKEN).await;
+    wait_for_path(&c, "/dashboard").await;
+
+    let panel = c.find(Locator::Id("replicas-panel")).await.expect("panel");
+    let heading = panel.find(Locator::Css("h2")).await.expect("heading");
+    assert_eq!(heading.text().await.expect("text"), "Replicas (2 live)");
+    let warning = panel.find(Locator::Css(".warning")).await.expect("warning");
+    let text = warning.text().await.expect("text");
+    assert!(
+        text.contains("live replicas run 2 different settings")
+            && ids.iter().all(|id| text.contains(id.as_str())),
+        "{text}"
+    );
+    assert_eq!(
+        warning.attr("role").await.expect("attr").as_deref(),
+        Some("alert")
+    );
+    assert!(warning.is_displayed().await.expect("displayed"));
+    let color = c
+        .execute(
+            "return getComputedStyle(document.querySelector('#replicas-panel .warning')).backgroundColor;",
+            vec![],
+        )
+        .await
+        .expect("style");
+    assert_ne!(color, json!("rgba(0, 0, 0, 0)"), "the warning stands out");
+    let rows = table(&c, "replicas", "data-replica").await;
+    let shown: Vec<&String> = rows.iter().map(|(id, _)| id).collect();
+    assert_eq!(shown, ids.iter().collect::<Vec<_>>());
+    for (id, cells) in &rows {
+        assert_eq!(cells[1], "live", "{id}");
+        assert_eq!(cells[2], env!("CARGO_PKG_VERSION"), "{id}");
+        assert_eq!(cells[6], "0", "{id}");
+    }
+    let differing = c
+        .find_all(Locator::Css("#replicas td.hash.differs"))
+        .await
+        .expect("cells");
+    assert_eq!(differing.len(), 2, "both hashes marked");
+    assert_eq!(save_screenshot(&c, "replicas.png").await, (1280, 800));
+
+    // One replica left: nothing to compare, no panel.
+    two.shutdown().await;
+    c.refresh().await.expect("reload");
+    wait_for_path(&c, "/dashboard").await;
+    c.find(Locator::Id("by-key")).await.expect("the page");
+    let panels = c
+        .find_all(Locator::Id("replicas-panel"))
+        .await
+        .expect("query");
+    assert!(panels.is_empty(), "no replicas panel with one replica");
+    c.close().await.expect("close the browser");
+    one.shutdown().await;
+}

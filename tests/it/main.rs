@@ -31,6 +31,8 @@ mod mock;
 mod passthrough;
 mod pricing;
 mod redaction;
+mod replicas;
+mod results_s3;
 mod router;
 mod sdk;
 mod shares;

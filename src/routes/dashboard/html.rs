@@ -2,10 +2,12 @@
 //! text that comes from data or from the request (key names, model names, filter values)
 //! goes through [`esc`].
 
+use std::collections::BTreeSet;
 use std::fmt::Write;
 
 use chrono::{Duration, NaiveDate};
 
+use crate::replicas::Roster;
 use crate::store::{UsageRow, UsageTotals};
 use crate::usage::price::format_cost;
 use crate::usage::report;
@@ -338,6 +340,66 @@ pub fn totals_table(id: &str, heading: &str, rows: &[UsageTotals]) -> String {
             r.total_tokens,
             cost_sort(report::cost_nanousd(r)),
             report::cost_text(r),
+        );
+    }
+    out.push_str("</tbody></table>");
+    out
+}
+
+/// The replicas writing their heartbeat to this database, live ones first, with the
+/// roster's warnings (settings or versions that differ between live replicas) above the
+/// table as alerts.
+pub fn replicas(roster: &Roster) -> String {
+    let mut out = String::new();
+    for warning in &roster.warnings {
+        let _ = write!(
+            out,
+            "<p class=\"warning\" role=\"alert\">{}</p>",
+            esc(warning)
+        );
+    }
+    out.push_str(
+        "<table class=\"sortable\" id=\"replicas\"><thead><tr><th>Replica</th><th>Status</th>\
+         <th>Version</th><th>Config hash</th><th>Started (UTC)</th><th>Last seen (UTC)</th>\
+         <th class=\"num\">Calls in flight</th></tr></thead><tbody>",
+    );
+    let live = roster.replicas.iter().filter(|r| r.status == "live");
+    let hashes: BTreeSet<&str> = live.clone().map(|r| r.config_hash.as_str()).collect();
+    let versions: BTreeSet<&str> = live.map(|r| r.version.as_str()).collect();
+    for r in &roster.replicas {
+        // A value shared by every live replica is plain; one that differs is marked.
+        let mark = |differs: bool| {
+            if differs && r.status == "live" {
+                " differs"
+            } else {
+                ""
+            }
+        };
+        let this = if r.this {
+            " <span class=\"this\">this one</span>"
+        } else {
+            ""
+        };
+        let _ = write!(
+            out,
+            "<tr data-replica=\"{}\"><td>{}{this}</td><td><span class=\"status {}\">{}</span></td>\
+             <td class=\"{}\">{}</td><td class=\"hash{}\"><code>{}</code></td>\
+             <td data-sort=\"{}\">{}</td><td data-sort=\"{}\">{}</td>\
+             <td class=\"num\" data-sort=\"{}\">{}</td></tr>",
+            esc(&r.id),
+            esc(&r.id),
+            if r.status == "live" { "ok" } else { "bad" },
+            r.status,
+            mark(versions.len() > 1).trim_start(),
+            esc(&r.version),
+            mark(hashes.len() > 1),
+            esc(&r.config_hash),
+            r.started_at.timestamp_micros(),
+            r.started_at.format("%Y-%m-%d %H:%M:%S"),
+            r.last_seen.timestamp_micros(),
+            r.last_seen.format("%Y-%m-%d %H:%M:%S"),
+            r.calls_in_flight,
+            r.calls_in_flight,
         );
     }
     out.push_str("</tbody></table>");

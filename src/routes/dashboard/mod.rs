@@ -24,6 +24,7 @@ use super::admin::usage::{Pairs, Params, csv_response, page, rows_csv_response, 
 use crate::auth::admin_token_matches;
 use crate::config::Secret;
 use crate::error::ApiError;
+use crate::replicas::Roster;
 use crate::state::AppState;
 use crate::store::{GroupBy, UsageFilter, UsageRow, UsageTotals};
 use crate::usage::report;
@@ -225,6 +226,8 @@ struct Figures {
     by_key: Vec<UsageTotals>,
     by_model: Vec<UsageTotals>,
     latest: Vec<UsageRow>,
+    /// The replicas sharing the database (a panel when two or more are live).
+    replicas: Roster,
     /// For the filter form's suggestions.
     key_names: Vec<String>,
     models: Vec<String>,
@@ -250,6 +253,7 @@ impl Figures {
             by_key: totals(store, &with(GroupBy::Key)).await?,
             by_model: totals(store, &with(GroupBy::Model)).await?,
             latest: page(store, filter, None, LATEST).await?.0,
+            replicas: super::admin::replicas::roster(state).await?,
             key_names,
             models: runtime
                 .config
@@ -285,6 +289,7 @@ fn render(filter: &UsageFilter, shown: &html::Shown, f: &Figures) -> String {
     [
         html::top(shown, &f.key_names, &f.models),
         html::cards(&report::total(&f.by_key, "total")),
+        replicas_panel(&f.replicas),
         html::panel(
             "by-day",
             &period,
@@ -307,6 +312,16 @@ fn render(filter: &UsageFilter, shown: &html::Shown, f: &Figures) -> String {
             .to_owned(),
     ]
     .concat()
+}
+
+/// The replicas' panel when two or more replicas are live (one replica alone has nothing to
+/// compare), or when live replicas disagree.
+fn replicas_panel(roster: &Roster) -> String {
+    if roster.live < 2 && roster.warnings.is_empty() {
+        return String::new();
+    }
+    let title = format!("Replicas ({} live)", roster.live);
+    html::panel("replicas-panel", &title, None, &html::replicas(roster))
 }
 
 /// `GET /dashboard/usage.csv?key=&model=&since=&until=&group_by=`: the figures the page

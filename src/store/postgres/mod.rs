@@ -1,6 +1,7 @@
 //! The Postgres `Store`: the production database.
 
 mod jobs;
+mod replicas;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -12,6 +12,7 @@ pub mod gateway;
 pub mod postgres;
 pub mod raw;
 pub mod rows;
+pub mod s3;
 pub mod standin;
 
 use std::collections::HashMap;
