@@ -65,11 +65,15 @@ impl Gateway {
             );
             usage.discarding()
         };
-        let jobs = open_jobs(&config.jobs.dir)?;
         let results = crate::results::Results::open(&config.results, &*env)?;
         let store: Arc<dyn Store> = Arc::new(crate::store::OnRuntime::new(store));
-        let tasks = TaskTracker::new();
         let replica = crate::state::replica_name();
+        let jobs = Arc::new(Jobs::new(
+            Arc::clone(&store),
+            results.clone(),
+            Arc::clone(&replica),
+        ));
+        let tasks = TaskTracker::new();
         let dedupe = Arc::new(Dedupe::new(
             config.server.duplicate_protection,
             config.server.duplicate_window,
@@ -151,20 +155,6 @@ impl Gateway {
         tracing::info!("stopped");
         Ok(())
     }
-}
-
-/// The async jobs an earlier run left; those it cut off are recorded as failed.
-fn open_jobs(dir: &std::path::Path) -> anyhow::Result<Arc<Jobs>> {
-    let (jobs, interrupted) =
-        Jobs::open(dir).map_err(|e| anyhow::anyhow!("jobs.dir {}: {e}", dir.display()))?;
-    if interrupted > 0 {
-        tracing::warn!(
-            interrupted,
-            "async jobs cut off by the last stop are reported failed (\"{}\")",
-            crate::jobs::INTERRUPTED
-        );
-    }
-    Ok(Arc::new(jobs))
 }
 
 /// The Prometheus recorder is process-wide; every gateway in the process shares it.

@@ -2,89 +2,46 @@
 //! `Prefer: respond-async` is answered 202 at once with a job id, runs in the background,
 //! and its result is collected later with `GET /v1/images/jobs/{id}`.
 //!
-//! This module is the jobs' table and their files: one `{id}.json` per job (written whole
-//! to a temporary file, then renamed over the old one, so that a crash leaves the old
-//! record or the new one, never half of one) and one `{id}.result` per job that succeeded:
-//! the body the synchronous call would have returned. The table is read back at start;
-//! jobs a restart cut off are recorded as failed, with the reason.
+//! A job is a row of the database every replica shares ([`crate::store::JobStore`]) and its
+//! result an object `jobs/{id}` of the result store (`[results] url`), so that any replica
+//! answers its polls. The replica that accepted a job runs it and holds a lease on it,
+//! renewed by the `jobs` service every third of `jobs.lease`; a job whose lease ran out
+//! unfinished (its replica died) is failed `job_interrupted` by whichever replica notices,
+//! and billed as the crash recovery bills any call cut off: one interrupted usage row at
+//! the worst case, under the creating request's id, when its call had been sent.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use chrono::{DateTime, TimeDelta, Utc};
+use tokio_util::sync::CancellationToken;
 
-use crate::config::KeptPerKey;
+use crate::config::{JobsConfig, KeptPerKey};
 use crate::limits::InFlight;
-use crate::openai::{ErrorBody, ErrorDetail};
-use crate::private_fs;
+use crate::openai::ErrorDetail;
+use crate::results::{Reading, Results, ResultsError};
+use crate::store::{Interrupted, JobCreated, JobEnd, NewJob, PastRetention, Store, StoreResult};
+use crate::usage::Intent;
+use crate::usage::writer::UsageSink;
+
+pub use crate::store::{JobRow as Record, JobStatus as Status};
 
 /// Every job id starts with it.
 pub const ID_PREFIX: &str = "imgjob_";
 
-/// The reason of a job whose provider call was in flight when imagegate stopped.
-pub const INTERRUPTED: &str = "interrupted: imagegate restarted while the job ran";
+/// The reason of a job whose provider call was in flight when its replica stopped.
+pub const INTERRUPTED: &str =
+    "interrupted: the imagegate replica running the job stopped while it ran";
 
-/// The reason of a job that was still waiting for its turn when imagegate stopped.
-pub const INTERRUPTED_QUEUED: &str = "interrupted: imagegate restarted before the job ran (its request was not sent to a provider and is not billed)";
+/// The reason of a job that was still waiting for its turn when its replica stopped.
+pub const INTERRUPTED_QUEUED: &str = "interrupted: the imagegate replica holding the job stopped before it ran (its request was not sent to a provider and is not billed)";
 
-const RECORD: &str = "json";
-const RESULT: &str = "result";
-const TEMP: &str = "tmp";
+/// How long a stopping replica tries to end its leases (see [`service`]): the stop must
+/// not wait for a database that does not answer.
+const STOP_RELEASE: Duration = Duration::from_millis(500);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    /// Accepted, waiting for its turn (see [`Jobs::running`]).
-    Queued,
-    /// Its provider call is running.
-    InProgress,
-    Succeeded,
-    Failed,
-    /// Finished, then dropped (its result deleted) to keep its key within
-    /// `jobs.max_kept_per_key` and `jobs.max_kept_bytes_per_key`.
-    Expired,
-}
-
-impl Status {
-    pub fn is_finished(self) -> bool {
-        matches!(self, Status::Succeeded | Status::Failed | Status::Expired)
-    }
-}
-
-/// One job, as its file holds it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Record {
-    pub id: String,
-    /// Only this key may read the job.
-    pub key_id: i64,
-    pub status: Status,
-    /// Unix seconds.
-    pub created_at: i64,
-    /// Unix seconds, once finished.
-    #[serde(default)]
-    pub completed_at: Option<i64>,
-    /// Unix milliseconds, once finished: when the retention starts.
-    #[serde(default)]
-    pub finished_ms: Option<i64>,
-    /// `generations`, `edits`.
-    pub endpoint: String,
-    /// The creating request's id: its usage rows carry it.
-    pub request_id: String,
-    /// Hex of the duplicate-protection fingerprint, when the request had one.
-    #[serde(default)]
-    pub fingerprint: Option<String>,
-    /// Why it failed, in OpenAI's error shape.
-    #[serde(default)]
-    pub error: Option<ErrorDetail>,
-    /// The HTTP status the synchronous call would have answered with, once finished.
-    #[serde(default)]
-    pub status_code: Option<u16>,
-    /// The size of its result file, once it succeeded.
-    #[serde(default)]
-    pub result_bytes: Option<u64>,
-}
+/// Jobs past retention deleted per statement.
+const SWEEP_BATCH: i64 = 500;
 
 /// What a job was created from.
 pub struct Order {
@@ -97,398 +54,241 @@ pub struct Order {
     pub retry: bool,
 }
 
-pub enum Created {
-    New(Record),
-    /// A retry of the request that created this job.
-    Existing(Record),
-}
-
-/// The key has `limit` jobs not finished already.
-#[derive(Debug)]
-pub struct QueueFull {
-    pub limit: u32,
-}
-
 /// How a job ended.
 pub enum Finished {
-    /// Its result is in [`Jobs::temp_result_path`], whole.
-    Succeeded { status_code: u16 },
+    /// Its result is stored whole as [`result_name`], `bytes` long.
+    Succeeded { status_code: u16, bytes: u64 },
     Failed {
         status_code: u16,
         error: ErrorDetail,
     },
 }
 
+/// The jobs of every replica, as this replica reaches them.
 pub struct Jobs {
-    dir: PathBuf,
-    table: Mutex<Table>,
-    /// Each key's jobs whose call is running: at most `limits.max_in_flight_per_key` at
-    /// once, the others wait (queued). Counted apart from the key's requests, so that
-    /// running jobs never get the key's own polling refused.
+    store: Arc<dyn Store>,
+    results: Results,
+    replica: Arc<str>,
+    /// Each key's jobs whose call is running on this replica: at most
+    /// `limits.max_in_flight_per_key` at once, the others wait (queued). Counted apart from
+    /// the key's requests, so that running jobs never get the key's own polling refused.
     pub running: Arc<InFlight>,
 }
 
-#[derive(Default)]
-struct Table {
-    jobs: HashMap<String, Record>,
-    /// Fingerprint -> the latest job created with it.
-    by_fingerprint: HashMap<String, String>,
-    /// Jobs not finished, per key.
-    open: HashMap<i64, u32>,
-}
-
-impl Table {
-    fn insert(&mut self, record: Record) {
-        if let Some(fingerprint) = &record.fingerprint {
-            self.by_fingerprint
-                .insert(fingerprint.clone(), record.id.clone());
-        }
-        if !record.status.is_finished() {
-            *self.open.entry(record.key_id).or_insert(0) += 1;
-        }
-        self.jobs.insert(record.id.clone(), record);
-    }
-
-    fn close(&mut self, key_id: i64) {
-        if let Some(count) = self.open.get_mut(&key_id) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                self.open.remove(&key_id);
-            }
-        }
-    }
-
-    fn remove(&mut self, id: &str) -> Option<Record> {
-        let record = self.jobs.remove(id)?;
-        if let Some(fingerprint) = &record.fingerprint {
-            if self
-                .by_fingerprint
-                .get(fingerprint)
-                .is_some_and(|j| j == id)
-            {
-                self.by_fingerprint.remove(fingerprint);
-            }
-        }
-        if !record.status.is_finished() {
-            self.close(record.key_id);
-        }
-        Some(record)
-    }
+/// A job's result in the result store.
+pub fn result_name(id: &str) -> String {
+    format!("jobs/{id}")
 }
 
 impl Jobs {
-    /// Reads back the jobs an earlier run left in `dir` (created when the first job is).
-    /// A job that was queued or running then is recorded as failed, with the reason;
-    /// returns how many were.
-    pub fn open(dir: &Path) -> std::io::Result<(Jobs, usize)> {
-        let jobs = Jobs {
-            dir: dir.to_owned(),
-            table: Mutex::new(Table::default()),
+    pub fn new(store: Arc<dyn Store>, results: Results, replica: Arc<str>) -> Jobs {
+        Jobs {
+            store,
+            results,
+            replica,
             running: Arc::default(),
-        };
-        let mut interrupted = 0;
-        let entries = match std::fs::read_dir(dir) {
-            Ok(entries) => entries,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok((jobs, 0)),
-            Err(err) => return Err(err),
-        };
-        let mut results = Vec::new();
-        for entry in entries {
-            let path = entry?.path();
-            match path.extension().and_then(|e| e.to_str()) {
-                Some(TEMP) => remove(&path)?,
-                Some(RESULT) => results.push(path),
-                Some(RECORD) => {
-                    if let Some(record) = jobs.read_back(&path)? {
-                        interrupted += usize::from(record.1);
-                        jobs.lock().insert(record.0);
-                    }
-                }
-                _ => {}
-            }
         }
-        // A result whose record is gone (the sweeper stopped between the two) is removed.
-        let table = jobs.lock();
-        for path in results {
-            let id = path
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .unwrap_or_default();
-            if !table.jobs.contains_key(id) {
-                remove(&path)?;
-            }
-        }
-        drop(table);
-        Ok((jobs, interrupted))
     }
 
-    /// One record file; a job that had not finished becomes failed (true).
-    fn read_back(&self, path: &Path) -> std::io::Result<Option<(Record, bool)>> {
-        let text = std::fs::read(path)?;
-        let mut record: Record = match serde_json::from_slice(&text) {
-            Ok(record) => record,
-            Err(err) => {
-                tracing::warn!(path = %path.display(), %err, "skipping a job file that cannot be read");
-                return Ok(None);
-            }
-        };
-        if record.status.is_finished() {
-            return Ok(Some((record, false)));
-        }
-        let reason = if record.status == Status::Queued {
-            INTERRUPTED_QUEUED
-        } else {
-            INTERRUPTED
-        };
-        finish_record(
-            &mut record,
-            Status::Failed,
-            500,
-            Some(interrupted_error(reason)),
-        );
-        write_atomically(&self.record_path(&record.id), &encode(&record)?)?;
-        Ok(Some((record, true)))
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// A new job for `order`, queued (its file not written yet: see [`Jobs::save`]); or the
-    /// job a retry of the same request created; or [`QueueFull`] when the key has `limit`
-    /// jobs not finished.
-    pub fn create(&self, order: Order, limit: u32) -> Result<Created, QueueFull> {
-        let fingerprint = order.fingerprint.map(hex::encode);
-        let mut table = self.lock();
-        if order.retry {
-            let existing = fingerprint
-                .as_ref()
-                .and_then(|f| table.by_fingerprint.get(f))
-                .and_then(|id| table.jobs.get(id))
-                .filter(|record| record.key_id == order.key_id);
-            if let Some(record) = existing {
-                return Ok(Created::Existing(record.clone()));
-            }
-        }
-        if table.open.get(&order.key_id).copied().unwrap_or(0) >= limit {
-            return Err(QueueFull { limit });
-        }
-        let record = Record {
+    /// A new job for `order`, queued and leased to this replica; or the job a retry of the
+    /// same request created; or [`JobCreated::QueueFull`] when the key has
+    /// `jobs.max_queued_per_key` unfinished jobs on all replicas.
+    pub async fn create(&self, order: Order, config: &JobsConfig) -> StoreResult<JobCreated> {
+        let now = Utc::now();
+        let job = NewJob {
             id: format!("{ID_PREFIX}{:032x}", rand::random::<u128>()),
             key_id: order.key_id,
-            status: Status::Queued,
-            created_at: now_ms() / 1000,
-            completed_at: None,
-            finished_ms: None,
             endpoint: order.endpoint,
             request_id: order.request_id,
-            fingerprint,
-            error: None,
-            status_code: None,
-            result_bytes: None,
+            fingerprint: order.fingerprint.map(hex::encode),
+            created_at: now,
+            replica: self.replica.to_string(),
+            lease_until: after(now, config.lease),
         };
-        table.insert(record.clone());
-        Ok(Created::New(record))
-    }
-
-    /// Writes a job's record file as the table holds it now.
-    pub async fn save(&self, id: &str) -> std::io::Result<()> {
-        let record = self.lock().jobs.get(id).cloned();
-        let Some(record) = record else {
-            return Ok(());
-        };
-        let bytes = encode(&record)?;
-        let path = self.record_path(id);
-        tokio::task::spawn_blocking(move || write_atomically(&path, &bytes))
+        let limit = config.max_queued_per_key.get();
+        let finished_after = before(now, config.retention);
+        self.store
+            .create_job(&job, order.retry, limit, finished_after)
             .await
-            .map_err(std::io::Error::other)?
     }
 
-    /// Forgets a job whose record could not be written (its request is refused).
-    pub fn forget(&self, id: &str) {
-        self.lock().remove(id);
+    /// The job `id` of `key_id`, unless it is unknown or past `retention`.
+    pub async fn get(
+        &self,
+        id: &str,
+        key_id: i64,
+        retention: Duration,
+    ) -> StoreResult<Option<Record>> {
+        self.store
+            .job(id, key_id, before(Utc::now(), retention))
+            .await
     }
 
-    /// The job's provider call is about to be sent.
-    pub async fn started(&self, id: &str) -> std::io::Result<()> {
-        if let Some(record) = self.lock().jobs.get_mut(id) {
-            record.status = Status::InProgress;
+    /// The job's provider call is about to be sent; false when the job is no longer
+    /// queued (another replica failed it when its lease ran out): it must not run.
+    pub async fn started(&self, id: &str) -> StoreResult<bool> {
+        self.store.start_job(id, Utc::now()).await
+    }
+
+    /// Keeps the intent of the job's call about to be sent with the job, so that another
+    /// replica can bill the call if this one dies during it. Not kept (the database did
+    /// not answer), the call is still billed by this replica's journal at its next start.
+    pub async fn record_call(&self, id: &str, intent: &Intent) {
+        let result = match serde_json::to_string(intent) {
+            Ok(json) => self.store.record_job_call(id, &json).await,
+            Err(err) => {
+                tracing::error!(job = %id, %err, "a call's intent cannot be encoded");
+                return;
+            }
+        };
+        if let Err(err) = result {
+            tracing::warn!(job = %id, %err, "could not keep a job's call with it: only this replica's journal can bill it if it stops");
         }
-        self.save(id).await
     }
 
-    /// Where a job's result is written before it is complete.
-    pub fn temp_result_path(&self, id: &str) -> PathBuf {
-        self.dir.join(format!("{id}.{RESULT}.{TEMP}"))
+    /// Starts writing the job's result; it is visible only once finished.
+    pub fn result_writer(&self, id: &str) -> crate::results::ResultWriter {
+        self.results.writer(&result_name(id))
     }
 
-    /// A succeeded job's result.
-    pub fn result_path(&self, id: &str) -> PathBuf {
-        self.dir.join(format!("{id}.{RESULT}"))
+    /// Reads a stored result; `None` when it is gone.
+    pub async fn read_result(&self, name: &str) -> Result<Option<Reading>, ResultsError> {
+        self.results.read(name).await
     }
 
-    fn record_path(&self, id: &str) -> PathBuf {
-        self.dir.join(format!("{id}.{RECORD}"))
-    }
-
-    /// Removes a result's temporary file, if there is one.
-    pub async fn remove_temp_result(&self, id: &str) {
-        let _ = tokio::fs::remove_file(self.temp_result_path(id)).await;
-    }
-
-    /// Creates the folder (the first job does), for the result's temporary file.
-    pub async fn ensure_dir(&self) -> std::io::Result<()> {
-        private_fs::create_dir_all_async(&self.dir).await
-    }
-
-    /// Records how the job ended: a result is moved into place first, then the record
-    /// says it succeeded. A result that cannot be moved fails the job (its file removed), so
-    /// that the job still ends and gives its key's queue slot back. Then the key's oldest
-    /// finished jobs expire while it keeps more than `kept` allows.
+    /// Records how the job ended. A job another replica failed meanwhile (this replica's
+    /// lease ran out) stays failed, and the result written for it is deleted. Then the
+    /// key's oldest finished jobs expire while it keeps more than `kept` allows.
     pub async fn finish(
         &self,
         id: &str,
+        key_id: i64,
         finished: Finished,
         kept: KeptPerKey,
-    ) -> std::io::Result<()> {
-        self.record_end(id, finished).await?;
-        let key_id = self.lock().jobs.get(id).map(|r| r.key_id);
-        if let Some(key_id) = key_id {
-            self.bound(key_id, kept).await;
-        }
-        Ok(())
-    }
-
-    /// Expires `key_id`'s oldest finished jobs while it has more than `kept.jobs` of them,
-    /// or results of more than `kept.result_bytes` in all: results are deleted, records say
-    /// `expired`.
-    async fn bound(&self, key_id: i64, kept: KeptPerKey) {
-        let expired: Vec<String> = {
-            let mut table = self.lock();
-            let mut finished: Vec<&Record> = table
-                .jobs
-                .values()
-                .filter(|r| {
-                    r.key_id == key_id && r.status.is_finished() && r.status != Status::Expired
-                })
-                .collect();
-            finished.sort_by_key(|r| (r.finished_ms, r.id.clone()));
-            let mut count = finished.len();
-            let mut bytes: u64 = finished.iter().filter_map(|r| r.result_bytes).sum();
-            let mut over = Vec::new();
-            for record in finished {
-                if count <= kept.jobs.get() as usize && bytes <= kept.result_bytes {
-                    break;
-                }
-                count -= 1;
-                bytes -= record.result_bytes.unwrap_or(0);
-                over.push(record.id.clone());
-            }
-            for id in &over {
-                if let Some(record) = table.jobs.get_mut(id) {
-                    record.status = Status::Expired;
-                    record.result_bytes = None;
-                }
-            }
-            over
+    ) -> StoreResult<()> {
+        let (end, written) = match finished {
+            Finished::Succeeded { status_code, bytes } => (
+                JobEnd::Succeeded {
+                    status_code: i32::from(status_code),
+                    result_name: result_name(id),
+                    result_bytes: i64::try_from(bytes).unwrap_or(i64::MAX),
+                },
+                true,
+            ),
+            Finished::Failed { status_code, error } => (
+                JobEnd::Failed {
+                    status_code: i32::from(status_code),
+                    error: error_json(&error),
+                },
+                false,
+            ),
         };
-        for id in &expired {
-            if let Err(err) = tokio::fs::remove_file(self.result_path(id)).await {
-                if err.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(job = %id, %err, "could not delete an expired job's result");
-                }
+        let recorded = self.store.finish_job(id, &end, Utc::now()).await?;
+        if !recorded {
+            tracing::warn!(job = %id, "a job ended after another replica had failed it (this replica's lease ran out)");
+            if written {
+                self.delete_results(&[result_name(id)]).await;
             }
-            if let Err(err) = self.save(id).await {
-                tracing::warn!(job = %id, %err, "could not record that a job expired");
-            }
+            return Ok(());
         }
+        let expired = self
+            .store
+            .expire_kept_jobs(key_id, kept.jobs.get(), kept.result_bytes)
+            .await?;
         if !expired.is_empty() {
             tracing::info!(
                 key_id,
                 expired = expired.len(),
                 "finished jobs expired to keep their key within jobs.max_kept_per_key and jobs.max_kept_bytes_per_key"
             );
+            self.delete_results(&expired).await;
         }
+        Ok(())
     }
 
-    async fn record_end(&self, id: &str, finished: Finished) -> std::io::Result<()> {
-        let mut result_bytes = None;
-        let (status, code, error) = match finished {
-            Finished::Succeeded { status_code } => {
-                match tokio::fs::rename(self.temp_result_path(id), self.result_path(id)).await {
-                    Ok(()) => {
-                        result_bytes = tokio::fs::metadata(self.result_path(id))
-                            .await
-                            .ok()
-                            .map(|m| m.len());
-                        (Status::Succeeded, status_code, None)
-                    }
-                    Err(err) => {
-                        tracing::error!(job = %id, %err, "could not move a job's result into place");
-                        self.remove_temp_result(id).await;
-                        let message =
-                            "The result could not be kept (it could not be written to disk).";
-                        let error = ErrorBody::new(message, "server_error", None, None).error;
-                        (Status::Failed, 500, Some(error))
-                    }
-                }
-            }
-            Finished::Failed { status_code, error } => (Status::Failed, status_code, Some(error)),
+    /// Extends the lease of every unfinished job this replica runs to `lease` from now.
+    pub async fn renew_leases(&self, lease: Duration) -> StoreResult<u64> {
+        self.store
+            .renew_job_leases(&self.replica, after(Utc::now(), lease))
+            .await
+    }
+
+    /// Fails the unfinished jobs whose lease ran out (their replica died), on whichever
+    /// replica it was, and records the interrupted usage row of each whose call had been
+    /// sent (the same row that replica's journal writes if it starts again: the request id
+    /// makes the second a no-op). Returns how many jobs it failed.
+    pub async fn claim_lapsed(&self, usage: &UsageSink) -> StoreResult<usize> {
+        let why = Interrupted {
+            queued: error_json(&interrupted_error(INTERRUPTED_QUEUED)),
+            running: error_json(&interrupted_error(INTERRUPTED)),
         };
-        {
-            let mut table = self.lock();
-            let Some(record) = table.jobs.get_mut(id) else {
-                return Ok(());
+        let claimed = self.store.claim_lapsed_jobs(Utc::now(), &why).await?;
+        let mut billed = 0;
+        for job in &claimed {
+            let Some(intent) = job.call_intent.as_deref() else {
+                continue;
             };
-            let was_open = !record.status.is_finished();
-            finish_record(record, status, code, error);
-            record.result_bytes = result_bytes;
-            let key_id = record.key_id;
-            if was_open {
-                table.close(key_id);
-            }
-        }
-        self.save(id).await
-    }
-
-    /// The job `id` of `key_id`, unless it is unknown, another key's or past `retention`.
-    pub fn get(&self, id: &str, key_id: i64, retention: Duration) -> Option<Record> {
-        let table = self.lock();
-        let record = table.jobs.get(id)?;
-        if record.key_id != key_id || expired(record, retention, now_ms()) {
-            return None;
-        }
-        Some(record.clone())
-    }
-
-    /// Deletes the jobs finished longer than `retention` ago, record and result; returns
-    /// how many.
-    pub fn sweep(&self, retention: Duration) -> usize {
-        let now = now_ms();
-        let expired: Vec<Record> = {
-            let mut table = self.lock();
-            let ids: Vec<String> = table
-                .jobs
-                .values()
-                .filter(|r| expired(r, retention, now))
-                .map(|r| r.id.clone())
-                .collect();
-            ids.iter().filter_map(|id| table.remove(id)).collect()
-        };
-        for record in &expired {
-            for path in [self.record_path(&record.id), self.result_path(&record.id)] {
-                if let Err(err) = remove(&path) {
-                    tracing::warn!(path = %path.display(), %err, "could not delete an expired job file");
+            match serde_json::from_str::<Intent>(intent) {
+                Ok(intent) => {
+                    usage.record(intent.interrupted());
+                    billed += 1;
+                }
+                Err(err) => {
+                    tracing::error!(job = %job.id, %err, "a lapsed job's call cannot be read: no interrupted row for it");
                 }
             }
         }
-        expired.len()
+        if !claimed.is_empty() {
+            tracing::warn!(
+                interrupted = claimed.len(),
+                billed,
+                "async jobs cut off by the stop of the replica running them are reported failed (\"{INTERRUPTED}\")"
+            );
+        }
+        Ok(claimed.len())
     }
 
-    /// Jobs of `key_id` not finished.
-    pub fn open_jobs(&self, key_id: i64) -> u32 {
-        self.lock().open.get(&key_id).copied().unwrap_or(0)
+    /// Deletes the jobs finished longer than `retention` ago, result then row (a stop
+    /// between the two leaves the row for the next sweep, never a result without its row).
+    /// Every replica sweeps; a job two of them take at once is deleted once. Returns how
+    /// many rows it deleted.
+    pub async fn sweep(&self, retention: Duration) -> StoreResult<u64> {
+        let cutoff = before(Utc::now(), retention);
+        let mut deleted = 0;
+        loop {
+            let past = self.store.jobs_past_retention(cutoff, SWEEP_BATCH).await?;
+            if past.is_empty() {
+                return Ok(deleted);
+            }
+            let names: Vec<String> = past.iter().filter_map(|p| p.result_name.clone()).collect();
+            if !self.delete_results(&names).await {
+                // Tried again at the next sweep, rather than losing track of the results.
+                return Ok(deleted);
+            }
+            let ids: Vec<String> = past.into_iter().map(|p: PastRetention| p.id).collect();
+            deleted += self.store.delete_jobs(&ids).await?;
+            if ids.len() < usize::try_from(SWEEP_BATCH).unwrap_or(usize::MAX) {
+                return Ok(deleted);
+            }
+        }
     }
+
+    /// Deletes results (already gone counts as deleted); false when one could not be.
+    async fn delete_results(&self, names: &[String]) -> bool {
+        let mut all = true;
+        for name in names {
+            if let Err(err) = self.results.delete(name).await {
+                tracing::warn!(result = %name, %err, "could not delete a job's result");
+                all = false;
+            }
+        }
+        all
+    }
+}
+
+/// How often the `jobs` service renews this replica's leases and looks for lapsed ones.
+pub fn lease_interval(lease: Duration) -> Duration {
+    (lease / 3).max(Duration::from_millis(100))
 }
 
 /// How often the sweeper looks for expired jobs: often enough that a job outlives its
@@ -497,20 +297,39 @@ pub fn sweep_interval(retention: Duration) -> Duration {
     (retention / 4).clamp(Duration::from_millis(100), Duration::from_secs(60))
 }
 
-fn expired(record: &Record, retention: Duration, now_ms: i64) -> bool {
-    let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+/// A stored error read back (see [`error_json`]).
+pub fn stored_error(record: &Record) -> Option<serde_json::Value> {
     record
-        .finished_ms
-        .is_some_and(|finished| now_ms.saturating_sub(finished) >= retention_ms)
+        .error
+        .as_deref()
+        .map(|text| serde_json::from_str(text).unwrap_or_else(|_| serde_json::json!(text)))
 }
 
-fn finish_record(record: &mut Record, status: Status, code: u16, error: Option<ErrorDetail>) {
-    let now = now_ms();
-    record.status = status;
-    record.status_code = Some(code);
-    record.error = error;
-    record.completed_at = Some(now / 1000);
-    record.finished_ms = Some(now);
+/// `time` plus `span`, at most the last second of 9999: both databases keep any time up to
+/// it (and SQLite's text compares as time only with four-digit years).
+fn after(time: DateTime<Utc>, span: Duration) -> DateTime<Utc> {
+    let last = DateTime::from_timestamp(253_402_300_799, 0).unwrap_or(time);
+    TimeDelta::from_std(span)
+        .ok()
+        .and_then(|span| time.checked_add_signed(span))
+        .map_or(last, |t| t.min(last))
+}
+
+/// `time` minus `span`, at the earliest 1970.
+fn before(time: DateTime<Utc>, span: Duration) -> DateTime<Utc> {
+    TimeDelta::from_std(span)
+        .ok()
+        .and_then(|span| time.checked_sub_signed(span))
+        .map_or(DateTime::UNIX_EPOCH, |t| t.max(DateTime::UNIX_EPOCH))
+}
+
+/// Unix seconds.
+pub fn unix(time: DateTime<Utc>) -> i64 {
+    time.timestamp()
+}
+
+fn error_json(error: &ErrorDetail) -> String {
+    serde_json::to_string(error).unwrap_or_else(|_| "{}".to_owned())
 }
 
 fn interrupted_error(reason: &str) -> ErrorDetail {
@@ -522,140 +341,86 @@ fn interrupted_error(reason: &str) -> ErrorDetail {
     }
 }
 
-fn encode(record: &Record) -> std::io::Result<Vec<u8>> {
-    serde_json::to_vec(record).map_err(std::io::Error::other)
-}
-
-/// Writes `bytes` to a temporary file beside `path`, flushes it to disk, then renames it
-/// over `path`: readers (and the next start) see the old file or the new one, whole.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    if let Some(dir) = path.parent() {
-        private_fs::create_dir_all(dir)?;
-    }
-    let mut temp = path.as_os_str().to_owned();
-    temp.push(format!(".{TEMP}"));
-    let temp = PathBuf::from(temp);
-    let mut file = private_fs::create_file(&temp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&temp, path)
-}
-
-fn remove(path: &Path) -> std::io::Result<()> {
-    match std::fs::remove_file(path) {
-        Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(err),
-        _ => Ok(()),
-    }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn order(key_id: i64, fingerprint: u8, retry: bool) -> Order {
-        Order {
-            key_id,
-            endpoint: "generations".into(),
-            request_id: "req_1".into(),
-            fingerprint: Some([fingerprint; 32]),
-            retry,
+/// The `jobs` service, until `stop`: every third of `jobs.lease` it renews the leases of
+/// the jobs this replica runs and fails the jobs whose lease ran out (the first round at
+/// once, so that a restarted replica settles what its previous run left as soon as those
+/// leases lapse); on its own timer it deletes jobs past `jobs.retention`. Settings are
+/// read at each round (a reload changes them). A database that does not answer is tried
+/// again at the next round: a lease lasts three of them. At the stop, the leases of jobs
+/// still unfinished end.
+pub async fn service(
+    jobs: Arc<Jobs>,
+    usage: UsageSink,
+    settings: impl Fn() -> JobsConfig + Send + 'static,
+    stop: CancellationToken,
+) {
+    let mut lease_due = tokio::time::Instant::now();
+    let mut sweep_due = tokio::time::Instant::now();
+    let mut failing = false;
+    loop {
+        let config = settings();
+        let now = tokio::time::Instant::now();
+        let round = async {
+            let mut outcome = Ok(());
+            if now >= lease_due {
+                outcome = match jobs.renew_leases(config.lease).await {
+                    Ok(_) => jobs.claim_lapsed(&usage).await.map(|_| ()),
+                    Err(err) => Err(err),
+                };
+            }
+            if outcome.is_ok() && now >= sweep_due {
+                outcome = jobs.sweep(config.retention).await.map(|swept| {
+                    if swept > 0 {
+                        tracing::info!(swept, "deleted async jobs past jobs.retention");
+                    }
+                });
+            }
+            outcome
+        };
+        // A round waiting on a database that does not answer never holds up the stop.
+        let outcome = tokio::select! {
+            () = stop.cancelled() => break,
+            outcome = round => outcome,
+        };
+        if now >= lease_due {
+            lease_due = now + lease_interval(config.lease);
+        }
+        if now >= sweep_due {
+            sweep_due = now + sweep_interval(config.retention);
+        }
+        match outcome {
+            Err(err) if !failing => {
+                failing = true;
+                tracing::warn!(%err, "async jobs: leases cannot be renewed nor lapsed or old jobs found (the database did not answer); trying again every third of jobs.lease");
+            }
+            Ok(()) if failing => {
+                failing = false;
+                tracing::info!("async jobs: the database answers again");
+            }
+            _ => {}
+        }
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep_until(lease_due.min(sweep_due)) => {}
         }
     }
-
-    fn new(created: Result<Created, QueueFull>) -> Record {
-        match created {
-            Ok(Created::New(record)) => record,
-            _ => panic!("expected a new job"),
+    // Stopped after the requests' grace: a job still unfinished now is cut off with this
+    // process. Its lease ends now, so that another replica fails it at once rather than
+    // a lease later; a database that does not answer soon leaves the leases to run out.
+    let release = tokio::time::timeout(STOP_RELEASE, jobs.renew_leases(Duration::ZERO));
+    match release.await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(left)) => tracing::warn!(
+            left,
+            "async jobs still unfinished at the stop are left to be failed job_interrupted"
+        ),
+        Ok(Err(err)) => {
+            tracing::warn!(%err, "could not end the leases of this replica's jobs at the stop")
         }
-    }
-
-    /// No bound on a key's finished jobs.
-    const UNBOUNDED: KeptPerKey = KeptPerKey {
-        jobs: std::num::NonZeroU32::MAX,
-        result_bytes: u64::MAX,
-    };
-
-    #[tokio::test]
-    async fn unfinished_jobs_are_counted_per_key_and_a_retry_finds_its_job() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (jobs, _) = Jobs::open(&dir.path().join("jobs")).expect("open");
-        let first = new(jobs.create(order(1, 1, false), 2));
-        let again = jobs.create(order(1, 1, true), 2);
-        assert!(matches!(again, Ok(Created::Existing(r)) if r.id == first.id));
-        let other_key = jobs.create(order(2, 1, true), 2);
-        assert!(
-            matches!(other_key, Ok(Created::New(_))),
-            "another key's fingerprint differs in practice; a key never gets another's job"
-        );
-        new(jobs.create(order(1, 2, false), 2));
-        assert!(matches!(
-            jobs.create(order(1, 3, false), 2),
-            Err(QueueFull { limit: 2 })
-        ));
-        jobs.ensure_dir().await.expect("dir");
-        let error = interrupted_error("x");
-        jobs.finish(
-            &first.id,
-            Finished::Failed {
-                status_code: 500,
-                error,
-            },
-            UNBOUNDED,
-        )
-        .await
-        .expect("finish");
-        assert_eq!(jobs.open_jobs(1), 1);
-        new(jobs.create(order(1, 3, false), 2));
-    }
-
-    #[tokio::test]
-    async fn a_restart_fails_unfinished_jobs_and_the_sweeper_deletes_expired_ones() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("jobs");
-        let (jobs, _) = Jobs::open(&path).expect("open");
-        let running = new(jobs.create(order(1, 1, false), 10));
-        let queued = new(jobs.create(order(1, 2, false), 10));
-        let done = new(jobs.create(order(1, 3, false), 10));
-        jobs.started(&running.id).await.expect("save");
-        jobs.save(&queued.id).await.expect("save");
-        std::fs::write(jobs.temp_result_path(&done.id), b"{}").expect("result");
-        jobs.finish(
-            &done.id,
-            Finished::Succeeded { status_code: 200 },
-            UNBOUNDED,
-        )
-        .await
-        .expect("finish");
-        drop(jobs);
-
-        let (jobs, interrupted) = Jobs::open(&path).expect("reopen");
-        assert_eq!(interrupted, 2);
-        let day = Duration::from_secs(86_400);
-        let running = jobs.get(&running.id, 1, day).expect("kept");
-        assert_eq!(running.status, Status::Failed);
-        assert_eq!(running.error.expect("error").message, INTERRUPTED);
-        let queued = jobs.get(&queued.id, 1, day).expect("kept");
-        assert_eq!(queued.error.expect("error").message, INTERRUPTED_QUEUED);
-        assert_eq!(
-            jobs.get(&done.id, 1, day).expect("kept").status,
-            Status::Succeeded
-        );
-        assert!(jobs.get(&done.id, 2, day).is_none(), "another key's");
-        assert_eq!(jobs.open_jobs(1), 0);
-
-        assert_eq!(jobs.sweep(day), 0);
-        assert_eq!(jobs.sweep(Duration::ZERO), 3);
-        assert_eq!(
-            std::fs::read_dir(&path).expect("dir").count(),
-            0,
-            "every file deleted"
-        );
+        Err(_elapsed) => {
+            tracing::warn!(
+                "the database did not answer in time: this replica's unfinished jobs are failed once their leases run out"
+            )
+        }
     }
 }

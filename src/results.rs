@@ -111,8 +111,8 @@ pub struct Results {
     /// The S3 prefix (empty for a folder, whose root is the folder itself).
     prefix: Arc<str>,
     location: Arc<str>,
-    /// A folder's root: what object_store creates there (folders 0755, files 0644) is made
-    /// imagegate's user's only, as every file it writes (see [`private_fs`]).
+    /// The folder of a `file://` store: objects there are made imagegate's own (see
+    /// [`private_fs`]), which `object_store` leaves to the umask.
     folder: Option<Arc<std::path::Path>>,
 }
 
@@ -153,15 +153,14 @@ impl Results {
                 (Arc::new(store), prefix.clone())
             }
         };
-        let folder = match location {
-            Location::Folder(path) => Some(Arc::from(path.as_path())),
-            Location::S3 { .. } => None,
-        };
         Ok(Results {
             store,
             prefix: prefix.into(),
+            folder: match location {
+                Location::Folder(path) => Some(Arc::from(path.as_path())),
+                Location::S3 { .. } => None,
+            },
             location: location.to_string().into(),
-            folder,
         })
     }
 
@@ -187,43 +186,46 @@ impl Results {
 
     /// Starts writing the object `name` (a `/`-separated name such as `jobs/imgjob_...`).
     pub fn writer(&self, name: &str) -> ResultWriter {
-        self.private_folders(name);
+        self.private_parent(name);
         ResultWriter {
             inner: Some(BufWriter::new(Arc::clone(&self.store), self.path(name))),
             written: 0,
-            name: name.to_owned(),
             results: self.clone(),
+            name: name.to_owned(),
         }
     }
 
     /// Stores `bytes` whole as `name`.
     pub async fn put(&self, name: &str, bytes: Bytes) -> Result<(), ResultsError> {
-        self.private_folders(name);
+        self.private_parent(name);
         self.store
             .put(&self.path(name), PutPayload::from_bytes(bytes))
             .await
-            .map(|_| ())
-            .map_err(|e| self.err(e))?;
-        self.private_file(name);
-        Ok(())
+            .map(|_| self.private_object(name))
+            .map_err(|e| self.err(e))
     }
 
-    /// In a folder, creates the folders `name` is in (0700) before object_store would
-    /// (0755). A failure is left for the write to report.
-    fn private_folders(&self, name: &str) {
-        if let Some(root) = &self.folder {
-            if let Some(parent) = root.join(name).parent() {
-                let _ = private_fs::create_dir_all(parent);
-            }
+    /// In a folder, creates the object's parent folders 0700 before `object_store` would
+    /// create them with the umask's mode. A failure is left to the write to report.
+    fn private_parent(&self, name: &str) {
+        if let Some(parent) = self
+            .folder
+            .as_ref()
+            .and_then(|folder| folder.join(name).parent().map(|p| p.to_owned()))
+        {
+            let _ = private_fs::create_dir_all(&parent);
         }
     }
 
-    /// In a folder, makes the object `name` just written 0600 (object_store writes 0644).
-    fn private_file(&self, name: &str) {
-        if let Some(root) = &self.folder {
-            use std::os::unix::fs::PermissionsExt;
+    /// In a folder, makes a finished object 0600 (it was staged with the umask's mode,
+    /// inside folders only imagegate's user can enter).
+    fn private_object(&self, name: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        if let Some(folder) = &self.folder {
             let mode = std::fs::Permissions::from_mode(private_fs::FILE_MODE);
-            let _ = std::fs::set_permissions(root.join(name), mode);
+            if let Err(err) = std::fs::set_permissions(folder.join(name), mode) {
+                tracing::warn!(%err, "could not make a stored result imagegate's own (0600)");
+            }
         }
     }
 
@@ -299,8 +301,8 @@ impl Results {
 pub struct ResultWriter {
     inner: Option<BufWriter>,
     written: u64,
-    name: String,
     results: Results,
+    name: String,
 }
 
 impl ResultWriter {
@@ -328,8 +330,8 @@ impl ResultWriter {
                 .shutdown()
                 .await
                 .map_err(|e| self.results.err(io_to_store(e)))?;
-            self.results.private_file(&self.name);
         }
+        self.results.private_object(&self.name);
         Ok(self.written)
     }
 }

@@ -24,6 +24,19 @@ impl Services {
             running: Vec::new(),
         };
         services.spawn("sweeper", sweep(Arc::clone(state), services.stop.clone()));
+        let jobs_settings = {
+            let state = Arc::clone(state);
+            move || state.runtime.load().config.jobs.clone()
+        };
+        services.spawn(
+            "jobs",
+            crate::jobs::service(
+                Arc::clone(&state.jobs),
+                state.usage.clone(),
+                jobs_settings,
+                services.stop.clone(),
+            ),
+        );
         let heartbeat = crate::replicas::heartbeat(Arc::clone(state), services.stop.clone());
         services.spawn("replica heartbeat", heartbeat);
         services
@@ -49,17 +62,14 @@ impl Services {
     }
 }
 
-/// Deletes finished jobs past `jobs.retention` (read at each round: a reload changes it)
-/// and kept duplicate-protection results past their window, until `stop`: on a timer, so
-/// that they go whether or not requests arrive.
+/// Forgets kept duplicate-protection results past their window, until `stop`: on a timer,
+/// so that they go whether or not requests arrive. (Jobs past `jobs.retention` are the
+/// `jobs` service's.)
 async fn sweep(state: Arc<AppState>, stop: CancellationToken) {
-    let mut jobs_due = tokio::time::Instant::now();
     loop {
-        let retention = state.runtime.load().config.jobs.retention;
-        let every = (state.dedupe.sweep_interval()).min(crate::jobs::sweep_interval(retention));
         tokio::select! {
             () = stop.cancelled() => return,
-            () = tokio::time::sleep(every) => {}
+            () = tokio::time::sleep(state.dedupe.sweep_interval()) => {}
         }
         let kept = state.dedupe.sweep();
         if kept > 0 {
@@ -71,15 +81,6 @@ async fn sweep(state: Arc<AppState>, stop: CancellationToken) {
                 deleted,
                 "deleted kept results past server.duplicate_window from the result store"
             );
-        }
-        if tokio::time::Instant::now() < jobs_due {
-            continue;
-        }
-        jobs_due = tokio::time::Instant::now() + crate::jobs::sweep_interval(retention);
-        let jobs = Arc::clone(&state.jobs);
-        let swept = tokio::task::spawn_blocking(move || jobs.sweep(retention)).await;
-        if let Ok(swept @ 1..) = swept {
-            tracing::info!(swept, "deleted async jobs past jobs.retention");
         }
     }
 }

@@ -92,7 +92,7 @@ pub struct AppState {
     pub in_flight: Arc<InFlight>,
     /// Each key's `rpm` counted here too, answering when the database cannot.
     pub local_rates: LocalRates,
-    /// Async jobs (`Prefer: respond-async`) and their results on disk.
+    /// Async jobs (`Prefer: respond-async`): rows of the database, results in `results`.
     pub jobs: Arc<Jobs>,
     /// Job results and kept duplicate-protection results (`[results] url`).
     pub results: crate::results::Results,
@@ -157,10 +157,9 @@ impl AppState {
             || config.server.http2_keep_alive_interval
                 != current.config.server.http2_keep_alive_interval
             || config.server.max_connections != current.config.server.max_connections
-            || config.jobs.dir != current.config.jobs.dir
         {
             tracing::warn!(
-                "database.url, server.listen, server.metrics_listen, server.journal_dir, server.workers, server.header_read_timeout, server.http2_keep_alive_interval, server.max_connections and jobs.dir changes take effect at the next restart"
+                "database.url, server.listen, server.metrics_listen, server.journal_dir, server.workers, server.header_read_timeout, server.http2_keep_alive_interval and server.max_connections changes take effect at the next restart"
             );
         }
         let runtime =

@@ -283,7 +283,8 @@ impl Validator<'_> {
 
     fn validate(&self, raw: RawConfig, path: &Path) -> Result<Config, ConfigError> {
         let upstream = self.upstream_timeouts(&raw.server)?;
-        let jobs = self.jobs(raw.jobs, &raw.server)?;
+        let jobs_dir_set = raw.jobs.dir.is_some();
+        let jobs = self.jobs(raw.jobs)?;
         let results = crate::results::Location::parse(&raw.results.url)
             .map_err(|message| self.err("results.url", message))?;
         let server = self.server(raw.server)?;
@@ -297,7 +298,10 @@ impl Validator<'_> {
             providers.insert(name, Arc::new(provider));
         }
         let prices = self.prices(&raw.pricing, &providers)?;
-        let warnings = pricing::warnings(&prices);
+        let mut warnings = pricing::warnings(&prices);
+        if jobs_dir_set {
+            warnings.push(jobs::DIR_UNUSED.to_owned());
+        }
         let models = self.models(
             raw.models,
             &providers,
@@ -569,14 +573,7 @@ mod tests {
                     format!("{GOOD}\n[jobs]\nretention = \"a day\""),
                     "jobs.retention",
                 ),
-                (
-                    format!("{GOOD}\n[server]\nspool_dir = \"s\"\n[jobs]\ndir = \"s/jobs\""),
-                    "jobs.dir",
-                ),
-                (
-                    format!("{GOOD}\n[jobs]\ndir = \"data/journal\""),
-                    "jobs.dir",
-                ),
+                (format!("{GOOD}\n[jobs]\nlease = \"500ms\""), "jobs.lease"),
             ];
             for (text, key) in cases {
                 let err = load(jail, &text, &env).expect_err(key).to_string();
@@ -609,7 +606,11 @@ mod tests {
                 defaults.limits.max_share_per_key,
                 Share::new(0.25).expect("a quarter")
             );
-            assert_eq!(defaults.jobs.dir, PathBuf::from("data/jobs"));
+            assert_eq!(defaults.jobs.lease, Duration::from_secs(30));
+            assert!(!defaults.warnings.iter().any(|w| w == jobs::DIR_UNUSED));
+            let old = load(jail, &format!("{GOOD}\n[jobs]\ndir = \"data/jobs\""), &env)
+                .expect("jobs.dir still accepted");
+            assert!(old.warnings.iter().any(|w| w == jobs::DIR_UNUSED));
             assert_eq!(defaults.jobs.retention, Duration::from_secs(86_400));
             assert_eq!(defaults.jobs.max_queued_per_key.get(), 100);
             assert_eq!(

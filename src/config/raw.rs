@@ -191,9 +191,13 @@ impl Default for RawResults {
 #[derive(Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(super) struct RawJobs {
-    pub dir: PathBuf,
+    /// No longer used (results go to `[results] url`): accepted with a warning, so that an
+    /// older configuration still starts.
+    pub dir: Option<PathBuf>,
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
     pub max_queued_per_key: u32,
     pub max_kept_per_key: u32,
     pub max_kept_bytes_per_key: u64,
@@ -202,8 +206,9 @@ pub(super) struct RawJobs {
 impl Default for RawJobs {
     fn default() -> Self {
         RawJobs {
-            dir: PathBuf::from("data/jobs"),
+            dir: None,
             retention: Duration::from_secs(24 * 60 * 60),
+            lease: Duration::from_secs(30),
             max_queued_per_key: 100,
             max_kept_per_key: 1000,
             max_kept_bytes_per_key: 1024 * MIB,

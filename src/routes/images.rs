@@ -86,6 +86,7 @@ async fn json_call(
         model,
         endpoint,
         keep: None,
+        job: None,
     };
     let source = JsonSource {
         endpoint,
@@ -277,6 +278,7 @@ pub async fn uploads(
         model,
         endpoint,
         keep: None,
+        job: None,
     };
     if jobs::prefers_async(&headers) {
         return upload_job(call, &headers, upload, &spool).await;

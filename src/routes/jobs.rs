@@ -2,7 +2,7 @@
 //! answers 202 with a job at once and runs the call in the background, through the same
 //! routing, failover and usage as the synchronous call; `GET /v1/images/jobs/{id}` tells
 //! how it stands and, once it succeeded, holds the body the synchronous call would have
-//! returned. The jobs' table and files are [`crate::jobs`].
+//! returned. The jobs' rows and results are [`crate::jobs`].
 
 use std::sync::Arc;
 
@@ -14,16 +14,15 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body_util::BodyExt;
-use tokio::io::AsyncWriteExt;
 
 use crate::auth::Principal;
 use crate::dedupe::Fingerprint;
 use crate::error::ApiError;
-use crate::jobs::{Created, Finished, Jobs, Order, Record, Status};
+use crate::jobs::{self, Finished, Jobs, Order, Record, Status};
 use crate::openai::{ErrorBody, ErrorDetail};
-use crate::private_fs;
 use crate::routing::{Call, RequestSource};
 use crate::state::AppState;
+use crate::store::JobCreated;
 
 /// The most of a failed call's error body that is read for the job's error.
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -84,7 +83,7 @@ pub struct JobRequest {
 /// Creates the job (or finds the one a retry's first try created), starts it on a tracked
 /// task and answers 202. The request must be whole by now (an upload: in the spool).
 pub async fn submit(
-    call: Call,
+    mut call: Call,
     source: impl RequestSource + 'static,
     request: JobRequest,
 ) -> Result<Response, ApiError> {
@@ -102,18 +101,19 @@ pub async fn submit(
         fingerprint: request.fingerprint,
         retry: request.retry,
     };
-    let limit = call.runtime.config.jobs.max_queued_per_key.get();
-    let record = match state.jobs.create(order, limit) {
-        Ok(Created::New(record)) => record,
-        Ok(Created::Existing(record)) => return Ok(accepted(&record)),
-        Err(full) => return Err(ApiError::JobQueueFull { limit: full.limit }),
+    let config = &call.runtime.config.jobs;
+    let record = match state.jobs.create(order, config).await {
+        Ok(JobCreated::New(record)) => record,
+        Ok(JobCreated::Existing(record)) => return Ok(accepted(&record)),
+        Ok(JobCreated::QueueFull) => {
+            return Err(ApiError::JobQueueFull {
+                limit: config.max_queued_per_key.get(),
+            });
+        }
+        Err(err) => return Err(ApiError::internal(format!("creating a job: {err}"))),
     };
-    if let Err(err) = state.jobs.save(&record.id).await {
-        state.jobs.forget(&record.id);
-        return Err(ApiError::internal(format!("writing a job's file: {err}")));
-    }
-    let id = record.id.clone();
-    state.tasks.spawn(run(call, source, id));
+    call.job = Some(Arc::from(record.id.as_str()));
+    state.tasks.spawn(run(call, source, record.id.clone()));
     Ok(accepted(&record))
 }
 
@@ -137,11 +137,11 @@ fn summary(record: &Record) -> serde_json::Value {
         "id": record.id,
         "object": "image.job",
         "status": record.status,
-        "created_at": record.created_at,
-        "completed_at": record.completed_at,
+        "created_at": jobs::unix(record.created_at),
+        "completed_at": record.completed_at.map(jobs::unix),
     });
-    if let Some(error) = &record.error {
-        job["error"] = serde_json::json!(error);
+    if let Some(error) = jobs::stored_error(record) {
+        job["error"] = error;
         job["status_code"] = serde_json::json!(record.status_code);
     }
     job
@@ -151,14 +151,22 @@ fn summary(record: &Record) -> serde_json::Value {
 /// `limits.max_in_flight_per_key`, jobs at once), send the call, keep what came back.
 async fn run(mut call: Call, mut source: impl RequestSource, id: String) {
     let state = Arc::clone(&call.state);
+    let key_id = call.principal.key_id;
     let default = call.runtime.config.limits.max_in_flight_per_key.get();
     let cap = call.principal.max_in_flight(default);
-    let _turn = state.jobs.running.enter(call.principal.key_id, cap).await;
+    let _turn = state.jobs.running.enter(key_id, cap).await;
     let response = match as_key_is_now(&mut call).await {
         Err(err) => err.into_response(),
         Ok(()) => {
-            if let Err(err) = state.jobs.started(&id).await {
-                tracing::error!(job = %id, %err, "could not record that a job started");
+            match state.jobs.started(&id).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(job = %id, "a job failed by another replica (its lease ran out) is not run");
+                    return;
+                }
+                Err(err) => {
+                    tracing::error!(job = %id, %err, "could not record that a job started");
+                }
             }
             match call.forward(&mut source).await {
                 Ok(response) => response,
@@ -168,7 +176,7 @@ async fn run(mut call: Call, mut source: impl RequestSource, id: String) {
     };
     let finished = keep(&state.jobs, &id, response).await;
     let kept = state.runtime.load().config.jobs.kept;
-    if let Err(err) = state.jobs.finish(&id, finished, kept).await {
+    if let Err(err) = state.jobs.finish(&id, key_id, finished, kept).await {
         tracing::error!(job = %id, %err, "could not record how a job ended");
     }
 }
@@ -198,7 +206,7 @@ async fn as_key_is_now(call: &mut Call) -> Result<(), ApiError> {
 }
 
 /// Reads the call's answer to its end (which writes its usage row): a success into the
-/// job's result file, an error into the job's error.
+/// job's result in the result store, an error into the job's error.
 async fn keep(jobs: &Jobs, id: &str, response: Response) -> Finished {
     let status = response.status();
     let provider = response
@@ -222,28 +230,40 @@ async fn keep(jobs: &Jobs, id: &str, response: Response) -> Finished {
         return failed(status, error);
     }
     if !json {
-        drain(response.into_body()).await;
+        drain(response.into_body().into_data_stream()).await;
         return failed(
             StatusCode::BAD_GATEWAY,
             detail("The provider's answer was not JSON.", "upstream_error"),
         );
     }
     match write_result(jobs, id, response.into_body()).await {
-        Ok(()) => Finished::Succeeded {
+        Ok(bytes) => Finished::Succeeded {
             status_code: status.as_u16(),
+            bytes,
         },
         Err(err) => {
-            tracing::error!(job = %id, %err, "could not keep a job's result");
-            jobs.remove_temp_result(id).await;
+            tracing::error!(job = %id, err = %err, "could not keep a job's result");
+            let message = match err {
+                Unkept::Body(_) => "The result could not be kept: the provider's answer broke off.",
+                Unkept::Store(_) => {
+                    "The result could not be kept: the result store ([results] url) could not be written."
+                }
+            };
             failed(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                detail(
-                    "The result could not be kept (the provider's answer broke off, or it could not be written to disk).",
-                    "server_error",
-                ),
+                detail(message, "server_error"),
             )
         }
     }
+}
+
+/// Why a result was not kept.
+#[derive(Debug, thiserror::Error)]
+enum Unkept {
+    #[error("the answer broke off: {0}")]
+    Body(axum::Error),
+    #[error(transparent)]
+    Store(crate::results::ResultsError),
 }
 
 fn failed(status: StatusCode, error: ErrorDetail) -> Finished {
@@ -257,51 +277,64 @@ fn detail(message: &str, kind: &str) -> ErrorDetail {
     ErrorBody::new(message, kind, None, None).error
 }
 
-/// Streams the body into the job's temporary result file, and flushes it to disk.
-async fn write_result(jobs: &Jobs, id: &str, body: Body) -> std::io::Result<()> {
-    jobs.ensure_dir().await?;
-    let mut file = private_fs::create_file_async(&jobs.temp_result_path(id)).await?;
+/// Streams the body into the job's result, visible only once whole; returns its size. A
+/// result store that fails on the way does not cut the answer short: the rest is read
+/// (and dropped), so that its usage is metered whole and billed once.
+async fn write_result(jobs: &Jobs, id: &str, body: Body) -> Result<u64, Unkept> {
+    let mut writer = jobs.result_writer(id);
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
-        file.write_all(&chunk.map_err(std::io::Error::other)?)
-            .await?;
+        let chunk = chunk.map_err(Unkept::Body)?;
+        if let Err(err) = writer.write(&chunk).await {
+            drain(stream).await;
+            return Err(Unkept::Store(err));
+        }
     }
-    file.sync_all().await
+    writer.finish().await.map_err(Unkept::Store)
 }
 
 /// Reads a body to its end, so that its usage is metered.
-async fn drain(body: Body) {
-    let mut stream = body.into_data_stream();
+async fn drain(mut stream: axum::body::BodyDataStream) {
     while let Some(Ok(_)) = stream.next().await {}
 }
 
-/// `GET /v1/images/jobs/{id}`: the job of the caller's key. Unknown, expired and other
-/// keys' jobs all get the same 404.
+/// `GET /v1/images/jobs/{id}`: the job of the caller's key, from any replica. Unknown,
+/// expired and other keys' jobs all get the same 404.
 pub async fn retrieve(
     State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Arc<Principal>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    let not_found = || ApiError::JobNotFound(id.chars().take(64).collect());
     let retention = state.runtime.load().config.jobs.retention;
     let record = state
         .jobs
         .get(&id, principal.key_id, retention)
-        .ok_or_else(|| ApiError::JobNotFound(id.chars().take(64).collect()))?;
-    if record.status != Status::Succeeded {
-        return Ok(axum::Json(summary(&record)).into_response());
-    }
-    // The result is sent from its file as it is, inside the job object: exactly the
-    // bytes the synchronous call would have answered.
-    let file = tokio::fs::File::open(state.jobs.result_path(&record.id))
         .await
-        .map_err(|_| ApiError::JobNotFound(record.id.clone()))?;
+        .map_err(|err| ApiError::internal(format!("reading a job: {err}")))?
+        .ok_or_else(not_found)?;
+    let Some(name) = record
+        .result_name
+        .as_deref()
+        .filter(|_| record.status == Status::Succeeded)
+    else {
+        return Ok(axum::Json(summary(&record)).into_response());
+    };
+    // The result is sent from the result store as it is, inside the job object: exactly
+    // the bytes the synchronous call would have answered.
+    let reading = state
+        .jobs
+        .read_result(name)
+        .await
+        .map_err(|err| ApiError::internal(format!("reading a job's result: {err}")))?
+        .ok_or_else(not_found)?;
     let mut head = serde_json::to_vec(&summary(&record)).map_err(ApiError::internal)?;
     head.pop(); // the closing brace
     head.extend_from_slice(b",\"result\":");
     let body = futures_util::stream::once(async move { Ok(Bytes::from(head)) })
-        .chain(tokio_util::io::ReaderStream::new(file))
+        .chain(reading.body.into_data_stream())
         .chain(futures_util::stream::once(async {
-            Ok(Bytes::from_static(b"}"))
+            Ok::<_, axum::Error>(Bytes::from_static(b"}"))
         }));
     let mut response = Response::new(Body::from_stream(body));
     response.headers_mut().insert(

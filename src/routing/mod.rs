@@ -66,6 +66,9 @@ pub struct Call {
     pub endpoint: Endpoint,
     /// Lets retries of this request collect its result (see [`dedupe`]).
     pub keep: Option<KeepTicket>,
+    /// The async job this call runs for: each attempt's intent is kept with the job
+    /// before the attempt is sent, so that another replica can bill it if this one dies.
+    pub job: Option<Arc<str>>,
 }
 
 /// How one attempt ended.
@@ -170,6 +173,9 @@ impl Call {
             return Err(ApiError::UsageJournalUnavailable);
         }
         cost.held(&intent);
+        if let Some(job) = &self.job {
+            self.state.jobs.record_call(job, &intent).await;
+        }
         let (sent, uploaded, whole) = self.send(provider, request, pump, &request_id).await?;
         // A provider that answered before the upload ended is billed on what was read.
         let summary = whole.unwrap_or(sent_with);

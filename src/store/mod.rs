@@ -14,6 +14,7 @@ macro_rules! usage_columns {
 
 mod budget;
 mod calls;
+mod jobs;
 mod postgres;
 mod replicas;
 mod rows;
@@ -38,6 +39,9 @@ use rows::{JsonText, MaybeTimestamp, Sum, Timestamp};
 
 pub use budget::{BudgetPeriod, BudgetState, Reservation, Reserved};
 pub use calls::{CallRecord, CallState, CallStore, KeptCall};
+pub use jobs::{
+    Interrupted, JobCreated, JobEnd, JobRow, JobStatus, JobStore, NewJob, PastRetention,
+};
 pub use postgres::PostgresStore;
 pub use replicas::{ReplicaRow, ReplicaStore};
 pub use rows::{Outcome, UsageRow};
@@ -283,7 +287,7 @@ pub type StoreResult<T> = Result<T, StoreError>;
 
 /// Everything imagegate keeps in a database.
 #[async_trait]
-pub trait Store: CallStore + ReplicaStore + Send + Sync + 'static {
+pub trait Store: CallStore + JobStore + ReplicaStore + Send + Sync + 'static {
     /// Applies the embedded migrations that have not run yet.
     async fn migrate(&self) -> StoreResult<()>;
     /// One cheap round trip, for `/readyz`.

@@ -119,8 +119,7 @@ async fn files_and_folders_imagegate_writes_are_its_users_only() {
         "journal".to_owned(),
         "spool".to_owned(),
         "results/kept".to_owned(),
-        format!("jobs/{id}.json"),
-        format!("jobs/{id}.result"),
+        format!("results/jobs/{id}"),
     ] {
         assert!(seen.contains(&expected), "{expected} in {seen:#?}");
     }

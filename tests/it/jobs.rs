@@ -390,25 +390,14 @@ async fn a_finished_job_is_deleted_after_its_retention() {
     let (id, _) = accepted(post_job(&gw, GENERATION, &[]).await).await;
     let (job, _) = wait_finished(&gw.client, &base(&gw), &gw.key, &id).await;
     assert_eq!(job["status"], "succeeded");
-    let files = |dir: &Path| -> Vec<PathBuf> {
-        std::fs::read_dir(dir)
-            .map(|e| e.map(|e| e.expect("entry").path()).collect())
-            .unwrap_or_default()
-    };
-    let kept = files(&gw.jobs_dir());
-    assert!(
-        kept.contains(&gw.jobs_dir().join(format!("{id}.json"))),
-        "{kept:?}"
-    );
-    assert!(
-        kept.contains(&gw.jobs_dir().join(format!("{id}.result"))),
-        "{kept:?}"
-    );
+    let result = gw.job_results_dir().join(&id);
+    assert!(result.exists(), "the result is in the result store");
+    assert!(stored_job(&*gw.store, &id).await.is_some());
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !files(&gw.jobs_dir()).is_empty() {
+    while result.exists() || stored_job(&*gw.store, &id).await.is_some() {
         assert!(
             Instant::now() < deadline,
-            "the sweeper deletes the job's files"
+            "the sweeper deletes the job's row and result"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -430,7 +419,9 @@ shutdown_grace = "5s"
 journal_dir = "{journal}"
 spool_dir = "{spool}"
 [jobs]
-dir = "{jobs}"
+lease = "1s"
+[results]
+url = "file://{results}"
 [database]
 url = "{database_url}"
 [providers.standin]
@@ -447,7 +438,7 @@ image_output = 40.0
 "#,
         journal = dir.join("journal").display(),
         spool = dir.join("spool").display(),
-        jobs = dir.join("jobs").display(),
+        results = dir.join("results").display(),
     );
     let path = dir.join("imagegate.toml");
     std::fs::write(&path, toml).expect("write config");
@@ -508,12 +499,10 @@ async fn a_job_in_flight_at_kill_9_is_reported_failed_after_the_restart() {
     let base = format!("http://{addr}");
     let (status, text) = get_job(&client, &base, &key, &id).await;
     assert_eq!(status, 200, "the job survived the restart: {text}");
-    let job: Value = serde_json::from_str(&text).expect("json");
+    // Failed once the lease of the run that died has run out (jobs.lease = 1s).
+    let (job, _) = wait_finished(&client, &base, &key, &id).await;
     assert_eq!(job["status"], "failed", "{job}");
-    assert_eq!(
-        job["error"]["message"],
-        "interrupted: imagegate restarted while the job ran"
-    );
+    assert_eq!(job["error"]["message"], imagegate::jobs::INTERRUPTED);
     assert_eq!(job["error"]["code"], "job_interrupted");
     assert_eq!(job["error"]["type"], "server_error");
 
@@ -594,8 +583,13 @@ async fn an_edit_job_is_answered_only_once_its_whole_upload_is_on_disk() {
     assert_eq!(refused.status(), 503);
     let error: Value = refused.json().await.expect("json");
     assert_eq!(error["error"]["code"], "spool_full");
-    let jobs = std::fs::read_dir(gw.jobs_dir()).expect("jobs dir").count();
-    assert_eq!(jobs, 2, "the first job's record and result only");
+    let results = std::fs::read_dir(gw.job_results_dir())
+        .expect("results")
+        .count();
+    assert_eq!(results, 1, "the first job's result only");
+    let key_id = gw.store.list_keys().await.expect("keys")[0].id;
+    let open = gw.store.open_jobs(key_id).await.expect("open jobs");
+    assert_eq!(open, 0, "no job left unfinished");
     assert_eq!(provider.requests().len(), 1);
     gw.shutdown().await;
 }
@@ -640,24 +634,45 @@ async fn a_keys_jobs_run_at_most_max_in_flight_at_once_and_polling_is_never_refu
     gw.shutdown().await;
 }
 
-/// A result that cannot be moved into place (here a folder stands at its path) fails the
-/// job with 500 instead of leaving it `in_progress` for good: its temporary file goes, and
-/// the key's queue slot is given back.
+/// A result the result store cannot take (here a folder stands at its name) fails the job
+/// with 500 and a clear message instead of leaving it `in_progress` for good: nothing half
+/// written stays, the call is billed once, and the key's queue slot is given back.
 #[tokio::test]
 async fn a_result_that_cannot_be_kept_fails_the_job_and_frees_its_slot() {
     let provider = StandIn::json(200, &image_response(1, USAGE)).await;
     provider.set_delay(Duration::from_millis(800));
     let config = test_config(&provider.base_url(), "[jobs]\nmax_queued_per_key = 1\n");
     let gw = TestGateway::start(Db::Sqlite, &config).await;
-    let jobs_dir = gw.config_path.parent().expect("dir").join("jobs");
-    let (id, _) = accepted(post_job(&gw, GENERATION, &[]).await).await;
-    let in_the_way = jobs_dir.join(format!("{id}.result"));
+    let (id, request_id) = accepted(post_job(&gw, GENERATION, &[]).await).await;
+    let in_the_way = gw.job_results_dir().join(&id);
     std::fs::create_dir_all(in_the_way.join("taken")).expect("a folder in the way");
     let (job, _) = wait_finished(&gw.client, &base(&gw), &gw.key, &id).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["status_code"], 500, "{job}");
     assert_eq!(job["error"]["type"], "server_error", "{job}");
-    assert!(!jobs_dir.join(format!("{id}.result.tmp")).exists());
+    assert!(
+        job["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("[results] url"),
+        "{job}"
+    );
+    let left: Vec<_> = std::fs::read_dir(gw.job_results_dir())
+        .expect("results")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(
+        left,
+        [std::ffi::OsString::from(&id)],
+        "nothing staged is left"
+    );
+    let rows = gw.usage_rows(1).await;
+    assert_eq!(rows[0].request_id, request_id);
+    assert_eq!(
+        rows[0].outcome,
+        Outcome::Completed,
+        "billed once, as answered"
+    );
 
     // Its slot is free again: the next job is taken, and kept.
     std::fs::remove_dir_all(&in_the_way).expect("clear the way");
@@ -668,18 +683,25 @@ async fn a_result_that_cannot_be_kept_fails_the_job_and_frees_its_slot() {
     gw.shutdown().await;
 }
 
-/// The job records in `dir` once every one of `ids` has finished (read from their files:
-/// a revoked key can no longer poll them).
-async fn finished_records(dir: &Path, ids: &[String]) -> Vec<Value> {
+/// The stored jobs once every one of `ids` has finished (read from the database: a revoked
+/// key can no longer poll them), as a poll shows them.
+async fn finished_records(store: &dyn imagegate::store::Store, ids: &[String]) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let records: Vec<Value> = ids
-            .iter()
-            .map(|id| {
-                let text = std::fs::read_to_string(dir.join(format!("{id}.json")));
-                serde_json::from_str(&text.expect("job record")).expect("record json")
-            })
-            .collect();
+        let mut records = Vec::new();
+        for id in ids {
+            let job = stored_job(store, id).await.expect("job row");
+            let error: Option<Value> = job
+                .error
+                .as_deref()
+                .map(|e| serde_json::from_str(e).expect("error json"));
+            records.push(serde_json::json!({
+                "id": job.id,
+                "status": job.status,
+                "status_code": job.status_code,
+                "error": error,
+            }));
+        }
         let done = records
             .iter()
             .all(|r| matches!(r["status"].as_str(), Some("succeeded" | "failed")));
@@ -693,7 +715,9 @@ async fn finished_records(dir: &Path, ids: &[String]) -> Vec<Value> {
 #[tokio::test]
 async fn queued_jobs_of_a_key_revoked_meanwhile_are_not_sent_nor_billed() {
     let provider = StandIn::json(200, &image_response(1, USAGE)).await;
-    provider.set_delay(Duration::from_millis(1000));
+    // Long enough that the first job's call outlasts the twenty creations (each one a
+    // database transaction), on a loaded machine too.
+    provider.set_delay(Duration::from_millis(3000));
     let config = test_config(
         &provider.base_url(),
         "[limits]\nmax_in_flight_per_key = 1\n",
@@ -705,7 +729,7 @@ async fn queued_jobs_of_a_key_revoked_meanwhile_are_not_sent_nor_billed() {
         ids.push(accepted(post_job(&gw, &body, &[]).await).await.0);
     }
     assert!(gw.store.revoke_key("svc-test").await.expect("revoke"));
-    let records = finished_records(&gw.jobs_dir(), &ids).await;
+    let records = finished_records(&*gw.store, &ids).await;
     let sent = provider.requests().len();
     assert!(sent <= 1, "{sent} jobs sent after the key was revoked");
     let refused: Vec<&Value> = records.iter().filter(|r| r["status"] == "failed").collect();
@@ -784,7 +808,7 @@ async fn a_queued_job_runs_with_its_keys_limits_as_they_are_when_it_starts() {
             .await
             .expect("update")
             .expect("key");
-        let records = finished_records(&gw.jobs_dir(), &ids).await;
+        let records = finished_records(&*gw.store, &ids).await;
         assert_eq!(records[0]["status"], "succeeded", "{records:#?}");
         assert_eq!(records[1]["status"], "failed", "{records:#?}");
         assert_eq!(records[1]["status_code"], status, "{records:#?}");
@@ -826,7 +850,10 @@ async fn a_keys_finished_jobs_are_bounded_in_count_and_bytes_oldest_expiring_fir
         wait_finished(&gw.client, &base(&gw), &gw.key, &id).await;
         ids.push(id);
     }
-    let statuses: Vec<String> = {
+    // The bounds apply once the last job's end is recorded, which a poll may see first.
+    let expected = ["expired", "expired", "expired", "succeeded", "succeeded"];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
         let mut statuses = Vec::new();
         for id in &ids {
             let (status, text) = get_job(&gw.client, &base(&gw), &gw.key, id).await;
@@ -834,20 +861,15 @@ async fn a_keys_finished_jobs_are_bounded_in_count_and_bytes_oldest_expiring_fir
             let job: Value = serde_json::from_str(&text).expect("json");
             statuses.push(job["status"].as_str().expect("status").to_owned());
         }
-        statuses
-    };
-    // By count (three at most) and by bytes (two results at most), the oldest go first.
-    assert_eq!(
-        statuses,
-        ["expired", "expired", "expired", "succeeded", "succeeded"],
-        "{ids:?}"
-    );
-    let results = std::fs::read_dir(gw.jobs_dir())
-        .expect("jobs dir")
-        .filter(|e| {
-            let path = e.as_ref().expect("entry").path();
-            path.extension().is_some_and(|e| e == "result")
-        })
+        if statuses == expected {
+            break;
+        }
+        // By count (three at most) and by bytes (two results at most), the oldest go first.
+        assert!(Instant::now() < deadline, "{statuses:?} for {ids:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let results = std::fs::read_dir(gw.job_results_dir())
+        .expect("results")
         .count();
     assert_eq!(results, 2, "expired results are deleted");
     gw.shutdown().await;

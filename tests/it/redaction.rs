@@ -2,7 +2,6 @@
 //! another letter case, JSON-escaped, URL-encoded, as HTML references), never hands it to
 //! a client, a job record or the log.
 
-use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -172,16 +171,16 @@ fn the_checks_own_decoding_finds_every_form() {
 
 /// Every form, in every kind of body, at a status the client sees the provider's error
 /// for (400), one imagegate turns into 502 with the provider's message (500), and one it
-/// keeps to its log (401): the clients' bodies, an async job's record file and what a poll
+/// keeps to its log (401): the clients' bodies, an async job's stored row and what a poll
 /// of it returns, and the log never hold the key in any form.
 #[tokio::test]
 async fn a_provider_key_echoed_in_any_form_reaches_no_client_no_job_record_and_no_log() {
     let provider = StandIn::json(200, "{}").await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let jobs_dir = dir.path().join("jobs");
+    let database_url = format!("sqlite:{}", dir.path().join("imagegate.db").display());
     let config = write_one_model_config(
         dir.path(),
-        &format!("sqlite:{}", dir.path().join("imagegate.db").display()),
+        &database_url,
         "5s",
         (
             "standin",
@@ -190,9 +189,12 @@ async fn a_provider_key_echoed_in_any_form_reaches_no_client_no_job_record_and_n
                 provider.base_url()
             ),
         ),
-        &format!("[jobs]\ndir = \"{}\"\n", jobs_dir.display()),
+        "",
     );
     let key = binary::create_key(&config, "svc");
+    let store = imagegate::store::connect(&database_url)
+        .await
+        .expect("store");
     let mut serve = binary::command(&config);
     serve
         .arg("serve")
@@ -243,7 +245,7 @@ async fn a_provider_key_echoed_in_any_form_reaches_no_client_no_job_record_and_n
             let (id, _) = accepted(post(true).await.expect("send")).await;
             let (job, polled) = wait_finished(&client, &base, &key, &id).await;
             assert_eq!(job["status"], "failed", "{job}");
-            let record = finished_record(&jobs_dir, &id).await;
+            let record = finished_record(&*store, &id).await;
             for (place, text) in [("poll", &polled), ("record", &record)] {
                 if let Some(found) = key_in(text) {
                     leaks.push(format!("{what}, {content_type} job {place}: {found}"));
@@ -269,30 +271,16 @@ async fn a_provider_key_echoed_in_any_form_reaches_no_client_no_job_record_and_n
         leaks.len(),
         leaks.join("\n")
     );
-    assert_job_files_exist(&jobs_dir);
 }
 
-/// The job's record file once it says the job failed (a poll may see that first).
-async fn finished_record(dir: &Path, id: &str) -> String {
+/// The job's stored row once it says the job failed (a poll may see that first), as text.
+async fn finished_record(store: &dyn imagegate::store::Store, id: &str) -> String {
     for _ in 0..100 {
-        let record = std::fs::read_to_string(dir.join(format!("{id}.json"))).expect("record");
-        let json: Value = serde_json::from_str(&record).expect("record is JSON");
-        if json["status"] == "failed" {
-            return record;
+        let record = stored_job(store, id).await.expect("the job's row");
+        if record.status == imagegate::store::JobStatus::Failed {
+            return format!("{record:?}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("job {id}'s record never said it failed");
-}
-
-/// The jobs left their records in the folder the check read them from.
-fn assert_job_files_exist(dir: &Path) {
-    let records = std::fs::read_dir(dir)
-        .expect("jobs folder")
-        .filter(|e| {
-            e.as_ref()
-                .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "json"))
-        })
-        .count();
-    assert_eq!(records, key_forms().len() * 3);
+    panic!("job {id}'s row never said it failed");
 }

@@ -391,8 +391,6 @@ listen = "127.0.0.1:0"
 shutdown_grace = "5s"
 journal_dir = "data/journal"
 spool_dir = "data/spool"
-[jobs]
-dir = "data/jobs"
 [database]
 url = "{database_url}"
 [results]

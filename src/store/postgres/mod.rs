@@ -1,6 +1,7 @@
 //! The Postgres `Store`: the production database.
 
 mod calls;
+mod jobs;
 mod replicas;
 
 use std::collections::BTreeMap;

@@ -1,6 +1,7 @@
 //! The SQLite `Store`: one file, for a single instance, a demo or a laptop.
 
 mod calls;
+mod jobs;
 mod replicas;
 
 use std::collections::BTreeMap;

@@ -177,8 +177,6 @@ default_model = "gpt-image-1"
 listen = "127.0.0.1:0"
 shutdown_grace = "5s"
 journal_dir = "{}"
-[jobs]
-dir = "{}"
 [database]
 url = "sqlite:{}"
 [results]
@@ -196,7 +194,6 @@ unpriced = true
 source = "no page"
 "#,
         dir.join("journal").display(),
-        dir.join("jobs").display(),
         dir.join("imagegate.db").display(),
         dir.join("results").display()
     );

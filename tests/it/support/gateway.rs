@@ -9,7 +9,7 @@ use std::time::Duration;
 use imagegate::Gateway;
 use imagegate::config::Config;
 use imagegate::server::Listeners;
-use imagegate::store::Store;
+use imagegate::store::{JobRow, Store};
 use imagegate::usage::UsageRow;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -18,7 +18,7 @@ use super::captures::Capture;
 use super::forms::Form;
 use super::{Db, test_env};
 
-/// Writes `config_toml` into `dir` as imagegate.toml, with its spool, journal, jobs and results
+/// Writes `config_toml` into `dir` as imagegate.toml, with its spool, journal and results
 /// in `dir` and its database at `database_url`; returns the file's path.
 pub fn write_config(dir: &Path, database_url: &str, config_toml: &str) -> PathBuf {
     let config_toml = config_toml.replacen(
@@ -30,13 +30,6 @@ pub fn write_config(dir: &Path, database_url: &str, config_toml: &str) -> PathBu
         ),
         1,
     );
-    // Jobs in `dir` too: added to the test's own [jobs] section, or as one.
-    let jobs_dir = format!("dir = \"{}\"\n", dir.join("jobs").display());
-    let config_toml = if config_toml.contains("[jobs]\n") {
-        config_toml.replacen("[jobs]\n", &format!("[jobs]\n{jobs_dir}"), 1)
-    } else {
-        format!("{config_toml}\n[jobs]\n{jobs_dir}")
-    };
     // Results in `dir` too, unless the test names its own result store (replicas share one).
     let config_toml = if config_toml.contains("[results]\n") {
         config_toml
@@ -144,9 +137,10 @@ impl TestGateway {
         self._dir.path().join("spool")
     }
 
-    /// Where this gateway keeps its async jobs.
-    pub fn jobs_dir(&self) -> PathBuf {
-        self._dir.path().join("jobs")
+    /// Where this gateway keeps its async jobs' results (unless the test named its own
+    /// result store).
+    pub fn job_results_dir(&self) -> PathBuf {
+        self._dir.path().join("results").join("jobs")
     }
 
     /// Where this gateway journals usage rows.
@@ -300,6 +294,17 @@ impl TestGateway {
                 .expect("gateway stops cleanly");
         }
     }
+}
+
+/// The stored job `id`, whichever key's and however old.
+pub async fn stored_job(store: &dyn Store, id: &str) -> Option<JobRow> {
+    let long_ago = chrono::DateTime::<chrono::Utc>::UNIX_EPOCH;
+    for key in store.list_keys().await.expect("list keys") {
+        if let Some(job) = store.job(id, key.id, long_ago).await.expect("read job") {
+            return Some(job);
+        }
+    }
+    None
 }
 
 /// Every usage row in the store, oldest first.

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use imagegate::config::EnvLookup;
 
 pub use captures::{capture, captures_named};
-pub use gateway::{TestGateway, all_rows};
+pub use gateway::{TestGateway, all_rows, stored_job};
 pub use standin::{PNG_B64, StandIn, USAGE, dead_url, image_response, respond};
 
 /// Runs each listed `async fn name(db: Db)` as two tests: on Postgres and on SQLite.
