@@ -13,7 +13,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{Decode, FromRow, QueryBuilder, Sqlite, Type};
 
-use super::budget::{BudgetState, Reservation, Reserved, Settlement, verdict};
+use super::budget::{BudgetState, KeyBudget, Reservation, Reserved, Settlement, verdict};
 use super::rows::{Sum, Timestamp};
 use super::{
     GroupBy, KEY_COLUMNS, KeyChanges, KeyRecord, NewKey, PageCursor, RATE_WINDOW_NANOS, RateState,
@@ -389,10 +389,26 @@ impl Store for SqliteStore {
              values ($1, $2, 0, 0) on conflict (key_id) do nothing",
         )
         .bind(r.key_id)
-        .bind(encode_time(r.period_start))
+        .bind(encode_time(DateTime::UNIX_EPOCH))
         .execute(&mut *tx)
         .await?;
-        let (period_start, spent, reserved): (String, i64, i64) = sqlx::query_as(
+        // The budget as stored now, read under the write lock: a change of it either
+        // committed before (and counts) or waits for this reservation.
+        let key: Option<(Option<i64>, Option<String>, bool)> = sqlx::query_as(
+            "select budget_nanousd, budget_period, revoked_at is not null from api_keys \
+             where id = $1",
+        )
+        .bind(r.key_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let (limit, period) = match KeyBudget::of(key) {
+            KeyBudget::Limit { nanousd, period } => (nanousd, period),
+            // The rollback (on drop) takes back the row made above.
+            KeyBudget::Unlimited => return Ok(Reserved::Unlimited),
+            KeyBudget::Revoked => return Ok(Reserved::KeyRevoked),
+        };
+        let period_start = period.start(r.now);
+        let (stored_start, spent, reserved): (String, i64, i64) = sqlx::query_as(
             "select period_start, spent_nanousd, reserved_nanousd from budget_state \
              where key_id = $1",
         )
@@ -423,24 +439,23 @@ impl Store for SqliteStore {
         .fetch_one(&mut *tx)
         .await?;
         let prior = prior.unwrap_or(0);
-        let period_start = stored_time(&period_start)?;
-        let spent = if period_start < r.period_start {
+        let spent = if stored_time(&stored_start)? < period_start {
             0
         } else {
             spent
         };
         let others = reserved - expired.unwrap_or(0) - prior;
-        let verdict = verdict(r, spent, others);
+        let verdict = verdict(r, (limit, period), spent, others);
         let reserved = match verdict {
             Reserved::Granted { .. } => others + r.amount_nanousd,
-            Reserved::Refused { .. } => others + prior,
+            _ => others + prior,
         };
         sqlx::query(
             "update budget_state set period_start = max(period_start, $2), \
              spent_nanousd = $3, reserved_nanousd = $4 where key_id = $1",
         )
         .bind(r.key_id)
-        .bind(encode_time(r.period_start))
+        .bind(encode_time(period_start))
         .bind(spent)
         .bind(reserved)
         .execute(&mut *tx)
