@@ -13,6 +13,7 @@ macro_rules! usage_columns {
 }
 
 mod budget;
+mod notices;
 mod postgres;
 mod rows;
 mod sqlite;
@@ -35,6 +36,7 @@ use chrono::{DateTime, Utc};
 use rows::{JsonText, MaybeTimestamp, Sum, Timestamp};
 
 pub use budget::{BudgetPeriod, BudgetState, Reservation, Reserved};
+pub use notices::{Notice, NoticeStore, Notices, NoticesLost};
 pub use postgres::PostgresStore;
 pub use rows::{Outcome, UsageRow};
 pub use sqlite::SqliteStore;
@@ -279,7 +281,7 @@ pub type StoreResult<T> = Result<T, StoreError>;
 
 /// Everything imagegate keeps in a database.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: NoticeStore + Send + Sync + 'static {
     /// Applies the embedded migrations that have not run yet.
     async fn migrate(&self) -> StoreResult<()>;
     /// One cheap round trip, for `/readyz`.

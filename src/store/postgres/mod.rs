@@ -1,5 +1,7 @@
 //! The Postgres `Store`: the production database.
 
+mod notices;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -10,6 +12,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions, PgTypeInfo, PgValueRef};
 use sqlx::{Decode, FromRow, Postgres, QueryBuilder, Type};
 
 use super::budget::{BudgetState, KeyBudget, Reservation, Reserved, Settlement, verdict};
+use super::notices::Notice;
 use super::rows::{Sum, Timestamp};
 use super::{
     GroupBy, KEY_COLUMNS, KeyChanges, KeyRecord, NewKey, PageCursor, RATE_WINDOW_NANOS, RateState,
@@ -53,6 +56,8 @@ const INSERT_USAGE: &str = concat!(
 
 pub struct PostgresStore {
     pool: PgPool,
+    /// The `LISTEN` connection's own (one connection, opened when a subscriber asks).
+    listen_pool: PgPool,
 }
 
 impl PostgresStore {
@@ -63,7 +68,11 @@ impl PostgresStore {
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect(url)
             .await?;
-        Ok(Self { pool })
+        let listen_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_lazy_with((*pool.connect_options()).clone());
+        Ok(Self { pool, listen_pool })
     }
 }
 
@@ -171,6 +180,7 @@ impl Store for PostgresStore {
              on conflict (name) where revoked_at is null do nothing returning {KEY_COLUMNS}"
         );
         let limits = &key.limits;
+        let mut tx = self.pool.begin().await?;
         let row = sqlx::query(&sql)
             .bind(&key.name)
             .bind(&key.prefix)
@@ -182,12 +192,15 @@ impl Store for PostgresStore {
             .bind(limits.models_json())
             .bind(limits.expires_at)
             .bind(limits.metadata_json())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *tx)
             .await?;
-        match row {
-            Some(row) => Ok(KeyRecord::from_row(&row)?),
-            None => Err(StoreError::DuplicateKeyName(key.name)),
-        }
+        let Some(row) = row else {
+            return Err(StoreError::DuplicateKeyName(key.name));
+        };
+        let record = KeyRecord::from_row(&row)?;
+        notices::publish(&mut tx, &Notice::Key { id: record.id }).await?;
+        tx.commit().await?;
+        Ok(record)
     }
 
     #[tracing::instrument(skip_all)]
@@ -202,13 +215,20 @@ impl Store for PostgresStore {
 
     #[tracing::instrument(skip_all, fields(name = %name))]
     async fn revoke_key(&self, name: &str) -> StoreResult<bool> {
-        let done = sqlx::query(
-            "update api_keys set revoked_at = now() where name = $1 and revoked_at is null",
+        let mut tx = self.pool.begin().await?;
+        let revoked: Option<(i64,)> = sqlx::query_as(
+            "update api_keys set revoked_at = now() where name = $1 and revoked_at is null \
+             returning id",
         )
         .bind(name)
-        .execute(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
-        Ok(done.rows_affected() > 0)
+        let Some((id,)) = revoked else {
+            return Ok(false);
+        };
+        notices::publish(&mut tx, &Notice::Key { id }).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     #[tracing::instrument(skip_all)]
@@ -265,8 +285,14 @@ impl Store for PostgresStore {
             .push(" where revoked_at is null and name = ")
             .push_bind(name);
         query.push(format!(" returning {KEY_COLUMNS}"));
-        let row = query.build().fetch_optional(&self.pool).await?;
-        Ok(row.as_ref().map(KeyRecord::from_row).transpose()?)
+        let mut tx = self.pool.begin().await?;
+        let row = query.build().fetch_optional(&mut *tx).await?;
+        let Some(record) = row.as_ref().map(KeyRecord::from_row).transpose()? else {
+            return Ok(None);
+        };
+        notices::publish(&mut tx, &Notice::Key { id: record.id }).await?;
+        tx.commit().await?;
+        Ok(Some(record))
     }
 
     #[tracing::instrument(skip_all, fields(key_id = key_id))]

@@ -1,5 +1,7 @@
 //! The SQLite `Store`: one file, for a single instance, a demo or a laptop.
 
+mod notices;
+
 use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::time::Duration;
@@ -14,6 +16,7 @@ use sqlx::sqlite::{
 use sqlx::{Decode, FromRow, QueryBuilder, Sqlite, Type};
 
 use super::budget::{BudgetState, KeyBudget, Reservation, Reserved, Settlement, verdict};
+use super::notices::Notice;
 use super::rows::{Sum, Timestamp};
 use super::{
     GroupBy, KEY_COLUMNS, KeyChanges, KeyRecord, NewKey, PageCursor, RATE_WINDOW_NANOS, RateState,
@@ -50,6 +53,8 @@ const INSERT_ROWS: usize = 256;
 
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Key changes and reloads, to this process's listener (one node: no other to tell).
+    notices: tokio::sync::broadcast::Sender<Notice>,
 }
 
 impl SqliteStore {
@@ -79,7 +84,10 @@ impl SqliteStore {
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options)
             .await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            notices: tokio::sync::broadcast::Sender::new(notices::BACKLOG),
+        })
     }
 }
 
@@ -222,10 +230,12 @@ impl Store for SqliteStore {
             .bind(limits.metadata_json())
             .fetch_optional(&self.pool)
             .await?;
-        match row {
-            Some(row) => Ok(KeyRecord::from_row(&row)?),
-            None => Err(StoreError::DuplicateKeyName(key.name)),
-        }
+        let Some(row) = row else {
+            return Err(StoreError::DuplicateKeyName(key.name));
+        };
+        let record = KeyRecord::from_row(&row)?;
+        notices::publish(&self.notices, Notice::Key { id: record.id });
+        Ok(record)
     }
 
     #[tracing::instrument(skip_all)]
@@ -240,14 +250,19 @@ impl Store for SqliteStore {
 
     #[tracing::instrument(skip_all, fields(name = %name))]
     async fn revoke_key(&self, name: &str) -> StoreResult<bool> {
-        let done = sqlx::query(
-            "update api_keys set revoked_at = $1 where name = $2 and revoked_at is null",
+        let revoked: Option<(i64,)> = sqlx::query_as(
+            "update api_keys set revoked_at = $1 where name = $2 and revoked_at is null \
+             returning id",
         )
         .bind(encode_time(Utc::now()))
         .bind(name)
-        .execute(&self.pool)
+        .fetch_optional(&self.pool)
         .await?;
-        Ok(done.rows_affected() > 0)
+        let Some((id,)) = revoked else {
+            return Ok(false);
+        };
+        notices::publish(&self.notices, Notice::Key { id });
+        Ok(true)
     }
 
     #[tracing::instrument(skip_all)]
@@ -307,7 +322,11 @@ impl Store for SqliteStore {
             .push_bind(name);
         query.push(format!(" returning {KEY_COLUMNS}"));
         let row = query.build().fetch_optional(&self.pool).await?;
-        Ok(row.as_ref().map(KeyRecord::from_row).transpose()?)
+        let record = row.as_ref().map(KeyRecord::from_row).transpose()?;
+        if let Some(record) = &record {
+            notices::publish(&self.notices, Notice::Key { id: record.id });
+        }
+        Ok(record)
     }
 
     #[tracing::instrument(skip_all, fields(key_id = key_id))]
