@@ -24,6 +24,10 @@ impl Services {
             running: Vec::new(),
         };
         services.spawn("sweeper", sweep(Arc::clone(state), services.stop.clone()));
+        services.spawn(
+            "notices",
+            crate::notices::listen(Arc::clone(state), services.stop.clone()),
+        );
         services
     }
 
