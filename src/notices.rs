@@ -1,7 +1,7 @@
 //! The listener for what other replicas publish (see `store::Notice`): a changed key is
 //! dropped from the key cache, another replica's reload reloads this one's file. One
 //! service, cancelled at shutdown; it never stops on a receive error: it subscribes again
-//! with backoff, and after every (re)subscription drops the whole key cache, since what was
+//! with backoff, and after every resubscription drops the whole key cache, since what was
 //! published while no subscription was open is lost.
 
 use std::sync::Arc;
@@ -48,6 +48,7 @@ impl Backoff {
 /// Listens until `stop`.
 pub async fn listen(state: Arc<AppState>, stop: CancellationToken) {
     let mut backoff = Backoff::new();
+    let mut first = true;
     loop {
         let subscribed = tokio::select! {
             () = stop.cancelled() => return,
@@ -56,8 +57,13 @@ pub async fn listen(state: Arc<AppState>, stop: CancellationToken) {
         match subscribed {
             Ok(mut notices) => {
                 let since = Instant::now();
-                // Whatever changed before this subscription was open was not heard.
-                state.keys.forget_all();
+                // Whatever changed while no subscription was open was not heard. The first
+                // one opens as the gateway starts: what it cached before is moments old (and
+                // bounded by the TTL), and dropping it would leave a key that was just
+                // checked unserved if the database went away next.
+                if !std::mem::take(&mut first) {
+                    state.keys.forget_all();
+                }
                 metrics::counter!("imagegate_notice_subscriptions_total").increment(1);
                 tracing::info!("listening for key changes and reloads of other replicas");
                 loop {
