@@ -1,11 +1,12 @@
 //! Client keys: how they look, how they are stored (hashed) and how a request's key becomes
-//! a principal (cached, so revocation takes effect within the cache TTL and a database
-//! outage does not stop keys seen before).
+//! a principal (cached, so a database outage does not stop keys seen before; a change to a
+//! key drops it from every replica's cache by its notice, and the cache TTL bounds how long
+//! a missed notice can go unnoticed).
 
 pub mod settings;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -190,6 +191,9 @@ struct Inner {
     pending: Mutex<HashMap<KeyHash, WeakShared<LookupFuture>>>,
     /// False after a lookup failed or timed out, true again after one answered.
     store_answers: AtomicBool,
+    /// Counts the forgettings: a lookup that began before one may have read a key as it
+    /// was before its change, so its answer is not cached (see [`KeyCache::forget`]).
+    generation: AtomicU64,
     tasks: TaskTracker,
 }
 
@@ -215,9 +219,29 @@ impl KeyCache {
                 unseen_lookups: Arc::new(Semaphore::new(UNSEEN_LOOKUPS)),
                 pending: Mutex::new(HashMap::new()),
                 store_answers: AtomicBool::new(true),
+                generation: AtomicU64::new(0),
                 tasks,
             }),
         }
+    }
+
+    /// Drops what is cached of the key `key_id` (it was created, changed or revoked): its
+    /// next request reads it again. Known keys are few, so they are scanned by id.
+    pub fn forget(&self, key_id: i64) {
+        let inner = &self.inner;
+        let mut known = inner.known.write().unwrap_or_else(|e| e.into_inner());
+        inner.generation.fetch_add(1, Ordering::AcqRel);
+        known.retain(|_, entry| entry.principal.key_id != key_id);
+    }
+
+    /// Drops every cached key, found or not: after notices may have been missed (the
+    /// listener reconnected), none of them can be trusted past this moment.
+    pub fn forget_all(&self) {
+        let inner = &self.inner;
+        let mut known = inner.known.write().unwrap_or_else(|e| e.into_inner());
+        inner.generation.fetch_add(1, Ordering::AcqRel);
+        known.clear();
+        inner.unknown.invalidate_all();
     }
 
     /// `principal`'s key as the database holds it now, past the cache: `None` when it was
@@ -270,9 +294,10 @@ impl KeyCache {
                 // Until a lookup answers again, the next requests do not wait.
                 inner.store_answers.store(false, Ordering::Relaxed);
             }
-            return Ok(inner
-                .known_entry(&hash)
-                .map(|now| Arc::clone(&now.principal)));
+            if let Some(now) = inner.known_entry(&hash) {
+                return Ok(Some(Arc::clone(&now.principal)));
+            }
+            // Revoked, or forgotten meanwhile (a change to the key): asked again below.
         }
         if inner.unknown.contains_key(&hash) {
             return Ok(None);
@@ -331,8 +356,9 @@ impl KeyCache {
                 .map_err(|_| LookupUnavailable)?;
             let task = this.inner.tasks.clone().spawn(async move {
                 let _permit = permit;
+                let generation = this.inner.generation.load(Ordering::Acquire);
                 let found = this.inner.store.find_key_by_hash(&hex::encode(hash)).await;
-                this.settle(hash, found)
+                this.settle(hash, found, generation)
             });
             task.await.map_err(|_| LookupUnavailable)?
         }
@@ -351,6 +377,7 @@ impl KeyCache {
         }
         let (this, entry) = (self.clone(), Arc::clone(entry));
         self.inner.tasks.spawn(async move {
+            let generation = this.inner.generation.load(Ordering::Acquire);
             let found = tokio::time::timeout(
                 REFRESH_TIMEOUT,
                 this.inner.store.find_key_by_hash(&hex::encode(hash)),
@@ -361,19 +388,22 @@ impl KeyCache {
                     "no answer within {REFRESH_TIMEOUT:?}"
                 )))
             });
-            if this.settle(hash, found).is_err() {
-                // The entry stays; the next request past half the TTL tries again.
-                entry.refreshing.store(false, Ordering::Release);
-            }
+            // An answer cached replaces this entry; one that failed, or that a forgetting
+            // overtook, leaves it for the next request past half the TTL to try again.
+            let _ = this.settle(hash, found, generation);
+            entry.refreshing.store(false, Ordering::Release);
             entry.refreshed.notify_waiters();
         });
     }
 
-    /// Records what the database said about a key.
+    /// Records what the database said about a key, read by a lookup that began at
+    /// `generation`: an answer that a forgetting overtook is given to the requests waiting
+    /// for it, not cached.
     fn settle(
         &self,
         hash: KeyHash,
         found: StoreResult<Option<KeyRecord>>,
+        generation: u64,
     ) -> Result<Option<Arc<Principal>>, LookupUnavailable> {
         let inner = &self.inner;
         let found = match found {
@@ -390,6 +420,10 @@ impl KeyCache {
         }
         let principal = found.and_then(active_principal);
         let mut known = inner.known.write().unwrap_or_else(|e| e.into_inner());
+        // Compared under the lock that forgetting takes: no forgetting slips in between.
+        if inner.generation.load(Ordering::Acquire) != generation {
+            return Ok(principal);
+        }
         match &principal {
             Some(principal) => {
                 known.insert(hash, Known::new(Arc::clone(principal)));

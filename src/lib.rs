@@ -17,6 +17,7 @@ pub mod jobs;
 pub mod limits;
 pub mod login_throttle;
 pub mod multipart;
+pub mod notices;
 pub mod openai;
 pub mod private_fs;
 pub mod replicas;

@@ -39,6 +39,10 @@ impl Services {
         );
         let heartbeat = crate::replicas::heartbeat(Arc::clone(state), services.stop.clone());
         services.spawn("replica heartbeat", heartbeat);
+        services.spawn(
+            "notices",
+            crate::notices::listen(Arc::clone(state), services.stop.clone()),
+        );
         services
     }
 

@@ -58,9 +58,12 @@ impl Runtime {
                 (model.name.clone(), routes)
             })
             .collect();
+        let upstreams = Upstreams::build(&config)?;
+        // Which settings each replica runs: `/metrics` shows the hash of its configuration.
+        metrics::gauge!("imagegate_config_info", "hash" => config.hash.clone()).set(1.0);
         Ok(Runtime {
             route_metrics,
-            upstreams: Upstreams::build(&config)?,
+            upstreams,
             config: Arc::new(config),
             loaded_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -165,6 +168,10 @@ impl AppState {
         let runtime =
             Arc::new(Runtime::new(config).map_err(|e| ReloadError::Build(e.to_string()))?);
         self.runtime.store(Arc::clone(&runtime));
+        if current.config.hash != runtime.config.hash {
+            metrics::gauge!("imagegate_config_info", "hash" => current.config.hash.clone())
+                .set(0.0);
+        }
         metrics::counter!("imagegate_config_reloads_total").increment(1);
         Ok(runtime)
     }

@@ -81,22 +81,17 @@ pub(super) async fn release(state: &AppState, request_id: &str) {
     }
 }
 
-/// The key's budget and its period, when it has one.
-pub(super) fn budget_of(principal: &Principal) -> Option<(i64, BudgetPeriod)> {
-    let limit = principal.limits.budget_nanousd?;
-    let period = principal
-        .limits
-        .budget_period
-        .as_deref()
-        .and_then(BudgetPeriod::parse)
-        .unwrap_or(BudgetPeriod::Total);
-    Some((limit, period))
+/// Whether the key had a budget when its principal was read: a key without one costs no
+/// database call. A budget set since reaches every replica's key cache by its notice.
+pub(super) fn has_budget(principal: &Principal) -> bool {
+    principal.limits.budget_nanousd.is_some()
 }
 
 /// Reserves `amount` (the call's worst case; none for an unpriced route, which a key with a
-/// budget may not use) for `request_id` against the key's budget;
-/// the reservation ends with the call's usage row, or `hold_for` from now at the latest.
-/// A key without a budget costs no database call.
+/// budget may not use) for `request_id` against the key's budget as the database holds it
+/// now (amount and period: a budget lowered on another replica holds at once); the
+/// reservation ends with the call's usage row, or `hold_for` from now at the latest. A key
+/// revoked meanwhile is refused as at the door (401).
 pub(super) async fn hold(
     state: &AppState,
     principal: &Principal,
@@ -105,17 +100,15 @@ pub(super) async fn hold(
     amount: Option<i64>,
     hold_for: Duration,
 ) -> Result<(), ApiError> {
-    let Some((limit, period)) = budget_of(principal) else {
+    if !has_budget(principal) {
         return Ok(());
-    };
+    }
     // A route without a price could spend anything: a budget cannot hold it.
     let amount = amount.ok_or_else(|| ApiError::UnpricedOverBudget(model.to_owned()))?;
     let now = Utc::now();
     let reservation = Reservation {
         request_id: request_id.to_owned(),
         key_id: principal.key_id,
-        limit_nanousd: limit,
-        period_start: period.start(now),
         amount_nanousd: amount,
         now,
         expires_at: now + hold_for,
@@ -132,15 +125,26 @@ pub(super) async fn hold(
             return Err(give_up(state, reservation.request_id));
         }
     };
-    let (Reserved::Granted { remaining_nanousd } | Reserved::Refused { remaining_nanousd }) =
-        verdict;
-    if state.runtime.load().config.metrics.per_key {
-        metrics::gauge!("imagegate_key_budget_remaining_nanousd", "key" => principal.name.clone())
-            .set(remaining_nanousd as f64);
+    let remaining = match verdict {
+        Reserved::Granted { remaining_nanousd }
+        | Reserved::Refused {
+            remaining_nanousd, ..
+        } => Some(remaining_nanousd),
+        Reserved::Unlimited | Reserved::KeyRevoked => None,
+    };
+    if let Some(remaining) = remaining {
+        if state.runtime.load().config.metrics.per_key {
+            metrics::gauge!("imagegate_key_budget_remaining_nanousd", "key" => principal.name.clone())
+                .set(remaining as f64);
+        }
     }
     match verdict {
-        Reserved::Granted { .. } => Ok(()),
-        Reserved::Refused { remaining_nanousd } => Err(ApiError::InsufficientQuota {
+        Reserved::Granted { .. } | Reserved::Unlimited => Ok(()),
+        Reserved::KeyRevoked => Err(ApiError::KEY_REVOKED),
+        Reserved::Refused {
+            remaining_nanousd,
+            period,
+        } => Err(ApiError::InsufficientQuota {
             cost: format_usd(amount),
             remaining: format_usd(remaining_nanousd),
             period: match period {

@@ -197,7 +197,7 @@ impl Call {
     /// Gives back the reservation of a call that was not sent (none: nothing to do), before
     /// its client is answered: the client's next call finds the budget whole again.
     async fn release_budget(&self, request_id: &str) {
-        if budget::budget_of(&self.principal).is_none() {
+        if !budget::has_budget(&self.principal) {
             return;
         }
         budget::release(&self.state, request_id).await;

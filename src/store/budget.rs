@@ -33,15 +33,14 @@ impl BudgetPeriod {
     }
 }
 
-/// A call's claim on its key's budget, made before the call is sent.
+/// A call's claim on its key's budget, made before the call is sent. The budget itself
+/// (amount and period) is read from the key's row in the reservation's own transaction,
+/// never taken from a replica's cache: a lowered budget holds from the moment it is stored.
 #[derive(Debug, Clone)]
 pub struct Reservation {
     /// The usage row that settles it will carry this id.
     pub request_id: String,
     pub key_id: i64,
-    /// The key's budget for the period.
-    pub limit_nanousd: i64,
-    pub period_start: DateTime<Utc>,
     /// The call's worst-case cost.
     pub amount_nanousd: i64,
     pub now: DateTime<Utc>,
@@ -54,8 +53,43 @@ pub struct Reservation {
 pub enum Reserved {
     /// Granted; what is left of the budget after it.
     Granted { remaining_nanousd: i64 },
-    /// The budget cannot hold it; what is left (less than the amount asked for).
-    Refused { remaining_nanousd: i64 },
+    /// The budget cannot hold it; what is left (less than the amount asked for) in the
+    /// period the key's budget has now.
+    Refused {
+        remaining_nanousd: i64,
+        period: BudgetPeriod,
+    },
+    /// The key has no budget (any more): nothing is held, the call may go.
+    Unlimited,
+    /// The key was revoked (or deleted) since the request was let in: nothing is held.
+    KeyRevoked,
+}
+
+/// A key's budget as its row holds it when a reservation reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeyBudget {
+    Limit { nanousd: i64, period: BudgetPeriod },
+    Unlimited,
+    Revoked,
+}
+
+impl KeyBudget {
+    /// From the row's `budget_nanousd`, `budget_period` and whether it is revoked (`None`:
+    /// no such key). A budget without a period counts over the key's lifetime, as the
+    /// admin API sets it.
+    pub(crate) fn of(row: Option<(Option<i64>, Option<String>, bool)>) -> KeyBudget {
+        match row {
+            None | Some((_, _, true)) => KeyBudget::Revoked,
+            Some((None, _, false)) => KeyBudget::Unlimited,
+            Some((Some(nanousd), period, false)) => KeyBudget::Limit {
+                nanousd,
+                period: period
+                    .as_deref()
+                    .and_then(BudgetPeriod::parse)
+                    .unwrap_or(BudgetPeriod::Total),
+            },
+        }
+    }
 }
 
 /// A key's budget row as stored.
@@ -66,12 +100,15 @@ pub struct BudgetState {
     pub reserved_nanousd: i64,
 }
 
-/// Whether `r` fits in its key's budget, given what is spent and held in the period.
-pub(crate) fn verdict(r: &Reservation, spent: i64, reserved: i64) -> Reserved {
-    let remaining = r
-        .limit_nanousd
-        .saturating_sub(spent)
-        .saturating_sub(reserved);
+/// Whether `r` fits in a budget of `limit` per `period`, given what is spent and held in
+/// the period.
+pub(crate) fn verdict(
+    r: &Reservation,
+    (limit, period): (i64, BudgetPeriod),
+    spent: i64,
+    reserved: i64,
+) -> Reserved {
+    let remaining = limit.saturating_sub(spent).saturating_sub(reserved);
     if r.amount_nanousd <= remaining {
         Reserved::Granted {
             remaining_nanousd: remaining - r.amount_nanousd,
@@ -79,6 +116,7 @@ pub(crate) fn verdict(r: &Reservation, spent: i64, reserved: i64) -> Reserved {
     } else {
         Reserved::Refused {
             remaining_nanousd: remaining.max(0),
+            period,
         }
     }
 }

@@ -15,6 +15,7 @@ macro_rules! usage_columns {
 mod budget;
 mod calls;
 mod jobs;
+mod notices;
 mod postgres;
 mod replicas;
 mod rows;
@@ -42,6 +43,7 @@ pub use calls::{CallRecord, CallState, CallStore, KeptCall};
 pub use jobs::{
     Interrupted, JobCreated, JobEnd, JobRow, JobStatus, JobStore, NewJob, PastRetention,
 };
+pub use notices::{Notice, NoticeStore, Notices, NoticesLost};
 pub use postgres::PostgresStore;
 pub use replicas::{ReplicaRow, ReplicaStore};
 pub use rows::{Outcome, UsageRow};
@@ -287,7 +289,7 @@ pub type StoreResult<T> = Result<T, StoreError>;
 
 /// Everything imagegate keeps in a database.
 #[async_trait]
-pub trait Store: CallStore + JobStore + ReplicaStore + Send + Sync + 'static {
+pub trait Store: CallStore + JobStore + NoticeStore + ReplicaStore + Send + Sync + 'static {
     /// Applies the embedded migrations that have not run yet.
     async fn migrate(&self) -> StoreResult<()>;
     /// One cheap round trip, for `/readyz`.

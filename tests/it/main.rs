@@ -30,6 +30,7 @@ mod keys;
 mod limits;
 mod metrics;
 mod mock;
+mod notices;
 mod passthrough;
 mod pricing;
 mod redaction;

@@ -524,12 +524,22 @@ async fn usage_report_sums_past_i64(store: Arc<dyn Store>) {
 /// 4 US cents: the price of one call in the budget tests.
 const CALL: i64 = 40_000_000;
 
-fn reservation(request_id: &str, limit: i64, now: DateTime<Utc>) -> Reservation {
+/// Creates key 1 (the key of the test usage rows) with a budget of `limit` a day: a
+/// reservation reads the budget from the key's row.
+async fn budgeted(store: &Arc<dyn Store>, limit: i64) {
+    let mut key = new_key("budgeted", "hash-budgeted");
+    key.limits = KeyLimits {
+        budget_nanousd: Some(limit),
+        budget_period: Some("day".into()),
+        ..KeyLimits::default()
+    };
+    assert_eq!(store.create_key(key).await.expect("create key").id, 1);
+}
+
+fn reservation(request_id: &str, now: DateTime<Utc>) -> Reservation {
     Reservation {
         request_id: request_id.to_owned(),
         key_id: 1,
-        limit_nanousd: limit,
-        period_start: BudgetPeriod::Day.start(now),
         amount_nanousd: CALL,
         now,
         expires_at: now + TimeDelta::minutes(11),
@@ -547,13 +557,10 @@ async fn state(store: &Arc<dyn Store>) -> BudgetState {
 async fn budget_reservations_never_grant_past_the_budget(store: Arc<dyn Store>) {
     let now = Utc::now();
     let limit = 50 * CALL;
+    budgeted(&store, limit).await;
     let calls = (0..200).map(|i| {
         let store = Arc::clone(&store);
-        async move {
-            store
-                .reserve(&reservation(&format!("req-{i}"), limit, now))
-                .await
-        }
+        async move { store.reserve(&reservation(&format!("req-{i}"), now)).await }
     });
     let verdicts = futures_util::future::join_all(calls).await;
     let granted = verdicts
@@ -566,7 +573,8 @@ async fn budget_reservations_never_grant_past_the_budget(store: Arc<dyn Store>) 
             matches!(
                 v,
                 Ok(Reserved::Refused {
-                    remaining_nanousd: 0
+                    remaining_nanousd: 0,
+                    period: BudgetPeriod::Day,
                 })
             )
         })
@@ -579,11 +587,9 @@ async fn budget_reservations_never_grant_past_the_budget(store: Arc<dyn Store>) 
 async fn budget_settles_once_at_the_real_cost(store: Arc<dyn Store>) {
     let now = Utc::now();
     let limit = 4 * CALL;
+    budgeted(&store, limit).await;
     for id in ["a", "b", "c", "u"] {
-        let verdict = store
-            .reserve(&reservation(id, limit, now))
-            .await
-            .expect("reserve");
+        let verdict = store.reserve(&reservation(id, now)).await.expect("reserve");
         assert!(matches!(verdict, Reserved::Granted { .. }), "{verdict:?}");
     }
     // "a" cost less than its worst case, "b" exactly that; "c" was never sent; "u" has no
@@ -614,10 +620,7 @@ async fn budget_settles_once_at_the_real_cost(store: Arc<dyn Store>) {
     assert_eq!(store.insert_usage(&rows).await.expect("replay"), 0);
     assert_eq!(state(&store).await, settled);
     // What the real costs left is free again: a quarter call short of two calls.
-    let next = store
-        .reserve(&reservation("d", limit, now))
-        .await
-        .expect("d");
+    let next = store.reserve(&reservation("d", now)).await.expect("d");
     assert_eq!(
         next,
         Reserved::Granted {
@@ -629,8 +632,9 @@ async fn budget_settles_once_at_the_real_cost(store: Arc<dyn Store>) {
 async fn budget_holds_of_dead_calls_expire_and_periods_roll(store: Arc<dyn Store>) {
     let now = at("2026-12-06T23:50:00.000000Z");
     let limit = 2 * CALL;
+    budgeted(&store, limit).await;
     for id in ["dead-1", "dead-2"] {
-        let mut hold = reservation(id, limit, now);
+        let mut hold = reservation(id, now);
         hold.expires_at = now + TimeDelta::minutes(5);
         assert!(matches!(
             store.reserve(&hold).await.expect("reserve"),
@@ -640,18 +644,16 @@ async fn budget_holds_of_dead_calls_expire_and_periods_roll(store: Arc<dyn Store
     // Both holds are live: nothing is left.
     let soon = now + TimeDelta::minutes(4);
     assert_eq!(
-        store
-            .reserve(&reservation("x", limit, soon))
-            .await
-            .expect("x"),
+        store.reserve(&reservation("x", soon)).await.expect("x"),
         Reserved::Refused {
-            remaining_nanousd: 0
+            remaining_nanousd: 0,
+            period: BudgetPeriod::Day,
         }
     );
     // Past their deadline, whoever reserves next releases them.
     let later = now + TimeDelta::minutes(6);
     assert!(matches!(
-        store.reserve(&reservation("y", limit, later)).await.expect("y"),
+        store.reserve(&reservation("y", later)).await.expect("y"),
         Reserved::Granted { remaining_nanousd } if remaining_nanousd == CALL
     ));
     assert_eq!(state(&store).await.reserved_nanousd, CALL);
@@ -665,7 +667,7 @@ async fn budget_holds_of_dead_calls_expire_and_periods_roll(store: Arc<dyn Store
     // The next UTC day starts from nothing spent.
     let tomorrow = now + TimeDelta::hours(1);
     assert!(matches!(
-        store.reserve(&reservation("z", limit, tomorrow)).await.expect("z"),
+        store.reserve(&reservation("z", tomorrow)).await.expect("z"),
         Reserved::Granted { remaining_nanousd } if remaining_nanousd == limit - CALL
     ));
     let rolled = state(&store).await;

@@ -2,6 +2,7 @@
 
 mod calls;
 mod jobs;
+mod notices;
 mod replicas;
 
 use std::collections::BTreeMap;
@@ -13,7 +14,8 @@ use sqlx::error::BoxDynError;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgTypeInfo, PgValueRef};
 use sqlx::{Decode, FromRow, Postgres, QueryBuilder, Type};
 
-use super::budget::{BudgetState, Reservation, Reserved, Settlement, verdict};
+use super::budget::{BudgetState, KeyBudget, Reservation, Reserved, Settlement, verdict};
+use super::notices::Notice;
 use super::rows::{Sum, Timestamp};
 use super::{
     GroupBy, KEY_COLUMNS, KeyChanges, KeyRecord, NewKey, PageCursor, RATE_WINDOW_NANOS, RateState,
@@ -57,6 +59,8 @@ const INSERT_USAGE: &str = concat!(
 
 pub struct PostgresStore {
     pool: PgPool,
+    /// The `LISTEN` connection's own (one connection, opened when a subscriber asks).
+    listen_pool: PgPool,
 }
 
 impl PostgresStore {
@@ -67,7 +71,11 @@ impl PostgresStore {
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect(url)
             .await?;
-        Ok(Self { pool })
+        let listen_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_lazy_with((*pool.connect_options()).clone());
+        Ok(Self { pool, listen_pool })
     }
 }
 
@@ -175,6 +183,7 @@ impl Store for PostgresStore {
              on conflict (name) where revoked_at is null do nothing returning {KEY_COLUMNS}"
         );
         let limits = &key.limits;
+        let mut tx = self.pool.begin().await?;
         let row = sqlx::query(&sql)
             .bind(&key.name)
             .bind(&key.prefix)
@@ -186,12 +195,15 @@ impl Store for PostgresStore {
             .bind(limits.models_json())
             .bind(limits.expires_at)
             .bind(limits.metadata_json())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *tx)
             .await?;
-        match row {
-            Some(row) => Ok(KeyRecord::from_row(&row)?),
-            None => Err(StoreError::DuplicateKeyName(key.name)),
-        }
+        let Some(row) = row else {
+            return Err(StoreError::DuplicateKeyName(key.name));
+        };
+        let record = KeyRecord::from_row(&row)?;
+        notices::publish(&mut tx, &Notice::Key { id: record.id }).await?;
+        tx.commit().await?;
+        Ok(record)
     }
 
     #[tracing::instrument(skip_all)]
@@ -206,13 +218,20 @@ impl Store for PostgresStore {
 
     #[tracing::instrument(skip_all, fields(name = %name))]
     async fn revoke_key(&self, name: &str) -> StoreResult<bool> {
-        let done = sqlx::query(
-            "update api_keys set revoked_at = now() where name = $1 and revoked_at is null",
+        let mut tx = self.pool.begin().await?;
+        let revoked: Option<(i64,)> = sqlx::query_as(
+            "update api_keys set revoked_at = now() where name = $1 and revoked_at is null \
+             returning id",
         )
         .bind(name)
-        .execute(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
-        Ok(done.rows_affected() > 0)
+        let Some((id,)) = revoked else {
+            return Ok(false);
+        };
+        notices::publish(&mut tx, &Notice::Key { id }).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     #[tracing::instrument(skip_all)]
@@ -269,8 +288,14 @@ impl Store for PostgresStore {
             .push(" where revoked_at is null and name = ")
             .push_bind(name);
         query.push(format!(" returning {KEY_COLUMNS}"));
-        let row = query.build().fetch_optional(&self.pool).await?;
-        Ok(row.as_ref().map(KeyRecord::from_row).transpose()?)
+        let mut tx = self.pool.begin().await?;
+        let row = query.build().fetch_optional(&mut *tx).await?;
+        let Some(record) = row.as_ref().map(KeyRecord::from_row).transpose()? else {
+            return Ok(None);
+        };
+        notices::publish(&mut tx, &Notice::Key { id: record.id }).await?;
+        tx.commit().await?;
+        Ok(Some(record))
     }
 
     #[tracing::instrument(skip_all, fields(key_id = key_id))]
@@ -342,60 +367,68 @@ impl Store for PostgresStore {
     async fn reserve(&self, reservation: &Reservation) -> StoreResult<Reserved> {
         let r = reservation;
         let mut tx = self.pool.begin().await?;
-        // The key's row first, locked: every reservation and settlement of the key queues
-        // on it, whichever replica makes it.
-        sqlx::query(
+        // The key's budget row first, locked (made if need be, its period set below): every
+        // reservation and settlement of the key queues on it, whichever replica makes it.
+        let (stored_start, spent, reserved): (DateTime<Utc>, i64, i64) = sqlx::query_as(
             "insert into budget_state (key_id, period_start) values ($1, $2) \
-             on conflict (key_id) do nothing",
+             on conflict (key_id) do update set period_start = budget_state.period_start \
+             returning period_start, spent_nanousd, reserved_nanousd",
         )
         .bind(r.key_id)
-        .bind(r.period_start)
-        .execute(&mut *tx)
-        .await?;
-        let (period_start, spent, reserved): (DateTime<Utc>, i64, i64) = sqlx::query_as(
-            "select period_start, spent_nanousd, reserved_nanousd from budget_state \
-             where key_id = $1 for update",
-        )
-        .bind(r.key_id)
+        .bind(DateTime::UNIX_EPOCH)
         .fetch_one(&mut *tx)
         .await?;
-        // Calls whose replica died never settle: their hold ends with their deadline.
-        let (expired,): (Option<i64>,) = sqlx::query_as(
+        // Then the budget as stored now (read once this reservation's turn has come), not
+        // as a replica cached it; share-locked until this reservation commits, so that a
+        // change of the budget or a revocation answers only once the reservations weighed
+        // against the old one are done: from its answer on, every reservation sees it.
+        let key: Option<(Option<i64>, Option<String>, bool)> = sqlx::query_as(
+            "select budget_nanousd, budget_period, revoked_at is not null from api_keys \
+             where id = $1 for share",
+        )
+        .bind(r.key_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let (limit, period) = match KeyBudget::of(key) {
+            KeyBudget::Limit { nanousd, period } => (nanousd, period),
+            // The rollback (on drop) takes back the row made above.
+            KeyBudget::Unlimited => return Ok(Reserved::Unlimited),
+            KeyBudget::Revoked => return Ok(Reserved::KeyRevoked),
+        };
+        let period_start = period.start(r.now);
+        // Calls whose replica died never settle: their hold ends with their deadline. A
+        // call raising its own hold (a field that arrived after it raised its worst case)
+        // is weighed without what it holds already (unless that expired just now).
+        let (expired, prior): (Option<i64>, Option<i64>) = sqlx::query_as(
             "with gone as (delete from budget_reservations where key_id = $1 and expires_at < $2 \
-             returning amount_nanousd) select sum(amount_nanousd)::int8 from gone",
+             returning amount_nanousd) \
+             select (select sum(amount_nanousd)::int8 from gone), \
+             (select max(amount_nanousd) from budget_reservations \
+              where request_id = $3 and key_id = $1 and expires_at >= $2)",
         )
         .bind(r.key_id)
         .bind(r.now)
-        .fetch_one(&mut *tx)
-        .await?;
-        // A call raising its own hold (a field that arrived after it raised its worst
-        // case) is weighed without what it holds already.
-        let (prior,): (Option<i64>,) = sqlx::query_as(
-            "select max(amount_nanousd) from budget_reservations \
-             where request_id = $1 and key_id = $2",
-        )
         .bind(&r.request_id)
-        .bind(r.key_id)
         .fetch_one(&mut *tx)
         .await?;
         let prior = prior.unwrap_or(0);
-        let spent = if period_start < r.period_start {
+        let spent = if stored_start < period_start {
             0
         } else {
             spent
         };
         let others = reserved - expired.unwrap_or(0) - prior;
-        let verdict = verdict(r, spent, others);
+        let verdict = verdict(r, (limit, period), spent, others);
         let reserved = match verdict {
             Reserved::Granted { .. } => others + r.amount_nanousd,
-            Reserved::Refused { .. } => others + prior,
+            _ => others + prior,
         };
         sqlx::query(
             "update budget_state set period_start = greatest(period_start, $2), \
              spent_nanousd = $3, reserved_nanousd = $4 where key_id = $1",
         )
         .bind(r.key_id)
-        .bind(r.period_start)
+        .bind(period_start)
         .bind(spent)
         .bind(reserved)
         .execute(&mut *tx)

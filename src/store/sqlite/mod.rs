@@ -2,6 +2,7 @@
 
 mod calls;
 mod jobs;
+mod notices;
 mod replicas;
 
 use std::collections::BTreeMap;
@@ -17,7 +18,8 @@ use sqlx::sqlite::{
 };
 use sqlx::{Decode, FromRow, QueryBuilder, Sqlite, Type};
 
-use super::budget::{BudgetState, Reservation, Reserved, Settlement, verdict};
+use super::budget::{BudgetState, KeyBudget, Reservation, Reserved, Settlement, verdict};
+use super::notices::Notice;
 use super::rows::{Sum, Timestamp};
 use super::{
     GroupBy, KEY_COLUMNS, KeyChanges, KeyRecord, NewKey, PageCursor, RATE_WINDOW_NANOS, RateState,
@@ -54,6 +56,8 @@ const INSERT_ROWS: usize = 256;
 
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Key changes and reloads, to this process's listener (one node: no other to tell).
+    notices: tokio::sync::broadcast::Sender<Notice>,
 }
 
 impl SqliteStore {
@@ -83,7 +87,10 @@ impl SqliteStore {
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options)
             .await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            notices: tokio::sync::broadcast::Sender::new(notices::BACKLOG),
+        })
     }
 }
 
@@ -226,10 +233,12 @@ impl Store for SqliteStore {
             .bind(limits.metadata_json())
             .fetch_optional(&self.pool)
             .await?;
-        match row {
-            Some(row) => Ok(KeyRecord::from_row(&row)?),
-            None => Err(StoreError::DuplicateKeyName(key.name)),
-        }
+        let Some(row) = row else {
+            return Err(StoreError::DuplicateKeyName(key.name));
+        };
+        let record = KeyRecord::from_row(&row)?;
+        notices::publish(&self.notices, Notice::Key { id: record.id });
+        Ok(record)
     }
 
     #[tracing::instrument(skip_all)]
@@ -244,14 +253,19 @@ impl Store for SqliteStore {
 
     #[tracing::instrument(skip_all, fields(name = %name))]
     async fn revoke_key(&self, name: &str) -> StoreResult<bool> {
-        let done = sqlx::query(
-            "update api_keys set revoked_at = $1 where name = $2 and revoked_at is null",
+        let revoked: Option<(i64,)> = sqlx::query_as(
+            "update api_keys set revoked_at = $1 where name = $2 and revoked_at is null \
+             returning id",
         )
         .bind(encode_time(Utc::now()))
         .bind(name)
-        .execute(&self.pool)
+        .fetch_optional(&self.pool)
         .await?;
-        Ok(done.rows_affected() > 0)
+        let Some((id,)) = revoked else {
+            return Ok(false);
+        };
+        notices::publish(&self.notices, Notice::Key { id });
+        Ok(true)
     }
 
     #[tracing::instrument(skip_all)]
@@ -311,7 +325,11 @@ impl Store for SqliteStore {
             .push_bind(name);
         query.push(format!(" returning {KEY_COLUMNS}"));
         let row = query.build().fetch_optional(&self.pool).await?;
-        Ok(row.as_ref().map(KeyRecord::from_row).transpose()?)
+        let record = row.as_ref().map(KeyRecord::from_row).transpose()?;
+        if let Some(record) = &record {
+            notices::publish(&self.notices, Notice::Key { id: record.id });
+        }
+        Ok(record)
     }
 
     #[tracing::instrument(skip_all, fields(key_id = key_id))]
@@ -393,10 +411,26 @@ impl Store for SqliteStore {
              values ($1, $2, 0, 0) on conflict (key_id) do nothing",
         )
         .bind(r.key_id)
-        .bind(encode_time(r.period_start))
+        .bind(encode_time(DateTime::UNIX_EPOCH))
         .execute(&mut *tx)
         .await?;
-        let (period_start, spent, reserved): (String, i64, i64) = sqlx::query_as(
+        // The budget as stored now, read under the write lock: a change of it either
+        // committed before (and counts) or waits for this reservation.
+        let key: Option<(Option<i64>, Option<String>, bool)> = sqlx::query_as(
+            "select budget_nanousd, budget_period, revoked_at is not null from api_keys \
+             where id = $1",
+        )
+        .bind(r.key_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let (limit, period) = match KeyBudget::of(key) {
+            KeyBudget::Limit { nanousd, period } => (nanousd, period),
+            // The rollback (on drop) takes back the row made above.
+            KeyBudget::Unlimited => return Ok(Reserved::Unlimited),
+            KeyBudget::Revoked => return Ok(Reserved::KeyRevoked),
+        };
+        let period_start = period.start(r.now);
+        let (stored_start, spent, reserved): (String, i64, i64) = sqlx::query_as(
             "select period_start, spent_nanousd, reserved_nanousd from budget_state \
              where key_id = $1",
         )
@@ -427,24 +461,23 @@ impl Store for SqliteStore {
         .fetch_one(&mut *tx)
         .await?;
         let prior = prior.unwrap_or(0);
-        let period_start = stored_time(&period_start)?;
-        let spent = if period_start < r.period_start {
+        let spent = if stored_time(&stored_start)? < period_start {
             0
         } else {
             spent
         };
         let others = reserved - expired.unwrap_or(0) - prior;
-        let verdict = verdict(r, spent, others);
+        let verdict = verdict(r, (limit, period), spent, others);
         let reserved = match verdict {
             Reserved::Granted { .. } => others + r.amount_nanousd,
-            Reserved::Refused { .. } => others + prior,
+            _ => others + prior,
         };
         sqlx::query(
             "update budget_state set period_start = max(period_start, $2), \
              spent_nanousd = $3, reserved_nanousd = $4 where key_id = $1",
         )
         .bind(r.key_id)
-        .bind(encode_time(r.period_start))
+        .bind(encode_time(period_start))
         .bind(spent)
         .bind(reserved)
         .execute(&mut *tx)
