@@ -131,6 +131,11 @@ pub enum ApiError {
         "This API key's budget could not be checked right now (the database is not answering), so the request was not sent. Please retry shortly."
     )]
     BudgetUnavailable,
+    /// The database that holds async jobs did not answer: no job was created or read.
+    #[error(
+        "Async jobs cannot be created or read right now (the database that holds them is not answering). Retry shortly, or send the request without `Prefer: respond-async` to have it answered directly."
+    )]
+    JobsUnavailable,
     /// An async job that does not exist, has expired, or belongs to another key: the
     /// same answer for all three, so that a key cannot learn of another's jobs.
     #[error("No image job found with id '{0}'.")]
@@ -213,7 +218,8 @@ impl ApiError {
             | ApiError::JsonMemoryFull
             | ApiError::UsageJournalUnavailable
             | ApiError::KeyLookupUnavailable
-            | ApiError::BudgetUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            | ApiError::BudgetUnavailable
+            | ApiError::JobsUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -282,6 +288,7 @@ impl ApiError {
                 ("insufficient_quota", Some("insufficient_quota"), None)
             }
             ApiError::BudgetUnavailable => ("server_error", Some("budget_unavailable"), None),
+            ApiError::JobsUnavailable => ("server_error", Some("jobs_unavailable"), None),
             ApiError::UnpricedOverBudget(_) => (
                 "invalid_request_error",
                 Some("model_unpriced"),
@@ -325,6 +332,7 @@ impl IntoResponse for ApiError {
         if let ApiError::KeyLookupUnavailable
         | ApiError::KeyInFlightLimit { .. }
         | ApiError::BudgetUnavailable
+        | ApiError::JobsUnavailable
         | ApiError::JsonMemoryFull
         | ApiError::KeyMemoryShare
         | ApiError::KeySpoolShare = &self

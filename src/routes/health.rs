@@ -36,9 +36,10 @@ impl FromRef<Arc<AppState>> for Readiness {
 }
 
 /// `/readyz`'s `shared_state` while the database does not answer.
-const SHARED_STATE_DEGRADED: &str = "degraded: the database is not answering, so async \
-     jobs and duplicate protection are limited to this replica (other replicas cannot see \
-     its jobs or calls in flight, nor it theirs) until it answers again";
+const SHARED_STATE_DEGRADED: &str = "degraded: the database is not answering, so \
+     duplicate protection is limited to this replica (other replicas cannot see its calls \
+     in flight, nor it theirs) and async jobs can be neither created nor read (503 \
+     jobs_unavailable) until it answers again";
 
 pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))

@@ -110,7 +110,10 @@ pub async fn submit(
                 limit: config.max_queued_per_key.get(),
             });
         }
-        Err(err) => return Err(ApiError::internal(format!("creating a job: {err}"))),
+        Err(err) => {
+            tracing::warn!(error = %err, "an async job could not be created");
+            return Err(ApiError::JobsUnavailable);
+        }
     };
     call.job = Some(Arc::from(record.id.as_str()));
     state.tasks.spawn(run(call, source, record.id.clone()));
@@ -311,7 +314,10 @@ pub async fn retrieve(
         .jobs
         .get(&id, principal.key_id, retention)
         .await
-        .map_err(|err| ApiError::internal(format!("reading a job: {err}")))?
+        .map_err(|err| {
+            tracing::warn!(error = %err, "an async job could not be read");
+            ApiError::JobsUnavailable
+        })?
         .ok_or_else(not_found)?;
     let Some(name) = record
         .result_name

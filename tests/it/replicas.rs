@@ -324,13 +324,18 @@ async fn readyz_says_shared_state_is_degraded_while_the_database_is_lost_and_ok_
     assert_eq!(body["shared_state"], "ok", "{body}");
     replicas_until(&gw, |l| live(l) == 1).await;
 
+    // The key is known to this replica before the outage (a known key is served through it).
+    let models = gw.get_as(&gw.key, "/v1/models").await;
+    assert_eq!(models.status(), 200);
+
     let c = Arc::clone(&cluster);
     blocking(move || c.stop()).await;
     let body = gw.readyz().await;
     let degraded = body["shared_state"].as_str().expect("text").to_owned();
     assert!(
         degraded.starts_with("degraded: ")
-            && degraded.contains("async jobs and duplicate protection are limited to this replica"),
+            && degraded.contains("duplicate protection is limited to this replica")
+            && degraded.contains("async jobs can be neither created nor read"),
         "{body}"
     );
     assert_eq!(body["status"], "not_ready", "{body}");
@@ -346,6 +351,18 @@ async fn readyz_says_shared_state_is_degraded_while_the_database_is_lost_and_ok_
     let error: Value = response.json().await.expect("json");
     assert_eq!(error["error"]["code"], "not_ready", "{error}");
     assert_eq!(error["error"]["type"], "server_error", "{error}");
+    // Jobs live in the database: with it lost, a job is neither created nor read, and the
+    // answer says so (503 jobs_unavailable, Retry-After), never a bare 500.
+    let job = async_job(&gw).await;
+    assert_eq!(job.status(), 503);
+    assert_eq!(job.headers()["retry-after"], "1");
+    let error: Value = job.json().await.expect("json");
+    assert_eq!(error["error"]["code"], "jobs_unavailable", "{error}");
+    assert_eq!(error["error"]["type"], "server_error", "{error}");
+    let poll = gw.get_as(&gw.key, "/v1/images/jobs/imgjob_0").await;
+    assert_eq!(poll.status(), 503);
+    let error: Value = poll.json().await.expect("json");
+    assert_eq!(error["error"]["code"], "jobs_unavailable", "{error}");
     // Past a heartbeat or two: the failed beats are retried, never fatal.
     tokio::time::sleep(Duration::from_secs(6)).await;
 
@@ -372,8 +389,23 @@ async fn readyz_says_shared_state_is_degraded_while_the_database_is_lost_and_ok_
     })
     .await;
     assert_eq!(this(&listing)["status"], "live");
+    // Jobs are taken again once the database answers.
+    assert_eq!(async_job(&gw).await.status(), 202);
     gw.shutdown().await;
     drop(cluster);
+}
+
+/// An async generation job posted to `gw` with its key.
+async fn async_job(gw: &TestGateway) -> reqwest::Response {
+    gw.client
+        .post(gw.url("/v1/images/generations"))
+        .bearer_auth(&gw.key)
+        .header("content-type", "application/json")
+        .header("prefer", "respond-async")
+        .body(r#"{"model":"gpt-image-1","prompt":"a red fox"}"#)
+        .send()
+        .await
+        .expect("reaches imagegate")
 }
 
 // ---------------------------------------------------------------------------------------
