@@ -23,6 +23,7 @@ mod hostile;
 mod job_store;
 mod jobs;
 mod jobs_replicas;
+mod jobs_s3;
 mod journal;
 mod json_edits;
 mod key_limits;

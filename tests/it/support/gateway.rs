@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use imagegate::Gateway;
-use imagegate::config::Config;
+use imagegate::config::{Config, EnvLookup};
 use imagegate::server::Listeners;
 use imagegate::store::{JobRow, Store};
 use imagegate::usage::UsageRow;
@@ -47,9 +47,12 @@ pub fn write_config(dir: &Path, database_url: &str, config_toml: &str) -> PathBu
 
 /// A gateway started on `config` (its database migrated) and a key named `name` it accepts.
 pub async fn start_with_key(config: Config, name: &str) -> (Gateway, String) {
-    let gateway = Gateway::start(config, test_env())
-        .await
-        .expect("gateway starts");
+    start_with_key_in(config, name, test_env()).await
+}
+
+/// [`start_with_key`] with the environment `env` (an S3 server's variables, say).
+pub async fn start_with_key_in(config: Config, name: &str, env: EnvLookup) -> (Gateway, String) {
+    let gateway = Gateway::start(config, env).await.expect("gateway starts");
     let issued = imagegate::auth::issue_key(name);
     gateway
         .state
@@ -81,7 +84,7 @@ impl TestGateway {
             Db::Postgres => super::db::fresh_postgres().await.1,
             Db::Sqlite => format!("sqlite:{}", dir.path().join("imagegate.db").display()),
         };
-        Self::start_in(dir, &database_url, config_toml, "svc-test").await
+        Self::start_in(dir, &database_url, config_toml, "svc-test", test_env()).await
     }
 
     /// A gateway on the database `database_url` names (migrated at start).
@@ -93,7 +96,18 @@ impl TestGateway {
     /// replica among several on one database (key names are unique among active keys).
     pub async fn start_on_as(database_url: &str, config_toml: &str, key_name: &str) -> TestGateway {
         let dir = tempfile::tempdir().expect("tempdir");
-        Self::start_in(dir, database_url, config_toml, key_name).await
+        Self::start_in(dir, database_url, config_toml, key_name, test_env()).await
+    }
+
+    /// [`TestGateway::start_on_as`] with the environment `env` (an S3 server's variables).
+    pub async fn start_on_with_env(
+        database_url: &str,
+        config_toml: &str,
+        key_name: &str,
+        env: EnvLookup,
+    ) -> TestGateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(dir, database_url, config_toml, key_name, env).await
     }
 
     async fn start_in(
@@ -101,9 +115,10 @@ impl TestGateway {
         database_url: &str,
         config_toml: &str,
         key_name: &str,
+        env: EnvLookup,
     ) -> TestGateway {
         let config_path = write_config(dir.path(), database_url, config_toml);
-        let config = Config::load(&config_path, &test_env()).expect("valid test config");
+        let config = Config::load(&config_path, &env).expect("valid test config");
         let listeners = Listeners::bind(
             "127.0.0.1:0".parse().expect("address"),
             config.server.workers,
@@ -113,7 +128,7 @@ impl TestGateway {
         .expect("bind the metrics listener");
         let addr = listeners.local_addr();
         let metrics_addr = listeners.metrics_addr();
-        let (gateway, key) = start_with_key(config, key_name).await;
+        let (gateway, key) = start_with_key_in(config, key_name, env).await;
         let store = Arc::clone(&gateway.state.store);
         let stop = CancellationToken::new();
         let stopped = stop.clone();
