@@ -6,32 +6,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use imagegate::store::{CallRecord, CallState, KeptCall, Store};
 
-/// Runs each listed `async fn(Arc<dyn Store>)` once per backend.
-macro_rules! on_both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    let (store, _url) = crate::support::db::fresh_postgres().await;
-                    super::$test(store).await;
-                }
-            )*
-        }
-
-        mod sqlite {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    let (store, _dir) = crate::support::db::fresh_sqlite().await;
-                    super::$test(store).await;
-                }
-            )*
-        }
-    };
-}
-
-on_both_backends!(
+crate::support::db::on_both_backends!(
     a_running_call_is_found_until_it_ends,
     a_kept_call_round_trips_and_a_late_registration_does_not_undo_it,
     the_newest_live_call_of_a_fingerprint_is_found,

@@ -9,33 +9,7 @@ use imagegate::store::{
     Interrupted, JobCreated, JobEnd, JobRow, JobStatus, NewJob, PastRetention, Store,
 };
 
-/// Runs each listed `async fn(Arc<dyn Store>)` once per backend, as
-/// `job_store::postgres::<name>` and `job_store::sqlite::<name>`.
-macro_rules! on_both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    let (store, _url) = crate::support::db::fresh_postgres().await;
-                    super::$test(store).await;
-                }
-            )*
-        }
-
-        mod sqlite {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    let (store, _dir) = crate::support::db::fresh_sqlite().await;
-                    super::$test(store).await;
-                }
-            )*
-        }
-    };
-}
-
-on_both_backends!(
+crate::support::db::on_both_backends!(
     unfinished_jobs_are_counted_per_key_and_a_retry_finds_its_job,
     concurrent_creations_never_pass_the_queue_limit,
     a_job_starts_once_and_finishes_once,

@@ -27,31 +27,7 @@ use crate::support::{
     test_config,
 };
 
-/// Runs each listed `async fn(Arc<dyn Store>)` once per backend.
-macro_rules! on_both_stores {
-    ($($test:ident),* $(,)?) => {
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    let (store, _url) = crate::support::db::fresh_postgres().await;
-                    super::$test(store).await;
-                }
-            )*
-        }
-        mod sqlite {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    let (store, _dir) = crate::support::db::fresh_sqlite().await;
-                    super::$test(store).await;
-                }
-            )*
-        }
-    };
-}
-
-on_both_stores!(
+crate::support::db::on_both_backends!(
     key_changes_and_reloads_reach_subscribers,
     a_reservation_weighs_the_key_as_stored_now,
 );

@@ -11,33 +11,7 @@ use imagegate::usage::{Outcome, UsageRow};
 
 use crate::support::rows;
 
-/// Runs each listed `async fn(Arc<dyn Store>)` once per backend, as
-/// `store::postgres::<name>` and `store::sqlite::<name>`.
-macro_rules! on_both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    let (store, _url) = crate::support::db::fresh_postgres().await;
-                    super::$test(store).await;
-                }
-            )*
-        }
-
-        mod sqlite {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    let (store, _dir) = crate::support::db::fresh_sqlite().await;
-                    super::$test(store).await;
-                }
-            )*
-        }
-    };
-}
-
-on_both_backends!(
+crate::support::db::on_both_backends!(
     migrate_twice_and_ping,
     keys_create_list_find,
     duplicate_key_name_is_refused,

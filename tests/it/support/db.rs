@@ -99,3 +99,31 @@ fn with_database_replaces_only_the_path() {
         "postgresql://u:p@h/t?sslmode=disable"
     );
 }
+
+/// Runs each listed `async fn(Arc<dyn Store>)` once per database, as
+/// `<module>::postgres::<name>` and `<module>::sqlite::<name>`, each on a fresh database:
+/// one suite per storage concern, the same bodies on both.
+macro_rules! on_both_backends {
+    ($($test:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    let (store, _url) = crate::support::db::fresh_postgres().await;
+                    super::$test(store).await;
+                }
+            )*
+        }
+
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    let (store, _dir) = crate::support::db::fresh_sqlite().await;
+                    super::$test(store).await;
+                }
+            )*
+        }
+    };
+}
+pub(crate) use on_both_backends;
