@@ -197,12 +197,36 @@ fn read(path: &Path) -> Result<Figment, ConfigError> {
 }
 
 /// See [`Config::hash`]. Figment's dictionaries are sorted, so the same settings written in
-/// another order hash the same.
+/// another order hash the same. The database URL's password is left out: the hash is shown
+/// in `/metrics`, `/admin/replicas` and the dashboard, and a short hash of a secret would
+/// let anyone who knows the rest of the file test guesses of it.
 fn settings_hash(figment: &Figment) -> String {
     use sha2::{Digest, Sha256};
-    let value: figment::value::Value = figment.extract().unwrap_or(figment::value::Value::from(0));
+    let mut value: serde_json::Value = figment.extract().unwrap_or_default();
+    if let Some(url) = value.pointer_mut("/database/url") {
+        if let Some(text) = url.as_str() {
+            *url = serde_json::Value::from(without_password(text));
+        }
+    }
     let text = serde_json::to_string(&value).unwrap_or_default();
     hex::encode(&Sha256::digest(text.as_bytes())[..8])
+}
+
+/// `scheme://user:password@host/...` without `:password`; other URLs as they are.
+fn without_password(url: &str) -> String {
+    let Some(start) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let authority_end = url[start..]
+        .find(['/', '?'])
+        .map_or(url.len(), |i| start + i);
+    let Some(at) = url[start..authority_end].rfind('@').map(|i| start + i) else {
+        return url.to_owned();
+    };
+    match url[start..at].find(':').map(|i| start + i) {
+        Some(colon) => format!("{}{}", &url[..colon], &url[at..]),
+        None => url.to_owned(),
+    }
 }
 
 /// `IMAGEGATE_SERVER__LISTEN` -> `server.listen`. Only variables with a `__` (or the one
@@ -750,5 +774,36 @@ mod tests {
             assert!(!format!("{cfg:?}").contains("pk-very-secret"));
             Ok(())
         });
+    }
+
+    #[test]
+    fn the_settings_hash_ignores_the_database_password_and_follows_the_rest() {
+        figment::Jail::expect_with(|jail| {
+            let env = env_with(&[("PIAPI_API_KEY", "pk")]);
+            let on = |url: &str| format!("{GOOD}\n[database]\nurl = \"{url}\"\n");
+            let hash = |jail: &mut figment::Jail, url: &str| {
+                load(jail, &on(url), &env).expect("valid").hash
+            };
+            let a = hash(jail, "postgres://app:first-secret@db:5432/imagegate");
+            let b = hash(jail, "postgres://app:other-secret@db:5432/imagegate");
+            assert_eq!(a, b, "the password is not part of the hash");
+            let c = hash(jail, "postgres://app:first-secret@db:5432/elsewhere");
+            assert_ne!(a, c, "the rest of the URL is");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_password_is_cut_from_a_url_and_nothing_else() {
+        assert_eq!(
+            without_password("postgres://u:p@ss@h:5/d?x=1"),
+            "postgres://u@h:5/d?x=1"
+        );
+        assert_eq!(without_password("postgres://u@h/d"), "postgres://u@h/d");
+        assert_eq!(
+            without_password("postgres://h/d?a=b@c"),
+            "postgres://h/d?a=b@c"
+        );
+        assert_eq!(without_password("sqlite:data/x.db"), "sqlite:data/x.db");
     }
 }
