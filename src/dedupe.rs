@@ -62,6 +62,37 @@ const KEPT_FOLDER: &str = "kept";
 /// the sweep deletes it: replicas' clocks differ a little.
 const ORPHAN_MARGIN: Duration = Duration::from_secs(60);
 
+/// How a request's headers say it repeats an earlier one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// A first attempt.
+    No,
+    /// An `Idempotency-Key` and no retry count: it may well be a first attempt (clients that
+    /// send a key send it on every request), so it is matched against this replica's calls
+    /// only, and a first attempt never waits for the database before its provider call.
+    Keyed,
+    /// The SDKs' `X-Stainless-Retry-Count` >= 1: certainly a retry, looked for on every
+    /// replica.
+    Counted,
+}
+
+impl Retry {
+    pub fn of(headers: &HeaderMap) -> Retry {
+        let retry_count = headers
+            .get("x-stainless-retry-count")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .unwrap_or(0);
+        if retry_count >= 1 {
+            Retry::Counted
+        } else if headers.contains_key("idempotency-key") {
+            Retry::Keyed
+        } else {
+            Retry::No
+        }
+    }
+}
+
 /// Same client key, endpoint, idempotency key and body.
 pub type Fingerprint = [u8; 32];
 
@@ -200,12 +231,7 @@ impl Dedupe {
 
     /// Whether the headers mark the request as a retry of an earlier one.
     pub fn is_retry(headers: &HeaderMap) -> bool {
-        let retry_count = headers
-            .get("x-stainless-retry-count")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u32>().ok())
-            .unwrap_or(0);
-        retry_count >= 1 || headers.contains_key("idempotency-key")
+        Retry::of(headers) != Retry::No
     }
 
     /// Registers the request `request_id` against duplicates. A retry of a call still
@@ -214,20 +240,21 @@ impl Dedupe {
     pub async fn claim(
         self: &Arc<Self>,
         fingerprint: Fingerprint,
-        retry: bool,
+        retry: Retry,
         request_id: &str,
         limits: Limits,
     ) -> Result<Option<KeepTicket>, Response> {
         if !self.enabled {
             return Ok(None);
         }
-        if retry {
+        if retry != Retry::No {
             let joined = match self.local(&fingerprint) {
                 Some((rx, original)) => self.collect(rx, &original, request_id, limits.wait).await,
-                None => {
+                None if retry == Retry::Counted => {
                     self.join_elsewhere(&fingerprint, request_id, limits.wait)
                         .await
                 }
+                None => None,
             };
             if let Some(response) = joined {
                 return Err(response);
@@ -708,6 +735,7 @@ mod tests {
     };
 
     async fn claim(dedupe: &Arc<Dedupe>, n: u64, retry: bool) -> Result<KeepTicket, Response> {
+        let retry = if retry { Retry::Counted } else { Retry::No };
         let ticket = dedupe
             .claim(fingerprint(n), retry, &format!("req_{n}"), LIMITS)
             .await?;

@@ -175,7 +175,7 @@ async fn claim(
         .dedupe
         .claim(
             fingerprint,
-            Dedupe::is_retry(headers),
+            dedupe::Retry::of(headers),
             &request_id.0,
             limits,
         )
