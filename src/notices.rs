@@ -82,6 +82,9 @@ pub async fn listen(state: Arc<AppState>, stop: CancellationToken) {
                 backoff.ended(since);
             }
             Err(err) => {
+                // Requests are served meanwhile: the subscription that opens later must
+                // assume it missed changes, even if it is the first to open.
+                first = false;
                 tracing::warn!(%err, "cannot subscribe to notices; trying again (cached keys expire by their TTL meanwhile)");
             }
         }
