@@ -10,7 +10,8 @@
 //! and billed as the crash recovery bills any call cut off: one interrupted usage row at
 //! the worst case, under the creating request's id, when its call had been sent.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
@@ -73,6 +74,28 @@ pub struct Jobs {
     /// `limits.max_in_flight_per_key` at once, the others wait (queued). Counted apart from
     /// the key's requests, so that running jobs never get the key's own polling refused.
     pub running: Arc<InFlight>,
+    /// The jobs this replica's tasks hold (see [`Jobs::hold`]): only theirs are renewed, so
+    /// that a job whose task ended without recording its end (the database failed then, or
+    /// the task panicked) lapses and is failed, rather than staying unfinished for ever.
+    held: Mutex<HashSet<String>>,
+}
+
+/// A job held by the task that runs it: its lease is renewed until this is dropped.
+pub struct Held {
+    jobs: Arc<Jobs>,
+    id: String,
+}
+
+impl Held {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.jobs.held_ids().remove(&self.id);
+    }
 }
 
 /// A job's result in the result store.
@@ -87,7 +110,21 @@ impl Jobs {
             results,
             replica,
             running: Arc::default(),
+            held: Mutex::default(),
         }
+    }
+
+    /// Holds the job `id` for the task that runs it (see [`Held`]).
+    pub fn hold(self: &Arc<Self>, id: &str) -> Held {
+        self.held_ids().insert(id.to_owned());
+        Held {
+            jobs: Arc::clone(self),
+            id: id.to_owned(),
+        }
+    }
+
+    fn held_ids(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A new job for `order`, queued and leased to this replica; or the job a retry of the
@@ -206,10 +243,22 @@ impl Jobs {
         Ok(())
     }
 
-    /// Extends the lease of every unfinished job this replica runs to `lease` from now.
+    /// Extends the lease of every job this replica's tasks hold to `lease` from now.
     pub async fn renew_leases(&self, lease: Duration) -> StoreResult<u64> {
+        let ids: Vec<String> = self.held_ids().iter().cloned().collect();
+        if ids.is_empty() {
+            return Ok(0);
+        }
         self.store
-            .renew_job_leases(&self.replica, after(Utc::now(), lease))
+            .renew_job_leases(&self.replica, Some(&ids), after(Utc::now(), lease))
+            .await
+    }
+
+    /// Ends now the lease of every unfinished job of this replica (at the stop: another
+    /// replica fails them at once); returns how many there were.
+    async fn release_leases(&self) -> StoreResult<u64> {
+        self.store
+            .renew_job_leases(&self.replica, None, Utc::now())
             .await
     }
 
@@ -245,6 +294,10 @@ impl Jobs {
                 "async jobs cut off by the stop of the replica running them are reported failed (\"{INTERRUPTED}\")"
             );
         }
+        // A result written whole before its replica died (or before its end could be
+        // recorded) is named by no row: it goes now, or it would stay in the store for ever.
+        let names: Vec<String> = claimed.iter().map(|job| result_name(&job.id)).collect();
+        self.delete_results(&names).await;
         Ok(claimed.len())
     }
 
@@ -377,10 +430,17 @@ pub async fn service(
             }
             outcome
         };
-        // A round waiting on a database that does not answer never holds up the stop.
+        // A round waiting on a database that does not answer (a hung connection) is given
+        // up at the next round's time, so that the renewals go on once it answers again,
+        // and never holds up the stop.
+        let round = tokio::time::timeout(lease_interval(config.lease), round);
         let outcome = tokio::select! {
             () = stop.cancelled() => break,
-            outcome = round => outcome,
+            outcome = round => outcome.unwrap_or_else(|_elapsed| {
+                Err(crate::store::StoreError::Cancelled(
+                    "not answered within a third of jobs.lease".to_owned(),
+                ))
+            }),
         };
         if now >= lease_due {
             lease_due = now + lease_interval(config.lease);
@@ -407,7 +467,7 @@ pub async fn service(
     // Stopped after the requests' grace: a job still unfinished now is cut off with this
     // process. Its lease ends now, so that another replica fails it at once rather than
     // a lease later; a database that does not answer soon leaves the leases to run out.
-    let release = tokio::time::timeout(STOP_RELEASE, jobs.renew_leases(Duration::ZERO));
+    let release = tokio::time::timeout(STOP_RELEASE, jobs.release_leases());
     match release.await {
         Ok(Ok(0)) => {}
         Ok(Ok(left)) => tracing::warn!(

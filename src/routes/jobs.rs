@@ -18,7 +18,7 @@ use http_body_util::BodyExt;
 use crate::auth::Principal;
 use crate::dedupe::Fingerprint;
 use crate::error::ApiError;
-use crate::jobs::{self, Finished, Jobs, Order, Record, Status};
+use crate::jobs::{self, Finished, Held, Jobs, Order, Record, Status};
 use crate::openai::{ErrorBody, ErrorDetail};
 use crate::routing::{Call, RequestSource};
 use crate::state::AppState;
@@ -116,7 +116,8 @@ pub async fn submit(
         }
     };
     call.job = Some(Arc::from(record.id.as_str()));
-    state.tasks.spawn(run(call, source, record.id.clone()));
+    let held = state.jobs.hold(&record.id);
+    state.tasks.spawn(run(call, source, held));
     Ok(accepted(&record))
 }
 
@@ -152,7 +153,8 @@ fn summary(record: &Record) -> serde_json::Value {
 
 /// The job's life: wait for its turn (a key runs at most its own `max_in_flight`, else
 /// `limits.max_in_flight_per_key`, jobs at once), send the call, keep what came back.
-async fn run(mut call: Call, mut source: impl RequestSource, id: String) {
+async fn run(mut call: Call, mut source: impl RequestSource, held: Held) {
+    let id = held.id().to_owned();
     let state = Arc::clone(&call.state);
     let key_id = call.principal.key_id;
     let default = call.runtime.config.limits.max_in_flight_per_key.get();
@@ -309,16 +311,24 @@ pub async fn retrieve(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let not_found = || ApiError::JobNotFound(id.chars().take(64).collect());
-    let retention = state.runtime.load().config.jobs.retention;
-    let record = state
-        .jobs
-        .get(&id, principal.key_id, retention)
-        .await
-        .map_err(|err| {
+    let (retention, wait) = {
+        let config = &state.runtime.load().config;
+        (config.jobs.retention, config.server.key_lookup_timeout)
+    };
+    // A poll waits for the database no longer than a key lookup does: a hung connection
+    // gets the client a 503 to retry, not a hung poll.
+    let read = tokio::time::timeout(wait, state.jobs.get(&id, principal.key_id, retention));
+    let record = match read.await {
+        Ok(Ok(record)) => record.ok_or_else(not_found)?,
+        Ok(Err(err)) => {
             tracing::warn!(error = %err, "an async job could not be read");
-            ApiError::JobsUnavailable
-        })?
-        .ok_or_else(not_found)?;
+            return Err(ApiError::JobsUnavailable);
+        }
+        Err(_elapsed) => {
+            tracing::warn!("an async job could not be read within server.key_lookup_timeout");
+            return Err(ApiError::JobsUnavailable);
+        }
+    };
     let Some(name) = record
         .result_name
         .as_deref()

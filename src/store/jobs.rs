@@ -181,10 +181,14 @@ pub trait JobStore: Send + Sync {
     async fn start_job(&self, id: &str, now: DateTime<Utc>) -> StoreResult<bool>;
     /// Records the intent (JSON) of the job's provider call about to be sent.
     async fn record_job_call(&self, id: &str, intent: &str) -> StoreResult<()>;
-    /// Extends to `lease_until` the lease of every unfinished job `replica` runs, in one
-    /// statement; returns how many.
-    async fn renew_job_leases(&self, replica: &str, lease_until: DateTime<Utc>)
-    -> StoreResult<u64>;
+    /// Extends to `lease_until`, in one statement, the lease of the unfinished jobs of
+    /// `replica` whose ids are in `ids` (every one of them for `None`); returns how many.
+    async fn renew_job_leases(
+        &self,
+        replica: &str,
+        ids: Option<&[String]>,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<u64>;
     /// Records how an unfinished job ended; false when it had finished already (another
     /// replica failed it when its lease ran out).
     async fn finish_job(&self, id: &str, end: &JobEnd, now: DateTime<Utc>) -> StoreResult<bool>;
@@ -263,11 +267,15 @@ impl JobStore for OnRuntime {
     async fn renew_job_leases(
         &self,
         replica: &str,
+        ids: Option<&[String]>,
         lease_until: DateTime<Utc>,
     ) -> StoreResult<u64> {
-        let replica = replica.to_owned();
-        self.run(move |s| async move { s.renew_job_leases(&replica, lease_until).await })
-            .await
+        let (replica, ids) = (replica.to_owned(), ids.map(<[String]>::to_vec));
+        self.run(move |s| async move {
+            s.renew_job_leases(&replica, ids.as_deref(), lease_until)
+                .await
+        })
+        .await
     }
     async fn finish_job(&self, id: &str, end: &JobEnd, now: DateTime<Utc>) -> StoreResult<bool> {
         let (id, end) = (id.to_owned(), end.clone());

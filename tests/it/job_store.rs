@@ -264,10 +264,19 @@ async fn leases_are_renewed_per_replica_and_lapsed_jobs_are_claimed_once(store: 
             .expect("finish")
     );
 
+    // Only the jobs named are renewed when ids are given (the ones a replica's tasks hold),
+    // never another replica's.
+    let held = ["a1".to_owned(), "b1".to_owned(), "nope".to_owned()];
+    let renewed = store
+        .renew_job_leases("a", Some(&held), now() + TimeDelta::seconds(10))
+        .await
+        .expect("renew held");
+    assert_eq!(renewed, 1, "a1 only");
+
     // Past every lease: only a's are renewed, and only b's unfinished ones lapse.
     let later = now() + TimeDelta::seconds(60);
     let renewed = store
-        .renew_job_leases("a", later + TimeDelta::seconds(30))
+        .renew_job_leases("a", None, later + TimeDelta::seconds(30))
         .await
         .expect("renew");
     assert_eq!(renewed, 2);
@@ -322,7 +331,13 @@ async fn leases_are_renewed_per_replica_and_lapsed_jobs_are_claimed_once(store: 
     );
     assert_eq!(store.open_jobs(1).await.expect("open"), 2);
     // Renewals of a replica whose jobs all ended touch nothing.
-    assert_eq!(store.renew_job_leases("b", later).await.expect("renew"), 0);
+    assert_eq!(
+        store
+            .renew_job_leases("b", None, later)
+            .await
+            .expect("renew"),
+        0
+    );
 }
 
 async fn finished_jobs_are_kept_within_count_and_bytes_then_deleted_past_retention(

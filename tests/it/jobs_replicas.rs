@@ -204,7 +204,7 @@ async fn jobs_of_a_replica_that_is_gone_are_failed_by_another_and_billed_once() 
         .await
         .expect("record the call");
     let ran_out = store
-        .renew_job_leases("gone-0000", long_ago)
+        .renew_job_leases("gone-0000", None, long_ago)
         .await
         .expect("leases run out");
     assert_eq!(ran_out, 2);
@@ -230,6 +230,57 @@ async fn jobs_of_a_replica_that_is_gone_are_failed_by_another_and_billed_once() 
     assert_eq!(all_rows(&*store).await.len(), 1);
     assert!(provider.requests().is_empty(), "nothing is re-run");
     b.shutdown().await;
+}
+
+/// A job of this very replica that no task of it runs any more (its end could not be
+/// recorded, or its task died) is not kept alive by the replica's renewals: its lease runs
+/// out and it is failed `job_interrupted`, so that it neither blocks its key's queue nor
+/// stays `queued` for ever.
+#[tokio::test]
+async fn a_job_no_task_holds_lapses_even_on_its_own_live_replica() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    let results = tempfile::tempdir().expect("tempdir");
+    let (store, url) = crate::support::db::fresh_postgres().await;
+    let config = test_config(&provider.base_url(), &shared(results.path(), ""));
+    let a = TestGateway::start_on_as(&url, &config, "a").await;
+    let replica = {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let rows = store.replicas().await.expect("replicas");
+            if let Some(row) = rows.first() {
+                break row.id.clone();
+            }
+            assert!(Instant::now() < deadline, "the replica's heartbeat row");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let key = store
+        .list_keys()
+        .await
+        .expect("keys")
+        .into_iter()
+        .find(|k| k.name == "a")
+        .expect("a's key");
+    let now = chrono::Utc::now();
+    let orphan = imagegate::store::NewJob {
+        id: "imgjob_orphan".into(),
+        key_id: key.id,
+        endpoint: "generations".into(),
+        request_id: "req_orphan".into(),
+        fingerprint: None,
+        created_at: now,
+        replica,
+        lease_until: now + chrono::TimeDelta::seconds(1),
+    };
+    store
+        .create_job(&orphan, false, 10, now)
+        .await
+        .expect("create");
+    let (job, _) = wait_finished(&a.client, &a.url(""), &a.key, "imgjob_orphan").await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["error"]["code"], "job_interrupted", "{job}");
+    assert!(provider.requests().is_empty(), "nothing was run");
+    a.shutdown().await;
 }
 
 /// A replica stopped while its job's call runs past the shutdown grace ends its leases as

@@ -115,14 +115,17 @@ impl JobStore for PostgresStore {
     async fn renew_job_leases(
         &self,
         replica: &str,
+        ids: Option<&[String]>,
         lease_until: DateTime<Utc>,
     ) -> StoreResult<u64> {
         let done = sqlx::query(
             "update jobs set lease_until = $2 \
-             where replica = $1 and status in ('queued', 'in_progress')",
+             where replica = $1 and status in ('queued', 'in_progress') \
+             and ($3::text[] is null or id = any($3))",
         )
         .bind(replica)
         .bind(lease_until)
+        .bind(ids)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())

@@ -115,14 +115,19 @@ impl JobStore for SqliteStore {
     async fn renew_job_leases(
         &self,
         replica: &str,
+        ids: Option<&[String]>,
         lease_until: DateTime<Utc>,
     ) -> StoreResult<u64> {
+        // The ids as a JSON array, read back by `json_each` (SQLite has no array type).
+        let ids = ids.map(|ids| serde_json::Value::from(ids.to_vec()).to_string());
         let done = sqlx::query(
             "update jobs set lease_until = $2 \
-             where replica = $1 and status in ('queued', 'in_progress')",
+             where replica = $1 and status in ('queued', 'in_progress') \
+             and ($3 is null or id in (select value from json_each($3)))",
         )
         .bind(replica)
         .bind(encode_time(lease_until))
+        .bind(ids)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
