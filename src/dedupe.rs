@@ -593,7 +593,7 @@ impl KeepTicket {
     pub async fn keep(mut self, writer: ResultWriter, status: StatusCode, headers: HeaderMap) {
         let name = self.name();
         if let Err(err) = writer.finish().await {
-            tracing::error!(request_id = %self.record.request_id, error = %err, "could not store the result its client left before receiving; dropped, a retry will be a new call");
+            kept_result_dropped(&self.record.request_id, &err);
             return;
         }
         let Some(tx) = self.tx.take() else {
@@ -678,6 +678,15 @@ impl Drop for KeepTicket {
             });
         }
     }
+}
+
+/// Says that a result kept for a retry could not be stored (its retry calls again).
+pub fn kept_result_dropped(request_id: &str, err: &dyn std::fmt::Display) {
+    tracing::error!(
+        request_id,
+        error = %err,
+        "could not store the result its client left before receiving; dropped, a retry will be a new call"
+    );
 }
 
 /// The headers a kept result is served with.

@@ -422,7 +422,7 @@ impl Drop for Metered {
                         let out = extractor.feed(chunk);
                         if let Some(w) = &mut writer {
                             if let Err(err) = w.write(&out).await {
-                                tracing::error!(request_id = %ticket.request_id, error = %err, "could not store the result its client left before receiving; dropped, a retry will be a new call");
+                                crate::dedupe::kept_result_dropped(&ticket.request_id, &err);
                                 // Dropping it discards what was written.
                                 writer = None;
                             }
@@ -448,7 +448,7 @@ impl Drop for Metered {
                         keep.keep(w, status, headers).await;
                     }
                     Err(err) => {
-                        tracing::error!(request_id = %ticket.request_id, error = %err, "could not store the result its client left before receiving; dropped, a retry will be a new call");
+                        crate::dedupe::kept_result_dropped(&ticket.request_id, &err);
                     }
                 }
             }
