@@ -410,39 +410,16 @@ async fn a_finished_job_is_deleted_after_its_retention() {
 // The real binary: a job whose call is in flight at a kill -9.
 
 fn binary_config(dir: &Path, database_url: &str, provider: &str) -> PathBuf {
-    let toml = format!(
-        r#"
-default_model = "gpt-image-1"
-[server]
-listen = "127.0.0.1:0"
-shutdown_grace = "5s"
-journal_dir = "{journal}"
-spool_dir = "{spool}"
-[jobs]
-lease = "1s"
-[results]
-url = "file://{results}"
-[database]
-url = "{database_url}"
-[providers.standin]
-base_url = "{provider}"
-api_key_env = "TEST_PIAPI_KEY"
-[models."gpt-image-1"]
-routes = [{{ provider = "standin", model = "gpt-image-1" }}]
-[pricing.standin."gpt-image-1"]
-text_input = 5.0
-cached_text_input = 1.25
-image_input = 10.0
-cached_image_input = 1.25
-image_output = 40.0
-"#,
-        journal = dir.join("journal").display(),
-        spool = dir.join("spool").display(),
-        results = dir.join("results").display(),
-    );
-    let path = dir.join("imagegate.toml");
-    std::fs::write(&path, toml).expect("write config");
-    path
+    binary::write_one_model_config(
+        dir,
+        database_url,
+        "5s",
+        (
+            "standin",
+            &format!("base_url = \"{provider}\"\napi_key_env = \"TEST_PIAPI_KEY\""),
+        ),
+        "[jobs]\nlease = \"1s\"\n",
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
