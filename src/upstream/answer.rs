@@ -47,7 +47,7 @@ impl UpstreamError {
             UpstreamError::Timeout => ApiError::UpstreamTimeout {
                 provider: provider.to_owned(),
             },
-            UpstreamError::Connect(detail) | UpstreamError::Other(detail) => {
+            UpstreamError::Connect(_, detail) | UpstreamError::Other(_, detail) => {
                 ApiError::UpstreamUnreachable {
                     provider: provider.to_owned(),
                     detail,

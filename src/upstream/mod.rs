@@ -145,12 +145,87 @@ pub struct UpstreamResponse {
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("connection failed: {0}")]
-    Connect(String),
+    #[error("connection failed: {1}")]
+    Connect(Cause, String),
     #[error("timed out")]
     Timeout,
-    #[error("{0}")]
-    Other(String),
+    #[error("{1}")]
+    Other(Cause, String),
+}
+
+impl UpstreamError {
+    /// Why no answer came, in one word a person and a dashboard can group by.
+    pub fn cause(&self) -> Cause {
+        match self {
+            UpstreamError::Connect(cause, _) | UpstreamError::Other(cause, _) => *cause,
+            UpstreamError::Timeout => Cause::Timeout,
+        }
+    }
+}
+
+/// Why a provider attempt got no answer: stable labels for logs, usage rows and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// The provider's address refused the connection (nothing listening).
+    Refused,
+    /// The provider's host name did not resolve.
+    Dns,
+    /// The TLS handshake failed (certificate, protocol).
+    Tls,
+    /// No answer (or no next chunk) within the provider's timeout.
+    Timeout,
+    /// The connection was reset or closed before the answer ended.
+    Reset,
+    /// Another failure to connect.
+    Connect,
+    /// Anything else (a malformed answer, no client for the provider).
+    Other,
+}
+
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Refused => "refused",
+            Cause::Dns => "dns",
+            Cause::Tls => "tls",
+            Cause::Timeout => "timeout",
+            Cause::Reset => "reset",
+            Cause::Connect => "connect",
+            Cause::Other => "other",
+        }
+    }
+
+    /// Reads the cause off an error's chain: an I/O error's kind where there is one, else
+    /// the words hyper and rustls use for DNS and TLS failures.
+    fn of(err: &(dyn std::error::Error + 'static), connecting: bool) -> Cause {
+        let mut next = Some(err);
+        while let Some(err) = next {
+            if let Some(io) = err.downcast_ref::<std::io::Error>() {
+                match io.kind() {
+                    std::io::ErrorKind::ConnectionRefused => return Cause::Refused,
+                    std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof => return Cause::Reset,
+                    std::io::ErrorKind::TimedOut => return Cause::Timeout,
+                    _ => {}
+                }
+            }
+            let text = err.to_string().to_ascii_lowercase();
+            if text.contains("dns error") || text.contains("failed to lookup address") {
+                return Cause::Dns;
+            }
+            if text.contains("certificate") || text.contains("tls") || text.contains("handshake") {
+                return Cause::Tls;
+            }
+            next = err.source();
+        }
+        if connecting {
+            Cause::Connect
+        } else {
+            Cause::Other
+        }
+    }
 }
 
 /// Headers of a provider's response passed on to the client. Never hop-by-hop ones,
@@ -233,7 +308,10 @@ impl Upstreams {
             return Ok(mock::answer(*delay, request).await);
         }
         let client = self.clients.get(&provider.name).ok_or_else(|| {
-            UpstreamError::Other(format!("no client for provider {}", provider.name))
+            UpstreamError::Other(
+                Cause::Other,
+                format!("no client for provider {}", provider.name),
+            )
         })?;
         let http = &client.per_worker[crate::worker::index() % client.per_worker.len()];
         let response = http
@@ -264,9 +342,9 @@ fn classify(err: reqwest::Error) -> UpstreamError {
     if err.is_timeout() {
         UpstreamError::Timeout
     } else if err.is_connect() {
-        UpstreamError::Connect(root_cause(&err))
+        UpstreamError::Connect(Cause::of(&err, true), root_cause(&err))
     } else {
-        UpstreamError::Other(root_cause(&err))
+        UpstreamError::Other(Cause::of(&err, false), root_cause(&err))
     }
 }
 
@@ -277,4 +355,43 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
         cause = next;
     }
     cause.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_closed_port_reads_refused() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let err = reqwest::Client::new()
+            .get(format!("http://{addr}/"))
+            .send()
+            .await
+            .unwrap_err();
+        let err = classify(err);
+        assert!(matches!(err, UpstreamError::Connect(..)), "{err:?}");
+        assert_eq!(err.cause(), Cause::Refused);
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_mid_answer_reads_reset() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = socket.read(&mut buf).await;
+            let head = "HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial";
+            socket.write_all(head.as_bytes()).await.unwrap();
+        };
+        let client = reqwest::Client::new();
+        let (response, ()) = tokio::join!(client.get(format!("http://{addr}/")).send(), server);
+        let response = response.unwrap();
+        let err = classify(response.bytes().await.unwrap_err());
+        assert_eq!(err.cause(), Cause::Reset, "{err:?}");
+    }
 }
