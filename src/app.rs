@@ -2,12 +2,13 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use axum::Router;
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use http::HeaderValue;
@@ -15,14 +16,16 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::task::TaskTracker;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
+use tracing::Instrument;
 
 use crate::auth::{KeyCache, Principal};
 use crate::config::{Config, EnvLookup};
-use crate::dedupe::Dedupe;
+use crate::dedupe::{Dedupe, OriginalRequestId};
 use crate::error::ApiError;
 use crate::gate;
 use crate::jobs::Jobs;
 use crate::routes;
+use crate::routing::Routed;
 use crate::server::Listeners;
 pub use crate::state::{AppState, ReloadError, RequestId, Runtime};
 use crate::store::Store;
@@ -211,6 +214,86 @@ fn next_request_id() -> Arc<str> {
     format!("req_{prefix:016x}{n:012x}").into()
 }
 
+/// The longest `x-request-id` kept from a client.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Whether a client's `x-request-id` is kept as the request's id: 1 to
+/// [`MAX_REQUEST_ID_LEN`] characters of ASCII letters, digits and `- _ . : @ + =`, starting
+/// with a letter or digit. The id names the usage row, the budget hold and a kept result in
+/// the result store, and is written in log lines: no slash, space, quote or control
+/// character, no `.` or `..` of its own. UUIDs, ULIDs, proxies' ids and ours all pass.
+pub fn valid_request_id(id: &str) -> bool {
+    (1..=MAX_REQUEST_ID_LEN).contains(&id.len())
+        && id.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:@+=".contains(&b))
+}
+
+/// The request's id, and the client's own `x-request-id` when it is valid.
+///
+/// The request's id names its usage row and budget hold, which must be unique: a client's
+/// id cannot be trusted to be (the same id sent twice would have its second call's row
+/// dropped as a replay of the first, and the two calls share one hold). So a client's id
+/// is kept as the start of the request's id, `<client's id>~<a new id>`, and answered
+/// back as it came; without one, the new id alone.
+fn request_id(headers: &http::HeaderMap) -> (Arc<str>, Option<Arc<str>>) {
+    let ours = next_request_id();
+    match headers.get("x-request-id").map(HeaderValue::to_str) {
+        Some(Ok(theirs)) if valid_request_id(theirs) => {
+            (format!("{theirs}~{ours}").into(), Some(theirs.into()))
+        }
+        _ => (ours, None),
+    }
+}
+
+/// The client's address: the TCP peer's, or, when the peer is one of
+/// `server.trusted_proxies`, the last address of `X-Forwarded-For` that is not a trusted
+/// proxy itself (what a proxy appends cannot be forged by the client before it). `None`
+/// for a request that came through no socket (a test's `oneshot`).
+fn client_address(request: &Request, trusted: &[ipnet::IpNet]) -> Option<IpAddr> {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip())?;
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
+        return Some(peer);
+    }
+    let forwarded = request
+        .headers()
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect::<Vec<_>>();
+    let mut client = peer;
+    for hop in forwarded.iter().rev() {
+        match hop.parse::<IpAddr>() {
+            Ok(ip) => {
+                client = ip;
+                if !is_trusted(&ip) {
+                    break;
+                }
+            }
+            // Garbage in the chain: the last address known good stands.
+            Err(_) => break,
+        }
+    }
+    Some(client)
+}
+
+/// The client's `User-Agent`, fit for a log line and bounded.
+fn user_agent(headers: &http::HeaderMap) -> Option<String> {
+    const MAX: usize = 256;
+    let agent = String::from_utf8_lossy(headers.get(http::header::USER_AGENT)?.as_bytes())
+        .chars()
+        .take(MAX)
+        .collect::<String>();
+    Some(escape_control(&agent).into_owned())
+}
+
 /// The whole HTTP surface.
 ///
 /// Every request passes, outermost first:
@@ -277,19 +360,120 @@ fn escape_control(text: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(escaped)
 }
 
+/// The access line of a request, written once: when its response head is ready, or,
+/// when the client left before that (the request's future dropped), with status 499 on
+/// drop. The provider call goes on without it, billed as always (see
+/// [`crate::routes::images`]).
+struct Access {
+    id: Arc<str>,
+    /// The client's `x-request-id`, when it sent a valid one.
+    client_request_id: Option<Arc<str>>,
+    method: http::Method,
+    path: Option<MatchedPath>,
+    client: Option<IpAddr>,
+    user_agent: Option<String>,
+    started: Instant,
+    span: tracing::Span,
+    answered: bool,
+}
+
+/// What a client that closed its connection before the answer's head gets in the access
+/// log and the metrics (nginx's code): it never sees a status.
+const CLIENT_CLOSED: u16 = 499;
+
+impl Access {
+    fn path(&self) -> &str {
+        self.path.as_ref().map_or("unmatched", MatchedPath::as_str)
+    }
+
+    fn trace_id(&self) -> Option<String> {
+        crate::telemetry::trace_id(&self.span)
+    }
+}
+
+impl Drop for Access {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let elapsed = self.started.elapsed();
+        http_metrics(self.path(), CLIENT_CLOSED, elapsed);
+        self.span
+            .record("http.response.status_code", CLIENT_CLOSED)
+            .record("otel.status_code", "error");
+        tracing::info!(
+            target: "imagegate::access",
+            request_id = %self.id,
+            client_request_id = self.client_request_id.as_deref(),
+            method = %self.method,
+            path = self.path(),
+            status = CLIENT_CLOSED,
+            latency_ms = elapsed.as_millis() as u64,
+            client = self.client.map(|ip| ip.to_string()),
+            // Escaped already: written as it is, not escaped again.
+            user_agent = self.user_agent.as_deref().map(tracing::field::display),
+            trace_id = self.trace_id(),
+            error = "the client closed the connection before the answer",
+            "request"
+        );
+    }
+}
+
+/// Layer 1 of [`router`]: the request's id, its span (continuing the caller's
+/// `traceparent`), its metrics and its one access line.
 async fn access_log(
     State(state): State<Arc<AppState>>,
     mut request: Request,
     next: Next,
 ) -> Response {
     let started = Instant::now();
-    let id = next_request_id();
+    let (id, client_request_id) = request_id(request.headers());
     request.extensions_mut().insert(RequestId(Arc::clone(&id)));
     let method = request.method().clone();
     let matched = request.extensions().get::<MatchedPath>().cloned();
     let path = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
-    let mut response = next.run(request).await;
-    if let Ok(value) = HeaderValue::from_str(&id) {
+    let client = {
+        let runtime = state.runtime.load();
+        client_address(&request, &runtime.config.server.trusted_proxies)
+    };
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %format_args!("{method} {path}"),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        request_id = %id,
+        http.request.method = %method,
+        http.route = path,
+        http.response.status_code = tracing::field::Empty,
+        client.address = client.map(|ip| ip.to_string()),
+        gen_ai.request.model = tracing::field::Empty,
+        gen_ai.provider.name = tracing::field::Empty,
+    );
+    crate::telemetry::continue_trace(&span, request.headers());
+    let mut access = Access {
+        id,
+        client_request_id,
+        method,
+        path: matched,
+        client,
+        user_agent: user_agent(request.headers()),
+        started,
+        span,
+        answered: false,
+    };
+    let mut response = next.run(request).instrument(access.span.clone()).await;
+    access.answered = true;
+    let Access {
+        ref id,
+        ref method,
+        client,
+        ref user_agent,
+        ref span,
+        ..
+    } = access;
+    let path = access.path();
+    let answered_id = access.client_request_id.as_deref().unwrap_or(id);
+    if let Ok(value) = HeaderValue::from_str(answered_id) {
         response.headers_mut().insert("x-request-id", value);
     }
     let status = response.status().as_u16();
@@ -300,25 +484,145 @@ async fn access_log(
         // Key names, never keys: a name is what the operator chose to see in reports.
         metrics::counter!("imagegate_key_requests_total", "key" => principal.name.clone(), "status" => status.to_string()).increment(1);
     }
-    let key = principal.map(|p| p.name.clone());
-    let latency_ms = elapsed.as_millis() as u64;
-    match response.extensions().get::<ApiError>() {
-        Some(ApiError::Internal(detail)) => {
-            let error = escape_control(detail);
-            tracing::error!(target: "imagegate::access", request_id = %id, %method, %path, key, status, latency_ms, %error, "request");
-        }
-        Some(err) => {
+    let key = principal.map(|p| p.name.as_str());
+    let routed = response.extensions().get::<Routed>();
+    let original = response.extensions().get::<OriginalRequestId>();
+    span.record("http.response.status_code", status);
+    if status >= 500 {
+        span.record("otel.status_code", "error");
+    }
+    if let Some(routed) = routed {
+        span.record("gen_ai.request.model", routed.model.as_str());
+        span.record("gen_ai.provider.name", routed.provider.as_str());
+    }
+    let error = response
+        .extensions()
+        .get::<ApiError>()
+        .map(|err| match err {
+            ApiError::Internal(detail) => escape_control(detail).into_owned(),
             // Error messages quote the client's text (a model name, a part name).
-            let message = err.to_string();
-            let error = escape_control(&message);
-            tracing::info!(target: "imagegate::access", request_id = %id, %method, %path, key, status, latency_ms, %error, "request");
-        }
-        None if routes::PUBLIC.contains(&path) => {
-            tracing::debug!(target: "imagegate::access", request_id = %id, %method, %path, status, latency_ms, "request");
-        }
-        None => {
-            tracing::info!(target: "imagegate::access", request_id = %id, %method, %path, key, status, latency_ms, "request");
-        }
+            err => escape_control(&err.to_string()).into_owned(),
+        });
+    macro_rules! access_line {
+        ($level:ident) => {
+            tracing::$level!(
+                target: "imagegate::access",
+                request_id = %id,
+                client_request_id = access.client_request_id.as_deref(),
+                method = %method,
+                path,
+                status,
+                latency_ms = elapsed.as_millis() as u64,
+                client = client.map(|ip| ip.to_string()),
+                user_agent = user_agent.as_deref().map(tracing::field::display),
+                key,
+                model = routed.map(|r| r.model.as_str()),
+                provider = routed.map(|r| r.provider.as_str()),
+                attempts = routed.map(|r| r.attempts),
+                original_request_id = original.map(|o| &*o.0),
+                trace_id = access.trace_id(),
+                error = error.as_deref().map(tracing::field::display),
+                "request"
+            )
+        };
+    }
+    match response.extensions().get::<ApiError>() {
+        Some(ApiError::Internal(_)) => access_line!(error),
+        Some(_) => access_line!(info),
+        None if routes::PUBLIC.contains(&path) => access_line!(debug),
+        None => access_line!(info),
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from(peer: &str, forwarded: Option<&str>) -> Request {
+        let mut request = Request::new(axum::body::Body::empty());
+        let peer: SocketAddr = format!("{peer}:40000").parse().expect("peer");
+        request.extensions_mut().insert(ConnectInfo(peer));
+        if let Some(forwarded) = forwarded {
+            request.headers_mut().insert(
+                "x-forwarded-for",
+                HeaderValue::from_str(forwarded).expect("value"),
+            );
+        }
+        request
+    }
+
+    fn nets(list: &[&str]) -> Vec<ipnet::IpNet> {
+        list.iter().map(|n| n.parse().expect("net")).collect()
+    }
+
+    #[test]
+    fn x_forwarded_for_is_read_only_from_a_trusted_proxy() {
+        let client = |peer, forwarded, trusted: &[&str]| {
+            client_address(&from(peer, forwarded), &nets(trusted)).map(|ip| ip.to_string())
+        };
+        // No proxy trusted: the peer, whatever the header says.
+        assert_eq!(
+            client("192.0.2.1", Some("198.51.100.7"), &[]).as_deref(),
+            Some("192.0.2.1")
+        );
+        // A trusted proxy: the last hop it did not add itself...
+        assert_eq!(
+            client("10.0.0.2", Some("6.6.6.6, 198.51.100.7"), &["10.0.0.0/8"]).as_deref(),
+            Some("198.51.100.7")
+        );
+        // ...past other trusted proxies in the chain...
+        assert_eq!(
+            client("10.0.0.2", Some("198.51.100.7, 10.0.0.9"), &["10.0.0.0/8"]).as_deref(),
+            Some("198.51.100.7")
+        );
+        // ...and never past garbage, nor from a peer that is not trusted.
+        assert_eq!(
+            client("10.0.0.2", Some("198.51.100.7, junk"), &["10.0.0.0/8"]).as_deref(),
+            Some("10.0.0.2")
+        );
+        assert_eq!(
+            client("192.0.2.1", Some("198.51.100.7"), &["10.0.0.0/8"]).as_deref(),
+            Some("192.0.2.1")
+        );
+        // Without a header: the proxy itself.
+        assert_eq!(
+            client("10.0.0.2", None, &["10.0.0.0/8"]).as_deref(),
+            Some("10.0.0.2")
+        );
+    }
+
+    #[test]
+    fn request_ids_are_kept_only_when_safe_to_name_rows_and_files() {
+        for good in [
+            "req_0123",
+            "0f8fad5b-d9cb-469f-a165-70867728950e",
+            "01ARZ3NDEKTSV4RRFFQ69G5FAV",
+            "client-7f3a:1",
+            "a",
+        ] {
+            assert!(valid_request_id(good), "{good}");
+        }
+        let long = "a".repeat(MAX_REQUEST_ID_LEN + 1);
+        for bad in [
+            "",
+            "../etc",
+            ".hidden",
+            "a/b",
+            "a b",
+            "a\nb",
+            "caf\u{e9}",
+            "\"quoted\"",
+            long.as_str(),
+        ] {
+            assert!(!valid_request_id(bad), "{bad:?}");
+        }
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-request-id", HeaderValue::from_static("client-1"));
+        let (id, theirs) = request_id(&headers);
+        assert_eq!(theirs.as_deref(), Some("client-1"));
+        assert!(id.starts_with("client-1~req_"), "{id}");
+        let (again, _) = request_id(&headers);
+        assert_ne!(id, again, "the same client id twice makes two request ids");
+    }
 }

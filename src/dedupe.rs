@@ -96,6 +96,11 @@ impl Retry {
 /// Same client key, endpoint, idempotency key and body.
 pub type Fingerprint = [u8; 32];
 
+/// On a retry's response answered from its original call: the original's request id, for
+/// the retry's access line.
+#[derive(Debug, Clone)]
+pub struct OriginalRequestId(pub Arc<str>);
+
 /// Where an original call stands, as its retries on this replica see it.
 #[derive(Clone)]
 pub enum Status {
@@ -440,6 +445,9 @@ impl Dedupe {
         if let Ok(value) = HeaderValue::from_str(original) {
             headers.insert("x-imagegate-original-request-id", value);
         }
+        response
+            .extensions_mut()
+            .insert(OriginalRequestId(original.into()));
         Some(response)
     }
 
@@ -520,7 +528,11 @@ async fn write(what: &'static str, write: impl Future<Output = StoreResult<()>>)
             false
         }
         Err(_) => {
-            tracing::warn!(what, timeout = ?WRITE_TIMEOUT, "duplicate protection: the database did not take a call in flight in time; retries on other replicas will not find it");
+            tracing::warn!(
+                what,
+                timeout_ms = WRITE_TIMEOUT.as_millis() as u64,
+                "duplicate protection: the database did not take a call in flight in time; retries on other replicas will not find it"
+            );
             false
         }
     }
@@ -535,7 +547,10 @@ async fn lookup<T>(query: impl Future<Output = StoreResult<Option<T>>>) -> Optio
             None
         }
         Err(_) => {
-            tracing::warn!(timeout = ?LOOKUP_TIMEOUT, "duplicate protection: the database did not answer in time; the retry is a new call unless this replica ran its original");
+            tracing::warn!(
+                timeout_ms = LOOKUP_TIMEOUT.as_millis() as u64,
+                "duplicate protection: the database did not answer in time; the retry is a new call unless this replica ran its original"
+            );
             None
         }
     }

@@ -29,6 +29,7 @@ pub mod services;
 pub mod spool;
 pub mod state;
 pub mod store;
+pub mod telemetry;
 pub mod upstream;
 pub mod usage;
 pub mod worker;

@@ -3,7 +3,6 @@
 
 mod cli;
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -13,6 +12,7 @@ use clap::{Parser, Subcommand};
 use imagegate::config::{self, Config, DEFAULT_CONFIG_PATH};
 use imagegate::server::Listeners;
 use imagegate::store::{self, GroupBy, Store, UsageFilter};
+use imagegate::telemetry::{LogFormat, Telemetry};
 use imagegate::{Gateway, auth};
 
 use cli::keys::KeysCommand;
@@ -81,38 +81,68 @@ enum ConfigCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    let format = LogFormat::from_env();
+    // Spans are exported by the server alone, not by a one-off command.
+    let serves = matches!(cli.command, Command::Serve | Command::Demo);
+    let telemetry = match Telemetry::init(format, serves) {
+        Ok(telemetry) => telemetry,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(endpoint) = &telemetry.exporting_to {
+        tracing::info!(endpoint, "sending traces over OTLP/HTTP");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(err) => {
-            eprintln!("error: cannot start the async runtime: {err}");
+            report_error(format, &format!("cannot start the async runtime: {err}"));
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    // Spans still held are sent once the runtime has stopped (the exporter blocks).
+    drop(runtime);
+    telemetry.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            report_error(format, &format!("{err:#}"));
             ExitCode::FAILURE
         }
     }
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colour codes only for a person at a terminal, never into a file or a log collector.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    if std::env::var("IMAGEGATE_LOG_FORMAT").is_ok_and(|f| f == "json") {
-        builder.json().flatten_event(true).init();
-    } else {
-        builder.compact().init();
+/// The error a command ends with: `error: ...` for a person, a log line in JSON logs.
+fn report_error(format: LogFormat, error: &str) {
+    match format {
+        LogFormat::Json => tracing::error!(error, "imagegate stopped on an error"),
+        LogFormat::Text => eprintln!("error: {error}"),
+    }
+}
+
+/// A line the server always writes, whatever `RUST_LOG` filters out: text as it is, or a
+/// JSON line with its fields in JSON logs.
+fn announce(format: LogFormat, message: &str, fields: serde_json::Value) {
+    match format {
+        LogFormat::Text => eprintln!("{message}"),
+        LogFormat::Json => {
+            let mut line = serde_json::json!({
+                "timestamp": Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                "level": "INFO",
+                "message": message,
+                "target": "imagegate",
+            });
+            if let (Some(line), serde_json::Value::Object(fields)) = (line.as_object_mut(), fields)
+            {
+                line.extend(fields);
+            }
+            eprintln!("{line}");
+        }
     }
 }
 
@@ -208,8 +238,15 @@ async fn serve(config: Config, env: config::EnvLookup, demo: Option<()>) -> anyh
         )
     })?;
     let local = listeners.local_addr();
+    let format = LogFormat::from_env();
     if let Some(scrape) = listeners.metrics_addr() {
-        eprintln!("imagegate serves /metrics on http://{scrape}/metrics (server.metrics_listen)");
+        announce(
+            format,
+            &format!(
+                "imagegate serves /metrics on http://{scrape}/metrics (server.metrics_listen)"
+            ),
+            serde_json::json!({ "metrics_address": scrape.to_string() }),
+        );
     }
     let models = config.public_names().len();
     let source = config.source.display().to_string();
@@ -220,8 +257,12 @@ async fn serve(config: Config, env: config::EnvLookup, demo: Option<()>) -> anyh
         gateway.state.store.create_key(issued.new.clone()).await?;
         cli::print_demo_banner(&base, &issued.new.name, &issued.key);
     }
-    eprintln!(
-        "imagegate listening on {base} ({models} models from {source}); create a key with: imagegate keys create --name NAME"
+    announce(
+        format,
+        &format!(
+            "imagegate listening on {base} ({models} models from {source}); create a key with: imagegate keys create --name NAME"
+        ),
+        serde_json::json!({ "address": local.to_string(), "models": models, "config": source }),
     );
     let shutdown = until_stopped(std::sync::Arc::clone(&gateway.state))?;
     gateway.serve(listeners, shutdown).await
@@ -230,12 +271,13 @@ async fn serve(config: Config, env: config::EnvLookup, demo: Option<()>) -> anyh
 /// Raises the open-files limit to the hard limit, and says so when connections up to
 /// `max_connections` still would not fit.
 fn open_files(max_connections: usize) {
-    let show = |limit: Option<u64>| limit.map_or_else(|| "unlimited".to_owned(), |n| n.to_string());
     match imagegate::server::raise_open_files_limit() {
         Ok((before, after)) => {
+            // Numbers as numbers; no field at all for "unlimited".
             tracing::info!(
-                before = %show(before),
-                after = %show(after),
+                before,
+                after,
+                unlimited = after.is_none(),
                 "open files limit (RLIMIT_NOFILE)"
             );
             // Besides client connections: provider connections, the database, spool files.
@@ -244,7 +286,7 @@ fn open_files(max_connections: usize) {
                 .saturating_add(256);
             if after.is_some_and(|limit| limit < needed) {
                 tracing::warn!(
-                    limit = %show(after),
+                    limit = after,
                     max_connections,
                     needed,
                     "the open files limit is below what server.max_connections may need (a client connection and its provider connection each, plus the database and spool files); raise the hard limit (ulimit -Hn, LimitNOFILE=) or lower max_connections"

@@ -82,6 +82,8 @@ pub(super) struct RawServer {
     pub journal_dir: PathBuf,
     /// 0: two per CPU.
     pub workers: usize,
+    /// CIDRs of the proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for RawServer {
@@ -116,6 +118,7 @@ impl Default for RawServer {
             duplicate_window: Duration::from_secs(10 * 60),
             journal_dir: PathBuf::from("data/journal"),
             workers: 0,
+            trusted_proxies: Vec::new(),
         }
     }
 }

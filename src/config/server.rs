@@ -55,6 +55,9 @@ pub struct ServerConfig {
     /// Serving threads, each with its own runtime, listening socket and provider
     /// connections.
     pub workers: usize,
+    /// The proxies (networks) whose `X-Forwarded-For` names the client in the access log;
+    /// none: the TCP peer is the client.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// Limits on multipart edits and variations.
@@ -209,7 +212,26 @@ impl Validator<'_> {
             duplicate_window: self.positive("server.duplicate_window", s.duplicate_window)?,
             journal_dir: s.journal_dir,
             workers: self.workers(s.workers)?,
+            trusted_proxies: self.trusted_proxies(&s.trusted_proxies)?,
         })
+    }
+
+    /// `server.trusted_proxies`: networks in CIDR form, or single addresses.
+    fn trusted_proxies(&self, proxies: &[String]) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+        proxies
+            .iter()
+            .map(|text| {
+                let text = text.trim();
+                text.parse::<ipnet::IpNet>()
+                    .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        self.err(
+                            "server.trusted_proxies",
+                            format!("{text:?} is not a network like 10.0.0.0/8 or an address"),
+                        )
+                    })
+            })
+            .collect()
     }
 
     /// `server.metrics_listen`: an address of its own (port 0 picks a free one).

@@ -11,6 +11,7 @@ use axum::response::Response;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tracing::Instrument;
 
 use crate::auth::Principal;
 use crate::body_timeout::{BodyTimeouts, declared_length, timeout_in, with_timeouts};
@@ -189,8 +190,9 @@ async fn detached(
     mut source: impl RequestSource + 'static,
 ) -> Result<Response, ApiError> {
     let tasks = call.state.tasks.clone();
+    // In the request's span, which the provider attempts' spans are children of.
     tasks
-        .spawn(async move { call.forward(&mut source).await })
+        .spawn(async move { call.forward(&mut source).await }.in_current_span())
         .await
         .map_err(ApiError::internal)?
 }

@@ -8,6 +8,7 @@ use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use http::{HeaderValue, StatusCode, header};
+use tracing::Instrument;
 
 mod budget;
 
@@ -75,9 +76,36 @@ pub struct Call {
 enum Attempt {
     /// The client gets this response: a success, or an error no other route would fix.
     Answered(Response),
-    /// The provider failed in a way the next route may not: try it.
-    Failed(Response),
+    /// The provider failed in a way the next route may not: try it. With why, in a word
+    /// ([`crate::upstream::Cause::as_str`], or `http_<status>` for the provider's answer).
+    Failed(Response, String),
 }
+
+/// What the access log says of a forwarded request: set on its response (the last
+/// attempt's), read by [`crate::app`]'s access line and request span.
+#[derive(Debug, Clone)]
+pub struct Routed {
+    /// The model the client asked for (its public name).
+    pub model: String,
+    /// The provider of the attempt whose answer the client got.
+    pub provider: String,
+    /// Provider attempts made, failovers included.
+    pub attempts: usize,
+}
+
+/// Marks `response` with what routed it.
+fn routed(mut response: Response, model: &str, provider: &str, attempts: usize) -> Response {
+    response.extensions_mut().insert(Routed {
+        model: model.to_owned(),
+        provider: provider.to_owned(),
+        attempts,
+    });
+    response
+}
+
+/// The GenAI semantic conventions' name for what an endpoint does: every image endpoint
+/// makes content.
+const GEN_AI_OPERATION: &str = "generate_content";
 
 impl Call {
     /// Sends the request to the model's routes in order, moving on when a provider cannot
@@ -102,20 +130,46 @@ impl Call {
                 continue;
             }
             let more = attempt + 1 < self.model.failover.max_attempts.get();
-            let tried = match self.attempt(source, route, index, attempt).await {
+            let span = self.attempt_span(route, attempt);
+            let tried = self.attempt(source, route, index, attempt);
+            let tried = match tried.instrument(span).await {
                 // A later route the key's budget cannot pay for does not hide why the
                 // earlier one failed.
                 Err(err) if err.is_budget_refusal() && last.is_some() => break,
                 tried => tried?,
             };
             match tried {
-                Attempt::Answered(response) => return Ok(response),
-                Attempt::Failed(response) => {
+                Attempt::Answered(response) => {
+                    let provider = &route.provider.name;
+                    return Ok(routed(response, &model.name, provider, attempt + 1));
+                }
+                Attempt::Failed(response, cause) => {
                     attempt += 1;
+                    let status = response.status().as_u16();
+                    let provider = &route.provider.name;
+                    let (request_id, model) = (&*self.request_id.0, &model.name);
                     if more {
-                        tracing::warn!(request_id = %self.request_id.0, provider = %route.provider.name, status = response.status().as_u16(), "failing over to the next route");
+                        tracing::warn!(
+                            request_id,
+                            model,
+                            provider,
+                            attempt,
+                            cause,
+                            status,
+                            "provider attempt failed; failing over to the next route"
+                        );
+                    } else {
+                        tracing::warn!(
+                            request_id,
+                            model,
+                            provider,
+                            attempt,
+                            cause,
+                            status,
+                            "provider attempt failed; no attempt left"
+                        );
                     }
-                    last = Some(response);
+                    last = Some(routed(response, model, provider, attempt));
                 }
             }
         }
@@ -127,6 +181,29 @@ impl Call {
             provider,
             retry_after: wait,
         })
+    }
+
+    /// The span of one provider attempt (a client span, in OpenTelemetry's terms), with the
+    /// GenAI semantic conventions' attributes; the usage and status are recorded on it when
+    /// the answer ends (see [`UsageTicket::finish`]).
+    fn attempt_span(&self, route: &Route, attempt: usize) -> tracing::Span {
+        let empty = tracing::field::Empty;
+        tracing::info_span!(
+            "provider attempt",
+            otel.name = %format_args!("{GEN_AI_OPERATION} {}", route.upstream_model),
+            otel.kind = "client",
+            otel.status_code = empty,
+            attempt = attempt + 1,
+            gen_ai.operation.name = GEN_AI_OPERATION,
+            gen_ai.provider.name = %route.provider.name,
+            gen_ai.request.model = %route.upstream_model,
+            imagegate.model = %self.model.name,
+            imagegate.endpoint = self.endpoint.as_str(),
+            http.response.status_code = empty,
+            error.type = empty,
+            gen_ai.usage.input_tokens = empty,
+            gen_ai.usage.output_tokens = empty,
+        )
     }
 
     /// One route's try: journal the call, send it (feeding its upload alongside), and turn
@@ -314,6 +391,7 @@ impl Call {
             metrics: self
                 .runtime
                 .route_metrics(&self.model.name, index, &provider.name),
+            span: tracing::Span::current(),
         }
     }
 
@@ -331,13 +409,18 @@ impl Call {
         } else {
             breakers.failure(&provider.name, provider.breaker);
         }
+        let cause = err.cause().as_str();
+        tracing::Span::current().record("error.type", cause);
         let error = err.into_api_error(&provider.name);
         ticket.finish(
             error.status().as_u16(),
             Outcome::Failed,
             &Extracted::default(),
         );
-        Attempt::Failed(forwarded(error.into_response(), &provider.name))
+        Attempt::Failed(
+            forwarded(error.into_response(), &provider.name),
+            cause.to_owned(),
+        )
     }
 
     /// The provider answered with an error status: the next route is tried when the model's
@@ -360,6 +443,8 @@ impl Call {
         } else {
             breakers.success(&provider.name);
         }
+        let cause = format!("http_{}", status.as_u16());
+        tracing::Span::current().record("error.type", cause.as_str());
         let error = answer.into_error(provider).await;
         ticket.finish(
             error.status().as_u16(),
@@ -368,7 +453,7 @@ impl Call {
         );
         let response = forwarded(error.into_response(), &provider.name);
         if fails_over {
-            Attempt::Failed(response)
+            Attempt::Failed(response, cause)
         } else {
             Attempt::Answered(response)
         }

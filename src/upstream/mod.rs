@@ -314,8 +314,11 @@ impl Upstreams {
             )
         })?;
         let http = &client.per_worker[crate::worker::index() % client.per_worker.len()];
+        // The attempt's span (the caller's current one): the provider continues its trace.
+        let trace = crate::telemetry::trace_headers(&tracing::Span::current());
         let response = http
             .post(client.urls[request.endpoint.index()].clone())
+            .headers(trace)
             .header(header::AUTHORIZATION, client.authorization.clone())
             .header(header::CONTENT_TYPE, request.content_type)
             .header(header::ACCEPT, "application/json, text/event-stream")

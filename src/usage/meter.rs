@@ -38,6 +38,8 @@ pub struct UsageTicket {
     pub started: Instant,
     pub created_at: DateTime<Utc>,
     pub metrics: Arc<RouteMetrics>,
+    /// The provider attempt's span: the status and token counts are recorded on it.
+    pub span: tracing::Span,
 }
 
 /// One route's metric handles, registered once per configuration: looking a metric up by
@@ -103,6 +105,13 @@ impl UsageTicket {
     /// metrics and logs the request's one line.
     pub fn finish(self, status: u16, outcome: Outcome, extracted: &Extracted) {
         let tally = self.tally(outcome, extracted);
+        self.span
+            .record("http.response.status_code", status)
+            .record("gen_ai.usage.input_tokens", tally.usage.input_tokens)
+            .record("gen_ai.usage.output_tokens", tally.usage.output_tokens);
+        if outcome != Outcome::Completed {
+            self.span.record("otel.status_code", "error");
+        }
         self.count(status, outcome, &tally);
         self.log_call(status, outcome, &tally);
         let Tally {
@@ -230,6 +239,7 @@ impl UsageTicket {
             input_tokens = tally.usage.input_tokens,
             output_tokens = tally.usage.output_tokens,
             cost_usd = %format_cost(tally.cost),
+            cost_nanousd = tally.cost,
             latency_ms = tally.latency.as_millis() as u64,
             "provider call"
         );

@@ -29,6 +29,7 @@ mod json_edits;
 mod key_limits;
 mod keys;
 mod limits;
+mod logs;
 mod metrics;
 mod mock;
 mod notices;
