@@ -399,7 +399,7 @@ impl Drop for Access {
         let elapsed = self.started.elapsed();
         http_metrics(self.path(), CLIENT_CLOSED, elapsed);
         self.span
-            .record("http.response.status_code", CLIENT_CLOSED)
+            .record("http.response.status_code", i64::from(CLIENT_CLOSED))
             .record("otel.status_code", "error");
         tracing::info!(
             target: "imagegate::access",
@@ -487,7 +487,8 @@ async fn access_log(
     let key = principal.map(|p| p.name.as_str());
     let routed = response.extensions().get::<Routed>();
     let original = response.extensions().get::<OriginalRequestId>();
-    span.record("http.response.status_code", status);
+    // OpenTelemetry attributes have no unsigned integers: a u64 would be text.
+    span.record("http.response.status_code", i64::from(status));
     if status >= 500 {
         span.record("otel.status_code", "error");
     }

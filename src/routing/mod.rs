@@ -193,7 +193,8 @@ impl Call {
             otel.name = %format_args!("{GEN_AI_OPERATION} {}", route.upstream_model),
             otel.kind = "client",
             otel.status_code = empty,
-            attempt = attempt + 1,
+            // Signed: OpenTelemetry attributes have no unsigned integers.
+            attempt = attempt as i64 + 1,
             gen_ai.operation.name = GEN_AI_OPERATION,
             gen_ai.provider.name = %route.provider.name,
             gen_ai.request.model = %route.upstream_model,

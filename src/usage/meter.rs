@@ -106,7 +106,7 @@ impl UsageTicket {
     pub fn finish(self, status: u16, outcome: Outcome, extracted: &Extracted) {
         let tally = self.tally(outcome, extracted);
         self.span
-            .record("http.response.status_code", status)
+            .record("http.response.status_code", i64::from(status))
             .record("gen_ai.usage.input_tokens", tally.usage.input_tokens)
             .record("gen_ai.usage.output_tokens", tally.usage.output_tokens);
         if outcome != Outcome::Completed {

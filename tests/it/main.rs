@@ -33,6 +33,7 @@ mod logs;
 mod metrics;
 mod mock;
 mod notices;
+mod otlp;
 mod passthrough;
 mod pricing;
 mod redaction;
