@@ -14,6 +14,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body_util::BodyExt;
+use tracing::Instrument;
 
 use crate::auth::Principal;
 use crate::dedupe::Fingerprint;
@@ -117,7 +118,17 @@ pub async fn submit(
     };
     call.job = Some(Arc::from(record.id.as_str()));
     let held = state.jobs.hold(&record.id);
-    state.tasks.spawn(run(call, source, held));
+    // A trace of its own, linked to the request that queued it: the request's span ends
+    // with its 202, the job's attempts long after.
+    let span = tracing::info_span!(
+        "job",
+        otel.name = "job",
+        otel.kind = "internal",
+        job = %record.id,
+        request_id = %call.request_id.0,
+    );
+    span.follows_from(tracing::Span::current());
+    state.tasks.spawn(run(call, source, held).instrument(span));
     Ok(accepted(&record))
 }
 
