@@ -265,9 +265,46 @@ async fn json_logs_are_json_throughout_and_each_request_has_a_full_access_line()
     assert_eq!(failed_over.status(), 200);
     failed_over.bytes().await.expect("body");
 
+    // An edit as the Python SDK sends it (multipart, its field order): the access line
+    // reads the model from the upload.
+    let edit = capture("python_edit_one");
+    let mut request = client.request(
+        edit.method.clone(),
+        format!("http://{}{}", served.addr, edit.path),
+    );
+    for (name, value) in &edit.headers {
+        if !matches!(
+            name.as_str(),
+            "host" | "content-length" | "transfer-encoding" | "authorization" | "connection"
+        ) {
+            request = request.header(name, value);
+        }
+    }
+    let edited = request
+        .header("x-request-id", "edit-1")
+        .bearer_auth(&key)
+        .body(edit.body.clone())
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(edited.status(), 200);
+    edited.bytes().await.expect("body");
+
     tokio::time::sleep(Duration::from_millis(300)).await;
     let lines = served.stop().await;
     assert_stable_types(&lines);
+
+    let line = access_line(&lines, "edit-1");
+    assert_eq!(line["path"], "/v1/images/edits", "{line}");
+    assert_eq!(line["model"], "gpt-image-1", "{line}");
+    assert_eq!(line["provider"], "piapi", "{line}");
+    assert_eq!(line["attempts"], 1, "{line}");
+    assert!(
+        line["user_agent"]
+            .as_str()
+            .is_some_and(|ua| ua.starts_with("OpenAI/Python")),
+        "{line}"
+    );
 
     let line = access_line(&lines, "client-7f3a:1");
     assert_eq!(line["client_request_id"], "client-7f3a:1", "{line}");
