@@ -469,6 +469,31 @@ mod tests {
     }
 
     #[test]
+    fn trusted_proxies_are_networks_or_addresses_and_none_by_default() {
+        figment::Jail::expect_with(|jail| {
+            let env = env_with(&[("PIAPI_API_KEY", "pk")]);
+            let default = load(jail, GOOD, &env).expect("valid");
+            assert!(default.server.trusted_proxies.is_empty());
+            let text = format!(
+                "{GOOD}\n[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\", \"fd00::/8\"]"
+            );
+            let set = load(jail, &text, &env).expect("valid");
+            let nets: Vec<String> = set
+                .server
+                .trusted_proxies
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            assert_eq!(nets, ["10.0.0.0/8", "192.0.2.7/32", "fd00::/8"]);
+            let bad = format!("{GOOD}\n[server]\ntrusted_proxies = [\"10.0.0.0/33\"]");
+            let err = load(jail, &bad, &env).expect_err("bad").to_string();
+            assert!(err.contains("server.trusted_proxies"), "{err}");
+            assert!(err.contains("10.0.0.0/33"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn errors_name_the_file_and_key() {
         figment::Jail::expect_with(|jail| {
             let env = env_with(&[("PIAPI_API_KEY", "pk")]);
