@@ -8,7 +8,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use axum::extract::FromRef;
-use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::KeyCache;
@@ -18,6 +17,7 @@ use crate::dedupe::Dedupe;
 use crate::jobs::Jobs;
 use crate::limits::{ByteQuota, InFlight, LocalRates};
 use crate::login_throttle::LoginThrottle;
+use crate::prometheus::catalogue::Named;
 use crate::store::Store;
 use crate::upstream::Upstreams;
 use crate::usage::meter::RouteMetrics;
@@ -32,6 +32,9 @@ pub struct Runtime {
     route_metrics: HashMap<String, Vec<Arc<RouteMetrics>>>,
     /// Unix seconds when this table was loaded (the `created` of `/v1/models`).
     pub loaded_at: i64,
+    /// Keeps the series of its providers and models on `/metrics` while it (or a call it
+    /// started) lives.
+    named: Arc<Named>,
 }
 
 impl Runtime {
@@ -40,6 +43,7 @@ impl Runtime {
         for warning in &config.warnings {
             tracing::warn!(source = %config.source.display(), "{warning}");
         }
+        let named = Named::claim(&config);
         let route_metrics = config
             .models
             .values()
@@ -52,6 +56,7 @@ impl Runtime {
                             &model.name,
                             &r.provider.name,
                             config.metrics.per_key,
+                            Arc::clone(&named),
                         ))
                     })
                     .collect();
@@ -62,6 +67,7 @@ impl Runtime {
         // Which settings each replica runs: `/metrics` shows the hash of its configuration.
         metrics::gauge!("imagegate_config_info", "hash" => config.hash.clone()).set(1.0);
         Ok(Runtime {
+            named,
             route_metrics,
             upstreams,
             config: Arc::new(config),
@@ -83,7 +89,7 @@ pub struct AppState {
     pub keys: KeyCache,
     /// Work that must finish even when its client has gone; shutdown waits for it.
     pub tasks: TaskTracker,
-    pub metrics: PrometheusHandle,
+    pub metrics: crate::prometheus::Handle,
     /// Per provider, kept across reloads.
     pub breakers: Arc<Breakers>,
     pub dedupe: Arc<Dedupe>,
@@ -125,9 +131,9 @@ impl FromRef<Arc<AppState>> for RoutingTable {
     }
 }
 
-/// The Prometheus recorder's handle, for the metrics endpoint.
+/// The metrics recorder's handle, for the metrics endpoint.
 #[derive(Clone)]
-pub struct MetricsHandle(pub PrometheusHandle);
+pub struct MetricsHandle(pub crate::prometheus::Handle);
 
 impl FromRef<Arc<AppState>> for MetricsHandle {
     fn from_ref(state: &Arc<AppState>) -> Self {
@@ -168,6 +174,8 @@ impl AppState {
         let runtime =
             Arc::new(Runtime::new(config).map_err(|e| ReloadError::Build(e.to_string()))?);
         self.runtime.store(Arc::clone(&runtime));
+        self.breakers
+            .keep_only(|provider| runtime.config.providers.contains_key(provider));
         if current.config.hash != runtime.config.hash {
             metrics::gauge!("imagegate_config_info", "hash" => current.config.hash.clone())
                 .set(0.0);
@@ -186,6 +194,7 @@ impl Runtime {
                 model,
                 provider,
                 self.config.metrics.per_key,
+                Arc::clone(&self.named),
             )),
         }
     }

@@ -18,6 +18,7 @@ use crate::dedupe::KeepTicket;
 
 use crate::auth::Principal;
 use crate::config::Price;
+use crate::prometheus::catalogue::Named;
 use crate::upstream::{BodyStream, Endpoint, RequestSummary, UpstreamError};
 use crate::usage::extract::{BodyKind, Extracted, Extractor, TokenUsage};
 use crate::usage::price::{Billed, cost_nanousd, format_cost};
@@ -54,11 +55,13 @@ pub struct RouteMetrics {
     cost: Counter,
     /// `metrics.per_key`: the cost is counted by key name too.
     per_key: bool,
+    /// Keeps the route's series on `/metrics` while a call of the route is counted.
+    _named: Arc<Named>,
 }
 
 impl RouteMetrics {
     /// Registers the handles with the recorder installed now (none: they count nothing).
-    pub fn new(model: &str, provider: &str, per_key: bool) -> Self {
+    pub fn new(model: &str, provider: &str, per_key: bool, named: Arc<Named>) -> Self {
         let labels = [
             ("model", model.to_owned()),
             ("provider", provider.to_owned()),
@@ -80,6 +83,7 @@ impl RouteMetrics {
             images: metrics::counter!("imagegate_images_total", &labels),
             cost: metrics::counter!("imagegate_cost_nanousd_total", &labels),
             per_key,
+            _named: named,
         }
     }
 
