@@ -41,6 +41,20 @@ const fn metric(
 
 use Kind::{Counter, Gauge, Histogram};
 
+/// What a provider call's latency is grouped by (`outcome`): it answered with a success,
+/// with an error status, or not at all, for one of [`crate::upstream::Cause`]'s reasons.
+pub const ATTEMPT_OUTCOMES: [&str; 9] = [
+    "success",
+    "error_status",
+    "refused",
+    "dns",
+    "tls",
+    "timeout",
+    "reset",
+    "connect",
+    "other",
+];
+
 /// Every metric imagegate records (the process's own figures apart: see `process.rs`).
 pub const METRICS: &[Metric] = &[
     metric(
@@ -82,8 +96,14 @@ pub const METRICS: &[Metric] = &[
     metric(
         "imagegate_upstream_duration_seconds",
         Histogram,
-        &["model", "provider"],
-        "Provider calls from sending to the end of their answer, failures included.",
+        &["model", "provider", "outcome"],
+        "Provider calls from sending to the end of their answer, by outcome: success, error_status, or the reason no answer came (refused, dns, tls, timeout, reset, connect, other).",
+    ),
+    metric(
+        "imagegate_upstream_first_byte_seconds",
+        Histogram,
+        &["model", "provider", "outcome"],
+        "Provider calls from sending (an upload's body included) to the provider's response head (what providers.first_byte_timeout bounds), by outcome: success or error_status.",
     ),
     metric(
         "imagegate_upstream_errors_total",
@@ -244,13 +264,6 @@ pub(super) fn process_wide_series() {
             Counter => drop(metrics::counter!(m.name)),
             Gauge => drop(metrics::gauge!(m.name)),
             Histogram => drop(metrics::histogram!(m.name)),
-        }
-    }
-    for trigger in ["admin_api", "sighup", "notice"] {
-        for result in ["applied", "refused"] {
-            drop(
-                metrics::counter!("imagegate_config_reloads_total", "trigger" => trigger, "result" => result),
-            );
         }
     }
     for quota in ["json_memory", "spool"] {

@@ -3,7 +3,7 @@
 //! with the server, in the library and in the binary; no key's name unless
 //! `metrics.per_key` is on; every metric described (`# HELP`, `# TYPE`), the series of the
 //! configured providers and models there at zero from start and gone when a reload removes
-//! them.
+//! them; provider latency and time to first byte by outcome.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -212,6 +212,7 @@ const FROM_START: &[(&str, &str)] = &[
     ("imagegate_config_reloads_total", "counter"),
     ("imagegate_upstream_requests_total", "counter"),
     ("imagegate_upstream_duration_seconds", "histogram"),
+    ("imagegate_upstream_first_byte_seconds", "histogram"),
     ("imagegate_upstream_errors_total", "counter"),
     ("imagegate_provider_circuit_open", "gauge"),
     ("imagegate_input_tokens_total", "counter"),
@@ -363,8 +364,11 @@ async fn a_fresh_gateway_describes_every_metric_and_shows_its_providers_and_mode
             format!("imagegate_output_tokens_total{{{route}}}"),
             format!("imagegate_images_total{{{route}}}"),
             format!("imagegate_cost_nanousd_total{{{route}}}"),
-            format!("imagegate_upstream_duration_seconds_count{{{route}}}"),
-            format!("imagegate_upstream_duration_seconds_bucket{{{route},le=\"+Inf\"}}"),
+            format!("imagegate_upstream_duration_seconds_count{{{route},outcome=\"success\"}}"),
+            format!("imagegate_upstream_first_byte_seconds_count{{{route},outcome=\"success\"}}"),
+            format!(
+                "imagegate_upstream_first_byte_seconds_bucket{{{route},outcome=\"success\",le=\"+Inf\"}}"
+            ),
             format!("imagegate_provider_circuit_open{{provider=\"{provider}\"}}"),
             format!("imagegate_upstream_errors_total{{provider=\"{provider}\",kind=\"failed\"}}"),
             format!(
@@ -509,5 +513,87 @@ async fn a_reload_removing_a_provider_removes_its_series() {
         0.0
     );
     assert_eq!(gw.readyz().await["checks"]["providers"][&gone], "closed");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn provider_latency_and_time_to_first_byte_are_kept_apart_by_outcome() {
+    let slow = StandIn::json(200, &image_response(1, USAGE)).await;
+    slow.set_delay(Duration::from_millis(300));
+    let failing = StandIn::json(
+        500,
+        r#"{"error":{"message":"boom","type":"server_error","param":null,"code":null}}"#,
+    )
+    .await;
+    let unique = uuid::Uuid::now_v7().simple().to_string();
+    let dead = dead_url();
+    let config = providers_config(
+        &unique,
+        &[
+            ("slow", &slow.base_url()),
+            ("failing", &failing.base_url()),
+            ("dead", &dead),
+        ],
+    );
+    let gw = TestGateway::start(Db::Sqlite, &config).await;
+    for (name, status) in [("slow", 200), ("failing", 502), ("dead", 502)] {
+        let response = gw
+            .post_json(
+                "/v1/images/generations",
+                &format!(r#"{{"model":"{name}-model-{unique}","prompt":"fox"}}"#),
+            )
+            .await;
+        assert_eq!(response.status(), status, "{name}");
+        response.bytes().await.expect("body");
+    }
+    gw.usage_rows(3).await;
+    let route =
+        |name: &str| format!("model=\"{name}-model-{unique}\",provider=\"{name}-{unique}\"");
+    let duration = |name: &str, outcome: &str, part: &str| {
+        format!(
+            "imagegate_upstream_duration_seconds_{part}{{{},outcome=\"{outcome}\"}}",
+            route(name)
+        )
+    };
+    let first_byte = |name: &str, outcome: &str, part: &str| {
+        format!(
+            "imagegate_upstream_first_byte_seconds_{part}{{{},outcome=\"{outcome}\"}}",
+            route(name)
+        )
+    };
+    let scrape = scrape_until(&gw, |s| {
+        s.get(&duration("slow", "success", "count")) == Some(1.0)
+    })
+    .await;
+
+    // The success: its whole time, and its head after the provider's 300 ms.
+    assert_eq!(scrape.value(&duration("slow", "success", "count")), 1.0);
+    assert!(scrape.value(&duration("slow", "success", "sum")) >= 0.3);
+    assert_eq!(scrape.value(&first_byte("slow", "success", "count")), 1.0);
+    let head = scrape.value(&first_byte("slow", "success", "sum"));
+    assert!((0.3..5.0).contains(&head), "{head}");
+    // The provider's error status: counted as such, never as a success.
+    assert_eq!(
+        scrape.value(&duration("failing", "error_status", "count")),
+        1.0
+    );
+    assert_eq!(
+        scrape.value(&first_byte("failing", "error_status", "count")),
+        1.0
+    );
+    assert_eq!(scrape.value(&duration("failing", "success", "count")), 0.0);
+    // No answer at all (nothing listens): its cause, and no time to a head that never came.
+    assert_eq!(scrape.value(&duration("dead", "refused", "count")), 1.0);
+    assert_eq!(scrape.value(&duration("dead", "success", "count")), 0.0);
+    assert_eq!(scrape.value(&first_byte("dead", "success", "count")), 0.0);
+    assert_eq!(scrape.get(&first_byte("dead", "refused", "count")), None);
+    assert_eq!(
+        scrape.value(&format!(
+            "imagegate_upstream_duration_seconds_bucket{{{},outcome=\"refused\",le=\"0.25\"}}",
+            route("dead")
+        )),
+        1.0,
+        "a refused connection takes no time"
+    );
     gw.shutdown().await;
 }
