@@ -23,7 +23,7 @@ use crate::gate;
 use crate::jobs::Jobs;
 use crate::routes;
 use crate::server::Listeners;
-pub use crate::state::{AppState, ReloadError, RequestId, Runtime};
+pub use crate::state::{AppState, ReloadError, ReloadTrigger, RequestId, Runtime};
 use crate::store::Store;
 use crate::usage::writer::UsageWriter;
 

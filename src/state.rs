@@ -150,10 +150,44 @@ pub enum ReloadError {
     Build(String),
 }
 
+/// What asked for a reload, as `imagegate_config_reloads_total` counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadTrigger {
+    /// `POST /admin/reload`.
+    AdminApi,
+    /// `SIGHUP` to the process.
+    Sighup,
+    /// Another replica's reload, heard as a notice.
+    Notice,
+}
+
+impl ReloadTrigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReloadTrigger::AdminApi => "admin_api",
+            ReloadTrigger::Sighup => "sighup",
+            ReloadTrigger::Notice => "notice",
+        }
+    }
+}
+
 impl AppState {
     /// Re-reads the configuration file. A valid one replaces the routing table at once; an
-    /// invalid one is refused and the table in force stays.
-    pub fn reload(&self) -> Result<Arc<Runtime>, ReloadError> {
+    /// invalid one is refused and the table in force stays. Either way it is counted in
+    /// `imagegate_config_reloads_total` with what asked for it.
+    pub fn reload(&self, trigger: ReloadTrigger) -> Result<Arc<Runtime>, ReloadError> {
+        let result = self.reload_now();
+        let counted = if result.is_ok() { "applied" } else { "refused" };
+        metrics::counter!(
+            "imagegate_config_reloads_total",
+            "trigger" => trigger.as_str(),
+            "result" => counted,
+        )
+        .increment(1);
+        result
+    }
+
+    fn reload_now(&self) -> Result<Arc<Runtime>, ReloadError> {
         let _one_at_a_time = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.runtime.load_full();
         let config = Config::load(&current.config.source, &self.env)?;
@@ -180,7 +214,6 @@ impl AppState {
             metrics::gauge!("imagegate_config_info", "hash" => current.config.hash.clone())
                 .set(0.0);
         }
-        metrics::counter!("imagegate_config_reloads_total").increment(1);
         Ok(runtime)
     }
 }

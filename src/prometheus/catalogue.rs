@@ -72,8 +72,8 @@ pub const METRICS: &[Metric] = &[
     metric(
         "imagegate_config_reloads_total",
         Counter,
-        &[],
-        "Configuration reloads applied.",
+        &["trigger", "result"],
+        "Configuration reloads by what asked for them (admin_api, sighup, notice: another replica's reload) and how they ended (applied, refused).",
     ),
     metric(
         "imagegate_http_requests_total",
@@ -256,14 +256,21 @@ pub(super) fn describe() {
     }
 }
 
-/// The series that exist from start, at zero: every metric without labels, the quotas'
-/// refusals; and the build's `imagegate_build_info` at 1.
+/// The series that exist from start, at zero: every metric without labels, the reload
+/// counters, the quotas' refusals; and the build's `imagegate_build_info` at 1.
 pub(super) fn process_wide_series() {
     for m in METRICS.iter().filter(|m| m.labels.is_empty()) {
         match m.kind {
             Counter => drop(metrics::counter!(m.name)),
             Gauge => drop(metrics::gauge!(m.name)),
             Histogram => drop(metrics::histogram!(m.name)),
+        }
+    }
+    for trigger in ["admin_api", "sighup", "notice"] {
+        for result in ["applied", "refused"] {
+            drop(
+                metrics::counter!("imagegate_config_reloads_total", "trigger" => trigger, "result" => result),
+            );
         }
     }
     for quota in ["json_memory", "spool"] {

@@ -3,7 +3,7 @@
 //! with the server, in the library and in the binary; no key's name unless
 //! `metrics.per_key` is on; every metric described (`# HELP`, `# TYPE`), the series of the
 //! configured providers and models there at zero from start and gone when a reload removes
-//! them; provider latency and time to first byte by outcome.
+//! them; reloads counted; provider latency and time to first byte by outcome.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -380,7 +380,9 @@ async fn a_fresh_gateway_describes_every_metric_and_shows_its_providers_and_mode
     }
     // Process-wide series are there too (their values are the process's, shared by tests).
     for series in [
-        "imagegate_config_reloads_total",
+        "imagegate_config_reloads_total{trigger=\"admin_api\",result=\"refused\"}",
+        "imagegate_config_reloads_total{trigger=\"sighup\",result=\"applied\"}",
+        "imagegate_config_reloads_total{trigger=\"notice\",result=\"refused\"}",
         "imagegate_key_share_refused_total{quota=\"spool\"}",
         "imagegate_usage_rows_lost_total",
     ] {
@@ -423,7 +425,7 @@ async fn scrape_until(gw: &TestGateway, done: impl Fn(&Scrape) -> bool) -> Scrap
 }
 
 #[tokio::test]
-async fn a_reload_removing_a_provider_removes_its_series() {
+async fn a_reload_removing_a_provider_removes_its_series_and_reloads_are_counted() {
     let alive = StandIn::json(200, &image_response(1, USAGE)).await;
     let unique = uuid::Uuid::now_v7().simple().to_string();
     let dead = dead_url();
@@ -447,7 +449,8 @@ async fn a_reload_removing_a_provider_removes_its_series() {
         )),
         1.0
     );
-    let applied = "imagegate_config_reloads_total";
+    let applied = "imagegate_config_reloads_total{trigger=\"admin_api\",result=\"applied\"}";
+    let refused = "imagegate_config_reloads_total{trigger=\"admin_api\",result=\"refused\"}";
 
     // A reload without it: every series naming it, or its model, goes.
     let file = std::fs::read_to_string(&gw.config_path).expect("config");
@@ -487,11 +490,12 @@ async fn a_reload_removing_a_provider_removes_its_series() {
     );
     assert!(after.value(applied) >= before.value(applied) + 1.0);
 
-    // A refused reload leaves the table in force, and its series.
+    // A refused reload is counted as refused, and the table in force stays.
     std::fs::write(&gw.config_path, "default_model = 3\n").expect("write");
     let answer = reload(ADMIN_TOKEN).await.expect("reload");
     assert_eq!(answer.status(), 400);
     let refusal = Scrape::of(&gw).await;
+    assert!(refusal.value(refused) >= after.value(refused) + 1.0);
     assert!(refusal.mentions("provider", &kept));
 
     // Put back, the provider's series come back at zero, its circuit closed: what was
@@ -596,4 +600,59 @@ async fn provider_latency_and_time_to_first_byte_are_kept_apart_by_outcome() {
         "a refused connection takes no time"
     );
     gw.shutdown().await;
+}
+
+/// The binary (a process of its own: its figures are its alone): its configured provider at
+/// zero from start, and each SIGHUP counted, applied or refused.
+#[tokio::test]
+async fn the_binary_counts_sighup_reloads_applied_and_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = binary::write_config(dir.path(), &["gpt-image-1"]);
+    let mut command = binary::command(&config);
+    command.arg("serve").env("CLI_TEST_PROVIDER_KEY", SECRET);
+    let (mut child, addr, _log) = binary::serve(command).await.into_parts();
+    let client = reqwest::Client::new();
+    let scrape = || async {
+        let text = client
+            .get(format!("http://{addr}/metrics"))
+            .send()
+            .await
+            .expect("send")
+            .text()
+            .await
+            .expect("text");
+        Scrape::parse(text)
+    };
+    let applied = "imagegate_config_reloads_total{trigger=\"sighup\",result=\"applied\"}";
+    let refused = "imagegate_config_reloads_total{trigger=\"sighup\",result=\"refused\"}";
+    let start = scrape().await;
+    assert_eq!((start.value(applied), start.value(refused)), (0.0, 0.0));
+    assert_eq!(
+        start.value("imagegate_provider_circuit_open{provider=\"real\"}"),
+        0.0
+    );
+    assert!(!start.text.contains(SECRET), "never a provider key");
+
+    let counted = |series: &'static str| {
+        let scrape = &scrape;
+        async move {
+            for _ in 0..200 {
+                let now = scrape().await;
+                if now.value(series) == 1.0 {
+                    return now;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            panic!("{series} never reached 1");
+        }
+    };
+    binary::signal(&child, "-HUP");
+    let after = counted(applied).await;
+    assert_eq!(after.value(refused), 0.0);
+    std::fs::write(&config, "default_model = 3\n").expect("write");
+    binary::signal(&child, "-HUP");
+    let after = counted(refused).await;
+    assert_eq!(after.value(applied), 1.0);
+    let status = binary::terminate(&mut child, Duration::from_secs(15)).await;
+    assert!(status.success(), "SIGTERM exits 0");
 }
