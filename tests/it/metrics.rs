@@ -656,3 +656,55 @@ async fn the_binary_counts_sighup_reloads_applied_and_refused() {
     let status = binary::terminate(&mut child, Duration::from_secs(15)).await;
     assert!(status.success(), "SIGTERM exits 0");
 }
+
+/// An upload streamed through (an SDK's multipart edit, in its field order) is timed like a
+/// JSON call: its time to first byte includes sending the upload, its head after the
+/// provider's delay.
+#[tokio::test]
+async fn an_sdk_multipart_edit_is_timed_to_its_first_byte_like_a_json_generation() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    provider.set_delay(Duration::from_millis(200));
+    let unique = uuid::Uuid::now_v7().simple().to_string();
+    let up = format!("up-{unique}");
+    // The captures ask for gpt-image-1: routed here to a provider no other test names.
+    let config = test_config(
+        &provider.base_url(),
+        &format!(
+            "[providers.{up}]\nbase_url = \"{}\"\napi_key_env = \"TEST_PIAPI_KEY\"\n\
+             [pricing.\"{up}\".\"gpt-image-1\"]\ntext_input = 5.00\ncached_text_input = 1.25\n\
+             image_input = 10.00\ncached_image_input = 1.25\nimage_output = 40.00\n",
+            provider.base_url()
+        ),
+    )
+    .replacen(
+        r#"provider = "piapi", model = "gpt-image-1""#,
+        &format!(r#"provider = "{up}", model = "gpt-image-1""#),
+        1,
+    );
+    let gw = TestGateway::start(Db::Sqlite, &config).await;
+    let edit = gw.replay(&capture("python1x_edit_one")).await;
+    assert_eq!(edit.status(), 200);
+    edit.bytes().await.expect("body");
+    let generation = gw
+        .post_json("/v1/images/generations", r#"{"prompt":"fox"}"#)
+        .await;
+    assert_eq!(generation.status(), 200);
+    generation.bytes().await.expect("body");
+    assert_eq!(provider.requests().len(), 2);
+    gw.usage_rows(2).await;
+    let labels = format!("model=\"gpt-image-1\",provider=\"{up}\",outcome=\"success\"");
+    let count = format!("imagegate_upstream_first_byte_seconds_count{{{labels}}}");
+    let scrape = scrape_until(&gw, |s| s.get(&count) == Some(2.0)).await;
+    assert_eq!(scrape.value(&count), 2.0, "the edit and the generation");
+    let sum = scrape.value(&format!(
+        "imagegate_upstream_first_byte_seconds_sum{{{labels}}}"
+    ));
+    assert!((0.4..10.0).contains(&sum), "{sum}");
+    assert_eq!(
+        scrape.value(&format!(
+            "imagegate_upstream_duration_seconds_count{{{labels}}}"
+        )),
+        2.0
+    );
+    gw.shutdown().await;
+}
