@@ -12,7 +12,6 @@ use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use http::HeaderValue;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::task::TaskTracker;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -27,7 +26,7 @@ use crate::jobs::Jobs;
 use crate::routes;
 use crate::routing::Routed;
 use crate::server::Listeners;
-pub use crate::state::{AppState, ReloadError, RequestId, Runtime};
+pub use crate::state::{AppState, ReloadError, ReloadTrigger, RequestId, Runtime};
 use crate::store::Store;
 use crate::usage::writer::UsageWriter;
 
@@ -57,7 +56,7 @@ impl Gateway {
         let store = crate::store::connect(config.database_url.as_str()).await?;
         store.migrate().await?;
         // Before the journal, which reports its backlog to the recorder.
-        let metrics = metrics_handle();
+        let metrics = crate::prometheus::install();
         let (usage, writer) =
             UsageWriter::start(Arc::clone(&store), &config.server.journal_dir).await?;
         let usage = if config.server.record_usage {
@@ -158,25 +157,6 @@ impl Gateway {
         tracing::info!("stopped");
         Ok(())
     }
-}
-
-/// The Prometheus recorder is process-wide; every gateway in the process shares it.
-fn metrics_handle() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let builder = PrometheusBuilder::new()
-                .set_buckets(&[
-                    0.005, 0.05, 0.25, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0,
-                ])
-                .unwrap_or_else(|_| PrometheusBuilder::new());
-            match builder.install_recorder() {
-                Ok(handle) => handle,
-                // Another recorder is installed (an embedding program's): render an empty page.
-                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
-            }
-        })
-        .clone()
 }
 
 /// Counts a request in `imagegate_http_requests_total` and times it in

@@ -101,6 +101,13 @@ impl Breakers {
         }
     }
 
+    /// Drops the state of providers the configuration no longer names: one added back later
+    /// starts closed, as its `imagegate_provider_circuit_open` series (removed with it) does.
+    pub fn keep_only(&self, named: impl Fn(&str) -> bool) {
+        let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        states.retain(|provider, _| named(provider));
+    }
+
     pub fn state(&self, provider: &str) -> BreakerState {
         let states = self.states.lock().unwrap_or_else(|e| e.into_inner());
         match states.get(provider).and_then(|s| s.open_until) {
@@ -142,5 +149,18 @@ mod tests {
         b.success("p");
         assert_eq!(b.state("p"), BreakerState::Closed);
         assert!(b.admit("p").is_ok() && b.admit("p").is_ok());
+    }
+
+    #[test]
+    fn a_provider_no_longer_named_is_forgotten_and_comes_back_closed() {
+        let b = Breakers::default();
+        for provider in ["kept", "gone"] {
+            b.failure(provider, CONFIG);
+            b.failure(provider, CONFIG);
+        }
+        b.keep_only(|provider| provider == "kept");
+        assert_eq!(b.state("kept"), BreakerState::Open);
+        assert_eq!(b.state("gone"), BreakerState::Closed);
+        assert!(b.admit("gone").is_ok());
     }
 }

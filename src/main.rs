@@ -311,7 +311,7 @@ fn until_stopped(
     Ok(async move {
         loop {
             tokio::select! {
-                _ = hup.recv() => match state.reload() {
+                _ = hup.recv() => match state.reload(imagegate::app::ReloadTrigger::Sighup) {
                     Ok(runtime) => tracing::info!(models = runtime.config.public_names().len(), "SIGHUP: configuration reloaded"),
                     Err(err) => tracing::error!(%err, "SIGHUP: configuration refused; the previous one stays in force"),
                 },

@@ -105,7 +105,7 @@ fn receive(state: &AppState, notice: Notice) {
             );
         }
         Notice::Reload { from } if *from == *state.replica => {}
-        Notice::Reload { from } => match state.reload() {
+        Notice::Reload { from } => match state.reload(crate::state::ReloadTrigger::Notice) {
             Ok(runtime) => tracing::info!(
                 from = %from,
                 config_hash = %runtime.config.hash,

@@ -8,7 +8,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use axum::extract::FromRef;
-use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::KeyCache;
@@ -18,6 +17,7 @@ use crate::dedupe::Dedupe;
 use crate::jobs::Jobs;
 use crate::limits::{ByteQuota, InFlight, LocalRates};
 use crate::login_throttle::LoginThrottle;
+use crate::prometheus::catalogue::Named;
 use crate::store::Store;
 use crate::upstream::Upstreams;
 use crate::usage::meter::RouteMetrics;
@@ -32,6 +32,9 @@ pub struct Runtime {
     route_metrics: HashMap<String, Vec<Arc<RouteMetrics>>>,
     /// Unix seconds when this table was loaded (the `created` of `/v1/models`).
     pub loaded_at: i64,
+    /// Keeps the series of its providers and models on `/metrics` while it (or a call it
+    /// started) lives.
+    named: Arc<Named>,
 }
 
 impl Runtime {
@@ -40,6 +43,7 @@ impl Runtime {
         for warning in &config.warnings {
             tracing::warn!(source = %config.source.display(), "{warning}");
         }
+        let named = Named::claim(&config);
         let route_metrics = config
             .models
             .values()
@@ -52,6 +56,7 @@ impl Runtime {
                             &model.name,
                             &r.provider.name,
                             config.metrics.per_key,
+                            Arc::clone(&named),
                         ))
                     })
                     .collect();
@@ -62,6 +67,7 @@ impl Runtime {
         // Which settings each replica runs: `/metrics` shows the hash of its configuration.
         metrics::gauge!("imagegate_config_info", "hash" => config.hash.clone()).set(1.0);
         Ok(Runtime {
+            named,
             route_metrics,
             upstreams,
             config: Arc::new(config),
@@ -83,7 +89,7 @@ pub struct AppState {
     pub keys: KeyCache,
     /// Work that must finish even when its client has gone; shutdown waits for it.
     pub tasks: TaskTracker,
-    pub metrics: PrometheusHandle,
+    pub metrics: crate::prometheus::Handle,
     /// Per provider, kept across reloads.
     pub breakers: Arc<Breakers>,
     pub dedupe: Arc<Dedupe>,
@@ -125,9 +131,9 @@ impl FromRef<Arc<AppState>> for RoutingTable {
     }
 }
 
-/// The Prometheus recorder's handle, for the metrics endpoint.
+/// The metrics recorder's handle, for the metrics endpoint.
 #[derive(Clone)]
-pub struct MetricsHandle(pub PrometheusHandle);
+pub struct MetricsHandle(pub crate::prometheus::Handle);
 
 impl FromRef<Arc<AppState>> for MetricsHandle {
     fn from_ref(state: &Arc<AppState>) -> Self {
@@ -144,10 +150,44 @@ pub enum ReloadError {
     Build(String),
 }
 
+/// What asked for a reload, as `imagegate_config_reloads_total` counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadTrigger {
+    /// `POST /admin/reload`.
+    AdminApi,
+    /// `SIGHUP` to the process.
+    Sighup,
+    /// Another replica's reload, heard as a notice.
+    Notice,
+}
+
+impl ReloadTrigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReloadTrigger::AdminApi => "admin_api",
+            ReloadTrigger::Sighup => "sighup",
+            ReloadTrigger::Notice => "notice",
+        }
+    }
+}
+
 impl AppState {
     /// Re-reads the configuration file. A valid one replaces the routing table at once; an
-    /// invalid one is refused and the table in force stays.
-    pub fn reload(&self) -> Result<Arc<Runtime>, ReloadError> {
+    /// invalid one is refused and the table in force stays. Either way it is counted in
+    /// `imagegate_config_reloads_total` with what asked for it.
+    pub fn reload(&self, trigger: ReloadTrigger) -> Result<Arc<Runtime>, ReloadError> {
+        let result = self.reload_now();
+        let counted = if result.is_ok() { "applied" } else { "refused" };
+        metrics::counter!(
+            "imagegate_config_reloads_total",
+            "trigger" => trigger.as_str(),
+            "result" => counted,
+        )
+        .increment(1);
+        result
+    }
+
+    fn reload_now(&self) -> Result<Arc<Runtime>, ReloadError> {
         let _one_at_a_time = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.runtime.load_full();
         let config = Config::load(&current.config.source, &self.env)?;
@@ -168,11 +208,12 @@ impl AppState {
         let runtime =
             Arc::new(Runtime::new(config).map_err(|e| ReloadError::Build(e.to_string()))?);
         self.runtime.store(Arc::clone(&runtime));
+        self.breakers
+            .keep_only(|provider| runtime.config.providers.contains_key(provider));
         if current.config.hash != runtime.config.hash {
             metrics::gauge!("imagegate_config_info", "hash" => current.config.hash.clone())
                 .set(0.0);
         }
-        metrics::counter!("imagegate_config_reloads_total").increment(1);
         Ok(runtime)
     }
 }
@@ -186,6 +227,7 @@ impl Runtime {
                 model,
                 provider,
                 self.config.metrics.per_key,
+                Arc::clone(&self.named),
             )),
         }
     }

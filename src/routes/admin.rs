@@ -22,7 +22,7 @@ pub async fn reload(
     State(state): State<Arc<AppState>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let runtime = state
-        .reload()
+        .reload(crate::state::ReloadTrigger::AdminApi)
         .map_err(|err| ApiError::ReloadRefused(err.to_string()))?;
     tracing::info!(source = %runtime.config.source.display(), config_hash = %runtime.config.hash, "configuration reloaded");
     let others = match state.store.publish_reload(&state.replica).await {

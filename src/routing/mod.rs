@@ -254,10 +254,14 @@ impl Call {
         if let Some(job) = &self.job {
             self.state.jobs.record_call(job, &intent).await;
         }
+        let sending = Instant::now();
         let (sent, uploaded, whole) = self.send(provider, request, pump, &request_id).await?;
         // A provider that answered before the upload ended is billed on what was read.
         let summary = whole.unwrap_or(sent_with);
         let ticket = self.ticket(route, index, request_id, summary, started, created_at);
+        if let Ok(answer) = &sent {
+            ticket.metrics.first_byte(answer.status, sending.elapsed());
+        }
         Ok(match sent {
             Ok(answer) if answer.status.is_success() => self.stream(route, answer, ticket, attempt),
             Ok(answer) => self.refused(provider, answer, ticket).await,
@@ -393,6 +397,7 @@ impl Call {
                 .runtime
                 .route_metrics(&self.model.name, index, &provider.name),
             span: tracing::Span::current(),
+            cause: None,
         }
     }
 
@@ -402,8 +407,9 @@ impl Call {
         provider: &Provider,
         err: UpstreamError,
         uploaded: bool,
-        ticket: UsageTicket,
+        mut ticket: UsageTicket,
     ) -> Attempt {
+        ticket.cause = Some(err.cause());
         let breakers = &self.state.breakers;
         if matches!(err, UpstreamError::Timeout) && !uploaded {
             breakers.release_probe(&provider.name);

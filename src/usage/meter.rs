@@ -18,7 +18,8 @@ use crate::dedupe::KeepTicket;
 
 use crate::auth::Principal;
 use crate::config::Price;
-use crate::upstream::{BodyStream, Endpoint, RequestSummary, UpstreamError};
+use crate::prometheus::catalogue::{ATTEMPT_OUTCOMES, Named};
+use crate::upstream::{BodyStream, Cause, Endpoint, RequestSummary, UpstreamError};
 use crate::usage::extract::{BodyKind, Extracted, Extractor, TokenUsage};
 use crate::usage::price::{Billed, cost_nanousd, format_cost};
 use crate::usage::writer::UsageSink;
@@ -40,6 +41,9 @@ pub struct UsageTicket {
     pub metrics: Arc<RouteMetrics>,
     /// The provider attempt's span: the status and token counts are recorded on it.
     pub span: tracing::Span,
+    /// Why the call got no answer (or a broken one), once known: its latency is counted
+    /// under this cause.
+    pub cause: Option<Cause>,
 }
 
 /// One route's metric handles, registered once per configuration: looking a metric up by
@@ -49,21 +53,31 @@ pub struct RouteMetrics {
     provider: String,
     /// `imagegate_upstream_requests_total` with status 200; other statuses are looked up.
     ok: Counter,
+    /// `imagegate_upstream_duration_seconds` of successes; other outcomes are looked up.
     duration: Histogram,
+    /// `imagegate_upstream_first_byte_seconds` of successes; error statuses are looked up.
+    first_byte: Histogram,
     input_tokens: Counter,
     output_tokens: Counter,
     images: Counter,
     cost: Counter,
     /// `metrics.per_key`: the cost is counted by key name too.
     per_key: bool,
+    /// Keeps the route's series on `/metrics` while a call of the route is counted.
+    _named: Arc<Named>,
 }
 
 impl RouteMetrics {
     /// Registers the handles with the recorder installed now (none: they count nothing).
-    pub fn new(model: &str, provider: &str, per_key: bool) -> Self {
+    pub fn new(model: &str, provider: &str, per_key: bool, named: Arc<Named>) -> Self {
         let labels = [
             ("model", model.to_owned()),
             ("provider", provider.to_owned()),
+        ];
+        let success = [
+            ("model", model.to_owned()),
+            ("provider", provider.to_owned()),
+            ("outcome", "success".to_owned()),
         ];
         RouteMetrics {
             model: model.to_owned(),
@@ -76,13 +90,44 @@ impl RouteMetrics {
                     ("status", "200".to_owned()),
                 ]
             ),
-            duration: metrics::histogram!("imagegate_upstream_duration_seconds", &labels),
+            duration: metrics::histogram!("imagegate_upstream_duration_seconds", &success),
+            first_byte: metrics::histogram!("imagegate_upstream_first_byte_seconds", &success),
             input_tokens: metrics::counter!("imagegate_input_tokens_total", &labels),
             output_tokens: metrics::counter!("imagegate_output_tokens_total", &labels),
             images: metrics::counter!("imagegate_images_total", &labels),
             cost: metrics::counter!("imagegate_cost_nanousd_total", &labels),
             per_key,
+            _named: named,
         }
+    }
+
+    fn histogram(&self, name: &'static str, outcome: &'static str) -> Histogram {
+        metrics::histogram!(
+            name,
+            &[
+                ("model", self.model.clone()),
+                ("provider", self.provider.clone()),
+                ("outcome", outcome.to_owned()),
+            ]
+        )
+    }
+
+    /// Times a provider call from its sending to its response head.
+    pub fn first_byte(&self, status: http::StatusCode, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        if status.is_success() {
+            self.first_byte.record(seconds);
+        } else {
+            self.histogram("imagegate_upstream_first_byte_seconds", "error_status")
+                .record(seconds);
+        }
+    }
+
+    fn duration(&self, outcome: &'static str) -> Histogram {
+        if outcome == "success" {
+            return self.duration.clone();
+        }
+        self.histogram("imagegate_upstream_duration_seconds", outcome)
     }
 
     fn requests(&self, status: u16) -> Counter {
@@ -196,7 +241,8 @@ impl UsageTicket {
     fn count(&self, status: u16, outcome: Outcome, tally: &Tally) {
         let m = &self.metrics;
         m.requests(status).increment(1);
-        m.duration.record(tally.latency.as_secs_f64());
+        m.duration(latency_outcome(outcome, self.cause))
+            .record(tally.latency.as_secs_f64());
         m.input_tokens
             .increment(tally.usage.input_tokens.max(0) as u64);
         m.output_tokens
@@ -243,6 +289,16 @@ impl UsageTicket {
             latency_ms = tally.latency.as_millis() as u64,
             "provider call"
         );
+    }
+}
+
+/// How a call's latency is grouped (one of [`ATTEMPT_OUTCOMES`]): a failure that took no time
+/// (a refused connection) kept apart from the answers that took a minute.
+fn latency_outcome(outcome: Outcome, cause: Option<Cause>) -> &'static str {
+    match outcome {
+        Outcome::Completed => ATTEMPT_OUTCOMES[0],
+        Outcome::UpstreamError => ATTEMPT_OUTCOMES[1],
+        Outcome::Failed | Outcome::Interrupted => cause.unwrap_or(Cause::Other).as_str(),
     }
 }
 
@@ -393,6 +449,9 @@ impl Stream for Metered {
                     }
                 }
                 Some(Err(err)) => {
+                    if let Some(ticket) = &mut this.ticket {
+                        ticket.cause = Some(err.cause());
+                    }
                     this.finish(Outcome::Failed);
                     return Poll::Ready(Some(Err(err)));
                 }
@@ -410,7 +469,7 @@ impl Drop for Metered {
     /// The client went away before the body ended. The provider bills the call anyway, so
     /// the rest of its body is read (and discarded) on a tracked task to record its usage.
     fn drop(&mut self) {
-        let (Some(mut inner), Some(ticket)) = (self.inner.take(), self.ticket.take()) else {
+        let (Some(mut inner), Some(mut ticket)) = (self.inner.take(), self.ticket.take()) else {
             return;
         };
         let mut extractor =
@@ -438,8 +497,9 @@ impl Drop for Metered {
                             }
                         }
                     }
-                    Err(_) => {
+                    Err(err) => {
                         outcome = Outcome::Failed;
+                        ticket.cause = Some(err.cause());
                         break;
                     }
                 }

@@ -707,6 +707,24 @@ async fn two_processes_share_revocations_and_reloads() {
     eprintln!("two processes: B refused a key revoked through A after {delay:?}");
     assert!(delay < WITHIN, "{delay:?}");
     assert_eq!(config_hash(&client, &addr_b).await, new_hash_b);
+    // B counted both reloads it was asked for: the one applied, the one refused.
+    let notice = |result: &str| {
+        format!("imagegate_config_reloads_total{{trigger=\"notice\",result=\"{result}\"}} 1")
+    };
+    let metrics_b = client
+        .get(format!("{base_b}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for series in [notice("applied"), notice("refused")] {
+        assert!(
+            metrics_b.lines().any(|l| l == series),
+            "{series} in:\n{metrics_b}"
+        );
+    }
 
     for child in [&mut a, &mut b] {
         binary::terminate(child, Duration::from_secs(10)).await;
