@@ -38,7 +38,7 @@ use chrono::{DateTime, Utc};
 
 use rows::{JsonText, MaybeTimestamp, Sum, Timestamp};
 
-pub use budget::{BudgetPeriod, BudgetState, Reservation, Reserved};
+pub use budget::{BudgetPeriod, BudgetState, Reservation, Reserved, Standing};
 pub use calls::{CallRecord, CallState, CallStore, KeptCall};
 pub use jobs::{
     Interrupted, JobCreated, JobEnd, JobRow, JobStatus, JobStore, NewJob, PastRetention,
@@ -319,6 +319,11 @@ pub trait Store: CallStore + JobStore + NoticeStore + ReplicaStore + Send + Sync
     async fn release(&self, request_id: &str) -> StoreResult<bool>;
     /// A key's spending in its current period; none before its first reservation.
     async fn budget_state(&self, key_id: i64) -> StoreResult<Option<BudgetState>>;
+    /// Every key's budget row with what its calls hold at `now`: `reserved_nanousd` is the
+    /// sum of its reservations not past their deadline (those past it no longer count: the
+    /// next reservation releases them). By key id; a key before its first reservation has
+    /// none. What [`Standing::of`] is computed from.
+    async fn budget_standings(&self, now: DateTime<Utc>) -> StoreResult<Vec<(i64, BudgetState)>>;
     /// Every stored row of one request id, oldest first (tests and audits).
     async fn usage_for_request(&self, request_id: &str) -> StoreResult<Vec<UsageRow>>;
     /// The newest `limit` rows, newest first (audits, `imagegate usage --rows`, tests).
@@ -466,6 +471,10 @@ impl Store for OnRuntime {
     }
     async fn budget_state(&self, key_id: i64) -> StoreResult<Option<BudgetState>> {
         self.run(|s| async move { s.budget_state(key_id).await })
+            .await
+    }
+    async fn budget_standings(&self, now: DateTime<Utc>) -> StoreResult<Vec<(i64, BudgetState)>> {
+        self.run(move |s| async move { s.budget_standings(now).await })
             .await
     }
     async fn usage_for_request(&self, request_id: &str) -> StoreResult<Vec<UsageRow>> {

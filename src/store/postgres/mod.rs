@@ -499,6 +499,30 @@ impl Store for PostgresStore {
         ))
     }
 
+    #[tracing::instrument(skip_all)]
+    async fn budget_standings(&self, now: DateTime<Utc>) -> StoreResult<Vec<(i64, BudgetState)>> {
+        let rows: Vec<(i64, DateTime<Utc>, i64, i64)> = sqlx::query_as(
+            "select s.key_id, s.period_start, s.spent_nanousd, \
+             coalesce((select sum(r.amount_nanousd) from budget_reservations r \
+             where r.key_id = s.key_id and r.expires_at >= $1), 0)::int8 \
+             from budget_state s order by s.key_id",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(key_id, period_start, spent_nanousd, reserved_nanousd)| {
+                let state = BudgetState {
+                    period_start,
+                    spent_nanousd,
+                    reserved_nanousd,
+                };
+                (key_id, state)
+            })
+            .collect())
+    }
+
     #[tracing::instrument(skip_all, fields(request_id = %request_id))]
     async fn usage_for_request(&self, request_id: &str) -> StoreResult<Vec<UsageRow>> {
         let sql = format!(

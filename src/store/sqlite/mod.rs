@@ -542,6 +542,29 @@ impl Store for SqliteStore {
         .transpose()
     }
 
+    #[tracing::instrument(skip_all)]
+    async fn budget_standings(&self, now: DateTime<Utc>) -> StoreResult<Vec<(i64, BudgetState)>> {
+        let rows: Vec<(i64, String, i64, i64)> = sqlx::query_as(
+            "select s.key_id, s.period_start, s.spent_nanousd, \
+             coalesce((select sum(r.amount_nanousd) from budget_reservations r \
+             where r.key_id = s.key_id and r.expires_at >= $1), 0) \
+             from budget_state s order by s.key_id",
+        )
+        .bind(encode_time(now))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(key_id, period_start, spent_nanousd, reserved_nanousd)| {
+                let state = BudgetState {
+                    period_start: stored_time(&period_start)?,
+                    spent_nanousd,
+                    reserved_nanousd,
+                };
+                Ok((key_id, state))
+            })
+            .collect()
+    }
+
     #[tracing::instrument(skip_all, fields(request_id = %request_id))]
     async fn usage_for_request(&self, request_id: &str) -> StoreResult<Vec<UsageRow>> {
         let sql = format!(
