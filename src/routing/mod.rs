@@ -230,6 +230,8 @@ impl Call {
                 self.runtime.config.server.uploads.max_images,
             ),
             created_at,
+            attempt: attempt_number(request_id, &self.request_id.0),
+            client_request_id: Some(self.request_id.0.to_string()),
         }
     }
 
@@ -301,7 +303,6 @@ impl Call {
         let provider = &route.provider;
         UsageTicket {
             sink: self.state.usage.clone(),
-            request_id,
             principal: Arc::clone(&self.principal),
             model: self.model.name.clone(),
             provider: provider.name.clone(),
@@ -314,6 +315,10 @@ impl Call {
             metrics: self
                 .runtime
                 .route_metrics(&self.model.name, index, &provider.name),
+            attempt: attempt_number(&request_id, &self.request_id.0),
+            client_request_id: self.request_id.0.to_string(),
+            request_id,
+            cause: None,
         }
     }
 
@@ -323,9 +328,10 @@ impl Call {
         provider: &Provider,
         err: UpstreamError,
         uploaded: bool,
-        ticket: UsageTicket,
+        mut ticket: UsageTicket,
     ) -> Attempt {
         let breakers = &self.state.breakers;
+        ticket.cause = Some(err.cause().as_str().to_owned());
         if matches!(err, UpstreamError::Timeout) && !uploaded {
             breakers.release_probe(&provider.name);
         } else {
@@ -346,10 +352,11 @@ impl Call {
         &self,
         provider: &Provider,
         answer: UpstreamResponse,
-        ticket: UsageTicket,
+        mut ticket: UsageTicket,
     ) -> Attempt {
         let breakers = &self.state.breakers;
         let status = answer.status;
+        ticket.cause = Some(format!("http_{}", status.as_u16()));
         let fails_over = self.model.failover.on_status.contains(&status.as_u16());
         if status == StatusCode::TOO_MANY_REQUESTS {
             // A rate limit is the provider's answer to whoever sent too much (often one
@@ -418,6 +425,16 @@ impl Call {
         }
         Attempt::Answered(forwarded(response, &provider.name))
     }
+}
+
+/// The attempt an attempt's request id is: the client's own id is the first, `<id>-<n>`
+/// the n-th (see [`Call::attempt`]).
+fn attempt_number(request_id: &str, client_request_id: &str) -> i32 {
+    request_id
+        .strip_prefix(client_request_id)
+        .and_then(|rest| rest.strip_prefix('-'))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1)
 }
 
 /// Names the provider that answered a response.

@@ -8,7 +8,7 @@ macro_rules! usage_columns {
          outcome, streamed, n, size, quality, images, text_input_tokens, image_input_tokens, \
          cached_text_input_tokens, cached_image_input_tokens, input_tokens, output_tokens, \
          total_tokens, cost_nanousd, latency_ms, created_at, raw_usage, usage_suspect, \
-         cost_estimated"
+         cost_estimated, attempt, client_request_id, cause"
     };
 }
 

@@ -38,6 +38,12 @@ pub struct UsageTicket {
     pub started: Instant,
     pub created_at: DateTime<Utc>,
     pub metrics: Arc<RouteMetrics>,
+    /// Which provider call of its client request this is, from 1.
+    pub attempt: i32,
+    /// The request id its client was answered with.
+    pub client_request_id: String,
+    /// Why the call gave no image, once known (see `UsageRow::cause`).
+    pub cause: Option<String>,
 }
 
 /// One route's metric handles, registered once per configuration: looking a metric up by
@@ -140,6 +146,9 @@ impl UsageTicket {
             raw_usage: extracted.raw_usage.clone(),
             usage_suspect,
             cost_estimated: false,
+            attempt: self.attempt,
+            client_request_id: Some(self.client_request_id),
+            cause: self.cause,
         });
     }
 
@@ -383,6 +392,9 @@ impl Stream for Metered {
                     }
                 }
                 Some(Err(err)) => {
+                    if let Some(ticket) = &mut this.ticket {
+                        ticket.cause = Some(err.cause().as_str().to_owned());
+                    }
                     this.finish(Outcome::Failed);
                     return Poll::Ready(Some(Err(err)));
                 }
@@ -400,7 +412,7 @@ impl Drop for Metered {
     /// The client went away before the body ended. The provider bills the call anyway, so
     /// the rest of its body is read (and discarded) on a tracked task to record its usage.
     fn drop(&mut self) {
-        let (Some(mut inner), Some(ticket)) = (self.inner.take(), self.ticket.take()) else {
+        let (Some(mut inner), Some(mut ticket)) = (self.inner.take(), self.ticket.take()) else {
             return;
         };
         let mut extractor =
@@ -428,8 +440,9 @@ impl Drop for Metered {
                             }
                         }
                     }
-                    Err(_) => {
+                    Err(err) => {
                         outcome = Outcome::Failed;
+                        ticket.cause = Some(err.cause().as_str().to_owned());
                         break;
                     }
                 }

@@ -344,15 +344,31 @@ async fn requests_are_paged_newest_first(db: Db) {
     assert_eq!(
         first["data"][0],
         json!({
-            "request_id": "r6", "created_at": "2025-03-03T08:30:00.000000Z", "key": "alice",
+            "request_id": "r6", "client_request_id": "r6", "attempt": 1,
+            "created_at": "2025-03-03T08:30:00.000000Z", "key": "alice",
             "model": "dall-e-3", "provider": "piapi", "upstream_model": "gpt-image-1",
-            "endpoint": "generations", "status": 502, "outcome": "failed", "streamed": false,
+            "endpoint": "generations", "status": 502, "outcome": "failed", "cause": null,
+            "streamed": false,
             "images": 0, "text_input_tokens": 0, "image_input_tokens": 0,
             "cached_text_input_tokens": 0, "cached_image_input_tokens": 0, "input_tokens": 0,
             "output_tokens": 0, "total_tokens": 0, "cost_usd": "0.00", "cost_nanousd": 0,
             "cost_estimated": false, "latency_ms": 1234,
         })
     );
+    // An interrupted call's status, tokens and latency are unknown: null, never 0.
+    let interrupted = admin_json(&gw, "/admin/requests?key=bob&limit=1").await;
+    let r4 = &interrupted["data"][0];
+    assert_eq!(r4["request_id"], "r4", "{interrupted}");
+    for unknown in [
+        "status",
+        "input_tokens",
+        "output_tokens",
+        "total_tokens",
+        "latency_ms",
+    ] {
+        assert_eq!(r4[unknown], Value::Null, "{unknown}: {r4}");
+    }
+    assert_eq!(r4["cost_nanousd"], 500_000_001, "{r4}");
     // One row a page, across r1 and r2's shared instant: each row once, in order.
     let mut seen = Vec::new();
     let mut query = "limit=1".to_owned();
@@ -386,15 +402,15 @@ async fn requests_are_paged_newest_first(db: Db) {
         .to_str()
         .expect("ascii")
         .to_owned();
-    let header = "request_id,created_at,key,model,provider,upstream_model,endpoint,status,\
-                  outcome,streamed,images,text_input_tokens,image_input_tokens,\
+    let header = "request_id,client_request_id,attempt,created_at,key,model,provider,\
+                  upstream_model,endpoint,status,outcome,cause,streamed,images,text_input_tokens,image_input_tokens,\
                   cached_text_input_tokens,cached_image_input_tokens,input_tokens,\
                   output_tokens,total_tokens,cost_usd,cost_nanousd,cost_estimated,latency_ms";
     assert_eq!(
         response.text().await.expect("csv"),
         format!(
-            "{header}\nr4,2025-03-02T00:00:00.000000Z,bob,gpt-image-1,piapi,gpt-image-1,\
-             generations,200,interrupted,false,0,0,0,0,0,0,0,0,0.500000001,500000001,true,1234\n"
+            "{header}\nr4,r4,1,2025-03-02T00:00:00.000000Z,bob,gpt-image-1,piapi,gpt-image-1,\
+             generations,,interrupted,,false,0,,,,,,,,0.500000001,500000001,true,\n"
         )
     );
     let query = format!("/admin/requests?format=csv&key=bob&limit=1&cursor={cursor}");

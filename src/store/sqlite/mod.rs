@@ -51,7 +51,7 @@ const TAKE_REQUEST: &str = "insert into key_rate_limits as r (key_id, tat_ns, at
      at_ns = excluded.at_ns \
      returning allowed, tat_ns, at_ns";
 
-/// Rows per insert statement: 27 columns each stays far below the bind-parameter limit.
+/// Rows per insert statement: 30 columns each stays far below the bind-parameter limit.
 const INSERT_ROWS: usize = 256;
 
 pub struct SqliteStore {
@@ -385,7 +385,10 @@ impl Store for SqliteStore {
                     .push_bind(encode_time(row.created_at))
                     .push_bind(&row.raw_usage)
                     .push_bind(row.usage_suspect)
-                    .push_bind(row.cost_estimated);
+                    .push_bind(row.cost_estimated)
+                    .push_bind(row.attempt)
+                    .push_bind(&row.client_request_id)
+                    .push_bind(&row.cause);
             });
             query.push(
                 " on conflict (request_id) do nothing \
