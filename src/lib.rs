@@ -20,6 +20,7 @@ pub mod multipart;
 pub mod notices;
 pub mod openai;
 pub mod private_fs;
+pub mod refusals;
 pub mod replicas;
 pub mod results;
 pub mod routes;

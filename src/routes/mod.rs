@@ -35,6 +35,7 @@ pub const ADMIN: &[&str] = &[
     "/admin/keys/{name}",
     "/admin/usage",
     "/admin/requests",
+    "/admin/refusals",
     "/admin/replicas",
 ];
 
@@ -82,6 +83,7 @@ fn table() -> Vec<(Method, &'static str, MethodRouter<Arc<AppState>>)> {
         (M::DELETE, "/admin/keys/{name}", delete(admin::keys::revoke)),
         (M::GET, "/admin/usage", get(admin::usage::usage)),
         (M::GET, "/admin/requests", get(admin::usage::requests)),
+        (M::GET, "/admin/refusals", get(admin::usage::refusals)),
         (M::GET, "/admin/replicas", get(admin::replicas::list)),
         (M::GET, "/dashboard", get(dashboard::dashboard)),
         (M::GET, "/dashboard/usage.csv", get(dashboard::usage_csv)),

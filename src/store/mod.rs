@@ -17,6 +17,7 @@ mod calls;
 mod jobs;
 mod notices;
 mod postgres;
+mod refusals;
 mod replicas;
 mod rows;
 mod sqlite;
@@ -45,6 +46,7 @@ pub use jobs::{
 };
 pub use notices::{Notice, NoticeStore, Notices, NoticesLost};
 pub use postgres::PostgresStore;
+pub use refusals::{RefusalCount, RefusalStore, RefusalTotal};
 pub use replicas::{ReplicaRow, ReplicaStore};
 pub use rows::{Outcome, UsageRow};
 pub use sqlite::SqliteStore;
@@ -289,7 +291,9 @@ pub type StoreResult<T> = Result<T, StoreError>;
 
 /// Everything imagegate keeps in a database.
 #[async_trait]
-pub trait Store: CallStore + JobStore + NoticeStore + ReplicaStore + Send + Sync + 'static {
+pub trait Store:
+    CallStore + JobStore + NoticeStore + RefusalStore + ReplicaStore + Send + Sync + 'static
+{
     /// Applies the embedded migrations that have not run yet.
     async fn migrate(&self) -> StoreResult<()>;
     /// One cheap round trip, for `/readyz`.

@@ -7,6 +7,7 @@ use imagegate::usage::{Outcome, UsageRow};
 use serde_json::{Value, json};
 
 use crate::on_both_databases;
+use crate::support::captures::capture;
 use crate::support::rows::usage_row;
 use crate::support::*;
 
@@ -18,7 +19,89 @@ on_both_databases!(
     bad_parameters_are_refused_naming_them,
     unpriced_rows_are_unpriced_never_zero,
     a_key_named_like_a_formula_is_text_in_every_csv_and_exact_in_json,
+    refused_requests_are_counted_per_key_and_reason,
 );
+
+/// Requests refused before any provider call are counted per key and reason, in memory
+/// and written in batches, and `GET /admin/refusals` shows them: over `rpm` (JSON), a model
+/// outside the key's list (JSON, and multipart as the Python SDK sends an edit).
+async fn refused_requests_are_counted_per_key_and_reason(db: Db) {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    let gw = TestGateway::start(db, &test_config(&provider.base_url(), "")).await;
+    let admin = |method: reqwest::Method, path: &str, body: &str| {
+        gw.client
+            .request(method, gw.url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+    };
+    let created = admin(
+        reqwest::Method::POST,
+        "/admin/keys",
+        r#"{"name": "limited", "rpm": 1}"#,
+    )
+    .await
+    .expect("create");
+    assert_eq!(created.status(), 201);
+    let limited: Value = created.json().await.expect("json");
+    let limited = limited["key"].as_str().expect("key").to_owned();
+    let changed = admin(
+        reqwest::Method::PATCH,
+        "/admin/keys/svc-test",
+        r#"{"models": ["dall-e-3"]}"#,
+    )
+    .await
+    .expect("patch");
+    assert_eq!(changed.status(), 200);
+    // key_cache_ttl is 1 s.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+
+    let body = r#"{"model":"gpt-image-1","prompt":"a lighthouse"}"#;
+    let statuses = [
+        gw.post_json_as(&limited, "/v1/images/generations", body)
+            .await
+            .status(),
+        gw.post_json_as(&limited, "/v1/images/generations", body)
+            .await
+            .status(),
+        gw.post_json_as(&limited, "/v1/images/generations", body)
+            .await
+            .status(),
+        gw.post_json("/v1/images/generations", body).await.status(),
+        gw.replay(&capture("python1x_edit_one")).await.status(),
+    ];
+    assert_eq!(statuses.map(|s| s.as_u16()), [200, 429, 429, 403, 403]);
+
+    let mut shown = Value::Null;
+    for _ in 0..80 {
+        shown = admin_json(&gw, "/admin/refusals").await;
+        if shown["total"] == 4 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        shown["data"],
+        json!([
+            {"key": "limited", "reason": "rpm", "count": 2},
+            {"key": "svc-test", "reason": "model_not_allowed", "count": 2},
+        ]),
+        "{shown}"
+    );
+    assert_eq!(
+        shown["by_reason"],
+        json!({"rpm": 2, "model_not_allowed": 2})
+    );
+    let one = admin_json(&gw, "/admin/refusals?key=limited&since=2020-01-01").await;
+    assert_eq!(one["total"], 2, "{one}");
+    let none = admin_json(&gw, "/admin/refusals?until=2020-01-01").await;
+    assert_eq!(none["total"], 0, "{none}");
+    // Nothing refused was sent or billed: one usage row, the one call let through.
+    gw.usage_rows(1).await;
+    assert_eq!(provider.requests().len(), 1);
+    gw.shutdown().await;
+}
 
 /// The day the known rows end on for these tests.
 pub fn last_day() -> NaiveDate {

@@ -35,6 +35,7 @@ mod notices;
 mod passthrough;
 mod pricing;
 mod redaction;
+mod refusals_store;
 mod replicas;
 mod results_s3;
 mod router;

@@ -3,6 +3,7 @@
 mod calls;
 mod jobs;
 mod notices;
+mod refusals;
 mod replicas;
 
 use std::collections::BTreeMap;
