@@ -237,6 +237,9 @@ pub struct UsageTotals {
     /// Rows with no price (a null cost, unpriced routes): their cost is not in
     /// `cost_nanousd`, and reports say so.
     pub unpriced: i64,
+    /// Rows of a second or later attempt (a failover): each means an earlier attempt of
+    /// its request failed and was not the client's answer.
+    pub retries: i64,
     #[sqlx(try_from = "Sum")]
     pub images: i128,
     #[sqlx(try_from = "Sum")]
@@ -361,7 +364,8 @@ fn report_columns(sum: impl Fn(&str) -> String) -> String {
     let counts = "count(*) as requests, \
          count(case when outcome in ('completed', 'interrupted') then 1 end) as billed, \
          count(case when outcome in ('upstream_error', 'failed') then 1 end) as failed, \
-         count(case when cost_nanousd is null then 1 end) as unpriced";
+         count(case when cost_nanousd is null then 1 end) as unpriced, \
+         count(case when attempt > 1 then 1 end) as retries";
     let sums = [
         "images",
         "text_input_tokens",

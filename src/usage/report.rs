@@ -178,6 +178,18 @@ pub fn csv(rows: &[UsageTotals], group_by: GroupBy) -> Result<Vec<u8>, csv::Erro
     out.finish()
 }
 
+/// Client requests in a group: its provider calls less the retries (a request that failed
+/// over wrote a row per attempt).
+pub fn client_requests(totals: &UsageTotals) -> i64 {
+    totals.requests.saturating_sub(totals.retries)
+}
+
+/// Requests whose client saw a failure: failed calls less those another route answered
+/// after (each retry follows one failed attempt).
+pub fn client_failures(totals: &UsageTotals) -> i64 {
+    totals.failed.saturating_sub(totals.retries).max(0)
+}
+
 /// The totals of every group together (sums saturate rather than wrap; they are i128).
 pub fn total(rows: &[UsageTotals], name: &str) -> UsageTotals {
     rows.iter().fold(
@@ -190,6 +202,7 @@ pub fn total(rows: &[UsageTotals], name: &str) -> UsageTotals {
             t.billed = t.billed.saturating_add(r.billed);
             t.failed = t.failed.saturating_add(r.failed);
             t.unpriced = t.unpriced.saturating_add(r.unpriced);
+            t.retries = t.retries.saturating_add(r.retries);
             t.images = t.images.saturating_add(r.images);
             t.text_input_tokens = t.text_input_tokens.saturating_add(r.text_input_tokens);
             t.image_input_tokens = t.image_input_tokens.saturating_add(r.image_input_tokens);

@@ -632,7 +632,9 @@ async fn unpriced_rows_are_unpriced_never_zero(db: Db) {
         .header("cookie", &cookie);
     let body = page.send().await.expect("send").text().await.expect("page");
     assert!(
-        body.contains("id=\"total-cost\">$0.03 + 2 unpriced</div>"),
+        body.contains(
+            "id=\"total-cost\"><span title=\"$0.03 exactly\">$0.03</span> + 2 unpriced</div>"
+        ),
         "{body}"
     );
     let cost_cell = |row: &str| {
@@ -640,12 +642,13 @@ async fn unpriced_rows_are_unpriced_never_zero(db: Db) {
             .rsplit("<td class=\"num cost\"")
             .next()
             .expect("cost cell");
-        cell[cell.find('>').expect("cell") + 1..].replace("</td>", "")
+        let inner = &cell[cell.find('>').expect("cell") + 1..];
+        inner[..inner.find("</td>").expect("cell end")].to_owned()
     };
     assert_eq!(cost_cell(html_row(&body, "data-group=\"bob\"")), "unpriced");
     assert_eq!(
         cost_cell(html_row(&body, "data-group=\"alice\"")),
-        "0.03 + 1 unpriced"
+        "<span title=\"$0.03 exactly\">$0.03</span> + 1 unpriced"
     );
     assert_eq!(
         cost_cell(html_row(&body, "data-group=\"gpt-image-1-mini\"")),
