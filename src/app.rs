@@ -110,6 +110,7 @@ impl Gateway {
             jobs,
             results,
             login_throttle: Default::default(),
+            refusals: Arc::default(),
             reload_lock: std::sync::Mutex::new(()),
         });
         Ok(Gateway { state, writer })

@@ -2,6 +2,7 @@
 //! the admin routes take the admin token instead, the dashboard's pages its session
 //! cookie, and only the listed public routes (and the dashboard's login) need none of
 //! them; then a key's expiry, its cap on requests in flight and its requests per minute.
+//! A known key's refused requests are counted here ([`crate::refusals`]).
 
 use std::sync::Arc;
 
@@ -16,6 +17,7 @@ use crate::auth::{Principal, admin_token_matches, bearer, well_formed};
 use crate::error::ApiError;
 use crate::held::Held;
 use crate::limits::RateLimit;
+use crate::refusals;
 use crate::routes;
 use crate::routes::dashboard::session;
 use crate::state::AppState;
@@ -67,6 +69,7 @@ async fn require_key(
         .map_err(|_| ApiError::KeyLookupUnavailable)?
         .ok_or(ApiError::KEY_REVOKED)?;
     let mut response = if principal.expired(Utc::now()) {
+        state.refusals.count(&principal.name, "expired");
         ApiError::KEY_EXPIRED.into_response()
     } else {
         request.extensions_mut().insert(Arc::clone(&principal));
@@ -74,6 +77,10 @@ async fn require_key(
             .await
             .unwrap_or_else(IntoResponse::into_response)
     };
+    // The one place a known key's refusals are counted, whichever layer refused it.
+    if let Some(reason) = response.extensions().get().and_then(refusals::reason) {
+        state.refusals.count(&principal.name, reason);
+    }
     response.extensions_mut().insert(principal);
     Ok(response)
 }

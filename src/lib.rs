@@ -21,6 +21,7 @@ pub mod notices;
 pub mod openai;
 pub mod private_fs;
 pub mod prometheus;
+pub mod refusals;
 pub mod replicas;
 pub mod results;
 pub mod routes;

@@ -39,6 +39,12 @@ impl Services {
         );
         let heartbeat = crate::replicas::heartbeat(Arc::clone(state), services.stop.clone());
         services.spawn("replica heartbeat", heartbeat);
+        let refusals = crate::refusals::flush_every(
+            Arc::clone(&state.refusals),
+            Arc::clone(&state.store),
+            services.stop.clone(),
+        );
+        services.spawn("refusal counts", refusals);
         services.spawn(
             "notices",
             crate::notices::listen(Arc::clone(state), services.stop.clone()),

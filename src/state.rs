@@ -107,6 +107,8 @@ pub struct AppState {
     pub results: crate::results::Results,
     /// Failed dashboard logins per client address, on this replica.
     pub login_throttle: LoginThrottle,
+    /// Refused requests of known keys, counted here and written in batches.
+    pub refusals: Arc<crate::refusals::Refusals>,
     /// Reloads happen one at a time.
     pub(crate) reload_lock: std::sync::Mutex<()>,
 }

@@ -1,6 +1,8 @@
-//! Admin API, behind the admin token: reload the configuration; client keys ([`keys`]);
-//! usage reports ([`usage`]); the replicas sharing the database ([`replicas`]).
+//! Admin API, behind the admin token: reload the configuration; the routing table in
+//! force ([`config`]); client keys ([`keys`]); usage reports ([`usage`]); the replicas
+//! sharing the database ([`replicas`]).
 
+pub mod config;
 pub mod keys;
 pub mod replicas;
 pub mod usage;

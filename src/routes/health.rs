@@ -96,9 +96,43 @@ pub async fn readyz(State(state): State<Readiness>) -> Response {
     (status, Json(body)).into_response()
 }
 
-pub async fn metrics(State(MetricsHandle(metrics)): State<MetricsHandle>) -> impl IntoResponse {
+/// The Prometheus page; with `metrics.per_key`, each active key's budget gauge is first
+/// set to what `GET /admin/keys` shows for it now.
+pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    if state.runtime.load().config.metrics.per_key {
+        budget_gauges(&state).await;
+    }
+    let MetricsHandle(metrics) = MetricsHandle::from_ref(&state);
     (
         [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         metrics.render(),
     )
+}
+
+/// `imagegate_key_budget_remaining_nanousd{key}` for every active key with a budget, from
+/// the one computation the admin API shows ([`super::admin::keys::standings`]): spent and
+/// settled calls count at their real cost, calls in flight at their worst case. A database
+/// that does not answer within `key_lookup_timeout` leaves the gauges as they were.
+async fn budget_gauges(state: &AppState) {
+    let timeout = state.runtime.load().config.server.key_lookup_timeout;
+    let now = chrono::Utc::now();
+    let keys = match tokio::time::timeout(timeout, super::admin::keys::standings(state, now)).await
+    {
+        Ok(Ok(keys)) => keys,
+        Ok(Err(err)) => {
+            tracing::warn!(%err, "budget gauges not refreshed: the database failed");
+            return;
+        }
+        Err(_elapsed) => {
+            tracing::warn!("budget gauges not refreshed: the database did not answer in time");
+            return;
+        }
+    };
+    for (key, standing) in keys {
+        let active = key.revoked_at.is_none() && key.limits.expires_at.is_none_or(|at| at > now);
+        if let (true, Some(standing)) = (active, standing) {
+            metrics::gauge!("imagegate_key_budget_remaining_nanousd", "key" => key.name)
+                .set(standing.remaining_nanousd as f64);
+        }
+    }
 }

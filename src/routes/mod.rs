@@ -30,10 +30,12 @@ pub const IMAGES: &str = "/v1/images/";
 /// The routes behind the admin token instead of a client key.
 pub const ADMIN: &[&str] = &[
     "/admin/reload",
+    "/admin/config",
     "/admin/keys",
     "/admin/keys/{name}",
     "/admin/usage",
     "/admin/requests",
+    "/admin/refusals",
     "/admin/replicas",
 ];
 
@@ -73,12 +75,15 @@ fn table() -> Vec<(Method, &'static str, MethodRouter<Arc<AppState>>)> {
         (M::GET, "/v1/models", get(models::list)),
         (M::GET, "/v1/models/{model}", get(models::retrieve)),
         (M::POST, "/admin/reload", post(admin::reload)),
+        (M::GET, "/admin/config", get(admin::config::show)),
         (M::POST, "/admin/keys", post(admin::keys::create)),
         (M::GET, "/admin/keys", get(admin::keys::list)),
+        (M::GET, "/admin/keys/{name}", get(admin::keys::show)),
         (M::PATCH, "/admin/keys/{name}", patch(admin::keys::update)),
         (M::DELETE, "/admin/keys/{name}", delete(admin::keys::revoke)),
         (M::GET, "/admin/usage", get(admin::usage::usage)),
         (M::GET, "/admin/requests", get(admin::usage::requests)),
+        (M::GET, "/admin/refusals", get(admin::usage::refusals)),
         (M::GET, "/admin/replicas", get(admin::replicas::list)),
         (M::GET, "/dashboard", get(dashboard::dashboard)),
         (M::GET, "/dashboard/usage.csv", get(dashboard::usage_csv)),

@@ -125,19 +125,6 @@ pub(super) async fn hold(
             return Err(give_up(state, reservation.request_id));
         }
     };
-    let remaining = match verdict {
-        Reserved::Granted { remaining_nanousd }
-        | Reserved::Refused {
-            remaining_nanousd, ..
-        } => Some(remaining_nanousd),
-        Reserved::Unlimited | Reserved::KeyRevoked => None,
-    };
-    if let Some(remaining) = remaining {
-        if state.runtime.load().config.metrics.per_key {
-            metrics::gauge!("imagegate_key_budget_remaining_nanousd", "key" => principal.name.clone())
-                .set(remaining as f64);
-        }
-    }
     match verdict {
         Reserved::Granted { .. } | Reserved::Unlimited => Ok(()),
         Reserved::KeyRevoked => Err(ApiError::KEY_REVOKED),

@@ -22,7 +22,7 @@ use crate::error::ApiError;
 use crate::state::{AppState, RequestId, Runtime};
 use crate::upstream::{Endpoint, RequestSummary, UpstreamError, UpstreamRequest, UpstreamResponse};
 use crate::usage::extract::{BodyKind, Extracted};
-use crate::usage::meter::{Metered, UsageTicket};
+use crate::usage::meter::{Failure, Metered, UsageTicket};
 use crate::usage::price::worst_case_nanousd;
 use crate::usage::{Intent, Outcome};
 
@@ -312,6 +312,8 @@ impl Call {
                 self.runtime.config.server.uploads.max_images,
             ),
             created_at,
+            attempt: attempt_number(request_id, &self.request_id.0),
+            client_request_id: Some(self.request_id.0.to_string()),
         }
     }
 
@@ -383,7 +385,6 @@ impl Call {
         let provider = &route.provider;
         UsageTicket {
             sink: self.state.usage.clone(),
-            request_id,
             principal: Arc::clone(&self.principal),
             model: self.model.name.clone(),
             provider: provider.name.clone(),
@@ -397,6 +398,9 @@ impl Call {
                 .runtime
                 .route_metrics(&self.model.name, index, &provider.name),
             span: tracing::Span::current(),
+            attempt: attempt_number(&request_id, &self.request_id.0),
+            client_request_id: self.request_id.0.to_string(),
+            request_id,
             cause: None,
         }
     }
@@ -409,7 +413,7 @@ impl Call {
         uploaded: bool,
         mut ticket: UsageTicket,
     ) -> Attempt {
-        ticket.cause = Some(err.cause());
+        ticket.cause = Some(Failure::Unanswered(err.cause()));
         let breakers = &self.state.breakers;
         if matches!(err, UpstreamError::Timeout) && !uploaded {
             breakers.release_probe(&provider.name);
@@ -436,10 +440,12 @@ impl Call {
         &self,
         provider: &Provider,
         answer: UpstreamResponse,
-        ticket: UsageTicket,
+        mut ticket: UsageTicket,
     ) -> Attempt {
         let breakers = &self.state.breakers;
         let status = answer.status;
+        let failure = Failure::Status(status.as_u16());
+        ticket.cause = Some(failure);
         let fails_over = self.model.failover.on_status.contains(&status.as_u16());
         if status == StatusCode::TOO_MANY_REQUESTS {
             // A rate limit is the provider's answer to whoever sent too much (often one
@@ -450,7 +456,7 @@ impl Call {
         } else {
             breakers.success(&provider.name);
         }
-        let cause = format!("http_{}", status.as_u16());
+        let cause = failure.label();
         tracing::Span::current().record("error.type", cause.as_str());
         let error = answer.into_error(provider).await;
         ticket.finish(
@@ -510,6 +516,16 @@ impl Call {
         }
         Attempt::Answered(forwarded(response, &provider.name))
     }
+}
+
+/// The attempt an attempt's request id is: the client's own id is the first, `<id>-<n>`
+/// the n-th (see [`Call::attempt`]).
+fn attempt_number(request_id: &str, client_request_id: &str) -> i32 {
+    request_id
+        .strip_prefix(client_request_id)
+        .and_then(|rest| rest.strip_prefix('-'))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1)
 }
 
 /// Names the provider that answered a response.

@@ -100,6 +100,53 @@ pub struct BudgetState {
     pub reserved_nanousd: i64,
 }
 
+/// A key's budget as the admin API, the dashboard and the budget gauge show it: what is
+/// spent in the current period, what calls in flight hold (reservations not yet settled
+/// and not past their deadline) and what is left. Computed here alone, from the same
+/// figures a reservation weighs, so that every view agrees with what the next call meets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Standing {
+    pub period: BudgetPeriod,
+    pub period_start: DateTime<Utc>,
+    pub limit_nanousd: i64,
+    pub spent_nanousd: i64,
+    pub reserved_nanousd: i64,
+    /// Never below zero (a budget lowered under what is spent has nothing left).
+    pub remaining_nanousd: i64,
+}
+
+impl Standing {
+    /// The standing of a key whose budget is `limit` per `period` (the key's columns),
+    /// given its budget row as [`super::Store::budget_standing`] reads it (none before the
+    /// key's first reservation); none for a key without a budget. Spending of an earlier
+    /// period counts for nothing, as the next reservation would reset it.
+    pub fn of(
+        limit: Option<i64>,
+        period: Option<&str>,
+        state: Option<&BudgetState>,
+        now: DateTime<Utc>,
+    ) -> Option<Standing> {
+        let limit = limit?;
+        let period = period
+            .and_then(BudgetPeriod::parse)
+            .unwrap_or(BudgetPeriod::Total);
+        let period_start = period.start(now);
+        let (spent, reserved) = match state {
+            Some(s) if s.period_start >= period_start => (s.spent_nanousd, s.reserved_nanousd),
+            Some(s) => (0, s.reserved_nanousd),
+            None => (0, 0),
+        };
+        Some(Standing {
+            period,
+            period_start,
+            limit_nanousd: limit,
+            spent_nanousd: spent,
+            reserved_nanousd: reserved,
+            remaining_nanousd: limit.saturating_sub(spent).saturating_sub(reserved).max(0),
+        })
+    }
+}
+
 /// Whether `r` fits in a budget of `limit` per `period`, given what is spent and held in
 /// the period.
 pub(crate) fn verdict(
@@ -161,6 +208,45 @@ mod tests {
         for (period, start) in cases {
             assert_eq!(period.start(now), start, "{period:?}");
         }
+    }
+
+    #[test]
+    fn a_standing_forgets_an_earlier_period_and_never_goes_below_zero() {
+        let now = Utc.with_ymd_and_hms(2026, 12, 6, 15, 30, 1).unwrap();
+        let today = Utc.with_ymd_and_hms(2026, 12, 6, 0, 0, 0).unwrap();
+        let state = |start, spent, reserved| BudgetState {
+            period_start: start,
+            spent_nanousd: spent,
+            reserved_nanousd: reserved,
+        };
+        assert_eq!(Standing::of(None, None, None, now), None);
+        let fresh = Standing::of(Some(100), Some("day"), None, now).unwrap();
+        assert_eq!((fresh.spent_nanousd, fresh.remaining_nanousd), (0, 100));
+        let held = state(today, 30, 20);
+        let standing = Standing::of(Some(100), Some("day"), Some(&held), now).unwrap();
+        assert_eq!(
+            (
+                standing.spent_nanousd,
+                standing.reserved_nanousd,
+                standing.remaining_nanousd
+            ),
+            (30, 20, 50)
+        );
+        let yesterday = state(today - chrono::TimeDelta::days(1), 90, 5);
+        let standing = Standing::of(Some(100), Some("day"), Some(&yesterday), now).unwrap();
+        assert_eq!(
+            (standing.spent_nanousd, standing.remaining_nanousd),
+            (0, 95)
+        );
+        let over = state(today, 150, 0);
+        let standing = Standing::of(Some(100), Some("day"), Some(&over), now).unwrap();
+        assert_eq!(standing.remaining_nanousd, 0);
+        // A budget without a period counts over the key's lifetime.
+        let total = Standing::of(Some(100), None, Some(&yesterday), now).unwrap();
+        assert_eq!(
+            (total.period, total.spent_nanousd),
+            (BudgetPeriod::Total, 90)
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ macro_rules! usage_columns {
          outcome, streamed, n, size, quality, images, text_input_tokens, image_input_tokens, \
          cached_text_input_tokens, cached_image_input_tokens, input_tokens, output_tokens, \
          total_tokens, cost_nanousd, latency_ms, created_at, raw_usage, usage_suspect, \
-         cost_estimated"
+         cost_estimated, attempt, client_request_id, cause"
     };
 }
 
@@ -17,6 +17,7 @@ mod calls;
 mod jobs;
 mod notices;
 mod postgres;
+mod refusals;
 mod replicas;
 mod rows;
 mod sqlite;
@@ -38,13 +39,14 @@ use chrono::{DateTime, Utc};
 
 use rows::{JsonText, MaybeTimestamp, Sum, Timestamp};
 
-pub use budget::{BudgetPeriod, BudgetState, Reservation, Reserved};
+pub use budget::{BudgetPeriod, BudgetState, Reservation, Reserved, Standing};
 pub use calls::{CallRecord, CallState, CallStore, KeptCall};
 pub use jobs::{
     Interrupted, JobCreated, JobEnd, JobRow, JobStatus, JobStore, NewJob, PastRetention,
 };
 pub use notices::{Notice, NoticeStore, Notices, NoticesLost};
 pub use postgres::PostgresStore;
+pub use refusals::{RefusalCount, RefusalStore, RefusalTotal};
 pub use replicas::{ReplicaRow, ReplicaStore};
 pub use rows::{Outcome, UsageRow};
 pub use sqlite::SqliteStore;
@@ -235,6 +237,9 @@ pub struct UsageTotals {
     /// Rows with no price (a null cost, unpriced routes): their cost is not in
     /// `cost_nanousd`, and reports say so.
     pub unpriced: i64,
+    /// Rows of a second or later attempt (a failover): each means an earlier attempt of
+    /// its request failed and was not the client's answer.
+    pub retries: i64,
     #[sqlx(try_from = "Sum")]
     pub images: i128,
     #[sqlx(try_from = "Sum")]
@@ -289,7 +294,9 @@ pub type StoreResult<T> = Result<T, StoreError>;
 
 /// Everything imagegate keeps in a database.
 #[async_trait]
-pub trait Store: CallStore + JobStore + NoticeStore + ReplicaStore + Send + Sync + 'static {
+pub trait Store:
+    CallStore + JobStore + NoticeStore + RefusalStore + ReplicaStore + Send + Sync + 'static
+{
     /// Applies the embedded migrations that have not run yet.
     async fn migrate(&self) -> StoreResult<()>;
     /// One cheap round trip, for `/readyz`.
@@ -319,6 +326,11 @@ pub trait Store: CallStore + JobStore + NoticeStore + ReplicaStore + Send + Sync
     async fn release(&self, request_id: &str) -> StoreResult<bool>;
     /// A key's spending in its current period; none before its first reservation.
     async fn budget_state(&self, key_id: i64) -> StoreResult<Option<BudgetState>>;
+    /// Every key's budget row with what its calls hold at `now`: `reserved_nanousd` is the
+    /// sum of its reservations not past their deadline (those past it no longer count: the
+    /// next reservation releases them). By key id; a key before its first reservation has
+    /// none. What [`Standing::of`] is computed from.
+    async fn budget_standings(&self, now: DateTime<Utc>) -> StoreResult<Vec<(i64, BudgetState)>>;
     /// Every stored row of one request id, oldest first (tests and audits).
     async fn usage_for_request(&self, request_id: &str) -> StoreResult<Vec<UsageRow>>;
     /// The newest `limit` rows, newest first (audits, `imagegate usage --rows`, tests).
@@ -352,7 +364,8 @@ fn report_columns(sum: impl Fn(&str) -> String) -> String {
     let counts = "count(*) as requests, \
          count(case when outcome in ('completed', 'interrupted') then 1 end) as billed, \
          count(case when outcome in ('upstream_error', 'failed') then 1 end) as failed, \
-         count(case when cost_nanousd is null then 1 end) as unpriced";
+         count(case when cost_nanousd is null then 1 end) as unpriced, \
+         count(case when attempt > 1 then 1 end) as retries";
     let sums = [
         "images",
         "text_input_tokens",
@@ -466,6 +479,10 @@ impl Store for OnRuntime {
     }
     async fn budget_state(&self, key_id: i64) -> StoreResult<Option<BudgetState>> {
         self.run(|s| async move { s.budget_state(key_id).await })
+            .await
+    }
+    async fn budget_standings(&self, now: DateTime<Utc>) -> StoreResult<Vec<(i64, BudgetState)>> {
+        self.run(move |s| async move { s.budget_standings(now).await })
             .await
     }
     async fn usage_for_request(&self, request_id: &str) -> StoreResult<Vec<UsageRow>> {

@@ -94,9 +94,39 @@ pub struct UsageRow {
     /// The cost is imagegate's worst-case estimate, not the price of reported usage.
     #[serde(default)]
     pub cost_estimated: bool,
+    /// Which provider call of its client request this is: 1, then 2 for the next route
+    /// after a failover, and so on.
+    #[serde(default = "first_attempt")]
+    pub attempt: i32,
+    /// The request id its client was answered with (this row's own `request_id` on the
+    /// first attempt, `<it>-<n>` being the n-th); none on rows written before it was kept.
+    #[serde(default)]
+    pub client_request_id: Option<String>,
+    /// Why the call gave no image: an `upstream::Cause` (`refused`, `dns`, `tls`,
+    /// `timeout`, `reset`, `connect`, `other`) when the provider was not reached or broke
+    /// off, `http_<status>` when it answered an error; none otherwise.
+    #[serde(default)]
+    pub cause: Option<String>,
+}
+
+fn first_attempt() -> i32 {
+    1
 }
 
 impl UsageRow {
+    /// The id of the client request this row's call was made for.
+    pub fn client_request(&self) -> &str {
+        self.client_request_id
+            .as_deref()
+            .unwrap_or(&self.request_id)
+    }
+
+    /// Whether this call was one attempt of a request that then went on to another route:
+    /// its failure was not the client's answer.
+    pub fn is_retry(&self) -> bool {
+        self.attempt > 1
+    }
+
     /// A token count as the database keeps it: none for a call with no usage to report.
     pub fn stored_tokens(&self, count: i64) -> Option<i64> {
         (self.outcome != Outcome::Interrupted).then_some(count)

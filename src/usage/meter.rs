@@ -41,9 +41,13 @@ pub struct UsageTicket {
     pub metrics: Arc<RouteMetrics>,
     /// The provider attempt's span: the status and token counts are recorded on it.
     pub span: tracing::Span,
-    /// Why the call got no answer (or a broken one), once known: its latency is counted
-    /// under this cause.
-    pub cause: Option<Cause>,
+    /// Which provider call of its client request this is, from 1.
+    pub attempt: i32,
+    /// The request id its client was answered with.
+    pub client_request_id: String,
+    /// Why the call gave no image, once known: its usage row names it (see
+    /// `UsageRow::cause`) and its latency is counted under it.
+    pub cause: Option<Failure>,
 }
 
 /// One route's metric handles, registered once per configuration: looking a metric up by
@@ -194,6 +198,9 @@ impl UsageTicket {
             raw_usage: extracted.raw_usage.clone(),
             usage_suspect,
             cost_estimated: false,
+            attempt: self.attempt,
+            client_request_id: Some(self.client_request_id),
+            cause: self.cause.map(Failure::label),
         });
     }
 
@@ -294,11 +301,33 @@ impl UsageTicket {
 
 /// How a call's latency is grouped (one of [`ATTEMPT_OUTCOMES`]): a failure that took no time
 /// (a refused connection) kept apart from the answers that took a minute.
-fn latency_outcome(outcome: Outcome, cause: Option<Cause>) -> &'static str {
-    match outcome {
-        Outcome::Completed => ATTEMPT_OUTCOMES[0],
-        Outcome::UpstreamError => ATTEMPT_OUTCOMES[1],
-        Outcome::Failed | Outcome::Interrupted => cause.unwrap_or(Cause::Other).as_str(),
+fn latency_outcome(outcome: Outcome, cause: Option<Failure>) -> &'static str {
+    match (outcome, cause) {
+        (Outcome::Completed, _) => ATTEMPT_OUTCOMES[0],
+        (Outcome::UpstreamError, _) => ATTEMPT_OUTCOMES[1],
+        (Outcome::Failed | Outcome::Interrupted, Some(Failure::Unanswered(cause))) => {
+            cause.as_str()
+        }
+        (Outcome::Failed | Outcome::Interrupted, _) => Cause::Other.as_str(),
+    }
+}
+
+/// Why a provider call gave no image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// No answer, or one broken off, for this cause.
+    Unanswered(Cause),
+    /// The provider answered with this error status.
+    Status(u16),
+}
+
+impl Failure {
+    /// The usage row's `cause`: the cause's word, or `http_<status>`.
+    pub fn label(self) -> String {
+        match self {
+            Failure::Unanswered(cause) => cause.as_str().to_owned(),
+            Failure::Status(status) => format!("http_{status}"),
+        }
     }
 }
 
@@ -450,7 +479,7 @@ impl Stream for Metered {
                 }
                 Some(Err(err)) => {
                     if let Some(ticket) = &mut this.ticket {
-                        ticket.cause = Some(err.cause());
+                        ticket.cause = Some(Failure::Unanswered(err.cause()));
                     }
                     this.finish(Outcome::Failed);
                     return Poll::Ready(Some(Err(err)));
@@ -499,7 +528,7 @@ impl Drop for Metered {
                     }
                     Err(err) => {
                         outcome = Outcome::Failed;
-                        ticket.cause = Some(err.cause());
+                        ticket.cause = Some(Failure::Unanswered(err.cause()));
                         break;
                     }
                 }

@@ -32,6 +32,17 @@ pub struct Intent {
     /// none for an unpriced route.
     pub worst_case_nanousd: Option<i64>,
     pub created_at: DateTime<Utc>,
+    /// Which provider call of its client request this is (1 on intents journaled before
+    /// it was kept).
+    #[serde(default = "first_attempt")]
+    pub attempt: i32,
+    /// The request id its client was answered with.
+    #[serde(default)]
+    pub client_request_id: Option<String>,
+}
+
+fn first_attempt() -> i32 {
+    1
 }
 
 impl Intent {
@@ -66,6 +77,33 @@ impl Intent {
             raw_usage: None,
             usage_suspect: false,
             cost_estimated: true,
+            attempt: self.attempt,
+            client_request_id: self.client_request_id.clone(),
+            cause: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intents_and_rows_journaled_before_attempts_were_kept_still_replay() {
+        let intent = r#"{"request_id":"r1","key_id":1,"key_name":"svc","model":"m","provider":"p",
+            "upstream_model":"u","endpoint":"generations","streamed":false,"n":1,"size":null,
+            "quality":null,"worst_case_nanousd":5,"created_at":"2026-12-01T00:00:00Z"}"#;
+        let intent: Intent = serde_json::from_str(intent).expect("an older intent");
+        let row = intent.interrupted();
+        assert_eq!(
+            (row.attempt, row.client_request(), row.cause.as_deref()),
+            (1, "r1", None)
+        );
+        let mut old_row = serde_json::to_value(&row).expect("row");
+        for field in ["attempt", "client_request_id", "cause"] {
+            old_row.as_object_mut().expect("object").remove(field);
+        }
+        let replayed: UsageRow = serde_json::from_value(old_row).expect("an older row");
+        assert_eq!((replayed.attempt, replayed.client_request_id), (1, None));
     }
 }

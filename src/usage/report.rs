@@ -8,7 +8,7 @@
 
 use std::borrow::Cow;
 
-use crate::store::{GroupBy, UsageRow, UsageTotals};
+use crate::store::{GroupBy, Outcome, UsageRow, UsageTotals};
 use crate::usage::price::{format_usd, format_usd_sum};
 
 /// Whether a group has calls and none of them has a price: then it has no cost at all.
@@ -178,6 +178,18 @@ pub fn csv(rows: &[UsageTotals], group_by: GroupBy) -> Result<Vec<u8>, csv::Erro
     out.finish()
 }
 
+/// Client requests in a group: its provider calls less the retries (a request that failed
+/// over wrote a row per attempt).
+pub fn client_requests(totals: &UsageTotals) -> i64 {
+    totals.requests.saturating_sub(totals.retries)
+}
+
+/// Requests whose client saw a failure: failed calls less those another route answered
+/// after (each retry follows one failed attempt).
+pub fn client_failures(totals: &UsageTotals) -> i64 {
+    totals.failed.saturating_sub(totals.retries).max(0)
+}
+
 /// The totals of every group together (sums saturate rather than wrap; they are i128).
 pub fn total(rows: &[UsageTotals], name: &str) -> UsageTotals {
     rows.iter().fold(
@@ -190,6 +202,7 @@ pub fn total(rows: &[UsageTotals], name: &str) -> UsageTotals {
             t.billed = t.billed.saturating_add(r.billed);
             t.failed = t.failed.saturating_add(r.failed);
             t.unpriced = t.unpriced.saturating_add(r.unpriced);
+            t.retries = t.retries.saturating_add(r.retries);
             t.images = t.images.saturating_add(r.images);
             t.text_input_tokens = t.text_input_tokens.saturating_add(r.text_input_tokens);
             t.image_input_tokens = t.image_input_tokens.saturating_add(r.image_input_tokens);
@@ -210,8 +223,10 @@ pub fn total(rows: &[UsageTotals], name: &str) -> UsageTotals {
 
 /// The columns of one usage row as `GET /admin/requests` gives it (never the key, only its
 /// name), in order.
-pub const ROW_COLUMNS: [&str; 22] = [
+pub const ROW_COLUMNS: [&str; 25] = [
     "request_id",
+    "client_request_id",
+    "attempt",
     "created_at",
     "key",
     "model",
@@ -220,6 +235,7 @@ pub const ROW_COLUMNS: [&str; 22] = [
     "endpoint",
     "status",
     "outcome",
+    "cause",
     "streamed",
     "images",
     "text_input_tokens",
@@ -235,31 +251,38 @@ pub const ROW_COLUMNS: [&str; 22] = [
     "latency_ms",
 ];
 
-/// One row as JSON, under [`ROW_COLUMNS`]' names; an unpriced row's cost is null.
+/// One row as JSON, under [`ROW_COLUMNS`]' names; an unpriced row's cost is null. What
+/// is not known is null, never 0: an interrupted call's status, tokens and latency (it was
+/// cut off with the process before anything was reported).
 pub fn row_json(row: &UsageRow) -> serde_json::Value {
+    let known = row.outcome != Outcome::Interrupted;
+    let tokens = |count: i64| known.then_some(count);
     serde_json::json!({
         "request_id": row.request_id,
+        "client_request_id": row.client_request(),
+        "attempt": row.attempt,
         "created_at": row.created_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
         "key": row.key_name,
         "model": row.model,
         "provider": row.provider,
         "upstream_model": row.upstream_model,
         "endpoint": row.endpoint,
-        "status": row.status,
+        "status": known.then_some(row.status),
         "outcome": row.outcome.as_str(),
+        "cause": row.cause,
         "streamed": row.streamed,
         "images": row.images,
-        "text_input_tokens": row.text_input_tokens,
-        "image_input_tokens": row.image_input_tokens,
-        "cached_text_input_tokens": row.cached_text_input_tokens,
-        "cached_image_input_tokens": row.cached_image_input_tokens,
-        "input_tokens": row.input_tokens,
-        "output_tokens": row.output_tokens,
-        "total_tokens": row.total_tokens,
+        "text_input_tokens": tokens(row.text_input_tokens),
+        "image_input_tokens": tokens(row.image_input_tokens),
+        "cached_text_input_tokens": tokens(row.cached_text_input_tokens),
+        "cached_image_input_tokens": tokens(row.cached_image_input_tokens),
+        "input_tokens": tokens(row.input_tokens),
+        "output_tokens": tokens(row.output_tokens),
+        "total_tokens": tokens(row.total_tokens),
         "cost_usd": row.cost_nanousd.map(format_usd),
         "cost_nanousd": row.cost_nanousd,
         "cost_estimated": row.cost_estimated,
-        "latency_ms": row.latency_ms,
+        "latency_ms": known.then_some(row.latency_ms),
     })
 }
 

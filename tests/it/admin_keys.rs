@@ -38,10 +38,254 @@ async fn generate(gw: &TestGateway, key: &str, model: &str) -> u16 {
 }
 
 on_both_databases!(
+    a_key_is_shown_by_name_with_its_budget_standing,
+    the_routing_table_in_force_is_shown_without_secrets,
     a_key_is_created_listed_changed_and_revoked,
     bad_input_is_refused_with_its_field_and_writes_nothing,
     new_names_are_plain_and_older_names_keep_working,
 );
+
+/// The budget fields `GET /admin/keys/{name}` and the listing give: spent, reserved and
+/// remaining, in nano-dollars.
+fn standing(view: &Value) -> (i64, i64, i64) {
+    let figure = |name: &str| {
+        view[name]
+            .as_i64()
+            .unwrap_or_else(|| panic!("{name}: {view}"))
+    };
+    (
+        figure("spent_nanousd"),
+        figure("reserved_nanousd"),
+        figure("remaining_nanousd"),
+    )
+}
+
+/// One key by name, with its budget's standing; the listing shows the same, and so does
+/// `imagegate_key_budget_remaining_nanousd` on `/metrics`: while a call is in flight (its
+/// worst case held) and after its row settled it (its real cost spent, nothing held).
+async fn a_key_is_shown_by_name_with_its_budget_standing(db: Db) {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    let per_key = "[metrics]\nper_key = true\n";
+    let gw = TestGateway::start(db, &test_config(&provider.base_url(), per_key)).await;
+    // The recorder is the process's: a name no other test's gauge has.
+    let name = format!("budget-{}", uuid::Uuid::now_v7().simple());
+    let body = json!({"name": name, "budget_usd": 5, "budget_period": "day"}).to_string();
+    let (status, created) = admin(&gw, Method::POST, "/admin/keys", Some(&body)).await;
+    assert_eq!(status, 201, "{created}");
+    let key = created["key"].as_str().expect("key").to_owned();
+    let path = format!("/admin/keys/{name}");
+    let gauge = format!("imagegate_key_budget_remaining_nanousd{{key=\"{name}\"}}");
+    const BUDGET: i64 = 5_000_000_000;
+
+    let (status, shown) = admin(&gw, Method::GET, &path, None).await;
+    assert_eq!(status, 200, "{shown}");
+    assert_eq!(shown["name"], name.as_str());
+    assert_eq!(standing(&shown), (0, 0, BUDGET));
+    assert_eq!(shown["remaining_usd"], "5.00");
+    let today = chrono::Utc::now().format("%Y-%m-%dT00:00:00Z").to_string();
+    assert_eq!(shown["period_start"], today.as_str(), "{shown}");
+    assert!(
+        shown.get("key").is_none() && shown.get("hash").is_none(),
+        "{shown}"
+    );
+    // A key without a budget has no standing: null, not 0.
+    let (_, plain) = admin(&gw, Method::GET, "/admin/keys/svc-test", None).await;
+    for field in [
+        "spent_nanousd",
+        "reserved_nanousd",
+        "remaining_nanousd",
+        "remaining_usd",
+    ] {
+        assert_eq!(plain[field], Value::Null, "{field}: {plain}");
+    }
+    let (status, unknown) = admin(&gw, Method::GET, "/admin/keys/nobody", None).await;
+    assert_eq!(status, 404, "{unknown}");
+    assert_eq!(unknown["error"]["code"], "key_not_found");
+    assert_eq!(unknown["error"]["type"], "invalid_request_error");
+    assert_eq!(unknown["error"]["param"], "name");
+
+    // In flight: the call's worst case is held, nothing spent yet.
+    provider.set_delay(std::time::Duration::from_millis(1500));
+    let call = generate(&gw, &key, "gpt-image-1");
+    let during = async {
+        assert!(
+            provider.wait_for_requests(1).await,
+            "the call reached the provider"
+        );
+        let (_, shown) = admin(&gw, Method::GET, &path, None).await;
+        (standing(&shown), gw.metric(&gauge).await)
+    };
+    let (status, ((spent, reserved, remaining), gauge_during)) = tokio::join!(call, during);
+    assert_eq!(status, 200);
+    assert_eq!(spent, 0);
+    assert!(reserved > 0, "the worst case is held: {reserved}");
+    assert_eq!(remaining, BUDGET - reserved);
+    assert_eq!(
+        gauge_during, remaining as f64,
+        "the gauge is what /admin/keys shows"
+    );
+
+    // Settled: its real cost spent (less than the worst case held), nothing held.
+    let rows = gw.usage_rows(1).await;
+    let cost = rows[0].cost_nanousd.expect("priced");
+    assert!(0 < cost && cost < reserved, "cost {cost}, held {reserved}");
+    let mut settled = (0, 0, 0);
+    for _ in 0..50 {
+        settled = standing(&admin(&gw, Method::GET, &path, None).await.1);
+        if settled.1 == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(settled, (cost, 0, BUDGET - cost));
+    assert_eq!(gw.metric(&gauge).await, (BUDGET - cost) as f64);
+    let (_, listed) = admin(&gw, Method::GET, "/admin/keys", None).await;
+    let in_list = listed["data"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|k| k["name"] == name.as_str())
+        .expect("listed")
+        .clone();
+    let (_, shown) = admin(&gw, Method::GET, &path, None).await;
+    assert_eq!(in_list, shown);
+    assert_eq!(
+        shown["spent_usd"],
+        imagegate::usage::price::format_usd(cost)
+    );
+
+    // Revoked, it is still shown by name, marked so.
+    admin(&gw, Method::DELETE, &path, None).await;
+    let (status, revoked) = admin(&gw, Method::GET, &path, None).await;
+    assert_eq!(
+        (status, &revoked["status"]),
+        (200, &json!("revoked")),
+        "{revoked}"
+    );
+    gw.shutdown().await;
+}
+
+/// `GET /admin/config`: models, aliases, routes in order with their endpoints and prices,
+/// failover, providers with timeouts and breakers, the hash; never the provider key, the
+/// admin token or the database password.
+async fn the_routing_table_in_force_is_shown_without_secrets(db: Db) {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    let extra = r#"
+[models."two-routes"]
+routes = [{ provider = "piapi", model = "dall-e-2", endpoints = ["generations"] }, { provider = "apiyi", model = "no-price" }]
+failover = { on_status = [502, 503], max_attempts = 2 }
+
+[pricing.apiyi."no-price"]
+unpriced = true
+"#;
+    let toml = test_config(&provider.base_url(), extra);
+    let db_password = "db-password-never-shown-0123";
+    let gw = match db {
+        Db::Postgres => {
+            // Trust authentication takes any password: one the URL carries and no answer may.
+            let url = crate::support::db::fresh_postgres().await.1;
+            let url = url.replacen("://postgres@", &format!("://postgres:{db_password}@"), 1);
+            assert!(
+                url.contains(db_password),
+                "the test server's URL names its user: {url}"
+            );
+            TestGateway::start_on(&url, &toml).await
+        }
+        Db::Sqlite => TestGateway::start(db, &toml).await,
+    };
+    let response = gw
+        .client
+        .get(gw.url("/admin/config"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.expect("text");
+    for secret in [PROVIDER_KEY, ADMIN_TOKEN, db_password] {
+        assert!(!text.contains(secret), "{secret} in {text}");
+    }
+    let config: Value = serde_json::from_str(&text).expect("json");
+    let (_, reloaded) = admin(&gw, Method::POST, "/admin/reload", None).await;
+    assert_eq!(config["config_hash"], reloaded["config_hash"], "{config}");
+    let model = |name: &str| {
+        config["models"]
+            .as_array()
+            .expect("models")
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap_or_else(|| panic!("{name} in {config}"))
+            .clone()
+    };
+    let gpt = model("gpt-image-1");
+    assert_eq!(gpt["aliases"], json!(["img-default"]));
+    let route = &gpt["routes"][0];
+    assert_eq!(
+        (
+            &route["provider"],
+            &route["upstream_model"],
+            &route["priced"]
+        ),
+        (&json!("piapi"), &json!("gpt-image-1"), &json!(true)),
+        "{route}"
+    );
+    assert_eq!(
+        route["endpoints"],
+        json!(["generations", "edits", "variations"])
+    );
+    assert_eq!(route["price"]["kind"], "tokens");
+    assert_eq!(route["price"]["per_token"]["image_output_nanousd"], 40_000);
+    assert_eq!(route["defaults"], json!({"quality": "standard"}));
+    let two = model("two-routes");
+    assert_eq!(
+        two["failover"],
+        json!({"on_status": [502, 503], "max_attempts": 2})
+    );
+    let order: Vec<(&Value, &Value)> = two["routes"]
+        .as_array()
+        .expect("routes")
+        .iter()
+        .map(|r| (&r["order"], &r["provider"]))
+        .collect();
+    assert_eq!(
+        order,
+        [(&json!(1), &json!("piapi")), (&json!(2), &json!("apiyi"))]
+    );
+    assert_eq!(two["routes"][0]["endpoints"], json!(["generations"]));
+    assert_eq!(
+        two["routes"][0]["price"],
+        json!({"kind": "per_image", "per_image_nanousd": 20_000_000})
+    );
+    assert_eq!(two["routes"][1]["priced"], false);
+    assert_eq!(two["routes"][1]["price"], json!({"kind": "unpriced"}));
+    assert!(
+        config["aliases"]
+            .as_array()
+            .expect("aliases")
+            .contains(&json!({"alias": "img-default", "model": "gpt-image-1"})),
+        "{config}"
+    );
+    let piapi = config["providers"]
+        .as_array()
+        .expect("providers")
+        .iter()
+        .find(|p| p["name"] == "piapi")
+        .expect("piapi")
+        .clone();
+    assert_eq!(piapi["base_url"], format!("{}/", provider.base_url()));
+    assert_eq!(piapi["api_key_env"], "TEST_PIAPI_KEY");
+    assert_eq!(piapi["total_timeout_ms"], 5_000);
+    assert_eq!(piapi["breaker"]["state"], "closed");
+    assert!(piapi["breaker"]["failures"].as_u64().is_some(), "{piapi}");
+    assert_eq!(config["admin_token_env"], "IMAGEGATE_ADMIN_TOKEN");
+    let kind = if matches!(db, Db::Postgres) {
+        "postgres"
+    } else {
+        "sqlite"
+    };
+    assert_eq!(config["database"]["kind"], kind);
+    gw.shutdown().await;
+}
 
 async fn a_key_is_created_listed_changed_and_revoked(db: Db) {
     let provider = StandIn::json(200, &image_response(1, USAGE)).await;
@@ -219,6 +463,8 @@ async fn the_key_routes_need_the_admin_token() {
         for (method, path) in [
             (Method::POST, "/admin/keys"),
             (Method::GET, "/admin/keys"),
+            (Method::GET, "/admin/keys/svc-test"),
+            (Method::GET, "/admin/config"),
             (Method::PATCH, "/admin/keys/svc-test"),
             (Method::DELETE, "/admin/keys/svc-test"),
         ] {

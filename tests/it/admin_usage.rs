@@ -7,6 +7,7 @@ use imagegate::usage::{Outcome, UsageRow};
 use serde_json::{Value, json};
 
 use crate::on_both_databases;
+use crate::support::captures::capture;
 use crate::support::rows::usage_row;
 use crate::support::*;
 
@@ -18,7 +19,89 @@ on_both_databases!(
     bad_parameters_are_refused_naming_them,
     unpriced_rows_are_unpriced_never_zero,
     a_key_named_like_a_formula_is_text_in_every_csv_and_exact_in_json,
+    refused_requests_are_counted_per_key_and_reason,
 );
+
+/// Requests refused before any provider call are counted per key and reason, in memory
+/// and written in batches, and `GET /admin/refusals` shows them: over `rpm` (JSON), a model
+/// outside the key's list (JSON, and multipart as the Python SDK sends an edit).
+async fn refused_requests_are_counted_per_key_and_reason(db: Db) {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    let gw = TestGateway::start(db, &test_config(&provider.base_url(), "")).await;
+    let admin = |method: reqwest::Method, path: &str, body: &str| {
+        gw.client
+            .request(method, gw.url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+    };
+    let created = admin(
+        reqwest::Method::POST,
+        "/admin/keys",
+        r#"{"name": "limited", "rpm": 1}"#,
+    )
+    .await
+    .expect("create");
+    assert_eq!(created.status(), 201);
+    let limited: Value = created.json().await.expect("json");
+    let limited = limited["key"].as_str().expect("key").to_owned();
+    let changed = admin(
+        reqwest::Method::PATCH,
+        "/admin/keys/svc-test",
+        r#"{"models": ["dall-e-3"]}"#,
+    )
+    .await
+    .expect("patch");
+    assert_eq!(changed.status(), 200);
+    // key_cache_ttl is 1 s.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+
+    let body = r#"{"model":"gpt-image-1","prompt":"a lighthouse"}"#;
+    let statuses = [
+        gw.post_json_as(&limited, "/v1/images/generations", body)
+            .await
+            .status(),
+        gw.post_json_as(&limited, "/v1/images/generations", body)
+            .await
+            .status(),
+        gw.post_json_as(&limited, "/v1/images/generations", body)
+            .await
+            .status(),
+        gw.post_json("/v1/images/generations", body).await.status(),
+        gw.replay(&capture("python1x_edit_one")).await.status(),
+    ];
+    assert_eq!(statuses.map(|s| s.as_u16()), [200, 429, 429, 403, 403]);
+
+    let mut shown = Value::Null;
+    for _ in 0..80 {
+        shown = admin_json(&gw, "/admin/refusals").await;
+        if shown["total"] == 4 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        shown["data"],
+        json!([
+            {"key": "limited", "reason": "rpm", "count": 2},
+            {"key": "svc-test", "reason": "model_not_allowed", "count": 2},
+        ]),
+        "{shown}"
+    );
+    assert_eq!(
+        shown["by_reason"],
+        json!({"rpm": 2, "model_not_allowed": 2})
+    );
+    let one = admin_json(&gw, "/admin/refusals?key=limited&since=2020-01-01").await;
+    assert_eq!(one["total"], 2, "{one}");
+    let none = admin_json(&gw, "/admin/refusals?until=2020-01-01").await;
+    assert_eq!(none["total"], 0, "{none}");
+    // Nothing refused was sent or billed: one usage row, the one call let through.
+    gw.usage_rows(1).await;
+    assert_eq!(provider.requests().len(), 1);
+    gw.shutdown().await;
+}
 
 /// The day the known rows end on for these tests.
 pub fn last_day() -> NaiveDate {
@@ -344,15 +427,31 @@ async fn requests_are_paged_newest_first(db: Db) {
     assert_eq!(
         first["data"][0],
         json!({
-            "request_id": "r6", "created_at": "2025-03-03T08:30:00.000000Z", "key": "alice",
+            "request_id": "r6", "client_request_id": "r6", "attempt": 1,
+            "created_at": "2025-03-03T08:30:00.000000Z", "key": "alice",
             "model": "dall-e-3", "provider": "piapi", "upstream_model": "gpt-image-1",
-            "endpoint": "generations", "status": 502, "outcome": "failed", "streamed": false,
+            "endpoint": "generations", "status": 502, "outcome": "failed", "cause": null,
+            "streamed": false,
             "images": 0, "text_input_tokens": 0, "image_input_tokens": 0,
             "cached_text_input_tokens": 0, "cached_image_input_tokens": 0, "input_tokens": 0,
             "output_tokens": 0, "total_tokens": 0, "cost_usd": "0.00", "cost_nanousd": 0,
             "cost_estimated": false, "latency_ms": 1234,
         })
     );
+    // An interrupted call's status, tokens and latency are unknown: null, never 0.
+    let interrupted = admin_json(&gw, "/admin/requests?key=bob&limit=1").await;
+    let r4 = &interrupted["data"][0];
+    assert_eq!(r4["request_id"], "r4", "{interrupted}");
+    for unknown in [
+        "status",
+        "input_tokens",
+        "output_tokens",
+        "total_tokens",
+        "latency_ms",
+    ] {
+        assert_eq!(r4[unknown], Value::Null, "{unknown}: {r4}");
+    }
+    assert_eq!(r4["cost_nanousd"], 500_000_001, "{r4}");
     // One row a page, across r1 and r2's shared instant: each row once, in order.
     let mut seen = Vec::new();
     let mut query = "limit=1".to_owned();
@@ -386,15 +485,15 @@ async fn requests_are_paged_newest_first(db: Db) {
         .to_str()
         .expect("ascii")
         .to_owned();
-    let header = "request_id,created_at,key,model,provider,upstream_model,endpoint,status,\
-                  outcome,streamed,images,text_input_tokens,image_input_tokens,\
+    let header = "request_id,client_request_id,attempt,created_at,key,model,provider,\
+                  upstream_model,endpoint,status,outcome,cause,streamed,images,text_input_tokens,image_input_tokens,\
                   cached_text_input_tokens,cached_image_input_tokens,input_tokens,\
                   output_tokens,total_tokens,cost_usd,cost_nanousd,cost_estimated,latency_ms";
     assert_eq!(
         response.text().await.expect("csv"),
         format!(
-            "{header}\nr4,2025-03-02T00:00:00.000000Z,bob,gpt-image-1,piapi,gpt-image-1,\
-             generations,200,interrupted,false,0,0,0,0,0,0,0,0,0.500000001,500000001,true,1234\n"
+            "{header}\nr4,r4,1,2025-03-02T00:00:00.000000Z,bob,gpt-image-1,piapi,gpt-image-1,\
+             generations,,interrupted,,false,0,,,,,,,,0.500000001,500000001,true,\n"
         )
     );
     let query = format!("/admin/requests?format=csv&key=bob&limit=1&cursor={cursor}");
@@ -533,7 +632,9 @@ async fn unpriced_rows_are_unpriced_never_zero(db: Db) {
         .header("cookie", &cookie);
     let body = page.send().await.expect("send").text().await.expect("page");
     assert!(
-        body.contains("id=\"total-cost\">$0.03 + 2 unpriced</div>"),
+        body.contains(
+            "id=\"total-cost\"><span title=\"$0.03 exactly\">$0.03</span> + 2 unpriced</div>"
+        ),
         "{body}"
     );
     let cost_cell = |row: &str| {
@@ -541,12 +642,13 @@ async fn unpriced_rows_are_unpriced_never_zero(db: Db) {
             .rsplit("<td class=\"num cost\"")
             .next()
             .expect("cost cell");
-        cell[cell.find('>').expect("cell") + 1..].replace("</td>", "")
+        let inner = &cell[cell.find('>').expect("cell") + 1..];
+        inner[..inner.find("</td>").expect("cell end")].to_owned()
     };
     assert_eq!(cost_cell(html_row(&body, "data-group=\"bob\"")), "unpriced");
     assert_eq!(
         cost_cell(html_row(&body, "data-group=\"alice\"")),
-        "0.03 + 1 unpriced"
+        "<span title=\"$0.03 exactly\">$0.03</span> + 1 unpriced"
     );
     assert_eq!(
         cost_cell(html_row(&body, "data-group=\"gpt-image-1-mini\"")),

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use chrono::{NaiveDate, Utc};
 use fantoccini::{Client, ClientBuilder, Locator};
+use imagegate::usage::Outcome;
 use serde_json::{Value, json};
 
 use crate::admin_usage::{admin_get, gateway_with_known_rows, known_rows};
@@ -464,10 +465,10 @@ async fn save_screenshot(c: &Client, name: &str) -> (u32, u32) {
     png_size(&png)
 }
 
-/// Each row of a table: its `data-*` id and its cells' text.
+/// Each row of a table that carries `attribute` (not the folded attempts): its id and its cells' text.
 async fn table(c: &Client, id: &str, attribute: &str) -> Vec<(String, Vec<String>)> {
     let rows = c
-        .find_all(Locator::Css(&format!("#{id} tbody tr")))
+        .find_all(Locator::Css(&format!("#{id} tbody tr[{attribute}]")))
         .await
         .expect("rows");
     let mut out = Vec::new();
@@ -482,8 +483,9 @@ async fn table(c: &Client, id: &str, attribute: &str) -> Vec<(String, Vec<String
     out
 }
 
-/// What a totals table must show for `/admin/usage`'s lines: the group, requests, failed,
-/// images, total tokens and the cost, as the API gives them.
+/// What the models table must show for `/admin/usage`'s lines: the group, client requests
+/// and failures (a failover's attempts apart), images, total tokens and the cost, as the
+/// API gives them.
 fn expected_table(report: &Value, group: &str) -> Vec<(String, Vec<String>)> {
     report["data"]
         .as_array()
@@ -504,13 +506,40 @@ fn expected_table(report: &Value, group: &str) -> Vec<(String, Vec<String>)> {
         .collect()
 }
 
-/// A group's cost as the page shows it, from `/admin/usage`'s line: "0.04", "unpriced"
-/// (a null cost), or "0.04 + 3 unpriced".
+/// What the keys table must show for `/admin/usage`'s lines of keys without a budget or
+/// refusals: the key, requests, failed, refused (0), the cost, and no budget ("—").
+fn expected_keys(report: &Value) -> Vec<(String, Vec<String>)> {
+    report["data"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|l| {
+            let name = l["key"].as_str().expect("name").to_owned();
+            let cells = [
+                name.clone(),
+                l["requests"].to_string(),
+                l["failed"].to_string(),
+                "0".to_owned(),
+                cost_text(l),
+                "\u{2014}".to_owned(),
+            ];
+            (name, cells.to_vec())
+        })
+        .collect()
+}
+
+/// Nano-dollars as the page shows money: dollars and cents.
+fn money(nanos: i64) -> String {
+    imagegate::routes::dashboard::html::money(i128::from(nanos))
+}
+
+/// A group's cost as the page shows it, from `/admin/usage`'s line: "$0.04", "unpriced"
+/// (a null cost), or "$0.04 + 3 unpriced".
 fn cost_text(line: &Value) -> String {
-    match (line["cost_usd"].as_str(), line["unpriced"].as_i64()) {
+    match (line["cost_nanousd"].as_i64(), line["unpriced"].as_i64()) {
         (None, _) => "unpriced".to_owned(),
-        (Some(usd), Some(n)) if n > 0 => format!("{usd} + {n} unpriced"),
-        (Some(usd), _) => usd.to_owned(),
+        (Some(nanos), Some(n)) if n > 0 => format!("{} + {n} unpriced", money(nanos)),
+        (Some(nanos), _) => money(nanos),
     }
 }
 
@@ -625,10 +654,7 @@ async fn check_figures(c: &Client, gw: &TestGateway, today: NaiveDate) {
     let by_model = admin_report(gw, &format!("group_by=model&since={since}")).await;
     let by_day = admin_report(gw, &format!("group_by=day&since={since}")).await;
     assert_eq!(by_key["data"].as_array().map(Vec::len), Some(3));
-    assert_eq!(
-        table(c, "keys", "data-group").await,
-        expected_table(&by_key, "key")
-    );
+    assert_eq!(table(c, "keys", "data-group").await, expected_keys(&by_key));
     assert_eq!(
         table(c, "models", "data-group").await,
         expected_table(&by_model, "model")
@@ -638,7 +664,12 @@ async fn check_figures(c: &Client, gw: &TestGateway, today: NaiveDate) {
     assert_eq!(bold.await.expect("count"), json!(0));
 
     let total = c.find(Locator::Id("total-cost")).await.expect("card");
-    assert_eq!(total.text().await.expect("text"), "$1.814567899");
+    assert_eq!(total.text().await.expect("text"), "$1.81");
+    let exact = total.find(Locator::Css("span")).await.expect("figure");
+    assert_eq!(
+        exact.attr("title").await.expect("attr").as_deref(),
+        Some("$1.814567899 exactly")
+    );
     let requests = c.find(Locator::Id("total-requests")).await.expect("card");
     assert_eq!(requests.text().await.expect("text"), "6");
 
@@ -667,23 +698,37 @@ async fn check_figures(c: &Client, gw: &TestGateway, today: NaiveDate) {
     assert_eq!(shown.len(), rows.len());
     for ((id, cells), row) in shown.iter().zip(&rows) {
         assert_eq!(id, &row.request_id);
-        let status = format!("{} {}", row.status, row.outcome.as_str().replace('_', " "));
-        let cost = imagegate::usage::price::format_cost(row.cost_nanousd);
+        // An interrupted call's status, tokens and latency are unknown: "—", never 0.
+        let known = row.outcome != Outcome::Interrupted;
+        let unknown = |value: String| if known { value } else { "\u{2014}".to_owned() };
+        // A completed call shows its status alone, any other its outcome too.
+        let status = match row.outcome {
+            Outcome::Completed => row.status.to_string(),
+            other => format!(
+                "{} {}",
+                unknown(row.status.to_string()),
+                other.as_str().replace('_', " ")
+            ),
+        };
+        let cost = row
+            .cost_nanousd
+            .map_or_else(|| "unpriced".to_owned(), money);
         let cost = if row.cost_estimated && row.cost_nanousd.is_some() {
             format!("{cost} est.")
         } else {
             cost
         };
         let expected = [
-            row.created_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+            row.created_at.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+            row.request_id.clone(),
             row.key_name.clone(),
             row.model.clone(),
             row.provider.clone(),
             status,
-            row.input_tokens.to_string(),
-            row.output_tokens.to_string(),
+            unknown(row.input_tokens.to_string()),
+            unknown(row.output_tokens.to_string()),
             cost,
-            format!("{} ms", row.latency_ms),
+            unknown(format!("{} ms", row.latency_ms)),
         ];
         assert_eq!(cells, &expected.to_vec(), "{id}");
     }
@@ -692,7 +737,7 @@ async fn check_figures(c: &Client, gw: &TestGateway, today: NaiveDate) {
 /// Clicking a heading sorts its table, then again the other way.
 async fn check_sorting(c: &Client) {
     let spend = c
-        .find(Locator::Css("#keys thead th:nth-child(6)"))
+        .find(Locator::Css("#keys thead th:nth-child(5)"))
         .await
         .expect("spend heading");
     let names = async || -> Vec<String> {
@@ -940,4 +985,352 @@ async fn dashboard_in_headless_chromium_shows_two_replicas_and_warns_that_their_
     }
     c.close().await.expect("close the browser");
     one.shutdown().await;
+}
+
+/// Names of 40 characters, as a demo's dated names and real services' names are.
+const LONG_BUDGETED: &str = "team-search-eu-west-1-production-svc-001";
+const LONG_LIMITED: &str = "team-ads-eu-west-1-production-service-02";
+const LONG_REVOKED: &str = "team-old-eu-west-1-retired-service-00003";
+
+/// What a day of real use puts on the page: 40-character key names, a request that failed
+/// over (the first provider answered 500, the second the image), refused requests (over a
+/// key's rpm), a key with a budget, a revoked key, and more rows than one page holds. At
+/// 1280x800 no panel scrolls sideways; money shows as dollars and cents; each request is
+/// one row with its attempts folded under it; the pages, the key picker and an empty
+/// period work. Screenshots: dashboard-ops*.png.
+#[tokio::test]
+async fn dashboard_in_headless_chromium_fits_long_names_folds_failovers_and_counts_refusals() {
+    let failing = StandIn::json(
+        500,
+        r#"{"error":{"message":"down","type":"server_error","param":null,"code":null}}"#,
+    )
+    .await;
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    let extra = format!(
+        r#"
+[providers.flaky]
+base_url = "{}"
+api_key_env = "TEST_PIAPI_KEY"
+
+[models."duo"]
+routes = [{{ provider = "flaky", model = "gpt-image-1" }}, {{ provider = "piapi", model = "gpt-image-1" }}]
+
+[pricing.flaky."gpt-image-1"]
+per_image = 0.04
+"#,
+        failing.base_url()
+    );
+    let gw = TestGateway::start(Db::Sqlite, &test_config(&provider.base_url(), &extra)).await;
+    let create = async |body: Value| -> String {
+        let response = gw
+            .client
+            .post(gw.url("/admin/keys"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .expect("create");
+        assert_eq!(response.status(), 201);
+        let created: Value = response.json().await.expect("json");
+        created["key"].as_str().expect("key").to_owned()
+    };
+    let budgeted =
+        create(json!({"name": LONG_BUDGETED, "budget_usd": 5, "budget_period": "day"})).await;
+    let limited = create(json!({"name": LONG_LIMITED, "rpm": 1})).await;
+    create(json!({"name": LONG_REVOKED})).await;
+    let revoked = gw
+        .client
+        .delete(gw.url(&format!("/admin/keys/{LONG_REVOKED}")))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("revoke");
+    assert_eq!(revoked.status(), 200);
+
+    // Older calls of the test key: more than a page.
+    let old: Vec<_> = (0..60)
+        .map(|i| imagegate::usage::UsageRow {
+            created_at: Utc::now() - chrono::Duration::hours(30 + i),
+            ..crate::support::rows::usage_row(&format!("old-{i:02}"))
+        })
+        .collect();
+    gw.store.insert_usage(&old).await.expect("older rows");
+
+    let body = |model: &str| json!({"model": model, "prompt": "a lighthouse"}).to_string();
+    let path = "/v1/images/generations";
+    let duo = gw.post_json_as(&budgeted, path, &body("duo")).await;
+    assert_eq!(duo.status(), 200);
+    assert_eq!(duo.headers()["x-imagegate-attempts"], "2");
+    let failed_over = duo.headers()["x-request-id"]
+        .to_str()
+        .expect("id")
+        .to_owned();
+    duo.bytes().await.expect("body");
+    let plain = gw.post_json_as(&budgeted, path, &body("gpt-image-1")).await;
+    assert_eq!(plain.status(), 200);
+    let statuses = [
+        gw.post_json_as(&limited, path, &body("gpt-image-1"))
+            .await
+            .status(),
+        gw.post_json_as(&limited, path, &body("gpt-image-1"))
+            .await
+            .status(),
+        gw.post_json_as(&limited, path, &body("gpt-image-1"))
+            .await
+            .status(),
+    ];
+    assert_eq!(statuses.map(|s| s.as_u16()), [200, 429, 429]);
+    gw.usage_rows(64).await;
+    // The refusals reach the database within a flush.
+    for _ in 0..100 {
+        let shown: Value = admin_get(&gw, "/admin/refusals")
+            .await
+            .json()
+            .await
+            .expect("json");
+        if shown["total"] == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let driver = start_driver().await;
+    let c = browser(&driver).await;
+    viewport_1280x800(&c).await;
+    c.goto(&gw.url("/dashboard")).await.expect("open");
+    log_in(&c, ADMIN_TOKEN).await;
+    wait_for_path(&c, "/dashboard").await;
+    assert_eq!(save_screenshot(&c, "dashboard-ops.png").await, (1280, 800));
+    full_page_screenshot_named(&c, "dashboard-ops-full.png").await;
+    assert_fits(&c).await;
+
+    // Cards: client requests and failures, a failover's failed attempt apart; refusals.
+    let card = async |id: &str| {
+        let card = c.find(Locator::Id(id)).await.expect("card");
+        card.text().await.expect("text")
+    };
+    assert_eq!(
+        card("total-requests").await,
+        "63",
+        "60 old, 1 failed over, 1 plain, 1 let through of the limited key's 3"
+    );
+    assert_eq!(
+        card("total-failed").await,
+        "0",
+        "the client of the failover got its image"
+    );
+    assert_eq!(card("total-refused").await, "2");
+    let spend = card("total-cost").await;
+    assert!(
+        spend.starts_with('$') && spend.split('.').nth(1).is_some_and(|c| c.len() == 2),
+        "dollars and cents: {spend}"
+    );
+
+    // By key: the long names whole in their tooltips, refusals, the budget, in the panel.
+    let keys = table(&c, "keys", "data-group").await;
+    let row = |name: &str| {
+        keys.iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("{name} in {keys:?}"))
+            .1
+            .clone()
+    };
+    let limited_row = row(LONG_LIMITED);
+    assert_eq!(
+        (limited_row[1].as_str(), limited_row[3].as_str()),
+        ("1", "2"),
+        "{limited_row:?}"
+    );
+    let budget_row = row(LONG_BUDGETED);
+    assert!(budget_row[5].ends_with(" of $5.00"), "{budget_row:?}");
+    let name_cell = c
+        .find(Locator::Css(&format!(
+            "#keys tr[data-group='{LONG_BUDGETED}'] td"
+        )))
+        .await
+        .expect("name cell");
+    assert_eq!(
+        name_cell.attr("title").await.expect("attr").as_deref(),
+        Some(LONG_BUDGETED)
+    );
+    // The key picker marks the revoked key.
+    let picker = c.find(Locator::Id("key-picker")).await.expect("picker");
+    let options = picker.text().await.expect("options");
+    assert!(
+        options.contains(&format!("{LONG_REVOKED} (revoked)")),
+        "{options}"
+    );
+
+    // The failover: one row (the answer), its failed attempt folded under it with its cause.
+    let main = c
+        .find(Locator::Css(&format!(
+            "#requests tr[data-request-id='{failed_over}']"
+        )))
+        .await
+        .expect("the request's row");
+    let main_text = main.text().await.expect("text");
+    assert!(
+        main_text.contains("2 attempts") && main_text.contains("200"),
+        "{main_text}"
+    );
+    let attempts = c
+        .find_all(Locator::Css(&format!(
+            "#requests tr.attempt[data-attempt-of='{failed_over}']"
+        )))
+        .await
+        .expect("attempts");
+    assert_eq!(attempts.len(), 1);
+    let attempt = attempts[0].text().await.expect("text");
+    assert!(
+        attempt.contains("attempt 1") && attempt.contains("flaky") && attempt.contains("http_500"),
+        "{attempt}"
+    );
+
+    // Pages: 50 provider calls a page, then the older ones; and back.
+    let first_page: Vec<String> = table(&c, "requests", "data-request-id")
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    c.find(Locator::Id("next-page"))
+        .await
+        .expect("next")
+        .click()
+        .await
+        .expect("older");
+    wait_for_cursor(&c).await;
+    let second_page: Vec<String> = table(&c, "requests", "data-request-id")
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert!(!second_page.is_empty());
+    assert!(
+        second_page.iter().all(|id| !first_page.contains(id)),
+        "{second_page:?}"
+    );
+    assert!(
+        second_page.contains(&"old-59".to_owned()),
+        "the oldest row is on the last page"
+    );
+    assert!(
+        c.find(Locator::Id("next-page")).await.is_err(),
+        "the last page"
+    );
+    save_screenshot(&c, "dashboard-ops-page-2.png").await;
+    c.find(Locator::Id("newest-page"))
+        .await
+        .expect("newest")
+        .click()
+        .await
+        .expect("newest");
+    wait_for_path(&c, "/dashboard").await;
+
+    // The key picker filters the whole page.
+    let form = c.form(Locator::Css("form.filters")).await.expect("filters");
+    form.set_by_name("key", LONG_LIMITED).await.expect("pick");
+    form.submit().await.expect("apply");
+    for _ in 0..100 {
+        if c.current_url()
+            .await
+            .expect("url")
+            .query()
+            .unwrap_or_default()
+            .contains("key=team-ads")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for_path(&c, "/dashboard").await;
+    let names: Vec<String> = table(&c, "keys", "data-group")
+        .await
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(names, [LONG_LIMITED]);
+    assert_eq!(card("total-refused").await, "2");
+    assert_eq!(card("total-requests").await, "1");
+    assert_fits(&c).await;
+
+    // An empty period: no bars' worth of spend, and an axis of dollars, not billionths.
+    c.goto(&gw.url("/dashboard?since=2020-01-01&until=2020-01-07"))
+        .await
+        .expect("open");
+    wait_for_path(&c, "/dashboard").await;
+    let axis = c
+        .execute("return Array.from(document.querySelectorAll('#by-day text.axis')).map(t => t.textContent);", vec![])
+        .await
+        .expect("axis");
+    let labels: Vec<&str> = axis
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(Value::as_str)
+        .filter(|t| t.starts_with('$'))
+        .collect();
+    assert_eq!(labels, ["$0", "$0.25", "$0.50", "$0.75", "$1.00"]);
+    assert_eq!(card("total-requests").await, "0");
+    let empty = c
+        .find(Locator::Css("#latest .empty"))
+        .await
+        .expect("no requests");
+    assert_eq!(
+        empty.text().await.expect("text"),
+        "No requests in this period."
+    );
+    assert_fits(&c).await;
+    assert_eq!(
+        save_screenshot(&c, "dashboard-ops-empty.png").await,
+        (1280, 800)
+    );
+    c.close().await.expect("close the browser");
+    gw.shutdown().await;
+}
+
+/// No panel or card is wider inside than it shows (nothing cut off, no sideways scroll),
+/// and no table is wider than its panel.
+async fn assert_fits(c: &Client) {
+    let overflowing = c
+        .execute(
+            "return Array.from(document.querySelectorAll('.panel, .card, table, body'))\
+             .filter(e => e.scrollWidth > e.clientWidth + 1 \
+                || (e.tagName === 'TABLE' && e.getBoundingClientRect().right > \
+                    e.closest('.panel').getBoundingClientRect().right))\
+             .map(e => (e.id || e.className || e.tagName) + ': ' + e.scrollWidth + ' > ' + e.clientWidth);",
+            vec![],
+        )
+        .await
+        .expect("widths");
+    assert_eq!(overflowing, json!([]), "overflowing at 1280 px");
+}
+
+/// Waits (up to 10 s) for the page of an older cursor to have loaded.
+async fn wait_for_cursor(c: &Client) {
+    for _ in 0..100 {
+        let url = c.current_url().await.expect("url");
+        let ready = c.execute("return document.readyState;", vec![]).await;
+        if url.query().unwrap_or_default().contains("cursor=")
+            && ready.is_ok_and(|r| r == "complete")
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the older page did not load");
+}
+
+/// The whole page, however long, 1280 wide, under `name`; then back to 1280x800.
+async fn full_page_screenshot_named(c: &Client, name: &str) {
+    let height = c
+        .execute("return document.documentElement.scrollHeight;", vec![])
+        .await
+        .expect("height")
+        .as_u64()
+        .expect("a number");
+    c.set_window_size(1280, u32::try_from(height).expect("height") + 200)
+        .await
+        .expect("resize");
+    save_screenshot(c, name).await;
+    viewport_1280x800(c).await;
 }

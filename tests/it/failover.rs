@@ -129,6 +129,30 @@ async fn generations_fail_over_on_5xx_429_refused_and_timeouts_but_not_on_4xx() 
         format!("{}-2", rows[0].request_id),
         "one request, two attempts"
     );
+    // Each row names its client request and its attempt; a failed attempt says why.
+    let attempts: Vec<(i32, Option<&str>)> = rows
+        .iter()
+        .map(|r| (r.attempt, r.cause.as_deref()))
+        .collect();
+    assert_eq!(
+        attempts,
+        [
+            (1, Some("http_500")),
+            (2, None),
+            (1, Some("http_429")),
+            (2, None),
+            (1, Some("timeout")),
+            (2, None),
+            (1, Some("http_400")),
+        ]
+    );
+    for pair in rows.chunks(2) {
+        let client = pair[0].request_id.as_str();
+        assert!(
+            pair.iter().all(|r| r.client_request() == client),
+            "{pair:?}"
+        );
+    }
     assert_eq!(rows[1].cost_nanousd, Some(30_000_000));
     assert!(
         rows.iter()
@@ -196,6 +220,19 @@ failover = { max_attempts = 1 }
     response.bytes().await.expect("body");
     expect_error(generate(&gw, "duo-once").await, 502).await;
     assert_eq!(second.requests().len(), 1);
+    let rows = gw.usage_rows(3).await;
+    let causes: Vec<(&str, i32, Option<&str>)> = rows
+        .iter()
+        .map(|r| (r.provider.as_str(), r.attempt, r.cause.as_deref()))
+        .collect();
+    assert_eq!(
+        causes,
+        [
+            ("first", 1, Some("refused")),
+            ("second", 2, None),
+            ("first", 1, Some("refused")),
+        ]
+    );
     gw.shutdown().await;
 }
 
@@ -284,6 +321,16 @@ async fn edits_fail_over_with_the_upload_replayed_from_the_spool() {
     assert_eq!(
         rows.iter().map(|r| r.endpoint.as_str()).collect::<Vec<_>>(),
         ["edits", "edits"]
+    );
+    // The upload's attempts are tied together as the JSON ones are.
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.attempt, r.cause.as_deref(), r.client_request()))
+            .collect::<Vec<_>>(),
+        [
+            (1, Some("http_502"), rows[0].request_id.as_str()),
+            (2, None, rows[0].request_id.as_str())
+        ]
     );
     gw.shutdown().await;
 }

@@ -196,6 +196,8 @@ async fn jobs_of_a_replica_that_is_gone_are_failed_by_another_and_billed_once() 
         size: Some("1024x1024".into()),
         quality: None,
         worst_case_nanousd: Some(250_000_000),
+        attempt: 1,
+        client_request_id: None,
         created_at: long_ago,
     };
     let intent = serde_json::to_string(&intent).expect("json");

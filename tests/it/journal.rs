@@ -122,6 +122,8 @@ fn intent(id: &str) -> Intent {
         size: None,
         quality: None,
         worst_case_nanousd: Some(250_000_000),
+        attempt: 1,
+        client_request_id: None,
         created_at: row.created_at,
     }
 }

@@ -37,6 +37,7 @@ mod otlp;
 mod passthrough;
 mod pricing;
 mod redaction;
+mod refusals_store;
 mod replicas;
 mod results_s3;
 mod router;

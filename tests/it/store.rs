@@ -243,6 +243,9 @@ async fn usage_round_trips_every_field(store: Arc<dyn Store>) {
         ),
         usage_suspect: true,
         cost_estimated: true,
+        attempt: 3,
+        client_request_id: Some("req".to_owned()),
+        cause: Some("http_502".to_owned()),
     };
     // Every field at its zero or none.
     let bare = UsageRow {
@@ -264,6 +267,7 @@ async fn usage_round_trips_every_field(store: Arc<dyn Store>) {
         cost_nanousd: Some(0),
         latency_ms: 0,
         created_at: at("1999-12-31T23:59:59.000001Z"),
+        client_request_id: None,
         ..rows::usage_row("req-bare")
     };
     let completed = UsageRow {

@@ -1,5 +1,6 @@
 //! Admin API for client keys, behind the admin token: create one (the key is shown once),
-//! list them (never a key or its hash), change a key's limits, revoke one. Every call is
+//! list them or show one (never a key or its hash; with its budget's standing), change a
+//! key's limits, revoke one. Every call is
 //! logged with who made it ("admin"), what it did and the key's name: never a key or token.
 
 use std::sync::Arc;
@@ -7,7 +8,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
 use http::StatusCode;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -17,7 +18,8 @@ use crate::auth::settings::{ChangeKey, CreateKey, SettingError};
 use crate::auth::{IssuedKey, issue_key};
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::store::{KeyLimits, KeyRecord, StoreError};
+use crate::store::{BudgetState, KeyLimits, KeyRecord, Standing, StoreError};
+use crate::usage::price::format_usd;
 
 /// An admin body is a few hundred bytes; metadata gets room, not without end.
 const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -38,9 +40,75 @@ pub struct KeyView {
     pub max_in_flight: Option<i64>,
     pub models: Option<Vec<String>>,
     pub metadata: Option<Map<String, Value>>,
+    /// The budget's standing now; all null for a key without a budget.
+    #[serde(flatten)]
+    pub budget: BudgetView,
+}
+
+/// A key's budget as it stands (see [`Standing`]): exact in both forms, dollars as decimal
+/// text and billionths of a dollar as a number.
+#[derive(Debug, Default, Serialize)]
+pub struct BudgetView {
+    /// When the budget's current period began (a UTC day or month; the epoch for `total`).
+    pub period_start: Option<String>,
+    pub spent_usd: Option<String>,
+    pub spent_nanousd: Option<i64>,
+    /// Held by calls in flight: their worst case, until their usage row settles it.
+    pub reserved_usd: Option<String>,
+    pub reserved_nanousd: Option<i64>,
+    pub remaining_usd: Option<String>,
+    pub remaining_nanousd: Option<i64>,
+}
+
+impl BudgetView {
+    fn of(standing: Option<Standing>) -> Self {
+        let Some(s) = standing else {
+            return BudgetView::default();
+        };
+        BudgetView {
+            period_start: Some(s.period_start.to_rfc3339_opts(SecondsFormat::Secs, true)),
+            spent_usd: Some(format_usd(s.spent_nanousd)),
+            spent_nanousd: Some(s.spent_nanousd),
+            reserved_usd: Some(format_usd(s.reserved_nanousd)),
+            reserved_nanousd: Some(s.reserved_nanousd),
+            remaining_usd: Some(format_usd(s.remaining_nanousd)),
+            remaining_nanousd: Some(s.remaining_nanousd),
+        }
+    }
+}
+
+/// Every key (revoked ones too, oldest first) with its budget's standing at `now`: what the
+/// key listing, the dashboard and the budget gauge show, read once for all keys.
+pub async fn standings(
+    state: &AppState,
+    now: DateTime<Utc>,
+) -> Result<Vec<(KeyRecord, Option<Standing>)>, ApiError> {
+    let keys = state.store.list_keys().await.map_err(ApiError::internal)?;
+    let rows = (state.store.budget_standings(now).await).map_err(ApiError::internal)?;
+    let rows: std::collections::HashMap<i64, BudgetState> = rows.into_iter().collect();
+    Ok(keys
+        .into_iter()
+        .map(|key| {
+            let limits = &key.limits;
+            let standing = Standing::of(
+                limits.budget_nanousd,
+                limits.budget_period.as_deref(),
+                rows.get(&key.id),
+                now,
+            );
+            (key, standing)
+        })
+        .collect())
 }
 
 impl KeyView {
+    /// A key as listed, with its budget's standing.
+    pub fn with_standing(record: KeyRecord, standing: Option<Standing>) -> Self {
+        let mut view = KeyView::of(record);
+        view.budget = BudgetView::of(standing);
+        view
+    }
+
     fn of(record: KeyRecord) -> Self {
         let KeyLimits {
             budget_nanousd,
@@ -70,6 +138,7 @@ impl KeyView {
             max_in_flight,
             models,
             metadata,
+            budget: BudgetView::default(),
         }
     }
 }
@@ -103,12 +172,37 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(view)))
 }
 
-/// `GET /admin/keys`: every key, revoked ones too, oldest first.
+/// `GET /admin/keys`: every key, revoked ones too, oldest first, each with its budget's
+/// standing.
 pub async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
-    let keys = state.store.list_keys().await.map_err(ApiError::internal)?;
+    let keys = standings(&state, Utc::now()).await?;
     audit("GET /admin/keys", "");
-    let data: Vec<KeyView> = keys.into_iter().map(KeyView::of).collect();
+    let data: Vec<KeyView> = keys
+        .into_iter()
+        .map(|(key, standing)| KeyView::with_standing(key, standing))
+        .collect();
     Ok(Json(serde_json::json!({ "object": "list", "data": data })))
+}
+
+/// `GET /admin/keys/{name}`: the active key of that name, else the latest revoked one
+/// (names are reused once revoked); 404 `key_not_found` when no key ever had it.
+pub async fn show(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Json<KeyView>, ApiError> {
+    let keys = standings(&state, Utc::now()).await?;
+    audit("GET /admin/keys/{name}", &name);
+    let named = keys.into_iter().filter(|(key, _)| key.name == name);
+    // Oldest first: the active key, or else the newest of the revoked ones.
+    let found = named.fold(
+        None,
+        |found: Option<(KeyRecord, Option<Standing>)>, next| match &found {
+            Some((key, _)) if key.revoked_at.is_none() => found,
+            _ => Some(next),
+        },
+    );
+    let (key, standing) = found.ok_or(ApiError::KeyNotFound(name))?;
+    Ok(Json(KeyView::with_standing(key, standing)))
 }
 
 /// `PATCH /admin/keys/{name}`: changes the active key's limits; running gateways apply

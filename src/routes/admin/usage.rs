@@ -1,6 +1,7 @@
-//! `GET /admin/usage` (totals by key, model, provider, day or hour, as JSON or CSV) and
+//! `GET /admin/usage` (totals by key, model, provider, day or hour, as JSON or CSV),
 //! `GET /admin/requests` (the latest usage rows, newest first, a page at a time, as JSON or
-//! CSV). The
+//! CSV) and `GET /admin/refusals` (requests refused before a provider call, per key and
+//! reason). The
 //! dashboard reads through the same functions, so that its figures are these.
 
 use std::sync::Arc;
@@ -280,6 +281,42 @@ pub async fn requests(
         "data": rows.iter().map(report::row_json).collect::<Vec<_>>(),
         "has_more": next.is_some(),
         "next_cursor": next,
+    }))
+    .into_response())
+}
+
+/// The refusals a filter's key and period select (its model and provider do not apply:
+/// a refusal has neither), per key and reason.
+pub async fn refusal_totals(
+    store: &dyn Store,
+    filter: &UsageFilter,
+) -> Result<Vec<crate::store::RefusalTotal>, ApiError> {
+    let key = filter.key_name.as_deref();
+    (store.refusal_totals(key, filter.since, filter.until).await).map_err(ApiError::internal)
+}
+
+/// `GET /admin/refusals?key=&since=&until=`: requests of known keys refused before any
+/// provider call (over `rpm`, budget or requests in flight, a model outside the key's
+/// list, an expired key), per key and reason, with the total per reason. Counted in each
+/// replica's memory and written every few seconds: the last seconds may not be in yet.
+pub async fn refusals(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<Pairs>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let params = Params::new(query, &["key", "since", "until"])?;
+    let filter = params.filter()?;
+    let rows = refusal_totals(state.store.as_ref(), &filter).await?;
+    let mut by_reason = serde_json::Map::new();
+    for row in &rows {
+        let sum = by_reason.entry(row.reason.clone()).or_insert(json!(0));
+        *sum = json!(sum.as_i64().unwrap_or(0) + row.count);
+    }
+    let total: i64 = rows.iter().map(|r| r.count).sum();
+    Ok(Json(json!({
+        "object": "list",
+        "data": rows.iter().map(|r| json!({"key": r.key_name, "reason": r.reason, "count": r.count})).collect::<Vec<_>>(),
+        "by_reason": by_reason,
+        "total": total,
     }))
     .into_response())
 }

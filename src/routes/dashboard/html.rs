@@ -9,18 +9,52 @@ use chrono::{Duration, NaiveDate};
 
 use crate::replicas::Roster;
 use crate::store::{UsageRow, UsageTotals};
-use crate::usage::price::format_cost;
+use crate::usage::price::{format_usd, format_usd_sum};
 use crate::usage::report;
 
-/// A group's spend in dollars: "$0.04", "$0.04 + 3 unpriced", or "unpriced" when none of
-/// its calls has a price (never "$0").
+/// Dollars and cents for people: "$0.57", "$1,234.50"; a cost above zero that rounds to
+/// nothing reads "<$0.01" (never "$0.00" for something that cost money).
+pub fn money(nanos: i128) -> String {
+    let sign = if nanos < 0 { "-" } else { "" };
+    let abs = nanos.unsigned_abs();
+    let cents = (abs + 5_000_000) / 10_000_000;
+    if cents == 0 && abs > 0 {
+        return format!("{sign}<$0.01");
+    }
+    let dollars = (cents / 100).to_string();
+    let mut grouped = String::new();
+    for (i, c) in dollars.chars().enumerate() {
+        if i > 0 && (dollars.len() - i) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(c);
+    }
+    format!("{sign}${grouped}.{:02}", cents % 100)
+}
+
+/// Money in a cell or card: dollars and cents, the exact figure in its tooltip.
+fn money_html(nanos: i128) -> String {
+    format!(
+        "<span title=\"${} exactly\">{}</span>",
+        format_usd_sum(nanos),
+        money(nanos)
+    )
+}
+
+/// A group's spend: "$0.04", "$0.04 + 3 unpriced", or "unpriced" when none of its calls
+/// has a price (never "$0"); the exact figure in a tooltip.
 fn spend(totals: &UsageTotals) -> String {
-    let text = report::cost_text(totals);
-    match report::cost_usd(totals) {
-        Some(_) => format!("${text}"),
-        None => text,
+    match report::cost_nanousd(totals) {
+        None => "unpriced".to_owned(),
+        Some(nanos) if totals.unpriced > 0 => {
+            format!("{} + {} unpriced", money_html(nanos), totals.unpriced)
+        }
+        Some(nanos) => money_html(nanos),
     }
 }
+
+/// What is not known (an interrupted call's status, tokens, latency).
+const UNKNOWN: &str = "\u{2014}";
 
 /// What a table sorts a cost by: the priced sum, and unpriced below every price.
 fn cost_sort(nanos: Option<impl ToString>) -> String {
@@ -101,6 +135,8 @@ pub struct Shown {
     pub model: String,
     pub since: String,
     pub until: String,
+    /// The latest requests' page (none: the newest).
+    pub cursor: String,
 }
 
 impl Shown {
@@ -117,35 +153,77 @@ impl Shown {
     }
 }
 
-/// The header with the log-out button, and the filter form.
-pub fn top(shown: &Shown, keys: &[String], models: &[String]) -> String {
-    let options = |list: &[String]| {
-        list.iter()
-            .map(|v| format!("<option value=\"{}\">", esc(v)))
-            .collect::<String>()
+/// The header with the log-out button, and the filter form: a key picker (every key, the
+/// revoked ones marked), a model, and the period as ISO dates (text, not the browser's
+/// date control, which shows dates in the browser's locale).
+pub fn top(shown: &Shown, keys: &[(String, &'static str)], models: &[String]) -> String {
+    let mut key_options = format!(
+        "<option value=\"\"{}>all keys</option>",
+        if shown.key.is_empty() {
+            " selected"
+        } else {
+            ""
+        }
+    );
+    let mut listed = false;
+    for (name, status) in keys {
+        let selected = if *name == shown.key {
+            listed = true;
+            " selected"
+        } else {
+            ""
+        };
+        let mark = if matches!(*status, "active" | "") {
+            String::new()
+        } else {
+            format!(" ({status})")
+        };
+        let _ = write!(
+            key_options,
+            "<option value=\"{}\"{selected}>{}{mark}</option>",
+            esc(name),
+            esc(name)
+        );
+    }
+    if !listed && !shown.key.is_empty() {
+        let _ = write!(
+            key_options,
+            "<option value=\"{}\" selected>{}</option>",
+            esc(&shown.key),
+            esc(&shown.key)
+        );
+    }
+    let models = models
+        .iter()
+        .map(|v| format!("<option value=\"{}\">", esc(v)))
+        .collect::<String>();
+    let date = |name: &str, value: &str| {
+        format!(
+            "<input name=\"{name}\" value=\"{}\" placeholder=\"YYYY-MM-DD\" \
+             pattern=\"\\d{{4}}-\\d{{2}}-\\d{{2}}\" inputmode=\"numeric\" size=\"10\" class=\"date\">",
+            esc(value)
+        )
     };
     format!(
         "<header class=\"top\"><div class=\"brand\">imagegate <span>usage</span></div>\
          <form method=\"post\" action=\"/dashboard/logout\"><button class=\"ghost\" \
          type=\"submit\">Log out</button></form></header>\
          <form class=\"filters\" method=\"get\" action=\"/dashboard\">\
-         <label>Key<input name=\"key\" list=\"keys\" value=\"{}\" placeholder=\"all keys\"></label>\
+         <label>Key<select name=\"key\" id=\"key-picker\">{key_options}</select></label>\
          <label>Model<input name=\"model\" list=\"models\" value=\"{}\" placeholder=\"all models\"></label>\
-         <label>From<input type=\"date\" name=\"since\" value=\"{}\"></label>\
-         <label>To<input type=\"date\" name=\"until\" value=\"{}\"></label>\
+         <label>From (UTC){}</label><label>To (UTC){}</label>\
          <button type=\"submit\">Apply</button><a class=\"reset\" href=\"/dashboard\">Reset</a>\
-         <datalist id=\"keys\">{}</datalist><datalist id=\"models\">{}</datalist></form>",
-        esc(&shown.key),
+         <datalist id=\"models\">{models}</datalist></form>",
         esc(&shown.model),
-        esc(&shown.since),
-        esc(&shown.until),
-        options(keys),
-        options(models),
+        date("since", &shown.since),
+        date("until", &shown.until),
     )
 }
 
-/// The period's totals, one card each.
-pub fn cards(total: &UsageTotals) -> String {
+/// The period's totals, one card each: client requests (a failover's attempts count
+/// once), the requests whose client saw a failure, the requests refused before any
+/// provider call.
+pub fn cards(total: &UsageTotals, refused: i64) -> String {
     let mut out = String::from("<section class=\"cards\">");
     let mut card = |id: &str, label: &str, value: String, note: &str| {
         let _ = write!(
@@ -154,12 +232,13 @@ pub fn cards(total: &UsageTotals) -> String {
              <div class=\"value\" id=\"{id}\">{value}</div><div class=\"note\">{note}</div></div>"
         );
     };
-    card("total-cost", "Spend", spend(total), "USD");
+    card("total-cost", "Spend", spend(total), "USD, priced calls");
+    let calls = format!("{} provider calls", total.requests);
     card(
         "total-requests",
         "Requests",
-        total.requests.to_string(),
-        "provider calls",
+        report::client_requests(total).to_string(),
+        &calls,
     );
     card(
         "total-images",
@@ -167,11 +246,25 @@ pub fn cards(total: &UsageTotals) -> String {
         total.images.to_string(),
         "generated",
     );
+    let retried = match total.retries {
+        1 => "1 failed attempt retried".to_owned(),
+        n => format!("{n} failed attempts retried"),
+    };
     card(
         "total-failed",
         "Failed",
-        total.failed.to_string(),
-        "no image delivered",
+        report::client_failures(total).to_string(),
+        if total.retries > 0 {
+            &retried
+        } else {
+            "clients saw an error"
+        },
+    );
+    card(
+        "total-refused",
+        "Refused",
+        refused.to_string(),
+        "rpm, budget, in flight, model",
     );
     let unpriced = if total.unpriced > 0 {
         "not in the spend"
@@ -236,7 +329,12 @@ pub fn chart(days: &[UsageTotals]) -> String {
     }
     let (width, height, left, bottom, top) = (1160.0_f64, 240.0_f64, 64.0, 28.0, 12.0);
     let highest = days.iter().map(|d| d.cost_nanousd).max().unwrap_or(0);
-    let max = nice_ceiling(highest.max(1) as f64 / 1e9) * 1e9;
+    // Nothing spent: an axis up to a dollar, not to a billionth of one.
+    let max = if highest <= 0 {
+        1e9
+    } else {
+        nice_ceiling(highest as f64 / 1e9) * 1e9
+    };
     let plot_h = height - bottom - top;
     let step = (width - left) / days.len() as f64;
     let mut svg = format!(
@@ -249,7 +347,7 @@ pub fn chart(days: &[UsageTotals]) -> String {
         let _ = write!(
             svg,
             "<line class=\"grid\" x1=\"{left}\" x2=\"{width}\" y1=\"{y:.1}\" y2=\"{y:.1}\"/>\
-             <text class=\"axis\" x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">${}</text>",
+             <text class=\"axis\" x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
             left - 8.0,
             y + 4.0,
             axis_usd(value / 1e9)
@@ -267,8 +365,12 @@ pub fn chart(days: &[UsageTotals]) -> String {
              width=\"{:.1}\" height=\"{h:.1}\" rx=\"2\"/></g>",
             report::cost_usd(d).unwrap_or_default(),
             d.unpriced,
-            spend(d),
-            d.requests,
+            match (report::cost_usd(d), d.unpriced) {
+                (None, _) => "unpriced".to_owned(),
+                (Some(usd), 0) => format!("${usd}"),
+                (Some(usd), n) => format!("${usd} + {n} unpriced"),
+            },
+            report::client_requests(d),
             top + plot_h - h,
             step * 0.7
         );
@@ -298,48 +400,140 @@ fn nice_ceiling(usd: f64) -> f64 {
     nice * power
 }
 
-/// An axis label: the figure without trailing zeros (the exact figures are in the tables
-/// and the bars' tooltips).
+/// An axis label: dollars, with cents below $10 and below a dollar as many places as
+/// the step needs (the exact figures are in the tables and the bars' tooltips).
 fn axis_usd(usd: f64) -> String {
-    let text = format!("{usd:.9}");
-    let text = text.trim_end_matches('0').trim_end_matches('.');
-    if text.is_empty() || text == "-" {
-        "0".to_owned()
-    } else {
-        text.to_owned()
+    if usd == 0.0 {
+        return "$0".to_owned();
     }
+    let places = if usd >= 10.0 {
+        0
+    } else if usd >= 0.01 {
+        2
+    } else {
+        (-usd.log10().floor()) as usize + 1
+    };
+    let text = format!("{usd:.places$}");
+    let text = if text.contains('.') && places > 2 {
+        text.trim_end_matches('0').to_owned()
+    } else {
+        text
+    };
+    format!("${text}")
 }
 
-/// Totals per group (a key or a model) as a table sortable by any column.
+/// Totals per model as a table sortable by any column: client requests, those that
+/// failed, images, tokens and spend.
 pub fn totals_table(id: &str, heading: &str, rows: &[UsageTotals]) -> String {
     if rows.is_empty() {
         return "<p class=\"empty\">No usage in this period.</p>".to_owned();
     }
     let mut out = format!(
-        "<table class=\"sortable\" id=\"{id}\"><thead><tr><th>{}</th><th class=\"num\">Requests</th>\
+        "<table class=\"sortable\" id=\"{id}\"><colgroup><col class=\"name\"><col><col><col>\
+         <col><col class=\"spend\"></colgroup><thead><tr><th>{}</th><th class=\"num\">Requests</th>\
          <th class=\"num\">Failed</th><th class=\"num\">Images</th><th class=\"num\">Tokens</th>\
-         <th class=\"num\">Spend (USD)</th></tr></thead><tbody>",
+         <th class=\"num\">Spend</th></tr></thead><tbody>",
         esc(heading)
     );
     for r in rows {
+        let (requests, failed) = (report::client_requests(r), report::client_failures(r));
         let _ = write!(
             out,
-            "<tr data-group=\"{}\"><td>{}</td><td class=\"num\" data-sort=\"{}\">{}</td>\
-             <td class=\"num\" data-sort=\"{}\">{}</td><td class=\"num\" data-sort=\"{}\">{}</td>\
+            "<tr data-group=\"{}\"><td title=\"{}\">{}</td><td class=\"num\" data-sort=\"{requests}\">{requests}</td>\
+             <td class=\"num\" data-sort=\"{failed}\">{failed}</td><td class=\"num\" data-sort=\"{}\">{}</td>\
              <td class=\"num\" data-sort=\"{}\">{}</td>\
              <td class=\"num cost\" data-sort=\"{}\">{}</td></tr>",
             esc(&r.group),
             esc(&r.group),
-            r.requests,
-            r.requests,
-            r.failed,
-            r.failed,
+            esc(&r.group),
             r.images,
             r.images,
             r.total_tokens,
             r.total_tokens,
             cost_sort(report::cost_nanousd(r)),
-            report::cost_text(r),
+            spend(r),
+        );
+    }
+    out.push_str("</tbody></table>");
+    out
+}
+
+/// A key as the by-key table shows it beside its usage: its state and its budget now.
+pub struct KeyLine {
+    pub status: &'static str,
+    /// Spent and limit in the budget's current period, and the period's name.
+    pub budget: Option<(i64, i64, &'static str)>,
+}
+
+/// Totals per key, sortable: client requests, failed, refused, spend in the period, and
+/// spend against budget in the budget's own period ("$1.20 of $5.00 today", with a bar).
+/// Revoked and expired keys are marked.
+pub fn keys_table(
+    rows: &[UsageTotals],
+    refused: &std::collections::BTreeMap<String, i64>,
+    keys: &std::collections::HashMap<String, KeyLine>,
+) -> String {
+    if rows.is_empty() && refused.is_empty() {
+        return "<p class=\"empty\">No usage in this period.</p>".to_owned();
+    }
+    let mut names: Vec<&str> = rows.iter().map(|r| r.group.as_str()).collect();
+    for name in refused.keys() {
+        if !names.contains(&name.as_str()) {
+            names.push(name);
+        }
+    }
+    names.sort_unstable();
+    let mut out = String::from(
+        "<table class=\"sortable\" id=\"keys\"><colgroup><col class=\"name\"><col><col><col>\
+         <col class=\"spend\"><col class=\"budget\"></colgroup><thead><tr><th>Key</th>\
+         <th class=\"num\">Requests</th><th class=\"num\">Failed</th><th class=\"num\">Refused</th>\
+         <th class=\"num\">Spend</th><th>Budget</th></tr></thead><tbody>",
+    );
+    let none = UsageTotals::default();
+    for name in names {
+        let r = rows.iter().find(|r| r.group == name).unwrap_or(&none);
+        let (requests, failed) = (report::client_requests(r), report::client_failures(r));
+        let refused = refused.get(name).copied().unwrap_or(0);
+        let line = keys.get(name);
+        let mark = match line.map(|l| l.status) {
+            Some(status @ ("revoked" | "expired")) => {
+                format!(" <span class=\"badge {status}\">{status}</span>")
+            }
+            _ => String::new(),
+        };
+        let budget = match line.and_then(|l| l.budget) {
+            Some((spent, limit, period)) => {
+                let share = if limit > 0 {
+                    (spent as f64 / limit as f64).clamp(0.0, 1.0)
+                } else {
+                    1.0
+                };
+                format!(
+                    "<td class=\"budget\" data-sort=\"{share}\" title=\"${} of ${} {period}\">\
+                     <svg class=\"meter\" viewBox=\"0 0 40 6\" width=\"40\" height=\"6\" aria-hidden=\"true\">\
+                     <rect class=\"track\" width=\"40\" height=\"6\" rx=\"3\"/>\
+                     <rect class=\"fill\" width=\"{:.1}\" height=\"6\" rx=\"3\"/></svg> {} of {}</td>",
+                    format_usd(spent),
+                    format_usd(limit),
+                    share * 40.0,
+                    money(i128::from(spent)),
+                    money(i128::from(limit)),
+                )
+            }
+            None => format!("<td class=\"budget none\" data-sort=\"-1\">{UNKNOWN}</td>"),
+        };
+        let _ = write!(
+            out,
+            "<tr data-group=\"{}\"><td title=\"{}\"><span class=\"name\">{}</span>{mark}</td>\
+             <td class=\"num\" data-sort=\"{requests}\">{requests}</td>\
+             <td class=\"num\" data-sort=\"{failed}\">{failed}</td>\
+             <td class=\"num\" data-sort=\"{refused}\">{refused}</td>\
+             <td class=\"num cost\" data-sort=\"{}\">{}</td>{budget}</tr>",
+            esc(name),
+            esc(name),
+            esc(name),
+            cost_sort(report::cost_nanousd(r)),
+            spend(r),
         );
     }
     out.push_str("</tbody></table>");
@@ -406,56 +600,133 @@ pub fn replicas(roster: &Roster) -> String {
     out
 }
 
-/// The latest rows: time, key, model, provider, status, tokens, cost and latency.
+/// The latest requests, one row each, newest first: time, request id, key, model, the
+/// provider that answered, status, tokens, cost and latency; a request that failed over
+/// has its earlier attempts (provider, status, cause) folded under it. What is not known
+/// (an interrupted call's status, tokens and latency) reads "—".
 pub fn requests_table(rows: &[UsageRow]) -> String {
     if rows.is_empty() {
         return "<p class=\"empty\">No requests in this period.</p>".to_owned();
     }
+    // Attempts of one request, grouped in the order their newest row comes.
+    let mut groups: Vec<Vec<&UsageRow>> = Vec::new();
+    for row in rows {
+        match groups
+            .iter_mut()
+            .find(|g| g[0].client_request() == row.client_request())
+        {
+            Some(group) => group.push(row),
+            None => groups.push(vec![row]),
+        }
+    }
     let mut out = String::from(
-        "<table class=\"sortable\" id=\"requests\"><thead><tr><th>Time (UTC)</th><th>Key</th>\
-         <th>Model</th><th>Provider</th><th>Status</th><th class=\"num\">Input tokens</th>\
-         <th class=\"num\">Output tokens</th><th class=\"num\">Cost (USD)</th>\
-         <th class=\"num\">Latency</th></tr></thead><tbody>",
+        "<table class=\"sortable\" id=\"requests\"><colgroup><col class=\"time\">\
+         <col class=\"rid\"><col class=\"name\"><col class=\"model\"><col class=\"provider\">\
+         <col class=\"outcome-col\"><col class=\"tokens\"><col class=\"tokens\"><col class=\"spend\">\
+         <col class=\"latency\"></colgroup>\
+         <thead><tr><th>Time (UTC)</th><th>Request id</th><th>Key</th>\
+         <th>Model</th><th>Provider</th><th>Status</th><th class=\"num\">In tokens</th>\
+         <th class=\"num\">Out tokens</th><th class=\"num\">Cost</th>\
+         <th class=\"num\">Latency</th></tr></thead>",
     );
-    for r in rows {
-        let ok = if (200..300).contains(&r.status) {
+    for mut group in groups {
+        group.sort_by_key(|r| std::cmp::Reverse(r.attempt));
+        let last = group[0];
+        let known = last.outcome != crate::store::Outcome::Interrupted;
+        let unknown = |value: i64, suffix: &str| {
+            if known {
+                format!("{value}{suffix}")
+            } else {
+                UNKNOWN.to_owned()
+            }
+        };
+        let ok = if known && (200..300).contains(&last.status) {
             "ok"
         } else {
             "bad"
         };
         // An unpriced row has no cost, estimated or not.
-        let estimated = if r.cost_estimated && r.cost_nanousd.is_some() {
+        let estimated = if last.cost_estimated && last.cost_nanousd.is_some() {
             " <abbr title=\"worst-case estimate\">est.</abbr>"
         } else {
             ""
         };
+        let cost = match last.cost_nanousd {
+            Some(nanos) => money_html(i128::from(nanos)),
+            None => "unpriced".to_owned(),
+        };
+        let attempts = if group.len() > 1 {
+            format!(
+                " <span class=\"attempts\" title=\"answered on attempt {}\">{} attempts</span>",
+                last.attempt,
+                group.len()
+            )
+        } else {
+            String::new()
+        };
+        let id = last.client_request();
+        // A completed call's status says it all; any other outcome is written out.
+        let outcome = last.outcome.as_str().replace('_', " ");
+        let shown_outcome = if last.outcome == crate::store::Outcome::Completed {
+            String::new()
+        } else {
+            format!(" <span class=\"outcome\">{outcome}</span>")
+        };
         let _ = write!(
             out,
-            "<tr data-request-id=\"{}\"><td data-sort=\"{}\">{}</td><td>{}</td><td>{}</td><td>{}</td>\
-             <td data-sort=\"{}\"><span class=\"status {ok}\">{}</span> <span class=\"outcome\">{}</span></td>\
+            "<tbody class=\"request\"><tr data-request-id=\"{}\"><td data-sort=\"{}\">{}</td>\
+             <td title=\"{}\"><code>{}</code></td><td title=\"{}\">{}</td><td title=\"{}\">{}</td>\
+             <td>{}{attempts}</td>\
+             <td data-sort=\"{}\" title=\"{outcome}\"><span class=\"status {ok}\">{}</span>{shown_outcome}</td>\
              <td class=\"num\" data-sort=\"{}\">{}</td><td class=\"num\" data-sort=\"{}\">{}</td>\
-             <td class=\"num cost\" data-sort=\"{}\">{}{estimated}</td>\
-             <td class=\"num\" data-sort=\"{}\">{} ms</td></tr>",
-            esc(&r.request_id),
-            r.created_at.timestamp_micros(),
-            r.created_at.format("%Y-%m-%d %H:%M:%S"),
-            esc(&r.key_name),
-            esc(&r.model),
-            esc(&r.provider),
-            r.status,
-            r.status,
-            r.outcome.as_str().replace('_', " "),
-            r.input_tokens,
-            r.input_tokens,
-            r.output_tokens,
-            r.output_tokens,
-            cost_sort(r.cost_nanousd),
-            format_cost(r.cost_nanousd),
-            r.latency_ms,
-            r.latency_ms,
+             <td class=\"num cost\" data-sort=\"{}\">{cost}{estimated}</td>\
+             <td class=\"num\" data-sort=\"{}\">{}</td></tr>",
+            esc(id),
+            last.created_at.timestamp_micros(),
+            last.created_at.format("%Y-%m-%dT%H:%M:%SZ"),
+            esc(id),
+            esc(id),
+            esc(&last.key_name),
+            esc(&last.key_name),
+            esc(&last.model),
+            esc(&last.model),
+            esc(&last.provider),
+            if known { last.status } else { -1 },
+            if known {
+                last.status.to_string()
+            } else {
+                UNKNOWN.to_owned()
+            },
+            if known { last.input_tokens } else { -1 },
+            unknown(last.input_tokens, ""),
+            if known { last.output_tokens } else { -1 },
+            unknown(last.output_tokens, ""),
+            cost_sort(last.cost_nanousd),
+            if known { last.latency_ms } else { -1 },
+            unknown(last.latency_ms, " ms"),
         );
+        for earlier in &group[1..] {
+            let cause = earlier.cause.as_deref().unwrap_or(UNKNOWN);
+            let _ = write!(
+                out,
+                "<tr class=\"attempt\" data-attempt-of=\"{}\"><td></td>\
+                 <td title=\"{}\"><code>{}</code></td><td colspan=\"2\">\u{21b3} attempt {}</td>\
+                 <td>{}</td><td><span class=\"status bad\">{}</span> <span class=\"cause\">{}</span></td>\
+                 <td class=\"num\"></td><td class=\"num\"></td><td class=\"num cost\"></td>\
+                 <td class=\"num\">{} ms</td></tr>",
+                esc(id),
+                esc(&earlier.request_id),
+                esc(&earlier.request_id),
+                earlier.attempt,
+                esc(&earlier.provider),
+                earlier.status,
+                esc(cause),
+                earlier.latency_ms,
+            );
+        }
+        out.push_str("</tbody>");
     }
-    out.push_str("</tbody></table>");
+    out.push_str("</table>");
     out
 }
 
@@ -477,9 +748,21 @@ mod tests {
         assert_eq!(nice_ceiling(0.000_000_007), 0.000_000_01);
         assert_eq!(nice_ceiling(2.2), 2.5);
         assert_eq!(nice_ceiling(40.0), 50.0);
-        assert_eq!(axis_usd(0.5), "0.5");
-        assert_eq!(axis_usd(0.0), "0");
-        assert_eq!(axis_usd(0.1 * 3.0), "0.3");
+        assert_eq!(axis_usd(0.5), "$0.50");
+        assert_eq!(axis_usd(0.0), "$0");
+        assert_eq!(axis_usd(0.1 * 3.0), "$0.30");
+        assert_eq!(axis_usd(0.0025), "$0.0025");
+        assert_eq!(axis_usd(50.0), "$50");
+    }
+
+    #[test]
+    fn money_is_dollars_and_cents() {
+        assert_eq!(money(571_928_500), "$0.57");
+        assert_eq!(money(1_814_567_899), "$1.81");
+        assert_eq!(money(5_000_000), "$0.01");
+        assert_eq!(money(7), "<$0.01");
+        assert_eq!(money(0), "$0.00");
+        assert_eq!(money(1_234_567_890_000), "$1,234.57");
     }
 
     #[test]

@@ -9,6 +9,8 @@
 pub mod html;
 pub mod session;
 
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
@@ -20,13 +22,16 @@ use axum::{Extension, Form};
 use chrono::{Duration, NaiveDate, Utc};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 
-use super::admin::usage::{Pairs, Params, csv_response, page, rows_csv_response, totals};
+use super::admin::keys::KeyView;
+use super::admin::usage::{
+    Pairs, Params, csv_response, decode_cursor, page, refusal_totals, rows_csv_response, totals,
+};
 use crate::auth::admin_token_matches;
 use crate::config::Secret;
 use crate::error::ApiError;
 use crate::replicas::Roster;
 use crate::state::AppState;
-use crate::store::{GroupBy, UsageFilter, UsageRow, UsageTotals};
+use crate::store::{BudgetPeriod, GroupBy, PageCursor, UsageFilter, UsageRow, UsageTotals};
 use crate::usage::report;
 
 pub const LOGIN: &str = "/dashboard/login";
@@ -34,8 +39,8 @@ pub const LOGIN: &str = "/dashboard/login";
 const DEFAULT_DAYS: i64 = 30;
 /// Rows of the latest requests' table.
 const LATEST: i64 = 50;
-/// The filters the page and its download take.
-const FILTERS: &[&str] = &["key", "model", "since", "until"];
+/// The page's parameters: the filters, and which page of the latest requests.
+const PAGE: &[&str] = &["key", "model", "since", "until", "cursor"];
 
 const CSS: &str = include_str!("assets/dashboard.css");
 const JS: &str = include_str!("assets/dashboard.js");
@@ -180,6 +185,7 @@ fn filter(params: &Params) -> Result<(UsageFilter, html::Shown), ApiError> {
             (None, Some(_)) => String::new(),
         },
         until: params.get("until").unwrap_or_default().to_owned(),
+        cursor: params.get("cursor").unwrap_or_default().to_owned(),
     };
     let mut filter = params.filter()?;
     if filter.since.is_none() && !shown.since.is_empty() {
@@ -202,17 +208,21 @@ fn bad_filter(err: &ApiError) -> Response {
     )
 }
 
-/// `GET /dashboard?key=&model=&since=&until=`.
+/// `GET /dashboard?key=&model=&since=&until=&cursor=`.
 pub async fn dashboard(
     State(state): State<Arc<AppState>>,
     query: Result<Query<Pairs>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let parsed = Params::new(query, FILTERS).and_then(|params| filter(&params));
-    let (filter, shown) = match parsed {
+    let parsed = Params::new(query, PAGE).and_then(|params| {
+        let (filter, shown) = filter(&params)?;
+        let cursor = params.get("cursor").map(decode_cursor).transpose()?;
+        Ok((filter, shown, cursor))
+    });
+    let (filter, shown, cursor) = match parsed {
         Ok(parsed) => parsed,
         Err(err) => return Ok(bad_filter(&err)),
     };
-    let figures = Figures::read(&state, &filter).await?;
+    let figures = Figures::read(&state, &filter, cursor.as_ref()).await?;
     let body = render(&filter, &shown, &figures);
     Ok(html(
         StatusCode::OK,
@@ -226,35 +236,74 @@ struct Figures {
     by_key: Vec<UsageTotals>,
     by_model: Vec<UsageTotals>,
     latest: Vec<UsageRow>,
+    /// The next page of the latest requests, if there is one.
+    next_cursor: Option<String>,
+    /// Refused requests per key in the period.
+    refused: BTreeMap<String, i64>,
     /// The replicas sharing the database (a panel when two or more are live).
     replicas: Roster,
-    /// For the filter form's suggestions.
-    key_names: Vec<String>,
+    /// Every key's name and status, for the key picker.
+    key_names: Vec<(String, &'static str)>,
+    /// Each key's state and budget now, by name (the active key when a name was reused).
+    keys: HashMap<String, html::KeyLine>,
     models: Vec<String>,
 }
 
 impl Figures {
-    async fn read(state: &AppState, filter: &UsageFilter) -> Result<Self, ApiError> {
+    async fn read(
+        state: &AppState,
+        filter: &UsageFilter,
+        cursor: Option<&PageCursor>,
+    ) -> Result<Self, ApiError> {
         let store = state.store.as_ref();
         let with = |group_by| UsageFilter {
             group_by,
             ..filter.clone()
         };
-        let mut key_names: Vec<String> = (store.list_keys().await)
-            .map_err(ApiError::internal)?
-            .into_iter()
-            .map(|k| k.name)
-            .collect();
+        let mut key_names: Vec<(String, &'static str)> = Vec::new();
+        let mut keys = HashMap::new();
+        for (key, standing) in super::admin::keys::standings(state, Utc::now()).await? {
+            let status = KeyView::with_standing(key.clone(), standing).status;
+            let line = html::KeyLine {
+                status,
+                budget: standing.map(|s| {
+                    let period = match s.period {
+                        BudgetPeriod::Day => "today",
+                        BudgetPeriod::Month => "this month",
+                        BudgetPeriod::Total => "in total",
+                    };
+                    (s.spent_nanousd, s.limit_nanousd, period)
+                }),
+            };
+            // Oldest first: an active key replaces a revoked one of its name.
+            keys.insert(key.name.clone(), line);
+            key_names.retain(|(name, _)| *name != key.name);
+            key_names.push((key.name, status));
+        }
+        let by_key = totals(store, &with(GroupBy::Key)).await?;
+        // Names in the usage rows that no key has now (deleted from the database) too.
+        for group in &by_key {
+            if !key_names.iter().any(|(name, _)| *name == group.group) {
+                key_names.push((group.group.clone(), ""));
+            }
+        }
         key_names.sort();
-        key_names.dedup();
+        let mut refused = BTreeMap::new();
+        for row in refusal_totals(store, filter).await? {
+            *refused.entry(row.key_name).or_insert(0) += row.count;
+        }
         let runtime = state.runtime.load_full();
+        let (latest, next_cursor) = page(store, filter, cursor, LATEST).await?;
         Ok(Figures {
             by_day: totals(store, &with(GroupBy::Day)).await?,
-            by_key: totals(store, &with(GroupBy::Key)).await?,
+            by_key,
             by_model: totals(store, &with(GroupBy::Model)).await?,
-            latest: page(store, filter, None, LATEST).await?.0,
+            latest,
+            next_cursor,
+            refused,
             replicas: super::admin::replicas::roster(state).await?,
             key_names,
+            keys,
             models: runtime
                 .config
                 .public_names()
@@ -284,11 +333,33 @@ fn render(filter: &UsageFilter, shown: &html::Shown, f: &Figures) -> String {
         );
         Some(link)
     };
-    let keys = html::totals_table("keys", "Key", &f.by_key);
+    let keys = html::keys_table(&f.by_key, &f.refused, &f.keys);
     let models = html::totals_table("models", "Model", &f.by_model);
+    let refused: i64 = f.refused.values().sum();
+    let requests_csv = {
+        let mut query = shown.query(&[("cursor", shown.cursor.as_str())]);
+        query.insert_str(0, "/dashboard/requests.csv");
+        query
+    };
+    let mut pages = String::new();
+    if !shown.cursor.is_empty() {
+        let _ = write!(
+            pages,
+            "<a class=\"page\" id=\"newest-page\" href=\"/dashboard{}\">\u{2190} Newest</a>",
+            html::esc(&shown.query(&[]))
+        );
+    }
+    if let Some(next) = &f.next_cursor {
+        let _ = write!(
+            pages,
+            "<a class=\"page\" id=\"next-page\" href=\"/dashboard{}\">Older \u{2192}</a>",
+            html::esc(&shown.query(&[("cursor", next.as_str())]))
+        );
+    }
+    let pages = format!("<nav class=\"pages\">{pages}</nav>");
     [
         html::top(shown, &f.key_names, &f.models),
-        html::cards(&report::total(&f.by_key, "total")),
+        html::cards(&report::total(&f.by_key, "total"), refused),
         replicas_panel(&f.replicas),
         html::panel(
             "by-day",
@@ -296,19 +367,18 @@ fn render(filter: &UsageFilter, shown: &html::Shown, f: &Figures) -> String {
             csv("day").as_deref(),
             &html::chart(&days),
         ),
-        "<div class=\"grid2\">".to_owned(),
         html::panel("by-key", "By key", csv("key").as_deref(), &keys),
         html::panel("by-model", "By model", csv("model").as_deref(), &models),
-        "</div>".to_owned(),
         html::panel(
             "latest",
-            &format!("Latest requests (up to {LATEST})"),
-            Some(&format!("/dashboard/requests.csv{}", shown.query(&[]))),
-            &html::requests_table(&f.latest),
+            &format!("Latest requests ({LATEST} provider calls a page)"),
+            Some(&requests_csv),
+            &format!("{}{pages}", html::requests_table(&f.latest)),
         ),
-        "<footer>Times and days are UTC. Spend is exact to the billionth of a dollar; \
-         the CSV downloads hold the same figures as GET /admin/usage and \
-         GET /admin/requests.</footer>"
+        "<footer>Times and days are UTC (ISO 8601). Spend shows dollars and cents; hover a \
+         figure for its exact amount, to the billionth of a dollar, as the CSV downloads hold \
+         it (the same figures as GET /admin/usage and GET /admin/requests). Requests count \
+         each client request once; a failover's attempts are folded under it.</footer>"
             .to_owned(),
     ]
     .concat()
@@ -343,9 +413,10 @@ pub async fn requests_csv(
     State(state): State<Arc<AppState>>,
     query: Result<Query<Pairs>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let params = Params::new(query, FILTERS)?;
+    let params = Params::new(query, PAGE)?;
     let (filter, _) = filter(&params)?;
-    let (rows, _) = page(state.store.as_ref(), &filter, None, LATEST).await?;
+    let cursor = params.get("cursor").map(decode_cursor).transpose()?;
+    let (rows, _) = page(state.store.as_ref(), &filter, cursor.as_ref(), LATEST).await?;
     rows_csv_response(&rows)
 }
 

@@ -3,6 +3,7 @@
 mod calls;
 mod jobs;
 mod notices;
+mod refusals;
 mod replicas;
 
 use std::collections::BTreeMap;
@@ -52,7 +53,7 @@ const INSERT_USAGE: &str = concat!(
      $6::text[], $7::text[], $8::int4[], $9::text[], $10::bool[], $11::int4[], $12::text[], \
      $13::text[], $14::int4[], $15::int8[], $16::int8[], $17::int8[], $18::int8[], $19::int8[], \
      $20::int8[], $21::int8[], $22::int8[], $23::int8[], $24::timestamptz[], $25::text[], \
-     $26::bool[], $27::bool[]) \
+     $26::bool[], $27::bool[], $28::int4[], $29::text[], $30::text[]) \
      on conflict (request_id) do nothing \
      returning key_id, request_id, cost_nanousd, created_at"
 );
@@ -356,6 +357,9 @@ impl Store for PostgresStore {
             .bind(column(rows, |r| r.raw_usage.as_deref()))
             .bind(column(rows, |r| r.usage_suspect))
             .bind(column(rows, |r| r.cost_estimated))
+            .bind(column(rows, |r| r.attempt))
+            .bind(column(rows, |r| r.client_request_id.as_deref()))
+            .bind(column(rows, |r| r.cause.as_deref()))
             .fetch_all(&mut *tx)
             .await?;
         settle(&mut tx, &inserted).await?;
@@ -497,6 +501,30 @@ impl Store for PostgresStore {
                 reserved_nanousd,
             },
         ))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn budget_standings(&self, now: DateTime<Utc>) -> StoreResult<Vec<(i64, BudgetState)>> {
+        let rows: Vec<(i64, DateTime<Utc>, i64, i64)> = sqlx::query_as(
+            "select s.key_id, s.period_start, s.spent_nanousd, \
+             coalesce((select sum(r.amount_nanousd) from budget_reservations r \
+             where r.key_id = s.key_id and r.expires_at >= $1), 0)::int8 \
+             from budget_state s order by s.key_id",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(key_id, period_start, spent_nanousd, reserved_nanousd)| {
+                let state = BudgetState {
+                    period_start,
+                    spent_nanousd,
+                    reserved_nanousd,
+                };
+                (key_id, state)
+            })
+            .collect())
     }
 
     #[tracing::instrument(skip_all, fields(request_id = %request_id))]

@@ -3,6 +3,7 @@
 mod calls;
 mod jobs;
 mod notices;
+mod refusals;
 mod replicas;
 
 use std::collections::BTreeMap;
@@ -51,7 +52,7 @@ const TAKE_REQUEST: &str = "insert into key_rate_limits as r (key_id, tat_ns, at
      at_ns = excluded.at_ns \
      returning allowed, tat_ns, at_ns";
 
-/// Rows per insert statement: 27 columns each stays far below the bind-parameter limit.
+/// Rows per insert statement: 30 columns each stays far below the bind-parameter limit.
 const INSERT_ROWS: usize = 256;
 
 pub struct SqliteStore {
@@ -385,7 +386,10 @@ impl Store for SqliteStore {
                     .push_bind(encode_time(row.created_at))
                     .push_bind(&row.raw_usage)
                     .push_bind(row.usage_suspect)
-                    .push_bind(row.cost_estimated);
+                    .push_bind(row.cost_estimated)
+                    .push_bind(row.attempt)
+                    .push_bind(&row.client_request_id)
+                    .push_bind(&row.cause);
             });
             query.push(
                 " on conflict (request_id) do nothing \
@@ -540,6 +544,29 @@ impl Store for SqliteStore {
             })
         })
         .transpose()
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn budget_standings(&self, now: DateTime<Utc>) -> StoreResult<Vec<(i64, BudgetState)>> {
+        let rows: Vec<(i64, String, i64, i64)> = sqlx::query_as(
+            "select s.key_id, s.period_start, s.spent_nanousd, \
+             coalesce((select sum(r.amount_nanousd) from budget_reservations r \
+             where r.key_id = s.key_id and r.expires_at >= $1), 0) \
+             from budget_state s order by s.key_id",
+        )
+        .bind(encode_time(now))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(key_id, period_start, spent_nanousd, reserved_nanousd)| {
+                let state = BudgetState {
+                    period_start: stored_time(&period_start)?,
+                    spent_nanousd,
+                    reserved_nanousd,
+                };
+                Ok((key_id, state))
+            })
+            .collect()
     }
 
     #[tracing::instrument(skip_all, fields(request_id = %request_id))]

@@ -35,5 +35,8 @@ pub fn usage_row(request_id: &str) -> UsageRow {
         raw_usage: None,
         usage_suspect: false,
         cost_estimated: false,
+        attempt: 1,
+        client_request_id: Some(request_id.to_owned()),
+        cause: None,
     }
 }
