@@ -57,7 +57,8 @@ pub struct Settings {
     /// Comma-separated model names or aliases the key may use (default: every model).
     #[arg(long, value_name = "A,B")]
     models: Option<String>,
-    /// When the key stops working: an RFC 3339 time such as 2030-01-31T00:00:00Z.
+    /// When the key stops working: an RFC 3339 time such as 2030-01-31T00:00:00Z, or a date
+    /// (2030-01-31: from its first instant, UTC).
     #[arg(long, value_name = "TIME")]
     expires_at: Option<String>,
     /// A JSON object kept with the key, e.g. '{"team":"search"}'.
