@@ -37,7 +37,12 @@ pub async fn check(url: &str, timeout: Duration) -> Result<String, String> {
         let reason = if err.is_timeout() {
             format!("no answer within {}", humantime::format_duration(timeout))
         } else {
-            imagegate::error::causes(&err)
+            // The innermost cause ("Connection refused"): reqwest's outer layers repeat the URL.
+            let mut cause: &(dyn std::error::Error + 'static) = &err;
+            while let Some(inner) = cause.source() {
+                cause = inner;
+            }
+            cause.to_string()
         };
         format!("not ready: {url}: {reason}")
     })?;
