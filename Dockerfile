@@ -1,5 +1,6 @@
-# imagegate: `cargo build --release --locked` in the official Rust image, then the binary
-# alone on Debian slim, running `imagegate serve` as a non-root user.
+# imagegate: `cargo build --release --locked` in the official Rust image (the release
+# profile strips the binary), then the binary alone on Debian slim, running
+# `imagegate serve` as a non-root user.
 #
 # The database migrations are embedded in the binary (sqlx::migrate!) and applied by
 # `imagegate serve` at start (or by `imagegate migrate`): the image needs no migrations folder.
@@ -48,7 +49,11 @@ VOLUME /app/data
 USER 10001:10001
 ENV IMAGEGATE_SERVER__LISTEN=0.0.0.0:8080 IMAGEGATE_LOG_FORMAT=json
 EXPOSE 8080
-# No HEALTHCHECK: the image has no HTTP client. Orchestrators should probe GET /healthz
-# (liveness) and GET /readyz (database reachable) on port 8080.
+# `imagegate healthcheck` asks GET /readyz on server.listen (here 0.0.0.0:8080, reached on
+# 127.0.0.1): healthy once the database answers and the usage journal is writable. The
+# start period covers the migrations of a first start. Orchestrators may probe GET /healthz
+# (liveness) and GET /readyz themselves on port 8080.
+HEALTHCHECK --interval=15s --timeout=6s --start-period=60s --retries=3 \
+    CMD ["imagegate", "healthcheck", "--timeout", "5s"]
 ENTRYPOINT ["imagegate"]
 CMD ["serve"]

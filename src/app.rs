@@ -53,8 +53,12 @@ impl Gateway {
                 "removed upload spool files left by an earlier run"
             );
         }
-        let store = crate::store::connect(config.database_url.as_str()).await?;
-        store.migrate().await?;
+        let what = format!(
+            "{} (set by {})",
+            config.database_url.describe(),
+            config.database_place
+        );
+        let (store, _) = crate::store::open(config.database_url.as_str(), &what).await?;
         // Before the journal, which reports its backlog to the recorder.
         let metrics = crate::prometheus::install();
         let (usage, writer) =

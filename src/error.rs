@@ -365,3 +365,20 @@ impl IntoResponse for ApiError {
         response
     }
 }
+
+/// An error and its causes on one line, `outer: inner: innermost`, each cause left out when
+/// the text before it already says it (sqlx's "error communicating with database: Connection
+/// refused" has the refusal as its source too), so that nothing reads twice.
+pub fn causes(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let said = cause.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -11,7 +11,7 @@ use chrono::Utc;
 use clap::{Parser, Subcommand};
 use imagegate::config::{self, Config, DEFAULT_CONFIG_PATH};
 use imagegate::server::Listeners;
-use imagegate::store::{self, GroupBy, Store, UsageFilter};
+use imagegate::store::{self, GroupBy, Migrated, Store, UsageFilter};
 use imagegate::telemetry::{LogFormat, Telemetry};
 use imagegate::{Gateway, auth};
 
@@ -25,20 +25,24 @@ use cli::usage::{Format, Group, parse_time, print_usage};
     about = "OpenAI-compatible gateway for image-generation APIs"
 )]
 struct Cli {
-    /// Configuration file.
-    #[arg(long, global = true, env = "IMAGEGATE_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
-    config: PathBuf,
+    /// Configuration file [default: config/imagegate.toml; for `demo`: config/demo.toml].
+    #[arg(long, global = true, env = "IMAGEGATE_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
+
+/// The configuration `demo` serves unless `--config` or `IMAGEGATE_CONFIG` names another.
+const DEMO_CONFIG_PATH: &str = "config/demo.toml";
 
 #[derive(Subcommand)]
 enum Command {
     /// Serve the API (SIGHUP reloads the configuration, SIGTERM/Ctrl-C drains and stops).
     Serve,
-    /// Serve config/demo.toml (every model on the built-in mock provider) and print a new key.
+    /// Serve config/demo.toml (every model on the built-in mock provider) with a key and an
+    /// admin token for the dashboard, and print them.
     Demo,
-    /// Validate the configuration and print the routing table (secrets redacted).
+    /// Check the configuration.
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
@@ -59,23 +63,41 @@ enum Command {
         /// Only this provider's usage.
         #[arg(long)]
         provider: Option<String>,
-        /// Only usage newer than this: a duration such as 24h or 7d, or an RFC 3339 time.
-        #[arg(long)]
+        /// Only usage from this time on: a duration back from now (24h, 7d), a date
+        /// (2026-12-07, from its first instant, UTC) or an RFC 3339 time.
+        #[arg(long, value_name = "WHEN")]
         since: Option<String>,
-        /// Only usage older than this (same forms as --since).
-        #[arg(long)]
+        /// Only usage before this time: the same forms as --since (a date includes its
+        /// whole day).
+        #[arg(long, value_name = "WHEN")]
         until: Option<String>,
+        /// One row per key, model, provider, day or hour (UTC).
         #[arg(long, value_enum, default_value = "key")]
         group_by: Group,
+        /// A table for people, or the JSON or CSV of GET /admin/usage.
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
     /// Apply the database migrations and exit.
     Migrate,
+    /// Ask a running gateway's GET /readyz whether it is ready: exit 0 if so, 1 with one line
+    /// saying why not (for a container's HEALTHCHECK).
+    Healthcheck {
+        /// The gateway's base URL [default: http://<server.listen>, an unspecified address
+        /// such as 0.0.0.0 reached on 127.0.0.1].
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
+        /// How long to wait for the answer.
+        #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 #[derive(Subcommand)]
 enum ConfigCommand {
+    /// Validate the configuration (the file, then IMAGEGATE_* variables) and print the
+    /// routing table: providers, each model's routes, prices and their sources, secrets
+    /// redacted.
     Check,
 }
 
@@ -111,7 +133,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            report_error(format, &format!("{err:#}"));
+            // One line per problem (a configuration can have several), each cause said once.
+            for line in imagegate::error::causes(err.as_ref()).lines() {
+                report_error(format, line);
+            }
             ExitCode::FAILURE
         }
     }
@@ -148,30 +173,51 @@ fn announce(format: LogFormat, message: &str, fields: serde_json::Value) {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let env = config::process_env();
+    let config_path = cli
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
     match cli.command {
         Command::Serve => {
-            let config = Config::load(&cli.config, &env)?;
+            let config = Config::load(&config_path, &env)?;
             serve(config, env, None).await
         }
         Command::Demo => {
-            let path = if cli.config == Path::new(DEFAULT_CONFIG_PATH) {
-                PathBuf::from("config/demo.toml")
-            } else {
-                cli.config
-            };
+            let path = cli
+                .config
+                .unwrap_or_else(|| PathBuf::from(DEMO_CONFIG_PATH));
             let config = Config::load(&path, &env)?;
-            serve(config, env, Some(())).await
+            // The dashboard and the admin API need a token: one made for this run, unless
+            // the operator set one.
+            if config.admin_token.is_some() {
+                let var = config.admin_token_env.clone();
+                serve(config, env, Some(DemoAdmin::Set(var))).await
+            } else {
+                let token = hex::encode(rand::random::<[u8; 32]>());
+                let var = config.admin_token_env.clone();
+                let inner = std::sync::Arc::clone(&env);
+                let (name, value) = (var.clone(), token.clone());
+                let env: config::EnvLookup = std::sync::Arc::new(move |wanted| {
+                    if wanted == name {
+                        Some(value.clone())
+                    } else {
+                        inner(wanted)
+                    }
+                });
+                let config = Config::load(&path, &env)?;
+                serve(config, env, Some(DemoAdmin::Made { var, token })).await
+            }
         }
         Command::Config {
             command: ConfigCommand::Check,
         } => {
-            let config = Config::load(&cli.config, &env)?;
+            let config = Config::load(&config_path, &env)?;
             cli::config::print_routing_table(&config);
             Ok(())
         }
         Command::Keys { command } => {
-            let store = open_store(&cli.config).await?;
-            cli::keys::run(&*store, &cli.config, command).await
+            let (store, _) = open_store(&config_path).await?;
+            cli::keys::run(&*store, &config_path, command).await
         }
         Command::Usage {
             key,
@@ -182,18 +228,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             group_by,
             format,
         } => {
-            let store = open_store(&cli.config).await?;
-            let group_by = GroupBy::from(group_by);
-            let rows = store
-                .usage_report(&UsageFilter {
-                    key_name: key.clone(),
-                    model,
-                    provider,
-                    since: since.map(|t| parse_time("--since", &t)).transpose()?,
-                    until: until.map(|t| parse_time("--until", &t)).transpose()?,
-                    group_by,
-                })
-                .await?;
+            let filter = UsageFilter {
+                key_name: key.clone(),
+                model,
+                provider,
+                since: since.map(|t| parse_time("--since", &t)).transpose()?,
+                until: until.map(|t| parse_time("--until", &t)).transpose()?,
+                group_by: GroupBy::from(group_by),
+            };
+            let (store, _) = open_store(&config_path).await?;
+            let rows = store.usage_report(&filter).await?;
             // No rows for a name that no key ever had is a typo, not "no usage".
             if let (Some(name), true) = (&key, rows.is_empty()) {
                 let keys = store.list_keys().await?;
@@ -202,30 +246,59 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "no key named {name:?} (see: imagegate keys list)"
                 );
             }
-            print_usage(&rows, group_by, format)
+            print_usage(&rows, filter.group_by, format)
         }
         Command::Migrate => {
-            open_store(&cli.config).await?;
-            println!("migrations applied");
+            let (_, migrated) = open_store(&config_path).await?;
+            if migrated.new == 0 {
+                println!(
+                    "database up to date: {} migrations, none new",
+                    migrated.total
+                );
+            } else {
+                println!(
+                    "database migrated: {} new of {} migrations applied",
+                    migrated.new, migrated.total
+                );
+            }
             Ok(())
+        }
+        Command::Healthcheck { url, timeout } => {
+            let url = match url {
+                Some(url) => cli::healthcheck::given_url(&url),
+                None => cli::healthcheck::readyz_url(config::load_listen_address(&config_path)?),
+            };
+            match cli::healthcheck::check(&url, timeout).await {
+                Ok(line) => {
+                    println!("{line}");
+                    Ok(())
+                }
+                Err(line) => anyhow::bail!(line),
+            }
         }
     }
 }
 
 /// The key and usage commands only need the database, not the provider keys.
-async fn open_store(config: &Path) -> anyhow::Result<std::sync::Arc<dyn Store>> {
-    let url = config::load_database_url(config)?;
-    let store = store::connect(url.as_str()).await.with_context(|| {
-        format!(
-            "cannot open the database named by database.url in {}",
-            config.display()
-        )
-    })?;
-    store.migrate().await?;
-    Ok(store)
+async fn open_store(config: &Path) -> anyhow::Result<(std::sync::Arc<dyn Store>, Migrated)> {
+    let (url, place) = config::load_database_url(config)?;
+    let what = format!("{} (set by {place})", url.describe());
+    store::open(url.as_str(), &what).await
 }
 
-async fn serve(config: Config, env: config::EnvLookup, demo: Option<()>) -> anyhow::Result<()> {
+/// The demo's admin token: the operator's own, or one made for this run.
+enum DemoAdmin {
+    /// Set by the operator in this variable; not shown.
+    Set(String),
+    /// Made for this run (the variable is the one the configuration names).
+    Made { var: String, token: String },
+}
+
+async fn serve(
+    config: Config,
+    env: config::EnvLookup,
+    demo: Option<DemoAdmin>,
+) -> anyhow::Result<()> {
     open_files(config.server.max_connections.get());
     let addr = config.server.listen;
     let listeners = Listeners::bind(addr, config.server.workers)
@@ -252,10 +325,23 @@ async fn serve(config: Config, env: config::EnvLookup, demo: Option<()>) -> anyh
     let source = config.source.display().to_string();
     let gateway = Gateway::start(config, env).await?;
     let base = format!("http://{local}");
-    if demo.is_some() {
-        let issued = auth::issue_key(&format!("demo-{}", Utc::now().format("%Y%m%d-%H%M%S")));
-        gateway.state.store.create_key(issued.new.clone()).await?;
-        cli::print_demo_banner(&base, &issued.new.name, &issued.key);
+    if let Some(admin) = demo {
+        // One demo key at a time: this run's replaces the last run's, under the same name
+        // (so that usage reports keep one name for it).
+        let store = &gateway.state.store;
+        if store.revoke_key(cli::DEMO_KEY_NAME).await? {
+            eprintln!(
+                "revoked the previous demo key (named {:?}); its usage stays on record",
+                cli::DEMO_KEY_NAME
+            );
+        }
+        let issued = auth::issue_key(cli::DEMO_KEY_NAME);
+        store.create_key(issued.new.clone()).await?;
+        let admin = match &admin {
+            DemoAdmin::Set(var) => cli::DemoToken::Set { var },
+            DemoAdmin::Made { var, token } => cli::DemoToken::Made { var, token },
+        };
+        cli::print_demo_banner(&base, &issued.new.name, &issued.key, &admin);
     }
     announce(
         format,

@@ -2,7 +2,7 @@
 //! store keeps: a bad value is refused with the field it concerns, before anything is
 //! written.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 
@@ -246,14 +246,20 @@ fn allowlist(names: &[String], known: &[&str]) -> Result<Vec<String>, SettingErr
     Ok(list)
 }
 
+/// An RFC 3339 time, or a date (`2030-01-31`): the key stops working at that day's first
+/// instant, UTC.
 fn expiry(text: &str) -> Result<DateTime<Utc>, SettingError> {
+    if let Ok(day) = NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        return Ok(day.and_time(NaiveTime::MIN).and_utc());
+    }
     DateTime::parse_from_rfc3339(text)
         .map(|t| t.with_timezone(&Utc))
         .map_err(|err| {
             refuse(
                 "expires_at",
                 format!(
-                    "expires_at must be an RFC 3339 time such as 2030-01-31T00:00:00Z ({err})."
+                    "expires_at must be an RFC 3339 time such as 2030-01-31T00:00:00Z or a date \
+                     such as 2030-01-31 ({err})."
                 ),
             )
         })
@@ -303,6 +309,12 @@ mod tests {
         assert_eq!(
             limits.expires_at.map(|t| t.to_rfc3339()),
             Some("2030-01-30T23:00:00+00:00".into())
+        );
+        let (_, limits) = create(serde_json::json!({"name": "svc", "expires_at": "2030-01-31"}))
+            .expect("a plain date");
+        assert_eq!(
+            limits.expires_at.map(|t| t.to_rfc3339()),
+            Some("2030-01-31T00:00:00+00:00".into())
         );
     }
 

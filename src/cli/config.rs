@@ -98,9 +98,11 @@ fn describe_price(price: &Price) -> String {
 fn describe_rates(rates: &TokenRates) -> String {
     let per_million = |rate: i64| format_usd(rate.saturating_mul(1_000_000));
     let mut text = format!(
-        "per 1M tokens: text in ${}, image in ${}, image out ${}",
+        "per 1M tokens: text in ${} (cached ${}), image in ${} (cached ${}), image out ${}",
         per_million(rates.text_input),
+        per_million(rates.cached_text_input),
         per_million(rates.image_input),
+        per_million(rates.cached_image_input),
         per_million(rates.image_output)
     );
     if rates.text_output != rates.image_output {

@@ -14,21 +14,26 @@ use serde_json::{Map, Value};
 pub enum KeysCommand {
     /// Create a key; it is printed once and stored only as a hash.
     Create {
+        /// The key's name: what usage reports and the dashboard show (1 to 100 letters,
+        /// digits or . _ - : @).
         #[arg(long)]
         name: String,
         #[command(flatten)]
         settings: Settings,
     },
+    /// List every key (revoked ones too): name, prefix, creation time, status, limits.
     List,
     /// Change an active key's limits (`none` clears one); running gateways apply the
     /// change within the key cache TTL (5 s by default).
     Update {
+        /// The name of the active key to change.
         name: String,
         #[command(flatten)]
         settings: Settings,
     },
     /// Revoke a key by name; it stops working within the key cache TTL (5 s by default).
     Revoke {
+        /// The name of the active key to revoke.
         name: String,
     },
 }
@@ -36,7 +41,8 @@ pub enum KeysCommand {
 /// A key's limits, each optional. With `update`, the value `none` clears one.
 #[derive(Args)]
 pub struct Settings {
-    /// Spending cap in US dollars per --budget-period (stored; enforced once budgets are).
+    /// Spending cap in US dollars per --budget-period, held across every gateway on the
+    /// database (a call that could exceed it gets 429).
     #[arg(long, value_name = "USD", allow_negative_numbers = true)]
     budget_usd: Option<String>,
     /// day, month or total (the default with a budget).
@@ -51,7 +57,8 @@ pub struct Settings {
     /// Comma-separated model names or aliases the key may use (default: every model).
     #[arg(long, value_name = "A,B")]
     models: Option<String>,
-    /// When the key stops working: an RFC 3339 time such as 2030-01-31T00:00:00Z.
+    /// When the key stops working: an RFC 3339 time such as 2030-01-31T00:00:00Z, or a date
+    /// (2030-01-31: from its first instant, UTC).
     #[arg(long, value_name = "TIME")]
     expires_at: Option<String>,
     /// A JSON object kept with the key, e.g. '{"team":"search"}'.

@@ -3,7 +3,7 @@
 use std::io::Write;
 
 use anyhow::Context;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 use clap::ValueEnum;
 use imagegate::store::{GroupBy, UsageTotals};
 use imagegate::usage::report;
@@ -37,13 +37,26 @@ pub enum Format {
     Csv,
 }
 
-/// A `--since` or `--until` value: an RFC 3339 time, or a duration back from now.
+/// A `--since` or `--until` value: an RFC 3339 time, a date (a UTC day: `--since` from its
+/// first instant, `--until` up to the next day's, so that the day is included, as
+/// `GET /admin/usage` reads them), or a duration back from now.
 pub fn parse_time(flag: &str, text: &str) -> anyhow::Result<DateTime<Utc>> {
     if let Ok(at) = DateTime::parse_from_rfc3339(text) {
         return Ok(at.with_timezone(&Utc));
     }
+    if let Ok(day) = NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        let day = if flag == "--until" {
+            day.succ_opt().unwrap_or(day)
+        } else {
+            day
+        };
+        return Ok(day.and_time(NaiveTime::MIN).and_utc());
+    }
     let ago = humantime::parse_duration(text).with_context(|| {
-        format!("{flag} {text:?}: expected a duration like 24h or 7d, or an RFC 3339 time")
+        format!(
+            "{flag} {text:?}: expected a duration like 24h or 7d, a date like 2026-12-07, \
+             or an RFC 3339 time"
+        )
     })?;
     Ok(Utc::now() - chrono::Duration::from_std(ago)?)
 }

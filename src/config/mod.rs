@@ -11,6 +11,7 @@ mod pricing;
 mod providers;
 mod raw;
 mod server;
+mod sources;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -19,8 +20,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use figment::Figment;
-use figment::error::{Actual, Kind};
-use figment::providers::{Env, Format, Toml};
 
 pub use endpoints::Endpoint;
 pub use jobs::{JobsConfig, KeptPerKey};
@@ -28,6 +27,7 @@ pub use models::{Failover, Model, ParamPolicy, Route};
 pub use pricing::{ImageTable, Price, TokenRates};
 pub use providers::{BreakerConfig, Provider, ProviderKind};
 pub use server::{DatabaseUrl, Limits, MetricsConfig, ServerConfig, Share, UploadLimits};
+pub use sources::{ConfigError, FILE_SUFFIX, Place};
 
 use raw::{RawConfig, RawDatabase};
 
@@ -72,6 +72,8 @@ pub struct Config {
     pub source: PathBuf,
     pub server: ServerConfig,
     pub database_url: DatabaseUrl,
+    /// Where `database_url` was set (the file or a variable), for messages about it.
+    pub database_place: Place,
     pub admin_token: Option<Secret>,
     pub admin_token_env: String,
     pub limits: Limits,
@@ -95,23 +97,6 @@ pub struct Config {
     pub hash: String,
 }
 
-/// A configuration that cannot be used, with the file and key it concerns.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{file}: {source}")]
-    Parse {
-        file: String,
-        #[source]
-        source: Box<figment::Error>,
-    },
-    #[error("{file}: {key}: {message}")]
-    Invalid {
-        file: String,
-        key: String,
-        message: String,
-    },
-}
-
 impl Config {
     /// Reads `path`, then the `IMAGEGATE_SECTION__KEY` overrides, and validates the result.
     /// The file must exist: a typo in `--config` should not silently start on defaults.
@@ -128,9 +113,14 @@ impl Config {
         let file = path.display().to_string();
         let raw: RawConfig = figment
             .extract()
-            .map_err(|source| parse_error(&file, source))?;
+            .map_err(|source| sources::parse_error(&file, source))?;
         let hash = settings_hash(figment);
-        let mut config = Validator { file, env }.validate(raw, path)?;
+        let validator = Validator {
+            file,
+            env,
+            figment: Some(figment),
+        };
+        let mut config = validator.validate(raw, path)?;
         config.hash = hash;
         Ok(config)
     }
@@ -157,23 +147,33 @@ impl Config {
 }
 
 /// Reads only `database.url` (file, then environment), without validating the rest:
-/// managing keys and reading usage need no provider key.
-pub fn load_database_url(path: &Path) -> Result<DatabaseUrl, ConfigError> {
+/// managing keys and reading usage need no provider key. Also where it was set, for
+/// messages about the database.
+pub fn load_database_url(path: &Path) -> Result<(DatabaseUrl, Place), ConfigError> {
     let file = path.display().to_string();
-    let url = match read(path)?.extract_inner::<String>("database.url") {
+    let figment = read(path)?;
+    let url = match figment.extract_inner::<String>("database.url") {
         Ok(url) => url,
         Err(err) if err.missing() => RawDatabase::default().url,
-        Err(source) => return Err(parse_error(&file, source)),
+        Err(source) => return Err(sources::parse_error(&file, source)),
     };
     let env: EnvLookup = Arc::new(|_| None);
-    Validator { file, env: &env }.database_url(&url)
+    let validator = Validator {
+        file,
+        env: &env,
+        figment: Some(&figment),
+    };
+    Ok((
+        validator.database_url(&url)?,
+        validator.place("database.url"),
+    ))
 }
 
 /// The public model names (models and aliases) the file at `path` routes, read without
 /// any secret: `imagegate keys create --models` checks its list against them. Provider keys
 /// do not change which models are routed, so every variable reads as set (to nothing).
 pub fn load_public_names(path: &Path) -> Result<Vec<String>, ConfigError> {
-    let env: EnvLookup = Arc::new(|_| Some(String::new()));
+    let env: EnvLookup = Arc::new(|name| (!name.ends_with(FILE_SUFFIX)).then(String::new));
     let config = Config::load(path, &env)?;
     Ok(config
         .public_names()
@@ -182,18 +182,39 @@ pub fn load_public_names(path: &Path) -> Result<Vec<String>, ConfigError> {
         .collect())
 }
 
-/// The file at `path`, then the environment overrides.
+/// `server.listen` as the file and the environment set it, without validating the rest:
+/// `imagegate healthcheck` needs nothing else.
+pub fn load_listen_address(path: &Path) -> Result<std::net::SocketAddr, ConfigError> {
+    let file = path.display().to_string();
+    let figment = read(path)?;
+    let listen = match figment.extract_inner::<String>("server.listen") {
+        Ok(listen) => listen,
+        Err(err) if err.missing() => raw::RawServer::default().listen,
+        Err(source) => return Err(sources::parse_error(&file, source)),
+    };
+    let env: EnvLookup = Arc::new(|_| None);
+    let validator = Validator {
+        file,
+        env: &env,
+        figment: Some(&figment),
+    };
+    listen
+        .parse()
+        .map_err(|_| validator.err("server.listen", server::not_an_address(&listen)))
+}
+
+/// The file at `path`, then the environment overrides (see [`sources::figment`]).
 fn read(path: &Path) -> Result<Figment, ConfigError> {
     if !path.is_file() {
         return Err(ConfigError::Invalid {
-            file: path.display().to_string(),
-            key: "--config".into(),
+            place: Place::File {
+                file: path.display().to_string(),
+                key: String::new(),
+            },
             message: "no such file (pass --config PATH or set IMAGEGATE_CONFIG)".into(),
         });
     }
-    Ok(Figment::new()
-        .merge(Toml::file(path))
-        .merge(env_overrides()))
+    sources::figment(path)
 }
 
 /// See [`Config::hash`]. Figment's dictionaries are sorted, so the same settings written in
@@ -229,51 +250,38 @@ fn without_password(url: &str) -> String {
     }
 }
 
-/// `IMAGEGATE_SERVER__LISTEN` -> `server.listen`. Only variables with a `__` (or the one
-/// top-level key) are read, so that `IMAGEGATE_CONFIG`, `IMAGEGATE_ADMIN_TOKEN` and the like
-/// are not mistaken for configuration keys.
-fn env_overrides() -> Env {
-    Env::prefixed("IMAGEGATE_")
-        .filter(|key| {
-            key.as_str().contains("__") || key.as_str().eq_ignore_ascii_case("default_model")
-        })
-        .split("__")
-}
-
-/// A duration `humantime_serde` could not read gets the same "file: key: reason" message
-/// as every other bad value; figment's own message stands for the rest (wrong types,
-/// unknown keys), as it already names the file and the key.
-fn parse_error(file: &str, source: figment::Error) -> ConfigError {
-    if let Kind::InvalidValue(Actual::Str(value), expected) = &source.kind {
-        if expected == "a duration" && !source.path.is_empty() {
-            let reason = humantime::parse_duration(value)
-                .err()
-                .map_or_else(String::new, |e| format!(" ({e})"));
-            return ConfigError::Invalid {
-                file: file.to_owned(),
-                key: source.path.join("."),
-                message: format!("{value:?} is not a duration like \"30s\"{reason}"),
-            };
-        }
-    }
-    ConfigError::Parse {
-        file: file.to_owned(),
-        source: Box::new(source),
-    }
-}
-
 /// Turns raw sections into validated ones; each section module adds its part.
 struct Validator<'a> {
     file: String,
     env: &'a EnvLookup,
+    /// What was read, to tell which settings came from a variable rather than the file.
+    figment: Option<&'a Figment>,
 }
 
 impl Validator<'_> {
     fn err(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
-            file: self.file.clone(),
-            key: key.into(),
+            place: self.place(&key.into()),
             message: message.into(),
+        }
+    }
+
+    /// Where `key` was set: the variable that set it, else the file.
+    fn place(&self, key: &str) -> Place {
+        sources::place_of(self.figment, &self.file, key)
+    }
+
+    /// The value of the variable `var` (never put into a message), or of the file that
+    /// `var_FILE` names; `key` is the setting that names `var`. Unset: `None`.
+    fn secret_var(&self, key: &str, var: &str) -> Result<Option<String>, ConfigError> {
+        let file_var = format!("{var}{FILE_SUFFIX}");
+        match ((self.env)(var), (self.env)(&file_var)) {
+            (Some(_), Some(_)) => Err(self.err(key, format!("set {var} or {file_var}, not both"))),
+            (Some(value), None) => Ok(Some(value)),
+            (None, Some(path)) => sources::read_secret_file(&file_var, &path)
+                .map(Some)
+                .map_err(|message| self.err(key, message)),
+            (None, None) => Ok(None),
         }
     }
 
@@ -289,7 +297,10 @@ impl Validator<'_> {
     /// API off. The admin API and the dashboard's login form take guesses at it, so a short
     /// one is refused (the message names its length, never the token).
     fn admin_token(&self, var: &str) -> Result<Option<Secret>, ConfigError> {
-        let Some(token) = (self.env)(var).filter(|t| !t.is_empty()) else {
+        let Some(token) = self
+            .secret_var("admin.token_env", var)?
+            .filter(|t| !t.is_empty())
+        else {
             return Ok(None);
         };
         let chars = token.chars().count();
@@ -316,11 +327,19 @@ impl Validator<'_> {
         let admin_token = self.admin_token(&raw.admin.token_env)?;
         let limits = self.limits(&raw.limits, &server)?;
         let metrics = self.metrics(&raw.metrics);
+        // Every provider is checked before any refusal, so that all the missing key
+        // variables are named at once rather than one per attempt to start.
         let mut providers = BTreeMap::new();
+        let mut refused = Vec::new();
         for (name, p) in raw.providers {
-            let provider = self.provider(&name, p, upstream)?;
-            providers.insert(name, Arc::new(provider));
+            match self.provider(&name, p, upstream) {
+                Ok(provider) => {
+                    providers.insert(name, Arc::new(provider));
+                }
+                Err(err) => refused.push(err),
+            }
         }
+        ConfigError::all(refused)?;
         let prices = self.prices(&raw.pricing, &providers)?;
         let mut warnings = pricing::warnings(&prices);
         if jobs_dir_set {
@@ -336,6 +355,7 @@ impl Validator<'_> {
             source: path.to_owned(),
             server,
             database_url,
+            database_place: self.place("database.url"),
             admin_token,
             admin_token_env: raw.admin.token_env,
             limits,
@@ -714,13 +734,14 @@ mod tests {
             let path = Path::new("imagegate.toml");
             jail.create_file("imagegate.toml", GOOD).expect("write");
             assert_eq!(
-                load_database_url(path).expect("default"),
+                load_database_url(path).expect("default").0,
                 DatabaseUrl::Sqlite("sqlite://data/imagegate.db".into())
             );
             let text = format!("{GOOD}\n[database]\nurl = \" postgres://db/x \"");
             let cfg = load(jail, &text, &env).expect("postgres");
-            let only_url = load_database_url(path).expect("postgres");
+            let (only_url, place) = load_database_url(path).expect("postgres");
             assert_eq!(only_url, DatabaseUrl::Postgres("postgres://db/x".into()));
+            assert_eq!(place.to_string(), "imagegate.toml: database.url");
             assert_eq!(cfg.database_url, only_url);
             // The key commands refuse what serving refuses, with the same message.
             let text = format!("{GOOD}\n[database]\nurl = \"mysql://db/x\"");
@@ -816,6 +837,151 @@ mod tests {
             assert_ne!(a, c, "the rest of the URL is");
             Ok(())
         });
+    }
+
+    #[test]
+    fn a_misspelt_key_gets_one_line_with_its_file_key_and_the_likely_name() {
+        figment::Jail::expect_with(|jail| {
+            let env = env_with(&[("PIAPI_API_KEY", "pk")]);
+            let text = GOOD.replace("{ provider = \"piapi\"", "{ provder = \"piapi\"");
+            let err = load(jail, &text, &env).expect_err("misspelt").to_string();
+            assert_eq!(
+                err,
+                "imagegate.toml: models.gpt-image-1.routes[0].provder: unknown key `provder`; \
+                 did you mean `provider`?"
+            );
+            let text = format!("{GOOD}\n[server]\ncolour = \"blue\"");
+            let err = load(jail, &text, &env).expect_err("unknown").to_string();
+            assert!(
+                err.starts_with(
+                    "imagegate.toml: server.colour: unknown key `colour` (expected one of `listen`,"
+                ),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_setting_from_the_environment_is_named_by_its_variable() {
+        figment::Jail::expect_with(|jail| {
+            let env = env_with(&[("PIAPI_API_KEY", "pk")]);
+            jail.set_env("IMAGEGATE_SERVER__LISTEN", "nowhere");
+            let err = load(jail, GOOD, &env).expect_err("bad listen").to_string();
+            assert_eq!(
+                err,
+                "environment variable IMAGEGATE_SERVER__LISTEN (server.listen): \"nowhere\" is \
+                 not an address like 127.0.0.1:8080"
+            );
+            jail.set_env("IMAGEGATE_SERVER__LISTEN", "127.0.0.1:8080");
+            jail.set_env("IMAGEGATE_SERVER__LSITEN", "127.0.0.1:8080");
+            let err = load(jail, GOOD, &env).expect_err("misspelt").to_string();
+            assert_eq!(
+                err,
+                "environment variable IMAGEGATE_SERVER__LSITEN (server.lsiten): unknown key \
+                 `lsiten`; did you mean `listen`?"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn every_missing_provider_key_is_named_at_once() {
+        figment::Jail::expect_with(|jail| {
+            let text = format!(
+                "{GOOD}\n[providers.apiyi]\nbase_url = \"https://api.apiyi.com/v1\"\n\
+                 api_key_env = \"APIYI_API_KEY\"\n"
+            );
+            let err = load(jail, &text, &env_with(&[]))
+                .expect_err("no keys")
+                .to_string();
+            let lines: Vec<&str> = err.lines().collect();
+            assert_eq!(lines.len(), 2, "{err}");
+            assert!(
+                lines[0].starts_with(
+                    "imagegate.toml: providers.apiyi.api_key_env: environment variable \
+                     APIYI_API_KEY is not set"
+                ),
+                "{err}"
+            );
+            assert!(
+                lines[1].starts_with(
+                    "imagegate.toml: providers.piapi.api_key_env: environment variable \
+                     PIAPI_API_KEY is not set"
+                ),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_can_be_read_from_the_files_their_file_variables_name() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("piapi-key", "pk-from-a-file\n")?;
+            jail.create_file("admin-token", &format!("{}\n", "t".repeat(40)))?;
+            jail.create_file("database-url", "postgres://app:pw@db:5432/imagegate\n")?;
+            jail.set_env("IMAGEGATE_DATABASE__URL_FILE", "database-url");
+            let env = env_with(&[
+                ("PIAPI_API_KEY_FILE", "piapi-key"),
+                ("IMAGEGATE_ADMIN_TOKEN_FILE", "admin-token"),
+            ]);
+            let cfg = load(jail, GOOD, &env).expect("valid");
+            let ProviderKind::OpenAi { api_key, .. } = &cfg.providers["piapi"].kind else {
+                panic!("openai")
+            };
+            assert_eq!(api_key.expose(), "pk-from-a-file");
+            assert_eq!(
+                cfg.admin_token.as_ref().map(Secret::expose),
+                Some("t".repeat(40).as_str())
+            );
+            assert_eq!(cfg.database_url, "postgres://app:pw@db:5432/imagegate");
+            assert_eq!(
+                cfg.database_place.to_string(),
+                "environment variable IMAGEGATE_DATABASE__URL_FILE (database.url)"
+            );
+            let (url, _) = load_database_url(Path::new("imagegate.toml")).expect("url only");
+            assert_eq!(url, "postgres://app:pw@db:5432/imagegate");
+
+            // A variable and its file variable both set, or a file that is not there.
+            let both = env_with(&[("PIAPI_API_KEY", "pk"), ("PIAPI_API_KEY_FILE", "piapi-key")]);
+            let err = load(jail, GOOD, &both).expect_err("both").to_string();
+            assert_eq!(
+                err,
+                "imagegate.toml: providers.piapi.api_key_env: set PIAPI_API_KEY or \
+                 PIAPI_API_KEY_FILE, not both"
+            );
+            let gone = env_with(&[("PIAPI_API_KEY_FILE", "no-such-file")]);
+            let err = load(jail, GOOD, &gone).expect_err("gone").to_string();
+            assert!(
+                err.starts_with(
+                    "imagegate.toml: providers.piapi.api_key_env: cannot read no-such-file \
+                     (named by PIAPI_API_KEY_FILE): "
+                ),
+                "{err}"
+            );
+            jail.set_env("IMAGEGATE_DATABASE__URL", "sqlite://x.db");
+            let err = load(jail, GOOD, &env).expect_err("both urls").to_string();
+            assert_eq!(
+                err,
+                "environment variable IMAGEGATE_DATABASE__URL_FILE (database.url): set \
+                 IMAGEGATE_DATABASE__URL or IMAGEGATE_DATABASE__URL_FILE, not both"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_database_is_described_without_its_password() {
+        let pg = DatabaseUrl::parse("postgres://app:hunter2@db.internal:6543/billing").expect("pg");
+        assert_eq!(
+            pg.describe(),
+            "the Postgres database \"billing\" on db.internal:6543"
+        );
+        let pg = DatabaseUrl::parse("postgresql://db").expect("pg");
+        assert_eq!(pg.describe(), "the Postgres server on db:5432");
+        let lite = DatabaseUrl::parse("sqlite://data/imagegate.db?mode=rwc").expect("sqlite");
+        assert_eq!(lite.describe(), "the SQLite database data/imagegate.db");
     }
 
     #[test]

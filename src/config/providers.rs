@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use super::raw::{RawProvider, RawProviderKind};
-use super::{ConfigError, Secret, Validator};
+use super::{ConfigError, FILE_SUFFIX, Secret, Validator};
 
 #[derive(Debug)]
 pub struct Provider {
@@ -111,14 +111,18 @@ impl Validator<'_> {
                 "missing: name the environment variable that holds the key",
             )
         })?;
-        let api_key = (self.env)(&api_key_env).ok_or_else(|| {
-            self.err(
-                format!("{key}.api_key_env"),
+        let api_key_key = format!("{key}.api_key_env");
+        let api_key = self
+            .secret_var(&api_key_key, &api_key_env)?
+            .ok_or_else(|| {
+                self.err(
+                &api_key_key,
                 format!(
-                    "environment variable {api_key_env} is not set (it must hold the provider's API key)"
+                    "environment variable {api_key_env} is not set (it must hold the provider's \
+                     API key; or set {api_key_env}{FILE_SUFFIX} to a file holding it)"
                 ),
             )
-        })?;
+            })?;
         Ok(ProviderKind::OpenAi {
             base_url,
             api_key: Secret::new(api_key),

@@ -139,6 +139,29 @@ impl DatabaseUrl {
         }
     }
 
+    /// The database in words, for messages: which kind, its name and its host (Postgres)
+    /// or its file (SQLite), never a password.
+    pub fn describe(&self) -> String {
+        match self {
+            DatabaseUrl::Postgres(url) => match reqwest::Url::parse(url) {
+                Ok(parsed) => {
+                    let host = parsed.host_str().unwrap_or("localhost");
+                    let port = parsed.port().unwrap_or(5432);
+                    match parsed.path().trim_start_matches('/') {
+                        "" => format!("the Postgres server on {host}:{port}"),
+                        name => format!("the Postgres database {name:?} on {host}:{port}"),
+                    }
+                }
+                Err(_) => "the Postgres database (its URL cannot be read)".to_owned(),
+            },
+            DatabaseUrl::Sqlite(url) => {
+                let path = url.trim_start_matches("sqlite:").trim_start_matches("//");
+                let path = path.split('?').next().unwrap_or(path);
+                format!("the SQLite database {path}")
+            }
+        }
+    }
+
     /// The URL as written (it may hold a password: redact before showing it).
     pub fn as_str(&self) -> &str {
         match self {
@@ -153,14 +176,17 @@ impl PartialEq<&str> for DatabaseUrl {
     }
 }
 
+/// Why `server.listen` is refused.
+pub(super) fn not_an_address(text: &str) -> String {
+    format!("{text:?} is not an address like 127.0.0.1:8080")
+}
+
 impl Validator<'_> {
     pub(super) fn server(&self, s: RawServer) -> Result<ServerConfig, ConfigError> {
-        let listen: SocketAddr = s.listen.parse().map_err(|_| {
-            self.err(
-                "server.listen",
-                format!("{:?} is not an address like 127.0.0.1:8080", s.listen),
-            )
-        })?;
+        let listen: SocketAddr = s
+            .listen
+            .parse()
+            .map_err(|_| self.err("server.listen", not_an_address(&s.listen)))?;
         let metrics_listen = self.metrics_listen(s.metrics_listen.as_deref(), listen)?;
         let max_json_body_bytes =
             self.body_limit("server.max_json_body_bytes", s.max_json_body_bytes)?;

@@ -293,12 +293,30 @@ impl StoreError {
 pub type StoreResult<T> = Result<T, StoreError>;
 
 /// Everything imagegate keeps in a database.
+/// What [`Store::migrate`] did: how many migrations the binary holds, how many of them
+/// were new to the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Migrated {
+    pub total: usize,
+    pub new: usize,
+}
+
+impl Migrated {
+    /// `total` embedded migrations, `before` of which the database had already applied.
+    pub fn new(total: usize, before: usize) -> Self {
+        Migrated {
+            total,
+            new: total.saturating_sub(before),
+        }
+    }
+}
+
 #[async_trait]
 pub trait Store:
     CallStore + JobStore + NoticeStore + RefusalStore + ReplicaStore + Send + Sync + 'static
 {
     /// Applies the embedded migrations that have not run yet.
-    async fn migrate(&self) -> StoreResult<()>;
+    async fn migrate(&self) -> StoreResult<Migrated>;
     /// One cheap round trip, for `/readyz`.
     async fn ping(&self) -> StoreResult<()>;
     async fn create_key(&self, key: NewKey) -> StoreResult<KeyRecord>;
@@ -395,6 +413,22 @@ pub async fn connect(url: &str) -> anyhow::Result<Arc<dyn Store>> {
     }
 }
 
+/// Connects to `url` and applies the migrations; `what` names the database in the error
+/// (its kind, name and host and where its URL was set, never the URL: it may hold a
+/// password), said once rather than by each layer.
+pub async fn open(url: &str, what: &str) -> anyhow::Result<(Arc<dyn Store>, Migrated)> {
+    let store = connect(url)
+        .await
+        .map_err(|err| anyhow::anyhow!("cannot open {what}: {}", crate::error::causes(&*err)))?;
+    let migrated = store.migrate().await.map_err(|err| {
+        anyhow::anyhow!(
+            "cannot apply the migrations to {what}: {}",
+            crate::error::causes(&err)
+        )
+    })?;
+    Ok((store, migrated))
+}
+
 /// A store whose calls all run on one runtime: the one it was made on.
 ///
 /// A database connection belongs to the runtime that opened it. The serving threads each
@@ -429,7 +463,7 @@ impl OnRuntime {
 
 #[async_trait]
 impl Store for OnRuntime {
-    async fn migrate(&self) -> StoreResult<()> {
+    async fn migrate(&self) -> StoreResult<Migrated> {
         self.run(|s| async move { s.migrate().await }).await
     }
     async fn ping(&self) -> StoreResult<()> {

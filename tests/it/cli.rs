@@ -59,7 +59,8 @@ fn config_check_prints_the_table_without_secrets_and_fails_on_errors() {
         stdout.contains("[tokens: per 1M tokens: text in $5.00")
             && stdout.contains("[unpriced: rows record tokens, no cost]")
             && stdout.contains("price source: PiAPI page")
-            && stdout.contains("price source: no page"),
+            && stdout.contains("price source: no page")
+            && stdout.contains("text in $5.00 (cached $1.25), image in $10.00 (cached $1.25)"),
         "{stdout}"
     );
     assert!(
@@ -644,58 +645,132 @@ async fn logs_escape_client_text_and_have_no_colours_when_piped() {
     );
 }
 
-#[tokio::test]
-async fn the_demo_banner_names_the_key_it_created() {
-    let (_dir, config) = configured(&["gpt-image-1"]);
-    let mut child = tokio::process::Command::from(binary::command(&config))
+/// What a demo banner says: its base URL, key, key name and admin token.
+struct DemoBanner {
+    base: String,
+    key: String,
+    name: String,
+    token: String,
+    text: String,
+}
+
+/// Starts `imagegate demo` on `config` and reads its banner.
+async fn start_demo(config: &Path) -> (tokio::process::Child, DemoBanner) {
+    let mut child = tokio::process::Command::from(binary::command(config))
         .arg("demo")
         .env("CLI_TEST_PROVIDER_KEY", SECRET)
+        .env_remove("IMAGEGATE_ADMIN_TOKEN")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .expect("spawn demo");
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let (mut key, mut name, mut base, mut banner) = (None, None, None, String::new());
-    while name.is_none() {
+    let mut fields = std::collections::HashMap::new();
+    let mut text = String::new();
+    while !fields.contains_key("Admin token") {
         let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
             .await
             .expect("the banner is printed")
             .expect("read")
             .expect("a banner line before exit");
-        banner.push_str(&line);
-        banner.push('\n');
-        if let Some(rest) = line.trim().strip_prefix("Base URL :") {
-            base = Some(rest.trim().to_owned());
-        }
-        if let Some(rest) = line.trim().strip_prefix("API key  :") {
-            key = Some(rest.trim().to_owned());
-        }
-        if let Some(rest) = line.trim().strip_prefix("Key name :") {
-            name = rest.split_whitespace().next().map(str::to_owned);
+        text.push_str(&line);
+        text.push('\n');
+        if let Some((label, value)) = line.trim().split_once(" : ") {
+            let first = value.split_whitespace().next().unwrap_or("").to_owned();
+            fields.insert(label.trim().to_owned(), first);
         }
     }
-    let (key, name) = (key.expect("key line"), name.expect("name"));
-    assert!(key.starts_with("ig-"), "{key}");
-    // The rest of the banner, with its async job example, which the mock serves.
+    // The rest of the banner, with its examples.
     while let Ok(Ok(Some(line))) =
         tokio::time::timeout(Duration::from_millis(500), lines.next_line()).await
     {
-        banner.push_str(&line);
-        banner.push('\n');
+        text.push_str(&line);
+        text.push('\n');
     }
+    let field = |label: &str| fields.get(label).cloned().unwrap_or_default();
+    let banner = DemoBanner {
+        base: field("Base URL"),
+        key: field("API key"),
+        name: field("Key name"),
+        token: field("Admin token"),
+        text,
+    };
+    (child, banner)
+}
+
+#[tokio::test]
+async fn the_demo_serves_its_key_and_admin_token_and_replaces_its_key_on_restart() {
+    let (_dir, config) = configured(&["gpt-image-1"]);
+    let (child, banner) = start_demo(&config).await;
+    assert!(banner.key.starts_with("ig-"), "{}", banner.text);
+    assert_eq!(banner.name, "demo");
     assert!(
-        banner.contains("-H \"Prefer: respond-async\"") && banner.contains("/v1/images/jobs/"),
-        "{banner}"
+        banner.text.contains("-H \"Prefer: respond-async\"")
+            && banner.text.contains("/v1/images/jobs/"),
+        "{}",
+        banner.text
     );
-    demo_job(&base.expect("base URL line"), &key).await;
-    signal(&child, "-TERM");
-    child.wait().await.expect("exits");
-    let list = text(&imagegate(&config, &["keys", "list"]).stdout);
+    demo_job(&banner.base, &banner.key).await;
+
+    // The admin API and the dashboard take the token it printed, as the README uses them.
+    assert_eq!(banner.token.len(), 64, "{}", banner.text);
     assert!(
-        list.lines()
-            .any(|line| line.starts_with(&name) && line.contains(&key[..10])),
-        "the banner's name is the key's:\n{list}"
+        banner
+            .text
+            .contains(&format!("export IMAGEGATE_ADMIN_TOKEN={}", banner.token))
+            && banner.text.contains("/dashboard"),
+        "{}",
+        banner.text
+    );
+    let origin = banner.base.trim_end_matches("/v1").to_owned();
+    let client = reqwest::Client::new();
+    let keys: Value = client
+        .get(format!("{origin}/admin/keys"))
+        .bearer_auth(&banner.token)
+        .send()
+        .await
+        .expect("admin keys")
+        .json()
+        .await
+        .expect("json");
+    assert!(keys.to_string().contains("\"demo\""), "{keys}");
+    let login = client
+        .post(format!("{origin}/dashboard/login"))
+        .form(&[("token", banner.token.as_str())])
+        .send()
+        .await
+        .expect("login");
+    assert!(
+        login.status().is_success() || login.status().is_redirection(),
+        "{}",
+        login.status()
+    );
+    signal(&child, "-TERM");
+    let mut child = child;
+    child.wait().await.expect("exits");
+
+    // A second start replaces the first key: one active demo key, whatever the restarts.
+    let (mut again, second) = start_demo(&config).await;
+    assert_ne!(second.key, banner.key);
+    assert_ne!(second.token, banner.token, "a token for each run");
+    signal(&again, "-TERM");
+    again.wait().await.expect("exits");
+    let list = text(&imagegate(&config, &["keys", "list"]).stdout);
+    let demo: Vec<&str> = list
+        .lines()
+        .filter(|line| line.starts_with("demo "))
+        .collect();
+    assert_eq!(demo.len(), 2, "{list}");
+    assert!(
+        demo.iter()
+            .any(|line| line.contains(&second.key[..10]) && line.contains("active")),
+        "{list}"
+    );
+    assert!(
+        demo.iter()
+            .any(|line| line.contains(&banner.key[..10]) && line.contains("revoked")),
+        "{list}"
     );
 }
 
@@ -749,4 +824,366 @@ fn database_commands_refuse_a_missing_config_file() {
         );
         assert!(text(&out.stderr).contains("nope.toml"), "{args:?}");
     }
+}
+
+/// `imagegate` with `args` and the environment `vars` (values `None` are removed).
+fn imagegate_with(config: &Path, args: &[&str], vars: &[(&str, Option<&str>)]) -> Output {
+    let mut command = binary::command(config);
+    command.args(args).env("CLI_TEST_PROVIDER_KEY", SECRET);
+    for (name, value) in vars {
+        match value {
+            Some(value) => command.env(name, value),
+            None => command.env_remove(name),
+        };
+    }
+    command.output().expect("run imagegate")
+}
+
+#[test]
+fn a_misspelt_key_is_one_line_naming_the_file_the_key_and_the_likely_name() {
+    let (_dir, config) = configured(&["gpt-image-1"]);
+    let toml = std::fs::read_to_string(&config).expect("read");
+    std::fs::write(&config, toml.replacen("{ provider = ", "{ provder = ", 1)).expect("write");
+    let out = imagegate(&config, &["config", "check"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        stderr,
+        format!(
+            "error: {}: models.real-model.routes[0].provder: unknown key `provder`; did you \
+             mean `provider`?\n",
+            config.display()
+        )
+    );
+}
+
+#[test]
+fn a_setting_from_the_environment_is_blamed_on_its_variable() {
+    let (_dir, config) = configured(&["gpt-image-1"]);
+    let out = imagegate_with(
+        &config,
+        &["config", "check"],
+        &[("IMAGEGATE_SERVER__LISTEN", Some("nowhere"))],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        "error: environment variable IMAGEGATE_SERVER__LISTEN (server.listen): \"nowhere\" is \
+         not an address like 127.0.0.1:8080\n"
+    );
+}
+
+#[test]
+fn every_missing_provider_key_variable_is_named_in_one_run() {
+    let (_dir, config) = configured(&["gpt-image-1"]);
+    let mut toml = std::fs::read_to_string(&config).expect("read");
+    toml.push_str(
+        "[providers.other]\nbase_url = \"http://127.0.0.1:9/v1\"\napi_key_env = \"CLI_TEST_OTHER_KEY\"\n",
+    );
+    std::fs::write(&config, toml).expect("write");
+    let out = imagegate_with(
+        &config,
+        &["config", "check"],
+        &[
+            ("CLI_TEST_PROVIDER_KEY", None),
+            ("CLI_TEST_OTHER_KEY", None),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 2, "{stderr}");
+    assert!(
+        lines[0].contains(
+            "providers.other.api_key_env: environment variable CLI_TEST_OTHER_KEY is not set"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        lines[1].contains(
+            "providers.real.api_key_env: environment variable CLI_TEST_PROVIDER_KEY is not set"
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_database_error_names_host_and_database_once_and_never_the_password() {
+    let (_dir, config) = configured(&["gpt-image-1"]);
+    let password = "hunter2-database-password";
+    let url = format!("postgres://imagegate:{password}@127.0.0.1:1/billing_db");
+    for args in [&["keys", "list"][..], &["migrate"], &["usage"]] {
+        let out = imagegate_with(&config, args, &[("IMAGEGATE_DATABASE__URL", Some(&url))]);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let stderr = text(&out.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with(
+                "error: cannot open the Postgres database \"billing_db\" on 127.0.0.1:1 (set by \
+                 environment variable IMAGEGATE_DATABASE__URL (database.url)): "
+            ),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains(password), "{stderr}");
+        assert!(
+            !stderr.contains("imagegate.toml"),
+            "the URL came from the environment, not the file: {stderr}"
+        );
+        // The refusal is said once, not by each layer.
+        let refused = "Connection refused";
+        assert_eq!(stderr.matches(refused).count(), 1, "{stderr}");
+    }
+    // From the file, the file is named.
+    let toml = std::fs::read_to_string(&config).expect("read");
+    let in_file = toml.replacen(
+        "url = \"sqlite:",
+        &format!("url = \"{url}\"\n# was: url = \"sqlite:"),
+        1,
+    );
+    std::fs::write(&config, in_file).expect("write");
+    let out = imagegate(&config, &["keys", "list"]);
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!("(set by {}: database.url)", config.display())),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(password), "{stderr}");
+}
+
+#[test]
+fn migrate_says_when_nothing_was_new() {
+    let (_dir, config) = configured(&["gpt-image-1"]);
+    let total = std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite"))
+        .expect("migrations")
+        .count();
+    let first = imagegate(&config, &["migrate"]);
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    assert_eq!(
+        text(&first.stdout),
+        format!("database migrated: {total} new of {total} migrations applied\n")
+    );
+    let again = imagegate(&config, &["migrate"]);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert_eq!(
+        text(&again.stdout),
+        format!("database up to date: {total} migrations, none new\n")
+    );
+}
+
+#[tokio::test]
+async fn usage_takes_plain_dates_as_whole_utc_days() {
+    let (dir, config) = configured(&["gpt-image-1"]);
+    let store = open_store(&dir).await;
+    let at = |text: &str| {
+        chrono::DateTime::parse_from_rfc3339(text)
+            .expect("time")
+            .with_timezone(&Utc)
+    };
+    let mut rows = Vec::new();
+    for (id, time) in [
+        ("d6", "2026-12-06T23:59:59Z"),
+        ("d7a", "2026-12-07T00:00:00Z"),
+        ("d7b", "2026-12-07T23:59:59Z"),
+        ("d8", "2026-12-08T00:00:00Z"),
+    ] {
+        let mut r = row(id, "a", "m1", 1, 1);
+        r.created_at = at(time);
+        rows.push(r);
+    }
+    store.insert_usage(&rows).await.expect("insert");
+    let requests = |args: &[&str]| {
+        let mut all = vec!["usage", "--format", "json"];
+        all.extend_from_slice(args);
+        let out = imagegate(&config, &all);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        let json: Value = serde_json::from_slice(&out.stdout).expect("json");
+        json[0]["requests"].as_i64().unwrap_or(0)
+    };
+    assert_eq!(
+        requests(&["--since", "2026-12-07", "--until", "2026-12-07"]),
+        2
+    );
+    assert_eq!(requests(&["--since", "2026-12-07"]), 3);
+    assert_eq!(requests(&["--until", "2026-12-06"]), 1);
+    assert_eq!(requests(&["--since", "2026-12-07T12:00:00Z"]), 2);
+    let out = imagegate(&config, &["usage", "--since", "2026-13-07"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("a date like 2026-12-07"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// The subcommands `imagegate <path> --help` lists, and its options and arguments without a
+/// description.
+fn undescribed(help: &str) -> (Vec<String>, Vec<String>) {
+    let (mut commands, mut bare) = (Vec::new(), Vec::new());
+    let mut section = "";
+    for line in help.lines() {
+        if !line.starts_with(' ') {
+            section = line.trim_end_matches(':');
+            continue;
+        }
+        let entry = line.trim_start();
+        // "NAME  description": a run of two spaces parts the name from its description.
+        let (name, description) = match entry.split_once("  ") {
+            Some((name, rest)) => (name.trim(), rest.trim()),
+            None => (entry.trim(), ""),
+        };
+        if line.starts_with("          ") && !entry.starts_with('-') {
+            continue; // a wrapped description
+        }
+        if section == "Commands" && name != "help" {
+            commands.push(name.to_owned());
+        }
+        if matches!(section, "Commands" | "Options" | "Arguments")
+            && (description.is_empty() || description.starts_with('['))
+        {
+            bare.push(format!("{section}: {name}"));
+        }
+    }
+    (commands, bare)
+}
+
+#[test]
+fn every_subcommand_and_option_has_a_help_description() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("unused.toml");
+    let mut todo = vec![Vec::<String>::new()];
+    let mut seen = 0;
+    let mut missing = Vec::new();
+    while let Some(path) = todo.pop() {
+        let mut args: Vec<&str> = path.iter().map(String::as_str).collect();
+        args.push("-h");
+        let out = imagegate(&config, &args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        let help = text(&out.stdout);
+        let (commands, bare) = undescribed(&help);
+        missing.extend(
+            bare.into_iter()
+                .map(|b| format!("imagegate {}: {b}", path.join(" "))),
+        );
+        for command in commands {
+            let mut next = path.clone();
+            next.push(command);
+            todo.push(next);
+        }
+        seen += 1;
+    }
+    assert!(seen >= 12, "only {seen} help pages walked");
+    assert!(
+        missing.is_empty(),
+        "no description:\n{}",
+        missing.join("\n")
+    );
+    // The demo's help names the configuration the demo reads.
+    let out = imagegate(&config, &["demo", "--help"]);
+    assert!(
+        text(&out.stdout).contains("config/demo.toml"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[tokio::test]
+async fn healthcheck_exits_0_on_a_ready_gateway_and_1_with_one_line_when_it_is_gone() {
+    let (_dir, config) = configured(&["gpt-image-1"]);
+    let (mut child, addr, _log) = serve(&config).await;
+    // By --url, and by the configuration's server.listen (as in the container).
+    let by_url = imagegate(
+        &config,
+        &["healthcheck", "--url", &format!("http://{addr}")],
+    );
+    assert_eq!(by_url.status.code(), Some(0), "{}", text(&by_url.stderr));
+    assert_eq!(
+        text(&by_url.stdout),
+        format!("ready: http://{addr}/readyz answered 200 OK\n")
+    );
+    let port = addr.rsplit(':').next().expect("port");
+    let by_config = imagegate_with(
+        &config,
+        &["healthcheck"],
+        &[("IMAGEGATE_SERVER__LISTEN", Some(&format!("0.0.0.0:{port}")))],
+    );
+    assert_eq!(
+        by_config.status.code(),
+        Some(0),
+        "{}",
+        text(&by_config.stderr)
+    );
+    binary::terminate(&mut child, Duration::from_secs(20)).await;
+
+    let gone = imagegate(
+        &config,
+        &["healthcheck", "--url", &format!("http://{addr}")],
+    );
+    assert_eq!(gone.status.code(), Some(1));
+    let stderr = text(&gone.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with(&format!("error: not ready: http://{addr}/readyz: ")),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn secrets_are_read_from_the_files_their_file_variables_name() {
+    let (dir, config) = configured(&["gpt-image-1"]);
+    let secret_file = |name: &str, value: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, format!("{value}\n")).expect("write secret");
+        path.display().to_string()
+    };
+    const TOKEN: &str = "admin-token-from-a-secret-file-0042";
+    let token_file = secret_file("admin_token", TOKEN);
+    let key_file = secret_file("provider_key", SECRET);
+    let other_db = dir.path().join("elsewhere.db");
+    let url_file = secret_file("database_url", &format!("sqlite:{}", other_db.display()));
+
+    // The database URL: the key commands use the file's database.
+    let out = imagegate_with(
+        &config,
+        &["keys", "create", "--name", "from-file"],
+        &[("IMAGEGATE_DATABASE__URL_FILE", Some(&url_file))],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(other_db.exists(), "the URL in the file was used");
+
+    // The provider key and the admin token: serve with neither variable set, only the files.
+    let mut command = binary::command(&config);
+    command
+        .arg("serve")
+        .env_remove("CLI_TEST_PROVIDER_KEY")
+        .env_remove("IMAGEGATE_ADMIN_TOKEN")
+        .env("CLI_TEST_PROVIDER_KEY_FILE", &key_file)
+        .env("IMAGEGATE_ADMIN_TOKEN_FILE", &token_file)
+        .env("IMAGEGATE_DATABASE__URL_FILE", &url_file);
+    let (mut child, addr, log) = binary::serve(command).await.into_parts();
+    let keys = reqwest::Client::new()
+        .get(format!("http://{addr}/admin/keys"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("admin keys");
+    assert_eq!(keys.status(), 200);
+    let body = keys.text().await.expect("body");
+    assert!(body.contains("from-file"), "the file's database: {body}");
+    binary::terminate(&mut child, Duration::from_secs(20)).await;
+    let log = log.await.expect("log");
+    assert!(!log.contains(TOKEN) && !log.contains(SECRET), "{log}");
+
+    // Both a variable and its file variable: refused, naming both.
+    let out = imagegate_with(
+        &config,
+        &["config", "check"],
+        &[("CLI_TEST_PROVIDER_KEY_FILE", Some(&key_file))],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr)
+            .contains("set CLI_TEST_PROVIDER_KEY or CLI_TEST_PROVIDER_KEY_FILE, not both"),
+        "{}",
+        text(&out.stderr)
+    );
 }

@@ -381,7 +381,7 @@ async fn start_driver() -> Driver {
             Path::new(path).exists(),
             "{path} is missing: the dashboard's browser test needs Debian's Chromium and its \
              driver; install them with `sudo apt-get install chromium chromium-driver` \
-             (.ci/run does)"
+             (scripts/test does)"
         );
     }
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -7,13 +7,16 @@ mod refusals;
 mod replicas;
 
 use std::collections::BTreeMap;
+use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::error::BoxDynError;
-use sqlx::postgres::{PgPool, PgPoolOptions, PgTypeInfo, PgValueRef};
-use sqlx::{Decode, FromRow, Postgres, QueryBuilder, Type};
+use sqlx::postgres::{
+    PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgTypeInfo, PgValueRef,
+};
+use sqlx::{Connection, Decode, FromRow, Postgres, QueryBuilder, Type};
 
 use super::budget::{BudgetState, KeyBudget, Reservation, Reserved, Settlement, verdict};
 use super::notices::Notice;
@@ -67,10 +70,17 @@ pub struct PostgresStore {
 impl PostgresStore {
     /// Opens a pool and one connection now, so a wrong URL fails at startup.
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        // Postgres's NOTICEs ("relation ... already exists, skipping" at each migration
+        // check) are not news to an operator: sqlx would log every one at info.
+        let options =
+            PgConnectOptions::from_str(url)?.options([("client_min_messages", "warning")]);
+        // One connection first, alone: its error says why (refused, authentication, no such
+        // database), where the pool's would only say that it timed out.
+        PgConnection::connect_with(&options).await?.close().await?;
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect(url)
+            .connect_with(options)
             .await?;
         let listen_pool = PgPoolOptions::new()
             .max_connections(1)
@@ -160,11 +170,16 @@ fn push_filter(query: &mut QueryBuilder<'_, Postgres>, filter: &UsageFilter) {
 #[async_trait]
 impl Store for PostgresStore {
     #[tracing::instrument(skip_all)]
-    async fn migrate(&self) -> StoreResult<()> {
-        sqlx::migrate!("migrations/postgres")
-            .run(&self.pool)
-            .await?;
-        Ok(())
+    async fn migrate(&self) -> StoreResult<super::Migrated> {
+        let migrator = sqlx::migrate!("migrations/postgres");
+        let before = {
+            use sqlx::migrate::Migrate as _;
+            let mut conn = self.pool.acquire().await?;
+            conn.ensure_migrations_table().await?;
+            conn.list_applied_migrations().await?.len()
+        };
+        migrator.run(&self.pool).await?;
+        Ok(super::Migrated::new(migrator.migrations.len(), before))
     }
 
     #[tracing::instrument(skip_all)]

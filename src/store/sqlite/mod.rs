@@ -198,9 +198,16 @@ fn push_filter(query: &mut QueryBuilder<'_, Sqlite>, filter: &UsageFilter) {
 #[async_trait]
 impl Store for SqliteStore {
     #[tracing::instrument(skip_all)]
-    async fn migrate(&self) -> StoreResult<()> {
-        sqlx::migrate!("migrations/sqlite").run(&self.pool).await?;
-        Ok(())
+    async fn migrate(&self) -> StoreResult<super::Migrated> {
+        let migrator = sqlx::migrate!("migrations/sqlite");
+        let before = {
+            use sqlx::migrate::Migrate as _;
+            let mut conn = self.pool.acquire().await?;
+            conn.ensure_migrations_table().await?;
+            conn.list_applied_migrations().await?.len()
+        };
+        migrator.run(&self.pool).await?;
+        Ok(super::Migrated::new(migrator.migrations.len(), before))
     }
 
     #[tracing::instrument(skip_all)]

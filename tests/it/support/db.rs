@@ -48,7 +48,7 @@ pub async fn fresh_postgres() -> (Arc<dyn Store>, String) {
 fn unreachable_message(server: &str, err: &str) -> String {
     format!(
         "Postgres is not reachable at {server} ({err}): start it (`scripts/ensure-postgres` \
-         does, and `.ci/run` runs it) or set IMAGEGATE_TEST_DATABASE_URL"
+         does, and `scripts/test` runs it) or set IMAGEGATE_TEST_DATABASE_URL"
     )
 }
 

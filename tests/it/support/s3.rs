@@ -32,7 +32,7 @@ fn moto_server() -> &'static Path {
         assert!(
             out.status.success(),
             "scripts/ensure-s3-server failed: the result store's S3 tests need moto's server \
-             (python3 with venv and pip; .ci/run installs it)"
+             (python3 with venv and pip; scripts/test installs it)"
         );
         PathBuf::from(String::from_utf8(out.stdout).expect("utf-8").trim())
     })
