@@ -89,6 +89,8 @@ pub fn json(rows: &[UsageTotals], group_by: GroupBy) -> Vec<serde_json::Value> {
                 "requests": r.requests,
                 "billed": r.billed,
                 "failed": r.failed,
+                "client_requests": client_requests(r),
+                "client_failures": client_failures(r),
                 "unpriced": r.unpriced,
                 "images": r.images,
                 "text_input_tokens": r.text_input_tokens,

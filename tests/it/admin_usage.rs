@@ -231,7 +231,7 @@ fn line(group: (&str, &str), counts: [i64; 4], tokens: [i64; 5], nanos: i64) -> 
     let dollars = imagegate::usage::price::format_usd(nanos);
     json!({
         group.0: group.1, "requests": requests, "billed": billed, "failed": failed,
-        "unpriced": 0, "images": images, "text_input_tokens": text,
+        "client_requests": requests, "client_failures": failed, "unpriced": 0, "images": images, "text_input_tokens": text,
         "image_input_tokens": image, "cached_text_input_tokens": cached_text,
         "cached_image_input_tokens": cached_image, "input_tokens": text + image,
         "output_tokens": output, "total_tokens": text + image + output,

@@ -233,6 +233,29 @@ failover = { max_attempts = 1 }
             ("first", 1, Some("refused")),
         ]
     );
+    // Three provider calls, two of them failed; the clients made two requests and saw one
+    // fail (the first request's refused attempt was retried on the second route).
+    let report: serde_json::Value = crate::admin_usage::admin_get(&gw, "/admin/usage")
+        .await
+        .json()
+        .await
+        .expect("json");
+    let key = &report["data"][0];
+    assert_eq!(
+        (
+            &key["requests"],
+            &key["failed"],
+            &key["client_requests"],
+            &key["client_failures"]
+        ),
+        (
+            &serde_json::json!(3),
+            &serde_json::json!(2),
+            &serde_json::json!(2),
+            &serde_json::json!(1)
+        ),
+        "{report}"
+    );
     gw.shutdown().await;
 }
 
