@@ -238,6 +238,14 @@ impl Handle {
         out
     }
 
+    /// Keeps only the series of the gauge `name` whose `label` has a value `keep` accepts
+    /// (the budget gauges of keys that no longer have an active budget go).
+    pub fn retain_gauge_series(&self, name: &str, label: &str, keep: impl Fn(&str) -> bool) {
+        self.0.registry.retain_gauges(|key, _| {
+            key.name() != name || key.labels().any(|l| l.key() == label && keep(l.value()))
+        });
+    }
+
     /// Removes every series with `label` = `value` (a removed provider's, or model's).
     fn remove_labelled(&self, label: &str, value: &str) {
         let keep = |key: &Key| !key.labels().any(|l| l.key() == label && l.value() == value);

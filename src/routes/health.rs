@@ -113,7 +113,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 /// the one computation the admin API shows ([`super::admin::keys::standings`]): spent and
 /// settled calls count at their real cost, calls in flight at their worst case. A database
 /// that does not answer within `key_lookup_timeout` leaves the gauges as they were.
-async fn budget_gauges(state: &AppState) {
+async fn budget_gauges(state: &Arc<AppState>) {
     let timeout = state.runtime.load().config.server.key_lookup_timeout;
     let now = chrono::Utc::now();
     let keys = match tokio::time::timeout(timeout, super::admin::keys::standings(state, now)).await
@@ -128,11 +128,24 @@ async fn budget_gauges(state: &AppState) {
             return;
         }
     };
+    let mut budgeted = std::collections::HashSet::new();
+    let mut unbudgeted = std::collections::HashSet::new();
     for (key, standing) in keys {
         let active = key.revoked_at.is_none() && key.limits.expires_at.is_none_or(|at| at > now);
         if let (true, Some(standing)) = (active, standing) {
-            metrics::gauge!("imagegate_key_budget_remaining_nanousd", "key" => key.name)
+            metrics::gauge!(BUDGET_GAUGE, "key" => key.name.clone())
                 .set(standing.remaining_nanousd as f64);
+            budgeted.insert(key.name);
+        } else {
+            unbudgeted.insert(key.name);
         }
     }
+    // A key revoked, expired or without a budget now has no gauge, rather than its last
+    // figure (unless another key of that name has an active budget: names can be reused).
+    let MetricsHandle(metrics) = MetricsHandle::from_ref(state);
+    metrics.retain_gauge_series(BUDGET_GAUGE, "key", |name| {
+        budgeted.contains(name) || !unbudgeted.contains(name)
+    });
 }
+
+const BUDGET_GAUGE: &str = "imagegate_key_budget_remaining_nanousd";

@@ -154,13 +154,19 @@ async fn a_key_is_shown_by_name_with_its_budget_standing(db: Db) {
         imagegate::usage::price::format_usd(cost)
     );
 
-    // Revoked, it is still shown by name, marked so.
+    // Revoked, it is still shown by name, marked so, and its gauge is gone (not its last
+    // figure).
     admin(&gw, Method::DELETE, &path, None).await;
     let (status, revoked) = admin(&gw, Method::GET, &path, None).await;
     assert_eq!(
         (status, &revoked["status"]),
         (200, &json!("revoked")),
         "{revoked}"
+    );
+    let page = gw.metrics().await;
+    assert!(
+        !page.lines().any(|l| l.starts_with(&gauge)),
+        "a revoked key's budget gauge stays: {gauge}"
     );
     gw.shutdown().await;
 }
