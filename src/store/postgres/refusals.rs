@@ -8,6 +8,9 @@ use super::PostgresStore;
 use crate::store::StoreResult;
 use crate::store::refusals::{RefusalCount, RefusalStore, RefusalTotal};
 
+/// Counts written by one statement (4 bound values each).
+const INSERT_COUNTS: usize = 1000;
+
 #[async_trait]
 impl RefusalStore for PostgresStore {
     #[tracing::instrument(skip_all, fields(counts = counts.len()))]
@@ -15,19 +18,25 @@ impl RefusalStore for PostgresStore {
         if counts.is_empty() {
             return Ok(());
         }
-        let mut query = QueryBuilder::<Postgres>::new(
-            "insert into refusals as r (key_name, reason, minute, count) ",
-        );
-        query.push_values(counts, |mut b, c| {
-            b.push_bind(&c.key_name)
-                .push_bind(&c.reason)
-                .push_bind(c.minute)
-                .push_bind(c.count);
-        });
-        query.push(
-            " on conflict (key_name, reason, minute) do update set count = r.count + excluded.count",
-        );
-        query.build().execute(&self.pool).await?;
+        // In slices: a statement takes at most 65,535 bound values, and counts kept through a
+        // long database outage can be more than a statement's worth.
+        let mut tx = self.pool.begin().await?;
+        for slice in counts.chunks(INSERT_COUNTS) {
+            let mut query = QueryBuilder::<Postgres>::new(
+                "insert into refusals as r (key_name, reason, minute, count) ",
+            );
+            query.push_values(slice, |mut b, c| {
+                b.push_bind(&c.key_name)
+                    .push_bind(&c.reason)
+                    .push_bind(c.minute)
+                    .push_bind(c.count);
+            });
+            query.push(
+                " on conflict (key_name, reason, minute) do update set count = r.count + excluded.count",
+            );
+            query.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
