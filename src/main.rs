@@ -114,6 +114,11 @@ fn main() -> ExitCode {
         }
     };
     if let Some(endpoint) = &telemetry.exporting_to {
+        // Scheme, host, port and path only: a URL's user, password or query can hold a token.
+        let endpoint = reqwest::Url::parse(endpoint).map_or_else(
+            |_| "(not a URL)".to_owned(),
+            |url| format!("{}{}", url.origin().ascii_serialization(), url.path()),
+        );
         tracing::info!(endpoint, "sending traces over OTLP/HTTP");
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
