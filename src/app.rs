@@ -240,7 +240,7 @@ fn client_address(request: &Request, trusted: &[ipnet::IpNet]) -> Option<IpAddr>
     let peer = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(addr)| addr.ip())?;
+        .map(|ConnectInfo(addr)| addr.ip().to_canonical())?;
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
     if !is_trusted(&peer) {
         return Some(peer);
@@ -255,7 +255,7 @@ fn client_address(request: &Request, trusted: &[ipnet::IpNet]) -> Option<IpAddr>
         .collect::<Vec<_>>();
     let mut client = peer;
     for hop in forwarded.iter().rev() {
-        match hop.parse::<IpAddr>() {
+        match hop.parse::<IpAddr>().map(|ip| ip.to_canonical()) {
             Ok(ip) => {
                 client = ip;
                 if !is_trusted(&ip) {
@@ -575,6 +575,16 @@ mod tests {
         assert_eq!(
             client("10.0.0.2", None, &["10.0.0.0/8"]).as_deref(),
             Some("10.0.0.2")
+        );
+        // On a dual-stack listener an IPv4 peer comes mapped (::ffff:a.b.c.d): it is
+        // matched, and logged, as the IPv4 address it is.
+        assert_eq!(
+            client("[::ffff:10.0.0.2]", Some("198.51.100.7"), &["10.0.0.0/8"]).as_deref(),
+            Some("198.51.100.7")
+        );
+        assert_eq!(
+            client("[::ffff:192.0.2.1]", None, &[]).as_deref(),
+            Some("192.0.2.1")
         );
     }
 
