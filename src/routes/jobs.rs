@@ -121,6 +121,7 @@ pub async fn submit(
     // A trace of its own, linked to the request that queued it: the request's span ends
     // with its 202, the job's attempts long after.
     let span = tracing::info_span!(
+        parent: None,
         "job",
         otel.name = "job",
         otel.kind = "internal",
