@@ -145,7 +145,6 @@ def main():
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_buffering off;
-            proxy_request_buffering off;
         }}
     }}"""
         fill = lambda conf, name: conf.replace("{workers}", "1").replace("{name}", name) \
