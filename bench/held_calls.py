@@ -5,7 +5,7 @@ Image calls last 40-100 s at the provider, so a gateway holds thousands of them 
 A provider stand-in (its own process, asyncio) holds every call for --hold seconds before
 it answers a small ImagesResponse with usage. For each of --calls (e.g. 2000,4000), N
 clients start one generation each at once; a sampler reads the proxy's RSS (VmRSS of every
-process of it) every 50 ms. The figure is (peak RSS - idle RSS) / N, for imagegate and for
+process of it) every 50 ms. The figure is (peak RSS - idle RSS after warm-up) / N, for imagegate and for
 nginx in front of the same stand-in, measured in the same run. Every answer must be a 200
 and imagegate must have written one usage row per call, or the run is void.
 
@@ -175,14 +175,19 @@ def main():
 
         targets = {"nginx": (ports["proxy_small"], {}, nginx_pids),
                    "imagegate": (ports["gateway"], {"Authorization": f"Bearer {key}"}, lambda: [gw.pid])}
+        base = {}
         for name, (port, headers, pids) in targets.items():
             asyncio.run(burst(port, headers, 20))  # warm-up: connections, caches
+            # Idle once, after warm-up and before any burst: a later burst reuses what the
+            # allocator kept from an earlier one, so measuring it against the RSS left behind
+            # would under-report.
+            base[name] = idle_rss(pids)
 
         table = []
         sent_to_gateway = 20
         for calls in counts:
             for name, (port, headers, pids) in targets.items():
-                idle = idle_rss(pids)
+                idle = base[name]
                 sampler = Sampler(pids)
                 sampler.start()
                 started = time.monotonic()
