@@ -61,6 +61,68 @@ def rss_kib(pid):
     return 0
 
 
+def write_gateway_config(work, name, port, db_url, ports, record_usage=True):
+    """imagegate's configuration for the bench: one model per stand-in, usage on Postgres."""
+    conf = os.path.join(work, f"{name}.toml")
+    with open(conf, "w") as f:
+        f.write(f"""
+default_model = "bench-small"
+[server]
+listen = "127.0.0.1:{port}"
+spool_dir = "{work}/spool-{name}"
+journal_dir = "{work}/journal-{name}"
+{"" if record_usage else "record_usage = false"}
+[database]
+url = "{db_url}"
+[providers.small]
+base_url = "http://127.0.0.1:{ports['small']}/v1"
+api_key_env = "BENCH_PROVIDER_KEY"
+[providers.large]
+base_url = "http://127.0.0.1:{ports['large']}/v1"
+api_key_env = "BENCH_PROVIDER_KEY"
+[models.bench-small]
+routes = [{{ provider = "small", model = "m" }}]
+[models.bench-large]
+routes = [{{ provider = "large", model = "m" }}]
+[pricing.small.m]
+text_input = 5.0
+cached_text_input = 1.25
+image_input = 10.0
+cached_image_input = 1.25
+image_output = 40.0
+[pricing.large.m]
+per_image = 0.04
+""")
+    return conf
+
+
+def gateway_env():
+    env = dict(os.environ, BENCH_PROVIDER_KEY="bench-provider-key", RUST_LOG=os.environ.get("RUST_LOG", "warn"))
+    for k in list(env):
+        if k.startswith("IMAGEGATE_"):
+            del env[k]
+    return env
+
+
+def create_key(binary, conf, name, env):
+    """A key whose in-flight limit cannot refuse the bench's connections: a refusal is a cheap
+    429, and a throughput that counts them is not a throughput."""
+    return subprocess.run([binary, "--config", conf, "keys", "create", "--name", f"bench-{name}-{uuid.uuid4().hex[:6]}",
+                           "--max-in-flight", "100000"],
+                          check=True, capture_output=True, text=True, env=env).stdout.strip()
+
+
+def cpu_seconds(pids):
+    """User + system CPU seconds used so far by these processes (/proc/PID/stat)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
 def nginx_conf(work, servers):
     blocks = "\n".join(servers)
     return f"""
@@ -133,7 +195,8 @@ def parse_wrk(out):
     p50 = float(m.group(1)) * UNITS[m.group(2)]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: (.*)", out)
-    return {"rps": rps, "mbps": mbps, "p50_ms": p50,
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    return {"rps": rps, "mbps": mbps, "p50_ms": p50, "requests": requests,
             "non2xx": int(errors.group(1)) if errors else 0,
             "socket_errors": socket_errors.group(1) if socket_errors else ""}
 
@@ -182,7 +245,6 @@ def main():
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_buffering off;
-            proxy_request_buffering off;
         }}
     }}"""
         fill = lambda conf, name, workers: conf.replace("{workers}", str(workers)).replace("{name}", name) \
@@ -198,42 +260,9 @@ def main():
         db_url = args.database.rsplit("/", 1)[0] + "/" + dbname
 
         def gateway(name, port, record_usage):
-            conf = os.path.join(work, f"{name}.toml")
-            with open(conf, "w") as f:
-                f.write(f"""
-default_model = "bench-small"
-[server]
-listen = "127.0.0.1:{port}"
-spool_dir = "{work}/spool-{name}"
-journal_dir = "{work}/journal-{name}"
-{"" if record_usage else "record_usage = false"}
-[database]
-url = "{db_url}"
-[providers.small]
-base_url = "http://127.0.0.1:{ports['small']}/v1"
-api_key_env = "BENCH_PROVIDER_KEY"
-[providers.large]
-base_url = "http://127.0.0.1:{ports['large']}/v1"
-api_key_env = "BENCH_PROVIDER_KEY"
-[models.bench-small]
-routes = [{{ provider = "small", model = "m" }}]
-[models.bench-large]
-routes = [{{ provider = "large", model = "m" }}]
-[pricing.small.m]
-text_input = 5.0
-cached_text_input = 1.25
-image_input = 10.0
-cached_image_input = 1.25
-image_output = 40.0
-[pricing.large.m]
-per_image = 0.04
-""")
-            env = dict(os.environ, BENCH_PROVIDER_KEY="bench-provider-key", RUST_LOG=os.environ.get("RUST_LOG", "warn"))
-            for k in list(env):
-                if k.startswith("IMAGEGATE_"):
-                    del env[k]
-            key = subprocess.run([args.binary, "--config", conf, "keys", "create", "--name", f"bench-{name}-{uuid.uuid4().hex[:6]}"],
-                                 check=True, capture_output=True, text=True, env=env).stdout.strip()
+            conf = write_gateway_config(work, name, port, db_url, ports, record_usage)
+            env = gateway_env()
+            key = create_key(args.binary, conf, name, env)
             log = open(os.path.join(work, f"{name}.log"), "w")
             proc = subprocess.Popen([args.binary, "--config", conf, "serve"], env=env, stdout=log, stderr=log)
             procs.append(proc)
@@ -243,9 +272,13 @@ per_image = 0.04
         gw, key = gateway("gateway", ports["gateway"], True)
         targets = {"direct": ("small", "large", {}), "nginx": ("proxy_small", "proxy_large", {}),
                    "imagegate": ("gateway", "gateway", {"Authorization": f"Bearer {key}"})}
+        nginx_pids = [proxy_pid] + [int(w) for w in subprocess.run(["pgrep", "-P", str(proxy_pid)], capture_output=True,
+                                                                   text=True).stdout.split()]
+        pids = {"nginx": nginx_pids, "imagegate": [gw.pid]}
         if args.usage_off:
             gw_off, key_off = gateway("gateway_off", ports["gateway_off"], False)
             targets["imagegate-usage-off"] = ("gateway_off", "gateway_off", {"Authorization": f"Bearer {key_off}"})
+            pids["imagegate-usage-off"] = [gw_off.pid]
 
         if args.hold:
             body = REQUEST.replace("MODEL", "bench-small")
@@ -276,6 +309,7 @@ per_image = 0.04
         }
         chosen = [s for s in args.scenarios.split(",") if s]
         results = {(s, t): [] for s in chosen for t in targets}
+        void = []
         for rnd in range(args.rounds):
             for s in chosen:
                 conns, size, _ = scenarios[s]
@@ -292,9 +326,13 @@ per_image = 0.04
                     if rnd == 0:
                         check(url, body, hdrs)
                     wrk(url, body, hdrs, conns, 1, work)  # warm-up
+                    cpu_before = cpu_seconds(pids[t]) if t in pids else None
                     r = wrk(url, body, hdrs, conns, args.seconds, work)
+                    if cpu_before is not None:
+                        r["cpu_per_10k"] = (cpu_seconds(pids[t]) - cpu_before) / r["requests"] * 10000
                     if r["non2xx"] or r["socket_errors"]:
-                        print(f"  warning: {s} {t}: non-2xx {r['non2xx']}, socket errors {r['socket_errors']}", file=sys.stderr)
+                        void.append(f"{s} {t} round {rnd + 1}: non-2xx {r['non2xx']}, socket errors {r['socket_errors'] or 0}")
+                        print(f"  VOID: {void[-1]}", file=sys.stderr)
                     results[(s, t)].append(r)
                     print(f"round {rnd + 1} {s:8} {t:20} {r['rps']:10.0f} req/s {r['mbps']:9.1f} MB/s p50 {r['p50_ms']:.3f} ms", flush=True)
 
@@ -317,8 +355,18 @@ per_image = 0.04
                 ratios = ", ".join(f"{t} {med(s, t, metric) / n:.2f}x" for t in others)
                 print(f"{label:34} {d:>10.1f} {n:>10.1f} {cells}   {ratios}")
         print(f"{'idle RSS (MiB)':34} {'':>10} {idle['nginx']:>10.1f} {idle['imagegate']:>20.1f}")
+        print("CPU seconds per 10,000 requests (user + system, /proc/PID/stat), medians:")
+        for s in chosen:
+            cells = ", ".join(f"{t} {statistics.median(r['cpu_per_10k'] for r in results[(s, t)]):.3f} s"
+                              for t in targets if t in pids)
+            print(f"  {s:8} {cells}")
         rows = subprocess.run(["psql", db_url, "-Atc", "select count(*) from usage"], capture_output=True, text=True).stdout.strip()
         print(f"usage rows recorded by imagegate: {rows}")
+        if void:
+            print("VOID: some answers were not 2xx; these figures count refusals or errors and are not a throughput:")
+            for v in void:
+                print(f"  {v}")
+            sys.exit(1)
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
