@@ -4,8 +4,10 @@
 -- attempts folded under it, and count as failed only the requests their clients saw fail.
 --
 -- attempt: 1 for the first provider call of a request, 2 for the next route, and so on.
--- client_request_id: the request id the client was answered with (null on rows written
--- before this column: their own request_id).
+-- client_request_id: the request's own id, without the attempt's `-<n>` (null on rows
+-- written before this column: their own request_id). For a client that sent an
+-- x-request-id imagegate kept, it is `<that id>~req_...`: it starts with the id the client
+-- was answered with.
 -- cause: why an attempt gave no image: refused, dns, tls, timeout, reset, connect, other
 -- (the provider was not reached or broke off), or http_<status> (it answered an error).
 

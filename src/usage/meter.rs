@@ -43,7 +43,8 @@ pub struct UsageTicket {
     pub span: tracing::Span,
     /// Which provider call of its client request this is, from 1.
     pub attempt: i32,
-    /// The request id its client was answered with.
+    /// The request's own id, without the attempt's `-<n>` (see the usage table's
+    /// `client_request_id`).
     pub client_request_id: String,
     /// Why the call gave no image, once known: its usage row names it (see
     /// `UsageRow::cause`) and its latency is counted under it.
