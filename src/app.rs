@@ -26,7 +26,7 @@ use crate::jobs::Jobs;
 use crate::routes;
 use crate::routing::Routed;
 use crate::server::Listeners;
-pub use crate::state::{AppState, ReloadError, ReloadTrigger, RequestId, Runtime};
+pub use crate::state::{AppState, ClientAddress, ReloadError, ReloadTrigger, RequestId, Runtime};
 use crate::store::Store;
 use crate::usage::writer::UsageWriter;
 
@@ -421,6 +421,9 @@ async fn access_log(
         let runtime = state.runtime.load();
         client_address(&request, &runtime.config.server.trusted_proxies)
     };
+    if let Some(ip) = client {
+        request.extensions_mut().insert(ClientAddress(ip));
+    }
     let span = tracing::info_span!(
         "request",
         otel.name = %format_args!("{method} {path}"),

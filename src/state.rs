@@ -238,3 +238,9 @@ impl Runtime {
 /// The request's id, made at the door and echoed in `x-request-id`.
 #[derive(Debug, Clone)]
 pub struct RequestId(pub Arc<str>);
+
+/// The client's address as the access log names it: the TCP peer's, or from
+/// `X-Forwarded-For` when the peer is one of `server.trusted_proxies`. Set on every request
+/// that came through a socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddress(pub std::net::IpAddr);

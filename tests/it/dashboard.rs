@@ -261,6 +261,61 @@ async fn the_eleventh_failed_login_in_a_minute_gets_429_and_other_addresses_do_n
     gw.shutdown().await;
 }
 
+/// Behind a proxy named in `server.trusted_proxies`, each client is throttled by the address
+/// the proxy forwards; a client that is not a trusted proxy cannot choose its address with
+/// `X-Forwarded-For`.
+#[tokio::test]
+async fn behind_a_trusted_proxy_logins_are_throttled_per_forwarded_client() {
+    let config = test_config(&dead_url(), "").replacen(
+        "[server]\n",
+        "[server]\ntrusted_proxies = [\"127.0.0.1/32\"]\n",
+        1,
+    );
+    let gw = TestGateway::start(Db::Sqlite, &config).await;
+    let proxy = client_from([127, 0, 0, 1]);
+    let through = |forwarded: &'static str, token: &'static str| {
+        proxy
+            .post(gw.url("/dashboard/login"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("x-forwarded-for", forwarded)
+            .body(format!("token={token}"))
+            .send()
+    };
+    for attempt in 1..=10 {
+        let response = through("203.0.113.5", "wrong-token").await.expect("send");
+        assert_eq!(response.status(), 401, "failure {attempt}");
+    }
+    let response = through("203.0.113.5", "wrong-token").await.expect("send");
+    assert_eq!(
+        response.status(),
+        429,
+        "the guesser behind the proxy is held back"
+    );
+    // Another client behind the same proxy is not.
+    let response = through("203.0.113.6", ADMIN_TOKEN).await.expect("send");
+    assert_eq!(response.status(), 303);
+    // A peer that is no trusted proxy: its header is ignored, its own address counts.
+    let direct = client_from([127, 0, 0, 2]);
+    for _ in 1..=10 {
+        let response = direct
+            .post(gw.url("/dashboard/login"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("x-forwarded-for", "203.0.113.6")
+            .body("token=wrong-token")
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(response.status(), 401);
+    }
+    let response = through("203.0.113.6", ADMIN_TOKEN).await.expect("send");
+    assert_eq!(
+        response.status(),
+        303,
+        "a spoofed header does not throttle the client it names"
+    );
+    gw.shutdown().await;
+}
+
 #[tokio::test]
 async fn login_sets_an_http_only_session_cookie_and_the_pages_need_it() {
     let gw = gateway_with_known_rows(Db::Sqlite, Utc::now().date_naive()).await;

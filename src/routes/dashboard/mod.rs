@@ -11,12 +11,12 @@ pub mod session;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::rejection::{FormRejection, QueryRejection};
-use axum::extract::{ConnectInfo, Query, State};
+use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::{Extension, Form};
 use chrono::{Duration, NaiveDate, Utc};
@@ -30,7 +30,7 @@ use crate::auth::admin_token_matches;
 use crate::config::Secret;
 use crate::error::ApiError;
 use crate::replicas::Roster;
-use crate::state::AppState;
+use crate::state::{AppState, ClientAddress};
 use crate::store::{BudgetPeriod, GroupBy, PageCursor, UsageFilter, UsageRow, UsageTotals};
 use crate::usage::report;
 
@@ -91,15 +91,16 @@ pub struct Login {
 /// old.
 pub async fn login(
     State(state): State<Arc<AppState>>,
-    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    client: Option<Extension<ClientAddress>>,
     headers: HeaderMap,
     form: Result<Form<Login>, FormRejection>,
 ) -> Response {
-    // The TCP peer, never X-Forwarded-For (imagegate trusts no proxy); the router driven
-    // without the server has none, and counts as one client.
-    let client = peer.map_or(
+    // The client as the access log names it: the TCP peer, or from X-Forwarded-For only when
+    // the peer is one of `server.trusted_proxies` (behind a proxy, each client is throttled
+    // on its own). The router driven without the server has none, and counts as one client.
+    let client = client.map_or(
         IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-        |Extension(ConnectInfo(addr))| addr.ip(),
+        |Extension(ClientAddress(ip))| ip,
     );
     if let Some(wait) = state.login_throttle.refused(client, Instant::now()) {
         tracing::warn!(target: "imagegate::admin", %client, "dashboard login refused: too many failed logins");
