@@ -366,6 +366,16 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The innermost cause of an error, which reads best ("Connection refused"): an HTTP
+/// client's outer layers repeat the URL.
+pub fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = err;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
+
 /// An error and its causes on one line, `outer: inner: innermost`, each cause left out when
 /// the text before it already says it (sqlx's "error communicating with database: Connection
 /// refused" has the refusal as its source too), so that nothing reads twice.

@@ -37,12 +37,7 @@ pub async fn check(url: &str, timeout: Duration) -> Result<String, String> {
         let reason = if err.is_timeout() {
             format!("no answer within {}", humantime::format_duration(timeout))
         } else {
-            // The innermost cause ("Connection refused"): reqwest's outer layers repeat the URL.
-            let mut cause: &(dyn std::error::Error + 'static) = &err;
-            while let Some(inner) = cause.source() {
-                cause = inner;
-            }
-            cause.to_string()
+            imagegate::error::root_cause(&err)
         };
         format!("not ready: {url}: {reason}")
     })?;
@@ -54,10 +49,14 @@ pub async fn check(url: &str, timeout: Duration) -> Result<String, String> {
     Err(format!("not ready: {url} answered {status}{}", why(&body)))
 }
 
-/// What `/readyz`'s body says is wrong: its checks that are not `ok`, or the start of a body
-/// that is not imagegate's.
+/// What `/readyz`'s body says is wrong: its checks (`checks.database`,
+/// `checks.usage_journal`, ...) whose state is not `ok`, or the start of a body that is not
+/// imagegate's.
 fn why(body: &str) -> String {
-    let Ok(serde_json::Value::Object(checks)) = serde_json::from_str(body) else {
+    let checks = serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|body| body.get("checks")?.as_object().cloned());
+    let Some(checks) = checks else {
         let first = body.lines().next().unwrap_or("").trim();
         let first: String = first.chars().take(200).collect();
         return if first.is_empty() {
@@ -66,10 +65,12 @@ fn why(body: &str) -> String {
             format!(": {first}")
         };
     };
-    let failing: Vec<String> = ["database", "journal"]
+    // States are text; the backlog (a number) and the providers' circuits (an object) are
+    // figures that do not decide readiness.
+    let failing: Vec<String> = checks
         .iter()
-        .filter_map(|name| {
-            let value = checks.get(*name)?.as_str()?;
+        .filter_map(|(name, value)| {
+            let value = value.as_str()?;
             (value != "ok").then(|| format!("{name} {value}"))
         })
         .collect();
@@ -96,10 +97,11 @@ mod tests {
 
     #[test]
     fn the_reason_names_the_checks_that_fail() {
-        assert_eq!(
-            why(r#"{"status":"unready","database":"unreachable","journal":"ok"}"#),
-            ": database unreachable"
-        );
+        // The body `/readyz` answers (routes::health::readyz) when the database is lost.
+        let body = r#"{"status":"not_ready","shared_state":"degraded: ...","checks":{
+            "database":"unavailable: connection refused","usage_journal":"ok",
+            "usage_backlog":3,"providers":{"piapi":"closed"}}}"#;
+        assert_eq!(why(body), ": database unavailable: connection refused");
         assert_eq!(why("Bad Gateway\nmore"), ": Bad Gateway");
         assert_eq!(why(""), "");
     }

@@ -345,19 +345,10 @@ fn classify(err: reqwest::Error) -> UpstreamError {
     if err.is_timeout() {
         UpstreamError::Timeout
     } else if err.is_connect() {
-        UpstreamError::Connect(Cause::of(&err, true), root_cause(&err))
+        UpstreamError::Connect(Cause::of(&err, true), crate::error::root_cause(&err))
     } else {
-        UpstreamError::Other(Cause::of(&err, false), root_cause(&err))
+        UpstreamError::Other(Cause::of(&err, false), crate::error::root_cause(&err))
     }
-}
-
-/// The innermost cause reads best ("Connection refused"); reqwest's own text repeats the URL.
-fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut cause = err;
-    while let Some(next) = cause.source() {
-        cause = next;
-    }
-    cause.to_string()
 }
 
 #[cfg(test)]
