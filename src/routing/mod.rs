@@ -76,9 +76,8 @@ pub struct Call {
 enum Attempt {
     /// The client gets this response: a success, or an error no other route would fix.
     Answered(Response),
-    /// The provider failed in a way the next route may not: try it. With why, in a word
-    /// ([`crate::upstream::Cause::as_str`], or `http_<status>` for the provider's answer).
-    Failed(Response, String),
+    /// The provider failed in a way the next route may not: try it. With why.
+    Failed(Response, Failure),
 }
 
 /// What the access log says of a forwarded request: set on its response (the last
@@ -148,27 +147,20 @@ impl Call {
                     let status = response.status().as_u16();
                     let provider = &route.provider.name;
                     let (request_id, model) = (&*self.request_id.0, &model.name);
-                    if more {
-                        tracing::warn!(
-                            request_id,
-                            model,
-                            provider,
-                            attempt,
-                            cause,
-                            status,
-                            "provider attempt failed; failing over to the next route"
-                        );
+                    let then = if more {
+                        "failing over to the next route"
                     } else {
-                        tracing::warn!(
-                            request_id,
-                            model,
-                            provider,
-                            attempt,
-                            cause,
-                            status,
-                            "provider attempt failed; no attempt left"
-                        );
-                    }
+                        "no attempt left"
+                    };
+                    tracing::warn!(
+                        request_id,
+                        model,
+                        provider,
+                        attempt,
+                        cause = %cause,
+                        status,
+                        "provider attempt failed; {then}"
+                    );
                     last = Some(routed(response, model, provider, attempt));
                 }
             }
@@ -234,12 +226,8 @@ impl Call {
         let started = Instant::now();
         let created_at = Utc::now();
         let sent_with = request.summary.clone();
-        let request_id = if attempt == 0 {
-            self.request_id.0.to_string()
-        } else {
-            format!("{}-{}", self.request_id.0, attempt + 1)
-        };
-        let intent = self.intent(route, &request_id, &sent_with, created_at);
+        let intent = self.intent(route, attempt, &sent_with, created_at);
+        let request_id = intent.request_id.clone();
         if let Err(err) = self.hold_budget(&intent, hold_for).await {
             self.state.breakers.release_probe(&provider.name);
             return Err(err);
@@ -258,7 +246,7 @@ impl Call {
         let (sent, uploaded, whole) = self.send(provider, request, pump, &request_id).await?;
         // A provider that answered before the upload ended is billed on what was read.
         let summary = whole.unwrap_or(sent_with);
-        let ticket = self.ticket(route, index, request_id, summary, started, created_at);
+        let ticket = self.ticket(route, index, &intent, summary, started);
         if let Ok(answer) = &sent {
             ticket.metrics.first_byte(answer.status, sending.elapsed());
         }
@@ -285,16 +273,22 @@ impl Call {
         budget::release(&self.state, request_id).await;
     }
 
-    /// The journal's record of a call about to be sent.
+    /// The journal's record of a call about to be sent: the `attempt`-th of its request (from
+    /// 0), under the request's own id for the first and `<id>-<n>` for the n-th.
     fn intent(
         &self,
         route: &Route,
-        request_id: &str,
+        attempt: usize,
         summary: &RequestSummary,
         created_at: DateTime<Utc>,
     ) -> Intent {
+        let request_id = if attempt == 0 {
+            self.request_id.0.to_string()
+        } else {
+            format!("{}-{}", self.request_id.0, attempt + 1)
+        };
         Intent {
-            request_id: request_id.to_owned(),
+            request_id,
             key_id: self.principal.key_id,
             key_name: self.principal.name.clone(),
             model: self.model.name.clone(),
@@ -312,7 +306,7 @@ impl Call {
                 self.runtime.config.server.uploads.max_images,
             ),
             created_at,
-            attempt: attempt_number(request_id, &self.request_id.0),
+            attempt: i32::try_from(attempt + 1).unwrap_or(i32::MAX),
             client_request_id: Some(self.request_id.0.to_string()),
         }
     }
@@ -372,15 +366,15 @@ impl Call {
         }
     }
 
-    /// What the usage row of an answered (or failed) call is written from.
+    /// What the usage row of an answered (or failed) call is written from: the call its
+    /// `intent` journaled.
     fn ticket(
         &self,
         route: &Route,
         index: usize,
-        request_id: String,
+        intent: &Intent,
         summary: RequestSummary,
         started: Instant,
-        created_at: DateTime<Utc>,
     ) -> UsageTicket {
         let provider = &route.provider;
         UsageTicket {
@@ -393,14 +387,14 @@ impl Call {
             summary,
             price: route.price.clone(),
             started,
-            created_at,
+            created_at: intent.created_at,
             metrics: self
                 .runtime
                 .route_metrics(&self.model.name, index, &provider.name),
             span: tracing::Span::current(),
-            attempt: attempt_number(&request_id, &self.request_id.0),
+            attempt: intent.attempt,
             client_request_id: self.request_id.0.to_string(),
-            request_id,
+            request_id: intent.request_id.clone(),
             cause: None,
         }
     }
@@ -413,25 +407,21 @@ impl Call {
         uploaded: bool,
         mut ticket: UsageTicket,
     ) -> Attempt {
-        ticket.cause = Some(Failure::Unanswered(err.cause()));
+        let failure = Failure::Unanswered(err.cause());
+        ticket.cause = Some(failure);
         let breakers = &self.state.breakers;
         if matches!(err, UpstreamError::Timeout) && !uploaded {
             breakers.release_probe(&provider.name);
         } else {
             breakers.failure(&provider.name, provider.breaker);
         }
-        let cause = err.cause().as_str();
-        tracing::Span::current().record("error.type", cause);
         let error = err.into_api_error(&provider.name);
         ticket.finish(
             error.status().as_u16(),
             Outcome::Failed,
             &Extracted::default(),
         );
-        Attempt::Failed(
-            forwarded(error.into_response(), &provider.name),
-            cause.to_owned(),
-        )
+        Attempt::Failed(forwarded(error.into_response(), &provider.name), failure)
     }
 
     /// The provider answered with an error status: the next route is tried when the model's
@@ -456,8 +446,6 @@ impl Call {
         } else {
             breakers.success(&provider.name);
         }
-        let cause = failure.label();
-        tracing::Span::current().record("error.type", cause.as_str());
         let error = answer.into_error(provider).await;
         ticket.finish(
             error.status().as_u16(),
@@ -466,7 +454,7 @@ impl Call {
         );
         let response = forwarded(error.into_response(), &provider.name);
         if fails_over {
-            Attempt::Failed(response, cause)
+            Attempt::Failed(response, failure)
         } else {
             Attempt::Answered(response)
         }
@@ -516,16 +504,6 @@ impl Call {
         }
         Attempt::Answered(forwarded(response, &provider.name))
     }
-}
-
-/// The attempt an attempt's request id is: the client's own id is the first, `<id>-<n>`
-/// the n-th (see [`Call::attempt`]).
-fn attempt_number(request_id: &str, client_request_id: &str) -> i32 {
-    request_id
-        .strip_prefix(client_request_id)
-        .and_then(|rest| rest.strip_prefix('-'))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(1)
 }
 
 /// Names the provider that answered a response.

@@ -162,6 +162,9 @@ impl UsageTicket {
         if outcome != Outcome::Completed {
             self.span.record("otel.status_code", "error");
         }
+        if let Some(failure) = self.cause {
+            self.span.record("error.type", failure.label());
+        }
         self.count(status, outcome, &tally);
         self.log_call(status, outcome, &tally);
         let Tally {
@@ -323,11 +326,18 @@ pub enum Failure {
 }
 
 impl Failure {
-    /// The usage row's `cause`: the cause's word, or `http_<status>`.
+    /// The usage row's `cause` (and the attempt span's `error.type`): the cause's word, or
+    /// `http_<status>`.
     pub fn label(self) -> String {
+        self.to_string()
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Failure::Unanswered(cause) => cause.as_str().to_owned(),
-            Failure::Status(status) => format!("http_{status}"),
+            Failure::Unanswered(cause) => f.write_str(cause.as_str()),
+            Failure::Status(status) => write!(f, "http_{status}"),
         }
     }
 }
