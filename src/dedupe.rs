@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::response::Response;
-use chrono::{TimeDelta, Utc};
+use chrono::Utc;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -29,7 +29,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::results::{ResultWriter, Results};
-use crate::store::{CallRecord, CallState, KeptCall, Store, StoreResult};
+use crate::store::{self, CallRecord, CallState, KeptCall, Store, StoreResult};
 use crate::upstream::Endpoint;
 
 /// Most calls remembered at once (running, or kept for a retry); beyond it the oldest is
@@ -305,7 +305,7 @@ impl Dedupe {
             replica: self.shared.replica.to_string(),
             state: CallState::Running,
             started_at: now,
-            expires_at: now + delta(running),
+            expires_at: store::after(now, running),
         };
         let store = Arc::clone(&self.shared.store);
         let call = record.clone();
@@ -479,7 +479,7 @@ impl Dedupe {
                 }
                 Err(_) => Vec::new(),
             };
-        let cutoff = now - delta(self.window + ORPHAN_MARGIN);
+        let cutoff = store::before(now, self.window + ORPHAN_MARGIN);
         match self.shared.results.list(KEPT_FOLDER).await {
             Ok(listed) => names.extend(
                 listed
@@ -556,10 +556,6 @@ async fn lookup<T>(query: impl Future<Output = StoreResult<Option<T>>>) -> Optio
     }
 }
 
-fn delta(duration: Duration) -> TimeDelta {
-    TimeDelta::from_std(duration).unwrap_or(TimeDelta::MAX)
-}
-
 impl From<KeptCall> for Kept {
     fn from(kept: KeptCall) -> Self {
         let content_type = kept
@@ -633,7 +629,7 @@ impl KeepTicket {
                 content_type: text(header::CONTENT_TYPE.as_str()),
                 provider: text("x-imagegate-provider"),
             }),
-            expires_at: now + delta(self.dedupe.window),
+            expires_at: store::after(now, self.dedupe.window),
             ..self.record.clone()
         };
         // `send_replace`, not `send`: the value must change even when no retry is waiting

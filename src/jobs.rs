@@ -14,14 +14,16 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{JobsConfig, KeptPerKey};
 use crate::limits::InFlight;
 use crate::openai::ErrorDetail;
 use crate::results::{Reading, Results, ResultsError};
-use crate::store::{Interrupted, JobCreated, JobEnd, NewJob, PastRetention, Store, StoreResult};
+use crate::store::{
+    Interrupted, JobCreated, JobEnd, NewJob, PastRetention, Store, StoreResult, after, before,
+};
 use crate::usage::Intent;
 use crate::usage::writer::UsageSink;
 
@@ -356,24 +358,6 @@ pub fn stored_error(record: &Record) -> Option<serde_json::Value> {
         .error
         .as_deref()
         .map(|text| serde_json::from_str(text).unwrap_or_else(|_| serde_json::json!(text)))
-}
-
-/// `time` plus `span`, at most the last second of 9999: both databases keep any time up to
-/// it (and SQLite's text compares as time only with four-digit years).
-fn after(time: DateTime<Utc>, span: Duration) -> DateTime<Utc> {
-    let last = DateTime::from_timestamp(253_402_300_799, 0).unwrap_or(time);
-    TimeDelta::from_std(span)
-        .ok()
-        .and_then(|span| time.checked_add_signed(span))
-        .map_or(last, |t| t.min(last))
-}
-
-/// `time` minus `span`, at the earliest 1970.
-fn before(time: DateTime<Utc>, span: Duration) -> DateTime<Utc> {
-    TimeDelta::from_std(span)
-        .ok()
-        .and_then(|span| time.checked_sub_signed(span))
-        .map_or(DateTime::UNIX_EPOCH, |t| t.max(DateTime::UNIX_EPOCH))
 }
 
 /// Unix seconds.

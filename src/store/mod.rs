@@ -35,7 +35,7 @@ pub const RATE_WINDOW_NANOS: i64 = 60_000_000_000;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 
 use rows::{JsonText, MaybeTimestamp, Sum, Timestamp};
 
@@ -563,5 +563,39 @@ impl Store for OnRuntime {
         let hash = hash.to_owned();
         self.run(|s| async move { s.delete_session(&hash).await })
             .await
+    }
+}
+
+/// `time` plus `span`, at most the last second of 9999: both databases keep any time up to
+/// it (and SQLite's text compares as time only with four-digit years).
+pub fn after(time: DateTime<Utc>, span: std::time::Duration) -> DateTime<Utc> {
+    let last = DateTime::from_timestamp(253_402_300_799, 0).unwrap_or(time);
+    TimeDelta::from_std(span)
+        .ok()
+        .and_then(|span| time.checked_add_signed(span))
+        .map_or(last, |t| t.min(last))
+}
+
+/// `time` minus `span`, at the earliest 1970.
+pub fn before(time: DateTime<Utc>, span: std::time::Duration) -> DateTime<Utc> {
+    TimeDelta::from_std(span)
+        .ok()
+        .and_then(|span| time.checked_sub_signed(span))
+        .map_or(DateTime::UNIX_EPOCH, |t| t.max(DateTime::UNIX_EPOCH))
+}
+
+#[cfg(test)]
+mod time_tests {
+    use super::*;
+
+    #[test]
+    fn times_past_what_the_databases_keep_are_clamped_not_a_panic() {
+        let now = Utc::now();
+        let huge = std::time::Duration::MAX;
+        assert_eq!(after(now, huge).to_rfc3339(), "9999-12-31T23:59:59+00:00");
+        assert_eq!(before(now, huge), DateTime::UNIX_EPOCH);
+        let minute = std::time::Duration::from_secs(60);
+        assert_eq!(after(now, minute) - now, TimeDelta::seconds(60));
+        assert_eq!(now - before(now, minute), TimeDelta::seconds(60));
     }
 }
