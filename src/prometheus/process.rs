@@ -82,14 +82,17 @@ fn read() -> Option<[Option<f64>; 7]> {
     let ticks = rustix::param::clock_ticks_per_second() as f64;
     let page = rustix::param::page_size() as f64;
     let cpu = Some(field(14)? / ticks + field(15)? / ticks);
-    let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
-        s.lines()
-            .find_map(|l| l.strip_prefix("btime "))
-            .and_then(|v| v.trim().parse::<u64>().ok())
+    // The start never changes: /proc/stat is read once, at the first scrape.
+    static START: std::sync::OnceLock<Option<f64>> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(|| {
+        let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("btime "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        });
+        boot.zip(field(22))
+            .map(|(boot, since)| boot as f64 + since / ticks)
     });
-    let start = boot
-        .zip(field(22))
-        .map(|(boot, since)| boot as f64 + since / ticks);
     let open_fds = std::fs::read_dir("/proc/self/fd")
         .ok()
         .map(|dir| dir.count().saturating_sub(1) as f64);
