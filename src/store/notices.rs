@@ -4,7 +4,7 @@
 //! same listener runs above both.
 
 use async_trait::async_trait;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{OnRuntime, StoreResult};
 
@@ -12,7 +12,7 @@ use super::{OnRuntime, StoreResult};
 pub(crate) const CHANNEL: &str = "imagegate";
 
 /// One change, as published.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Notice {
     /// The key with this id was created, changed or revoked: what a replica cached of it
@@ -26,11 +26,8 @@ pub enum Notice {
 impl Notice {
     /// The payload as sent: small JSON, `{"kind":"key","id":42}`.
     pub(crate) fn payload(&self) -> String {
-        match self {
-            Notice::Key { id } => serde_json::json!({ "kind": "key", "id": id }),
-            Notice::Reload { from } => serde_json::json!({ "kind": "reload", "from": from }),
-        }
-        .to_string()
+        // An enum of an integer and a string always serialises.
+        serde_json::to_string(self).unwrap_or_default()
     }
 
     /// A received payload; `None` (logged) for one this version does not know, which a
