@@ -1,13 +1,18 @@
 //! `imagegate config check`: the routing table a configuration makes, secrets redacted.
 
-use imagegate::config::{Config, Endpoint, ImageTable, Price, ProviderKind, Route, TokenRates};
+use imagegate::config::{
+    self, Config, Endpoint, ImageTable, Price, ProviderKind, Route, TokenRates,
+};
 use imagegate::usage::price::format_usd;
 
 /// Prints the validated configuration: database (password hidden), admin API, providers,
 /// and each model's routes in failover order with their price and parameter policy.
 pub fn print_routing_table(config: &Config) {
     println!("configuration {} is valid", config.source.display());
-    println!("database: {}", redact_url(config.database_url.as_str()));
+    println!(
+        "database: {}",
+        config::redact_url(config.database_url.as_str())
+    );
     println!(
         "admin API: {}",
         if config.admin_token.is_some() {
@@ -152,15 +157,4 @@ fn describe_policy(route: &Route) -> Vec<String> {
         policy.push(format!("only {}", names.join(", ")));
     }
     policy
-}
-
-/// Hides a password in a database URL.
-fn redact_url(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("redacted"));
-            parsed.to_string()
-        }
-        _ => url.to_owned(),
-    }
 }

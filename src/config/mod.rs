@@ -26,7 +26,9 @@ pub use jobs::{JobsConfig, KeptPerKey};
 pub use models::{Failover, Model, ParamPolicy, Route};
 pub use pricing::{ImageTable, Price, TokenRates};
 pub use providers::{BreakerConfig, Provider, ProviderKind};
-pub use server::{DatabaseUrl, Limits, MetricsConfig, ServerConfig, Share, UploadLimits};
+pub use server::{
+    DatabaseUrl, Limits, MetricsConfig, ServerConfig, Share, UploadLimits, redact_url,
+};
 pub use sources::{ConfigError, FILE_SUFFIX, Place};
 
 use raw::{RawConfig, RawDatabase};

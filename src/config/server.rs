@@ -393,3 +393,46 @@ impl Validator<'_> {
         Ok(value)
     }
 }
+
+/// A URL without what could be a secret: its password becomes `redacted`, and so does
+/// each query value (a provider key or a database password may travel there). A URL that
+/// does not parse (a SQLite path) has neither.
+pub fn redact_url(url: &str) -> String {
+    let Ok(mut parsed) = reqwest::Url::parse(url) else {
+        return url.to_owned();
+    };
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some("redacted"));
+    }
+    if parsed.query().is_some() {
+        let names: Vec<String> = parsed
+            .query_pairs()
+            .map(|(name, _)| name.into_owned())
+            .collect();
+        parsed
+            .query_pairs_mut()
+            .clear()
+            .extend_pairs(names.iter().map(|name| (name.as_str(), "redacted")));
+    }
+    parsed.to_string()
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::*;
+    #[test]
+    fn urls_lose_their_password_and_query_values() {
+        assert_eq!(
+            redact_url("postgres://ig:s3cret@db:5432/ig?password=also&sslmode=require"),
+            "postgres://ig:redacted@db:5432/ig?password=redacted&sslmode=redacted"
+        );
+        assert_eq!(
+            redact_url("https://api.example.com/v1"),
+            "https://api.example.com/v1"
+        );
+        assert_eq!(
+            redact_url("sqlite:data/imagegate.db"),
+            "sqlite:data/imagegate.db"
+        );
+    }
+}
