@@ -131,7 +131,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(run(cli));
+    let result = runtime.block_on(run(cli, format));
     // Spans still held are sent once the runtime has stopped (the exporter blocks).
     drop(runtime);
     telemetry.shutdown();
@@ -176,7 +176,7 @@ fn announce(format: LogFormat, message: &str, fields: serde_json::Value) {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli, format: LogFormat) -> anyhow::Result<()> {
     let env = config::process_env();
     let config_path = cli
         .config
@@ -185,7 +185,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve => {
             let config = Config::load(&config_path, &env)?;
-            serve(config, env, None).await
+            serve(config, env, None, format).await
         }
         Command::Demo => {
             let path = cli
@@ -196,7 +196,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             // the operator set one.
             if config.admin_token.is_some() {
                 let var = config.admin_token_env.clone();
-                serve(config, env, Some(DemoAdmin::Set(var))).await
+                serve(config, env, Some(DemoAdmin::Set(var)), format).await
             } else {
                 let token = hex::encode(rand::random::<[u8; 32]>());
                 let var = config.admin_token_env.clone();
@@ -210,7 +210,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 });
                 let config = Config::load(&path, &env)?;
-                serve(config, env, Some(DemoAdmin::Made { var, token })).await
+                serve(config, env, Some(DemoAdmin::Made { var, token }), format).await
             }
         }
         Command::Config {
@@ -303,6 +303,7 @@ async fn serve(
     config: Config,
     env: config::EnvLookup,
     demo: Option<DemoAdmin>,
+    format: LogFormat,
 ) -> anyhow::Result<()> {
     open_files(config.server.max_connections.get());
     let addr = config.server.listen;
@@ -316,7 +317,6 @@ async fn serve(
         )
     })?;
     let local = listeners.local_addr();
-    let format = LogFormat::from_env();
     if let Some(scrape) = listeners.metrics_addr() {
         announce(
             format,
