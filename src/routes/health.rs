@@ -131,7 +131,7 @@ async fn budget_gauges(state: &Arc<AppState>) {
     let mut budgeted = std::collections::HashSet::new();
     let mut unbudgeted = std::collections::HashSet::new();
     for (key, standing) in keys {
-        let active = key.revoked_at.is_none() && key.limits.expires_at.is_none_or(|at| at > now);
+        let active = super::admin::keys::key_status(&key, now) == "active";
         if let (true, Some(standing)) = (active, standing) {
             metrics::gauge!(BUDGET_GAUGE, "key" => key.name.clone())
                 .set(standing.remaining_nanousd as f64);

@@ -101,6 +101,15 @@ pub async fn standings(
         .collect())
 }
 
+/// A key's state at `now`: `revoked`, `expired` or `active`.
+pub fn key_status(record: &KeyRecord, now: DateTime<Utc>) -> &'static str {
+    match (record.revoked_at, record.limits.expires_at) {
+        (Some(_), _) => "revoked",
+        (None, Some(at)) if at <= now => "expired",
+        _ => "active",
+    }
+}
+
 impl KeyView {
     /// A key as listed, with its budget's standing.
     pub fn with_standing(record: KeyRecord, standing: Option<Standing>) -> Self {
@@ -110,6 +119,7 @@ impl KeyView {
     }
 
     fn of(record: KeyRecord) -> Self {
+        let status = key_status(&record, Utc::now());
         let KeyLimits {
             budget_nanousd,
             budget_period,
@@ -119,11 +129,6 @@ impl KeyView {
             expires_at,
             metadata,
         } = record.limits;
-        let status = match (record.revoked_at, expires_at) {
-            (Some(_), _) => "revoked",
-            (None, Some(at)) if at <= Utc::now() => "expired",
-            _ => "active",
-        };
         KeyView {
             name: record.name,
             prefix: record.prefix,

@@ -22,7 +22,7 @@ use axum::{Extension, Form};
 use chrono::{Duration, NaiveDate, Utc};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 
-use super::admin::keys::KeyView;
+use super::admin::keys::key_status;
 use super::admin::usage::{
     Pairs, Params, csv_response, decode_cursor, page, refusal_totals, rows_csv_response, totals,
 };
@@ -263,8 +263,9 @@ impl Figures {
         };
         let mut key_names: Vec<(String, &'static str)> = Vec::new();
         let mut keys = HashMap::new();
-        for (key, standing) in super::admin::keys::standings(state, Utc::now()).await? {
-            let status = KeyView::with_standing(key.clone(), standing).status;
+        let now = Utc::now();
+        for (key, standing) in super::admin::keys::standings(state, now).await? {
+            let status = key_status(&key, now);
             let line = html::KeyLine {
                 status,
                 budget: standing.map(|s| {
