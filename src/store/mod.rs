@@ -292,7 +292,6 @@ impl StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
-/// Everything imagegate keeps in a database.
 /// What [`Store::migrate`] did: how many migrations the binary holds, how many of them
 /// were new to the database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -311,6 +310,7 @@ impl Migrated {
     }
 }
 
+/// Everything imagegate keeps in a database.
 #[async_trait]
 pub trait Store:
     CallStore + JobStore + NoticeStore + RefusalStore + ReplicaStore + Send + Sync + 'static

@@ -121,12 +121,6 @@ impl UsageRow {
             .unwrap_or(&self.request_id)
     }
 
-    /// Whether this call was one attempt of a request that then went on to another route:
-    /// its failure was not the client's answer.
-    pub fn is_retry(&self) -> bool {
-        self.attempt > 1
-    }
-
     /// A token count as the database keeps it: none for a call with no usage to report.
     pub fn stored_tokens(&self, count: i64) -> Option<i64> {
         (self.outcome != Outcome::Interrupted).then_some(count)
