@@ -22,6 +22,59 @@ on_both_databases!(
     refused_requests_are_counted_per_key_and_reason,
 );
 
+/// Two replicas on one Postgres: each counts the refusals it sees and writes them to the
+/// shared table, and either one's `GET /admin/refusals` shows the sum of both.
+#[tokio::test]
+async fn refusals_on_two_replicas_add_up_in_the_shared_database() {
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    let (_store, url) = crate::support::db::fresh_postgres().await;
+    let config = test_config(&provider.base_url(), "");
+    let a = TestGateway::start_on_as(&url, &config, "a").await;
+    let b = TestGateway::start_on_as(&url, &config, "b").await;
+    let created = a
+        .client
+        .post(a.url("/admin/keys"))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("content-type", "application/json")
+        .body(r#"{"name": "narrow", "models": ["dall-e-3"]}"#)
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(created.status(), 201);
+    let created: Value = created.json().await.expect("json");
+    let narrow = created["key"].as_str().expect("key").to_owned();
+
+    let body = r#"{"model":"gpt-image-1","prompt":"a lighthouse"}"#;
+    for gw in [&a, &b, &b] {
+        let response = gw
+            .post_json_as(&narrow, "/v1/images/generations", body)
+            .await;
+        assert_eq!(response.status(), 403);
+    }
+    for gw in [&a, &b] {
+        let mut shown = Value::Null;
+        for _ in 0..120 {
+            shown = admin_json(gw, "/admin/refusals?key=narrow").await;
+            if shown["total"] == 3 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            shown["data"],
+            json!([{"key": "narrow", "reason": "model_not_allowed", "count": 3}]),
+            "{shown}"
+        );
+    }
+    assert_eq!(
+        provider.requests().len(),
+        0,
+        "nothing refused reached the provider"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 /// Requests refused before any provider call are counted per key and reason, in memory
 /// and written in batches, and `GET /admin/refusals` shows them: over `rpm` (JSON), a model
 /// outside the key's list (JSON, and multipart as the Python SDK sends an edit).
