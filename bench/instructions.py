@@ -92,17 +92,61 @@ def measure(pid, out_prefix, action):
     sys.exit(f"no callgrind dump from process {pid}")
 
 
+def profile(path):
+    """A callgrind dump read into per-function costs: (own instructions, instructions
+    including what the function called, calls to the C allocator). A cost line after
+    `calls=` is the callee's inclusive cost, charged to the caller's inclusive figure;
+    every other cost line is the current function's own. Names are compressed in the
+    format: `(id) name` the first time, `(id)` after."""
+    names, own, inclusive = {}, {}, {}
+    allocations, fn, callee, call_line = 0, None, None, False
+    with open(path) as f:
+        for line in f:
+            head = line[:4]
+            if head.startswith(("fn=", "cfn=")):
+                m = re.match(r"(c?fn)=\((\d+)\)(?: (.*))?", line.rstrip("\n"))
+                if m.group(3):
+                    names[m.group(2)] = m.group(3)
+                name = names.get(m.group(2), "?")
+                if m.group(1) == "fn":
+                    fn = name
+                else:
+                    callee = name
+            elif line.startswith("calls="):
+                call_line = True
+                if callee.split("'")[0] in ALLOCATORS and not is_allocator(fn):
+                    allocations += int(line[6:].split()[0])
+            elif line[:1].isdigit() or line[:1] in "+-*":
+                cost = int(line.split()[-1])
+                inclusive[fn] = inclusive.get(fn, 0) + cost
+                if not call_line:
+                    own[fn] = own.get(fn, 0) + cost
+                call_line = False
+    return own, inclusive, allocations
+
+
+# The C allocator's entry points (glibc's, or mimalloc's as imagegate's global allocator
+# calls them). A call counts when its caller is not an allocator itself.
+ALLOCATORS = {"malloc", "calloc", "realloc", "posix_memalign", "aligned_alloc", "memalign",
+              "mi_malloc", "mi_malloc_aligned", "mi_zalloc", "mi_zalloc_aligned", "mi_calloc",
+              "mi_realloc", "mi_realloc_aligned"}
+
+
+def is_allocator(name):
+    """An allocator's own function (its internal calls are not the program's allocations)."""
+    name = name.split("'")[0]
+    return name in ALLOCATORS or name.startswith(("mi_", "_mi_", "_int_"))
+
+
 def top_functions(path, top):
-    """callgrind_annotate's inclusive costs, the `top` largest, as (share, instructions, name)."""
-    out = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=100", path],
-                         capture_output=True, text=True).stdout
-    rows = []
-    for line in out.splitlines():
-        m = re.match(r"\s*([\d,]+)\s+\(\s*([\d.]+)%\)\s+(.*)", line)
-        if m:
-            rows.append((float(m.group(2)), int(m.group(1).replace(",", "")), m.group(3).strip()))
-    rows.sort(key=lambda r: -r[1])
-    return rows[:top]
+    """The profile's two views: the `top` largest inclusive costs of imagegate's own
+    functions (what a request's work splits into; the runtime's frames above them hold
+    everything and say nothing), and the `top` largest exclusive costs of any function
+    (where the instructions are spent: allocator, copies, parsers, hashing)."""
+    own, inclusive, _ = profile(path)
+    ours = sorted(((c, n) for n, c in inclusive.items() if n.startswith(("imagegate::", "<imagegate::"))), reverse=True)
+    spent = sorted(((c, n) for n, c in own.items()), reverse=True)
+    return ours[:top], spent[:top]
 
 
 def main():
@@ -185,8 +229,8 @@ def main():
             print(f"{name}: counting {args.requests} requests...", flush=True)
             busy, busy_path, seconds = measure(pid, out, lambda: (send(port, headers, args.requests), time.sleep(args.settle)))
             print(f"{name}: counting the same {seconds:.1f} s with no request (timers, background work)...", flush=True)
-            idle, _, _ = measure(pid, out, lambda: time.sleep(seconds))
-            results[name] = (busy, idle, busy_path)
+            idle, idle_path, _ = measure(pid, out, lambda: time.sleep(seconds))
+            results[name] = (busy, idle, busy_path, idle_path)
             print(f"{name}: {busy:,} instructions, {idle:,} of them idle work; "
                   f"{(busy - idle) / args.requests:,.0f} per request", flush=True)
 
@@ -195,15 +239,25 @@ def main():
         print()
         print(f"instructions per proxied request ({args.requests} sequential requests on one connection, "
               f"callgrind, idle work over the same time subtracted):")
-        per = {name: (busy - idle) / args.requests for name, (busy, idle, _) in results.items()}
+        per = {name: (busy - idle) / args.requests for name, (busy, idle, _, _) in results.items()}
         for name, value in per.items():
             print(f"  {name:10} {value:>12,.0f}")
         print(f"  ratio imagegate / nginx: {per['imagegate'] / per['nginx']:.2f}x")
         print(f"usage rows recorded by imagegate: {rows} (requests sent to it: {expected - 1})")
         print()
-        print(f"imagegate's largest inclusive costs over the {args.requests} requests (callgrind_annotate --inclusive=yes):")
+        print("allocations per request (calls into the C allocator, malloc or mimalloc, in the same counts, idle subtracted):")
+        for name, (busy, idle, busy_path, idle_path) in results.items():
+            per_request = (profile(busy_path)[2] - profile(idle_path)[2]) / args.requests
+            print(f"  {name:10} {per_request:>12,.1f}")
+        print()
+        inclusive, exclusive = top_functions(results["imagegate"][2], args.top)
         busy = results["imagegate"][0]
-        for share, instr, name in top_functions(results["imagegate"][2], args.top):
+        print(f"imagegate's own functions by inclusive cost over the {args.requests} requests:")
+        for instr, name in inclusive:
+            print(f"  {instr / args.requests:>10,.0f}/req {100 * instr / busy:5.1f}%  {name[:150]}")
+        print()
+        print("all functions by exclusive cost (the function's own instructions):")
+        for instr, name in exclusive:
             print(f"  {instr / args.requests:>10,.0f}/req {100 * instr / busy:5.1f}%  {name[:150]}")
         if os.environ.get("BENCH_KEEP") == "1":
             print(f"callgrind dumps kept in {work}")
