@@ -8,17 +8,24 @@
 //! the request came without) and the attempt's own span id, so that a provider's logs can
 //! be matched with ours. Without a collector, imagegate's own spans are not sampled
 //! (flag `00`) unless the caller's were.
+//!
+//! Without a collector the OpenTelemetry layer is not installed: building, timing and
+//! dropping its spans (attributes, events, timings) was a tenth of what a request cost.
+//! [`Propagation`], a layer of our own, then keeps only what the trace context needs: each
+//! span's trace id, span id, sampling flag and `tracestate`.
 
 use std::io::IsTerminal;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry::trace::{SpanId, TraceContextExt, TraceId, TracerProvider as _};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::Layer;
+use tracing_subscriber::Registry;
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 
 /// How log lines are written, one way for the whole run (`IMAGEGATE_LOG_FORMAT`).
@@ -99,11 +106,16 @@ impl Telemetry {
                 .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOff)))
                 .build(),
         };
-        let otel = tracing_opentelemetry::layer()
-            .with_tracer(provider.tracer("imagegate"))
-            .with_threads(false)
-            .with_target(false)
-            .with_filter(tracing_subscriber::filter::filter_fn(is_otel_span));
+        let only_otel_spans = || tracing_subscriber::filter::filter_fn(is_otel_span);
+        let traces = match &exporting_to {
+            Some(_) => tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer("imagegate"))
+                .with_threads(false)
+                .with_target(false)
+                .with_filter(only_otel_spans())
+                .boxed(),
+            None => Propagation.with_filter(only_otel_spans()).boxed(),
+        };
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
         let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
@@ -119,7 +131,7 @@ impl Telemetry {
         };
         tracing_subscriber::registry()
             .with(fmt)
-            .with(otel)
+            .with(traces)
             .try_init()?;
         Ok(Telemetry {
             provider,
@@ -164,11 +176,86 @@ impl Injector for HeadersMut<'_> {
     }
 }
 
+/// Where a span stands in its trace, kept by [`Propagation`] when no collector is set.
+#[derive(Clone)]
+struct Place {
+    trace_id: TraceId,
+    span_id: SpanId,
+    sampled: bool,
+    /// The caller's `tracestate`, passed on as it came.
+    state: Option<HeaderValue>,
+}
+
+impl Place {
+    fn traceparent(&self) -> String {
+        let flags = if self.sampled { "01" } else { "00" };
+        format!("00-{}-{}-{flags}", self.trace_id, self.span_id)
+    }
+}
+
+/// The trace context without OpenTelemetry's span machinery: a new span gets its parent's
+/// trace (or a new, unsampled one) and a span id of its own; nothing else is recorded.
+struct Propagation;
+
+impl<S> Layer<S> for Propagation
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        _attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let Some(span) = ctx.span(id) else {
+            return;
+        };
+        let parent = span
+            .scope()
+            .skip(1)
+            .find_map(|ancestor| ancestor.extensions().get::<Place>().cloned());
+        let span_id = SpanId::from_bytes(rand::random::<u64>().max(1).to_be_bytes());
+        let place = match parent {
+            Some(parent) => Place { span_id, ..parent },
+            None => Place {
+                trace_id: TraceId::from_bytes(rand::random::<u128>().max(1).to_be_bytes()),
+                span_id,
+                sampled: false,
+                state: None,
+            },
+        };
+        span.extensions_mut().insert(place);
+    }
+}
+
+/// Runs `f` on the [`Place`] of `span`, when [`Propagation`] keeps one for it.
+fn with_place<T>(span: &tracing::Span, f: impl FnOnce(&mut Place) -> T) -> Option<T> {
+    span.with_subscriber(|(id, dispatch)| {
+        let registry = dispatch.downcast_ref::<Registry>()?;
+        let span = registry.span(id)?;
+        let mut extensions = span.extensions_mut();
+        extensions.get_mut::<Place>().map(f)
+    })
+    .flatten()
+}
+
 /// Makes `span` continue the trace of a request's valid `traceparent` (with its
 /// `tracestate`); an absent or malformed one leaves `span` the root of a new trace.
 pub fn continue_trace(span: &tracing::Span, headers: &HeaderMap) {
+    if headers.get("traceparent").is_none() {
+        return;
+    }
     let cx = TraceContextPropagator::new().extract(&Headers(headers));
-    if cx.span().span_context().is_valid() {
+    let theirs = cx.span().span_context().clone();
+    if !theirs.is_valid() {
+        return;
+    }
+    let kept = with_place(span, |place| {
+        place.trace_id = theirs.trace_id();
+        place.sampled = theirs.is_sampled();
+        place.state = headers.get("tracestate").cloned();
+    });
+    if kept.is_none() {
         // Fails only when the span is disabled or already entered.
         let _ = span.set_parent(cx);
     }
@@ -178,6 +265,16 @@ pub fn continue_trace(span: &tracing::Span, headers: &HeaderMap) {
 /// no tracing subscriber is installed (a library embedded without one).
 pub fn trace_headers(span: &tracing::Span) -> HeaderMap {
     let mut headers = HeaderMap::new();
+    let place = with_place(span, |place| place.clone());
+    if let Some(place) = place {
+        if let Ok(value) = HeaderValue::try_from(place.traceparent()) {
+            headers.insert("traceparent", value);
+        }
+        if let Some(state) = place.state {
+            headers.insert("tracestate", state);
+        }
+        return headers;
+    }
     let cx = span.context();
     if cx.span().span_context().is_valid() {
         TraceContextPropagator::new().inject_context(&cx, &mut HeadersMut(&mut headers));
@@ -187,6 +284,9 @@ pub fn trace_headers(span: &tracing::Span) -> HeaderMap {
 
 /// The trace id of `span` in hex, when it has one.
 pub fn trace_id(span: &tracing::Span) -> Option<String> {
+    if let Some(id) = with_place(span, |place| place.trace_id.to_string()) {
+        return Some(id);
+    }
     let cx = span.context();
     let span_context = cx.span().span_context().clone();
     span_context
