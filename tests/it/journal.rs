@@ -321,6 +321,57 @@ fn segments_rotate_at_their_size_and_are_deleted_once_shipped() {
     assert_eq!(segments(dir.path()).len(), 1);
 }
 
+/// What the shipper takes from memory (the lines this process appended) is what it would
+/// have read back from the files: the same rows, intents and cancels in the same batches,
+/// across segments, and past the bound of what memory keeps (the rest comes from the file).
+#[test]
+fn lines_kept_in_memory_read_back_as_the_files_do() {
+    let live_dir = tempfile::tempdir().expect("tempdir");
+    let segment_bytes = 64 * 1024;
+    let live = Journal::open(live_dir.path(), segment_bytes).expect("open");
+    // 2 lines a call, 3,000 calls: more than memory keeps, over a hundred segments.
+    for i in 0..3000 {
+        let id = format!("r{i}");
+        live.append_intent(&intent(&id)).expect("intent");
+        if i % 7 == 3 {
+            live.append_cancel(&id).expect("cancel");
+        } else {
+            live.append(&row(&id)).expect("append");
+        }
+    }
+    // The same files, opened by a journal that has nothing in memory.
+    let copy_dir = tempfile::tempdir().expect("tempdir");
+    for file in segments(live_dir.path()) {
+        std::fs::copy(&file, copy_dir.path().join(file.file_name().expect("name"))).expect("copy");
+    }
+    let replay = Journal::open(copy_dir.path(), segment_bytes).expect("open copy");
+    let mut batches = 0;
+    loop {
+        let (from_memory, from_file) = (
+            live.read_batch(256).expect("read live"),
+            replay.read_batch(256).expect("read copy"),
+        );
+        assert_eq!(from_memory.rows, from_file.rows, "batch {batches}");
+        assert_eq!(from_memory.intents, from_file.intents, "batch {batches}");
+        assert_eq!(from_memory.cancels, from_file.cancels, "batch {batches}");
+        assert_eq!(
+            (from_memory.lines, from_memory.markers),
+            (from_file.lines, from_file.markers),
+            "batch {batches}"
+        );
+        if from_memory.is_empty() {
+            assert!(from_file.is_empty());
+            break;
+        }
+        live.commit(&from_memory).expect("commit");
+        replay.commit(&from_file).expect("commit");
+        batches += 1;
+    }
+    assert!(batches > 20, "{batches} batches");
+    assert_eq!((live.backlog(), live.pending_intents()), (0, 0));
+    assert_eq!((replay.backlog(), replay.pending_intents()), (0, 0));
+}
+
 #[test]
 fn a_backlog_spanning_segments_is_counted_and_replayed_after_a_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
