@@ -624,18 +624,22 @@ impl Journal {
         let rows = batch.lines - batch.markers;
         self.backlog.fetch_sub(rows, Ordering::Relaxed);
         add_to_gauge(-i64::try_from(rows).unwrap_or(i64::MAX));
-        // A call's row always follows its intent, so within a batch the intents go in first.
+        // A call's row always follows its intent: an intent resolved within the batch is
+        // never pending (nor copied), and the rest resolve intents of earlier batches.
         let pending: Vec<Intent> = {
-            let mut pending = lock(&self.pending);
-            for intent in &batch.intents {
-                pending.insert(intent.request_id.clone(), intent.clone());
-            }
-            for id in batch
+            let resolved: HashSet<&str> = batch
                 .rows
                 .iter()
-                .map(|r| &r.request_id)
-                .chain(batch.cancels.iter())
-            {
+                .map(|r| r.request_id.as_str())
+                .chain(batch.cancels.iter().map(String::as_str))
+                .collect();
+            let mut pending = lock(&self.pending);
+            for intent in &batch.intents {
+                if !resolved.contains(intent.request_id.as_str()) {
+                    pending.insert(intent.request_id.clone(), intent.clone());
+                }
+            }
+            for id in resolved {
                 pending.remove(id);
             }
             pending.values().cloned().collect()
