@@ -208,6 +208,8 @@ def main():
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--database", default=os.environ.get("IMAGEGATE_BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres"))
     ap.add_argument("--usage-off", action="store_true", help="also run imagegate with usage recording off")
+    ap.add_argument("--baseline", metavar="BINARY",
+                    help="also run this imagegate binary (an earlier build) as target `baseline`, in the same rounds")
     ap.add_argument("--scenarios", default="c1,c64,c256,large16")
     ap.add_argument("--hold", action="store_true",
                     help="set everything up, print the targets, and wait (for profiling by hand)")
@@ -226,7 +228,7 @@ def main():
         with open(os.path.join(work, "large.json"), "w") as f:
             f.write(images_response(3 * 1024 * 1024))
 
-        ports = {k: free_port() for k in ["small", "large", "proxy_small", "proxy_large", "gateway", "gateway_off"]}
+        ports = {k: free_port() for k in ["small", "large", "proxy_small", "proxy_large", "gateway", "gateway_off", "baseline"]}
         static = lambda port, body: f"""
     server {{
         listen 127.0.0.1:{port} reuseport backlog=4096;
@@ -259,12 +261,12 @@ def main():
         subprocess.run(["psql", args.database, "-qc", f'create database "{dbname}"'], check=True, capture_output=True)
         db_url = args.database.rsplit("/", 1)[0] + "/" + dbname
 
-        def gateway(name, port, record_usage):
+        def gateway(name, port, record_usage, binary=args.binary):
             conf = write_gateway_config(work, name, port, db_url, ports, record_usage)
             env = gateway_env()
-            key = create_key(args.binary, conf, name, env)
+            key = create_key(binary, conf, name, env)
             log = open(os.path.join(work, f"{name}.log"), "w")
-            proc = subprocess.Popen([args.binary, "--config", conf, "serve"], env=env, stdout=log, stderr=log)
+            proc = subprocess.Popen([binary, "--config", conf, "serve"], env=env, stdout=log, stderr=log)
             procs.append(proc)
             wait_port(port)
             return proc, key
@@ -275,6 +277,11 @@ def main():
         nginx_pids = [proxy_pid] + [int(w) for w in subprocess.run(["pgrep", "-P", str(proxy_pid)], capture_output=True,
                                                                    text=True).stdout.split()]
         pids = {"nginx": nginx_pids, "imagegate": [gw.pid]}
+        if args.baseline:
+            # The same database (its migrations must be the same as the binary's, or older).
+            base, key_base = gateway("baseline", ports["baseline"], True, args.baseline)
+            targets["baseline"] = ("baseline", "baseline", {"Authorization": f"Bearer {key_base}"})
+            pids["baseline"] = [base.pid]
         if args.usage_off:
             gw_off, key_off = gateway("gateway_off", ports["gateway_off"], False)
             targets["imagegate-usage-off"] = ("gateway_off", "gateway_off", {"Authorization": f"Bearer {key_off}"})
@@ -297,7 +304,7 @@ def main():
             except KeyboardInterrupt:
                 return
         time.sleep(1)
-        idle = {"imagegate": rss_kib(gw.pid) / 1024}
+        idle = {t: rss_kib(p[0]) / 1024 for t, p in pids.items() if t != "nginx"}
         workers = subprocess.run(["pgrep", "-P", str(proxy_pid)], capture_output=True, text=True).stdout.split()
         idle["nginx"] = (rss_kib(proxy_pid) + sum(rss_kib(int(w)) for w in workers)) / 1024
 
@@ -354,7 +361,8 @@ def main():
                 cells = " ".join(f"{med(s, t, metric):>20.1f}" for t in others)
                 ratios = ", ".join(f"{t} {med(s, t, metric) / n:.2f}x" for t in others)
                 print(f"{label:34} {d:>10.1f} {n:>10.1f} {cells}   {ratios}")
-        print(f"{'idle RSS (MiB)':34} {'':>10} {idle['nginx']:>10.1f} {idle['imagegate']:>20.1f}")
+        print(f"{'idle RSS (MiB)':34} {'':>10} {idle['nginx']:>10.1f} "
+              + " ".join(f"{idle[t]:>20.1f}" for t in targets if t not in ("direct", "nginx")))
         print("CPU seconds per 10,000 requests (user + system, /proc/PID/stat), medians:")
         for s in chosen:
             cells = ", ".join(f"{t} {statistics.median(r['cpu_per_10k'] for r in results[(s, t)]):.3f} s"
