@@ -100,7 +100,9 @@ async fn json_call(
             retry: Dedupe::is_retry(headers),
             stream,
         };
-        return jobs::submit(call, source, job).await;
+        // Boxed: its future is several times the size of the rest of this one, and every
+        // request in flight, async or not, would hold that much for its whole call.
+        return Box::pin(jobs::submit(call, source, job)).await;
     }
     call.keep = match claim(&call, headers, fingerprint).await {
         Ok(keep) => keep,
@@ -283,7 +285,8 @@ pub async fn uploads(
         job: None,
     };
     if jobs::prefers_async(&headers) {
-        return upload_job(call, &headers, upload, &spool).await;
+        // Boxed, as in `json_call`: a synchronous edit does not hold its state.
+        return Box::pin(upload_job(call, &headers, upload, &spool)).await;
     }
     // An upload's body is only known once it has streamed through, so edits are matched
     // by their idempotency key alone.

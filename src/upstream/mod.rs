@@ -305,7 +305,8 @@ impl Upstreams {
         request: UpstreamRequest,
     ) -> Result<UpstreamResponse, UpstreamError> {
         if let ProviderKind::Mock { delay } = &provider.kind {
-            return Ok(mock::answer(*delay, request).await);
+            // Boxed, so that a real provider's call does not carry the mock's state.
+            return Ok(Box::pin(mock::answer(*delay, request)).await);
         }
         let client = self.clients.get(&provider.name).ok_or_else(|| {
             UpstreamError::Other(
