@@ -138,6 +138,10 @@ def is_allocator(name):
     return name in ALLOCATORS or name.startswith(("mi_", "_mi_", "_int_"))
 
 
+# The usage shipper's inserts into the database, inclusive.
+INSERTS = "imagegate::usage::writer::insert::{{closure}}"
+
+
 def top_functions(path, top):
     """The profile's two views: the `top` largest inclusive costs of imagegate's own
     functions (what a request's work splits into; the runtime's frames above them hold
@@ -243,6 +247,12 @@ def main():
         for name, value in per.items():
             print(f"  {name:10} {value:>12,.0f}")
         print(f"  ratio imagegate / nginx: {per['imagegate'] / per['nginx']:.2f}x")
+        # The usage shipper inserts rows into Postgres in batches whose size depends on timing
+        # (at c=1 under valgrind, one to a few rows): that share moves from run to run by more
+        # than most changes to the request path, so it is shown apart.
+        inserts = profile(results["imagegate"][2])[1].get(INSERTS, 0) / args.requests
+        print(f"  of imagegate's: inserting rows into Postgres (batch sizes vary run to run) {inserts:,.0f}, "
+              f"the rest {per['imagegate'] - inserts:,.0f} ({(per['imagegate'] - inserts) / per['nginx']:.2f}x nginx)")
         print(f"usage rows recorded by imagegate: {rows} (requests sent to it: {expected - 1})")
         print()
         print("allocations per request (calls into the C allocator, malloc or mimalloc, in the same counts, idle subtracted):")
