@@ -253,7 +253,11 @@ pub fn continue_trace(span: &tracing::Span, headers: &HeaderMap) {
     let kept = with_place(span, |place| {
         place.trace_id = theirs.trace_id();
         place.sampled = theirs.is_sampled();
-        place.state = headers.get("tracestate").cloned();
+        // As OpenTelemetry's propagator passes it on: parsed, and dropped when malformed.
+        let state = theirs.trace_state().header();
+        place.state = HeaderValue::try_from(state)
+            .ok()
+            .filter(|state| !state.is_empty());
     });
     if kept.is_none() {
         // Fails only when the span is disabled or already entered.

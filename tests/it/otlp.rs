@@ -240,7 +240,9 @@ async fn without_otlp_a_provider_still_gets_a_traceparent_and_a_new_trace_when_n
             .header("content-type", "application/json")
             .body(r#"{"model":"gpt-image-1","prompt":"fox"}"#);
         if let Some(traceparent) = traceparent {
-            request = request.header("traceparent", traceparent);
+            request = request
+                .header("traceparent", traceparent)
+                .header("tracestate", "caller=t61rcWkgMzE");
         }
         request.send()
     };
@@ -262,6 +264,21 @@ async fn without_otlp_a_provider_still_gets_a_traceparent_and_a_new_trace_when_n
         .map(|r| r.headers["traceparent"].to_str().expect("ascii").to_owned())
         .collect();
     assert_eq!(sent.len(), 3);
+    // The caller's tracestate goes on with its trace, and nowhere else.
+    let states: Vec<Option<String>> = provider
+        .requests()
+        .iter()
+        .map(|r| {
+            r.headers
+                .get("tracestate")
+                .map(|v| v.to_str().expect("ascii").to_owned())
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [Some("caller=t61rcWkgMzE".to_owned()), None, None],
+        "{sent:?}"
+    );
     // The caller's trace and its sampling decision, with the attempt's span id.
     assert!(
         sent[0].starts_with(&format!("00-{TRACE_ID}-")),
