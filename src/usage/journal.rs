@@ -447,8 +447,8 @@ impl Journal {
         lock(&self.pending).len()
     }
 
-    /// One line, one `write()`; rows count in the backlog. `parsed` is the line as the
-    /// shipper would read it back, kept in [`Recent`] while there is room.
+    /// One line, one `write()`; rows (not markers) count in the backlog. `parsed` makes the
+    /// line as the shipper would read it back, called only when [`Recent`] has room for it.
     fn write_line(&self, line: &[u8], parsed: impl FnOnce() -> Line) -> io::Result<()> {
         let mut active = lock(&self.active);
         if active.broken || (active.len > 0 && active.len + line.len() as u64 > self.segment_bytes)
@@ -468,15 +468,13 @@ impl Journal {
         };
         active.len += line.len() as u64;
         active.dirty = true;
-        let parsed = parsed();
-        let row = matches!(parsed, Line::Row(_));
         {
             let mut recent = lock(&self.recent);
             if recent.lines.len() < RECENT_LINES {
-                recent.lines.push_back((at, line.len() as u64, parsed));
+                recent.lines.push_back((at, line.len() as u64, parsed()));
             }
         }
-        if row {
+        if !is_marker(line) {
             // Counted under the lock, before the shipper can see the line, so never below zero.
             self.backlog.fetch_add(1, Ordering::Relaxed);
             add_to_gauge(1);
