@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from proxy_bench import (PNG_B64, REQUEST, create_key, free_port, gateway_env, images_response,  # noqa: E402
-                         nginx_conf, rss_kib, start_nginx, stop_nginx, wait_port, write_gateway_config)
+                         nginx_conf, rss_kib, start_nginx, tear_down, wait_port, write_gateway_config)
 
 
 def raise_fd_limit():
@@ -222,20 +221,7 @@ def main():
                 print(f"  {v}")
             sys.exit(1)
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        for name in nginx_started:
-            stop_nginx(work, name)
-        subprocess.run(["psql", args.database, "-qc", f'drop database if exists "{dbname}" with (force)'], capture_output=True)
-        if os.environ.get("BENCH_KEEP") == "1":
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        tear_down(procs, work, nginx_started, args.database, dbname)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from proxy_bench import (PNG_B64, REQUEST, create_key, free_port, gateway_env, images_response,  # noqa: E402
-                         nginx_conf, start_nginx, stop_nginx, wait_port, write_gateway_config)
+                         nginx_conf, start_nginx, tear_down, wait_port, write_gateway_config)
 
 
 def send(port, headers, count):
@@ -102,8 +102,7 @@ def profile(path):
     allocations, fn, callee, call_line = 0, None, None, False
     with open(path) as f:
         for line in f:
-            head = line[:4]
-            if head.startswith(("fn=", "cfn=")):
+            if line.startswith(("fn=", "cfn=")):
                 m = re.match(r"(c?fn)=\((\d+)\)(?: (.*))?", line.rstrip("\n"))
                 if m.group(3):
                     names[m.group(2)] = m.group(3)
@@ -125,29 +124,26 @@ def profile(path):
     return own, inclusive, allocations
 
 
-# The C allocator's entry points (glibc's, or mimalloc's as imagegate's global allocator
-# calls them). A call counts when its caller is not an allocator itself.
-ALLOCATORS = {"malloc", "calloc", "realloc", "posix_memalign", "aligned_alloc", "memalign",
-              "mi_malloc", "mi_malloc_aligned", "mi_zalloc", "mi_zalloc_aligned", "mi_calloc",
-              "mi_realloc", "mi_realloc_aligned"}
+# The C allocator's entry points (Rust's global allocator is glibc's malloc). A call counts
+# when its caller is not the allocator itself.
+ALLOCATORS = {"malloc", "calloc", "realloc", "posix_memalign", "aligned_alloc", "memalign"}
 
 
 def is_allocator(name):
     """An allocator's own function (its internal calls are not the program's allocations)."""
     name = name.split("'")[0]
-    return name in ALLOCATORS or name.startswith(("mi_", "_mi_", "_int_"))
+    return name in ALLOCATORS or name.startswith("_int_")
 
 
 # The usage shipper's inserts into the database, inclusive.
 INSERTS = "imagegate::usage::writer::insert::{{closure}}"
 
 
-def top_functions(path, top):
+def top_functions(own, inclusive, top):
     """The profile's two views: the `top` largest inclusive costs of imagegate's own
     functions (what a request's work splits into; the runtime's frames above them hold
     everything and say nothing), and the `top` largest exclusive costs of any function
     (where the instructions are spent: allocator, copies, parsers, hashing)."""
-    own, inclusive, _ = profile(path)
     ours = sorted(((c, n) for n, c in inclusive.items() if n.startswith(("imagegate::", "<imagegate::"))), reverse=True)
     spent = sorted(((c, n) for n, c in own.items()), reverse=True)
     return ours[:top], spent[:top]
@@ -244,46 +240,36 @@ def main():
         print(f"instructions per proxied request ({args.requests} sequential requests on one connection, "
               f"callgrind, idle work over the same time subtracted):")
         per = {name: (busy - idle) / args.requests for name, (busy, idle, _, _) in results.items()}
+        # Each dump read once: (own, inclusive, allocations) while busy and while idle.
+        profiles = {name: (profile(busy_path), profile(idle_path))
+                    for name, (_, _, busy_path, idle_path) in results.items()}
+        own, inclusive, _ = profiles["imagegate"][0]
         for name, value in per.items():
             print(f"  {name:10} {value:>12,.0f}")
         print(f"  ratio imagegate / nginx: {per['imagegate'] / per['nginx']:.2f}x")
         # The usage shipper inserts rows into Postgres in batches whose size depends on timing
         # (at c=1 under valgrind, one to a few rows): that share moves from run to run by more
         # than most changes to the request path, so it is shown apart.
-        inserts = profile(results["imagegate"][2])[1].get(INSERTS, 0) / args.requests
+        inserts = inclusive.get(INSERTS, 0) / args.requests
         print(f"  of imagegate's: inserting rows into Postgres (batch sizes vary run to run) {inserts:,.0f}, "
               f"the rest {per['imagegate'] - inserts:,.0f} ({(per['imagegate'] - inserts) / per['nginx']:.2f}x nginx)")
         print(f"usage rows recorded by imagegate: {rows} (requests sent to it: {expected - 1})")
         print()
-        print("allocations per request (calls into the C allocator, malloc or mimalloc, in the same counts, idle subtracted):")
-        for name, (busy, idle, busy_path, idle_path) in results.items():
-            per_request = (profile(busy_path)[2] - profile(idle_path)[2]) / args.requests
-            print(f"  {name:10} {per_request:>12,.1f}")
+        print("allocations per request (calls into the C allocator, in the same counts, idle subtracted):")
+        for name, (busy_profile, idle_profile) in profiles.items():
+            print(f"  {name:10} {(busy_profile[2] - idle_profile[2]) / args.requests:>12,.1f}")
         print()
-        inclusive, exclusive = top_functions(results["imagegate"][2], args.top)
+        ours, spent = top_functions(own, inclusive, args.top)
         busy = results["imagegate"][0]
         print(f"imagegate's own functions by inclusive cost over the {args.requests} requests:")
-        for instr, name in inclusive:
+        for instr, name in ours:
             print(f"  {instr / args.requests:>10,.0f}/req {100 * instr / busy:5.1f}%  {name[:150]}")
         print()
         print("all functions by exclusive cost (the function's own instructions):")
-        for instr, name in exclusive:
+        for instr, name in spent:
             print(f"  {instr / args.requests:>10,.0f}/req {100 * instr / busy:5.1f}%  {name[:150]}")
-        if os.environ.get("BENCH_KEEP") == "1":
-            print(f"callgrind dumps kept in {work}")
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        for name in nginx_started:
-            stop_nginx(work, name)
-        subprocess.run(["psql", args.database, "-qc", f'drop database if exists "{dbname}" with (force)'], capture_output=True)
-        if os.environ.get("BENCH_KEEP") != "1":
-            shutil.rmtree(work, ignore_errors=True)
+        tear_down(procs, work, nginx_started, args.database, dbname)
 
 
 if __name__ == "__main__":

@@ -156,6 +156,25 @@ def stop_nginx(work, name):
                    check=False, stderr=subprocess.DEVNULL)
 
 
+def tear_down(procs, work, nginx_names, admin_url, dbname, wait=60):
+    """What a bench started, gone: its processes (SIGTERM, then SIGKILL after `wait` s), its
+    nginx instances, its throwaway database, and its folder unless `BENCH_KEEP=1`."""
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    for name in nginx_names:
+        stop_nginx(work, name)
+    subprocess.run(["psql", admin_url, "-qc", f'drop database if exists "{dbname}" with (force)'], capture_output=True)
+    if os.environ.get("BENCH_KEEP") == "1":
+        print(f"kept {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def check(url, body, headers):
     """One request before the load: a target that answers an error would be measured as fast."""
     import urllib.request
@@ -376,20 +395,7 @@ def main():
                 print(f"  {v}")
             sys.exit(1)
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        stop_nginx(work, "proxy")
-        stop_nginx(work, "upstream")
-        subprocess.run(["psql", args.database, "-qc", f'drop database if exists "{dbname}" with (force)'], capture_output=True)
-        if os.environ.get("BENCH_KEEP") == "1":
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        tear_down(procs, work, ["proxy", "upstream"], args.database, dbname, wait=30)
 
 
 if __name__ == "__main__":
