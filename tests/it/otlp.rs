@@ -96,10 +96,13 @@ fn attributes(span: &Span) -> HashMap<String, serde_json::Value> {
         .collect()
 }
 
-#[tokio::test]
-async fn a_generation_is_a_server_span_with_a_genai_client_span_per_attempt_in_the_callers_trace() {
-    let receiver = Receiver::start().await;
-    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+/// `imagegate serve` in front of `provider`, on a fresh Postgres database, with a client
+/// key named `key` in it; the command is left for the test to add its environment to. The
+/// folder holds the configuration: keep it for the test's length.
+async fn serve_command(
+    provider: &StandIn,
+    key: &str,
+) -> (tempfile::TempDir, std::process::Command, String) {
     let dir = tempfile::tempdir().expect("dir");
     let (store, url) = crate::support::db::fresh_postgres().await;
     let config = crate::support::gateway::write_config(
@@ -108,9 +111,18 @@ async fn a_generation_is_a_server_span_with_a_genai_client_span_per_attempt_in_t
         &test_config(&provider.base_url(), ""),
     );
     let mut command = crate::support::binary::command(&config);
+    command.arg("serve").env("TEST_PIAPI_KEY", PROVIDER_KEY);
+    let issued = imagegate::auth::issue_key(key);
+    store.create_key(issued.new).await.expect("create key");
+    (dir, command, issued.key)
+}
+
+#[tokio::test]
+async fn a_generation_is_a_server_span_with_a_genai_client_span_per_attempt_in_the_callers_trace() {
+    let receiver = Receiver::start().await;
+    let provider = StandIn::json(200, &image_response(1, USAGE)).await;
+    let (_dir, mut command, key) = serve_command(&provider, "traced").await;
     command
-        .arg("serve")
-        .env("TEST_PIAPI_KEY", PROVIDER_KEY)
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.endpoint)
         .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
         .env_remove("OTEL_SERVICE_NAME")
@@ -118,12 +130,10 @@ async fn a_generation_is_a_server_span_with_a_genai_client_span_per_attempt_in_t
         // Long enough that only the shutdown's flush sends the spans.
         .env("OTEL_BSP_SCHEDULE_DELAY", "600000");
     let (mut child, addr, log) = crate::support::binary::serve(command).await.into_parts();
-    let issued = imagegate::auth::issue_key("traced");
-    store.create_key(issued.new).await.expect("create key");
 
     let response = reqwest::Client::new()
         .post(format!("http://{addr}/v1/images/generations"))
-        .bearer_auth(&issued.key)
+        .bearer_auth(&key)
         .header("content-type", "application/json")
         .header("traceparent", format!("00-{TRACE_ID}-{CALLER_SPAN}-01"))
         .header("tracestate", "vendor=opaque-7")
@@ -210,33 +220,22 @@ async fn a_generation_is_a_server_span_with_a_genai_client_span_per_attempt_in_t
     }
     // No secret in any attribute.
     let all = format!("{spans:?}");
-    assert!(!all.contains(PROVIDER_KEY) && !all.contains(&issued.key));
+    assert!(!all.contains(PROVIDER_KEY) && !all.contains(&key));
 }
 
 #[tokio::test]
 async fn without_otlp_a_provider_still_gets_a_traceparent_and_a_new_trace_when_none_came() {
     let provider = StandIn::json(200, &image_response(1, USAGE)).await;
-    let dir = tempfile::tempdir().expect("dir");
-    let (store, url) = crate::support::db::fresh_postgres().await;
-    let config = crate::support::gateway::write_config(
-        dir.path(),
-        &url,
-        &test_config(&provider.base_url(), ""),
-    );
-    let mut command = crate::support::binary::command(&config);
+    let (_dir, mut command, key) = serve_command(&provider, "untraced").await;
     command
-        .arg("serve")
-        .env("TEST_PIAPI_KEY", PROVIDER_KEY)
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
         .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
     let (mut child, addr, _log) = crate::support::binary::serve(command).await.into_parts();
-    let issued = imagegate::auth::issue_key("untraced");
-    store.create_key(issued.new).await.expect("create key");
     let client = reqwest::Client::new();
     let post = |traceparent: Option<String>| {
         let mut request = client
             .post(format!("http://{addr}/v1/images/generations"))
-            .bearer_auth(&issued.key)
+            .bearer_auth(&key)
             .header("content-type", "application/json")
             .body(r#"{"model":"gpt-image-1","prompt":"fox"}"#);
         if let Some(traceparent) = traceparent {
