@@ -44,6 +44,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::line;
 use crate::private_fs;
 use crate::usage::{Intent, UsageRow};
 
@@ -111,7 +112,8 @@ enum Line {
     Cancel(String),
 }
 
-#[derive(Serialize, Deserialize)]
+/// How an intent's line reads (written by [`line::intent`]).
+#[derive(Deserialize)]
 struct IntentLine<T> {
     intent: T,
 }
@@ -423,15 +425,13 @@ impl Journal {
 
     /// Appends one row as one line, with a single `write()`.
     pub fn append(&self, row: &UsageRow) -> io::Result<()> {
-        let mut line = serde_json::to_vec(row)?;
-        line.push(b'\n');
+        let line = line::row(row);
         self.write_line(&line, || Line::Row(Box::new(row.clone())))
     }
 
     /// Appends an intent: written before the provider call is sent, like a row.
     pub fn append_intent(&self, intent: &Intent) -> io::Result<()> {
-        let mut line = serde_json::to_vec(&IntentLine { intent })?;
-        line.push(b'\n');
+        let line = line::intent(intent);
         self.write_line(&line, || Line::Intent(Box::new(intent.clone())))
     }
 

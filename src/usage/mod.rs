@@ -2,6 +2,7 @@
 
 pub mod extract;
 pub mod journal;
+mod line;
 pub mod meter;
 pub mod price;
 pub mod report;
