@@ -1,5 +1,6 @@
 //! Usage: read it from streamed bodies, price it, journal it on disk, write it to the store.
 
+mod counts;
 pub mod extract;
 pub mod journal;
 mod line;
