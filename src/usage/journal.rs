@@ -105,6 +105,14 @@ pub struct Batch {
     pub end: Position,
 }
 
+/// A row [`Journal::append`] could not write, and why.
+#[derive(Debug)]
+pub struct Unwritten {
+    pub error: io::Error,
+    /// Boxed: it is the rare case, and the result stays small for the usual one.
+    pub row: Box<UsageRow>,
+}
+
 /// One journal line.
 enum Line {
     Row(Box<UsageRow>),
@@ -394,7 +402,7 @@ impl Journal {
             return Ok(());
         }
         for intent in interrupted {
-            self.append(&intent.interrupted())?;
+            self.append(intent.interrupted()).map_err(|u| u.error)?;
         }
         self.sync()?;
         tracing::warn!(
@@ -423,10 +431,19 @@ impl Journal {
         lock(&self.active).segment
     }
 
-    /// Appends one row as one line, with a single `write()`.
-    pub fn append(&self, row: &UsageRow) -> io::Result<()> {
-        let line = line::row(row);
-        self.write_line(&line, || Line::Row(Box::new(row.clone())))
+    /// Appends one row as one line, with a single `write()`. The row is kept for the
+    /// shipper when there is room (see [`Recent`]), so it is taken, not copied; when the
+    /// line could not be written it comes back with the error.
+    pub fn append(&self, row: UsageRow) -> Result<(), Unwritten> {
+        let line = line::row(&row);
+        let mut row = Some(row);
+        let written = self.write_line(&line, || {
+            Line::Row(Box::new(row.take().expect("taken once")))
+        });
+        written.map_err(|error| Unwritten {
+            error,
+            row: Box::new(row.expect("not taken: the line was not written")),
+        })
     }
 
     /// Appends an intent: written before the provider call is sent, like a row.

@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{Store, StoreError};
-use crate::usage::journal::{DEFAULT_SEGMENT_BYTES, Journal};
+use crate::usage::journal::{DEFAULT_SEGMENT_BYTES, Journal, Unwritten};
 use crate::usage::{Intent, UsageRow};
 
 /// Rows per insert.
@@ -92,12 +92,12 @@ impl UsageSink {
         if !self.enabled {
             return;
         }
-        match self.shared.journal.append(&row) {
+        match self.shared.journal.append(row) {
             Ok(()) => self.shared.appended.notify_one(),
-            Err(err) => {
+            Err(Unwritten { error: err, row }) => {
                 self.shared.fail("appending a usage row", &err);
                 tracing::warn!(%err, request_id = %row.request_id, "usage journal write failed; writing the row straight to the database");
-                if let Err(mpsc::error::SendError(row)) = self.shared.rescue.send(row) {
+                if let Err(mpsc::error::SendError(row)) = self.shared.rescue.send(*row) {
                     lost(&row, "the usage writer has stopped");
                 }
             }

@@ -77,7 +77,7 @@ fn ids(range: std::ops::Range<usize>) -> Vec<String> {
 fn open_with_rows(dir: &Path, count: usize) -> Journal {
     let journal = open(dir);
     for id in ids(0..count) {
-        journal.append(&row(&id)).expect("append");
+        journal.append(row(&id)).expect("append");
     }
     journal
 }
@@ -96,7 +96,7 @@ fn rows_are_read_back_whole_and_in_order() {
     let mut sent = Vec::new();
     for i in 0..5 {
         let r = row(&format!("r{i}"));
-        journal.append(&r).expect("append");
+        journal.append(r.clone()).expect("append");
         sent.push(r);
     }
     assert_eq!(journal.backlog(), 5);
@@ -147,7 +147,7 @@ fn an_intent_without_its_row_becomes_one_interrupted_row_at_the_next_open() {
         for id in ["i1", "i2", "i3", "i4"] {
             journal.append_intent(&intent(id)).expect("intent");
         }
-        journal.append(&row("i1")).expect("row");
+        journal.append(row("i1")).expect("row");
         journal.append_cancel("i3").expect("cancel");
         assert_eq!(journal.backlog(), 1, "intents and cancels are not rows");
         // The shipper passes every line: i2 and i4 stay open, carried in the cursor (their
@@ -157,7 +157,7 @@ fn an_intent_without_its_row_becomes_one_interrupted_row_at_the_next_open() {
         journal.commit(&batch).expect("commit");
         assert_eq!(journal.pending_intents(), 2);
         journal.append_intent(&intent("i5")).expect("intent");
-        journal.append(&row("i4")).expect("row");
+        journal.append(row("i4")).expect("row");
         // Dropped without shipping the rest: the process died here.
     }
     let journal = open(dir.path());
@@ -216,7 +216,7 @@ fn a_torn_last_line_is_skipped_on_replay() {
     assert_eq!(journal.backlog(), 0);
     assert!(!segment.exists(), "a shipped segment is deleted");
     // New rows go to the new segment and are not glued to the torn bytes.
-    journal.append(&row("r3")).expect("append");
+    journal.append(row("r3")).expect("append");
     assert_eq!(drain(&journal, 256), ["r3"]);
 }
 
@@ -225,7 +225,7 @@ fn a_line_that_is_not_a_row_is_skipped_and_the_rest_read() {
     let dir = tempfile::tempdir().expect("tempdir");
     {
         let journal = open(dir.path());
-        journal.append(&row("r0")).expect("append");
+        journal.append(row("r0")).expect("append");
     }
     let segment = segments(dir.path())[0].clone();
     let mut file = std::fs::OpenOptions::new()
@@ -294,7 +294,7 @@ fn segments_rotate_at_their_size_and_are_deleted_once_shipped() {
     let journal = Journal::open(dir.path(), 3 * line + line / 2).expect("open");
     let first = journal.active_segment();
     for i in 0..10 {
-        journal.append(&row(&format!("r{i:02}"))).expect("append");
+        journal.append(row(&format!("r{i:02}"))).expect("append");
     }
     let files = segments(dir.path());
     assert_eq!(files.len(), 4, "{files:?}");
@@ -316,7 +316,7 @@ fn segments_rotate_at_their_size_and_are_deleted_once_shipped() {
     drop(journal);
     let journal = Journal::open(dir.path(), 3 * line + line / 2).expect("open");
     assert_eq!(journal.active_segment(), first + 4);
-    journal.append(&row("r10")).expect("append");
+    journal.append(row("r10")).expect("append");
     assert_eq!(drain(&journal, 256), ["r10"]);
     assert_eq!(segments(dir.path()).len(), 1);
 }
@@ -336,7 +336,7 @@ fn lines_kept_in_memory_read_back_as_the_files_do() {
         if i % 7 == 3 {
             live.append_cancel(&id).expect("cancel");
         } else {
-            live.append(&row(&id)).expect("append");
+            live.append(row(&id)).expect("append");
         }
     }
     // The same files, opened by a journal that has nothing in memory.
@@ -379,7 +379,7 @@ fn a_backlog_spanning_segments_is_counted_and_replayed_after_a_restart() {
         let journal = open(dir.path());
         for i in 0..4 {
             journal
-                .append(&row(&format!("run{run}-{i}")))
+                .append(row(&format!("run{run}-{i}")))
                 .expect("append");
         }
         assert_eq!(journal.backlog(), 4 * (run + 1));
