@@ -362,7 +362,7 @@ async fn serve(
     limits: ConnectionLimits,
     permits: Arc<Semaphore>,
 ) -> std::io::Result<()> {
-    let builder = connection_builder(limits);
+    let builders = Arc::new(Builders::new(limits));
     let drain = CancellationToken::new();
     let connections = TaskTracker::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -384,7 +384,7 @@ async fn serve(
             peer,
             permit,
         };
-        serve_connection(&builder, accepted, &app, limits, &drain, &connections);
+        serve_connection(&builders, accepted, &app, limits, &drain, &connections);
     }
     drop(listener);
     drain.cancel();
@@ -396,6 +396,44 @@ async fn serve(
         tracing::warn!("shutdown grace elapsed; closing the connections still open");
     }
     Ok(())
+}
+
+/// HTTP/2's connection preface: what a client speaking HTTP/2 without TLS sends first.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// hyper's connection builders: one for a connection whose first bytes already showed
+/// HTTP/1, one that tells the protocol itself.
+///
+/// Why two: the second reads the first 24 bytes itself (to tell HTTP/1 from HTTP/2) and
+/// hands them back to hyper as a first read of 24 bytes, after which hyper's read buffer
+/// (8 KiB) has to grow to hold the rest of the request head and doubles to 16 KiB. Every
+/// HTTP/1 connection kept 8 KiB more than it needs for as long as it was open, most of what
+/// separates a call held by a provider here from one held by nginx. A peek at the socket
+/// (which consumes nothing) tells HTTP/1 first, and hyper then reads the head whole.
+struct Builders {
+    http1: Builder<TokioExecutor>,
+    any: Builder<TokioExecutor>,
+}
+
+impl Builders {
+    fn new(limits: ConnectionLimits) -> Builders {
+        let any = connection_builder(limits);
+        Builders {
+            http1: any.clone().http1_only(),
+            any,
+        }
+    }
+}
+
+/// Whether the connection's first bytes are HTTP/1's, read without consuming them: false
+/// when they are (or may yet be) HTTP/2's preface, or the connection ended or failed first,
+/// all of which the builder that tells the protocol itself handles as before.
+async fn speaks_http1(stream: &TcpStream) -> bool {
+    let mut first = [0u8; H2_PREFACE.len()];
+    match stream.peek(&mut first).await {
+        Ok(n) if n > 0 => first[..n] != H2_PREFACE[..n],
+        _ => false,
+    }
 }
 
 /// hyper's connection builder with the server's buffers and timers.
@@ -429,7 +467,7 @@ struct Accepted {
 /// `connections`; the connection holds its permit until it ends. Each request carries the
 /// peer's address as axum's `ConnectInfo<SocketAddr>`.
 fn serve_connection(
-    builder: &Builder<TokioExecutor>,
+    builders: &Arc<Builders>,
     Accepted {
         stream,
         peer,
@@ -441,6 +479,7 @@ fn serve_connection(
     connections: &TaskTracker,
 ) {
     let _ = stream.set_nodelay(true);
+    let accepted_at = Instant::now();
     let activity = Arc::new(Activity::new());
     let app = app.clone();
     let requests = Arc::clone(&activity);
@@ -453,21 +492,41 @@ fn serve_connection(
             Ok::<_, std::convert::Infallible>(response.map(|inner| Held::new(inner, in_flight)))
         }
     });
-    let connection = builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-        .into_owned();
-    let connection = Watched {
-        timer: tokio::time::sleep(limits.header_read_timeout),
-        connection,
-        graceful_shutdown: |connection| connection.graceful_shutdown(),
-        drain: drain.clone().cancelled_owned(),
-        activity,
-        idle: limits.header_read_timeout,
-        state: WatchState::Open,
-    };
+    let builders = Arc::clone(builders);
+    let drain = drain.clone();
     connections.spawn(async move {
         // Held while the connection lives: it counts against max_connections.
         let _permit = permit;
+        // The first bytes, within the time the whole head has (the watchdog's deadline
+        // below counts from the same instant), unless the server starts draining first.
+        let deadline = accepted_at + limits.header_read_timeout;
+        let http1 = tokio::select! {
+            http1 = tokio::time::timeout_at(deadline, speaks_http1(&stream)) => match http1 {
+                Ok(http1) => http1,
+                Err(_) => {
+                    tracing::debug!("connection sent no request in time; closed");
+                    return;
+                }
+            },
+            () = drain.cancelled() => return,
+        };
+        let builder = if http1 {
+            &builders.http1
+        } else {
+            &builders.any
+        };
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = Watched {
+            timer: tokio::time::sleep_until(deadline),
+            connection,
+            graceful_shutdown: |connection| connection.graceful_shutdown(),
+            drain: drain.cancelled_owned(),
+            activity,
+            idle: limits.header_read_timeout,
+            state: WatchState::Open,
+        };
         if let Err(err) = connection.await {
             tracing::debug!(%err, "connection ended with an error");
         }
