@@ -39,7 +39,7 @@ pub async fn generations(
         principal,
         request_id,
         Endpoint::Generations,
-        &headers,
+        headers,
         body,
     )
     .await
@@ -52,7 +52,7 @@ async fn json_call(
     principal: Arc<Principal>,
     request_id: RequestId,
     endpoint: Endpoint,
-    headers: &HeaderMap,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     recording(&state)?;
@@ -67,14 +67,18 @@ async fn json_call(
         runtime.config.limits.max_share_per_key,
     );
     let mut memory = state.json_memory.empty_hold(principal.key_id, quota);
-    let bytes = read_json(headers, body, limit.get(), &mut memory).await?;
+    let bytes = read_json(&headers, body, limit.get(), &mut memory).await?;
     let request = match endpoint {
         Endpoint::Edits => parse_json_edit(&bytes, server.uploads.max_images)?,
         _ => GenerationRequest::parse(&bytes)?,
     };
     let model = resolve(&runtime, &principal, request.model(), endpoint)?;
-    let fingerprint =
-        Dedupe::fingerprint(principal.key_id, endpoint, idempotency_key(headers), &bytes);
+    let fingerprint = Dedupe::fingerprint(
+        principal.key_id,
+        endpoint,
+        idempotency_key(&headers),
+        &bytes,
+    );
     // The parsed body is what is sent from here on: a large JSON edit (inline `data:`
     // images) is not held twice for the whole call.
     drop(bytes);
@@ -94,21 +98,32 @@ async fn json_call(
         body: request.body,
         _memory: memory,
     };
-    if jobs::prefers_async(headers) {
+    if jobs::prefers_async(&headers) {
         let job = JobRequest {
             fingerprint: Some(fingerprint),
-            retry: Dedupe::is_retry(headers),
+            retry: Dedupe::is_retry(&headers),
             stream,
         };
         // Boxed: its future is several times the size of the rest of this one, and every
         // request in flight, async or not, would hold that much for its whole call.
         return Box::pin(jobs::submit(call, source, job)).await;
     }
-    call.keep = match claim(&call, headers, fingerprint).await {
+    call.keep = match claim(&call, &headers, fingerprint).await {
         Ok(keep) => keep,
         Err(kept) => return Ok(kept),
     };
+    release_head(headers);
     detached(call, source).await
+}
+
+/// Drops the request's headers before the wait for the provider. hyper parses a request
+/// head without copying it: each header value is a view into the connection's read
+/// buffer (8 KiB), and while one view lives that buffer stays allocated beside the one the
+/// connection reads into next. What the call needs later was copied out by now (ids, the
+/// key, the idempotency key's fingerprint, the trace context), so a call the provider holds
+/// for a minute no longer holds the head's buffer too.
+fn release_head(headers: HeaderMap) {
+    drop(headers);
 }
 
 /// Refuses a billable request while its usage could not be journaled: it would be a
@@ -255,7 +270,7 @@ pub async fn uploads(
     body: Body,
 ) -> Result<Response, ApiError> {
     if endpoint == Endpoint::Edits && is_json(&headers) {
-        return json_call(state, principal, request_id, endpoint, &headers, body).await;
+        return json_call(state, principal, request_id, endpoint, headers, body).await;
     }
     recording(&state)?;
     let runtime = state.runtime.load_full();
@@ -297,6 +312,7 @@ pub async fn uploads(
             Err(kept) => return Ok(kept),
         };
     }
+    release_head(headers);
     let source = upload.into_source(&spool, attempts).await?;
     detached(call, source).await
 }
