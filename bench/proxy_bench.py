@@ -175,6 +175,23 @@ def tear_down(procs, work, nginx_names, admin_url, dbname, wait=60):
         shutil.rmtree(work, ignore_errors=True)
 
 
+def drained(port, timeout=120.0):
+    """Waits until the imagegate on `port` has shipped its journal's backlog to Postgres
+    (`imagegate_usage_journal_backlog_rows` 0 on its /metrics); returns the seconds waited.
+    Without the wait, the rows one target wrote in its run are still being inserted during
+    the next target's, and Postgres's CPU goes to the wrong account."""
+    import urllib.request
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        m = re.search(r"^imagegate_usage_journal_backlog_rows(?:\{[^}]*\})? (\S+)$", text, re.M)
+        if m is None or float(m.group(1)) == 0:
+            return time.monotonic() - started
+        time.sleep(0.1)
+    sys.exit(f"127.0.0.1:{port}: the usage backlog did not drain in {timeout:.0f} s")
+
+
 def check(url, body, headers):
     """One request before the load: a target that answers an error would be measured as fast."""
     import urllib.request
@@ -227,8 +244,9 @@ def main():
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--database", default=os.environ.get("IMAGEGATE_BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres"))
     ap.add_argument("--usage-off", action="store_true", help="also run imagegate with usage recording off")
-    ap.add_argument("--baseline", metavar="BINARY",
-                    help="also run this imagegate binary (an earlier build) as target `baseline`, in the same rounds")
+    ap.add_argument("--baseline", metavar="BINARY", action="append", default=[],
+                    help="also run this imagegate binary (an earlier build) in the same rounds, as a target named "
+                         "after its file; may be given more than once")
     ap.add_argument("--scenarios", default="c1,c64,c256,large16")
     ap.add_argument("--hold", action="store_true",
                     help="set everything up, print the targets, and wait (for profiling by hand)")
@@ -247,7 +265,15 @@ def main():
         with open(os.path.join(work, "large.json"), "w") as f:
             f.write(images_response(3 * 1024 * 1024))
 
-        ports = {k: free_port() for k in ["small", "large", "proxy_small", "proxy_large", "gateway", "gateway_off", "baseline"]}
+        ports = {k: free_port() for k in ["small", "large", "proxy_small", "proxy_large", "gateway", "gateway_off"]}
+        # Each earlier build is a target named after its file (made unique, and never one of ours).
+        baselines = {}
+        for binary in args.baseline:
+            name = os.path.basename(binary)
+            while name in baselines or name in ("direct", "nginx", "imagegate", "imagegate-usage-off"):
+                name += "-2"
+            baselines[name] = binary
+            ports[name] = free_port()
         static = lambda port, body: f"""
     server {{
         listen 127.0.0.1:{port} reuseport backlog=4096;
@@ -296,11 +322,11 @@ def main():
         nginx_pids = [proxy_pid] + [int(w) for w in subprocess.run(["pgrep", "-P", str(proxy_pid)], capture_output=True,
                                                                    text=True).stdout.split()]
         pids = {"nginx": nginx_pids, "imagegate": [gw.pid]}
-        if args.baseline:
+        for name, binary in baselines.items():
             # The same database (its migrations must be the same as the binary's, or older).
-            base, key_base = gateway("baseline", ports["baseline"], True, args.baseline)
-            targets["baseline"] = ("baseline", "baseline", {"Authorization": f"Bearer {key_base}"})
-            pids["baseline"] = [base.pid]
+            base, key_base = gateway(name, ports[name], True, binary)
+            targets[name] = (name, name, {"Authorization": f"Bearer {key_base}"})
+            pids[name] = [base.pid]
         if args.usage_off:
             gw_off, key_off = gateway("gateway_off", ports["gateway_off"], False)
             targets["imagegate-usage-off"] = ("gateway_off", "gateway_off", {"Authorization": f"Bearer {key_off}"})
@@ -360,6 +386,8 @@ def main():
                         void.append(f"{s} {t} round {rnd + 1}: non-2xx {r['non2xx']}, socket errors {r['socket_errors'] or 0}")
                         print(f"  VOID: {void[-1]}", file=sys.stderr)
                     results[(s, t)].append(r)
+                    if t in pids and t != "nginx":
+                        drained(port)
                     print(f"round {rnd + 1} {s:8} {t:20} {r['rps']:10.0f} req/s {r['mbps']:9.1f} MB/s p50 {r['p50_ms']:.3f} ms", flush=True)
 
         print()
