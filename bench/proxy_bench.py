@@ -62,7 +62,10 @@ def rss_kib(pid):
 
 
 def write_gateway_config(work, name, port, db_url, ports, record_usage=True):
-    """imagegate's configuration for the bench: one model per stand-in, usage on Postgres."""
+    """imagegate's configuration for the bench: one model per stand-in, usage on Postgres, and
+    its own result store in `work` (by default it would be `data/results` in the working
+    folder, shared by every bench run: results kept for retries piled up there, and listing
+    them, every few seconds, was counted as request work when it fell in a measured window)."""
     conf = os.path.join(work, f"{name}.toml")
     with open(conf, "w") as f:
         f.write(f"""
@@ -74,6 +77,8 @@ journal_dir = "{work}/journal-{name}"
 {"" if record_usage else "record_usage = false"}
 [database]
 url = "{db_url}"
+[results]
+url = "file://{work}/results-{name}"
 [providers.small]
 base_url = "http://127.0.0.1:{ports['small']}/v1"
 api_key_env = "BENCH_PROVIDER_KEY"
