@@ -21,9 +21,10 @@ use crate::store::{Store, StoreError};
 use crate::usage::journal::{DEFAULT_SEGMENT_BYTES, Journal, Unwritten};
 use crate::usage::{Intent, UsageRow};
 
-/// Rows per insert.
-/// How long the shipper waits for more rows after the first new one.
+/// How long the shipper lets rows gather before a batch that is not full: after the first
+/// new row, and after a batch that took all there was.
 const LINGER: Duration = Duration::from_millis(50);
+/// Journal lines per batch (a call is two: its intent and its row).
 const BATCH: usize = 256;
 /// How often the journal is fsync'd when rows were appended. A process crash loses no row
 /// (an append is in the page cache when `record` returns); an OS crash or power cut loses at
@@ -420,6 +421,8 @@ async fn ship(
         if !store_batch(&shared, &*store, &batch.rows, &abort).await {
             return;
         }
+        // A batch short of BATCH lines means the shipper has caught up with the journal.
+        let caught_up = batch.lines < BATCH as u64;
         let committing = Arc::clone(&shared);
         let committed =
             tokio::task::spawn_blocking(move || committing.journal.commit(&batch)).await;
@@ -429,6 +432,16 @@ async fn ship(
                 tracing::warn!(%err, "usage journal cursor not saved; the next start writes these rows again (they are skipped)");
             }
             Err(err) => tracing::error!(%err, "usage journal commit task failed"),
+        }
+        if caught_up {
+            // The next batch gathers too: read at once, it would hold only the rows
+            // appended during this insert, and pay a transaction and a cursor fsync for
+            // those few. Behind, a full batch is followed by the next at once.
+            tokio::select! {
+                () = tokio::time::sleep(LINGER) => {}
+                () = drain.cancelled() => {}
+                () = abort.cancelled() => return,
+            }
         }
     }
 }
