@@ -407,9 +407,11 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Why two: the second reads the first 24 bytes itself (to tell HTTP/1 from HTTP/2) and
 /// hands them back to hyper as a first read of 24 bytes, after which hyper's read buffer
 /// (8 KiB) has to grow to hold the rest of the request head and doubles to 16 KiB. Every
-/// HTTP/1 connection kept 8 KiB more than it needs for as long as it was open, most of what
-/// separates a call held by a provider here from one held by nginx. A peek at the socket
-/// (which consumes nothing) tells HTTP/1 first, and hyper then reads the head whole.
+/// HTTP/1 connection kept 8 KiB more than it needs for as long as it was open (a call the
+/// provider holds for a minute costs its client connection's buffers all that time). A peek
+/// at the socket (which consumes nothing) tells HTTP/1 first, and hyper then reads the head
+/// whole. Connections are served without HTTP/1 upgrades, which imagegate has no route for:
+/// hyper-util's upgradeable connection tells the protocol itself whatever it is told.
 struct Builders {
     http1: Builder<TokioExecutor>,
     any: Builder<TokioExecutor>,
