@@ -411,10 +411,8 @@ async fn ship(
             }
             // Let a batch gather: a database round trip and a cursor fsync per row would
             // cost more than the requests themselves at low rates.
-            tokio::select! {
-                () = tokio::time::sleep(LINGER) => {}
-                () = drain.cancelled() => {}
-                () = abort.cancelled() => return,
+            if !linger(&drain, &abort).await {
+                return;
             }
             continue;
         }
@@ -433,15 +431,11 @@ async fn ship(
             }
             Err(err) => tracing::error!(%err, "usage journal commit task failed"),
         }
-        if caught_up {
-            // The next batch gathers too: read at once, it would hold only the rows
-            // appended during this insert, and pay a transaction and a cursor fsync for
-            // those few. Behind, a full batch is followed by the next at once.
-            tokio::select! {
-                () = tokio::time::sleep(LINGER) => {}
-                () = drain.cancelled() => {}
-                () = abort.cancelled() => return,
-            }
+        // The next batch gathers too: read at once, it would hold only the rows appended
+        // during this insert, and pay a transaction and a cursor fsync for those few.
+        // Behind, a full batch is followed by the next at once.
+        if caught_up && !linger(&drain, &abort).await {
+            return;
         }
     }
 }
@@ -543,6 +537,15 @@ async fn set_aside(shared: &Arc<Shared>, row: &UsageRow, err: &StoreError) {
         Err(join) => {
             tracing::error!(%err, %join, request_id = %row.request_id, row = %row_json, "the database refused a usage row; set-aside task failed")
         }
+    }
+}
+
+/// Waits [`LINGER`] for rows to gather, less once draining; false when aborted.
+async fn linger(drain: &CancellationToken, abort: &CancellationToken) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(LINGER) => true,
+        () = drain.cancelled() => true,
+        () = abort.cancelled() => false,
     }
 }
 
